@@ -1,0 +1,119 @@
+"""The ``vtr`` command line.
+
+Every verb is a thin face over the library: argument checking and messages live here, the work
+in ``retrieval`` / ``indexer``. Errors a user can fix (a missing file, an unknown model name, a
+checkpoint of another architecture) print one clear line and exit with status 2, no traceback;
+``VTR_DEBUG=1`` shows the traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="vtr: video-text retrieval with VideoMamba and friends.")
+
+# errors that are the user's to fix: printed without a traceback
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, NotADirectoryError, PermissionError)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def friendly(fn):
+    """Turn user errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as exc:
+            if os.environ.get("VTR_DEBUG"):
+                raise
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log progress details")) -> None:
+    _setup_logging(verbose)
+
+
+@app.command("models")
+@friendly
+def models_cmd() -> None:
+    """List the model architectures (configs/models/*.yaml)."""
+    from retrieval.models.registry import list_models, model_config  # noqa: PLC0415
+
+    for name in list_models():
+        cfg = model_config(name)
+        dims = ", ".join(f"{k}={cfg[k]}" for k in ("embed_dim", "depth", "num_frames", "img_size") if k in cfg)
+        typer.echo(f"{name:28s} {cfg['arch']:12s} {dims}")
+
+
+@app.command("convert")
+@friendly
+def convert_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="official checkpoint file (.pth/.safetensors)"),
+    out: Path = typer.Option(..., "--out", "-o", help="model directory to write"),
+    fmt: str = typer.Option("videomamba", "--format", help="checkpoint family: videomamba"),
+    num_frames: Optional[int] = typer.Option(None, help="re-sample temporal position embeddings to this many frames"),
+    variant: str = typer.Option("videomamba", help="videomamba | pro (VideoMambaPro weights)"),
+) -> None:
+    """Convert official weights into a vtr model directory (strict: every key accounted for)."""
+    if fmt != "videomamba":
+        raise ValueError(f"unknown --format {fmt!r}; supported: videomamba")
+    from retrieval.models.convert import convert_videomamba  # noqa: PLC0415
+
+    path = convert_videomamba(checkpoint, out, num_frames=num_frames, variant=variant)
+    cfg = json.loads((path / "config.json").read_text())
+    m = cfg["model"]
+    typer.echo(f"wrote {path}: {m['arch']} D={m['embed_dim']} depth={m['depth']} frames={m['num_frames']} "
+               f"img={m['img_size']}")
+
+
+@app.command("info")
+@friendly
+def info_cmd(model: Path = typer.Argument(..., help="model directory")) -> None:
+    """Show a model directory's configuration and parameter count."""
+    from retrieval.models.io import load_model, read_model_config  # noqa: PLC0415
+
+    cfg = read_model_config(model)
+    net = load_model(model)
+    n = sum(p.numel() for p in net.parameters())
+    typer.echo(json.dumps({"kind": cfg["kind"], "model": cfg["model"], "preprocess": cfg["preprocess"],
+                           "parameters": n}, indent=2))
+
+
+@app.command("demo")
+@friendly
+def demo_cmd(workdir: Path = typer.Option(Path("runs/demo"), help="where the demo keeps its files"),
+             no_serve: bool = typer.Option(False, "--no-serve", help="stop after evaluation")) -> None:
+    """Synthetic corpus -> train a tiny model -> index -> evaluate -> search page."""
+    typer.echo("vtr demo will: generate the synthetic corpus, train the demo model, index the test split, "
+               "evaluate, and serve the search page.\nThis build has the model core only; the demo pipeline "
+               "is not available yet.", err=True)
+    raise typer.Exit(3)
+
+
+def main() -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    app(prog_name="vtr")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The model directory: ``config.json`` + ``model.safetensors`` (+ tokenizer files).
+
+``config.json`` holds ``{"format": "vtr-model", "version": 1, "kind": ..., "model": {arch config},
+"preprocess": {...}, "source": {...}}``. ``kind`` says which loader rebuilds the module:
+``"video_encoder"`` (a registered backbone) here; later kinds register themselves with
+:func:`register_kind`. Nothing is unpickled: weights come from safetensors only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .registry import build_from_config
+
+FORMAT = "vtr-model"
+VERSION = 1
+_KINDS: dict[str, Callable[[Path, dict], Any]] = {}
+_KIND_MODULES = {"retrieval": ("retrieval.models.dual",)}
+
+
+class ModelDirError(ValueError):
+    pass
+
+
+def register_kind(kind: str):
+    def deco(fn):
+        _KINDS[kind] = fn
+        return fn
+
+    return deco
+
+
+def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
+                allowed_missing: tuple[str, ...] = ()) -> None:
+    """load_state_dict that fails loudly: every missing/unexpected key and shape mismatch listed."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(allowed_missing)]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shape:
+        lines = [f"{what}: the weights do not match the architecture"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                lines.append(f"  {title} keys: {shown}")
+        raise ModelDirError("\n".join(lines))
+    module.load_state_dict(state, strict=False)
+
+
+def weights_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cfg: dict[str, Any],
+                   preprocess: dict[str, Any], source: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Write config.json + model.safetensors (weights first, config last: config marks it complete)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
+           "preprocess": preprocess, "source": source or {}}
+    if extra:
+        cfg.update(extra)
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=False))
+    os.replace(tmp, out / "config.json")
+    return out
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    cfg_path = path / "config.json"
+    if not path.is_dir() or not cfg_path.is_file():
+        raise ModelDirError(f"{path} is not a vtr model directory (expected config.json + model.safetensors; "
+                            "make one with `vtr convert` or `vtr train`)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ModelDirError(f"{cfg_path} is not a vtr model config (format {cfg.get('format')!r}); "
+                            "Hugging Face or official checkpoints must be converted with `vtr convert` first")
+    return cfg
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        raise ModelDirError(f"{path}: model.safetensors is missing")
+    return load_file(str(f))
+
+
+def model_identity(path: str | Path) -> dict[str, Any]:
+    """What an index records about the model that built it."""
+    cfg = read_model_config(path)
+    return {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
+            "kind": cfg["kind"],
+            "weights_sha256": weights_hash(Path(path) / "model.safetensors"),
+            "preprocess": cfg.get("preprocess", {})}
+
+
+@register_kind("video_encoder")
+def _load_video_encoder(path: Path, cfg: dict[str, Any]):
+    model = build_from_config(cfg["model"])
+    strict_load(model, load_weights(path), f"{path}")
+    return model
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Load any vtr model directory; returns the module in eval mode."""
+    path = Path(path)
+    cfg = read_model_config(path)
+    kind = cfg.get("kind")
+    if kind not in _KINDS:
+        import importlib  # noqa: PLC0415
+
+        # kinds defined in other modules register when those are imported
+        for mod in _KIND_MODULES.get(kind, ()):
+            importlib.import_module(mod)
+    if kind not in _KINDS:
+        raise ModelDirError(f"{path}: unknown model kind {kind!r} (known: {', '.join(sorted(_KINDS))})")
+    model = _KINDS[kind](path, cfg)
+    model.vtr_dir = str(path)
+    return model.to(device).eval()

@@ -1,0 +1,108 @@
+"""Model registry: architecture names -> YAML config files -> modules.
+
+Every named model is a YAML file under ``configs/models/`` (``$VTR_CONFIG_DIR`` overrides the
+root). Its ``arch`` key names a builder registered with :func:`register_arch`; the remaining keys
+are the builder's keyword arguments. ``create_model(name, **overrides)`` merges overrides into the
+file's values, so ``create_model("videomamba_tiny", num_frames=16)`` is one call.
+
+Builder modules are imported lazily (``_ARCH_MODULES``) so that asking for VideoMamba does not
+import transformers or open_clip.
+
+The video-encoder interface every backbone follows: ``forward(video [B, C, T, H, W])`` returns
+``{"tokens": [B, L, D], "pooled": [B, D] or [B, T, D]}`` and the module has ``embed_dim`` (D) and
+``keep_temporal`` (whether ``pooled`` keeps frames) attributes.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+_BUILDERS: dict[str, Callable[..., Any]] = {}
+
+# arch name -> module that registers it (imported on first use)
+_ARCH_MODULES = {
+    "videomamba": "retrieval.models.videomamba",
+    "timesformer": "retrieval.models.timesformer",
+    "frame_clip": "retrieval.models.frame_vit",
+    "joint_vit": "retrieval.models.joint_vit",
+    "uniformer": "retrieval.models.uniformer",
+}
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def config_root() -> Path:
+    env = os.environ.get("VTR_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def register_arch(name: str):
+    """Decorator: ``@register_arch("videomamba") def build(**cfg) -> nn.Module``."""
+
+    def deco(fn):
+        _BUILDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def _builder(arch: str):
+    if arch not in _BUILDERS and arch in _ARCH_MODULES:
+        importlib.import_module(_ARCH_MODULES[arch])
+    if arch not in _BUILDERS:
+        known = sorted(set(_BUILDERS) | set(_ARCH_MODULES))
+        raise UnknownModelError(f"unknown architecture {arch!r}; known: {', '.join(known)}")
+    return _BUILDERS[arch]
+
+
+def list_models() -> list[str]:
+    """Names of every model config under ``configs/models``."""
+    root = config_root() / "models"
+    return sorted(p.stem for p in root.glob("*.yaml"))
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The config dict of a named model (``arch`` + hyper-parameters)."""
+    path = config_root() / "models" / f"{name}.yaml"
+    if not path.is_file():
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    with open(path) as fh:
+        cfg = yaml.safe_load(fh) or {}
+    if "arch" not in cfg:
+        raise ValueError(f"{path}: model config has no 'arch' key")
+    return cfg
+
+
+def build_from_config(cfg: dict[str, Any]):
+    """Build a module from a config dict with an ``arch`` key (as stored in a model directory)."""
+    full = dict(cfg)
+    kwargs = dict(cfg)
+    arch = kwargs.pop("arch")
+    kwargs.pop("name", None)
+    builder = _builder(arch)
+    try:
+        model = builder(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ValueError(f"bad config for architecture {arch!r}: {exc}") from exc
+    model.vtr_config = full
+    return model
+
+
+def create_model(name: str, **overrides):
+    """Build the named model with its config values, ``overrides`` taking precedence."""
+    cfg = model_config(name)
+    cfg.update(overrides)
+    model = build_from_config(cfg)
+    model.vtr_name = name
+    return model

@@ -1,0 +1,329 @@
+"""VideoMamba and VideoMambaPro video encoders (bidirectional selective state-space blocks).
+
+Parameter names and shapes follow the official multi-modality VideoMamba vision encoder
+(``PretrainVideoMamba`` in OpenGVLab/VideoMamba ``video_mm``), so its checkpoints load strictly
+(see ``retrieval.models.convert``). The layout, from the spec in ``shared/specs``:
+
+* tokens: Conv3d (1, p, p) patches per frame; cls + spatial ``pos_embed`` per frame; the
+  ``temporal_pos_embedding`` on patch tokens only; sequence = [cls, frame-major patches].
+* blocks: fp32 residual stream, ``residual += drop_path(h); h = mixer(RMSNorm(residual))``.
+* mixer ("bimamba v2"): shared ``in_proj``/``out_proj``; per direction its own depthwise
+  causal conv, ``x_proj``, ``dt_proj``, ``A_log``, ``D``; the backward branch runs on the
+  reversed sequence; outputs summed (not averaged), each gated by SiLU(z).
+* final: ``RMSNorm(residual + h)``; pooled = ``pool_norm(cls + mean(patches))``, per frame
+  with ``keep_temporal``.
+
+VideoMambaPro (arXiv 2406.19006) is two options of the same mixer: ``mask_backward`` drops the
+diagonal of the backward scan operator (the token's own contribution is counted once, by the
+forward branch), and ``elemental_residual`` starts each direction's state from its first input
+instead of zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .registry import register_arch
+from .ssm import selective_scan
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# how far position embeddings may be stretched before the input is refused
+MAX_TEMPORAL_STRETCH = 8
+MAX_SPATIAL_STRETCH = 4
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on the residual branch (per sample)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class BiMambaMixer(nn.Module):
+    """Bidirectional Mamba mixer ("bimamba v2") with the VideoMambaPro options."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, gate: bool = True, mask_backward: bool = False,
+                 elemental_residual: bool = False, scan_backend: str = "auto",
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
+        self.d_inner = expand * d_model
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.gate, self.mask_backward, self.elemental_residual = gate, mask_backward, elemental_residual
+        self.scan_backend = scan_backend
+        E, N, R = self.d_inner, d_state, self.dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * E if gate else E, bias=False)
+        for sfx in ("", "_b"):
+            setattr(self, f"conv1d{sfx}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True))
+            setattr(self, f"x_proj{sfx}", nn.Linear(E, R + 2 * N, bias=False))
+            dt_proj = nn.Linear(R, E, bias=True)
+            self._init_dt(dt_proj, dt_min, dt_max, dt_init_floor)
+            setattr(self, f"dt_proj{sfx}", dt_proj)
+            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+            setattr(self, f"A{sfx}_log", nn.Parameter(torch.log(A)))
+            setattr(self, f"D{sfx}", nn.Parameter(torch.ones(E)))
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+
+    def _init_dt(self, dt_proj: nn.Linear, dt_min: float, dt_max: float, floor: float) -> None:
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=floor)
+        with torch.no_grad():  # bias = softplus^-1(dt), so softplus(bias) starts in [dt_min, dt_max]
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        dt_proj.bias._no_reinit = True
+
+    def _branch(self, x: torch.Tensor, z: torch.Tensor | None, sfx: str, masked: bool) -> torch.Tensor:
+        L = x.shape[-1]
+        conv, x_proj, dt_proj = getattr(self, f"conv1d{sfx}"), getattr(self, f"x_proj{sfx}"), getattr(self, f"dt_proj{sfx}")
+        A = -torch.exp(getattr(self, f"A{sfx}_log").float())
+        xc = F.silu(conv(x)[..., :L])                                   # [B, E, L]
+        dbc = x_proj(xc.transpose(1, 2))                                # [B, L, R+2N]
+        dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)              # [B, E, L], bias added in the scan
+        h0 = None
+        if self.elemental_residual:
+            h0 = xc[..., 0].float().unsqueeze(-1).expand(-1, -1, self.d_state)
+        return selective_scan(xc, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), getattr(self, f"D{sfx}").float(),
+                              z, dt_proj.bias.float(), delta_softplus=True, initial_state=h0,
+                              mask_diag=masked, backend=self.scan_backend)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        xz = self.in_proj(hidden).transpose(1, 2)                       # [B, (2)E, L]
+        if self.gate:
+            x, z = xz.chunk(2, dim=1)
+        else:
+            x, z = xz, None
+        y_f = self._branch(x, z, "", masked=False)
+        y_b = self._branch(x.flip(-1), None if z is None else z.flip(-1), "_b", masked=self.mask_backward)
+        y = y_f + y_b.flip(-1)
+        return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, dim: int, mixer: BiMambaMixer, drop_path: float = 0.0):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.mixer = mixer
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        return hidden, residual
+
+
+class CLIPDecoder(nn.Module):
+    """Maps student tokens to the teacher's space for unmasked-teacher alignment (UTA)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.head = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.head(x))
+
+
+class VideoMamba(nn.Module):
+    """VideoMamba video encoder; see the module docstring for the layout.
+
+    ``forward(video [B, C, T, H, W], mask=None)`` returns ``{"tokens": [B, 1+L, D], "pooled":
+    [B, T, D] or [B, D]}``; with ``return_distill=True`` also ``"distill"``: ``clip_decoder`` applied
+    to the visible patch tokens of the residual stream (for UTA).
+    """
+
+    def __init__(self, embed_dim: int = 192, depth: int = 24, img_size: int = 224, patch_size: int = 16,
+                 num_frames: int = 8, in_chans: int = 3, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, drop_path_rate: float = 0.0, cls_position: str = "head",
+                 keep_temporal: bool = True, pool_norm: bool = True, clip_output_dim: int | None = 512,
+                 gate: bool = True, mask_backward: bool = False, elemental_residual: bool = False,
+                 scan_backend: str = "auto", grad_checkpointing: bool = False, num_classes: int | None = None,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+        super().__init__()
+        if cls_position not in ("head", "middle"):
+            raise ValueError(f"cls_position must be 'head' (VideoMamba) or 'middle' (Vim), got {cls_position!r}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.embed_dim, self.depth, self.patch_size = embed_dim, depth, patch_size
+        self.img_size, self.num_frames, self.in_chans = img_size, num_frames, in_chans
+        self.cls_position, self.keep_temporal = cls_position, keep_temporal
+        self.grad_checkpointing = grad_checkpointing
+        self.preprocess = {"size": img_size, "num_frames": num_frames, "mean": list(mean), "std": list(std),
+                           "interpolation": "bicubic"}
+        grid = img_size // patch_size
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (1, patch_size, patch_size), (1, patch_size, patch_size))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.layers = nn.ModuleList(
+            MambaBlock(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, gate=gate,
+                                               mask_backward=mask_backward, elemental_residual=elemental_residual,
+                                               scan_backend=scan_backend), rates[i])
+            for i in range(depth))
+        self.drop_path = DropPath(rates[-1] if depth else 0.0)
+        self.norm = RMSNorm(embed_dim)
+        self.pool_norm = nn.LayerNorm(embed_dim) if pool_norm else None
+        self.clip_decoder = nn.ModuleList([CLIPDecoder(embed_dim, clip_output_dim)]) if clip_output_dim else None
+        # supervised classifier on the final cls token (official K400/SSv2 fine-tuned weights)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
+        self._init_weights()
+
+    # -- init -------------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        for t in (self.cls_token, self.pos_embed, self.temporal_pos_embedding):
+            nn.init.trunc_normal_(t, std=0.02)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear) and not name.endswith(("dt_proj", "dt_proj_b")):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for layer in self.layers:  # pre-norm residual rescaling (GPT-2 / Mamba)
+            with torch.no_grad():
+                layer.mixer.out_proj.weight.div_(math.sqrt(self.depth))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    # -- embeddings -------------------------------------------------------------------------
+    def _check_input(self, video: torch.Tensor) -> tuple[int, int, int]:
+        if not isinstance(video, torch.Tensor) or video.dim() != 5:
+            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"VideoMamba expects video [B, C, T, H, W], got {shape}")
+        if not video.is_floating_point():
+            raise ValueError(f"VideoMamba expects a float video (normalised frames), got dtype {video.dtype}")
+        _, c, t, h, w = video.shape
+        if c != self.in_chans:
+            raise ValueError(f"VideoMamba expects {self.in_chans} channels in dim 1 of [B, C, T, H, W], got {c} "
+                             f"(shape {tuple(video.shape)}; is the video [B, T, C, H, W]?)")
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {p}")
+        if t > max(64, MAX_TEMPORAL_STRETCH * self.num_frames):
+            raise ValueError(f"{t} frames is beyond what the temporal position embeddings (built for "
+                             f"{self.num_frames}) can be interpolated to (max {max(64, MAX_TEMPORAL_STRETCH * self.num_frames)})")
+        grid = self.img_size // p
+        if max(h, w) // p > MAX_SPATIAL_STRETCH * grid:
+            raise ValueError(f"frame size {h}x{w} is beyond what the position embeddings (built for "
+                             f"{self.img_size}px) can be interpolated to")
+        return t, h // p, w // p
+
+    def _spatial_pos(self, gh: int, gw: int) -> torch.Tensor:
+        n = self.pos_embed.shape[1] - 1
+        g = int(round(math.sqrt(n)))
+        if (gh, gw) == (g, g):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def _temporal_pos(self, t: int) -> torch.Tensor:
+        if t == self.temporal_pos_embedding.shape[1]:
+            return self.temporal_pos_embedding
+        return resize_temporal_pos(self.temporal_pos_embedding, t)
+
+    def embed(self, video: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, T*N, D] patch tokens with positions (cls not included)."""
+        t, gh, gw = self._check_input(video)
+        b = video.shape[0]
+        x = self.patch_embed.proj(video.to(self.patch_embed.proj.weight.dtype))    # [B, D, T, gh, gw]
+        x = x.flatten(3).permute(0, 2, 3, 1)                                        # [B, T, N, D]
+        pos = self._spatial_pos(gh, gw)
+        x = x + pos[:, 1:].unsqueeze(1) + self._temporal_pos(t).unsqueeze(2)
+        return x.reshape(b, t * gh * gw, -1)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None,
+                return_distill: bool = False) -> dict[str, torch.Tensor]:
+        """``mask``: optional bool [B, T*N], True = token dropped (same count per sample)."""
+        t = video.shape[2] if video.dim() == 5 else 0
+        x = self.embed(video)
+        b, L, d = x.shape
+        if mask is not None:
+            if mask.shape != (b, L) or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool [B, T*N] = {(b, L)}, got {tuple(mask.shape)} {mask.dtype}")
+            keep = (~mask).sum(1)
+            if (keep != keep[0]).any():
+                raise ValueError("mask must keep the same number of tokens in every sample")
+            x = x[~mask].reshape(b, int(keep[0]), d)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(b, -1, -1)
+        mid = x.shape[1] // 2 if self.cls_position == "middle" else 0
+        x = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1)
+
+        hidden, residual = x, None
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, residual = checkpoint(layer, hidden, residual, use_reentrant=False)
+            else:
+                hidden, residual = layer(hidden, residual)
+        distill_src = residual  # the stream before the last mixer output is added (official quirk)
+        residual = residual + self.drop_path(hidden).float()
+        tokens = self.norm(residual.to(self.norm.weight.dtype))
+        if mid:
+            tokens = torch.cat([tokens[:, mid:mid + 1], tokens[:, :mid], tokens[:, mid + 1:]], dim=1)
+            distill_src = torch.cat([distill_src[:, mid:mid + 1], distill_src[:, :mid], distill_src[:, mid + 1:]], 1)
+
+        out = {"tokens": tokens, "pooled": self._pool(tokens, t)}
+        if return_distill:
+            if self.clip_decoder is None:
+                raise ValueError("this VideoMamba has no clip_decoder (clip_output_dim=None): cannot distill")
+            out["distill"] = self.clip_decoder[0](distill_src[:, 1:].to(tokens.dtype))
+        return out
+
+    def classify(self, video: torch.Tensor) -> torch.Tensor:
+        """Logits of the supervised head (only for weights that carry one, e.g. K400 fine-tuned)."""
+        if self.head is None:
+            raise ValueError("this VideoMamba has no classification head (num_classes not set)")
+        return self.head(self.forward(video)["tokens"][:, 0])
+
+    def _pool(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        b, L, d = patches.shape
+        if self.keep_temporal and t and L % t == 0:
+            pooled = cls + patches.reshape(b, t, L // t, d).mean(2)                # [B, T, D]
+        else:
+            pooled = (cls + patches.mean(1, keepdim=True)).squeeze(1)               # [B, D]
+        return self.pool_norm(pooled) if self.pool_norm is not None else pooled
+
+
+def resize_temporal_pos(pos: torch.Tensor, t: int) -> torch.Tensor:
+    """Linear interpolation of a [1, T, D] temporal position table to t frames."""
+    x = pos.float().transpose(1, 2)                                                  # [1, D, T]
+    x = F.interpolate(x, size=t, mode="linear", align_corners=False)
+    return x.transpose(1, 2).to(pos.dtype)
+
+
+@register_arch("videomamba")
+def build_videomamba(**cfg: Any) -> VideoMamba:
+    return VideoMamba(**cfg)

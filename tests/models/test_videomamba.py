@@ -1,0 +1,154 @@
+"""VideoMamba / VideoMambaPro encoders: official layout, interface, options, bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval.models.registry import UnknownModelError, create_model, list_models
+from retrieval.models.videomamba import BiMambaMixer
+
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "specs" / "videomamba_official_keys.json"
+
+
+def expected_keys(spec_entry):
+    keys = {k: tuple(v) for k, v in spec_entry["non_layer_keys"].items()}
+    for i in range(spec_entry["constructor"]["depth"]):
+        for k, v in spec_entry["per_layer_keys (layers.{0..depth-1}.)"].items():
+            keys[f"layers.{i}.{k}"] = tuple(v)
+    return keys
+
+
+@pytest.mark.skipif(not SPEC.is_file(), reason="shared/specs not beside the repository")
+@pytest.mark.parametrize("name,key", [("videomamba_tiny", "videomamba_tiny"), ("videomamba_small", "videomamba_small"),
+                                      ("videomamba_middle", "videomamba_middle")])
+def test_state_dict_matches_official_spec(name, key):
+    spec = json.loads(SPEC.read_text())[key]
+    with torch.device("meta"):
+        model = create_model(name)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == expected_keys(spec)
+    assert sum(p.numel() for p in model.parameters()) == spec["n_params_total"]
+
+
+def test_registry_lists_and_rejects_unknown():
+    names = list_models()
+    assert {"videomamba_tiny", "videomamba_small", "videomamba_middle", "videomambapro_tiny", "vim_tiny"} <= set(names)
+    with pytest.raises(UnknownModelError, match="videomamba_tiny"):
+        create_model("videomamba_tinyy")
+    with pytest.raises(ValueError, match="bad config"):
+        create_model("videomamba_tiny_test", no_such_option=1)
+
+
+@pytest.mark.parametrize("name", ["videomamba_tiny_test", "videomambapro_tiny_test"])
+def test_forward_backward_interface(name):
+    model = create_model(name)
+    video = torch.randn(2, 3, 4, 32, 32, requires_grad=True)
+    out = model(video)
+    assert out["tokens"].shape == (2, 1 + 4 * 4, 32)
+    assert out["pooled"].shape == (2, 4, 32)
+    out["pooled"].sum().backward()
+    assert video.grad is not None and torch.isfinite(video.grad).all()
+    assert all(p.grad is not None for n, p in model.named_parameters()
+               if not n.startswith(("clip_decoder", "head")))
+
+
+def test_keep_temporal_off_pools_to_clip_vector():
+    model = create_model("videomamba_tiny_test", keep_temporal=False)
+    assert model(torch.randn(1, 3, 4, 32, 32))["pooled"].shape == (1, 32)
+
+
+def test_pro_options_change_the_function_but_not_the_parameters():
+    torch.manual_seed(1)
+    base = create_model("videomamba_tiny_test").eval()
+    pro = create_model("videomambapro_tiny_test").eval()
+    pro.load_state_dict(base.state_dict())
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(base(x)["tokens"], pro(x)["tokens"])
+
+
+def test_mixer_ref_and_cpu_backends_agree():
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(16, mask_backward=True, elemental_residual=True, scan_backend="ref")
+    x = torch.randn(2, 23, 16, requires_grad=True)
+    y_ref = mixer(x)
+    g_ref = torch.autograd.grad(y_ref.sum(), [x, *mixer.parameters()])
+    mixer.scan_backend = "cpu"
+    y = mixer(x)
+    g = torch.autograd.grad(y.sum(), [x, *mixer.parameters()])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bidirectional_sees_both_ways():
+    # a change at the last token must reach the first token's output (backward branch) and vice versa
+    mixer = BiMambaMixer(8, scan_backend="cpu").eval()
+    x = torch.randn(1, 12, 8)
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(mixer(x)[:, 0], mixer(x2)[:, 0])
+
+
+def test_token_mask_drops_tokens_and_distills_visible_ones():
+    model = create_model("videomamba_tiny_test")
+    video = torch.randn(2, 3, 4, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, ::2] = True                                    # drop half of each frame's tokens
+    out = model(video, mask=mask, return_distill=True)
+    assert out["tokens"].shape == (2, 1 + 8, 32)
+    assert out["pooled"].shape == (2, 4, 32)
+    assert out["distill"].shape == (2, 8, 16)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        bad = mask.clone()
+        bad[0, 1] = True
+        model(video, mask=bad)
+
+
+def test_position_embeddings_interpolate_to_other_frames_and_sizes():
+    model = create_model("videomamba_tiny_test").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 8, 48, 48))
+    assert out["tokens"].shape == (1, 1 + 8 * 9, 32)
+    assert out["pooled"].shape == (1, 8, 32)
+
+
+def test_middle_cls_token_is_returned_first():
+    model = create_model("videomamba_tiny_test", cls_position="middle", num_frames=1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 1, 32, 32))
+    assert out["tokens"].shape == (2, 5, 32)
+    # the cls output depends on where it sits: moving it must change the result
+    head = create_model("videomamba_tiny_test", num_frames=1).eval()
+    head.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        x = torch.randn(1, 3, 1, 32, 32)
+        assert not torch.allclose(head(x)["tokens"][:, 0], model(x)["tokens"][:, 0])
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    a = create_model("videomamba_tiny_test")
+    b = create_model("videomamba_tiny_test", grad_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 4, 32, 32)
+    a(x)["pooled"].sum().backward()
+    b(x)["pooled"].sum().backward()
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("video,match", [
+    (torch.randn(3, 4, 32, 32), r"\[B, C, T, H, W\]"),
+    (torch.randn(1, 4, 3, 32, 32), "channels"),
+    (torch.randint(0, 255, (1, 3, 4, 32, 32), dtype=torch.uint8), "float"),
+    (torch.randn(1, 3, 4, 30, 30), "divisible by the patch size"),
+    (torch.randn(1, 3, 80, 32, 32), "interpolated"),
+])
+def test_bad_video_input(video, match):
+    model = create_model("videomamba_tiny_test")
+    with pytest.raises(ValueError, match=match):
+        model(video)
