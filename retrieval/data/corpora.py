@@ -1,0 +1,297 @@
+"""Retrieval corpora: annotation readers for the standard benchmarks and for plain folders.
+
+The benchmarks ship VindLU-style JSON lists, ``[{"video": relative path, "caption": str |
+[str]}, ...]``; what a caption list means depends on the corpus (see the spec's annotation
+table): DiDeMo and ActivityNet join the sentences into one paragraph query, MSVD keeps them as
+separate ground-truth captions. :data:`PRESETS` records that, the text length and the frame
+sampling per corpus, so evaluation code never special-cases a dataset name.
+
+Missing video files are reported and dropped rather than fatal, because public copies of the
+benchmarks are routinely incomplete; an annotation file whose videos are *all* missing almost
+always means ``--videos`` points at the wrong folder, and that is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS: frozenset[str] = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts"}
+)
+_EXPECTED_FIELDS = (
+    'expected fields: "video" (path relative to the videos root), "caption" (string or list of '
+    'strings), optional "label", "start", "end" (seconds)'
+)
+
+
+@dataclass(frozen=True)
+class CorpusPreset:
+    """How one benchmark's annotations are read and its clips sampled.
+
+    ``join_captions``: a caption list is one paragraph query (joined with spaces) instead of
+    several separate ground-truth captions.
+    """
+
+    name: str
+    join_captions: bool
+    max_text_len: int
+    sample: str = "middle"
+    max_seconds: float | None = None
+
+
+PRESETS: dict[str, CorpusPreset] = {
+    preset.name: preset
+    for preset in (
+        CorpusPreset("msrvtt", join_captions=False, max_text_len=32),
+        CorpusPreset("didemo", join_captions=True, max_text_len=64, max_seconds=30.0),
+        CorpusPreset("anet", join_captions=True, max_text_len=150),
+        CorpusPreset("lsmdc", join_captions=False, max_text_len=96),
+        CorpusPreset("msvd", join_captions=False, max_text_len=64),
+        CorpusPreset("generic", join_captions=False, max_text_len=64),
+    )
+}
+
+
+@dataclass
+class CorpusItem:
+    """One video (or a ``[start, end]`` moment of it) and its captions."""
+
+    video: str
+    captions: list[str]
+    label: str | None = None
+    start: float | None = None
+    end: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Corpus:
+    """The readable items of an annotation file, plus what was listed but not found on disk."""
+
+    name: str
+    root: Path
+    items: list[CorpusItem]
+    missing: list[str]
+    max_text_len: int
+    sample: str
+    max_seconds: float | None
+
+    def texts(self) -> list[tuple[str, int]]:
+        """Every caption as a text-to-video query: ``(caption, index of its ground-truth video)``."""
+        return [(caption, index) for index, item in enumerate(self.items) for caption in item.captions]
+
+    def paths(self) -> list[Path]:
+        """``root / video`` for every item, in item order (absolute ``video`` paths stay absolute)."""
+        return [self.root / item.video for item in self.items]
+
+    def window(self, index: int) -> tuple[float, float] | None:
+        """The item's ``(start, end)`` moment in seconds, or ``None`` for the whole video."""
+        item = self.items[index]
+        if item.start is None or item.end is None:
+            return None
+        return (item.start, item.end)
+
+
+_PUNCTUATION_TO_DROP = "".join(ch for ch in string.punctuation if ch not in "-/")
+_DROP_PUNCTUATION = str.maketrans("-/", "  ", _PUNCTUATION_TO_DROP)
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Normalise a caption before tokenising, as the official pipeline does.
+
+    Lower-case; "-" and "/" become spaces (so "hand-held" is two words, not "handheld"); other
+    ASCII punctuation is removed; whitespace runs collapse to one space.
+    """
+    return _WHITESPACE.sub(" ", text.lower().translate(_DROP_PUNCTUATION)).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# annotation readers
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    with path.open(encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path}: expected a JSON list of entries, got a {type(data).__name__}; {_EXPECTED_FIELDS}"
+        )
+    return data
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    entries = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {line_number} is not valid JSON ({exc})") from exc
+    return entries
+
+
+def _read_csv(path: Path) -> list[Any]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or ())
+        if not {"video", "caption"} <= columns:
+            raise ValueError(f"{path}: CSV columns are {sorted(columns)}; {_EXPECTED_FIELDS}")
+        entries = []
+        for row in reader:
+            # empty optional cells mean "absent", so they do not turn into "" labels or bad times
+            entries.append({key: value for key, value in row.items() if value not in (None, "")})
+    return entries
+
+
+_READERS = {".json": _read_json_list, ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".csv": _read_csv}
+
+
+def _optional_seconds(entry: dict[str, Any], key: str, index: int) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"entry {index}: {key!r} must be a number of seconds, got {value!r}: {entry}"
+        ) from None
+
+
+def _parse_entry(entry: Any, index: int, preset: CorpusPreset) -> CorpusItem:
+    """Validate one annotation entry and apply the preset's caption rule."""
+    if not isinstance(entry, dict) or "video" not in entry or "caption" not in entry:
+        raise ValueError(
+            f"entry {index} is not an object with 'video' and 'caption'; {_EXPECTED_FIELDS}: {entry!r}"
+        )
+    video = entry["video"]
+    if not isinstance(video, str) or not video:
+        raise ValueError(f"entry {index}: 'video' must be a non-empty path string: {entry!r}")
+    caption = entry["caption"]
+    captions = [caption] if isinstance(caption, str) else caption
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError(
+            f"entry {index}: 'caption' must be a string or a non-empty list of strings: {entry!r}"
+        )
+    if any(not c.strip() for c in captions):
+        raise ValueError(f"entry {index} ({video}) has an empty caption: {entry!r}")
+    if preset.join_captions:
+        captions = [" ".join(c.strip() for c in captions)]
+    start = _optional_seconds(entry, "start", index)
+    end = _optional_seconds(entry, "end", index)
+    if (start is None) != (end is None) or (start is not None and not 0 <= start < end):
+        raise ValueError(
+            f"entry {index}: 'start' and 'end' must both be given with 0 <= start < end: {entry!r}"
+        )
+    label = entry.get("label")
+    extra = {
+        key: value for key, value in entry.items() if key not in ("video", "caption", "label", "start", "end")
+    }
+    return CorpusItem(
+        video=video,
+        captions=list(captions),
+        label=None if label is None else str(label),
+        start=start,
+        end=end,
+        extra=extra,
+    )
+
+
+def _folder_items(videos_root: Path) -> list[CorpusItem]:
+    """Every video file under the root (recursively, sorted), with no captions."""
+    if not videos_root.is_dir():
+        raise FileNotFoundError(f"videos folder not found: {videos_root}")
+    found = sorted(
+        path for path in videos_root.rglob("*") if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()
+    )
+    if not found:
+        extensions = " ".join(sorted(VIDEO_EXTENSIONS))
+        raise FileNotFoundError(f"no video files ({extensions}) found under {videos_root}")
+    return [CorpusItem(video=path.relative_to(videos_root).as_posix(), captions=[]) for path in found]
+
+
+def load_corpus(
+    dataset: str,
+    ann_file: str | Path | None,
+    videos_root: str | Path,
+    check_files: bool = True,
+) -> Corpus:
+    """Read a benchmark annotation file (or a folder of videos) into a :class:`Corpus`.
+
+    Args:
+        dataset: a key of :data:`PRESETS` (``msrvtt``, ``didemo``, ``anet``, ``lsmdc``, ``msvd``,
+            ``generic``).
+        ann_file: VindLU JSON list (``.json``), JSON lines (``.jsonl``/``.ndjson``) or CSV
+            (columns ``video,caption[,label,start,end]``); ``None`` lists every video file under
+            ``videos_root`` with no captions.
+        videos_root: the folder the annotation's video paths are relative to.
+        check_files: drop entries whose file is missing (listed in ``corpus.missing``).
+
+    Raises:
+        KeyError: unknown dataset name.
+        FileNotFoundError: the annotation file or the videos folder does not exist, or none of
+            the listed videos does.
+        ValueError: the annotation file has another shape or an entry is invalid.
+    """
+    if dataset not in PRESETS:
+        raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(PRESETS)}")
+    preset = PRESETS[dataset]
+    root = Path(videos_root)
+
+    if ann_file is None:
+        items = _folder_items(root)
+    else:
+        ann_path = Path(ann_file)
+        if not ann_path.is_file():
+            raise FileNotFoundError(f"annotation file not found: {ann_path}")
+        reader = _READERS.get(ann_path.suffix.lower())
+        if reader is None:
+            raise ValueError(f"{ann_path}: unsupported annotation format; expected one of {sorted(_READERS)}")
+        entries = reader(ann_path)
+        if not entries:
+            raise ValueError(f"{ann_path} contains no entries")
+        items = [_parse_entry(entry, index, preset) for index, entry in enumerate(entries)]
+
+    missing: list[str] = []
+    if check_files and ann_file is not None:
+        exists = [(root / item.video).is_file() for item in items]
+        present = [item for item, found in zip(items, exists, strict=True) if found]
+        missing = [item.video for item, found in zip(items, exists, strict=True) if not found]
+        if not present:
+            raise FileNotFoundError(
+                f"none of the {len(items)} videos listed in {ann_file} exist under {root} "
+                f"(looked for e.g. {root / items[0].video}); check that --videos points at the folder "
+                "the annotation's video paths are relative to"
+            )
+        if missing:
+            logger.warning(
+                "%d of %d videos listed in %s are missing under %s and are skipped (first: %s)",
+                len(missing),
+                len(items),
+                ann_file,
+                root,
+                missing[0],
+            )
+        items = present
+
+    return Corpus(
+        name=dataset,
+        root=root,
+        items=items,
+        missing=missing,
+        max_text_len=preset.max_text_len,
+        sample=preset.sample,
+        max_seconds=preset.max_seconds,
+    )
