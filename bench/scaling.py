@@ -1,0 +1,223 @@
+"""Frame-count scaling of the video backbones on CPU: seconds per clip and peak memory.
+
+For each model and frame count (224 px, batch 1, ``torch.set_num_threads(2)``), a fresh child
+process builds ``create_model(name, num_frames=T)``, runs one warm-up forward and then
+``--repeats`` timed forwards under ``torch.inference_mode()``, and reports the median time and
+its own RSS high-water mark (``ru_maxrss``). One process per configuration keeps the high-water
+marks independent: allocator caches of an earlier, smaller run cannot hide or inflate a later one.
+
+Memory columns: ``peak_rss_mb`` is the whole process (Python, torch, weights, activations);
+``rss_after_build_mb`` is the high-water mark once the model and input exist, so
+``peak_rss_mb - rss_after_build_mb`` is what the forward itself added.
+
+Attention implementation: joint_vit_ti and UniFormer's global stages go through timm's block,
+i.e. ``scaled_dot_product_attention``, whose CPU kernel streams over keys instead of building the
+``[heads, L, L]`` score matrix; TimeSformer uses transformers' explicit ``softmax(q kᵀ) v`` but its
+divided attention only ever builds per-frame (``N²``) and per-patch (``T²``) matrices. To measure
+what the textbook joint attention costs, add the spec ``joint_vit_ti:fused_attn=false``
+(``name:key=value,...`` passes build overrides; values are parsed as YAML).
+
+A model whose config does not exist (e.g. VideoMamba while it is being written) gets one
+``"status": "skipped"`` line per frame count; a child that exceeds ``--timeout`` gets
+``"status": "timeout"`` and that model's larger frame counts are skipped.
+
+Prints one JSON object per configuration and writes the lines to ``bench/results/scaling.jsonl``
+(overwritten per run; ``--append`` adds to it), then plots every line of that file to
+``bench/results/scaling.png`` (log-log time and memory against frames).
+
+    python bench/scaling.py --models timesformer_ti joint_vit_ti --frames 8 16 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere, not only after `pip install -e`
+    sys.path.insert(0, str(ROOT))
+
+from retrieval.models.registry import UnknownModelError, model_config
+
+DEFAULT_MODELS = ["videomamba_tiny", "videomambapro_tiny", "timesformer_ti", "joint_vit_ti", "uniformer_s"]
+DEFAULT_FRAMES = [8, 16, 32, 64]
+RESULTS = ROOT / "bench" / "results"
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"joint_vit_ti:fused_attn=false,pool=cls"`` -> ``("joint_vit_ti", {"fused_attn": False, "pool": "cls"})``."""
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"model spec {spec!r}: override {item!r} is not key=value")
+        overrides[key] = yaml.safe_load(value)
+    return name, overrides
+
+
+def _max_rss_mb() -> float:
+    """This process's RSS high-water mark (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(spec: str, frames: int, img_size: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Child side: build, warm up, time ``repeats`` forwards of one clip; report time and memory."""
+    import torch
+
+    from retrieval.models.registry import create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    name, overrides = parse_spec(spec)
+    model = create_model(name, num_frames=frames, img_size=img_size, **overrides).eval()
+    video = torch.randn(1, 3, frames, img_size, img_size)
+    rss_after_build = _max_rss_mb()
+    times = []
+    with torch.inference_mode():
+        out = model(video)  # warm-up: first-call allocations, kernel selection
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(video)
+            times.append(time.perf_counter() - start)
+    return {
+        "sec_per_clip": round(statistics.median(times), 4),
+        "sec_all": [round(t, 4) for t in times],
+        "peak_rss_mb": round(_max_rss_mb(), 1),
+        "rss_after_build_mb": round(rss_after_build, 1),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "tokens": out["tokens"].shape[1],
+        "torch": torch.__version__,
+    }
+
+
+def run_child(spec: str, frames: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Parent side: one configuration in a fresh interpreter, bounded by ``--timeout``."""
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        spec,
+        "--frames",
+        str(frames),
+        "--img-size",
+        str(args.img_size),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
+    try:
+        proc = subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "note": f"no result within {args.timeout} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
+        return {"status": "error", "note": f"exit {proc.returncode}{killed}: {last}"}
+    return {"status": "ok", **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def plot(lines: list[dict[str, Any]], path: Path) -> None:
+    """Time and peak RSS against frame count, one line per model, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model in dict.fromkeys(line["model"] for line in lines):
+        ok = sorted(
+            (line for line in lines if line["model"] == model and line["status"] == "ok"),
+            key=lambda line: line["frames"],
+        )
+        if not ok:
+            continue
+        frames = [line["frames"] for line in ok]
+        ax_time.plot(frames, [line["sec_per_clip"] for line in ok], marker="o", label=model)
+        ax_mem.plot(frames, [line["peak_rss_mb"] for line in ok], marker="o", label=model)
+    all_frames = sorted({line["frames"] for line in lines})
+    for ax, ylabel in ((ax_time, "seconds per clip (median)"), (ax_mem, "peak RSS (MB, whole process)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_frames, [str(f) for f in all_frames])
+        ax.set_yscale("log")
+        ax.set_xlabel("frames (224 px, batch 1)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.legend(fontsize=8)
+    threads = next((line["threads"] for line in lines), "?")
+    fig.suptitle(f"CPU inference scaling, {threads} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=DEFAULT_MODELS, help="model names or name:key=value specs"
+    )
+    parser.add_argument("--frames", nargs="+", type=int, default=DEFAULT_FRAMES)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards after one warm-up")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds per configuration (child process)"
+    )
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "scaling.jsonl")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "scaling.png")
+    parser.add_argument("--append", action="store_true", help="add to --out instead of overwriting it")
+    parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print(json.dumps(measure(args.child, args.frames[0], args.img_size, args.repeats, args.threads)))
+        return
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a" if args.append else "w") as fh:
+        for spec in args.models:
+            try:
+                model_config(parse_spec(spec)[0])
+                missing = None
+            except UnknownModelError as err:
+                missing = f"model not available yet: {err}"
+            too_big = None
+            for frames in sorted(args.frames):
+                line = {
+                    "model": spec,
+                    "frames": frames,
+                    "img_size": args.img_size,
+                    "batch": 1,
+                    "threads": args.threads,
+                    "repeats": args.repeats,
+                }
+                if missing or too_big:
+                    line.update(status="skipped", note=missing or too_big)
+                else:
+                    line.update(run_child(spec, frames, args))
+                    if line["status"] == "timeout":
+                        too_big = f"{frames} frames already exceeded --timeout"
+                print(json.dumps(line), flush=True)
+                fh.write(json.dumps(line) + "\n")
+                fh.flush()
+
+    with open(args.out) as fh:
+        plot([json.loads(row) for row in fh if row.strip()], args.plot)
+
+
+if __name__ == "__main__":
+    main()

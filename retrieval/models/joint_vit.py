@@ -1,0 +1,240 @@
+"""Joint space-time ViT (the video encoder of UMT): one self-attention over every patch of every frame.
+
+Why this baseline: it is the quadratic-cost reference that VideoMamba is compared against. Every
+block attends over all ``1 + T·N`` tokens (N = (img_size / patch_size)² patches per frame), so cost
+grows with T² while VideoMamba grows linearly.
+
+Layout:
+
+* patch embed: Conv3d with kernel = stride = (tubelet, patch, patch); ``tubelet_size=1`` keeps every
+  frame (UMT's default for retrieval), 2 halves the token count.
+* a learnable cls token, a spatial position embedding shared by all frames, and a temporal
+  position embedding shared by all patches of a frame (factorised, so ``T + N`` position
+  parameters rather than ``T·N``).
+* pre-norm transformer blocks (timm's ``Block``), final LayerNorm.
+* ``pooled``: mean of the patch tokens (``pool="avg"``, UMT) or the cls token (``pool="cls"``).
+
+Attention implementation (``fused_attn``): by default timm's block calls
+``torch.nn.functional.scaled_dot_product_attention``, whose CPU/GPU kernels never materialise the
+``[heads, L, L]`` score matrix, so activation memory grows linearly with the token count.
+``fused_attn=False`` selects the textbook ``softmax(q kᵀ) v`` path, which stores that matrix (and
+its softmax) per block: at 64 frames × 224 px (L = 12 545, ti: 3 heads) that is 1.9 GB per copy.
+Both give the same outputs; ``bench/scaling.py`` measures both (spec ``joint_vit_ti:fused_attn=false``).
+Measured at 32 frames (L = 6 273), ti, 2 CPU threads on a busy machine: fused 9.9 s and +0.13 GB
+over the built model, textbook 28.8 s and +1.03 GB (two 0.47 GB score/softmax matrices).
+
+This module also holds :func:`validate_video`, the input check every vtr backbone shares.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from retrieval.models.registry import register_arch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# width, depth, heads of the published sizes
+JOINT_VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "ti": (192, 12, 3),
+    "s": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+
+
+def validate_video(
+    video: Any,
+    *,
+    model_name: str,
+    channels: int = 3,
+    num_frames: int | None = None,
+    img_size: int | None = None,
+    size_multiple: int = 1,
+) -> None:
+    """Raise ``ValueError`` unless ``video`` is a float ``[B, C, T, H, W]`` tensor this backbone can take.
+
+    Why: shape errors deep inside a conv or attention reshape are cryptic; failing at the door with
+    the expected shape named saves a debugging session. ``num_frames``/``img_size`` are enforced
+    only when the backbone's parameters fix them (pass ``None`` otherwise); ``size_multiple``
+    checks H and W for conv backbones whose strides must divide the frame size.
+    """
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"{model_name} expects a torch.Tensor [B, C, T, H, W], got {type(video).__name__}")
+    if video.ndim != 5:
+        raise ValueError(f"{model_name} expects a 5-D video [B, C, T, H, W], got shape {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise ValueError(f"{model_name} expects a float (normalised) video, got dtype {video.dtype}")
+    _, c, t, h, w = video.shape
+    if c != channels:
+        raise ValueError(
+            f"{model_name} expects {channels} channels in dim 1 of [B, C, T, H, W], "
+            f"got shape {tuple(video.shape)}"
+        )
+    if t < 1:
+        raise ValueError(f"{model_name} got a video with no frames")
+    if num_frames is not None and t != num_frames:
+        built = f"{num_frames} frames" + (f" at {img_size} px" if img_size is not None else "")
+        raise ValueError(f"{model_name} built for {built} got {t} frames")
+    if img_size is not None and (h != img_size or w != img_size):
+        built = (f"{num_frames} frames at " if num_frames is not None else "") + f"{img_size} px"
+        raise ValueError(f"{model_name} built for {built} got {h}x{w} px frames")
+    if h % size_multiple or w % size_multiple or h < size_multiple or w < size_multiple:
+        raise ValueError(
+            f"{model_name} needs frame height and width that are positive multiples of {size_multiple}, "
+            f"got {h}x{w}"
+        )
+
+
+class JointSpaceTimeViT(nn.Module):
+    """ViT whose blocks attend jointly over all space-time patch tokens (plus one cls token).
+
+    ``forward(video [B, 3, T, H, W]) -> {"tokens": [B, 1 + T'·N, D], "pooled": [B, D]}`` with
+    ``T' = T / tubelet_size``; tokens are frame-major (all patches of frame 0 in raster order, then
+    frame 1, ...) after the final LayerNorm, cls first.
+    """
+
+    keep_temporal = False
+    has_cls_token = True  # tokens[:, 0] is the cls token
+
+    def __init__(
+        self,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 16,
+        tubelet_size: int = 1,
+        num_frames: int = 8,
+        img_size: int = 224,
+        pool: str = "avg",
+        drop_path_rate: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        if pool not in ("avg", "cls"):
+            raise ValueError(f"pool must be 'avg' or 'cls', got {pool!r}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if num_frames % tubelet_size:
+            raise ValueError(f"num_frames {num_frames} is not a multiple of tubelet_size {tubelet_size}")
+        self.embed_dim = embed_dim
+        self.num_frames = num_frames
+        self.img_size = img_size
+        self.pool = pool
+        self.grad_checkpointing = False
+        self.preprocess = {
+            "size": img_size,
+            "num_frames": num_frames,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "interpolation": "bicubic",
+        }
+
+        grid = img_size // patch_size
+        self.num_patches = grid * grid
+        self.num_time_steps = num_frames // tubelet_size
+        self.patch_embed = nn.Conv3d(
+            3,
+            embed_dim,
+            kernel_size=(tubelet_size, patch_size, patch_size),
+            stride=(tubelet_size, patch_size, patch_size),
+        )
+        # the cls token needs no position embedding of its own: it is a learned vector either way
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.spatial_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
+        self.temporal_pos_embed = nn.Parameter(torch.zeros(1, self.num_time_steps, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate) for rate in rates
+        )
+        for block in self.blocks:
+            block.attn.fused_attn = fused_attn
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """ViT init: truncated-normal embeddings and linear weights, zero biases, unit LayerNorms."""
+        for param in (self.cls_token, self.spatial_pos_embed, self.temporal_pos_embed):
+            trunc_normal_(param, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input in training and recompute the block in backward (less memory)."""
+        self.grad_checkpointing = enable
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        validate_video(
+            video, model_name="JointSpaceTimeViT", num_frames=self.num_frames, img_size=self.img_size
+        )
+        x = self.patch_embed(video)  # [B, D, T', g, g]
+        b, d, t, _, _ = x.shape
+        x = x.flatten(3).permute(0, 2, 3, 1)  # [B, T', N, D]
+        x = x + self.spatial_pos_embed.unsqueeze(1) + self.temporal_pos_embed.unsqueeze(2)
+        x = x.reshape(b, t * self.num_patches, d)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        pooled = x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]
+        return {"tokens": x, "pooled": pooled}
+
+
+@register_arch("joint_vit")
+def build(
+    size: str | None = "ti",
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    patch_size: int = 16,
+    tubelet_size: int = 1,
+    num_frames: int = 8,
+    img_size: int = 224,
+    pool: str = "avg",
+    drop_path_rate: float = 0.0,
+    fused_attn: bool = True,
+) -> JointSpaceTimeViT:
+    """Build a joint space-time ViT of a named ``size`` (ti/s/base), any of whose dims can be overridden."""
+    if size is None:
+        preset: tuple[int | None, int | None, int | None] = (None, None, None)
+    elif size in JOINT_VIT_SIZES:
+        preset = JOINT_VIT_SIZES[size]
+    else:
+        raise ValueError(f"unknown joint_vit size {size!r}; known: {', '.join(JOINT_VIT_SIZES)} or None")
+    dims = [
+        given if given is not None else default
+        for given, default in zip((embed_dim, depth, num_heads), preset)
+    ]
+    if None in dims:
+        raise ValueError("joint_vit with size=None needs embed_dim, depth and num_heads")
+    width, layers, heads = dims
+    return JointSpaceTimeViT(
+        embed_dim=width,
+        depth=layers,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        patch_size=patch_size,
+        tubelet_size=tubelet_size,
+        num_frames=num_frames,
+        img_size=img_size,
+        pool=pool,
+        drop_path_rate=drop_path_rate,
+        fused_attn=fused_attn,
+    )

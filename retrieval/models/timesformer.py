@@ -1,0 +1,273 @@
+"""TimeSformer (divided space-time attention) as a vtr video encoder, built on transformers' port.
+
+Why transformers' ``TimesformerModel``: its math matches the official code (the converter checks
+logits to 1e-4) and the published checkpoints (``facebook/timesformer-base-finetuned-k400`` ...)
+are distributed in its layout, so wrapping it lets us load them unchanged.
+
+What this wrapper adds:
+
+* the vtr interface: ``forward(video [B, C, T, H, W])`` (transformers wants ``[B, T, C, H, W]``)
+  returning ``{"tokens": last_hidden_state [B, 1 + N·T, D], "pooled": cls [B, D]}``. The patch
+  tokens follow the official order, space-major with time fastest: index ``1 + n·T + t``.
+* input checks: transformers' layers read ``config.num_frames`` and ``config.image_size`` when they
+  reshape, so any other frame count or size either crashes with a reshape error or silently mixes
+  frames. We reject it up front.
+* :func:`load_timesformer_hf` reads a local Hugging Face directory *including* the classification
+  head and ``config.id2label`` (``classify`` / ``id2label``): the K400 head later provides
+  supervised action labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from transformers import TimesformerConfig, TimesformerModel
+from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
+
+from retrieval.models.io import strict_load
+from retrieval.models.joint_vit import validate_video
+from retrieval.models.registry import register_arch
+
+TIMESFORMER_MEAN = (0.45, 0.45, 0.45)
+TIMESFORMER_STD = (0.225, 0.225, 0.225)
+
+# hidden size, layers, heads
+TIMESFORMER_SIZES: dict[str, tuple[int, int, int]] = {
+    "base": (768, 12, 12),
+    "ti": (192, 12, 3),
+}
+
+
+class TimeSformerEncoder(nn.Module):
+    """A ``TimesformerModel`` behind the vtr video-encoder interface, with an optional K-way head.
+
+    ``classifier``/``id2label`` are present only when loaded from a fine-tuned checkpoint; the
+    encoder itself never uses them (retrieval reads ``pooled``).
+    """
+
+    keep_temporal = False
+    has_cls_token = True  # tokens[:, 0] is the cls token
+
+    def __init__(
+        self,
+        config: TimesformerConfig,
+        classifier: nn.Linear | None = None,
+        id2label: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if config.attention_type != "divided_space_time":
+            raise ValueError(f"vtr's TimeSformer is divided space-time; config has {config.attention_type!r}")
+        if config.image_size % config.patch_size:
+            raise ValueError(
+                f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}"
+            )
+        self.backbone = TimesformerModel(config)
+        self.classifier = classifier
+        self.id2label: list[str] = list(id2label or [])
+        self.embed_dim: int = config.hidden_size
+        self.num_frames: int = config.num_frames
+        self.img_size: int = config.image_size
+        self.preprocess = {
+            "size": config.image_size,
+            "num_frames": config.num_frames,
+            "mean": list(TIMESFORMER_MEAN),
+            "std": list(TIMESFORMER_STD),
+            "interpolation": "bilinear",
+        }
+
+    @property
+    def config(self) -> TimesformerConfig:
+        return self.backbone.config
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer's activations in backward (transformers' activation checkpointing).
+
+        transformers 5 renamed ``gradient_checkpointing_*`` to ``activation_checkpointing_*`` and
+        warns on the old names; 4.x (still allowed by pyproject) only has the old ones.
+        """
+        new_api = hasattr(self.backbone, "activation_checkpointing_enable")
+        if enable:
+            kwargs = {"use_reentrant": False}
+            if new_api:
+                self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif new_api:
+            self.backbone.activation_checkpointing_disable()
+        else:
+            self.backbone.gradient_checkpointing_disable()
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        validate_video(
+            video,
+            model_name="TimeSformer",
+            channels=self.config.num_channels,
+            num_frames=self.num_frames,
+            img_size=self.img_size,
+        )
+        hidden = self.backbone(pixel_values=video.transpose(1, 2)).last_hidden_state
+        return {"tokens": hidden, "pooled": hidden[:, 0]}
+
+    def classify(self, video: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, len(id2label)]`` of the checkpoint's classification head (cls token -> Linear)."""
+        if self.classifier is None:
+            raise RuntimeError(
+                "this TimeSformer has no classification head (load a fine-tuned HF checkpoint)"
+            )
+        return self.classifier(self(video)["pooled"])
+
+
+def _timesformer_config(
+    size: str | None,
+    embed_dim: int | None,
+    depth: int | None,
+    num_heads: int | None,
+    mlp_ratio: float,
+    patch_size: int,
+    num_frames: int,
+    img_size: int,
+) -> TimesformerConfig:
+    """A ``TimesformerConfig`` from a named size with optional per-dimension overrides."""
+    if size is None:
+        preset: tuple[int | None, int | None, int | None] = (None, None, None)
+    elif size in TIMESFORMER_SIZES:
+        preset = TIMESFORMER_SIZES[size]
+    else:
+        raise ValueError(f"unknown TimeSformer size {size!r}; known: {', '.join(TIMESFORMER_SIZES)} or None")
+    dims = [
+        given if given is not None else default
+        for given, default in zip((embed_dim, depth, num_heads), preset)
+    ]
+    if None in dims:
+        raise ValueError("TimeSformer with size=None needs embed_dim, depth and num_heads")
+    width, layers, heads = dims
+    return TimesformerConfig(
+        image_size=img_size,
+        patch_size=patch_size,
+        num_frames=num_frames,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=int(width * mlp_ratio),
+    )
+
+
+def _set_stochastic_depth(backbone: TimesformerModel, drop_path_rate: float) -> None:
+    """Give layer i DropPath rate ``drop_path_rate · i / (depth - 1)`` (the official linear schedule).
+
+    Why not ``TimesformerConfig(drop_path_rate=...)``: transformers 5.x types that field as ``int``
+    and rejects 0.1, so the rate is applied to the built layers instead.
+    """
+    layers = backbone.encoder.layer
+    for layer, rate in zip(layers, torch.linspace(0, drop_path_rate, len(layers), device="cpu").tolist()):
+        layer.drop_path = TimesformerDropPath(rate) if rate > 0 else nn.Identity()
+
+
+def _read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of a single-file HF checkpoint (safetensors preferred; ``.bin`` with weights_only)."""
+    safetensors_path = model_dir / "model.safetensors"
+    if safetensors_path.is_file():
+        return load_file(str(safetensors_path))
+    bin_path = model_dir / "pytorch_model.bin"
+    if bin_path.is_file():
+        return torch.load(bin_path, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or pytorch_model.bin")
+
+
+def load_timesformer_hf(model_dir: str | Path, num_frames: int | None = None) -> TimeSformerEncoder:
+    """Load a local Hugging Face TimeSformer directory (config.json + weights), head and labels included.
+
+    Accepts both ``TimesformerForVideoClassification`` checkpoints (keys ``timesformer.*`` and
+    ``classifier.*``; the head and ``config.id2label`` become ``classifier``/``id2label``) and bare
+    ``TimesformerModel`` ones. ``num_frames`` other than the checkpoint's resizes the learned time
+    embedding by linear interpolation along time (endpoints kept), the usual way to run a
+    TimeSformer-8 checkpoint on longer clips; frame size stays the checkpoint's.
+    """
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    with open(config_path) as fh:
+        model_type = json.load(fh).get("model_type")
+    if model_type != "timesformer":
+        raise ValueError(
+            f"{model_dir}: expected a Hugging Face model of type 'timesformer', found {model_type!r}"
+        )
+    config = TimesformerConfig.from_pretrained(str(model_dir), local_files_only=True)
+
+    state = _read_hf_state_dict(model_dir)
+    has_head = "classifier.weight" in state
+    backbone_state = {
+        k.removeprefix("timesformer."): v for k, v in state.items() if not k.startswith("classifier.")
+    }
+
+    if num_frames is not None and num_frames != config.num_frames:
+        config.num_frames = num_frames
+        time_embed = backbone_state["embeddings.time_embeddings"]  # [1, T, D]
+        backbone_state["embeddings.time_embeddings"] = F.interpolate(
+            time_embed.transpose(1, 2), size=num_frames, mode="linear", align_corners=True
+        ).transpose(1, 2)
+
+    classifier = None
+    id2label: list[str] = []
+    if has_head:
+        weight = state["classifier.weight"]
+        classifier = nn.Linear(weight.shape[1], weight.shape[0])
+        classifier.load_state_dict({"weight": weight, "bias": state["classifier.bias"]})
+        id2label = [config.id2label[i] for i in range(weight.shape[0])]
+
+    encoder = TimeSformerEncoder(config, classifier=classifier, id2label=id2label)
+    strict_load(encoder.backbone, backbone_state, f"TimeSformer checkpoint {model_dir}")
+    return encoder
+
+
+@register_arch("timesformer")
+def build(
+    size: str | None = "base",
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    patch_size: int = 16,
+    num_frames: int = 8,
+    img_size: int = 224,
+    drop_path_rate: float = 0.0,
+    hf_dir: str | None = None,
+) -> TimeSformerEncoder:
+    """A TimeSformer of a named size (base/ti, dims overridable), or loaded from ``hf_dir``.
+
+    With ``hf_dir`` the architecture comes from the checkpoint's config; the size arguments are
+    checked against it (a mismatch is an error, never silently ignored) and ``num_frames`` may
+    differ (the time embedding is resized).
+    """
+    wanted = _timesformer_config(
+        size, embed_dim, depth, num_heads, mlp_ratio, patch_size, num_frames, img_size
+    )
+    if hf_dir is None:
+        encoder = TimeSformerEncoder(wanted)
+    else:
+        encoder = load_timesformer_hf(hf_dir, num_frames=num_frames)
+        found = encoder.config
+        fields = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "image_size",
+        )
+        mismatched = {
+            f: (getattr(wanted, f), getattr(found, f))
+            for f in fields
+            if getattr(wanted, f) != getattr(found, f)
+        }
+        if mismatched:
+            detail = ", ".join(f"{f}: asked {a}, checkpoint {b}" for f, (a, b) in mismatched.items())
+            raise ValueError(f"TimeSformer checkpoint {hf_dir} does not match the requested size: {detail}")
+    _set_stochastic_depth(encoder.backbone, drop_path_rate)
+    return encoder

@@ -1,0 +1,224 @@
+"""UniFormer (video) S/B: convolutional local relation aggregation early, global self-attention late.
+
+Why this baseline: UniFormer is the strongest "efficient attention" alternative of VideoMamba's
+comparison. Its cost is dominated by convolutions in the high-resolution stages 1-2 and by
+global attention only on the 16x/32x-downsampled stages 3-4, whose token count still grows with
+T² in attention.
+
+Architecture (layout "LLGG", Li et al., ICLR'22, video_classification code):
+
+* 4 stages of widths (64, 128, 320, 512); depths S (3, 4, 8, 3), B (5, 8, 20, 7).
+* downsampling: stage 1 stem Conv3d k(3,4,4) s(2,4,4) p(1,0,0) (time halves); stages 2-4
+  Conv3d k(1,2,2) s(1,2,2); each followed by a LayerNorm over channels.
+* every block starts with a dynamic position encoding (DPE): x + depth-wise Conv3d 3x3x3.
+* local block (stages 1-2): x + PW(DW5x5x5(PW(BN(x)))) then x + CMlp(BN(x)) (1x1x1 convs).
+* global block (stages 3-4): joint space-time MHSA over all T'·H'·W' tokens, pre-LN, MLP; head
+  dim 64 (5 and 8 heads), via timm's ``Block`` (``scaled_dot_product_attention``).
+* final BatchNorm3d (the official head norm); ``tokens`` = the normed stage-4 map flattened
+  ``[B, T/2·H/32·W/32, 512]`` (time-major, raster order); ``pooled`` = their mean ``[B, 512]``.
+
+All position information is convolutional, so any frame count works and any frame size that is
+a multiple of 32; ``num_frames``/``img_size`` are the nominal clip shape.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from retrieval.models.joint_vit import IMAGENET_MEAN, IMAGENET_STD, validate_video
+from retrieval.models.registry import register_arch
+
+UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {
+    "s": (3, 4, 8, 3),
+    "b": (5, 8, 20, 7),
+}
+UNIFORMER_DIMS = (64, 128, 320, 512)
+TOTAL_SPATIAL_STRIDE = 32
+
+
+class PatchEmbed3d(nn.Module):
+    """Strided Conv3d then LayerNorm over channels: the per-stage downsampling."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel: tuple[int, int, int],
+        stride: tuple[int, int, int],
+        padding: tuple[int, int, int] = (0, 0, 0),
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Conv3d(in_dim, out_dim, kernel_size=kernel, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+class ConvMlp(nn.Module):
+    """The feed-forward of local blocks: 1x1x1 conv -> GELU -> 1x1x1 conv."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv3d(dim, hidden_dim, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv3d(hidden_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LocalBlock(nn.Module):
+    """DPE, then local MHRA (BN -> PW -> depth-wise 5x5x5 -> PW) and a conv MLP, on ``[B, C, T, H, W]``.
+
+    The 5x5x5 depth-wise conv is the "local relation aggregator": each position mixes only its
+    spatio-temporal neighbourhood with a learned, content-independent affinity, which is what
+    makes the high-resolution stages cheap.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.BatchNorm3d(dim)
+        self.conv1 = nn.Conv3d(dim, dim, 1)
+        self.attn = nn.Conv3d(dim, dim, 5, padding=2, groups=dim)
+        self.conv2 = nn.Conv3d(dim, dim, 1)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.BatchNorm3d(dim)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        x = x + self.drop_path(self.conv2(self.attn(self.conv1(self.norm1(x)))))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class GlobalBlock(nn.Module):
+    """DPE, then a pre-norm transformer block over all ``T·H·W`` positions (joint space-time MHSA)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.block = Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_embed(x)
+        b, c, t, h, w = x.shape
+        tokens = self.block(x.flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(b, c, t, h, w)
+
+
+class UniFormerVideo(nn.Module):
+    """UniFormer video backbone behind the vtr interface (``pooled`` [B, D], ``tokens`` [B, L, D])."""
+
+    keep_temporal = False
+    has_cls_token = False  # every token is a stage-4 position
+
+    def __init__(
+        self,
+        depths: tuple[int, int, int, int] = UNIFORMER_DEPTHS["s"],
+        dims: tuple[int, int, int, int] = UNIFORMER_DIMS,
+        head_dim: int = 64,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        num_frames: int = 16,
+        img_size: int = 224,
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"UniFormer has 4 stages; got depths {depths} and dims {dims}")
+        bad = [d for d in dims[2:] if d % head_dim]
+        if bad:
+            raise ValueError(f"global-stage widths {bad} are not multiples of head_dim {head_dim}")
+        if img_size % TOTAL_SPATIAL_STRIDE:
+            raise ValueError(
+                f"UniFormer img_size must be a multiple of {TOTAL_SPATIAL_STRIDE}, got {img_size}"
+            )
+        self.embed_dim: int = dims[-1]
+        self.num_frames = num_frames
+        self.img_size = img_size
+        self.grad_checkpointing = False
+        self.preprocess = {
+            "size": img_size,
+            "num_frames": num_frames,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "interpolation": "bilinear",
+        }
+
+        self.patch_embeds = nn.ModuleList([PatchEmbed3d(3, dims[0], (3, 4, 4), (2, 4, 4), (1, 0, 0))])
+        self.patch_embeds.extend(
+            PatchEmbed3d(dims[i - 1], dims[i], (1, 2, 2), (1, 2, 2)) for i in range(1, 4)
+        )
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist())
+        self.stages = nn.ModuleList()
+        for stage, (depth, dim) in enumerate(zip(depths, dims)):
+            if stage < 2:
+                blocks = [LocalBlock(dim, mlp_ratio, next(rates)) for _ in range(depth)]
+            else:
+                blocks = [GlobalBlock(dim, dim // head_dim, mlp_ratio, next(rates)) for _ in range(depth)]
+            self.stages.append(nn.ModuleList(blocks))
+        self.norm = nn.BatchNorm3d(dims[-1])
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Official init: truncated-normal linear layers, unit LayerNorms (convs keep PyTorch's default)."""
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+        validate_video(video, model_name="UniFormer", size_multiple=TOTAL_SPATIAL_STRIDE)
+        x = video
+        for patch_embed, blocks in zip(self.patch_embeds, self.stages):
+            x = patch_embed(x)
+            for block in blocks:
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, T'·H'·W', D]
+        return {"tokens": tokens, "pooled": tokens.mean(dim=1)}
+
+
+@register_arch("uniformer")
+def build(
+    size: str | None = "s",
+    depths: list[int] | None = None,
+    dims: list[int] | None = None,
+    head_dim: int = 64,
+    mlp_ratio: float = 4.0,
+    drop_path_rate: float = 0.1,
+    num_frames: int = 16,
+    img_size: int = 224,
+) -> UniFormerVideo:
+    """UniFormer-S or -B (``size`` "s"/"b"), or custom ``depths``/``dims`` (e.g. the tiny test model)."""
+    if size is not None and size not in UNIFORMER_DEPTHS:
+        raise ValueError(f"unknown UniFormer size {size!r}; known: {', '.join(UNIFORMER_DEPTHS)} or None")
+    if depths is None:
+        if size is None:
+            raise ValueError("UniFormer with size=None needs depths")
+        depths = list(UNIFORMER_DEPTHS[size])
+    return UniFormerVideo(
+        depths=tuple(depths),
+        dims=tuple(dims) if dims is not None else UNIFORMER_DIMS,
+        head_dim=head_dim,
+        mlp_ratio=mlp_ratio,
+        drop_path_rate=drop_path_rate,
+        num_frames=num_frames,
+        img_size=img_size,
+    )
