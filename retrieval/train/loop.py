@@ -1,0 +1,309 @@
+"""The training loop: one process or many (``torchrun``), checkpoints, exact resume.
+
+Multi-process training splits each global batch across processes; the contrastive loss scores
+local rows against features gathered from every process, and gradients are averaged with one
+all-reduce per step (done here explicitly rather than by DDP's wrapper, because the losses call
+the model's parts directly). Gloo on CPU, NCCL on GPU; rank 0 writes every file.
+
+Resume is exact: data order and every per-sample choice derive from (seed, epoch, index), the
+loss-side randomness from (seed, step, rank), and the checkpoint stores the optimizer, scheduler
+and the global RNG state (dropout), so a killed and resumed run reaches the same parameters as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data.corpora import load_corpus
+from ..data.dataset import ClipTextDataset, collate
+from ..data.video import Preprocess
+from ..models.dual import RetrievalModel, build_retrieval_model
+from ..models.io import load_model, load_weights, strict_load
+from ..models.text import SpecialTokenIds
+from .losses import mlm_loss, teacher_guided_mask, uta_loss, vtc_loss, vtm_loss
+from .recipe import Recipe, RecipeError
+from .teacher import Teacher
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+# -- distributed helpers ------------------------------------------------------------------------
+def _dist_setup() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        log.info("distributed training: %d processes (%s)", world, backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _global_means(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    """Loss values averaged over processes: each holds the mean of its rows, so this is the
+    mean over the global batch (what one process with the whole batch would log)."""
+    keys = sorted(values)
+    flat = torch.stack([values[k].detach().float() for k in keys])
+    if world > 1:
+        dist.all_reduce(flat)
+        flat /= world
+    return {k: float(v) for k, v in zip(keys, flat)}
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+# -- building -----------------------------------------------------------------------------------
+def build_model(recipe: Recipe) -> RetrievalModel:
+    m = recipe.model
+    if m.init:
+        model = load_model(m.init)
+        if not isinstance(model, RetrievalModel):
+            raise RecipeError(f"model.init {m.init} is not a retrieval model directory")
+        model.train()
+    else:
+        model = build_retrieval_model(m.video, m.text, m.num_fusion_layers, m.fusion_layer, m.embed_dim,
+                                      m.max_text_len, with_mlm=recipe.loss.mlm > 0,
+                                      video_overrides=m.video_overrides)
+    if m.text_dropout is not None:
+        for mod in model.text.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = m.text_dropout
+            elif isinstance(getattr(mod, "dropout", None), float):  # attention-probability dropout
+                mod.dropout = m.text_dropout
+    if recipe.optim.freeze_text_embeddings:
+        model.text.embeddings.requires_grad_(False)
+    if recipe.optim.grad_checkpointing:
+        for part in (model.video, model.text):
+            if hasattr(part, "set_grad_checkpointing"):
+                part.set_grad_checkpointing(True)
+    return model
+
+
+def param_groups(model: RetrievalModel, recipe: Recipe) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms, embeddings tables and SSM parameters; the text
+    tower's text-only layers at ``text_lr_scale`` of the base rate (they start pretrained; the
+    fusion layers are new)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = (p.dim() < 2 or name.endswith(("A_log", "A_b_log", "D", "D_b", "cls_token", "pos_embed",
+                                                  "temporal_pos_embedding", "temp")))
+        layer = re.match(r"text\.encoder\.layer\.(\d+)\.", name)
+        is_text = name.startswith("text.embeddings.") or bool(layer and int(layer[1]) < model.text.fusion_layer)
+        groups.setdefault((no_decay, is_text), []).append(p)
+    o = recipe.optim
+    return [{"params": ps, "weight_decay": 0.0 if nd else o.weight_decay,
+             "lr_scale": o.text_lr_scale if txt else 1.0} for (nd, txt), ps in groups.items()]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -- one step -----------------------------------------------------------------------------------
+def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: SpecialTokenIds,
+                   teacher: Teacher | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    video, captions, idx = batch
+    w = recipe.loss
+    ids, tmask = model.tokenize(captions)
+    mask = teacher_tokens = None
+    if w.uta and teacher is not None:
+        with torch.no_grad():
+            teacher_tokens, affinity = teacher(video)
+        n = affinity.shape[-1]
+        keep = max(1, round(n * (1 - w.uta_mask_ratio)))
+        mask = teacher_guided_mask(affinity, keep, gen)
+    vout = model.encode_video(video, mask=mask, return_distill=bool(w.uta))
+    tout = model.encode_text(ids, tmask)
+    temp = model.temp.clamp(0.001, 0.5)
+    out: dict[str, torch.Tensor] = {}
+    if w.vtc:
+        out["vtc"] = vtc_loss(tout["feat"], vout["feat"], idx, temp)
+    if w.vtm:
+        out["vtm"] = vtm_loss(model, vout["tokens"], tout["hidden"], tmask, tout["feat"], vout["feat"], idx, temp, gen)
+    if w.mlm:
+        out["mlm"] = mlm_loss(model, ids, tmask, vout["tokens"], special, w.mlm_prob, gen)
+    if w.uta and teacher is not None:
+        out["uta"] = uta_loss(vout["distill"], teacher_tokens, mask)
+    out["loss"] = sum(getattr(w, k) * v for k, v in out.items())
+    return out
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+def _save_checkpoint(out: Path, model: RetrievalModel, opt, sched, step: int, recipe: Recipe) -> None:
+    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, source={"recipe": recipe.to_dict(), "step": step})
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint()}, tmp / STATE_FILE)
+    old = out / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_resume_state(out: Path, recipe: Recipe) -> dict[str, Any]:
+    ckpt = out / "checkpoint"
+    if not (ckpt / STATE_FILE).is_file():
+        if (out / "checkpoint.old" / STATE_FILE).is_file():  # killed between the two renames
+            os.replace(out / "checkpoint.old", ckpt)
+        else:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out} (expected {ckpt}/{STATE_FILE})")
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != recipe.fingerprint():
+        raise RecipeError(f"--resume: the checkpoint in {out} was made by another recipe (fingerprint "
+                          f"{state.get('fingerprint')} vs {recipe.fingerprint()}); use a new run.out or the same recipe")
+    return state
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def train(recipe: Recipe, resume: bool = False) -> Path:
+    """Train per ``recipe``; returns the final model directory (``run.out``/model)."""
+    out = Path(recipe.run.out)
+    if not resume and (out / "checkpoint").exists():
+        raise RecipeError(f"{out} already holds a checkpoint: pass --resume to continue it, or set run.out")
+    state = _read_resume_state(out, recipe) if resume else None
+    rank, world = _dist_setup()
+    o = recipe.optim
+    if o.batch_size % world:
+        raise RecipeError(f"optim.batch_size {o.batch_size} does not split over {world} processes")
+    local_b = o.batch_size // world
+
+    corpus = load_corpus(recipe.data.dataset, recipe.data.train, recipe.data.videos)
+    torch.manual_seed(recipe.run.seed)
+    model = build_model(recipe)
+    teacher = Teacher.load(recipe.loss.uta_teacher, model.preprocess) if recipe.loss.uta else None
+    pre_cfg = {k: model.preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")}
+    dataset = ClipTextDataset(corpus, Preprocess.from_dict(pre_cfg), recipe.run.seed, recipe.data.cache,
+                              recipe.data.frames_per_segment, progress=recipe.run.progress and rank == 0)
+    if len(dataset) < o.batch_size:
+        raise RecipeError(f"the corpus has {len(dataset)} captioned clips, fewer than optim.batch_size {o.batch_size}")
+    steps_per_epoch = len(dataset) // o.batch_size
+    special = SpecialTokenIds.from_tokenizer(model.tokenizer)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, recipe)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda s, g=g: g["lr_scale"] * lr_factor(s, o.warmup_steps, o.steps) for g in groups])
+    start = 0
+    if state is not None:
+        strict_load(model, load_weights(out / "checkpoint"), f"{out}/checkpoint")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start = int(state["step"])
+        log.info("resuming %s at step %d", out, start)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
+
+    model.train()
+    bar = tqdm(total=o.steps, initial=start, desc="train", disable=not (recipe.run.progress and rank == 0),
+               dynamic_ncols=True)
+    t_last, n_since = time.perf_counter(), 0
+    try:
+        for step in range(start, o.steps):
+            epoch, j = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.run.seed * 1000 + epoch))
+            ids = order[j * o.batch_size:(j + 1) * o.batch_size][rank * local_b:(rank + 1) * local_b]
+            dataset.set_epoch(epoch)
+            batch = collate([dataset[int(i)] for i in ids])
+            gen = torch.Generator().manual_seed((recipe.run.seed * 1_000_003 + step) * 97 + rank)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.bf16):
+                losses = compute_losses(model, batch, recipe, special, teacher, gen)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            _average_gradients(params, world)
+            if o.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            opt.step()
+            sched.step()
+            n_since += o.batch_size
+            done = step + 1
+            log_now = done % recipe.run.log_every == 0 or done == o.steps
+            means = _global_means(losses, world) if log_now else {}
+            if rank == 0 and log_now:
+                now = time.perf_counter()
+                rec = {"step": done, **{k: round(v, 5) for k, v in means.items()},
+                       "lr": opt.param_groups[0]["lr"], "temp": round(float(model.temp.detach()), 5),
+                       "samples_per_s": round(n_since / (now - t_last), 2)}
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                t_last, n_since = now, 0
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=rec["samples_per_s"])
+            bar.update(1)
+            if done % recipe.run.save_every == 0 and done < o.steps:
+                if rank == 0:
+                    _save_checkpoint(out, model, opt, sched, done, recipe)
+                _barrier()
+    finally:
+        bar.close()
+        if metrics_f:
+            metrics_f.close()
+    final = out / "model"
+    if rank == 0:
+        _save_checkpoint(out, model, opt, sched, o.steps, recipe)
+        shutil.rmtree(final, ignore_errors=True)
+        model.save(final, source={"recipe": recipe.to_dict(), "step": o.steps})
+        plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
+    _barrier()
+    return final
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "vtc", "vtm", "mlm", "uta"):
+        if key in rows[0]:
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

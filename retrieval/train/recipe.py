@@ -1,0 +1,176 @@
+"""Training recipes: YAML files checked against typed sections before anything runs.
+
+A recipe has the sections ``model``, ``data``, ``loss``, ``optim`` and ``run``. Unknown keys and
+values of the wrong type are errors that name the key; ``key=value`` overrides on the command
+line use dotted paths (``optim.lr=1e-4``) and are parsed as YAML scalars.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSection:
+    video: str = "videomamba_demo"            # a registered model name (configs/models)
+    video_overrides: dict = field(default_factory=dict)
+    text: Optional[str] = None                # local BERT directory; None = all-MiniLM-L6-v2
+    num_fusion_layers: Optional[int] = 2      # new cross-attention layers on top of the text tower
+    fusion_layer: Optional[int] = None        # or: turn layers k.. of the text tower into fusion layers
+    embed_dim: int = 256
+    max_text_len: int = 32
+    init: Optional[str] = None                # start from this model directory instead
+    text_dropout: Optional[float] = None      # override the text tower's dropout (0 for exact tests)
+
+
+@dataclass
+class DataSection:
+    train: str = ""                           # annotation file (VindLU JSON / JSONL / CSV)
+    videos: str = ""                          # the folder its video paths are relative to
+    dataset: str = "generic"                  # corpus preset (msrvtt, didemo, anet, lsmdc, msvd, generic)
+    cache: bool = False                       # decode every clip once into memory (small corpora)
+    frames_per_segment: int = 3
+    workers: int = 0
+
+
+@dataclass
+class LossSection:
+    vtc: float = 1.0
+    vtm: float = 1.0
+    mlm: float = 0.5
+    uta: float = 0.0
+    mlm_prob: float = 0.5
+    uta_teacher: Optional[str] = None         # registered model name or model directory of the teacher
+    uta_mask_ratio: float = 0.8
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    text_lr_scale: float = 0.2                # the pretrained text tower learns slower
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    steps: int = 300
+    batch_size: int = 32                      # global batch (split over processes)
+    grad_clip: float = 1.0
+    bf16: bool = False
+    grad_checkpointing: bool = False
+    freeze_text_embeddings: bool = False     # keep the (large) word-embedding table fixed: faster steps
+
+
+@dataclass
+class RunSection:
+    out: str = "runs/train"
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the trajectory (not where it is written or logged)."""
+        d = self.to_dict()
+        d["run"] = {"seed": d["run"]["seed"]}
+        d["data"].pop("workers")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(value, args[0], where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise RecipeError(f"recipe key {where}: expected {getattr(tp, '__name__', tp)}, got {value!r} "
+                      f"({type(value).__name__})")
+
+
+def _section(cls, values: dict[str, Any], name: str):
+    if not isinstance(values, dict):
+        raise RecipeError(f"recipe section {name!r} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"known in {name!r}: {', '.join(sorted(known))}")
+    return cls(**{k: _check_type(v, hints[k], f"{name}.{k}") for k, v in values.items()})
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} is not key=value (e.g. optim.lr=1e-4)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of sections")
+    for item in overrides:
+        _apply_override(tree, item)
+    sections = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(tree) - set(sections))
+    if unknown:
+        raise RecipeError(f"unknown recipe section(s) {', '.join(unknown)}; known: {', '.join(sections)}")
+    hints = typing.get_type_hints(Recipe)
+    recipe = Recipe(**{name: _section(hints[name], tree.get(name, {}), name) for name in sections})
+    _validate(recipe)
+    return recipe
+
+
+def _validate(r: Recipe) -> None:
+    if not r.data.train:
+        raise RecipeError("recipe key data.train (the training annotation file) is required")
+    for name in ("vtc", "vtm", "mlm", "uta"):
+        if getattr(r.loss, name) < 0:
+            raise RecipeError(f"loss.{name} must be >= 0")
+    if not any(getattr(r.loss, n) for n in ("vtc", "vtm", "mlm", "uta")):
+        raise RecipeError("every loss weight is 0: nothing to train")
+    if r.loss.uta and not r.loss.uta_teacher:
+        raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
+    if r.optim.batch_size < 2 or r.optim.steps < 1:
+        raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
+    if not 0 < r.loss.uta_mask_ratio < 1:
+        raise RecipeError("loss.uta_mask_ratio must be in (0, 1)")

@@ -1,0 +1,131 @@
+"""Training: recipes, losses, a short run, exact resume, and 2 processes == 1 process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval import load_model
+from retrieval.train import loop
+from retrieval.train.losses import teacher_guided_mask, uta_loss, vtc_loss
+from retrieval.train.recipe import RecipeError, load_recipe
+
+from .conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_recipe_errors(tmp_path, tiny_corpus):
+    with pytest.raises(RecipeError, match="optim.lrr"):
+        load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"optim.lrr": 1}))
+    with pytest.raises(RecipeError, match=r"optim.steps: expected int"):
+        load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"optim.steps": "many"}))
+    with pytest.raises(RecipeError, match="unknown recipe section"):
+        load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"optimizer.lr": 1}))
+    with pytest.raises(RecipeError, match="data.train"):
+        load_recipe(None, ["data.videos=x"])
+    with pytest.raises(FileNotFoundError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"data.train": str(tmp_path / "missing.json")}))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        loop.train(r)
+
+
+def test_demo_recipe_parses():
+    r = load_recipe(REPO / "configs" / "train" / "demo.yaml")
+    assert r.model.video == "videomamba_demo" and r.data.cache
+
+
+def test_vtc_positives_share_a_video():
+    t = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    v = t.clone()
+    idx = torch.tensor([0, 1, 2, 3])
+    aligned = vtc_loss(t, v, idx, torch.tensor(0.05))
+    shuffled = vtc_loss(t, v[[1, 0, 3, 2]], idx, torch.tensor(0.05))
+    assert aligned < shuffled
+    # two captions of one video: both are positives of each other, so the loss ignores their order
+    same = vtc_loss(t, v, torch.tensor([0, 0, 2, 3]), torch.tensor(0.05))
+    assert torch.isfinite(same)
+
+
+def test_uta_mask_and_loss():
+    aff = torch.zeros(2, 3, 10)
+    aff[..., 0] = 50.0                                   # the teacher attends to token 0 of each frame
+    mask = teacher_guided_mask(aff, keep_per_frame=2, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (2, 30) and (~mask).sum(1).tolist() == [6, 6]
+    assert (~mask.view(2, 3, 10)[..., 0]).all()          # the attended token always stays visible
+    teacher = torch.randn(2, 30, 5)
+    student = teacher[~mask].view(2, 6, 5) * 3.0          # same directions: zero loss
+    assert uta_loss(student, teacher, mask) < 1e-6
+
+
+def test_short_run_writes_model_metrics_and_plot(tmp_path, tiny_corpus):
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "run"))
+    final = loop.train(r)
+    model = load_model(final)
+    assert model.video.embed_dim == 32
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"vtc", "vtm", "mlm", "loss", "samples_per_s"} <= set(rows[0])
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+    with pytest.raises(RecipeError, match="--resume"):
+        loop.train(r)                                    # refuses to overwrite a run
+
+
+def test_uta_with_a_registered_teacher(tmp_path, tiny_corpus):
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "uta", **{
+        "loss.uta": 1.0, "loss.uta_teacher": "videomamba_tiny_test", "loss.uta_mask_ratio": 0.5,
+        "model.video_overrides": "{clip_output_dim: 32}", "optim.steps": 2}))
+    loop.train(r)
+    rows = [json.loads(x) for x in (tmp_path / "uta" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= row["uta"] <= 4 for row in rows)
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def test_resume_reaches_the_same_parameters(tmp_path, tiny_corpus, monkeypatch):
+    straight = load_model(loop.train(load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "a"))))
+
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "b"))
+    real = loop.compute_losses
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:                              # die in step 5, after the step-3 checkpoint
+            raise _Killed()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_losses", dying)
+    with pytest.raises(_Killed):
+        loop.train(r)
+    monkeypatch.setattr(loop, "compute_losses", real)
+    resumed = load_model(loop.train(r, resume=True))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    other = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "b", **{"optim.lr": 0.1}))
+    with pytest.raises(RecipeError, match="another recipe"):
+        loop.train(other, resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_process(tmp_path, tiny_corpus):
+    common = {"loss.vtm": 0, "loss.mlm": 0, "optim.steps": 4, "optim.grad_clip": 0}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for n, out in ((1, "one"), (2, "two")):
+        args = tiny_overrides(tiny_corpus, tmp_path / out, **common)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29500 + n + os.getpid() % 1000), "-m", "app.cli", "train", str(REPO / "configs/train/demo.yaml"), *args]
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (one, two)
