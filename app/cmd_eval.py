@@ -1,0 +1,110 @@
+"""``vtr eval`` (zero-shot retrieval or action accuracy on a corpus) and ``vtr classify`` (labels
+for video files)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from app.common import friendly
+
+_TASKS = ("retrieval", "classify")
+_SOURCES = ("auto", "zero-shot", "supervised")
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], option: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def eval_cmd(
+    model: Path = typer.Option(..., "--model", "-m", help="model directory"),
+    dataset: str = typer.Option(..., "--dataset", "-d",
+                                help="msrvtt | didemo | anet | lsmdc | msvd | generic (sets caption rules, "
+                                     "text length, sampling)"),
+    ann: Path = typer.Option(..., "--ann", help="annotation file (VindLU JSON, JSON lines or CSV)"),
+    videos: Path = typer.Option(..., "--videos", help="folder the annotation's video paths are relative to"),
+    rerank_k: int = typer.Option(128, "--rerank-k", help="ITM re-rank of each query's top k (0: ITC only)"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="clips per encoder batch"),
+    workers: int = typer.Option(0, "--workers", "-j", help="decoding processes beside the encoder"),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                       help="write metrics.json, per-query ranks and the recall plot here"),
+    cache_dir: Path | None = typer.Option(None, "--cache-dir",
+                                             help="clip embedding cache (default: OUT/embeddings when --out "
+                                                  "is given)"),
+    dual_softmax: bool = typer.Option(False, "--dual-softmax",
+                                      help="also report dual-softmax ITC (not the official protocol)"),
+    task: str = typer.Option("retrieval", "--task", help="retrieval | classify (accuracy of item labels)"),
+    labels: str = typer.Option("synthetic", "--labels", help="for --task classify: kinetics400 | synthetic | FILE"),
+    source: str = typer.Option("auto", "--source", help="for --task classify: auto | zero-shot | supervised"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Zero-shot evaluation on a corpus: t2v/v2t retrieval (ITC + ITM re-rank) or action accuracy."""
+    from retrieval.data.corpora import load_corpus  # noqa: PLC0415
+    from retrieval.models.io import load_model  # noqa: PLC0415
+
+    _check_choice(task, _TASKS, "--task")
+    _check_choice(source, _SOURCES, "--source")
+    corpus = load_corpus(dataset, ann, videos)
+    net = load_model(model)
+    if cache_dir is None and out is not None:
+        cache_dir = out / "embeddings"
+    if task == "classify":
+        from retrieval.eval.actions import evaluate_actions  # noqa: PLC0415
+
+        result = evaluate_actions(net, corpus, labels, source=source, batch_size=batch_size, workers=workers,
+                                  cache_dir=cache_dir, progress=progress)
+        typer.echo(f"{corpus.name} actions ({result['source']}): top1 {result['top1']:.1f}  "
+                   f"top5 {result['top5']:.1f}  over {result['n']} clips ({result['failed']} undecodable, "
+                   f"{result['unlabelled']} unlabelled)")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            typer.echo(f"wrote {out / 'metrics.json'}")
+        return
+
+    from retrieval.eval.retrieval import evaluate_retrieval  # noqa: PLC0415
+
+    if not callable(getattr(net, "encode_texts", None)):
+        raise ValueError(f"{model} holds a bare video encoder (no text tower): retrieval needs a retrieval "
+                         "model directory (`vtr train` or `vtr convert` of a multi-modality checkpoint)")
+    result = evaluate_retrieval(net, corpus, rerank_k=rerank_k, batch_size=batch_size, workers=workers,
+                                cache_dir=cache_dir, dual_softmax=dual_softmax, progress=progress)
+    typer.echo(result.table())
+    if out is not None:
+        typer.echo(f"wrote {result.write(out)}")
+
+
+def classify_cmd(
+    videos: list[Path] = typer.Argument(..., help="video files"),
+    model: Path = typer.Option(..., "--model", "-m", help="model directory"),
+    labels: str = typer.Option("synthetic", "--labels", help="kinetics400 | synthetic | FILE (one label a line)"),
+    top: int = typer.Option(5, "--top", help="labels shown per video"),
+    source: str = typer.Option("auto", "--source", help="auto | zero-shot (label prompts) | supervised (head)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON list on stdout"),
+) -> None:
+    """Top action labels for each video: zero-shot from label prompts, or the model's own head."""
+    from retrieval.data.video import VideoReadError  # noqa: PLC0415
+    from retrieval.eval.actions import classify_paths  # noqa: PLC0415
+
+    _check_choice(source, _SOURCES, "--source")
+    if top < 1:
+        raise ValueError(f"--top must be >= 1, got {top}")
+    try:
+        rankings = classify_paths(model, videos, labels=labels, top=top, source=source)
+    except VideoReadError as exc:
+        raise ValueError(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps([{"video": str(path), "labels": [{"label": label, "prob": round(prob, 6)}
+                                                                 for label, prob in ranking]}
+                               for path, ranking in zip(videos, rankings, strict=True)], indent=2))
+        return
+    for path, ranking in zip(videos, rankings, strict=True):
+        typer.echo(f"{path}: " + ", ".join(f"{label} ({prob:.2f})" for label, prob in ranking))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` and ``classify`` to the ``vtr`` app."""
+    app.command("eval")(friendly(eval_cmd))
+    app.command("classify")(friendly(classify_cmd))

@@ -1,0 +1,296 @@
+"""Action labels for clips: zero-shot from label prompts, or a checkpoint's supervised head.
+
+Zero-shot classification treats each label as a set of captions ("a video of a person
+{label}.", ...): a label's text feature is the normalised mean of its prompts' normalised
+features (a prompt ensemble, which is steadier than any single template), and a clip's class
+probabilities are ``softmax(similarity / temp)`` with the model's own contrastive temperature,
+the scale the similarities were trained at.
+
+Some video encoders carry a supervised classifier (VideoMamba fine-tuned on Kinetics-400, a
+TimeSformer from a fine-tuned Hugging Face checkpoint); ``source="supervised"`` uses it with
+its own label list. ``"auto"`` prefers the head when its classes are the requested ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from retrieval.data.corpora import Corpus
+from retrieval.data.video import Preprocess, load_clip
+from retrieval.eval.metrics import topk_accuracy
+from retrieval.eval.retrieval import (
+    corpus_preprocess,
+    embed_corpus,
+    evaluating,
+    iter_clip_batches,
+    model_device,
+)
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["zero-shot", "supervised", "auto"]
+# (label, probability) pairs, most probable first
+Ranking = list[tuple[str, float]]
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a video of a person {label}.",
+    "a video of {label}.",
+    "a person is {label}.",
+    "a clip showing {label}.",
+    "{label}",
+)
+LABEL_SETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "labels"
+NAMED_LABEL_SETS: tuple[str, ...] = ("kinetics400", "synthetic")
+# the official training clamp of the contrastive temperature
+_TEMP_RANGE = (0.001, 0.5)
+_PROMPT_BATCH = 64
+
+
+def load_labels(spec: str | os.PathLike[str]) -> list[str]:
+    """A label list: a named set (``kinetics400``, ``synthetic``) or a text file, one label a line.
+
+    Blank lines and surrounding whitespace are ignored.
+
+    Raises:
+        FileNotFoundError: neither a named set nor an existing file.
+        ValueError: the file holds no labels, or a label twice.
+    """
+    name = str(spec)
+    path = LABEL_SETS_DIR / f"{name}.txt" if name in NAMED_LABEL_SETS else Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels {name!r}: not a named set ({', '.join(NAMED_LABEL_SETS)}) "
+                                f"nor a file (one label per line)")
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not labels:
+        raise ValueError(f"label file {path} has no labels (expected one label per line)")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"label file {path} lists some labels twice: {duplicates[:5]}")
+    return labels
+
+
+def _head_classes(encoder: torch.nn.Module) -> int | None:
+    """Number of classes of the encoder's supervised head, or None when it has none."""
+    if not callable(getattr(encoder, "classify", None)):
+        return None
+    for attribute in ("head", "classifier"):  # VideoMamba / TimeSformer
+        head = getattr(encoder, attribute, None)
+        if isinstance(head, torch.nn.Linear):
+            return head.out_features
+    return None
+
+
+def _can_zero_shot(model: torch.nn.Module) -> bool:
+    return all(callable(getattr(model, name, None)) for name in ("encode_texts", "encode_video", "similarity"))
+
+
+class ActionClassifier:
+    """Ranks labels for clips, zero-shot (prompt ensembles) or with the encoder's supervised head.
+
+    Args:
+        model: a RetrievalModel (zero-shot, or the supervised head of its ``video`` encoder) or a
+            bare video encoder with a head.
+        labels: the label names. Zero-shot needs them; the supervised head uses the checkpoint's
+            ``id2label`` when it has one, else these (their count must match the head).
+        prompts: templates with ``{label}``; each label's feature averages all of them.
+        source: ``"zero-shot"``, ``"supervised"``, or ``"auto"``: the head when it exists and
+            ``labels`` is absent or has its class count (or there is no text tower), otherwise
+            zero-shot.
+    """
+
+    def __init__(self, model: torch.nn.Module, labels: Sequence[str] | None = None,
+                 prompts: Sequence[str] = DEFAULT_PROMPTS, source: Source = "auto") -> None:
+        if source not in ("zero-shot", "supervised", "auto"):
+            raise ValueError(f"source must be 'zero-shot', 'supervised' or 'auto', got {source!r}")
+        self.model = model
+        self.encoder = getattr(model, "video", model)
+        self.source = self._resolve_source(labels, source)
+        self._label_feat: torch.Tensor | None = None
+        if self.source == "supervised":
+            self.labels = self._supervised_labels(labels)
+        else:
+            self.labels = list(labels)
+            self.prompts = list(prompts)
+            if not self.prompts or any("{label}" not in prompt for prompt in self.prompts):
+                raise ValueError(f"every prompt must contain '{{label}}', got {self.prompts}")
+            self._label_feat = self._encode_labels()
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("the label list has duplicates")
+
+    def _resolve_source(self, labels: Sequence[str] | None, source: Source) -> str:
+        classes = _head_classes(self.encoder)
+        zero_shot = _can_zero_shot(self.model)
+        if source == "supervised" and classes is None:
+            raise ValueError(f"{type(self.encoder).__name__} has no supervised classification head")
+        if source == "zero-shot":
+            if not zero_shot:
+                raise ValueError("zero-shot labels need a retrieval model with a text tower; this is a "
+                                 f"bare {type(self.model).__name__}")
+            if not labels:
+                raise ValueError("zero-shot classification needs a label list")
+        if source != "auto":
+            return source
+        if classes is not None and (not zero_shot or not labels or len(labels) == classes):
+            return "supervised"
+        if not zero_shot:
+            raise ValueError(f"{type(self.model).__name__} has neither a supervised head nor a text tower "
+                             "to classify with")
+        if not labels:
+            raise ValueError("zero-shot classification needs a label list")
+        return "zero-shot"
+
+    def _supervised_labels(self, labels: Sequence[str] | None) -> list[str]:
+        classes = _head_classes(self.encoder)
+        own = list(getattr(self.encoder, "id2label", None) or [])
+        if len(own) == classes:
+            return own
+        if labels and len(labels) == classes:
+            return list(labels)
+        given = f"; the given labels have {len(labels)}" if labels else ""
+        raise ValueError(f"the supervised head has {classes} classes but no label names{given}; "
+                         f"pass a label file with {classes} lines")
+
+    # -- zero-shot ----------------------------------------------------------------------------
+    def _encode_labels(self) -> torch.Tensor:
+        """Each label's feature: normalised mean of its prompts' normalised text features."""
+        texts = [prompt.format(label=label) for label in self.labels for prompt in self.prompts]
+        max_len = getattr(self.model, "max_text_len", None)
+        chunks = []
+        with evaluating(self.model):
+            for start in range(0, len(texts), _PROMPT_BATCH):
+                chunks.append(self.model.encode_texts(texts[start:start + _PROMPT_BATCH], max_len=max_len)["feat"])
+        feats = F.normalize(torch.cat(chunks).float(), dim=-1)
+        per_label = feats.view(len(self.labels), len(self.prompts), -1).mean(1)
+        return F.normalize(per_label, dim=-1)
+
+    @property
+    def label_features(self) -> torch.Tensor:
+        """``[n_labels, E]`` zero-shot label features (computed once, at construction)."""
+        if self._label_feat is None:
+            raise ValueError("label features exist for zero-shot classification only")
+        return self._label_feat
+
+    @property
+    def temperature(self) -> float:
+        """The model's contrastive temperature, clamped to the official training range."""
+        temp = getattr(self.model, "temp", 1.0)
+        temp = float(temp.detach()) if isinstance(temp, torch.Tensor) else float(temp)
+        return min(max(temp, _TEMP_RANGE[0]), _TEMP_RANGE[1])
+
+    def probabilities_from_features(self, video_feat: torch.Tensor) -> torch.Tensor:
+        """Zero-shot ``[B, n_labels]`` probabilities from clip features ``[B, T, E]`` or ``[B, E]``."""
+        label_feat = self.label_features.to(video_feat.device, video_feat.dtype)
+        with torch.no_grad():
+            sim = self.model.similarity(label_feat, video_feat).t()
+        return torch.softmax(sim.float() / self.temperature, dim=-1).cpu()
+
+    # -- rankings -----------------------------------------------------------------------------
+    def probabilities(self, videos: torch.Tensor) -> torch.Tensor:
+        """``[B, n_labels]`` class probabilities for normalised clips ``[B, C, T, H, W]``."""
+        with evaluating(self.model):
+            videos = videos.to(model_device(self.model))
+            if self.source == "supervised":
+                return torch.softmax(self.encoder.classify(videos).float(), dim=-1).cpu()
+            return self.probabilities_from_features(self.model.encode_video(videos)["feat"])
+
+    def rank(self, probs: torch.Tensor, top: int = 5) -> list[Ranking]:
+        """The ``top`` most probable labels of each row, most probable first."""
+        if top < 1:
+            raise ValueError(f"top must be >= 1, got {top}")
+        values, indices = probs.topk(min(top, len(self.labels)), dim=-1)
+        return [[(self.labels[i], float(p)) for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)]
+                for row_p, row_i in zip(values, indices, strict=True)]
+
+    def predict(self, video_feat: torch.Tensor, top: int = 5) -> list[Ranking]:
+        """Zero-shot top labels from clip features (e.g. an index's stored vectors)."""
+        return self.rank(self.probabilities_from_features(video_feat), top)
+
+    def predict_clips(self, videos: torch.Tensor, top: int = 5) -> list[Ranking]:
+        """Top labels for normalised clips ``[B, C, T, H, W]`` with this classifier's source."""
+        return self.rank(self.probabilities(videos), top)
+
+
+def _model_from(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module) -> torch.nn.Module:
+    if isinstance(model_dir_or_model, torch.nn.Module):
+        return model_dir_or_model
+    from retrieval.models.io import load_model  # noqa: PLC0415
+
+    return load_model(model_dir_or_model)
+
+
+def classify_paths(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module,
+                   paths: Sequence[str | os.PathLike[str]], labels: str | Sequence[str] | None = "synthetic",
+                   top: int = 5, source: Source = "auto", batch_size: int = 8) -> list[Ranking]:
+    """Top labels for each video file (in order), as ``[(label, probability), ...]`` per video.
+
+    ``labels`` is a label-set spec for :func:`load_labels` or the list itself.
+
+    Raises:
+        VideoReadError: a video cannot be read (the error names it).
+    """
+    model = _model_from(model_dir_or_model)
+    names = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
+    classifier = ActionClassifier(model, names, source=source)
+    preprocess = Preprocess.from_dict(model.preprocess)
+    rankings: list[Ranking] = []
+    for start in range(0, len(paths), batch_size):
+        clips = torch.stack([load_clip(path, preprocess) for path in paths[start:start + batch_size]])
+        rankings.extend(classifier.predict_clips(clips, top))
+    return rankings
+
+
+def evaluate_actions(model: torch.nn.Module, corpus: Corpus, labels: str | Sequence[str] | None,
+                     source: Source = "auto", batch_size: int = 8, workers: int = 0,
+                     cache_dir: str | os.PathLike[str] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (percent) of the labels predicted for ``corpus`` items' ``label``.
+
+    Items without a label are skipped; clips that cannot be decoded are skipped with a warning
+    and counted in ``failed``. Zero-shot evaluation reuses :func:`embed_corpus` (and its cache).
+    Returns ``{"top1", "top5", "n", "failed", "unlabelled", "source"}``.
+
+    Raises:
+        ValueError: no item has a label, or an item's label is not among the labels.
+    """
+    names = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
+    classifier = ActionClassifier(model, names, source=source)
+    labelled = replace(corpus, items=[item for item in corpus.items if item.label is not None])
+    if not labelled.items:
+        raise ValueError(f"no item of {corpus.name!r} has a 'label'; action evaluation needs labelled clips")
+    index_of = {label: i for i, label in enumerate(classifier.labels)}
+    unknown = sorted({item.label for item in labelled.items} - index_of.keys())
+    if unknown:
+        raise ValueError(f"corpus labels not in the label list: {unknown[:5]} "
+                         f"(the list has {len(index_of)}, e.g. {classifier.labels[:3]})")
+    targets = torch.tensor([index_of[item.label] for item in labelled.items])
+    probs = torch.zeros((len(labelled.items), len(classifier.labels)))
+    if classifier.source == "zero-shot":
+        clips = embed_corpus(model, labelled, batch_size, workers, cache_dir, progress, with_tokens=False)
+        probs = classifier.probabilities_from_features(clips["feat"])
+        failed = clips["failed"]
+    else:
+        failed = []
+        for batch in iter_clip_batches(labelled, corpus_preprocess(model, labelled), batch_size, workers):
+            for index, reason in batch.failures:
+                logger.warning("skipping clip %d: %s", index, reason)
+                failed.append(index)
+            if batch.clips is not None:
+                probs[batch.indices] = classifier.probabilities(batch.clips)
+    keep = torch.ones(len(targets), dtype=torch.bool)
+    keep[failed] = False
+    if not keep.any():
+        raise ValueError(f"none of the {len(targets)} labelled clips of {corpus.name!r} could be decoded")
+    accuracy = topk_accuracy(probs[keep], targets[keep], ks=(1, 5))
+    return {**accuracy, "n": int(keep.sum()), "failed": len(failed),
+            "unlabelled": len(corpus.items) - len(labelled.items), "source": classifier.source}
+
+
+__all__ = ["DEFAULT_PROMPTS", "ActionClassifier", "Ranking", "classify_paths", "evaluate_actions",
+           "load_labels"]

@@ -1,0 +1,625 @@
+"""Zero-shot text-video retrieval evaluation with the official two-stage protocol.
+
+Stage 1 (ITC) scores every caption against every clip with the model's similarity (cosine,
+per-frame cosine averaged over frames; temperature 1, since it does not change a ranking).
+Stage 2 (ITM) re-scores each query's top ``k`` candidates with the matching head's logit and
+gives everything else ``-100``; text-to-video and video-to-text are re-ranked separately (for
+a video query its top-k *captions* are re-scored). Both result sets are reported, with the
+official metrics (R@1/5/10 and their mean) plus MdR / MnR. A query whose ground truth is not in
+its top k keeps its ITC rank under ITM: it is below the k re-scored candidates and the others
+keep their ITC order. R@K for K <= k is then exactly the official number, and MdR / MnR do not
+depend on how ties within the ``-100`` fill are broken (the official code breaks them
+arbitrarily; breaking them in the query's favour would put every such query at rank k + 1).
+
+Clip embeddings are the expensive part, so :func:`embed_corpus` decodes in DataLoader worker
+processes while the main process encodes, and caches its output on disk keyed by the video
+weights, the clip list and the preprocessing: a second run with another ``rerank_k`` (or the
+dual-softmax variant) does not decode or encode again.
+
+Patch tokens for re-ranking (``[N, L, D]``, by far the largest output) are kept at float16:
+in memory without a cache directory, otherwise written straight into a ``.npy`` file that is
+then memory-mapped, so a 1000-clip VideoMamba-M corpus (about 1.8 GB of tokens) never has to
+fit in RAM. Caption hidden states for the matching head are kept per caption at float16 too,
+trimmed to the caption's length.
+
+Clips that cannot be decoded are skipped with a warning, listed in the result, and rank last:
+a caption whose video failed counts as found at rank ``n_videos``, a failed video query at rank
+``n_texts``, and no failed clip ever outranks a decoded one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from retrieval.data.corpora import Corpus
+from retrieval.data.video import Preprocess, VideoReadError, load_clip
+from retrieval.eval import metrics as M
+from retrieval.models.text import clean_text
+
+logger = logging.getLogger(__name__)
+
+# Score of an undecodable clip: below the -100 re-rank fill, so it never outranks a real clip.
+FAILED_SCORE = -1.0e4
+# Names of the score sets in metrics and rank tables, with how the table labels them.
+SCORE_SETS: dict[str, str] = {
+    "itm": "itm (official: ITC top-k re-ranked by ITM)",
+    "itc": "itc (official: contrastive only)",
+    "itc_dsl": "itc_dsl (NOT official: dual softmax)",
+}
+# Query-candidate pairs per forward of the matching head (bounds its memory for long token rows).
+_ITM_CHUNK = 64
+# Captions per forward of the text encoder.
+_TEXT_BATCH = 64
+# Captions per similarity block: per-frame scoring materialises [captions, clips, frames].
+_SIMILARITY_CHUNK = 1024
+_CACHE_FORMAT = "vtr-embeddings-v1"
+# Weights that do not take part in encode_video (a RetrievalModel's text side): left out of the
+# cache key so a text-only change keeps the cached clip embeddings.
+_TEXT_SIDE_PREFIXES = ("text.", "text_proj.", "itm_head.", "mlm_head.")
+_TEXT_SIDE_NAMES = ("temp",)
+_RECALL_CURVE_MAX_K = 50
+
+
+# ----------------------------------------------------------------------------------------------
+# clip loading
+
+
+@dataclass
+class ClipBatch:
+    """One loader batch: the decoded clips and the corpus indices that failed to decode."""
+
+    indices: list[int]
+    clips: torch.Tensor | None  # [len(indices), C, T, H, W], None when every clip failed
+    failures: list[tuple[int, str]]
+
+
+class _ClipDataset(Dataset):
+    """Corpus clips as ``(index, clip [C, T, H, W] or None, failure reason or None)``.
+
+    A decode failure is returned, not raised, so one bad file neither stops a DataLoader worker
+    nor the evaluation.
+    """
+
+    def __init__(self, corpus: Corpus, preprocess: Preprocess) -> None:
+        self.paths = corpus.paths()
+        self.windows = [corpus.window(i) for i in range(len(corpus.items))]
+        self.preprocess = preprocess
+        self.max_seconds = corpus.max_seconds
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            clip = load_clip(self.paths[index], self.preprocess, window=self.windows[index],
+                             max_seconds=self.max_seconds)
+        except VideoReadError as exc:
+            return index, None, str(exc)
+        return index, clip, None
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ClipBatch:
+    ok = [(index, clip) for index, clip, _ in samples if clip is not None]
+    failures = [(index, reason) for index, clip, reason in samples if clip is None]
+    clips = torch.stack([clip for _, clip in ok]) if ok else None
+    return ClipBatch([index for index, _ in ok], clips, failures)
+
+
+def corpus_preprocess(model: torch.nn.Module, corpus: Corpus) -> Preprocess:
+    """The model's pixel pipeline with the corpus's test-time frame sampling."""
+    return Preprocess.from_dict({**model.preprocess, "sample": corpus.sample})
+
+
+def iter_clip_batches(corpus: Corpus, preprocess: Preprocess, batch_size: int = 8,
+                      workers: int = 0) -> Iterator[ClipBatch]:
+    """Decoded clip batches in corpus order; ``workers`` processes decode ahead of the consumer."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    loader = DataLoader(_ClipDataset(corpus, preprocess), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate,
+                        prefetch_factor=2 if workers else None)
+    yield from loader
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration; the caller's mode is restored.
+
+    Evaluating a module left in training mode would silently apply dropout, so every entry point
+    here switches it, without changing what the caller sees afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding cache
+
+
+def _video_weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of every weight encode_video can use."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        if name in _TEXT_SIDE_NAMES or name.startswith(_TEXT_SIDE_PREFIXES):
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def embedding_cache_key(model: torch.nn.Module, corpus: Corpus, preprocess: Preprocess) -> str:
+    """Cache key: video weights + every clip (resolved path, window, file size and mtime) + pixels.
+
+    Keying on the clips themselves rather than the annotation file's name means a re-encoded
+    video, a different ``--videos`` root or a changed window all miss the cache, as they must.
+    """
+    clips = []
+    for index, path in enumerate(corpus.paths()):
+        try:
+            stat = path.stat()
+            signature: list[Any] = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            signature = [None, None]
+        clips.append([str(path.resolve()), corpus.window(index), *signature])
+    description = json.dumps({"format": _CACHE_FORMAT, "weights": _video_weights_digest(model),
+                              "preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds,
+                              "clips": clips}, sort_keys=True)
+    return hashlib.sha256(description.encode()).hexdigest()[:32]
+
+
+def _read_cache(entry: Path, need_tokens: bool) -> dict[str, Any] | None:
+    """A finished cache entry (``meta.json`` is written last), or None if absent or insufficient."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != _CACHE_FORMAT or (need_tokens and not meta.get("has_tokens")):
+        return None
+    tokens = np.load(entry / "tokens.npy", mmap_mode="r") if meta["has_tokens"] else None
+    return {"feat": torch.from_numpy(np.load(entry / "feat.npy")), "tokens": tokens,
+            "failed": [index for index, _ in meta["failures"]],
+            "failures": {index: reason for index, reason in meta["failures"]},
+            "timing": meta["timing"], "cached": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding
+
+
+class _TokenStore:
+    """Where patch tokens go while encoding: a float16 array in memory or a ``.npy`` on disk.
+
+    The array is allocated at the first decoded batch, when the token shape becomes known.
+    """
+
+    def __init__(self, n: int, path: Path | None) -> None:
+        self.n, self.path = n, path
+        self.array: np.ndarray | None = None
+
+    def put(self, indices: list[int], tokens: torch.Tensor) -> None:
+        if self.array is None:
+            shape = (self.n, *tokens.shape[1:])
+            if self.path is None:
+                self.array = np.zeros(shape, dtype=np.float16)
+            else:
+                self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float16, shape=shape)
+        self.array[indices] = tokens.to(torch.float16).cpu().numpy()
+
+    def finish(self) -> np.ndarray:
+        """The filled array; on disk: flushed, closed and reopened read-only as a memmap."""
+        if self.path is None:
+            return self.array
+        self.array.flush()
+        self.array = None
+        return np.load(self.path, mmap_mode="r")
+
+
+def _encode_clips(model: torch.nn.Module, corpus: Corpus, preprocess: Preprocess, batch_size: int,
+                  workers: int, token_store: _TokenStore | None, progress: bool
+                  ) -> tuple[torch.Tensor, dict[int, str], float, float]:
+    """Run the loader and the encoder: ``(feat, failures, decode seconds, encode seconds)``."""
+    n = len(corpus.items)
+    feat: torch.Tensor | None = None
+    failures: dict[int, str] = {}
+    device = model_device(model)
+    decode_s = encode_s = 0.0
+    bar = tqdm(total=n, desc=f"embedding {corpus.name}", unit="clip", disable=not progress)
+    with evaluating(model), bar:
+        batches = iter_clip_batches(corpus, preprocess, batch_size, workers)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            decode_s += time.perf_counter() - waited
+            if batch is None:
+                break
+            for index, reason in batch.failures:
+                logger.warning("skipping clip %d: %s", index, reason)
+                failures[index] = reason
+            if batch.clips is not None:
+                encoding = time.perf_counter()
+                out = model.encode_video(batch.clips.to(device))
+                if feat is None:
+                    feat = torch.zeros((n, *out["feat"].shape[1:]), dtype=torch.float32)
+                feat[batch.indices] = out["feat"].float().cpu()
+                if token_store is not None:
+                    token_store.put(batch.indices, out["tokens"])
+                encode_s += time.perf_counter() - encoding
+            bar.update(len(batch.indices) + len(batch.failures))
+    if feat is None:
+        first = next(iter(failures.values()))
+        raise ValueError(f"none of the {n} videos of {corpus.name!r} could be decoded (first: {first})")
+    return feat, failures, decode_s, encode_s
+
+
+def embed_corpus(model: torch.nn.Module, corpus: Corpus, batch_size: int = 8, workers: int = 0,
+                 cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
+                 with_tokens: bool = True) -> dict[str, Any]:
+    """Encode every clip of ``corpus``; decoding runs in ``workers`` processes beside encoding.
+
+    Returns a dict with
+      * ``feat``: float32 ``[N, T, E]`` or ``[N, E]`` (what ``model.similarity`` takes); rows of
+        failed clips are zero;
+      * ``tokens``: float16 ``np.ndarray [N, L, D]`` of patch tokens for the matching head
+        (memory-mapped from ``cache_dir`` when one is given), or None with ``with_tokens=False``;
+      * ``failed``: corpus indices that could not be decoded, ``failures``: index -> reason;
+      * ``timing``: ``decode_s`` (time spent waiting for decoded batches), ``encode_s``,
+        ``total_s``, ``clips_per_s`` of the run that encoded; ``cached``: whether it came from
+        ``cache_dir``.
+
+    Raises:
+        ValueError: no clip of the corpus could be decoded.
+    """
+    if not corpus.items:
+        raise ValueError(f"corpus {corpus.name!r} has no videos to embed")
+    preprocess = corpus_preprocess(model, corpus)
+    entry: Path | None = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / embedding_cache_key(model, corpus, preprocess)
+        cached = _read_cache(entry, with_tokens)
+        if cached is not None:
+            logger.info("clip embeddings from cache %s", entry)
+            return cached
+
+    n = len(corpus.items)
+    staging: Path | None = None
+    if entry is not None:
+        staging = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    token_store = _TokenStore(n, staging / "tokens.npy" if staging else None) if with_tokens else None
+    started = time.perf_counter()
+    try:
+        feat, failures, decode_s, encode_s = _encode_clips(model, corpus, preprocess, batch_size, workers,
+                                                           token_store, progress)
+    except BaseException:
+        if staging is not None:  # no half-written entry is left behind (interrupts included)
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if failures:
+        logger.warning("%d of %d clips could not be decoded; they rank last", len(failures), n)
+    total_s = time.perf_counter() - started
+    timing = {"decode_s": decode_s, "encode_s": encode_s, "total_s": total_s,
+              "clips_per_s": (n - len(failures)) / total_s if total_s > 0 else 0.0}
+    tokens = token_store.finish() if token_store is not None else None
+    result = {"feat": feat, "tokens": tokens, "failed": sorted(failures), "failures": failures,
+              "timing": timing, "cached": False}
+    if staging is not None and entry is not None:
+        np.save(staging / "feat.npy", feat.numpy())
+        meta = {"format": _CACHE_FORMAT, "corpus": corpus.name, "n": n, "has_tokens": tokens is not None,
+                "failures": sorted(failures.items()), "timing": timing}
+        (staging / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(entry, ignore_errors=True)  # e.g. an older entry without tokens
+        try:
+            os.replace(staging, entry)
+        except OSError:  # a concurrent run published the same entry first: keep theirs
+            shutil.rmtree(staging, ignore_errors=True)
+        if tokens is not None:  # the memmap must point at the published file
+            result["tokens"] = np.load(entry / "tokens.npy", mmap_mode="r")
+    return result
+
+
+@dataclass
+class TextEmbeddings:
+    """Caption features for ITC and per-caption hidden states (float16, unpadded) for ITM."""
+
+    feat: torch.Tensor  # [n_texts, E]
+    hidden: list[torch.Tensor] = field(default_factory=list)  # each [len_i, H]
+
+
+def _check_captions(texts: Sequence[str], corpus: Corpus, gt: Sequence[int]) -> None:
+    """An empty caption would match everything; name it rather than let the tokenizer fail vaguely."""
+    for index, (text, video) in enumerate(zip(texts, gt, strict=True)):
+        if not clean_text(text):
+            raise ValueError(f"caption {index} of video {corpus.items[video].video!r} is empty after "
+                             f"cleaning: {text!r}")
+
+
+def encode_captions(model: torch.nn.Module, texts: Sequence[str], max_len: int,
+                    keep_hidden: bool) -> TextEmbeddings:
+    """Encode captions in batches with the corpus's token limit; model must be in eval mode."""
+    feats: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] = []
+    for start in range(0, len(texts), _TEXT_BATCH):
+        out = model.encode_texts(list(texts[start:start + _TEXT_BATCH]), max_len=max_len)
+        feats.append(out["feat"].float().cpu())
+        if keep_hidden:
+            lengths = out["mask"].sum(1).tolist()
+            rows = out["hidden"].to(torch.float16).cpu()
+            hidden.extend(row[:length].clone() for row, length in zip(rows, lengths, strict=True))
+    return TextEmbeddings(torch.cat(feats), hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# re-ranking
+
+
+def has_itm_head(model: torch.nn.Module) -> bool:
+    """Whether ``model`` can score a (clip, caption) pair with a matching head."""
+    return callable(getattr(model, "match_score", None)) and getattr(model, "itm_head", None) is not None
+
+
+def _pad_hidden(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad caption hidden states to one batch plus its attention mask."""
+    longest = max(row.shape[0] for row in rows)
+    hidden = torch.zeros((len(rows), longest, rows[0].shape[1]), dtype=torch.float32)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        hidden[i, :row.shape[0]] = row.float()
+        mask[i, :row.shape[0]] = 1
+    return hidden, mask
+
+
+class _MatchScorer:
+    """ITM logits for (clip, caption) pairs in chunks; pairs with a failed clip get FAILED_SCORE."""
+
+    def __init__(self, model: torch.nn.Module, tokens: np.ndarray, text_hidden: list[torch.Tensor],
+                 failed: set[int]) -> None:
+        self.model, self.tokens, self.text_hidden, self.failed = model, tokens, text_hidden, failed
+        self.device = model_device(model)
+
+    def pairs(self, videos: Sequence[int], texts: Sequence[int]) -> torch.Tensor:
+        scores = torch.full((len(videos),), FAILED_SCORE, dtype=torch.float32)
+        usable = [i for i, video in enumerate(videos) if video not in self.failed]
+        for start in range(0, len(usable), _ITM_CHUNK):
+            rows = usable[start:start + _ITM_CHUNK]
+            clip_tokens = torch.from_numpy(np.asarray(self.tokens[[videos[i] for i in rows]]))
+            hidden, mask = _pad_hidden([self.text_hidden[texts[i]] for i in rows])
+            logits = self.model.match_score(clip_tokens.to(self.device, torch.float32),
+                                            hidden.to(self.device), mask.to(self.device))
+            scores[rows] = logits.float().cpu()
+        return scores
+
+    def t2v(self, text: int, videos: torch.Tensor) -> torch.Tensor:
+        candidates = videos.tolist()
+        return self.pairs(candidates, [text] * len(candidates))
+
+    def v2t(self, video: int, texts: torch.Tensor) -> torch.Tensor:
+        if video in self.failed:
+            return torch.full((len(texts),), FAILED_SCORE)
+        candidates = texts.tolist()
+        return self.pairs([video] * len(candidates), candidates)
+
+
+def _with_progress(score_fn: Callable[[int, torch.Tensor], torch.Tensor], bar: tqdm
+                   ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def scored(query: int, candidates: torch.Tensor) -> torch.Tensor:
+        result = score_fn(query, candidates)
+        bar.update()
+        return result
+
+    return scored
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class EvalResult:
+    """Metrics per score set and direction, and one row per query with its rank under each set.
+
+    ``metrics[set][direction]`` holds R@1/5/10, R@mean, MdR, MnR for ``set`` in
+    :data:`SCORE_SETS` that was computed and ``direction`` in ``t2v`` / ``v2t``;
+    ``metrics[set]["R@mean"]`` is the official summary (mean of the six recalls).
+    ``ranks["t2v"]`` rows: ``query`` (caption index), ``text``, ``gt`` (video path),
+    ``rank_<set>``; ``ranks["v2t"]`` rows: ``query`` (video index), ``video``, ``gt`` (its caption
+    indices), ``rank_<set>``.
+    """
+
+    metrics: dict[str, Any]
+    ranks: dict[str, list[dict[str, Any]]]
+
+    @property
+    def score_sets(self) -> list[str]:
+        return [name for name in SCORE_SETS if name in self.metrics]
+
+    def table(self) -> str:
+        """The metrics as an aligned text table, official score sets first."""
+        info = self.metrics["info"]
+        title = (f"{info['dataset']}: {info['n_texts']} captions x {info['n_videos']} videos"
+                 f" ({info['n_failed']} undecodable, {info['n_missing']} missing)")
+        if info["rerank_k"]:
+            title += f", ITM re-rank of the top {info['rerank_k']}"
+        header = (f"{'scores':46s} {'dir':4s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'R@mean':>7s} "
+                  f"{'MdR':>6s} {'MnR':>8s}")
+        lines = [title, header, "-" * len(header)]
+        for name in self.score_sets:
+            for direction in ("t2v", "v2t"):
+                m = self.metrics[name][direction]
+                label = SCORE_SETS[name] if direction == "t2v" else ""
+                lines.append(f"{label:46s} {direction:4s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
+                             f"{m['R@mean']:7.1f} {m['MdR']:6.1f} {m['MnR']:8.1f}")
+        lines.append("mean of the six recalls: " + ", ".join(
+            f"{name} {self.metrics[name]['R@mean']:.1f}" for name in self.score_sets))
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | os.PathLike[str]) -> Path:
+        """metrics.json, ranks_t2v.csv, ranks_v2t.csv and recall_at_k.png under ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+        for direction, subject in (("t2v", "text"), ("v2t", "video")):
+            columns = ["query", subject, "gt", *(f"rank_{name}" for name in self.score_sets)]
+            with (out / f"ranks_{direction}.csv").open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.ranks[direction])
+        self._plot_recall(out / "recall_at_k.png")
+        return out
+
+    def _plot_recall(self, path: Path) -> None:
+        """Recall@K for K = 1..50 per score set, t2v and v2t side by side."""
+        from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: no global backend state)
+
+        figure = Figure(figsize=(10, 4), layout="constrained")
+        axes = figure.subplots(1, 2, sharey=True)
+        for ax, direction in zip(axes, ("t2v", "v2t"), strict=True):
+            rows = self.ranks[direction]
+            ks = np.arange(1, min(_RECALL_CURVE_MAX_K, self._candidates(direction)) + 1)
+            for name in self.score_sets:
+                ranks = np.array([row[f"rank_{name}"] for row in rows])
+                ax.plot(ks, [100.0 * np.mean(ranks <= k) for k in ks], marker=".", label=name)
+            ax.set_title(f"{direction} ({len(rows)} queries)")
+            ax.set_xlabel("K")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("recall@K (%)")
+        axes[0].legend()
+        figure.savefig(path, dpi=100)
+
+    def _candidates(self, direction: str) -> int:
+        info = self.metrics["info"]
+        return info["n_videos"] if direction == "t2v" else info["n_texts"]
+
+
+def _set_metrics(t2v_ranks: np.ndarray, v2t_ranks: np.ndarray) -> dict[str, Any]:
+    t2v, v2t = M.rank_metrics(t2v_ranks), M.rank_metrics(v2t_ranks)
+    six = [d[f"R@{k}"] for d in (t2v, v2t) for k in (1, 5, 10)]
+    return {"t2v": t2v, "v2t": v2t, "R@mean": float(np.mean(six))}
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 128, batch_size: int = 8,
+                       workers: int = 0, cache_dir: str | os.PathLike[str] | None = None,
+                       dual_softmax: bool = False, progress: bool = True) -> EvalResult:
+    """Zero-shot t2v and v2t retrieval of ``corpus``'s captions and clips (official protocol).
+
+    ``rerank_k`` = 0 reports ITC only; so does a model without a matching head (with a warning).
+    ``dual_softmax`` adds the ``itc_dsl`` set, which is not part of the official protocol.
+
+    Raises:
+        ValueError: a caption is empty after cleaning, the corpus has no captions, or no clip
+            could be decoded.
+    """
+    if rerank_k < 0:
+        raise ValueError(f"rerank_k must be >= 0, got {rerank_k}")
+    uncaptioned = [item.video for item in corpus.items if not item.captions]
+    if uncaptioned:
+        raise ValueError(f"retrieval needs a caption for every video; {len(uncaptioned)} have none "
+                         f"(first: {uncaptioned[0]}); pass an annotation file")
+    pairs = corpus.texts()
+    texts = [text for text, _ in pairs]
+    gt = np.array([video for _, video in pairs], dtype=np.int64)
+    _check_captions(texts, corpus, gt.tolist())
+    rerank = rerank_k > 0 and has_itm_head(model)
+    if rerank_k > 0 and not rerank:
+        logger.warning("%s has no matching (ITM) head: re-ranking skipped, ITC results only",
+                       type(model).__name__)
+    started = time.perf_counter()
+
+    clips = embed_corpus(model, corpus, batch_size, workers, cache_dir, progress, with_tokens=rerank)
+    failed = clips["failed"]
+    n_texts, n_videos = len(texts), len(corpus.items)
+    timing: dict[str, Any] = {f"embed_{key}": value for key, value in clips["timing"].items()}
+    timing["embeddings_cached"] = clips["cached"]
+
+    with evaluating(model):
+        text_started = time.perf_counter()
+        captions = encode_captions(model, texts, corpus.max_text_len, keep_hidden=rerank)
+        itc = torch.cat([model.similarity(chunk, clips["feat"]).float().cpu()
+                         for chunk in captions.feat.split(_SIMILARITY_CHUNK)])
+        itc[:, failed] = FAILED_SCORE
+        timing["text_s"] = time.perf_counter() - text_started
+
+        scored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"itc": (itc, itc)}
+        if dual_softmax:
+            dsl_t2v, dsl_v2t = M.dual_softmax(itc, direction="t2v"), M.dual_softmax(itc, direction="v2t")
+            dsl_t2v[:, failed] = FAILED_SCORE
+            dsl_v2t[:, failed] = FAILED_SCORE
+            scored["itc_dsl"] = (dsl_t2v, dsl_v2t)
+        if rerank:
+            rerank_started = time.perf_counter()
+            scorer = _MatchScorer(model, clips["tokens"], captions.hidden, set(failed))
+            with tqdm(total=n_texts + n_videos, desc="ITM re-rank", unit="query", disable=not progress) as bar:
+                itm_t2v = M.rerank_topk(itc, rerank_k, _with_progress(scorer.t2v, bar))
+                itm_v2t = M.rerank_topk(itc.t(), rerank_k, _with_progress(scorer.v2t, bar)).t()
+            scored["itm"] = (itm_t2v, itm_v2t)
+            timing["rerank_s"] = time.perf_counter() - rerank_started
+    timing["total_s"] = time.perf_counter() - started
+
+    # failed clips rank last in both directions, whatever the score matrix says about them
+    gt_failed = np.isin(gt, failed)
+    ranks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (t2v_scores, v2t_scores) in scored.items():
+        t2v_ranks, v2t_ranks = M.ranks_t2v(t2v_scores, gt), M.ranks_v2t(v2t_scores, gt)
+        t2v_ranks[gt_failed] = n_videos
+        v2t_ranks[failed] = n_texts
+        ranks[name] = (t2v_ranks, v2t_ranks)
+    if "itm" in ranks:
+        # a ground truth outside the re-ranked top k sits below all k candidates, and the rest keep
+        # their ITC order: its rank is its ITC rank, not wherever ties in the -100 fill put it
+        ranks["itm"] = tuple(np.where(itc_ranks > rerank_k, itc_ranks, itm_ranks)
+                             for itc_ranks, itm_ranks in zip(ranks["itc"], ranks["itm"], strict=True))
+
+    info = {"dataset": corpus.name, "n_texts": n_texts, "n_videos": n_videos, "n_failed": len(failed),
+            "failed": [corpus.items[i].video for i in failed], "n_missing": len(corpus.missing),
+            "rerank_k": min(rerank_k, n_videos) if rerank else 0, "timing": timing}
+    metrics: dict[str, Any] = {"info": info}
+    for name, protocol in SCORE_SETS.items():
+        if name in ranks:
+            metrics[name] = {**_set_metrics(*ranks[name]), "protocol": protocol}
+    return EvalResult(metrics, _rank_rows(corpus, texts, gt, ranks))
+
+
+def _rank_rows(corpus: Corpus, texts: list[str], gt: np.ndarray,
+               ranks: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, list[dict[str, Any]]]:
+    names = [name for name in SCORE_SETS if name in ranks]
+    captions_of: dict[int, list[int]] = {}
+    for text_index, video in enumerate(gt.tolist()):
+        captions_of.setdefault(video, []).append(text_index)
+    t2v = [{"query": i, "text": text, "gt": corpus.items[gt[i]].video,
+            **{f"rank_{name}": int(ranks[name][0][i]) for name in names}} for i, text in enumerate(texts)]
+    v2t = [{"query": v, "video": item.video, "gt": " ".join(map(str, captions_of[v])),
+            **{f"rank_{name}": int(ranks[name][1][v]) for name in names}} for v, item in enumerate(corpus.items)]
+    return {"t2v": t2v, "v2t": v2t}
+
