@@ -1,0 +1,154 @@
+"""``vtr index`` (build an index, ``vtr index merge`` to join shard workers) and ``vtr search``.
+
+``index`` is a command group that also runs on its own: ``vtr index --model M --videos V --out I``
+builds an index, ``vtr index merge I`` publishes the parts of a sharded job. The group's
+options are therefore all optional at the Click level and checked here when no sub-command
+is given.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from app.common import friendly
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"8G"``, ``"512MB"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 512M, 8G or a number of bytes")
+    number, unit, _ = match.groups()
+    return int(float(number) * 1024 ** _SIZE_POWERS[unit.lower()])
+
+
+def _index_callback(
+    ctx: typer.Context,
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model directory that embeds the clips"),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="folder of videos (the corpus root)"),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="annotation file (JSON / JSONL / CSV); its video "
+                                       "paths are relative to --videos"),
+    dataset: str = typer.Option("generic", "--dataset", help="annotation preset: msrvtt, didemo, anet, lsmdc, "
+                                "msvd, generic"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="index directory to publish"),
+    window: Optional[float] = typer.Option(None, "--window", help="index long videos as windows of this many "
+                                           "seconds (shorter videos stay one item)"),
+    stride: Optional[float] = typer.Option(None, "--stride", help="seconds between window starts "
+                                           "(default: --window, no overlap)"),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this worker's share of the parts (default "
+                                        "from RANK/WORLD_SIZE or the Slurm array, else 0/1)"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted job, skipping done parts"),
+    workers: int = typer.Option(2, "--workers", help="decoding processes (0: decode in the main process)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="clips per encoder call"),
+    part_size: int = typer.Option(256, "--part-size", help="corpus entries per part (the unit of resume and "
+                                  "sharding; keep it the same across shards and resumes)"),
+    labels: str = typer.Option("synthetic", "--labels", help="action label set for the top-5 labels: "
+                               "synthetic, kinetics400 or a text file with one label per line"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="memory budget of the FAISS index "
+                                             "(e.g. 4G); picks a compressed index when needed"),
+    index_type: str = typer.Option("auto", "--index-type", help="FAISS factory string (Flat, HNSW32,Flat, "
+                                   "IVF1024,PQ32x8, ...) or auto"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+) -> None:
+    """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
+
+    Top-5 action labels default to the synthetic corpus's set; use --labels for real footage.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
+               part_size, labels, max_memory, index_type, not no_progress)
+
+
+@friendly
+def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path], dataset: str,
+               out: Optional[Path], window: Optional[float], stride: Optional[float], shard: Optional[str],
+               resume: bool, workers: int, batch_size: int, part_size: int, labels: str,
+               max_memory: Optional[str], index_type: str, progress: bool) -> None:
+    from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
+
+    if model is None or out is None or videos is None:
+        raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
+                         "(see `vtr index --help`)")
+    spec = JobSpec(model_dir=model, out=out, videos=videos, ann_file=ann, dataset=dataset, window=window,
+                   stride=stride, part_size=part_size, labels=labels,
+                   index_type=None if index_type == "auto" else index_type,
+                   max_memory_bytes=parse_bytes(max_memory) if max_memory else None)
+    summary = run_index_job(spec, resolve_shard(shard), resume=resume, workers=workers,
+                            batch_size=batch_size, progress=progress)
+    typer.echo(f"shard {summary.shard}: indexed {summary.indexed}, failed {summary.failed}, skipped "
+               f"{summary.skipped} (already done) in {summary.seconds:.1f} s "
+               f"({summary.clips_per_second:.1f} clips/s while embedding)")
+    if summary.failed:
+        typer.echo(f"failures are listed in the index's failures record ({out})")
+    if summary.published is not None:
+        typer.echo(f"published {summary.published}")
+    else:
+        typer.echo(f"parts are in {summary.work_dir}; run `vtr index merge {out}` once all "
+                   f"{summary.shard.count} shards have finished")
+
+
+@friendly
+def _merge_cmd(index: Path = typer.Argument(..., help="the --out of the sharded job")) -> None:
+    """Join the parts written by every shard worker into the published index."""
+    from indexer.jobs import publish_job  # noqa: PLC0415
+
+    typer.echo(f"published {publish_job(index)}")
+
+
+def _format_span(start: Optional[float], end: Optional[float]) -> str:
+    return "-" if start is None or end is None else f"{start:.1f}-{end:.1f}s"
+
+
+@friendly
+def _search_cmd(
+    query: Optional[str] = typer.Argument(None, help="what to look for, in words"),
+    index: Path = typer.Option(..., "--index", "-i", help="index directory"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model directory (default: the one the "
+                                         "index was built with)"),
+    video: Optional[Path] = typer.Option(None, "--video", help="search by example: a video file instead of "
+                                         "a text query"),
+    k: int = typer.Option(10, "-k", help="number of hits"),
+    rerank: bool = typer.Option(False, "--rerank", help="re-score the top candidates with the matching head"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per hit instead of a table"),
+) -> None:
+    """Search an index by text (or by an example video with --video)."""
+    from indexer.search import Searcher, clean_query  # noqa: PLC0415
+    from retrieval.data.video import VideoReadError  # noqa: PLC0415
+
+    if (query is None) == (video is None):
+        raise ValueError("give either a text query or --video PATH")
+    if query is not None:
+        clean_query(query)  # refuse an empty query before spending seconds loading the model
+    searcher = Searcher(index, model=model)
+    if query is not None:
+        hits = searcher.search(query, k=k, rerank=rerank)
+    else:
+        try:
+            hits = searcher.search_video(video, k=k)
+        except VideoReadError as exc:
+            raise ValueError(str(exc)) from exc
+    if as_json:
+        for hit in hits:
+            typer.echo(json.dumps(hit.to_dict(), ensure_ascii=False))
+        return
+    typer.echo(f"{'rank':>4}  {'score':>7}  {'span':>12}  {'top label':24}  path")
+    for rank, hit in enumerate(hits, start=1):
+        label = f"{hit.labels[0][0]} ({hit.labels[0][1]:.2f})" if hit.labels else "-"
+        typer.echo(f"{rank:>4}  {hit.score:>7.3f}  {_format_span(hit.start, hit.end):>12}  {label:24}  {hit.path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``index`` (with ``merge``) and ``search`` to the ``vtr`` application."""
+    index_app = typer.Typer(invoke_without_command=True, no_args_is_help=True)
+    index_app.callback()(_index_callback)
+    index_app.command("merge")(_merge_cmd)
+    app.add_typer(index_app, name="index")
+    app.command("search")(_search_cmd)

@@ -1,0 +1,98 @@
+"""Indexing throughput: the whole job loop vs the model alone on the same clips.
+
+``end_to_end`` is :func:`indexer.jobs.run_index_job`'s decode + encode + label + part-writing
+loop (``JobSummary.embed_seconds``: DataLoader workers decode while the main process encodes).
+``encode_only`` runs the same model calls (encode, clip vector, top-5 labels) on the same
+clips, decoded beforehand into memory, in the same batches. Their ratio says how much of the
+decoding and writing the pipeline hides behind encoding; the target is >= 0.9. Runs alternate
+(end-to-end, encode-only, ...) and the medians are compared, as bench/PROTOCOL.md asks.
+
+The model is the demo's (``videomamba_demo``: 8 frames of 64x64, text tower all-MiniLM-L6-v2)
+with random weights, which encode exactly as fast as trained ones; the clips are the synthetic
+corpus's test split (128x128 h264, 3 s; decord reads 128 px but fails on 96 px and falls back to PyAV).
+
+    python bench/index.py --clips 64 --workers 2 --batch-size 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from indexer.jobs import JobSpec, run_index_job
+from retrieval.data.synthetic import generate_corpus
+from retrieval.data.video import Preprocess, load_clip
+from retrieval.eval.actions import ActionClassifier, load_labels
+from retrieval.models.dual import build_retrieval_model
+from retrieval.models.io import load_model
+
+THREADS = 2
+TARGET_RATIO = 0.9
+
+
+def _encode_only(model: torch.nn.Module, classifier: ActionClassifier, clips: list[torch.Tensor],
+                 batch_size: int) -> float:
+    """Seconds to encode and label pre-decoded ``clips`` exactly as the job does."""
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(clips), batch_size):
+            feat = model.encode_video(torch.stack(clips[start:start + batch_size]))["feat"]
+            model.clip_vector(feat).float().numpy()
+            classifier.predict(feat, top=5)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=64, help="clips in the corpus")
+    parser.add_argument("--size", type=int, default=128, help="frame size of the synthetic clips")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes")
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions of each measurement")
+    parser.add_argument("--video-model", default="videomamba_demo")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "index.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        generate_corpus(tmp / "corpus", n_train=1, n_test=args.clips, size=args.size, long_videos=0, progress=False)
+        videos = tmp / "corpus" / "videos" / "test"
+        model_dir = build_retrieval_model(args.video_model, embed_dim=256, num_fusion_layers=2).save(tmp / "model")
+        model = load_model(model_dir)
+        classifier = ActionClassifier(model, load_labels("synthetic"))
+        preprocess = Preprocess.from_dict(model.preprocess)
+        clips = [load_clip(path, preprocess) for path in sorted(videos.glob("*.mp4"))]
+        _encode_only(model, classifier, clips[: args.batch_size], args.batch_size)  # warm-up
+
+        end_to_end, encode_only = [], []
+        for rep in range(args.reps):
+            spec = JobSpec(model_dir=model_dir, out=tmp / f"index{rep}", videos=videos)
+            summary = run_index_job(spec, workers=args.workers, batch_size=args.batch_size, progress=False)
+            end_to_end.append(summary.indexed / summary.embed_seconds)
+            encode_only.append(len(clips) / _encode_only(model, classifier, clips, args.batch_size))
+
+    ratio = statistics.median(end_to_end) / statistics.median(encode_only)
+    result = {
+        "bench": "index", "video_model": args.video_model, "clips": len(clips), "frame_size": args.size,
+        "batch_size": args.batch_size, "workers": args.workers, "threads": THREADS, "reps": args.reps,
+        "end_to_end_clips_per_s": round(statistics.median(end_to_end), 2),
+        "end_to_end_min_max": [round(min(end_to_end), 2), round(max(end_to_end), 2)],
+        "encode_only_clips_per_s": round(statistics.median(encode_only), 2),
+        "encode_only_min_max": [round(min(encode_only), 2), round(max(encode_only), 2)],
+        "ratio": round(ratio, 3), "target_ratio": TARGET_RATIO, "meets_target": ratio >= TARGET_RATIO,
+    }
+    line = json.dumps(result)
+    print(line, flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

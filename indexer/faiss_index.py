@@ -1,0 +1,382 @@
+"""The vector index: FAISS over L2-normalised float32 clip vectors, scored by inner product.
+
+Inner product on unit vectors is cosine similarity, the score the retrieval models are trained
+for, so every index here is built with ``METRIC_INNER_PRODUCT`` and never with L2.
+
+Three index families cover the sizes a vtr corpus reaches, chosen by :func:`choose_index_type`
+the way autofaiss does (vector count first, then the memory budget):
+
+* ``Flat``: exact search, for small corpora.
+* ``HNSW32,Flat``: a graph over the exact vectors, for moderate corpora that fit in memory.
+* ``IVF{nlist},PQ{m}x8``: product-quantised codes in inverted lists, for everything larger.
+  Its scores are approximate, so :func:`search_index` fetches a few hundred candidates and
+  re-scores them exactly against the float16 vectors the index directory keeps on disk.
+
+GPU FAISS is optional (the ``gpu`` extra); nothing GPU-specific is touched at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import faiss
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: Below this many vectors exact search is fast enough (a few ms per query) and too few
+#: vectors exist to train a product quantiser well (256 centroids x 39 points each).
+FLAT_MAX_ITEMS = 20_000
+#: Up to this many vectors an HNSW graph is built in minutes on a few cores; beyond it the
+#: build time and the float32 vectors it keeps (4*dim bytes each) make IVF-PQ the better deal.
+HNSW_MAX_ITEMS = 200_000
+HNSW_NEIGHBOURS = 32
+HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_SEARCH = 128
+
+#: Stored bytes per vector an IVF-PQ index may spend: PQ code plus the 8-byte id FAISS keeps
+#: in the inverted lists. 128 keeps a million vectors of any width at about 128 MB.
+PQ_MAX_BYTES_PER_VECTOR = 128
+IVF_ID_BYTES = 8
+#: k-means needs this many training points per centroid for stable centroids (FAISS warns below).
+MIN_TRAIN_POINTS_PER_CENTROID = 39
+#: IVF-PQ is trained on a sample of at most this many vectors: the k-means cost grows with
+#: sample size x nlist, and 100k points already give every list and every PQ centroid plenty.
+MAX_TRAIN_POINTS = 100_000
+TRAIN_SEED = 0
+#: Fraction of the inverted lists visited per query (nprobe = nlist / this), floored below:
+#: on the clustered benchmark recall stops improving beyond nprobe 8 at nlist 2048 (the PQ
+#: ranking, not the list choice, is then what loses neighbours); 16 leaves a margin for
+#: corpora whose neighbourhoods straddle more lists.
+IVF_PROBE_DIVISOR = 128
+IVF_MIN_NPROBE = 16
+RESCORE_MIN_CANDIDATES = 400
+
+NORM_TOLERANCE = 1e-2
+
+
+def default_candidates(k: int) -> int:
+    """How many approximate hits to re-score for a top-``k`` answer.
+
+    Product-quantised scores misorder close neighbours: in a dense neighbourhood (1M clustered
+    512-d vectors, PQ64) the exact top 10 sit within the PQ top 400 about 98% of the time but
+    within the top 100 only 72%. Re-scoring 400 float16 rows costs ~0.3 ms, so the pool is
+    never smaller than that, and grows with ``k``.
+    """
+    return max(4 * k, RESCORE_MIN_CANDIDATES)
+
+
+def _power_of_two_at_most(x: float) -> int:
+    return 1 << max(0, math.floor(math.log2(max(x, 1.0))))
+
+
+def _nearest_power_of_two(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(x, 1.0))))
+
+
+def train_sample_size(n: int) -> int:
+    """Number of vectors an index over ``n`` vectors is trained on (a seeded random sample)."""
+    return min(n, MAX_TRAIN_POINTS)
+
+
+def ivf_list_count(n: int) -> int:
+    """nlist for an IVF index over ``n`` vectors.
+
+    About ``4 * sqrt(n)`` lists (rounded to a power of two) balances the coarse search against
+    the list scan; the count is capped so each list still gets at least 39 training points
+    from the training sample.
+    """
+    wanted = _nearest_power_of_two(4 * math.sqrt(max(n, 1)))
+    cap = _power_of_two_at_most(train_sample_size(n) / MIN_TRAIN_POINTS_PER_CENTROID)
+    return max(1, min(wanted, cap))
+
+
+def _hnsw_bytes_per_vector(dim: int) -> float:
+    # float32 vector + 2M level-0 links (int32) + ~4 bytes of upper-level links + level/offset.
+    return 4 * dim + 8 * HNSW_NEIGHBOURS + 4 + 12
+
+
+def ivf_pq_index_type(n: int, dim: int, max_memory_bytes: int | None = None) -> str:
+    """The IVF-PQ factory string for ``n`` vectors of width ``dim``.
+
+    ``m`` (bytes of PQ code per vector, 8 bits per sub-quantiser) is the largest divisor of
+    ``dim`` whose code plus the 8-byte id stays within 128 bytes per vector and, when a budget
+    is given, whose whole index (codes, ids, coarse centroids) fits ``max_memory_bytes``.
+
+    Raises:
+        ValueError: when even one byte of code per vector does not fit the budget.
+    """
+    nlist = ivf_list_count(n)
+    centroid_bytes = nlist * dim * 4
+    for m in sorted((m for m in range(1, dim + 1) if dim % m == 0), reverse=True):
+        if m + IVF_ID_BYTES > PQ_MAX_BYTES_PER_VECTOR:
+            continue
+        if max_memory_bytes is None or n * (m + IVF_ID_BYTES) + centroid_bytes <= max_memory_bytes:
+            return f"IVF{nlist},PQ{m}x8"
+    raise ValueError(
+        f"max_memory_bytes={max_memory_bytes} is too small for {n} vectors of dim {dim}: "
+        f"even 1 byte of code per vector needs {n * (1 + IVF_ID_BYTES) + centroid_bytes} bytes"
+    )
+
+
+def choose_index_type(n: int, dim: int, max_memory_bytes: int | None = None) -> str:
+    """Pick a FAISS factory string from the corpus size and an optional memory budget.
+
+    Rules, first match wins (as autofaiss does: count first, memory second):
+
+    1. ``n < 20_000`` -> ``"Flat"``. Exact search costs a few ms per query at this size, its
+       memory is at most 20k x 4*dim bytes, and there are too few vectors to train a quantiser.
+    2. ``n < 200_000`` and the HNSW graph (float32 vectors + 32 neighbours per vector, about
+       ``4*dim + 272`` bytes each) fits ``max_memory_bytes`` (or no budget) ->
+       ``"HNSW32,Flat"``: near-exact and fast, no training.
+    3. Otherwise ``"IVF{nlist},PQ{m}x8"`` (see :func:`ivf_list_count`, :func:`ivf_pq_index_type`):
+       nlist ~ 4*sqrt(n) as a power of two with >= 39 training points per list; m the
+       largest divisor of dim with code + id <= 128 bytes per vector within the budget.
+    """
+    if n < 0 or dim <= 0:
+        raise ValueError(f"need n >= 0 and dim > 0, got n={n}, dim={dim}")
+    if n < FLAT_MAX_ITEMS:
+        return "Flat"
+    hnsw_bytes = n * _hnsw_bytes_per_vector(dim)
+    if n < HNSW_MAX_ITEMS and (max_memory_bytes is None or hnsw_bytes <= max_memory_bytes):
+        return f"HNSW{HNSW_NEIGHBOURS},Flat"
+    return ivf_pq_index_type(n, dim, max_memory_bytes)
+
+
+def check_vectors(vectors: np.ndarray, dim: int | None = None, what: str = "vectors") -> None:
+    """Reject arrays FAISS would misread; warn when rows are not unit length.
+
+    Raises ValueError for a wrong rank, dtype or width and for NaN/inf (FAISS would silently
+    return garbage). Rows that are not L2-normalised only warn: the search still works, but
+    inner product is then not cosine, which is almost always a caller bug.
+    """
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
+        shape = getattr(vectors, "shape", None)
+        raise ValueError(f"{what} must be a 2-D numpy array [n, dim], got shape {shape}")
+    if vectors.dtype != np.float32:
+        raise ValueError(f"{what} must be float32, got {vectors.dtype}; convert with .astype(np.float32)")
+    if dim is not None and vectors.shape[1] != dim:
+        raise ValueError(f"{what} have dim {vectors.shape[1]} but the index has dim {dim}")
+    chunk = 65_536
+    for start in range(0, vectors.shape[0], chunk):
+        block = vectors[start : start + chunk]
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        if not np.isfinite(norms).all():
+            raise ValueError(f"{what} contain NaN or inf (first bad row near {start})")
+        if np.abs(norms - 1.0).max(initial=0.0) > NORM_TOLERANCE:
+            warnings.warn(
+                f"{what} are not L2-normalised (norms {norms.min():.3f}..{norms.max():.3f}): "
+                "inner-product scores will not be cosine similarities",
+                stacklevel=3,
+            )
+            return
+
+
+def _as_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Queries as contiguous float32 [q, dim]; float16/64 are converted (they are small)."""
+    queries = np.asarray(queries)
+    if queries.ndim == 1:
+        queries = queries[None, :]
+    if not np.issubdtype(queries.dtype, np.floating):
+        raise ValueError(f"queries must be floating point, got {queries.dtype}")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    check_vectors(queries, dim, what="queries")
+    return queries
+
+
+def _wants_gpu(use_gpu: bool | None) -> bool:
+    if use_gpu is False:
+        return False
+    available = faiss.get_num_gpus()
+    if use_gpu and available == 0:
+        raise RuntimeError(
+            "use_gpu=True but this FAISS build sees no GPU; install the GPU build with "
+            "`pip install 'vtr[gpu]'` (faiss-gpu) on a machine with CUDA"
+        )
+    return available > 0
+
+
+def to_gpu_if_wanted(index: faiss.Index, index_type: str, use_gpu: bool | None) -> faiss.Index:
+    """Move ``index`` to all visible GPUs when asked (True) or when available (None).
+
+    The choice is logged once per call, never made silently. HNSW has no GPU implementation:
+    with ``use_gpu=True`` that is an error, with ``None`` the index stays on CPU (logged).
+    """
+    if not _wants_gpu(use_gpu):
+        if use_gpu is None:
+            logger.info("FAISS: no GPU visible, %s runs on CPU", index_type)
+        return index
+    if "HNSW" in index_type:
+        if use_gpu:
+            raise ValueError(f"{index_type} has no GPU implementation in FAISS; use use_gpu=False")
+        logger.info("FAISS: %s has no GPU implementation, keeping it on CPU", index_type)
+        return index
+    logger.info("FAISS: moving %s to %d GPU(s)", index_type, faiss.get_num_gpus())
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    """A CPU copy of a GPU index (what ``faiss.write_index`` needs); CPU indexes pass through."""
+    if type(index).__name__.startswith("Gpu") or "IndexReplicas" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def scores_are_exact(index: faiss.Index) -> bool:
+    """True when the index scores with the float32 vectors themselves (Flat, HNSW-Flat, IVF-Flat).
+
+    Only indexes that score compressed codes (PQ, SQ, ...) gain from exact re-scoring.
+    """
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexHNSW):
+        index = faiss.downcast_index(index.storage)
+    return isinstance(index, (faiss.IndexFlat, faiss.IndexIVFFlat)) or type(index).__name__ in (
+        "GpuIndexFlat",
+        "GpuIndexFlatIP",
+        "GpuIndexIVFFlat",
+    )
+
+
+def search_params(index: faiss.Index) -> dict[str, int]:
+    """The query-time knobs of ``index`` (nprobe, efSearch) as a manifest-friendly dict."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nprobe": int(ivf.nprobe)}
+    hnsw = faiss.downcast_index(index)
+    if isinstance(hnsw, faiss.IndexHNSW):
+        return {"efSearch": int(hnsw.hnsw.efSearch)}
+    return {}
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    """Set query-time knobs by name (the inverse of :func:`search_params`)."""
+    if not params:
+        return
+    gpu = type(index).__name__.startswith("Gpu")
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def default_search_params(index: faiss.Index) -> dict[str, int]:
+    """Query-time settings tuned on the clustered benchmark (bench/search.py).
+
+    IVF visits nlist/128 lists (at least 16); HNSW explores 128 nodes (recall@10 ~0.998 at
+    100k). Flat has nothing to tune.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return {"nprobe": min(ivf.nlist, max(IVF_MIN_NPROBE, ivf.nlist // IVF_PROBE_DIVISOR))}
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return {"efSearch": HNSW_EF_SEARCH}
+    return {}
+
+
+def build_index(
+    vectors: np.ndarray,
+    index_type: str | None = None,
+    max_memory_bytes: int | None = None,
+    use_gpu: bool | None = None,
+) -> faiss.Index:
+    """Build an inner-product index over ``vectors`` (float32 [n, d], L2-normalised).
+
+    ``index_type`` is a FAISS factory string; None picks one with :func:`choose_index_type`.
+    Indexes that need training are trained on a seeded random sample of at most 100k rows, so
+    the same vectors always give the same index. Search parameters (nprobe / efSearch) are set
+    on the returned index; :func:`search_params` reads them back for the manifest.
+
+    With ``use_gpu`` None the index goes to GPU when FAISS sees one, True demands it (error
+    naming the ``gpu`` extra if absent), False keeps it on CPU.
+    """
+    check_vectors(vectors)
+    n, dim = vectors.shape
+    if index_type is None:
+        index_type = choose_index_type(n, dim, max_memory_bytes)
+        logger.info("FAISS: chose %s for %d vectors of dim %d", index_type, n, dim)
+    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    concrete = faiss.downcast_index(index)
+    if isinstance(concrete, faiss.IndexHNSW):
+        concrete.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    if isinstance(concrete, faiss.IndexIVFPQ):
+        # Polysemous codes serve Hamming-distance filtering, which we never use; training
+        # them costs minutes of simulated annealing.
+        concrete.do_polysemous_training = False
+    index = to_gpu_if_wanted(index, index_type, use_gpu)
+    if not index.is_trained:
+        if n == 0:
+            raise ValueError(f"{index_type} needs training vectors but none were given")
+        size = train_sample_size(n)
+        rows = np.sort(np.random.default_rng(TRAIN_SEED).choice(n, size=size, replace=False))
+        index.train(np.ascontiguousarray(vectors[rows]))
+    if n:
+        index.add(np.ascontiguousarray(vectors))
+    apply_search_params(index, default_search_params(index))
+    return index
+
+
+def _rescore(
+    queries: np.ndarray,
+    candidate_ids: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    query_chunk: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of each query's candidates against float16 ``vectors``; keep the top k.
+
+    Candidate rows are read once per chunk in ascending row order (friendly to a memmap on
+    disk) and cast to float32 chunk by chunk, so memory stays at q_chunk x candidates x dim.
+    """
+    n_queries, n_candidates = candidate_ids.shape
+    scores_out = np.full((n_queries, k), -np.inf, dtype=np.float32)
+    ids_out = np.full((n_queries, k), -1, dtype=np.int64)
+    for start in range(0, n_queries, query_chunk):
+        ids = candidate_ids[start : start + query_chunk]
+        valid = ids >= 0
+        unique_rows, inverse = np.unique(ids[valid], return_inverse=True)
+        rows = np.asarray(vectors[unique_rows], dtype=np.float32)
+        gathered = np.zeros(ids.shape + (vectors.shape[1],), dtype=np.float32)
+        gathered[valid] = rows[inverse]
+        scores = np.einsum("qcd,qd->qc", gathered, queries[start : start + query_chunk])
+        scores[~valid] = -np.inf
+        top = min(k, n_candidates)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+        scores_out[start : start + len(ids), :top] = np.take_along_axis(scores, order, axis=1)
+        ids_out[start : start + len(ids), :top] = np.where(
+            np.take_along_axis(valid, order, axis=1), np.take_along_axis(ids, order, axis=1), -1
+        )
+    return scores_out, ids_out
+
+
+def search_index(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    rescore_vectors: np.ndarray | None = None,
+    candidates: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores [q, k] float32, ids [q, k] int64) for ``queries`` [q, d] or [d].
+
+    When the index scores with the exact vectors (Flat, HNSW-Flat, IVF-Flat) or no
+    ``rescore_vectors`` are given, this is one FAISS search. Otherwise (PQ codes) FAISS returns
+    ``candidates`` hits (default :func:`default_candidates`) whose approximate scores are
+    replaced by exact inner products with ``rescore_vectors`` (float16 [n, d], typically the
+    index directory's memmap), and the best ``k`` are kept. Slots beyond the number of
+    indexed vectors hold id -1 and score -inf.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    queries = _as_queries(queries, index.d)
+    if rescore_vectors is not None and rescore_vectors.shape != (index.ntotal, index.d):
+        raise ValueError(
+            f"rescore_vectors have shape {rescore_vectors.shape}, expected {(index.ntotal, index.d)}"
+        )
+    if rescore_vectors is None or scores_are_exact(index):
+        scores, ids = index.search(queries, k)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+    pool = max(k, candidates if candidates is not None else default_candidates(k))
+    _, candidate_ids = index.search(queries, pool)
+    return _rescore(queries, candidate_ids, rescore_vectors, k)

@@ -1,0 +1,170 @@
+"""Searching a published index: a text (or an example clip) in, ranked clips out.
+
+:class:`Searcher` holds one opened index and the model that built it. A query is embedded by
+the model's text tower and looked up in FAISS by cosine (the contrastive score, "ITC"). With
+``rerank=True`` the best :data:`RERANK_CANDIDATES` are re-scored with the model's matching head
+("ITM"), as the official two-stage evaluation does. The matching head needs the candidates'
+patch tokens, which the index does not store (they are ~100x larger than the clip vector), so
+they are recomputed by decoding those few clips: a fraction of a second for ~20 clips with the
+demo model.
+
+An index can only be searched with the model that built it: vectors of two models live in
+unrelated spaces, so a different model is refused (:class:`indexer.store.IndexModelMismatch`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.store import MANIFEST_FILE, IndexReader, open_index
+from retrieval.data.video import Preprocess, VideoReadError, load_clip
+from retrieval.models.io import load_model, model_identity
+from retrieval.models.text import clean_text
+
+logger = logging.getLogger(__name__)
+
+#: How many cosine hits the matching head re-scores (at least ``k``).
+RERANK_CANDIDATES = 20
+#: Clips encoded per call while re-ranking, to bound memory with large encoders.
+RERANK_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    ``score`` is the cosine similarity, or the matching head's logit when re-ranked.
+    ``start``/``end`` (seconds) locate the moment for window and moment items, None for a
+    whole video. ``labels`` are the clip's top zero-shot action labels, most probable first.
+    """
+
+    item_id: int
+    path: str
+    start: float | None
+    end: float | None
+    score: float
+    labels: list[tuple[str, float]]
+    captions: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def clean_query(text: str) -> str:
+    """The query with control characters (and other invisible code points) turned into spaces.
+
+    Raises:
+        ValueError("empty query"): nothing searchable is left.
+    """
+    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    visible = " ".join(visible.split())
+    # the tokenizer cleans the same way; a query with no words would match everything
+    if not clean_text(visible):
+        raise ValueError("empty query")
+    return visible
+
+
+def _recorded_model_dir(index: Path) -> Path:
+    """The model directory the index's manifest records (``vtr index`` writes it)."""
+    manifest_path = index / MANIFEST_FILE
+    if not manifest_path.is_file():
+        open_index(index)  # raises the store's own "not a vtr index" error
+    model_dir = json.loads(manifest_path.read_text(encoding="utf-8")).get("extra", {}).get("model_dir")
+    if not model_dir:
+        raise ValueError(f"index {index} does not record the model that built it; pass --model DIR")
+    return Path(model_dir)
+
+
+class Searcher:
+    """Text-to-video (and video-to-video) search over one published index.
+
+    Args:
+        index: the index directory (what ``vtr index --out`` published).
+        model: the model directory; default: the one recorded in the index's manifest.
+        device: where the model runs.
+
+    Raises:
+        IndexModelMismatch: ``model`` is not the model the index was built with.
+        FileNotFoundError: the index or the model directory does not exist.
+    """
+
+    def __init__(self, index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        index = Path(index)
+        model_dir = Path(model) if model is not None else _recorded_model_dir(index)
+        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir))
+        self.model = load_model(model_dir, device=device)
+        self.device = torch.device(device)
+        self.preprocess = Preprocess.from_dict(self.model.preprocess)
+
+    def stats(self) -> dict[str, Any]:
+        """What the index holds: items, model name, index type, vector width, creation time."""
+        manifest = self.reader.manifest
+        return {"items": len(self.reader), "model": manifest["model"]["name"],
+                "index_type": manifest["index_type"], "dim": manifest["dim"], "created": manifest["created"],
+                "failed": manifest["counts"]["failed"], "corpus_roots": manifest["corpus_roots"]}
+
+    @torch.inference_mode()
+    def search(self, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
+        """The ``k`` best clips for ``text``, best first.
+
+        Queries longer than the model's text limit are truncated by the tokenizer; control
+        characters are dropped.
+
+        Raises:
+            ValueError("empty query"): the query has no words.
+        """
+        query = clean_query(text)
+        encoded = self.model.encode_texts([query])
+        pool = max(k, RERANK_CANDIDATES) if rerank else k
+        ranked = self.reader.search(encoded["feat"].float().cpu().numpy(), pool)[0]
+        if not rerank:
+            return [self._hit(item, score) for item, score in ranked]
+        return self._rerank(ranked, encoded["hidden"], encoded["mask"])[:k]
+
+    @torch.inference_mode()
+    def search_video(self, path: str | os.PathLike[str], k: int = 10,
+                     window: tuple[float, float] | None = None) -> list[Hit]:
+        """The ``k`` clips most like the video at ``path`` (or its ``window`` in seconds).
+
+        Raises:
+            VideoReadError: the example cannot be decoded.
+        """
+        clip = load_clip(path, self.preprocess, window=window)[None].to(self.device)
+        vector = self.model.clip_vector(self.model.encode_video(clip)["feat"])
+        return [self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]]
+
+    def _rerank(self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor,
+                text_mask: torch.Tensor) -> list[Hit]:
+        """Order candidates by the matching head's logit; clips that no longer decode are dropped."""
+        clips, kept = [], []
+        for item, _ in ranked:
+            window = None if item["start"] is None else (item["start"], item["end"])
+            try:
+                clips.append(load_clip(item["path"], self.preprocess, window=window))
+                kept.append(item)
+            except VideoReadError as exc:
+                logger.warning("re-rank skips %s: %s", item["path"], exc.reason)
+        scores: list[float] = []
+        for start in range(0, len(clips), RERANK_BATCH):
+            batch = torch.stack(clips[start:start + RERANK_BATCH]).to(self.device)
+            tokens = self.model.encode_video(batch)["tokens"]
+            n = len(batch)
+            logits = self.model.match_score(tokens, text_hidden.expand(n, -1, -1), text_mask.expand(n, -1))
+            scores.extend(logits.float().cpu().tolist())
+        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+        return [self._hit(kept[i], scores[i]) for i in order]
+
+    @staticmethod
+    def _hit(item: dict[str, Any], score: float) -> Hit:
+        return Hit(item_id=item["id"], path=item["path"], start=item["start"], end=item["end"],
+                   score=float(score), labels=[(label, prob) for label, prob in item["labels"]],
+                   captions=list(item["captions"]))

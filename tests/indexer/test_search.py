@@ -1,0 +1,153 @@
+"""Searcher and ``vtr search`` over a small index built from captioned synthetic clips.
+
+The model is tiny and untrained, so rankings carry no meaning; the tests check what must hold
+for any model: k hits sorted by score, hits that point into the corpus with their labels and
+captions, re-rank scores that are the matching head's, an example clip finding itself, and
+refusal of a model that did not build the index.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from app.cli import app
+from indexer.jobs import JobSpec, run_index_job
+from indexer.search import RERANK_CANDIDATES, Hit, Searcher
+from indexer.store import IndexModelMismatch
+from retrieval.data.synthetic import generate_corpus
+from retrieval.data.video import load_clip
+from retrieval.models.dual import build_retrieval_model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    return model.save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def index(corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "test"
+    spec = JobSpec(model_dir=model_dir, out=out, videos=corpus / "videos", ann_file=corpus / "test.json")
+    run_index_job(spec, workers=0, batch_size=8, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def searcher(index: Path) -> Searcher:
+    return Searcher(index)  # the model recorded in the manifest
+
+
+@pytest.fixture(scope="module")
+def captions(corpus: Path) -> dict[str, list[str]]:
+    """Relative video path -> its captions, from the annotation file."""
+    entries = json.loads((corpus / "test.json").read_text())
+    return {e["video"]: [e["caption"]] if isinstance(e["caption"], str) else e["caption"] for e in entries}
+
+
+def _assert_well_formed(hits: list[Hit], k: int, corpus: Path, captions: dict[str, list[str]]) -> None:
+    assert len(hits) == k
+    scores = [hit.score for hit in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert len({hit.item_id for hit in hits}) == k
+    root = (corpus / "videos").resolve()
+    for hit in hits:
+        path = Path(hit.path)
+        assert path.is_absolute() and path.is_file()
+        assert hit.captions == captions[path.relative_to(root).as_posix()]
+        assert len(hit.labels) == 5 and all(isinstance(label, str) for label, _ in hit.labels)
+        assert hit.start is None and hit.end is None
+
+
+def test_stats_describe_the_index(searcher: Searcher, model_dir: Path) -> None:
+    stats = searcher.stats()
+    assert stats["items"] == 8 and stats["dim"] == 24 and stats["index_type"] == "Flat"
+    assert stats["model"] == model_dir.name and stats["created"]
+
+
+def test_caption_query_returns_k_sorted_hits_in_the_corpus(
+    searcher: Searcher, corpus: Path, captions: dict[str, list[str]]
+) -> None:
+    query = next(iter(captions.values()))[0]
+    hits = searcher.search(query, k=5)
+    _assert_well_formed(hits, 5, corpus, captions)
+    assert len(searcher.search(query, k=50)) == 8, "k beyond the index size returns every item"
+
+
+def test_rerank_orders_top_candidates_by_the_matching_head(
+    searcher: Searcher, corpus: Path, captions: dict[str, list[str]]
+) -> None:
+    query = "a small red circle moving to the left"
+    cosine = searcher.search(query, k=RERANK_CANDIDATES)
+    hits = searcher.search(query, k=3, rerank=True)
+
+    _assert_well_formed(hits, 3, corpus, captions)
+    assert {hit.item_id for hit in hits} <= {hit.item_id for hit in cosine}
+    model = searcher.model
+    with torch.inference_mode():
+        text = model.encode_texts([query])
+        tokens = model.encode_video(load_clip(hits[0].path, searcher.preprocess)[None])["tokens"]
+        expected = model.match_score(tokens, text["hidden"], text["mask"])
+    assert hits[0].score == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_an_example_clip_finds_itself(searcher: Searcher, corpus: Path) -> None:
+    path = corpus / "videos" / "test" / "0005.mp4"
+    hits = searcher.search_video(path, k=8)
+    own = next(hit for hit in hits if Path(hit.path) == path.resolve())
+    assert own.score == pytest.approx(1.0, abs=5e-3)
+    # first, up to float16 ties: an untrained model maps some clips to near-identical vectors
+    assert own.score >= hits[0].score - 2e-3
+
+
+@pytest.mark.parametrize("query", ["", "   ", "\x00\x1b\t", "?!"])
+def test_empty_queries_are_refused(searcher: Searcher, query: str) -> None:
+    with pytest.raises(ValueError, match="empty query"):
+        searcher.search(query)
+
+
+def test_control_characters_are_stripped_and_long_queries_truncated(searcher: Searcher) -> None:
+    plain = searcher.search("a blue square growing", k=4)
+    noisy = searcher.search("a\x00 blue\x07square\u200bgrowing\r\n", k=4)
+    assert [(hit.item_id, hit.score) for hit in noisy] == [(hit.item_id, hit.score) for hit in plain]
+    assert len(searcher.search("a red circle " * 500, k=4)) == 4
+
+
+def test_another_model_is_refused(index: Path, model_dir: Path, tmp_path: Path) -> None:
+    other = shutil.copytree(model_dir, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, other / "model.safetensors")
+    with pytest.raises(IndexModelMismatch, match="weights_sha256"):
+        Searcher(index, model=other)
+
+
+def test_cli_prints_a_table_or_json_lines(index: Path) -> None:
+    runner = CliRunner()
+    table = runner.invoke(app, ["search", "--index", str(index), "a green star", "-k", "3"])
+    assert table.exit_code == 0, table.output
+    header, *rows = table.stdout.strip().splitlines()
+    assert header.split()[:3] == ["rank", "score", "span"] and len(rows) == 3
+    assert [row.split()[0] for row in rows] == ["1", "2", "3"]
+
+    lines = runner.invoke(app, ["search", "--index", str(index), "a green star", "-k", "2", "--json"])
+    hits = [json.loads(line) for line in lines.stdout.strip().splitlines()]
+    assert [sorted(hit) for hit in hits] == [sorted(Hit.__dataclass_fields__)] * 2
+
+    empty = runner.invoke(app, ["search", "--index", str(index), " "])
+    assert empty.exit_code == 2 and "empty query" in empty.stderr
