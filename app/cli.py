@@ -105,7 +105,7 @@ app.add_typer(data_app, name="data")
 @friendly
 def synth_cmd(out: Path = typer.Option(..., "--out", "-o", help="corpus directory"),
               n_train: int = typer.Option(600, "--n-train"), n_test: int = typer.Option(100, "--n-test"),
-              seed: int = typer.Option(0, "--seed"), size: int = typer.Option(96, help="frame size in pixels"),
+              seed: int = typer.Option(0, "--seed"), size: int = typer.Option(128, help="frame size in pixels (a multiple of 32 keeps decord on its fast path)"),
               long_videos: int = typer.Option(4, "--long", help="long multi-scene videos for moment search")) -> None:
     """Write the procedural moving-shapes corpus (mp4 + VindLU JSON + labels)."""
     from retrieval.data.synthetic import generate_corpus  # noqa: PLC0415
@@ -118,16 +118,17 @@ def synth_cmd(out: Path = typer.Option(..., "--out", "-o", help="corpus director
 @app.command("demo")
 @friendly
 def demo_cmd(workdir: Path = typer.Option(Path("runs/demo"), help="where the demo keeps its files"),
-             no_serve: bool = typer.Option(False, "--no-serve", help="stop after evaluation")) -> None:
-    """Synthetic corpus -> train a tiny model -> index -> evaluate -> search page."""
-    typer.echo("vtr demo will: generate the synthetic corpus, train the demo model, index the test split, "
-               "evaluate, and serve the search page.\nThis build has the model core only; the demo pipeline "
-               "is not available yet.", err=True)
-    raise typer.Exit(3)
+             no_serve: bool = typer.Option(False, "--no-serve", help="stop after evaluation"),
+             host: str = typer.Option("127.0.0.1", help="address the page binds to"),
+             port: int = typer.Option(7860, help="port of the page")) -> None:
+    """Synthetic corpus -> train the demo model -> index -> evaluate -> search page (no downloads)."""
+    from app.demo import run_demo  # noqa: PLC0415
+
+    run_demo(workdir, serve=not no_serve, host=host, port=port)
 
 
 # command groups defined in their own modules; each has register(app)
-_COMMAND_MODULES = ("app.cmd_index", "app.cmd_eval")
+_COMMAND_MODULES = ("app.cmd_index", "app.cmd_eval", "app.cmd_serve")
 for _mod in _COMMAND_MODULES:
     importlib.import_module(_mod).register(app)
 

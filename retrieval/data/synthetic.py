@@ -850,7 +850,7 @@ def generate_corpus(
     n_train: int = 600,
     n_test: int = 100,
     seed: int = 0,
-    size: int = 96,
+    size: int = 128,
     num_frames: int = 24,
     fps: int = 8,
     long_videos: int = 4,
