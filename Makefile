@@ -28,7 +28,7 @@ browser:
 	@if [ ! -x /usr/bin/chromium ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else echo "chromium not installed and cannot apt-get it: the browser test will be skipped"; fi; \
+	  else echo "chromium not installed and cannot apt-get it: the browser test will fail"; fi; \
 	fi
 
 demo: install

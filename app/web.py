@@ -1,0 +1,528 @@
+"""The search page (``vtr serve``): a Gradio Blocks app over one published index.
+
+Two tabs:
+
+* **Search**: a text query in, the best clips out, each a playable ``<video>`` that starts at the
+  matched moment (a ``#t=start,end`` media fragment), with its score, file name, time span and
+  top action labels. ``k`` and re-ranking (the matching head) are controls; a line above shows
+  what the index holds.
+* **Upload a video**: an example clip in; its zero-shot action labels (``gr.Label``) and the
+  indexed clips most like it (video-to-video search).
+
+Safety
+------
+* Queries are cleaned before they reach the model: control characters become spaces, a query
+  longer than :data:`QUERY_LIMIT` characters is cut there (the page says so), and a query with
+  nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
+* Only files inside the index's corpus roots are served: Gradio's ``allowed_paths`` is exactly
+  those roots (its file route resolves symlinks and ``..`` before checking), and every result
+  path is resolved again here (:class:`CorpusGuard`) so a hit that points outside a root is
+  shown without a player rather than linked.
+* The server binds to 127.0.0.1 unless told otherwise, and requests go through Gradio's queue
+  with a concurrency limit.
+* Text tokenizers are not safe to call from several threads at once, so model calls take one
+  lock; on a CPU the model already uses every core, so this costs no throughput.
+
+Everything user-visible that comes from the index or the query is HTML-escaped.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import os
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr
+
+from indexer.search import Hit, Searcher
+
+logger = logging.getLogger(__name__)
+
+#: Longest query searched, in characters; longer ones are cut (the text tower truncates far
+#: earlier anyway: ~32-40 tokens).
+QUERY_LIMIT = 500
+BLANK_MESSAGE = "Type something to search for."
+DEFAULT_K = 8
+MAX_K = 50
+DEFAULT_CONCURRENCY = 4
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+#: Action labels shown per result card, and in the upload tab.
+CARD_LABELS = 3
+UPLOAD_LABELS = 5
+GENERIC_EXAMPLES = (
+    "a person riding a bike",
+    "a red circle moving up",
+    "someone cooking in a kitchen",
+    "a dog running on the beach",
+)
+#: Gradio's file route, relative to the page so the app also works under a root path.
+FILE_ROUTE = "gradio_api/file="
+#: Every event that runs the model shares one queue slot group: ``concurrency`` bounds them all.
+MODEL_QUEUE = "vtr-model"
+
+PAGE_CSS = """
+#vtr-header h1 { margin-bottom: 0; }
+#vtr-intro p { margin: 0; }
+#vtr-stats { color: var(--body-text-color-subdued); font-size: 0.9em; }
+#vtr-status { min-height: 1.5em; }
+#vtr-status p { margin: 0; }
+.vtr-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 14px; }
+.vtr-card { border: 1px solid var(--border-color-primary); border-radius: 10px; overflow: hidden;
+            background: var(--background-fill-secondary); display: flex; flex-direction: column; }
+.vtr-card video, .vtr-card .vtr-noplay { width: 100%; aspect-ratio: 4 / 3; background: #111; display: block;
+            object-fit: contain; }
+.vtr-card .vtr-noplay { color: #bbb; display: flex; align-items: center; justify-content: center;
+            font-size: 0.85em; padding: 8px; box-sizing: border-box; text-align: center; }
+.vtr-meta { padding: 8px 10px 10px; font-size: 0.85em; line-height: 1.4; }
+.vtr-row { display: flex; justify-content: space-between; align-items: baseline; gap: 8px; }
+.vtr-rank { color: var(--body-text-color-subdued); }
+.vtr-score { font-weight: 600; font-variant-numeric: tabular-nums; }
+.vtr-file { font-family: var(--font-mono); overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.vtr-span { color: var(--body-text-color-subdued); white-space: nowrap; font-variant-numeric: tabular-nums; }
+.vtr-moment { color: var(--color-accent); font-weight: 600; }
+.vtr-caption { color: var(--body-text-color-subdued); font-style: italic; margin-top: 4px;
+            display: -webkit-box; -webkit-line-clamp: 2; -webkit-box-orient: vertical; overflow: hidden; }
+.vtr-labels { margin-top: 6px; }
+.vtr-chip { display: inline-block; padding: 1px 8px; margin: 2px 4px 0 0; border-radius: 999px;
+            background: var(--color-accent-soft); color: var(--body-text-color); font-size: 0.92em; }
+.vtr-empty { padding: 28px; text-align: center; color: var(--body-text-color-subdued);
+            border: 1px dashed var(--border-color-primary); border-radius: 10px; }
+"""
+
+
+# ---------------------------------------------------------------------------------- queries
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A query as searched (``text``; empty when there is nothing to search) and what was done
+    to it on the way (``notes``, shown on the page)."""
+
+    text: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def blank(self) -> bool:
+        return not self.text
+
+
+def prepare_query(raw: str | None, limit: int = QUERY_LIMIT) -> PreparedQuery:
+    """Clean a query typed on the page: control characters become spaces, whitespace runs
+    collapse, and text beyond ``limit`` characters is dropped (at a word boundary when one is
+    near)."""
+    notes: list[str] = []
+    raw = "" if raw is None else str(raw)
+    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in raw)
+    if any(unicodedata.category(ch).startswith("C") and not ch.isspace() for ch in raw):
+        notes.append("Removed control characters from the query.")
+    text = " ".join(visible.split())
+    if len(text) > limit:
+        cut = text[:limit]
+        if not text[limit].isspace() and " " in cut[limit // 2:]:
+            cut = cut[:cut.rindex(" ")]
+        notes.append(f"The query was {len(text):,} characters long; searched its first {len(cut):,} "
+                     f"(the limit is {limit:,}).")
+        text = cut.rstrip()
+    return PreparedQuery(text, tuple(notes))
+
+
+# ---------------------------------------------------------------------------------- file access
+
+
+class CorpusGuard:
+    """Decides which files the page may link to: only those whose real path (symlinks and
+    ``..`` resolved) lies inside one of the corpus roots."""
+
+    def __init__(self, roots: Iterable[str | os.PathLike[str]]) -> None:
+        self.roots: tuple[Path, ...] = tuple(dict.fromkeys(Path(os.path.realpath(r)) for r in roots))
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path | None:
+        """The real path of ``path`` if it is a file inside a root, else None."""
+        real = Path(os.path.realpath(path))
+        if not any(real == root or real.is_relative_to(root) for root in self.roots):
+            return None
+        return real if real.is_file() else None
+
+    def display_name(self, path: str | os.PathLike[str]) -> str:
+        """``path`` relative to its corpus root (e.g. ``test/0003.mp4``), else its file name."""
+        real = Path(os.path.realpath(path))
+        for root in self.roots:
+            if real.is_relative_to(root) and real != root:
+                return real.relative_to(root).as_posix()
+        return Path(path).name
+
+    def url(self, path: str | os.PathLike[str], start: float | None = None,
+            end: float | None = None) -> str | None:
+        """The page-relative URL that plays ``path`` from ``start`` to ``end``, or None if the
+        file may not be served."""
+        real = self.resolve(path)
+        if real is None:
+            return None
+        url = FILE_ROUTE + quote(str(real), safe="/")
+        if start is not None:
+            url += f"#t={max(0.0, float(start)):.2f}" + (f",{float(end):.2f}" if end is not None else "")
+        return url
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def _esc(text: Any) -> str:
+    """HTML-escape, also neutralising template syntax (``${...}``, ``{{...}}``, backticks)."""
+    return (html.escape(str(text), quote=True).replace("$", "&#36;").replace("{", "&#123;")
+            .replace("}", "&#125;").replace("`", "&#96;"))
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, rest = divmod(max(0.0, float(seconds)), 60.0)
+    return f"{int(minutes)}:{rest:04.1f}"
+
+
+def format_span(start: float | None, end: float | None) -> str:
+    if start is None:
+        return "whole clip"
+    if end is None:
+        return f"from {format_seconds(start)}"
+    return f"{format_seconds(start)}–{format_seconds(end)}"
+
+
+def render_message(message: str) -> str:
+    return f'<div class="vtr-empty">{_esc(message)}</div>'
+
+
+def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = CARD_LABELS) -> str:
+    """Result cards: a player starting at the matched moment, score, file, span, labels."""
+    if not hits:
+        return render_message("No results.")
+    cards = []
+    for rank, hit in enumerate(hits, 1):
+        url = guard.url(hit.path, hit.start, hit.end)
+        name = guard.display_name(hit.path)
+        if url is None:
+            player = '<div class="vtr-noplay">this file is outside the corpus and is not served</div>'
+        else:
+            player = (f'<video src="{_esc(url)}" controls muted playsinline preload="metadata" '
+                      f'title="{_esc(name)}"></video>')
+        chips = "".join(f'<span class="vtr-chip">{_esc(label)} {prob:.0%}</span>'
+                        for label, prob in hit.labels[:labels_per_card])
+        caption = f'<div class="vtr-caption">“{_esc(hit.captions[0])}”</div>' if hit.captions else ""
+        cards.append(
+            f'<div class="vtr-card" data-rank="{rank}" data-score="{hit.score:.6f}" '
+            f'data-item="{hit.item_id}">{player}<div class="vtr-meta">'
+            f'<div class="vtr-row"><span class="vtr-rank">#{rank}</span>'
+            f'<span class="vtr-score">score {hit.score:.3f}</span></div>'
+            f'<div class="vtr-row"><span class="vtr-file" title="{_esc(url and hit.path or name)}">'
+            f'{_esc(name)}</span>'
+            f'<span class="vtr-span{" vtr-moment" if hit.start is not None else ""}">'
+            f'{_esc(format_span(hit.start, hit.end))}</span></div>'
+            f'{caption}<div class="vtr-labels">{chips}</div></div></div>')
+    return f'<div class="vtr-grid">{"".join(cards)}</div>'
+
+
+def _markdown_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\`*_{}[]()#+-.!|<>~" else ch for ch in text)
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    parts = [f"**{stats.get('items', 0):,}** clips indexed", f"model **{_markdown_escape(str(stats.get('model')))}**",
+             f"index **{_markdown_escape(str(stats.get('index_type')))}**"]
+    if stats.get("dim"):
+        parts.append(f"{stats['dim']}-d vectors")
+    if stats.get("failed"):
+        parts.append(f"{stats['failed']:,} videos could not be indexed")
+    return " · ".join(parts)
+
+
+def example_queries(searcher: Searcher, count: int = 4, max_chars: int = 90) -> list[str]:
+    """A few captions from the index (spread over it), else generic queries."""
+    captions: list[str] = []
+    for item in getattr(searcher.reader, "items", []):
+        for caption in item.get("captions") or []:
+            caption = " ".join(str(caption).split())
+            if caption and len(caption) <= max_chars and caption not in captions:
+                captions.append(caption)
+                break
+    if not captions:
+        return list(GENERIC_EXAMPLES[:count])
+    step = max(1, len(captions) // count)
+    return captions[::step][:count]
+
+
+# ---------------------------------------------------------------------------------- the page logic
+
+
+@dataclass
+class SearchPage:
+    """What the page's events call; usable without a server (tests call it directly).
+
+    Args:
+        searcher: the opened index and its model.
+        labels: label set for the upload tab's action labels (a named set or a file; default:
+            the set the index was labelled with, else ``synthetic``).
+        roots: directories whose files may be served (default: the index's corpus roots).
+    """
+
+    searcher: Searcher
+    labels: str | os.PathLike[str] | Sequence[str] | None = None
+    roots: Sequence[str | os.PathLike[str]] | None = None
+    guard: CorpusGuard = field(init=False)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    label_names: list[str] = field(init=False)
+    _classifier: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.roots is None:
+            self.roots = list(self.searcher.reader.manifest.get("corpus_roots") or [])
+        self.guard = CorpusGuard(self.roots)
+        self.label_names = self._label_names()
+
+    def _label_names(self) -> list[str]:
+        """The upload tab's label list, read at start-up so a bad ``labels`` fails early.
+
+        Without ``labels``: the set the index was labelled with; if that file has gone, the
+        synthetic set (with a warning)."""
+        from retrieval.eval.actions import load_labels
+
+        if self.labels is not None:
+            if isinstance(self.labels, Sequence) and not isinstance(self.labels, str):
+                if not self.labels:
+                    raise ValueError("labels: the list is empty")
+                return [str(label) for label in self.labels]
+            return load_labels(self.labels)
+        recorded = (self.searcher.reader.manifest.get("extra") or {}).get("label_set") or "synthetic"
+        try:
+            return load_labels(recorded)
+        except (FileNotFoundError, ValueError) as exc:
+            logger.warning("the index's label set is unusable (%s); the upload tab uses the synthetic set", exc)
+            return load_labels("synthetic")
+
+    # -- text search
+    def search_hits(self, query: str | None, k: float | None = DEFAULT_K,
+                    rerank: bool = False) -> tuple[PreparedQuery, list[Hit], float]:
+        """The hits for a raw query (none when it is blank), and the seconds the search took."""
+        prepared = prepare_query(query)
+        if prepared.blank:
+            return prepared, [], 0.0
+        k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
+        started = time.perf_counter()
+        try:
+            with self._lock:
+                hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank))
+        except ValueError as exc:
+            if "empty query" not in str(exc):
+                raise
+            return PreparedQuery("", prepared.notes), [], 0.0  # only punctuation: nothing to search
+        return prepared, hits, time.perf_counter() - started
+
+    def search(self, query: str | None, k: float | None = DEFAULT_K, rerank: bool = False) -> tuple[str, str]:
+        """The search tab's event: (result cards HTML, status line markdown)."""
+        prepared, hits, seconds = self.search_hits(query, k, rerank)
+        notes = " ".join(prepared.notes)
+        if prepared.blank:
+            return render_message(BLANK_MESSAGE), f"{BLANK_MESSAGE} {notes}".strip()
+        shown = _markdown_escape(prepared.text if len(prepared.text) <= 80 else prepared.text[:79] + "…")
+        how = " (re-ranked by the matching head)" if rerank else ""
+        status = f"{len(hits)} results for “{shown}” in {seconds * 1000:.0f} ms{how}."
+        return render_hits(hits, self.guard), f"{status} {notes}".strip()
+
+    def search_json(self, query: str, k: int = DEFAULT_K, rerank: bool = False) -> dict[str, Any]:
+        """The same search for programs: the query as searched, notes, and the hits as dicts
+        (paths resolved; hits outside the corpus roots are left out)."""
+        prepared, hits, seconds = self.search_hits(query, k, rerank)
+        rows = []
+        for hit in hits:
+            real = self.guard.resolve(hit.path)
+            if real is not None:
+                rows.append({**{key: value for key, value in hit.to_dict().items() if key != "path"},
+                             "video_path": str(real),
+                             "labels": [[label, prob] for label, prob in hit.labels]})
+        message = BLANK_MESSAGE if prepared.blank else None
+        return {"query": prepared.text, "notes": list(prepared.notes), "message": message, "hits": rows,
+                "seconds": seconds}
+
+    # -- video search
+    def classifier(self):
+        """The zero-shot action classifier (built on first use: it encodes every label's prompts)."""
+        if self._classifier is None:
+            from retrieval.eval.actions import ActionClassifier
+
+            with self._lock:
+                if self._classifier is None:
+                    self._classifier = ActionClassifier(self.searcher.model, self.label_names)
+        return self._classifier
+
+    def describe_video(self, path: str | os.PathLike[str],
+                       k: float | None = DEFAULT_K) -> tuple[dict[str, float], list[Hit]]:
+        """An example clip's action labels ``{label: probability}`` and the most similar clips.
+
+        Raises:
+            VideoReadError: the file is not a readable video.
+        """
+        import torch
+
+        from retrieval.data.video import load_clip
+
+        classifier = self.classifier()
+        k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
+        clip = load_clip(path, self.searcher.preprocess)[None]
+        with self._lock, torch.inference_mode():
+            ranking = classifier.predict_clips(clip, top=UPLOAD_LABELS)[0]
+            hits = self.searcher.search_video(path, k=k)
+        return {label: float(prob) for label, prob in ranking}, hits
+
+    def upload(self, video: str | None, k: float | None = DEFAULT_K) -> tuple[dict[str, float] | None, str, str]:
+        """The upload tab's event: (labels for gr.Label, similar clips HTML, status)."""
+        from retrieval.data.video import VideoReadError
+
+        if not video:
+            return None, render_message("Upload a video clip to see its actions and similar clips."), ""
+        started = time.perf_counter()
+        try:
+            labels, hits = self.describe_video(video, k)
+        except VideoReadError as exc:
+            raise gr.Error(f"Cannot read this video: {exc.reason}") from None
+        status = (f"{len(hits)} similar clips for {_markdown_escape(Path(video).name)} "
+                  f"in {(time.perf_counter() - started) * 1000:.0f} ms.")
+        return labels, render_hits(hits, self.guard), status
+
+
+# ---------------------------------------------------------------------------------- the app
+
+
+def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[str] | None = None,
+              roots: Sequence[str | os.PathLike[str]] | None = None, examples: Sequence[str] | None = None,
+              concurrency: int = DEFAULT_CONCURRENCY, title: str = "vtr · video search") -> gr.Blocks:
+    """The page as a queued ``gr.Blocks`` (not launched: see :func:`launch`).
+
+    Endpoints: ``/search`` (query, k, rerank) -> (cards HTML, status), ``/search_json`` (the same
+    as data), ``/similar`` (video, k) -> (labels, cards HTML, status).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    page = SearchPage(searcher, labels=labels, roots=roots)
+    examples = list(examples) if examples is not None else example_queries(searcher)
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {_markdown_escape(title)}", elem_id="vtr-header")
+        gr.Markdown("Find moments in the indexed videos by describing them in words, or by an example clip. "
+                    "Each result plays from the matched moment.", elem_id="vtr-intro")
+        gr.Markdown(stats_line(searcher.stats()), elem_id="vtr-stats")
+        with gr.Tabs():
+            with gr.Tab("Search", id="search"):
+                with gr.Row(equal_height=False):
+                    query = gr.Textbox(label="Describe the moment you are looking for", placeholder=examples[0]
+                                       if examples else "", lines=1, max_lines=3, scale=5, elem_id="vtr-query",
+                                       autofocus=True)
+                    button = gr.Button("Search", variant="primary", scale=1, elem_id="vtr-search",
+                                       min_width=120)
+                with gr.Row():
+                    k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="results (k)", scale=3,
+                                  elem_id="vtr-k")
+                    rerank = gr.Checkbox(False, label="re-rank with the matching head (slower, better)",
+                                         scale=2, elem_id="vtr-rerank")
+                if examples:
+                    gr.Examples([[e] for e in examples], inputs=[query], label="Try")
+                status = gr.Markdown("", elem_id="vtr-status")
+                results = gr.HTML(render_message("Results appear here."), elem_id="vtr-results")
+                button.click(page.search, inputs=[query, k, rerank], outputs=[results, status], api_name="search",
+                             concurrency_id=MODEL_QUEUE)
+                query.submit(page.search, inputs=[query, k, rerank], outputs=[results, status],
+                             api_visibility="private", concurrency_id=MODEL_QUEUE)
+            with gr.Tab("Upload a video", id="upload"):
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        video = gr.Video(sources=["upload"], label="Video clip", elem_id="vtr-video",
+                                         height=260)
+                        similar_k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="similar clips (k)")
+                        find = gr.Button("Find similar clips", variant="primary", elem_id="vtr-find")
+                    with gr.Column(scale=3):
+                        actions = gr.Label(num_top_classes=UPLOAD_LABELS, label="Predicted actions",
+                                           elem_id="vtr-actions")
+                upload_status = gr.Markdown("", elem_id="vtr-upload-status")
+                similar = gr.HTML(render_message("Upload a video clip to see its actions and similar clips."),
+                                  elem_id="vtr-similar")
+                find.click(page.upload, inputs=[video, similar_k], outputs=[actions, similar, upload_status],
+                           api_name="similar", concurrency_id=MODEL_QUEUE)
+                video.upload(page.upload, inputs=[video, similar_k], outputs=[actions, similar, upload_status],
+                             api_visibility="private", concurrency_id=MODEL_QUEUE)
+
+        def search_json(query: str, k: int = DEFAULT_K, rerank: bool = False) -> dict[str, Any]:
+            """Search the index; returns the query as searched, notes and the hits."""
+            return page.search_json(query, k, rerank)
+
+        gr.api(search_json, api_name="search_json", concurrency_id=MODEL_QUEUE)
+
+    demo.queue(default_concurrency_limit=concurrency)
+    demo.vtr_page = page  # type: ignore[attr-defined]
+    return demo
+
+
+def _theme() -> gr.themes.Base:
+    # local font stacks: the page must not fetch fonts from the internet
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="slate",
+                          font=["Inter", "ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+
+
+def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT_PORT,
+           prevent_thread_lock: bool = False, quiet: bool = True, max_file_size: str | int | None = "200mb",
+           ) -> str:
+    """Start the server for a page from :func:`build_app`; returns its URL.
+
+    Only the corpus roots are added to Gradio's ``allowed_paths``.
+    """
+    page: SearchPage = demo.vtr_page  # type: ignore[attr-defined]
+    try:
+        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock,
+                                quiet=quiet, show_error=True, share=False, inbrowser=False, ssr_mode=False,
+                                allowed_paths=[str(root) for root in page.guard.roots], max_file_size=max_file_size,
+                                theme=_theme(), css=PAGE_CSS, footer_links=["api"], mcp_server=False)
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {host}:{port}: {exc}") from exc
+    return url
+
+
+def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None) -> Searcher:
+    """The Searcher for ``vtr serve``, with start-up errors a user can act on.
+
+    Raises:
+        FileNotFoundError: the index or the model directory does not exist.
+        ValueError: the index is unreadable or was built by another model.
+    """
+    index = Path(index)
+    if not index.exists():
+        raise FileNotFoundError(f"index {index} does not exist; build one with `vtr index --model M "
+                                f"--videos DIR --out {index}`")
+    if model is not None and not Path(model).is_dir():
+        raise FileNotFoundError(f"model directory {model} does not exist")
+    searcher = Searcher(index, model=model)
+    if len(searcher.reader) == 0:
+        raise ValueError(f"index {index} holds no clips")
+    return searcher
+
+
+def serve(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None, host: str = DEFAULT_HOST,
+          port: int | None = DEFAULT_PORT, concurrency: int = DEFAULT_CONCURRENCY,
+          labels: str | os.PathLike[str] | None = None, prevent_thread_lock: bool = False,
+          quiet: bool = True, max_file_size: str | int | None = "200mb") -> tuple[gr.Blocks, str]:
+    """Open the index (failing fast with a clear message), build the page and serve it.
+
+    Blocks until interrupted unless ``prevent_thread_lock``; returns the app and its URL.
+    """
+    searcher = open_searcher(index, model)
+    demo = build_app(searcher, labels=labels, concurrency=concurrency)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s: the page and the corpus videos are reachable from other machines", host)
+    url = launch(demo, host=host, port=port, prevent_thread_lock=prevent_thread_lock, quiet=quiet,
+                 max_file_size=max_file_size)
+    return demo, url

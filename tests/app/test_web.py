@@ -1,0 +1,389 @@
+"""The search page served for real on 127.0.0.1 over a tiny index, driven through gradio_client
+and raw HTTP.
+
+The model is tiny and untrained, so rankings mean nothing; the tests check what must hold for
+any model: k cards sorted by score that play files inside the corpus root (moments from their
+start), clear messages instead of errors for bad queries, labels and similar clips for an
+uploaded video, and a file route that serves corpus clips and nothing else.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from gradio_client import Client, handle_file
+from typer.testing import CliRunner
+
+from app.cli import app as cli_app
+from app.web import (
+    BLANK_MESSAGE,
+    QUERY_LIMIT,
+    CorpusGuard,
+    SearchPage,
+    build_app,
+    example_queries,
+    launch,
+    open_searcher,
+    prepare_query,
+    render_hits,
+    serve,
+)
+from indexer.jobs import JobSpec, run_index_job
+from indexer.search import Hit
+from retrieval.data.synthetic import generate_corpus
+from retrieval.eval.actions import load_labels
+from retrieval.models.dual import build_retrieval_model
+
+CARD = re.compile(r'<div class="vtr-card" data-rank="(\d+)" data-score="([-0-9.e]+)"')
+VIDEO_SRC = re.compile(r'<video src="gradio_api/file=([^"#]+)(#t=[^"]*)?"')
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=1, progress=False)
+    # the 8 test clips whole, plus the 4 captioned moments of the long video
+    entries = json.loads((root / "test.json").read_text())
+    for video in json.loads((root / "long.json").read_text()):
+        entries += [{"video": video["video"], "caption": s["caption"], "start": s["start"], "end": s["end"]}
+                    for s in video["segments"]]
+    (root / "ann.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture(scope="module")
+def videos_root(corpus: Path) -> Path:
+    return (corpus / "videos").resolve()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    return model.save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def index(corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "idx"
+    spec = JobSpec(model_dir=model_dir, out=out, videos=corpus / "videos", ann_file=corpus / "ann.json")
+    run_index_job(spec, workers=0, batch_size=8, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(index: Path):
+    demo = build_app(open_searcher(index), concurrency=2)
+    yield demo
+    demo.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(demo) -> str:
+    return launch(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True)
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Client:
+    return Client(url, verbose=False, download_files=False)
+
+
+def _get(url: str, raw_path: str) -> tuple[int, bytes]:
+    """GET exactly ``raw_path`` (no client-side normalisation of ``..``)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("GET", raw_path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _cards(html: str) -> list[tuple[int, float]]:
+    return [(int(rank), float(score)) for rank, score in CARD.findall(html)]
+
+
+# ---------------------------------------------------------------------------------- queries
+
+
+def test_prepare_query_cleans_and_limits() -> None:
+    assert prepare_query("  a  red\tcircle \n").text == "a red circle"
+    assert prepare_query("").blank and prepare_query(None).blank and prepare_query(" \t\r\n ").blank
+    assert prepare_query("\x00\x07\x1b").blank
+
+    cleaned = prepare_query("red\x00circle\x1b[31m moving\u200b up")
+    assert cleaned.text == "red circle [31m moving up"
+    assert any("control characters" in note for note in cleaned.notes)
+    assert not prepare_query("red circle").notes
+
+    long = prepare_query("word " * 2000)  # 10,000 characters
+    assert len(long.text) <= QUERY_LIMIT and long.text.endswith("word")
+    assert any(f"first {len(long.text)}" in note for note in long.notes)
+    unbroken = prepare_query("x" * 10_000)
+    assert unbroken.text == "x" * QUERY_LIMIT
+
+
+def test_search_returns_sorted_playable_clips_inside_the_corpus(client: Client, url: str,
+                                                                 videos_root: Path) -> None:
+    html, status = client.predict("a red circle moving up", 5, False, api_name="/search")
+    cards = _cards(html)
+    assert [rank for rank, _ in cards] == [1, 2, 3, 4, 5]
+    scores = [score for _, score in cards]
+    assert scores == sorted(scores, reverse=True)
+    assert status.startswith("5 results for")
+    sources = VIDEO_SRC.findall(html)
+    assert len(sources) == 5
+    for quoted, _ in sources:
+        path = Path(unquote(quoted))
+        assert path.is_absolute() and path.resolve().is_relative_to(videos_root) and path.is_file()
+    # what the page links to is served, byte for byte
+    code, body = _get(url, "/gradio_api/file=" + sources[0][0])
+    assert code == 200 and body == Path(unquote(sources[0][0])).read_bytes()
+    assert 'class="vtr-score">score ' in html and 'class="vtr-chip"' in html
+
+
+def test_search_json_and_rerank(client: Client, videos_root: Path) -> None:
+    for rerank in (False, True):
+        result = client.predict("a big green triangle", 4, rerank, api_name="/search_json")
+        hits = result["hits"]
+        assert result["query"] == "a big green triangle" and result["message"] is None
+        assert len(hits) == 4
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        for hit in hits:
+            assert Path(hit["video_path"]).is_relative_to(videos_root)
+            assert len(hit["labels"]) == 5 and hit["captions"]
+
+
+def test_k_is_honoured_and_clamped(demo) -> None:
+    page = demo.vtr_page
+    assert len(_cards(page.search("shapes", 1)[0])) == 1
+    assert len(_cards(page.search("shapes", 10_000)[0])) == 12  # all items: k is capped, not an error
+    assert len(_cards(page.search("shapes", 0)[0])) == 1
+
+
+def test_moments_play_from_their_start(demo, videos_root: Path) -> None:
+    html, _ = demo.vtr_page.search("a large blue triangle shrinking", 12)
+    fragments = {(Path(unquote(q)).relative_to(videos_root).as_posix(), t) for q, t in VIDEO_SRC.findall(html)}
+    moments = {t for video, t in fragments if video == "long/0000.mp4"}
+    assert moments == {"#t=0.00,4.00", "#t=4.00,8.00", "#t=8.00,12.00", "#t=12.00,16.00"}
+    assert all(t == "" for video, t in fragments if video.startswith("test/"))
+    assert "0:12.0–0:16.0" in html and "whole clip" in html
+
+
+@pytest.mark.parametrize("query", ["", "   ", " \t\n\r ", "\x00\x01\x1b\x7f", "!!! ... ???"])
+def test_blank_queries_get_a_message(client: Client, query: str) -> None:
+    html, status = client.predict(query, 5, False, api_name="/search")
+    assert BLANK_MESSAGE in html and BLANK_MESSAGE in status
+    assert not _cards(html)
+    assert client.predict(query, 5, False, api_name="/search_json")["message"] == BLANK_MESSAGE
+
+
+def test_overlong_query_is_truncated_with_a_note(client: Client) -> None:
+    html, status = client.predict("red circle " * 910, 3, False, api_name="/search")  # 10,010 characters
+    assert len(_cards(html)) == 3
+    assert "10,009 characters long" in status and f"limit is {QUERY_LIMIT}" in status
+    result = client.predict("y" * 10_000, 3, False, api_name="/search_json")
+    assert result["query"] == "y" * QUERY_LIMIT and len(result["hits"]) == 3
+
+
+def test_control_characters_are_stripped(client: Client) -> None:
+    html, status = client.predict("a red\x00 circle\x1b moving\x07 up", 3, False, api_name="/search")
+    assert len(_cards(html)) == 3
+    assert "Removed control characters" in status and "a red circle moving up" in status
+    assert "\x00" not in html + status and "\x1b" not in html + status
+
+
+def test_examples_come_from_index_captions(demo, corpus: Path) -> None:
+    captions = {e["caption"] for e in json.loads((corpus / "ann.json").read_text())}
+    examples = example_queries(demo.vtr_page.searcher)
+    assert examples and set(examples) <= captions
+
+
+# ---------------------------------------------------------------------------------- upload tab
+
+
+def test_upload_gives_labels_and_similar_clips(client: Client, videos_root: Path) -> None:
+    clip = videos_root / "test" / "0003.mp4"
+    labels, html, status = client.predict(handle_file(str(clip)), 4, api_name="/similar")
+    confidences = labels["confidences"]
+    assert len(confidences) == 5
+    probs = [c["confidence"] for c in confidences]
+    assert probs == sorted(probs, reverse=True) and all(0 < p <= 1 for p in probs)
+    assert labels["label"] == confidences[0]["label"]
+    cards = _cards(html)
+    assert len(cards) == 4 and cards[0][1] == pytest.approx(1.0, abs=1e-3)  # it finds itself first (or a tie)
+    assert "test/0003.mp4" in html and "similar clips" in status
+
+
+def test_upload_of_a_non_video_is_a_clear_error(client: Client, tmp_path: Path) -> None:
+    bogus = tmp_path / "not_a_video.mp4"
+    bogus.write_text("this is text, not a video")
+    with pytest.raises(Exception, match="Cannot read this video"):
+        client.predict(handle_file(str(bogus)), 4, api_name="/similar")
+
+
+# ---------------------------------------------------------------------------------- file serving
+
+
+def test_file_route_serves_corpus_clips_only(url: str, videos_root: Path, index: Path, tmp_path: Path) -> None:
+    clip = videos_root / "test" / "0001.mp4"
+    code, body = _get(url, f"/gradio_api/file={clip}")
+    assert code == 200 and body == clip.read_bytes()
+
+    # a link inside the corpus root that leads outside it
+    link = videos_root / "escape.mp4"
+    secret = tmp_path / "secret.mp4"
+    secret.write_text("TOP-SECRET-CONTENT")
+    link.symlink_to(secret)
+    try:
+        refused = [
+            "/gradio_api/file=/etc/passwd",
+            f"/gradio_api/file={videos_root}/../../../../../../etc/passwd",
+            f"/gradio_api/file={videos_root}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+            f"/gradio_api/file={videos_root}%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+            "/gradio_api/file=../../../../../../etc/passwd",
+            "/gradio_api/file=etc/passwd",
+            f"/gradio_api/file={index.resolve()}/manifest.json",  # next to the corpus, not in it
+            f"/gradio_api/file={videos_root.parent}/ann.json",
+            f"/gradio_api/file={link}",
+            f"/gradio_api/file={secret}",
+            "/file=/etc/passwd",
+        ]
+        for path in refused:
+            code, body = _get(url, path)
+            assert code != 200, path
+            assert b"root:" not in body and b"TOP-SECRET-CONTENT" not in body
+    finally:
+        link.unlink()
+
+
+def test_hits_outside_the_corpus_are_not_linked(videos_root: Path, tmp_path: Path) -> None:
+    guard = CorpusGuard([videos_root])
+    inside = videos_root / "test" / "0000.mp4"
+    assert guard.resolve(inside) == inside
+    assert guard.resolve(videos_root / "test" / ".." / "test" / "0000.mp4") == inside
+    assert guard.resolve("/etc/passwd") is None
+    assert guard.resolve(videos_root / ".." / "ann.json") is None
+    assert guard.resolve(videos_root / "test" / "missing.mp4") is None
+    outside = tmp_path / "elsewhere.mp4"
+    outside.write_bytes(b"x")
+    (tmp_path / "link.mp4").symlink_to(inside)
+    assert guard.resolve(tmp_path / "link.mp4") == inside  # served as its real, in-corpus path
+
+    hits = [Hit(0, str(outside), None, None, 0.9, [("jumping", 0.5)], ["a clip"]),
+            Hit(1, str(inside), 1.0, 2.5, 0.8, [("running", 0.4)], ["<script>alert(1)</script> ${x} {{y}}"])]
+    html = render_hits(hits, guard)
+    assert html.count("<video") == 1 and "not served" in html
+    assert str(outside) not in html  # not even its full path is shown
+    assert f"gradio_api/file={inside}#t=1.00,2.50" in html
+    assert "<script>" not in html and "${x}" not in html and "{{y}}" not in html
+    assert "&lt;script&gt;" in html
+
+
+# ---------------------------------------------------------------------------------- start-up
+
+
+def test_missing_index_or_model_fails_before_serving(index: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        serve(tmp_path / "no_such_index", prevent_thread_lock=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a vtr index"):
+        serve(tmp_path / "empty", prevent_thread_lock=True)
+    with pytest.raises(FileNotFoundError, match="model directory"):
+        serve(index, model=tmp_path / "no_such_model", prevent_thread_lock=True)
+    other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1,
+                                  ).save(tmp_path / "other")
+    with pytest.raises(ValueError):
+        serve(index, model=other, prevent_thread_lock=True)
+
+
+def test_label_set_is_checked_at_start_up(demo, index: Path, tmp_path: Path) -> None:
+    searcher = demo.vtr_page.searcher
+    with pytest.raises(FileNotFoundError, match="labels"):
+        serve(index, labels=str(tmp_path / "no_labels.txt"), prevent_thread_lock=True)
+    custom = tmp_path / "labels.txt"
+    custom.write_text("jumping\nswimming\n\n")
+    assert SearchPage(searcher, labels=custom).label_names == ["jumping", "swimming"]
+    assert SearchPage(searcher, labels=["a", "b"]).label_names == ["a", "b"]
+    # without labels: the set the index recorded (here the synthetic one)
+    assert SearchPage(searcher).label_names == load_labels("synthetic")
+
+
+def test_recorded_model_missing_fails_clearly(index: Path, model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "idx"
+    shutil.copytree(index.resolve(), copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["extra"]["model_dir"] = str(tmp_path / "gone")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises((FileNotFoundError, ValueError)):
+        open_searcher(copy)
+
+
+def test_cli_serve_reports_start_up_errors(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path / "missing"), "--port", "1"])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+    help_text = CliRunner().invoke(cli_app, ["serve", "--help"]).output
+    for option in ("--index", "--model", "--host", "--port", "--concurrency"):
+        assert option in help_text
+
+
+def test_binds_loopback_with_a_queue_limit(demo, url: str) -> None:
+    assert urlsplit(url).hostname == "127.0.0.1"
+    assert demo.server_name == "127.0.0.1"
+    assert demo._queue.default_concurrency_limit == 2
+    model_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "vtr-model"]
+    assert {fn.api_name for fn in model_events} >= {"search", "search_json", "similar"}
+    assert all(fn.concurrency_limit in ("default", 2) for fn in model_events)  # one shared limit
+    allowed = [Path(p) for p in demo.allowed_paths]
+    assert allowed == list(demo.vtr_page.guard.roots)
+
+
+@pytest.mark.slow
+def test_vtr_serve_command_serves_the_page(index: Path) -> None:
+    """``vtr serve`` as a user runs it: a process that binds 127.0.0.1 and answers searches."""
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--index", str(index), "--port", str(port),
+                             "--concurrency", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if _get(url, "/")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "vtr serve did not come up in 180 s"
+            time.sleep(0.5)
+        html, status = Client(url, verbose=False).predict("a red circle", 3, False, api_name="/search")
+        assert len(_cards(html)) == 3 and status.startswith("3 results")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert f"http://127.0.0.1:{port}" in proc.stdout.read().decode()
