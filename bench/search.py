@@ -9,9 +9,18 @@ Prints one JSON object per (distribution, n, index) and writes the same lines to
 run; ``--append`` adds to it instead, e.g. to run the 1M size separately).
 
 Latency covers ``search_index`` as the Searcher calls it: FAISS plus, for IVF-PQ, the exact
-re-scoring of the candidates from a float16 memmap (page cache warm). ``bytes_per_vector`` is
+re-scoring of the candidates from a float16 memmap (page cache warm). ``p50_ms``/``p99_ms``
+come from the interleaved loop, where each approximate query follows an exact one that
+streamed the whole corpus through the caches and let the thread pools idle (how a server
+sees a query after encoding it); ``back_to_back_*`` time the same queries in a tight loop. ``bytes_per_vector`` is
 the serialised FAISS index over n; the float16 re-scoring vectors (2*dim bytes per vector)
 live on disk, memory-mapped, and are reported separately.
+
+The clustered distribution (1000 Gaussian clusters on the sphere) is the one that resembles
+clip embeddings and carries the target: p50 <= 2 ms and recall@10 >= 0.95 at 1M in <= 128
+bytes/vector on 2 threads. In the uniform one, 512-d nearest neighbours are barely nearer
+than anything else (all cosines ~0 +- 0.05), so approximate indexes cannot find them: its
+rows show that worst case, not a tuning target.
 
     python bench/search.py --sizes 10000,100000 --dist clustered,uniform
 """
@@ -110,7 +119,7 @@ def _float16_memmap(vectors: np.ndarray, scratch: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _build(role: str, index_type: str, vectors: np.ndarray, args) -> Candidate:
+def _build(role: str, index_type: str, vectors: np.ndarray, args: argparse.Namespace) -> Candidate:
     start = time.perf_counter()
     index = build_index(vectors, index_type=index_type, use_gpu=False)
     build_s = time.perf_counter() - start
@@ -119,12 +128,16 @@ def _build(role: str, index_type: str, vectors: np.ndarray, args) -> Candidate:
     return Candidate(role, index_type, index, build_s, not scores_are_exact(index), args.candidates)
 
 
+def _ms(times: dict[str, list[float]], role: str, percentile: float) -> float | None:
+    return round(float(np.percentile(times[role], percentile)) * 1e3, 3) if role in times else None
+
+
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
     hits = sum(len(set(f[f >= 0]) & set(t)) for f, t in zip(found, truth))
     return hits / truth.size
 
 
-def run_case(dist: str, n: int, args, scratch: Path) -> list[dict]:
+def run_case(dist: str, n: int, args: argparse.Namespace, scratch: Path) -> list[dict]:
     corpus = Corpus(dist, args.dim, seed=args.seed)
     vectors = corpus.sample(n)
     queries = corpus.sample(args.queries + WARMUP_QUERIES)
@@ -156,6 +169,17 @@ def run_case(dist: str, n: int, args, scratch: Path) -> list[dict]:
             times[run.role].append(time.perf_counter() - start)
             found[run.role].append(ids[0])
 
+    # Interleaving with exact search (above) leaves caches and thread pools cold, as a server
+    # sees them between queries; back to back (below) is the warm, busy-server case.
+    back_to_back = {run.role: [] for run in runs if run.role != "exact"}
+    for run in runs:
+        if run.role == "exact":
+            continue
+        for q in queries:
+            start = time.perf_counter()
+            search(run, q[None])
+            back_to_back[run.role].append(time.perf_counter() - start)
+
     truth = np.stack(found["exact"])
     exact_p50 = float(np.median(times["exact"]))
     rows = []
@@ -179,6 +203,8 @@ def run_case(dist: str, n: int, args, scratch: Path) -> list[dict]:
                 "p99_ms": round(float(np.percentile(ms, 99)), 3),
                 "min_ms": round(float(ms.min()), 3),
                 "max_ms": round(float(ms.max()), 3),
+                "back_to_back_p50_ms": _ms(back_to_back, run.role, 50),
+                "back_to_back_p99_ms": _ms(back_to_back, run.role, 99),
                 "speedup_vs_exact_p50": round(exact_p50 * 1e3 / p50, 1),
                 f"recall_at_{args.k}": round(_recall(np.stack(found[run.role]), truth), 4),
                 "queries": len(queries),

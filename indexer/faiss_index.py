@@ -24,6 +24,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ IVF_MIN_NPROBE = 16
 RESCORE_MIN_CANDIDATES = 400
 
 NORM_TOLERANCE = 1e-2
+#: ATen runs an element-wise op on the calling thread when it has fewer elements than this
+#: (at::internal::GRAIN_SIZE).
+_TORCH_SERIAL_ELEMENTS = 32_768
 
 
 def default_candidates(k: int) -> int:
@@ -255,8 +259,8 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     """Set query-time knobs by name (the inverse of :func:`search_params`)."""
     if not params:
         return
-    gpu = type(index).__name__.startswith("Gpu")
-    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    # GPU builds need their own ParameterSpace to reach GPU indexes; it handles CPU ones too.
+    space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, value)
 
@@ -304,6 +308,7 @@ def build_index(
         # Polysemous codes serve Hamming-distance filtering, which we never use; training
         # them costs minutes of simulated annealing.
         concrete.do_polysemous_training = False
+    params = default_search_params(index)  # read nlist while the index is still a CPU one
     index = to_gpu_if_wanted(index, index_type, use_gpu)
     if not index.is_trained:
         if n == 0:
@@ -313,8 +318,26 @@ def build_index(
         index.train(np.ascontiguousarray(vectors[rows]))
     if n:
         index.add(np.ascontiguousarray(vectors))
-    apply_search_params(index, default_search_params(index))
+    apply_search_params(index, params)
     return index
+
+
+def _float16_to_float32(rows: np.ndarray) -> np.ndarray:
+    """Cast float16 rows to float32 fast, on the calling thread.
+
+    numpy's float16 cast is scalar code (~1 ms for the default 400 x 512 re-scoring pool,
+    most of a query's budget); torch's vectorised cast does it in ~0.1 ms. Blocks stay below
+    ATen's parallel grain size so the cast never wakes torch's thread pool, which on a busy
+    machine costs more than the cast itself (measured: 15 ms instead of 0.2 ms).
+    """
+    out = np.empty(rows.shape, dtype=np.float32)
+    if rows.size == 0:
+        return out
+    source, target = torch.from_numpy(np.ascontiguousarray(rows)), torch.from_numpy(out)
+    block = max(1, (_TORCH_SERIAL_ELEMENTS - 1) // rows.shape[1])
+    for start in range(0, len(rows), block):
+        target[start : start + block].copy_(source[start : start + block])
+    return out
 
 
 def _rescore(
@@ -322,31 +345,37 @@ def _rescore(
     candidate_ids: np.ndarray,
     vectors: np.ndarray,
     k: int,
-    query_chunk: int = 256,
+    query_chunk: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact scores of each query's candidates against float16 ``vectors``; keep the top k.
 
-    Candidate rows are read once per chunk in ascending row order (friendly to a memmap on
-    disk) and cast to float32 chunk by chunk, so memory stays at q_chunk x candidates x dim.
+    Per chunk of queries, the union of their candidate rows is read once in ascending row
+    order (friendly to a memmap on disk) and scored against every query of the chunk in one
+    matrix product; each query then keeps the scores of its own candidates. The product
+    wastes some arithmetic on other queries' rows, which is far cheaper than materialising a
+    per-query copy of the candidates.
     """
     n_queries, n_candidates = candidate_ids.shape
+    top = min(k, n_candidates)
     scores_out = np.full((n_queries, k), -np.inf, dtype=np.float32)
     ids_out = np.full((n_queries, k), -1, dtype=np.int64)
     for start in range(0, n_queries, query_chunk):
-        ids = candidate_ids[start : start + query_chunk]
+        stop = min(start + query_chunk, n_queries)
+        ids = candidate_ids[start:stop]
         valid = ids >= 0
         unique_rows, inverse = np.unique(ids[valid], return_inverse=True)
-        rows = np.asarray(vectors[unique_rows], dtype=np.float32)
-        gathered = np.zeros(ids.shape + (vectors.shape[1],), dtype=np.float32)
-        gathered[valid] = rows[inverse]
-        scores = np.einsum("qcd,qd->qc", gathered, queries[start : start + query_chunk])
+        if unique_rows.size == 0:
+            continue
+        rows = _float16_to_float32(np.take(vectors, unique_rows, axis=0))
+        row_scores = rows @ queries[start:stop].T  # [unique rows, queries in chunk]
+        position = np.zeros(ids.shape, dtype=np.int64)
+        position[valid] = inverse
+        query_of_slot = np.arange(stop - start)[:, None]
+        scores = row_scores[position, query_of_slot]
         scores[~valid] = -np.inf
-        top = min(k, n_candidates)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-        scores_out[start : start + len(ids), :top] = np.take_along_axis(scores, order, axis=1)
-        ids_out[start : start + len(ids), :top] = np.where(
-            np.take_along_axis(valid, order, axis=1), np.take_along_axis(ids, order, axis=1), -1
-        )
+        best = (query_of_slot, np.argsort(-scores, axis=1, kind="stable")[:, :top])
+        scores_out[start:stop, :top] = scores[best]
+        ids_out[start:stop, :top] = np.where(valid[best], ids[best], -1)
     return scores_out, ids_out
 
 

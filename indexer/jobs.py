@@ -35,6 +35,7 @@ on who did what) into the index and removes the work directory.
 Decoding overlaps encoding: DataLoader worker processes decode and preprocess clips
 (:func:`retrieval.eval.retrieval.iter_clip_batches`) while the main process encodes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -279,8 +280,9 @@ class WorkDir:
 
     def read_job(self) -> dict[str, Any]:
         if not self.job_file.is_file():
-            raise JobError(f"no index job at {self.root} (missing {self.job_file.name}); "
-                           "start one with `vtr index`")
+            raise JobError(
+                f"no index job at {self.root} (missing {self.job_file.name}); start one with `vtr index`"
+            )
         return json.loads(self.job_file.read_text(encoding="utf-8"))
 
     def read_manifest(self, part: int) -> dict[str, Any]:
@@ -298,7 +300,7 @@ class WorkDir:
         be in flight right now, are left alone.
         """
         for leftover in self.parts_dir.glob(".part-*.tmp-*"):
-            if shard.owns(int(leftover.name[len(".part-"):].split(".", 1)[0])):
+            if shard.owns(int(leftover.name[len(".part-") :].split(".", 1)[0])):
                 leftover.unlink(missing_ok=True)
 
 
@@ -352,8 +354,9 @@ class JobSummary:
         return done / self.embed_seconds if self.embed_seconds > 0 else 0.0
 
 
-def _job_record(spec: JobSpec, identity: dict[str, Any], labels: list[str],
-                sources: list[CorpusItem]) -> dict[str, Any]:
+def _job_record(
+    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem]
+) -> dict[str, Any]:
     label_file = Path(spec.labels)
     return {
         "format": JOB_FORMAT,
@@ -379,14 +382,19 @@ def _job_record(spec: JobSpec, identity: dict[str, Any], labels: list[str],
 def _check_same_job(found: dict[str, Any], wanted: dict[str, Any], work_dir: Path) -> None:
     """Refuse to mix two different jobs' parts in one work directory."""
     if (found.get("format"), found.get("version")) != (JOB_FORMAT, JOB_VERSION):
-        raise JobError(f"{work_dir} holds a job of another format ({found.get('format')!r} "
-                       f"v{found.get('version')}); delete it to start over")
+        raise JobError(
+            f"{work_dir} holds a job of another format ({found.get('format')!r} "
+            f"v{found.get('version')}); delete it to start over"
+        )
     differ = [key for key in wanted if key not in _LOCATION_KEYS and found.get(key) != wanted[key]]
     if differ:
-        details = "; ".join(f"{key}: job has {_short(found.get(key))}, now {_short(wanted[key])}"
-                            for key in differ)
-        raise JobError(f"{work_dir} belongs to a different job ({details}); resume with the same options, "
-                       "model and corpus, or delete the work directory to start over")
+        details = "; ".join(
+            f"{key}: job has {_short(found.get(key))}, now {_short(wanted[key])}" for key in differ
+        )
+        raise JobError(
+            f"{work_dir} belongs to a different job ({details}); resume with the same options, "
+            "model and corpus, or delete the work directory to start over"
+        )
 
 
 def _short(value: Any) -> str:
@@ -407,8 +415,10 @@ def _check_can_start(work: WorkDir, shard: Shard, num_parts: int, resume: bool) 
     else:
         busy = any(work.is_done(part) for part in range(num_parts) if shard.owns(part))
     if busy:
-        raise JobError(f"work directory {work.root} already holds output of this job; pass --resume to "
-                       "continue it (done parts are skipped), or delete it to start over")
+        raise JobError(
+            f"work directory {work.root} already holds output of this job; pass --resume to "
+            "continue it (done parts are skipped), or delete it to start over"
+        )
 
 
 class _DurationDataset(Dataset):
@@ -431,8 +441,9 @@ def _measure_durations(paths: Sequence[Path], workers: int) -> list[tuple[float 
     """Container durations (no decoding), probed by ``workers`` processes."""
     probes = DataLoader(_DurationDataset(paths), batch_size=None, num_workers=workers)
     results: list[tuple[float | None, str | None]] = [(None, None)] * len(paths)
-    for index, duration, reason in tqdm(probes, total=len(paths), desc="measuring videos", unit="video",
-                                        disable=len(paths) < 100, leave=False):
+    for index, duration, reason in tqdm(
+        probes, total=len(paths), desc="measuring videos", unit="video", disable=len(paths) < 100, leave=False
+    ):
         results[index] = (duration, reason)
     return results
 
@@ -454,26 +465,41 @@ class _Part:
                 continue
             vector, labels = self.results[position]
             rows.append(vector)
-            records.append({"path": item.video, "start": item.start, "end": item.end,
-                            "captions": item.captions,
-                            "labels": [[label, round(float(prob), 6)] for label, prob in labels],
-                            "extra": {"key": item_key(item.video, item.start, item.end)}})
+            records.append(
+                {
+                    "path": item.video,
+                    "start": item.start,
+                    "end": item.end,
+                    "captions": item.captions,
+                    "labels": [[label, round(float(prob), 6)] for label, prob in labels],
+                    "extra": {"key": item_key(item.video, item.start, item.end)},
+                }
+            )
         vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
-        manifest = {"part": self.number, "items": records, "failures": self.failures,
-                    "num_vectors": len(rows)}
+        manifest = {
+            "part": self.number,
+            "items": records,
+            "failures": self.failures,
+            "num_vectors": len(rows),
+        }
         return manifest, vectors
 
 
-def _expand_parts(sources: Sequence[CorpusItem], parts: list[int], spec: JobSpec, root: Path,
-                  workers: int) -> list[_Part]:
+def _expand_parts(
+    sources: Sequence[CorpusItem], parts: list[int], spec: JobSpec, root: Path, workers: int
+) -> list[_Part]:
     """Each part's items (windows of long videos when ``spec.window``) and probing failures."""
-    chosen = [(part, source) for part in parts
-              for source in sources[part * spec.part_size:(part + 1) * spec.part_size]]
+    chosen = [
+        (part, source)
+        for part in parts
+        for source in sources[part * spec.part_size : (part + 1) * spec.part_size]
+    ]
     durations: list[tuple[float | None, str | None]] = [(None, None)] * len(chosen)
     if spec.window is not None:
         whole = [i for i, (_, source) in enumerate(chosen) if source.start is None]
-        for i, result in zip(whole, _measure_durations([root / chosen[i][1].video for i in whole], workers),
-                             strict=True):
+        for i, result in zip(
+            whole, _measure_durations([root / chosen[i][1].video for i in whole], workers), strict=True
+        ):
             durations[i] = result
     expanded = {part: _Part(part, [], []) for part in parts}
     for (part, source), (duration, reason) in zip(chosen, durations, strict=True):
@@ -483,15 +509,23 @@ def _expand_parts(sources: Sequence[CorpusItem], parts: list[int], spec: JobSpec
         elif duration is None:
             target.items.append(source)
         else:
-            target.items.extend(CorpusItem(source.video, source.captions, start=start, end=end)
-                                for start, end in window_spans(duration, spec.window, spec.stride or spec.window))
+            target.items.extend(
+                CorpusItem(source.video, source.captions, start=start, end=end)
+                for start, end in window_spans(duration, spec.window, spec.stride or spec.window)
+            )
     for target in expanded.values():
         target.pending = len(target.items)
     return list(expanded.values())
 
 
-def run_index_job(spec: JobSpec, shard: Shard = Shard(), resume: bool = False, workers: int = 2,
-                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> JobSummary:
+def run_index_job(
+    spec: JobSpec,
+    shard: Shard = Shard(),
+    resume: bool = False,
+    workers: int = 2,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
     Args:
@@ -508,8 +542,10 @@ def run_index_job(spec: JobSpec, shard: Shard = Shard(), resume: bool = False, w
     """
     started = time.perf_counter()
     if spec.part_size < 1 or batch_size < 1 or workers < 0:
-        raise JobError(f"need part size >= 1, batch size >= 1 and workers >= 0, got {spec.part_size}, "
-                       f"{batch_size} and {workers}")
+        raise JobError(
+            f"need part size >= 1, batch size >= 1 and workers >= 0, got {spec.part_size}, "
+            f"{batch_size} and {workers}"
+        )
     if spec.stride is not None and spec.window is None:
         raise JobError("--stride needs --window")
     work = WorkDir(work_dir_for(spec.out))
@@ -531,22 +567,49 @@ def run_index_job(spec: JobSpec, shard: Shard = Shard(), resume: bool = False, w
         logger.info("resuming: %d of this worker's %d parts are done", len(done), len(mine))
     root = spec.videos.resolve()
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
-    indexed, failed, embed_seconds = _embed_parts(work, parts, corpus, root, spec.model_dir, record["labels"],
-                                                  workers, batch_size, progress, f"indexing (shard {shard})")
+    indexed, failed, embed_seconds = _embed_parts(
+        work,
+        parts,
+        corpus,
+        root,
+        spec.model_dir,
+        record["labels"],
+        workers,
+        batch_size,
+        progress,
+        f"indexing (shard {shard})",
+    )
 
     published = None
     if shard.is_single:
         published = publish_job(spec.out)
     else:
         logger.info("shard %s finished; run `vtr index merge %s` once every shard has", shard, spec.out)
-    return JobSummary(indexed=indexed, failed=failed, skipped=skipped, parts_written=len(parts),
-                      seconds=time.perf_counter() - started, embed_seconds=embed_seconds, shard=shard,
-                      work_dir=work.root, published=published)
+    return JobSummary(
+        indexed=indexed,
+        failed=failed,
+        skipped=skipped,
+        parts_written=len(parts),
+        seconds=time.perf_counter() - started,
+        embed_seconds=embed_seconds,
+        shard=shard,
+        work_dir=work.root,
+        published=published,
+    )
 
 
-def _embed_parts(work: WorkDir, parts: list[_Part], corpus: Corpus, root: Path, model_dir: Path,
-                 labels: list[str], workers: int, batch_size: int, progress: bool,
-                 description: str) -> tuple[int, int, float]:
+def _embed_parts(
+    work: WorkDir,
+    parts: list[_Part],
+    corpus: Corpus,
+    root: Path,
+    model_dir: Path,
+    labels: list[str],
+    workers: int,
+    batch_size: int,
+    progress: bool,
+    description: str,
+) -> tuple[int, int, float]:
     """Decode, encode and label every item of ``parts``; commit each part as it completes.
 
     Returns the numbers of items indexed and failed (decoding or probing), and the seconds the
@@ -555,8 +618,15 @@ def _embed_parts(work: WorkDir, parts: list[_Part], corpus: Corpus, root: Path, 
     model = load_model(model_dir)
     classifier = ActionClassifier(model, labels)
     places = [(part, position) for part in parts for position in range(len(part.items))]
-    items = Corpus(corpus.name, root, [item for part in parts for item in part.items], [],
-                   corpus.max_text_len, corpus.sample, max_seconds=None)
+    items = Corpus(
+        corpus.name,
+        root,
+        [item for part in parts for item in part.items],
+        [],
+        corpus.max_text_len,
+        corpus.sample,
+        max_seconds=None,
+    )
     counts = {"indexed": 0, "failed": 0}
 
     def commit(part: _Part) -> None:
@@ -572,14 +642,17 @@ def _embed_parts(work: WorkDir, parts: list[_Part], corpus: Corpus, root: Path, 
             commit(part)
     started = time.perf_counter()
     batches = iter_clip_batches(items, corpus_preprocess(model, items), batch_size, workers)
-    with torch.inference_mode(), tqdm(total=len(places), unit="clip", desc=description,
-                                      disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(places), unit="clip", desc=description, disable=not progress) as bar,
+    ):
         for batch in batches:
             done = [places[i] for i, _ in batch.failures]
             for (part, position), (_, reason) in zip(done, batch.failures, strict=True):
                 item = part.items[position]
-                part.failures.append({"path": item.video, "item": item_key(item.video, item.start, item.end),
-                                      "reason": reason})
+                part.failures.append(
+                    {"path": item.video, "item": item_key(item.video, item.start, item.end), "reason": reason}
+                )
             if batch.clips is not None:
                 feat = model.encode_video(batch.clips)["feat"]
                 vectors = model.clip_vector(feat).float().numpy()
@@ -598,9 +671,17 @@ def _embed_parts(work: WorkDir, parts: list[_Part], corpus: Corpus, root: Path, 
 
 def _already_published(out: Path, shard: Shard, work_root: Path, started: float) -> JobSummary:
     """A resumed job whose index is already published: nothing to do, everything skipped."""
-    return JobSummary(indexed=0, failed=0, skipped=len(open_index(out)), parts_written=0,
-                      seconds=time.perf_counter() - started, embed_seconds=0.0, shard=shard, work_dir=work_root,
-                      published=out)
+    return JobSummary(
+        indexed=0,
+        failed=0,
+        skipped=len(open_index(out)),
+        parts_written=0,
+        seconds=time.perf_counter() - started,
+        embed_seconds=0.0,
+        shard=shard,
+        work_dir=work_root,
+        published=out,
+    )
 
 
 def missing_parts(out: str | os.PathLike[str]) -> list[int]:
@@ -627,23 +708,35 @@ def publish_job(out: str | os.PathLike[str]) -> Path:
     missing = missing_parts(out)
     if missing:
         shown = ", ".join(str(part) for part in missing[:10]) + (", ..." if len(missing) > 10 else "")
-        raise JobError(f"{len(missing)} of {job['num_parts']} parts are not done (parts {shown}); with N "
-                       "shards part p is shard (p mod N)'s: finish those shards (--resume) and merge again")
+        raise JobError(
+            f"{len(missing)} of {job['num_parts']} parts are not done (parts {shown}); with N "
+            "shards part p is shard (p mod N)'s: finish those shards (--resume) and merge again"
+        )
     root = Path(job["videos_root"])
     vectors, items, failures = [], [], []
     for part in range(job["num_parts"]):
         manifest = work.read_manifest(part)
         part_vectors = np.load(work.vectors_path(part))
         if len(part_vectors) != manifest["num_vectors"] or len(manifest["items"]) != manifest["num_vectors"]:
-            raise JobError(f"part {part} is corrupt ({len(part_vectors)} vectors, {len(manifest['items'])} items, "
-                           f"manifest says {manifest['num_vectors']}); delete {work.manifest_path(part)} "
-                           "and resume to redo it")
+            raise JobError(
+                f"part {part} is corrupt ({len(part_vectors)} vectors, {len(manifest['items'])} items, "
+                f"manifest says {manifest['num_vectors']}); delete {work.manifest_path(part)} "
+                "and resume to redo it"
+            )
         vectors.append(part_vectors)
         items.extend({**item, "path": str(root / item["path"])} for item in manifest["items"])
         failures.extend({**failure, "path": str(root / failure["path"])} for failure in manifest["failures"])
     extra = {key: job[key] for key in ("model_dir", "dataset", "ann_file", "window", "stride", "label_set")}
-    write_index(out, np.concatenate(vectors), items, model_identity=job["model"], corpus_roots=[str(root)],
-                failures=failures, index_type=job["index_type"], max_memory_bytes=job["max_memory_bytes"],
-                extra=extra)
+    write_index(
+        out,
+        np.concatenate(vectors),
+        items,
+        model_identity=job["model"],
+        corpus_roots=[str(root)],
+        failures=failures,
+        index_type=job["index_type"],
+        max_memory_bytes=job["max_memory_bytes"],
+        extra=extra,
+    )
     shutil.rmtree(work.root)
     return out

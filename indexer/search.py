@@ -11,6 +11,7 @@ demo model.
 An index can only be searched with the model that built it: vectors of two models live in
 unrelated spaces, so a different model is refused (:class:`indexer.store.IndexModelMismatch`).
 """
+
 from __future__ import annotations
 
 import json
@@ -96,8 +97,12 @@ class Searcher:
         FileNotFoundError: the index or the model directory does not exist.
     """
 
-    def __init__(self, index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        index: str | os.PathLike[str],
+        model: str | os.PathLike[str] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
         index = Path(index)
         model_dir = Path(model) if model is not None else _recorded_model_dir(index)
         self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir))
@@ -108,9 +113,15 @@ class Searcher:
     def stats(self) -> dict[str, Any]:
         """What the index holds: items, model name, index type, vector width, creation time."""
         manifest = self.reader.manifest
-        return {"items": len(self.reader), "model": manifest["model"]["name"],
-                "index_type": manifest["index_type"], "dim": manifest["dim"], "created": manifest["created"],
-                "failed": manifest["counts"]["failed"], "corpus_roots": manifest["corpus_roots"]}
+        return {
+            "items": len(self.reader),
+            "model": manifest["model"]["name"],
+            "index_type": manifest["index_type"],
+            "dim": manifest["dim"],
+            "created": manifest["created"],
+            "failed": manifest["counts"]["failed"],
+            "corpus_roots": manifest["corpus_roots"],
+        }
 
     @torch.inference_mode()
     def search(self, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
@@ -131,8 +142,9 @@ class Searcher:
         return self._rerank(ranked, encoded["hidden"], encoded["mask"])[:k]
 
     @torch.inference_mode()
-    def search_video(self, path: str | os.PathLike[str], k: int = 10,
-                     window: tuple[float, float] | None = None) -> list[Hit]:
+    def search_video(
+        self, path: str | os.PathLike[str], k: int = 10, window: tuple[float, float] | None = None
+    ) -> list[Hit]:
         """The ``k`` clips most like the video at ``path`` (or its ``window`` in seconds).
 
         Raises:
@@ -140,10 +152,13 @@ class Searcher:
         """
         clip = load_clip(path, self.preprocess, window=window)[None].to(self.device)
         vector = self.model.clip_vector(self.model.encode_video(clip)["feat"])
-        return [self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]]
+        return [
+            self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]
+        ]
 
-    def _rerank(self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor,
-                text_mask: torch.Tensor) -> list[Hit]:
+    def _rerank(
+        self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor, text_mask: torch.Tensor
+    ) -> list[Hit]:
         """Order candidates by the matching head's logit; clips that no longer decode are dropped."""
         clips, kept = [], []
         for item, _ in ranked:
@@ -155,7 +170,7 @@ class Searcher:
                 logger.warning("re-rank skips %s: %s", item["path"], exc.reason)
         scores: list[float] = []
         for start in range(0, len(clips), RERANK_BATCH):
-            batch = torch.stack(clips[start:start + RERANK_BATCH]).to(self.device)
+            batch = torch.stack(clips[start : start + RERANK_BATCH]).to(self.device)
             tokens = self.model.encode_video(batch)["tokens"]
             n = len(batch)
             logits = self.model.match_score(tokens, text_hidden.expand(n, -1, -1), text_mask.expand(n, -1))
@@ -165,6 +180,12 @@ class Searcher:
 
     @staticmethod
     def _hit(item: dict[str, Any], score: float) -> Hit:
-        return Hit(item_id=item["id"], path=item["path"], start=item["start"], end=item["end"],
-                   score=float(score), labels=[(label, prob) for label, prob in item["labels"]],
-                   captions=list(item["captions"]))
+        return Hit(
+            item_id=item["id"],
+            path=item["path"],
+            start=item["start"],
+            end=item["end"],
+            score=float(score),
+            labels=[(label, prob) for label, prob in item["labels"]],
+            captions=list(item["captions"]),
+        )

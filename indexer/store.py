@@ -170,7 +170,7 @@ def _write_float16_npy(path: Path, vectors: np.ndarray) -> None:
 
 def _write_faiss(path: Path, index: faiss.Index) -> None:
     with open(path, "wb") as f:
-        faiss.write_index(to_cpu(index), faiss.PyCallbackIOWriter(f.write))
+        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         f.flush()
         os.fsync(f.fileno())
 
@@ -296,7 +296,7 @@ def write_index(
     failure_rows = [_normalise_failure(failure) for failure in failures]
 
     index_type = index_type or choose_index_type(n, dim, max_memory_bytes)
-    index = build_index(vectors, index_type=index_type, use_gpu=use_gpu)
+    index = to_cpu(build_index(vectors, index_type=index_type, use_gpu=use_gpu))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

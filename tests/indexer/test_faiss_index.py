@@ -41,6 +41,12 @@ def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50) -> np.ndarray
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def base_and_queries(n: int, n_queries: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A corpus and held-out queries drawn from the same clusters."""
+    data = clustered(n + n_queries, dim, seed=seed)
+    return data[:n], data[n:]
+
+
 def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :k]
 
@@ -101,7 +107,7 @@ def test_pq_code_shrinks_to_fit_the_memory_budget():
 
 
 def test_flat_search_is_exact():
-    base, queries = clustered(500, 32), clustered(7, 32, seed=1)
+    base, queries = base_and_queries(500, 7, 32, seed=1)
     index = build_index(base, use_gpu=False)
     scores, ids = search_index(index, queries, 5)
     np.testing.assert_array_equal(ids, exact_top_k(base, queries, 5))
@@ -109,7 +115,7 @@ def test_flat_search_is_exact():
 
 
 def test_ivf_pq_with_exact_rescoring_reaches_high_recall():
-    base, queries = clustered(5_000, 64), clustered(100, 64, seed=1)
+    base, queries = base_and_queries(5_000, 100, 64, seed=1)
     index = build_index(base, index_type="IVF32,PQ16x8", use_gpu=False)
     truth = exact_top_k(base, queries, 10)
     vectors16 = base.astype(np.float16)
@@ -126,7 +132,7 @@ def test_ivf_pq_with_exact_rescoring_reaches_high_recall():
 
 
 def test_rescoring_reads_a_float16_memmap(tmp_path):
-    base, queries = clustered(3_000, 32), clustered(20, 32, seed=2)
+    base, queries = base_and_queries(3_000, 20, 32, seed=2)
     np.save(tmp_path / "v.npy", base.astype(np.float16))
     memmap = np.load(tmp_path / "v.npy", mmap_mode="r")
     index = build_index(base, index_type="IVF16,PQ8x8", use_gpu=False)
@@ -137,7 +143,7 @@ def test_rescoring_reads_a_float16_memmap(tmp_path):
 
 
 def test_hnsw_build_sets_ef_search_and_finds_neighbours():
-    base, queries = clustered(2_000, 32), clustered(20, 32, seed=3)
+    base, queries = base_and_queries(2_000, 20, 32, seed=3)
     index = build_index(base, index_type="HNSW32,Flat", use_gpu=False)
     assert search_params(index) == {"efSearch": 128}
     _, ids = search_index(index, queries, 10, rescore_vectors=base.astype(np.float16))
@@ -154,7 +160,7 @@ def test_search_params_survive_serialisation():
 
 
 def test_training_is_deterministic():
-    base, queries = clustered(2_000, 32), clustered(5, 32, seed=4)
+    base, queries = base_and_queries(2_000, 5, 32, seed=4)
     first = build_index(base, index_type="IVF16,PQ4x8", use_gpu=False)
     second = build_index(base, index_type="IVF16,PQ4x8", use_gpu=False)
     np.testing.assert_array_equal(search_index(first, queries, 5)[1], search_index(second, queries, 5)[1])

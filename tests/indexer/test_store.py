@@ -61,7 +61,7 @@ def make_items(n: int) -> list[dict]:
     ]
 
 
-def publish(path: Path, n: int, version: int = 0, **kwargs) -> Path:
+def publish(path: Path, n: int, version: int = 0) -> Path:
     return write_index(
         path,
         unit_vectors(n, seed=version),
@@ -69,7 +69,6 @@ def publish(path: Path, n: int, version: int = 0, **kwargs) -> Path:
         MODEL,
         ["/data/videos"],
         extra={"version": version},
-        **kwargs,
     )
 
 
@@ -243,6 +242,25 @@ def test_readers_see_a_whole_version_while_a_writer_republishes(tmp_path):
         assert versions == sorted(versions)  # a reader never goes back to an older version
     assert len(set(seen[0] + seen[1])) >= 2
     assert open_index(out).manifest["extra"]["version"] == republishes
+
+
+def test_a_reader_whose_version_is_deleted_mid_open_retries(tmp_path, monkeypatch):
+    """Deterministic version of the race: republish right after the reader resolved INDEX."""
+    out = publish(tmp_path / "INDEX", 15, version=1)
+    resolve = os.path.realpath
+    raced: list[str] = []
+
+    def resolve_then_republish(path, *args, **kwargs):
+        resolved = resolve(path, *args, **kwargs)
+        if not raced and Path(path) == out:
+            raced.append(resolved)
+            publish(out, 22, version=2)  # deletes the version just resolved
+        return resolved
+
+    monkeypatch.setattr(os.path, "realpath", resolve_then_republish)
+    reader = open_index(out)
+    assert raced and not os.path.exists(raced[0])
+    assert reader.manifest["extra"]["version"] == 2 and len(reader) == 22
 
 
 def test_a_crashed_writer_is_ignored_by_readers_and_cleaned_by_the_next_writer(tmp_path):
