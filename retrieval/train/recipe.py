@@ -106,6 +106,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return _check_type(value, args[0], where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is dict and isinstance(value, dict):
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
