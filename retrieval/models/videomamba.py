@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .registry import register_arch
-from .ssm import selective_scan
+from .ssm import fused_mixer_available, selective_scan
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,8 +65,21 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def _plain(module: nn.Module, cls: type) -> bool:
+    """Exactly ``cls`` with no hooks, so a fused kernel may use its weights without calling it."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and not getattr(module, "_backward_hooks", None))
+
+
 class BiMambaMixer(nn.Module):
-    """Bidirectional Mamba mixer ("bimamba v2") with the VideoMambaPro options."""
+    """Bidirectional Mamba mixer ("bimamba v2") with the VideoMambaPro options.
+
+    Two implementations of one function (same parameters and state-dict keys): on CPU with
+    ``scan_backend`` "auto"/"cpu", fused C kernels in in_proj's [B, L, E] layout (conv + SiLU of
+    both branches in one pass; dt_proj, both scan directions, D skip, softplus and the SiLU(z) gate
+    in another, the backward branch run from the end instead of flipped); otherwise (``"ref"``,
+    CUDA tensors, or no C compiler) the torch composition around ``selective_scan``.
+    """
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, gate: bool = True, mask_backward: bool = False,
@@ -115,7 +128,9 @@ class BiMambaMixer(nn.Module):
                               z, dt_proj.bias.float(), delta_softplus=True, initial_state=h0,
                               mask_diag=masked, backend=self.scan_backend)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _forward_composed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Pure-torch composition around selective_scan: the reference path ("ref"), CUDA tensors
+        (mamba-ssm's kernel), and CPUs where the fused kernels cannot be built."""
         xz = self.in_proj(hidden).transpose(1, 2)                       # [B, (2)E, L]
         if self.gate:
             x, z = xz.chunk(2, dim=1)
@@ -125,6 +140,48 @@ class BiMambaMixer(nn.Module):
         y_b = self._branch(x.flip(-1), None if z is None else z.flip(-1), "_b", masked=self.mask_backward)
         y = y_f + y_b.flip(-1)
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+
+    def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
+        """CPU: fused kernels in in_proj's [B, L, E] layout, no transposes or flips. The conv of
+        both branches is one kernel (the backward branch's is anti-causal); one scan kernel runs
+        the forward direction, then the backward one from the end, sums them and applies the
+        gate; dt_proj's rank-R product is computed inside the scan kernel. in_proj, x_proj and
+        out_proj stay matmuls."""
+        from .ssm.cpu import ScanDirection, conv_silu, scan_directions  # noqa: PLC0415
+
+        E, R, N = self.d_inner, self.dt_rank, self.d_state
+        xz = self.in_proj(hidden)                                       # [B, L, (2)E]
+        if xz.dtype != torch.float32:
+            xz = xz.float()
+        x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
+        xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+        dirs = []
+        for sfx, xc, reverse in (("", xc_f, False), ("_b", xc_b, True)):
+            x_proj, dt_proj = getattr(self, f"x_proj{sfx}"), getattr(self, f"dt_proj{sfx}")
+            dbc = x_proj(xc.to(x_proj.weight.dtype)).float()            # [B, L, R+2N]
+            A = -torch.exp(getattr(self, f"A{sfx}_log").float())
+            # dt_proj (rank R -> E) runs inside the scan kernel with its weight, its bias is the
+            # delta bias (as in _branch and mamba-ssm: the module itself is never called)
+            dirs.append(ScanDirection(xc, None, dbc[..., R:R + N], dbc[..., R + N:], A,
+                                      D=getattr(self, f"D{sfx}").float(), bias=dt_proj.bias.float(),
+                                      reverse=reverse, mask_diag=reverse and self.mask_backward,
+                                      elemental=self.elemental_residual,
+                                      dt=dbc[..., :R], dt_weight=dt_proj.weight.float()))
+        y, _ = scan_directions(dirs, z)
+        return self.out_proj(y.to(hidden.dtype))
+
+    def _use_fused(self, hidden: torch.Tensor) -> bool:
+        if hidden.device.type != "cpu" or self.scan_backend not in ("auto", "cpu"):
+            return False
+        # the conv kernel reads the weights itself: only for plain, hook-free convs
+        if not (_plain(self.conv1d, nn.Conv1d) and _plain(self.conv1d_b, nn.Conv1d)):
+            return False
+        return fused_mixer_available(self.d_state, self.d_conv)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._use_fused(hidden):
+            return self._forward_fused(hidden)
+        return self._forward_composed(hidden)
 
 
 class MambaBlock(nn.Module):

@@ -133,6 +133,23 @@ def resolve_backend(backend: str, device: torch.device, extensions: bool = False
     return "ref"
 
 
+def fused_mixer_available(d_state: int = 16, d_conv: int = 4) -> bool:
+    """Whether BiMambaMixer can take its fused CPU path (kernels built, sizes supported); the
+    answer is logged once per distinct outcome."""
+    from .cpu import MAX_D_CONV, MAX_D_STATE, kernel_available  # noqa: PLC0415
+
+    if not kernel_available():
+        _log_once("BiMambaMixer: fused CPU kernels unavailable (see retrieval.models.ssm.cpu.load_kernel() for "
+                  "the compiler error); using the torch composition with the reference scan")
+        return False
+    if d_state > MAX_D_STATE or d_conv > MAX_D_CONV:
+        _log_once(f"BiMambaMixer: d_state {d_state} / d_conv {d_conv} beyond the fused CPU kernels' limits "
+                  f"({MAX_D_STATE}/{MAX_D_CONV}); using the torch composition")
+        return False
+    _log_once("BiMambaMixer: fused CPU path (conv + bidirectional scan + gate kernels)")
+    return True
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, *, initial_state=None, mask_diag=False, backend="auto"):
     """Selective scan with a choice of implementation; same arguments and results as the reference."""
@@ -148,17 +165,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if u.device.type != "cuda":
             raise ValueError("backend='cuda' needs CUDA tensors")
         return _cuda_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    # backend == "cpu"
+    # backend == "cpu": the fused kernel (delta bias, softplus, D skip and the gate fused in)
     if u.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got {u.device}")
-    from .cpu import fused_scan  # noqa: PLC0415
+    from .cpu import ScanDirection, scan_directions, to_blc  # noqa: PLC0415
 
     dtype_in = u.dtype
-    delta = _prepare_delta(delta, delta_bias, delta_softplus)
-    h0 = initial_state.float() if initial_state is not None else None
-    y, last = fused_scan(u.float(), delta, A.float(), B.float(), C.float(), h0, mask_diag)
-    out = _finish(y, u, D, z, dtype_in)
+    # u, delta, z and the output stay [B, D, L] (the kernel transposes tiles); B, C ([B, N, L],
+    # small) are transposed to [B, L, N] here
+    direction = ScanDirection(u, delta, to_blc(B), to_blc(C), A, D=D, bias=delta_bias,
+                              h0=initial_state, mask_diag=mask_diag, softplus=delta_softplus)
+    out, (last,) = scan_directions([direction], z, time_major=True)
+    out = out.to(dtype_in)
     return (out, last) if return_last_state else out
 
 
-__all__ = ["selective_scan", "selective_scan_ref", "resolve_backend", "cuda_available", "BACKENDS"]
+__all__ = ["selective_scan", "selective_scan_ref", "resolve_backend", "cuda_available", "fused_mixer_available",
+           "BACKENDS"]

@@ -1,345 +1,982 @@
 /*
- * Fused selective scan for CPUs (forward and backward), fp32.
+ * Fused CPU kernels for the (bidirectional) Mamba mixer, fp32, forward and backward.
  *
- * One (batch, channel) row at a time: the d_state-wide state lives in registers, the
- * discretised A (exp(delta*A)) and delta*B*u are formed on the fly and never stored as
- * [B, D, L, N] tensors. Rows are independent, so they are spread over OpenMP threads.
+ * Layout: everything sequence-shaped is [batch, L, channels] with unit channel stride (the
+ * layout of in_proj's output), so a block of 16 CHANNELS at one position is one 64-byte vector.
+ * A work item is (batch, 16-channel block); the d_state states of the block are d_state vectors
+ * (state n of 16 channels), so a step needs no horizontal sum:
  *
- * Layouts (all contiguous, fp32):
- *   u, delta, y : [Bt, D, L]        (delta already has bias and softplus applied)
- *   A           : [D, N]
- *   Bm, Cm      : [Bt, L, N]        (transposed from mamba-ssm's [Bt, N, L] by the caller)
- *   h0, hlast   : [Bt, D, N]        (h0 may be NULL: zero initial state)
- * mask_diag != 0 reads the output from h_t - delta_t*B_t*u_t (= exp(delta_t*A) h_{t-1}),
- * i.e. the scan operator without its diagonal (VideoMambaPro's masked backward branch).
+ *   delta = softplus(dpre + bias)                       (or dpre + bias without softplus)
+ *           dpre = dt_t @ W^T (the dt projection, fused) or given
+ *   h_n  <- exp(delta * A_n) * h_n + (delta * u) * B_t[n]          n = 0 .. d_state-1
+ *   y    = sum_n C_t[n] * h_n + D * u                   (mask_diag: read exp(delta A_n) h_n)
  *
- * Built at first use by retrieval/models/ssm/cpu.py with the machine's C compiler.
+ * A direction runs t = 0 .. L-1, or L-1 .. 0 when `reverse` is set (the bimamba backward
+ * branch, without flipping any tensor). Several directions are summed into one output and the
+ * SiLU(z) gate is applied to the sum once, after the last direction.
+ *
+ * Backward: the forward saves the states every VTR_CHUNK steps (when a checkpoint buffer is
+ * given); the backward recomputes one chunk at a time (states and exp(delta A) into thread-local
+ * scratch), then runs the adjoint recursion through it from the end. dB/dC need a sum over
+ * channels: the 16 lane-vectors of a step are reduced with a 16x16 transpose-add into one vector
+ * over states and added to a per-thread [B, L, N] buffer; per-thread buffers are summed at the end.
+ *
+ * The forward also reads/writes mamba-ssm's [batch, channels, L] layout ("time-major", for the
+ * selective_scan API) by moving 16x16 tiles through register transposes per chunk.
+ *
+ * Also here: the depthwise conv (K taps) + SiLU of both directions (causal for the forward
+ * branch, anti-causal for the backward branch) and its backward, the backward of the gate, and
+ * a tiled transpose.
+ *
+ * Built at first use by retrieval/models/ssm/cpu.py with the machine's C compiler and linked
+ * against the OpenMP runtime torch has loaded, so torch and these kernels share one thread pool.
+ * Plain C with GCC/Clang vector extensions; AVX-512 intrinsics where available (masked loads,
+ * VREDUCEPS/VSCALEFPS in exp, VRCP14PS), generic code elsewhere. No -ffast-math (see vexp2).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define RESTRICT __restrict__
+#define INLINE static inline __attribute__((always_inline))
+#define VTR_MAXN 64     /* largest d_state */
+#define VTR_CHUNK 64    /* steps between saved states */
+#define VTR_MAXK 16     /* largest conv width */
+#define VTR_CONV_T 64   /* rows per conv backward block */
 
 /*
- * exp(x) as 2^k * e^r, |r| <= ln2/2, with a degree-7 Taylor polynomial: relative error ~1e-7,
- * written branch-free so the compiler vectorises it across the state dimension (libm's
- * expf is a scalar call in most toolchains). Inputs are clamped to the finite fp32 range.
+ * The per-state loops are fully unrolled where a 16-float vector is one register (AVX-512);
+ * elsewhere the vectors are emulated with 2-4 narrower registers and unrolled code takes GCC
+ * minutes to compile, so it stays rolled.
  */
-static inline __attribute__((always_inline)) float vexp(float x)
-{
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    float k = floorf(x * 1.4426950408889634f + 0.5f);
-    float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  /* ln2 split hi/lo */
-    float p = 1.9841270e-4f;
-    p = p * r + 1.3888889e-3f;
-    p = p * r + 8.3333333e-3f;
-    p = p * r + 4.1666667e-2f;
-    p = p * r + 1.6666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int i; float f; } bits;
-    bits.i = ((int)k + 127) << 23;
-    return p * bits.f;
-}
+#if defined(__AVX512F__)
+#define VTR_UNROLL _Pragma("GCC unroll 16")
+#else
+#define VTR_UNROLL _Pragma("GCC unroll 1")
+#endif
 
-static inline __attribute__((always_inline)) void fwd_row(
-    const float *RESTRICT u, const float *RESTRICT dt, const float *RESTRICT a,
-    const float *RESTRICT Bm, const float *RESTRICT Cm, const float *RESTRICT h0,
-    float *RESTRICT y, float *RESTRICT hlast, long L, const int N, int mask_diag)
-{
-    float h[64];
-    float dA[64];
-    float dBu[64];
-    for (int n = 0; n < N; n++) h[n] = h0 ? h0[n] : 0.0f;
-    for (long t = 0; t < L; t++) {
-        const float d = dt[t], du = dt[t] * u[t];
-        const float *bt = Bm + t * N, *ct = Cm + t * N;
-        float acc = 0.0f;
-        for (int n = 0; n < N; n++) {
-            dA[n] = vexp(d * a[n]);
-            dBu[n] = du * bt[n];
-        }
-        if (mask_diag) {
-            for (int n = 0; n < N; n++) {
-                float r = dA[n] * h[n];
-                h[n] = r + dBu[n];
-                acc += ct[n] * r;
-            }
-        } else {
-            for (int n = 0; n < N; n++) {
-                h[n] = dA[n] * h[n] + dBu[n];
-                acc += ct[n] * h[n];
-            }
-        }
-        y[t] = acc;
-    }
-    if (hlast) for (int n = 0; n < N; n++) hlast[n] = h[n];
-}
-
-/*
- * d_state == 16 (every VideoMamba/Vim size) gets a hand-vectorised row: the state is one
- * 16-lane vector held in a register for the whole sequence. GCC/Clang vector extensions
- * compile to AVX-512 where available and to pairs/quads of narrower registers elsewhere.
- */
 typedef float v16f __attribute__((vector_size(64)));
-typedef int v16i __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 
-static inline __attribute__((always_inline)) v16f vload(const float *p)
+INLINE v16f vb(float x) { return (v16f){0} + x; }
+
+/* ---- lane-masked loads/stores (a block may have fewer than 16 channels) ---------------- */
+#if defined(__AVX512F__)
+typedef __mmask16 lmask;
+INLINE lmask lanes(long w) { return (lmask)(w >= 16 ? 0xffff : ((1u << w) - 1u)); }
+INLINE v16f ld(const float *p, lmask m) { return (v16f)_mm512_maskz_loadu_ps(m, p); }
+INLINE void st(float *p, v16f v, lmask m) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
+/* max/min return the second operand when either is NaN: call them as vmax(const, x) */
+INLINE v16f vmax(v16f a, v16f b) { return (v16f)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+typedef long lmask;
+INLINE lmask lanes(long w) { return w; }
+INLINE v16f ld(const float *p, lmask w)
 {
     v16f v;
-    memcpy(&v, p, sizeof(v));
+    if (w >= 16) { memcpy(&v, p, sizeof(v)); return v; }
+    v = (v16f){0};
+    for (long i = 0; i < w; i++) v[i] = p[i];
     return v;
 }
-
-static inline __attribute__((always_inline)) v16f vexp16(v16f x)
+INLINE void st(float *p, v16f v, lmask w)
 {
-    const v16f lo = (v16f){0} - 87.0f, hi = (v16f){0} + 88.0f;
-    v16i below = x < lo, above = x > hi;
-    x = (v16f)(((v16i)lo & below) | ((v16i)x & ~below));
-    x = (v16f)(((v16i)hi & above) | ((v16i)x & ~above));
-    /* k = round(x / ln2) via floor(t + 0.5); truncation rounds negatives up, so correct by one */
-    v16f t = x * 1.4426950408889634f + 0.5f;
-    v16i ki = __builtin_convertvector(t, v16i);
-    v16f kf = __builtin_convertvector(ki, v16f);
-    ki = ki + (kf > t);
-    kf = __builtin_convertvector(ki, v16f);
-    v16f r = (x - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;   /* |r| <= ln2/2 */
-    v16f p = r * 1.9841270e-4f + 1.3888889e-3f;                           /* Taylor, degree 7 */
-    p = p * r + 8.3333333e-3f;
-    p = p * r + 4.1666667e-2f;
-    p = p * r + 1.6666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    v16i bits = (ki + 127) << 23;
-    return p * (v16f)bits;
+    if (w >= 16) { memcpy(p, &v, sizeof(v)); return; }
+    for (long i = 0; i < w; i++) p[i] = v[i];
+}
+INLINE v16f vsel(v16i m, v16f a, v16f b) { return (v16f)((m & (v16i)a) | (~m & (v16i)b)); }
+INLINE v16f vmax(v16f a, v16f b) { return vsel(a > b, a, b); }
+INLINE v16f vmin(v16f a, v16f b) { return vsel(a < b, a, b); }
+#endif
+
+INLINE v16f vabs(v16f x) { return (v16f)((v16u)x & 0x7fffffffu); }
+
+/*
+ * 2^x = 2^k * 2^f with k = round(x), |f| <= 1/2; 2^f by a degree-6 polynomial fitted for
+ * relative error (<= 1e-7 in fp32). With AVX-512DQ, VREDUCEPS gives f in one instruction and
+ * VSCALEFPS applies 2^k with correct overflow/underflow (+-inf, NaN included), so no clamping;
+ * elsewhere k comes from the 1.5*2^23 rounding trick (exact: this file is built without
+ * -ffast-math) and the input is clamped to the normal range first.
+ */
+INLINE v16f poly_exp2(v16f f)
+{
+    v16f p = f * 1.5345795e-4f + 1.3399931e-3f;
+    p = p * f + 9.6184891e-3f;
+    p = p * f + 5.5503286e-2f;
+    p = p * f + 2.4022646e-1f;
+    p = p * f + 6.9314718e-1f;
+    return p * f + 1.0f;
 }
 
-static inline __attribute__((always_inline)) float hsum16(v16f v)
+INLINE v16f vexp2(v16f x)
 {
-    v16f s = v + __builtin_shuffle(v, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    s = s + __builtin_shuffle(s, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    s = s + __builtin_shuffle(s, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    s = s + __builtin_shuffle(s, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    return s[0];
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    const v16f f = (v16f)_mm512_reduce_ps((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return (v16f)_mm512_scalef_ps((__m512)poly_exp2(f), (__m512)(x - f));
+#elif defined(__AVX512F__)
+    x = vmax(vb(-150.0f), x);
+    const float magic = 12582912.0f;                 /* 1.5 * 2^23 */
+    const v16f k = (x + magic) - magic;
+    return (v16f)_mm512_scalef_ps((__m512)poly_exp2(x - k), (__m512)k);
+#else
+    x = vmin(vb(126.0f), vmax(vb(-126.0f), x));
+    const float magic = 12582912.0f + 127.0f;        /* the exponent bias rides along */
+    const v16f t = x + magic;
+    const v16f k = t - magic;
+    return poly_exp2(x - k) * (v16f)((v16u)t << 23);
+#endif
 }
 
-static void fwd_row16(const float *RESTRICT u, const float *RESTRICT dt, const float *RESTRICT a,
-                      const float *RESTRICT Bm, const float *RESTRICT Cm, const float *RESTRICT h0,
-                      float *RESTRICT y, float *RESTRICT hlast, long L, int mask_diag)
+#define LOG2E 1.4426950408889634f
+
+INLINE v16f vexp(v16f x) { return vexp2(x * LOG2E); }
+
+/* 1/x: AVX-512's 14-bit estimate and one Newton step (rel. error ~2^-28; x finite and nonzero) */
+INLINE v16f vrcp(v16f x)
 {
-    const v16f av = vload(a);
-    v16f h = h0 ? vload(h0) : (v16f){0};
-    if (mask_diag) {
-        for (long t = 0; t < L; t++) {
-            v16f r = vexp16(av * dt[t]) * h;
-            h = r + vload(Bm + t * 16) * (dt[t] * u[t]);
-            y[t] = hsum16(vload(Cm + t * 16) * r);
+#if defined(__AVX512F__)
+    const v16f r = (v16f)_mm512_rcp14_ps((__m512)x);
+    return r + r * (1.0f - x * r);
+#else
+    return 1.0f / x;
+#endif
+}
+
+/* the argument is kept above -87 so that 1 + exp(-x) stays finite; NaN propagates */
+INLINE v16f vsigmoid(v16f x) { return vrcp(1.0f + vexp(-vmax(vb(-87.0f), x))); }
+
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) = 2 atanh(e / (2 + e)), series in s^2 */
+INLINE v16f vsoftplus(v16f x)
+{
+    v16f e = vexp(-vabs(x));
+    v16f s = e * vrcp(e + 2.0f);                      /* (0, 1/3] */
+    v16f s2 = s * s;
+    v16f q = s2 * (1.0f / 15) + (1.0f / 13);
+    q = q * s2 + (1.0f / 11);
+    q = q * s2 + (1.0f / 9);
+    q = q * s2 + (1.0f / 7);
+    q = q * s2 + (1.0f / 5);
+    q = q * s2 + (1.0f / 3);
+    q = q * s2 + 1.0f;
+    return vmax(vb(0.0f), x) + 2.0f * s * q;
+}
+
+/* out[n] = sum of the lanes of v[n], n = 0..15 (four levels of pairwise transpose-add) */
+INLINE v16f lvl(v16f a, v16f b, v16i p, v16i q)
+{
+    return __builtin_shuffle(a, b, p) + __builtin_shuffle(a, b, q);
+}
+
+INLINE v16f tsum16(const v16f *v)
+{
+    const v16i p1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i p2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16i p3 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i p4 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    /* the network leaves lane m holding input bitrev4(m): feed the inputs bit-reversed */
+    v16f x0 = lvl(v[0], v[8], p1, p1 + 8), x1 = lvl(v[4], v[12], p1, p1 + 8);
+    v16f x2 = lvl(v[2], v[10], p1, p1 + 8), x3 = lvl(v[6], v[14], p1, p1 + 8);
+    v16f x4 = lvl(v[1], v[9], p1, p1 + 8), x5 = lvl(v[5], v[13], p1, p1 + 8);
+    v16f x6 = lvl(v[3], v[11], p1, p1 + 8), x7 = lvl(v[7], v[15], p1, p1 + 8);
+    v16f y0 = lvl(x0, x1, p2, p2 + 4), y1 = lvl(x2, x3, p2, p2 + 4);
+    v16f y2 = lvl(x4, x5, p2, p2 + 4), y3 = lvl(x6, x7, p2, p2 + 4);
+    v16f z0 = lvl(y0, y1, p3, p3 + 2), z1 = lvl(y2, y3, p3, p3 + 2);
+    return lvl(z0, z1, p4, p4 + 1);
+}
+
+INLINE float hsum(v16f v)
+{
+    float s = 0.0f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+/* transpose of a 16x16 tile held as 16 row vectors: swap the off-diagonal k x k blocks of
+ * every 2k x 2k block, for k = 8, 4, 2, 1 */
+#define T16_LEVEL(K, LO, HI)                                                    \
+    for (int i = 0; i < 16; i++) {                                              \
+        if (i & (K)) continue;                                                  \
+        const v16f a_ = r[i], b_ = r[i + (K)];                                  \
+        r[i] = __builtin_shuffle(a_, b_, (v16i)LO);                             \
+        r[i + (K)] = __builtin_shuffle(a_, b_, (v16i)HI);                       \
+    }
+
+INLINE void transpose16(v16f *r)
+{
+    /* lane l of the low row takes (l & K) ? b[l-K] : a[l]; of the high row (l & K) ? b[l] : a[l+K] */
+    T16_LEVEL(8, ((v16i){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
+                 ((v16i){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
+    T16_LEVEL(4, ((v16i){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
+                 ((v16i){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
+    T16_LEVEL(2, ((v16i){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
+                 ((v16i){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
+    T16_LEVEL(1, ((v16i){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
+                 ((v16i){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
+}
+#undef T16_LEVEL
+
+/* ---- the scan --------------------------------------------------------------------------- */
+
+/*
+ * One direction's inputs; [B, L, X] operands are addressed as base + b*bs + t*ls + x*cs.
+ * Channel stride cs = 1 everywhere, except in the forward's time-major mode (u_cs != 1): then
+ * u, dpre, z and out are [B, E, L] with unit time stride (mamba-ssm's layout) and are moved
+ * through 16x16 register transposes per chunk.
+ */
+typedef struct {
+    const float *u;    long u_bs, u_ls, u_cs; /* [B, L, E] scan input (after conv + SiLU) */
+    const float *dpre; long d_bs, d_ls, d_cs; /* [B, L, E] delta before bias/softplus, or NULL: */
+    const float *dt;   long t_bs, t_ls;      /* [B, L, R] low-rank dt, dpre = dt @ Wt */
+    const float *Wt;   long R;               /* [R, E] (dt_proj.weight transposed) */
+    const float *Bm;   long b_bs, b_ls;      /* [B, L, N] */
+    const float *Cm;   long c_bs, c_ls;      /* [B, L, N] */
+    const float *A;                          /* [N, E] (transposed from [E, N]) */
+    const float *D;                          /* [E] or NULL */
+    const float *bias;                       /* [E] or NULL */
+    const float *h0;                         /* [B, N, E] or NULL */
+    float *hlast;                            /* [B, N, E] or NULL */
+    float *ckpt;                             /* [B, ceil(L/CHUNK), N, E] or NULL */
+    int reverse, mask_diag, elemental, softplus;
+} vtr_dir;
+
+/* One direction's gradients; all contiguous. */
+typedef struct {
+    float *du, *ddpre;                       /* [B, L, E] */
+    float *dB, *dC;                          /* [B, L, N] */
+    float *dA;                               /* [N, E] */
+    float *dD, *dbias;                       /* [E] or NULL */
+    float *dh0;                              /* [B, N, E] or NULL */
+    const float *dhlast;                     /* [B, N, E] or NULL */
+} vtr_grad;
+
+int vtr_chunk(void) { return VTR_CHUNK; }
+
+/*
+ * Work split: thread `tid` of `nthr` owns a contiguous range of (batch, channel-block) items and
+ * walks it chunk-major: chunk k of every block it owns, then chunk k+1, with each block's state
+ * parked in memory between chunks. A chunk of rows (all channels) is thus used while it is in
+ * cache and its pages are in the TLB, instead of each block streaming through all L rows alone.
+ */
+typedef struct { long b, blk0, blk1; } vtr_span;   /* blocks [blk0, blk1) of batch b */
+
+/* this thread's share of the items: [*lo, *hi); spans are walked with next_span */
+static void thread_range(long items, int tid, int nthr, long *lo, long *hi)
+{
+    const long per = (items + nthr - 1) / nthr;
+    *lo = tid * per < items ? tid * per : items;
+    *hi = *lo + per < items ? *lo + per : items;
+}
+
+static int next_span(long *lo, long hi, long nblk, vtr_span *sp)
+{
+    if (*lo >= hi) return 0;
+    const long b = *lo / nblk, end = (b + 1) * nblk < hi ? (b + 1) * nblk : hi;
+    sp->b = b;
+    sp->blk0 = *lo - b * nblk;
+    sp->blk1 = end - b * nblk;
+    *lo = end;
+    return 1;
+}
+
+/* dpre of one block at one position: dt_row @ Wt[:, c0:c0+16] (the fused dt projection) */
+INLINE v16f dt_proj(const float *RESTRICT dtrow, const float *RESTRICT Wt, long R, long E, lmask m)
+{
+    v16f a0 = vb(0.0f), a1 = vb(0.0f);
+    long r = 0;
+    for (; r + 1 < R; r += 2) {
+        a0 += ld(Wt + r * E, m) * dtrow[r];
+        a1 += ld(Wt + (r + 1) * E, m) * dtrow[r + 1];
+    }
+    if (r < R) a0 += ld(Wt + r * E, m) * dtrow[r];
+    return a0 + a1;
+}
+
+/* dst[k] = the 16 channels (rows base + i*cs) at time k, k < len <= VTR_CHUNK */
+INLINE void tile_load(const float *base, long cs, long len, long nch, v16f *dst)
+{
+    for (long g = 0; g < len; g += 16) {
+        const long nt = len - g < 16 ? len - g : 16;
+        const lmask mt = lanes(nt);
+        v16f r[16];
+VTR_UNROLL
+        for (int i = 0; i < 16; i++) r[i] = i < nch ? ld(base + i * cs + g, mt) : vb(0.0f);
+        transpose16(r);
+        for (long k = 0; k < nt; k++) dst[g + k] = r[k];
+    }
+}
+
+/* the inverse of tile_load */
+INLINE void tile_store(float *base, long cs, long len, long nch, const v16f *src)
+{
+    for (long g = 0; g < len; g += 16) {
+        const long nt = len - g < 16 ? len - g : 16;
+        const lmask mt = lanes(nt);
+        v16f r[16];
+VTR_UNROLL
+        for (int k = 0; k < 16; k++) r[k] = k < nt ? src[g + k] : vb(0.0f);
+        transpose16(r);
+        for (long i = 0; i < nch; i++) st(base + i * cs + g, r[i], mt);
+    }
+}
+
+/* One chunk [i0, i0+len) (in direction order) of one block; the state h is read from and
+ * written back to `hs` (NN vectors). a2/h are the caller's scratch (registers for NN = 16). */
+INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long L, long E,
+                      const int NN, const int MASK, const int TM, float *RESTRICT out, int acc,
+                      const float *RESTRICT z, long z_bs, long z_ls, long z_cs, float *RESTRICT S, long i0,
+                      v16f *RESTRICT hs, v16f *RESTRICT a2, v16f *RESTRICT h)
+{
+    const long len = L - i0 < VTR_CHUNK ? L - i0 : VTR_CHUNK;
+    for (int n = 0; n < NN; n++) {
+        a2[n] = ld(d->A + n * E + c0, m) * LOG2E;
+        h[n] = hs[n];
+    }
+    const v16f Dv = d->D ? ld(d->D + c0, m) : vb(0.0f);
+    const v16f bias = d->bias ? ld(d->bias + c0, m) : vb(0.0f);
+    const float *u = d->u + b * d->u_bs + c0 * d->u_cs;
+    const float *dp = d->dpre ? d->dpre + b * d->d_bs + c0 * d->d_cs : NULL;
+    const float *dtb = d->dt ? d->dt + b * d->t_bs : NULL, *Wt = d->dt ? d->Wt + c0 : NULL;
+    const float *Bb = d->Bm + b * d->b_bs, *Cb = d->Cm + b * d->c_bs;
+    const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
+    const long nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
+    const int softplus = d->softplus;
+    float *o = out + b * L * E + (TM ? c0 * L : c0);
+    const float *zb = z ? z + b * z_bs + c0 * z_cs : NULL;
+    float *Sb = S ? S + b * L * E + c0 : NULL;
+    /* time-major: the chunk's rows as vectors over channels, in memory (time) order */
+    const long tmin = d->reverse ? L - i0 - len : i0, nch = E - c0 < 16 ? E - c0 : 16;
+    v16f tU[VTR_CHUNK], tV[VTR_CHUNK];
+#define TIX(j) (d->reverse ? len - 1 - (j) : (j))
+    if (d->ckpt) {
+        float *cp = d->ckpt + (b * nck + i0 / VTR_CHUNK) * NN * E + c0;
+        for (int n = 0; n < NN; n++) st(cp + n * E, h[n], m);
+    }
+    /*
+     * Three passes, so the recurrence loop carries no long dependency chains (softplus, the
+     * gate's sigmoid) and the CPU can overlap consecutive steps' exps.
+     */
+    v16f cdl[VTR_CHUNK], cdu[VTR_CHUNK], cy[VTR_CHUNK];
+    long t = first + step * i0;
+    if (TM) {
+        if (dp) tile_load(dp + tmin, d->d_cs, len, nch, tV);
+        tile_load(u + tmin, d->u_cs, len, nch, tU);
+    }
+    for (long j = 0; j < len; j++, t += step) {
+        const v16f pre = (dtb ? dt_proj(dtb + t * d->t_ls, Wt, d->R, E, m)
+                              : TM ? tV[TIX(j)] : ld(dp + t * d->d_ls, m)) + bias;
+        const v16f dl = softplus ? vsoftplus(pre) : pre;
+        cdl[j] = dl;
+        cdu[j] = dl * (TM ? tU[TIX(j)] : ld(u + t * d->u_ls, m));
+    }
+    t = first + step * i0;
+    for (long j = 0; j < len; j++, t += step) {
+        const v16f dl = cdl[j], du = cdu[j];
+        const float *bt = Bb + t * d->b_ls, *ct = Cb + t * d->c_ls;
+        v16f ya[4] = {vb(0.0f), vb(0.0f), vb(0.0f), vb(0.0f)};
+VTR_UNROLL
+        for (int n = 0; n < NN; n++) {
+            const v16f e = vexp2(dl * a2[n]);
+            if (MASK) {
+                const v16f r = e * h[n];
+                h[n] = r + du * bt[n];
+                ya[n & 3] += r * ct[n];
+            } else {
+                h[n] = e * h[n] + du * bt[n];
+                ya[n & 3] += h[n] * ct[n];
+            }
         }
+        cy[j] = (ya[0] + ya[1]) + (ya[2] + ya[3]);
+    }
+    t = first + step * i0;
+    if (TM) {
+        v16f *tZ = cdu;                                   /* free after the recurrence */
+        if (zb) tile_load(zb + tmin, z_cs, len, nch, tZ);
+        if (acc) tile_load(o + tmin, L, len, nch, tV);
+        for (long j = 0; j < len; j++, t += step) {
+            const long x = TIX(j);
+            v16f y = cy[j] + Dv * tU[x];
+            if (acc) y += tV[x];
+            if (zb) {
+                const v16f zv = tZ[x];
+                if (Sb) st(Sb + t * E, y, m);
+                y = y * (zv * vsigmoid(zv));
+            }
+            tV[x] = y;
+        }
+        tile_store(o + tmin, L, len, nch, tV);
     } else {
-        for (long t = 0; t < L; t++) {
-            h = vexp16(av * dt[t]) * h + vload(Bm + t * 16) * (dt[t] * u[t]);
-            y[t] = hsum16(vload(Cm + t * 16) * h);
+        for (long j = 0; j < len; j++, t += step) {
+            v16f y = cy[j] + Dv * ld(u + t * d->u_ls, m);
+            if (acc) y += ld(o + t * E, m);
+            if (zb) {
+                const v16f zv = ld(zb + t * z_ls, m);
+                if (Sb) st(Sb + t * E, y, m);
+                y = y * (zv * vsigmoid(zv));
+            }
+            st(o + t * E, y, m);
         }
     }
-    if (hlast) memcpy(hlast, &h, sizeof(h));
+#undef TIX
+    for (int n = 0; n < NN; n++) hs[n] = h[n];
+    if (d->hlast && i0 + len == L)
+        for (int n = 0; n < NN; n++) st(d->hlast + (b * NN + n) * E + c0, h[n], m);
 }
 
-#define DISPATCH_N(CALL)                 \
-    switch (N) {                         \
-        case 16: { const int NN = 16; CALL; break; } \
-        case 8:  { const int NN = 8;  CALL; break; } \
-        case 4:  { const int NN = 4;  CALL; break; } \
-        default: { const int NN = N;  CALL; break; } \
-    }
-
-int vtr_scan_fwd(const float *u, const float *delta, const float *A, const float *Bm,
-                 const float *Cm, const float *h0, float *y, float *hlast,
-                 long Bt, long D, long L, int N, int mask_diag, int nthreads)
+static void fwd16(const vtr_dir *d, long b, long c0, lmask m, long L, long E, int tm, float *out, int acc,
+                  const float *z, long z_bs, long z_ls, long z_cs, float *S, long i0, v16f *hs)
 {
-    if (N > 64) return -1;
-    long rows = Bt * D;
+    v16f a2[16], h[16];
+    if (tm) {
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, 16, 1, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        else fwd_chunk(d, b, c0, m, L, E, 16, 0, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+    } else {
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, 16, 1, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        else fwd_chunk(d, b, c0, m, L, E, 16, 0, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+    }
+}
+
+static void fwdN(const vtr_dir *d, long b, long c0, lmask m, long L, long E, int N, int tm, float *out, int acc,
+                 const float *z, long z_bs, long z_ls, long z_cs, float *S, long i0, v16f *hs)
+{
+    v16f a2[VTR_MAXN], h[VTR_MAXN];
+    if (tm) {
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, N, 1, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        else fwd_chunk(d, b, c0, m, L, E, N, 0, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+    } else {
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, N, 1, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        else fwd_chunk(d, b, c0, m, L, E, N, 0, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+    }
+}
+
+/* the direction's initial state of one block into hs */
+static void init_state(const vtr_dir *d, long b, long c0, lmask m, long L, long E, int N, v16f *hs)
+{
+    if (d->h0) {
+        for (int n = 0; n < N; n++) hs[n] = ld(d->h0 + (b * N + n) * E + c0, m);
+    } else {
+        const long first = d->reverse ? L - 1 : 0;
+        v16f h0 = vb(0.0f);
+        if (d->elemental) {
+            const float *u0 = d->u + b * d->u_bs + first * d->u_ls + c0 * d->u_cs;
+            if (d->u_cs == 1) h0 = ld(u0, m);
+            else for (long i = 0; i < 16 && c0 + i < E; i++) h0[i] = u0[i * d->u_cs];
+        }
+        for (int n = 0; n < N; n++) hs[n] = h0;
+    }
+}
+
+/* MXCSR flush-to-zero + denormals-are-zero for the kernels' threads (restored after): decaying
+ * states would otherwise crawl through denormal arithmetic. */
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define FTZ_ON unsigned int vtr_csr_ = _mm_getcsr(); _mm_setcsr(vtr_csr_ | 0x8040u)
+#define FTZ_OFF _mm_setcsr(vtr_csr_)
+#else
+#define FTZ_ON do {} while (0)
+#define FTZ_OFF do {} while (0)
+#endif
+
+/*
+ * out [B, L, E] = SiLU(z) * sum over directions of (y_dir + D_dir * u_dir) (no gate if z is NULL).
+ * S (optional, with z) receives the sum before the gate, which the backward needs.
+ */
+int vtr_scan_fwd(const vtr_dir *dirs, int ndir, const float *z, long z_bs, long z_ls, long z_cs, float *out,
+                 int out_tm, float *S, long B, long L, long E, int N, int nthreads)
+{
+    if (N < 1 || N > VTR_MAXN) return -1;
+    if (nthreads < 1) nthreads = 1;
+    /* one layout per call: row-major ([B, L, E], unit channel stride) or time-major (out_tm) */
+    const int tm = out_tm != 0;
+    for (int k = 0; k < ndir; k++) {
+        const vtr_dir *d = &dirs[k];
+        if (!d->dpre == !d->dt) return -6;                        /* exactly one of dpre, dt */
+        if (tm ? (d->u_ls != 1 || (d->dpre && d->d_ls != 1)) : (d->u_cs != 1 || (d->dpre && d->d_cs != 1)))
+            return -5;
+    }
+    if (z && (tm ? z_ls != 1 : z_cs != 1)) return -5;
+    const long nblk = (E + 15) / 16, nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
+    int fail = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_ON;
+        const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
+        long lo, hi;
+        thread_range(B * nblk, tid, nthr, &lo, &hi);
+        const long nb = hi - lo < nblk ? hi - lo : nblk;
+        v16f *hs = nb > 0 ? (v16f *)aligned_alloc(64, (size_t)nb * N * sizeof(v16f)) : NULL;
+        vtr_span sp;
+        if (nb > 0 && !hs) {
+#pragma omp atomic write
+            fail = 1;
+        } else {
+            while (next_span(&lo, hi, nblk, &sp)) {
+                const long b = sp.b;
+                for (int k = 0; k < ndir; k++) {
+                    const vtr_dir *d = &dirs[k];
+                    const int last = k == ndir - 1;
+                    for (long blk = sp.blk0; blk < sp.blk1; blk++)
+                        init_state(d, b, blk * 16, lanes(E - blk * 16), L, E, N, hs + (blk - sp.blk0) * N);
+                    for (long ck = 0; ck < nck; ck++)
+                        for (long blk = sp.blk0; blk < sp.blk1; blk++) {
+                            const long c0 = blk * 16;
+                            v16f *h = hs + (blk - sp.blk0) * N;
+                            if (N == 16)
+                                fwd16(d, b, c0, lanes(E - c0), L, E, tm, out, k > 0, last ? z : NULL, z_bs, z_ls,
+                                      z_cs, last ? S : NULL, ck * VTR_CHUNK, h);
+                            else
+                                fwdN(d, b, c0, lanes(E - c0), L, E, N, tm, out, k > 0, last ? z : NULL, z_bs, z_ls,
+                                     z_cs, last ? S : NULL, ck * VTR_CHUNK, h);
+                        }
+                }
+            }
+        }
+        free(hs);
+        FTZ_OFF;
+    }
+    return fail ? -2 : 0;
+}
+
+/* per-thread accumulators of one direction */
+typedef struct {
+    float *dB, *dC;   /* [B, L, N] */
+    float *dA;        /* [N, E] */
+    float *dD, *dbias;/* [E] */
+} vtr_acc;
+
+/*
+ * Backward through one chunk [i0, i0+len) of one block. Carried between chunks (in `cs`, 2N+2
+ * vectors): the adjoint state g (dL/dh), the dA accumulator, and the dD and dbias accumulators.
+ */
+INLINE void bwd_chunk(const vtr_dir *RESTRICT d, const vtr_grad *RESTRICT g, const vtr_acc *RESTRICT pa,
+                      long b, long c0, lmask m, long L, long E, const int NN, const int MASK,
+                      const float *RESTRICT ds, long i0, v16f *RESTRICT cs, v16f *RESTRICT scr,
+                      v16f *RESTRICT a, v16f *RESTRICT a2, v16f *RESTRICT gs, v16f *RESTRICT da,
+                      v16f *RESTRICT h, v16f *RESTRICT dBv, v16f *RESTRICT dCv)
+{
+    const long len = L - i0 < VTR_CHUNK ? L - i0 : VTR_CHUNK;
+    const long nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
+    const float *ck = d->ckpt + (b * nck + i0 / VTR_CHUNK) * NN * E + c0;
+    for (int n = 0; n < NN; n++) {
+        a[n] = ld(d->A + n * E + c0, m);
+        a2[n] = a[n] * LOG2E;
+        gs[n] = cs[n];
+        da[n] = cs[NN + n];
+        h[n] = ld(ck + n * E, m);
+    }
+    v16f dDacc = cs[2 * NN], dbacc = cs[2 * NN + 1];
+    const v16f Dv = d->D ? ld(d->D + c0, m) : vb(0.0f);
+    const v16f bias = d->bias ? ld(d->bias + c0, m) : vb(0.0f);
+    const float *u = d->u + b * d->u_bs + c0;
+    const float *dp = d->dpre ? d->dpre + b * d->d_bs + c0 : NULL;
+    const float *dtb = d->dt ? d->dt + b * d->t_bs : NULL, *Wt = d->dt ? d->Wt + c0 : NULL;
+    const float *Bb = d->Bm + b * d->b_bs, *Cb = d->Cm + b * d->c_bs;
+    const float *dsb = ds + b * L * E + c0;
+    float *dub = g->du + b * L * E + c0, *ddb = g->ddpre + b * L * E + c0;
+    float *pdB = pa->dB + b * L * NN, *pdC = pa->dC + b * L * NN;
+    const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
+    const int softplus = d->softplus;
+    v16f *cdA = scr, *chp = scr + VTR_CHUNK * NN, *cdl = chp + VTR_CHUNK * NN, *csg = cdl + VTR_CHUNK;
+    /* recompute the chunk: delta, h_{t-1} and exp(delta_t A) for each of its steps */
+    long t = first + step * i0;
+    for (long j = 0; j < len; j++, t += step) {
+        const v16f pre = (dtb ? dt_proj(dtb + t * d->t_ls, Wt, d->R, E, m) : ld(dp + t * d->d_ls, m)) + bias;
+        cdl[j] = softplus ? vsoftplus(pre) : pre;
+        csg[j] = softplus ? vsigmoid(pre) : vb(1.0f);      /* d softplus / d pre */
+    }
+    t = first + step * i0;
+    for (long j = 0; j < len; j++, t += step) {
+        const v16f dl = cdl[j];
+        const v16f du = dl * ld(u + t * d->u_ls, m);
+        const float *bt = Bb + t * d->b_ls;
+        v16f *cdAj = cdA + j * NN, *chpj = chp + j * NN;
+VTR_UNROLL
+        for (int n = 0; n < NN; n++) {
+            const v16f e = vexp2(dl * a2[n]);
+            cdAj[n] = e;
+            chpj[n] = h[n];
+            h[n] = e * h[n] + du * bt[n];
+        }
+    }
+    /* adjoint through the chunk, last step first */
+    t = first + step * (i0 + len - 1);
+    for (long j = len - 1; j >= 0; j--, t -= step) {
+        const v16f uv = ld(u + t * d->u_ls, m);
+        const v16f dl = cdl[j];
+        const v16f dy = ld(dsb + t * E, m);
+        const v16f du = dl * uv;
+        const float *bt = Bb + t * d->b_ls, *ct = Cb + t * d->c_ls;
+        const v16f *cdAj = cdA + j * NN, *chpj = chp + j * NN;
+        v16f s1a = vb(0.0f), s1b = vb(0.0f), s2a = vb(0.0f), s2b = vb(0.0f);
+VTR_UNROLL
+        for (int n = 0; n < NN; n++) {
+            const v16f e = cdAj[n];
+            const v16f rp = e * chpj[n];                 /* exp(delta A) h_{t-1} */
+            v16f gh, gr;                                 /* dL/dh_t, dL/d(rp) */
+            if (MASK) {
+                gh = gs[n];
+                gr = gh + dy * ct[n];
+                dCv[n] = dy * rp;
+            } else {
+                gh = gs[n] + dy * ct[n];
+                gr = gh;
+                dCv[n] = dy * (rp + du * bt[n]);
+            }
+            dBv[n] = gh * du;
+            const v16f ge = gr * rp;                     /* dL/d(delta A_n) */
+            if (n & 1) { s1b += gh * bt[n]; s2b += ge * a[n]; }
+            else       { s1a += gh * bt[n]; s2a += ge * a[n]; }
+            da[n] += ge * dl;
+            gs[n] = gr * e;                              /* dL/dh_{t-1} */
+        }
+        const v16f s1 = s1a + s1b, s2 = s2a + s2b;
+        const v16f dpr = (s1 * uv + s2) * csg[j];
+        st(dub + t * E, Dv * dy + s1 * dl, m);
+        st(ddb + t * E, dpr, m);
+        dDacc += dy * uv;
+        dbacc += dpr;
+        if (NN == 16) {
+            v16f sb, sc;
+            memcpy(&sb, pdB + t * 16, sizeof(sb));
+            memcpy(&sc, pdC + t * 16, sizeof(sc));
+            sb += tsum16(dBv);
+            sc += tsum16(dCv);
+            memcpy(pdB + t * 16, &sb, sizeof(sb));
+            memcpy(pdC + t * 16, &sc, sizeof(sc));
+        } else {
+            for (int n = 0; n < NN; n++) {
+                pdB[t * NN + n] += hsum(dBv[n]);
+                pdC[t * NN + n] += hsum(dCv[n]);
+            }
+        }
+    }
+    for (int n = 0; n < NN; n++) {
+        cs[n] = gs[n];
+        cs[NN + n] = da[n];
+    }
+    cs[2 * NN] = dDacc;
+    cs[2 * NN + 1] = dbacc;
+    if (i0 == 0) {   /* the chunk holding the direction's first step: finish the block */
+        if (d->h0) {
+            if (g->dh0)
+                for (int n = 0; n < NN; n++) st(g->dh0 + (b * NN + n) * E + c0, gs[n], m);
+        } else if (d->elemental) {
+            v16f s = vb(0.0f);
+            for (int n = 0; n < NN; n++) s += gs[n];
+            st(dub + first * E, ld(dub + first * E, m) + s, m);
+        }
+        for (int n = 0; n < NN; n++) st(pa->dA + n * E + c0, ld(pa->dA + n * E + c0, m) + da[n], m);
+        st(pa->dD + c0, ld(pa->dD + c0, m) + dDacc, m);
+        st(pa->dbias + c0, ld(pa->dbias + c0, m) + dbacc, m);
+    }
+}
+
+static void bwd16(const vtr_dir *d, const vtr_grad *g, const vtr_acc *pa, long b, long c0, lmask m,
+                  long L, long E, const float *ds, long i0, v16f *cs, v16f *scr)
+{
+    v16f a[16], a2[16], gs[16], da[16], h[16], dBv[16], dCv[16];
+    if (d->mask_diag) bwd_chunk(d, g, pa, b, c0, m, L, E, 16, 1, ds, i0, cs, scr, a, a2, gs, da, h, dBv, dCv);
+    else bwd_chunk(d, g, pa, b, c0, m, L, E, 16, 0, ds, i0, cs, scr, a, a2, gs, da, h, dBv, dCv);
+}
+
+static void bwdN(const vtr_dir *d, const vtr_grad *g, const vtr_acc *pa, long b, long c0, lmask m,
+                 long L, long E, int N, const float *ds, long i0, v16f *cs, v16f *scr)
+{
+    v16f a[VTR_MAXN], a2[VTR_MAXN], gs[VTR_MAXN], da[VTR_MAXN], h[VTR_MAXN], dBv[VTR_MAXN], dCv[VTR_MAXN];
+    if (d->mask_diag) bwd_chunk(d, g, pa, b, c0, m, L, E, N, 1, ds, i0, cs, scr, a, a2, gs, da, h, dBv, dCv);
+    else bwd_chunk(d, g, pa, b, c0, m, L, E, N, 0, ds, i0, cs, scr, a, a2, gs, da, h, dBv, dCv);
+}
+
+/*
+ * Backward of vtr_scan_fwd (without the gate: ds is the gradient of the pre-gate sum, see
+ * vtr_gate_bwd). Needs the checkpoints the forward wrote. Every gradient in `grads` is written.
+ */
+int vtr_scan_bwd(const vtr_dir *dirs, const vtr_grad *grads, int ndir, const float *ds,
+                 long B, long L, long E, int N, int nthreads)
+{
+    if (N < 1 || N > VTR_MAXN) return -1;
+    if (ndir < 1 || ndir > 2) return -4;
+    for (int k = 0; k < ndir; k++) {
+        if (!dirs[k].ckpt) return -3;
+        if (dirs[k].u_cs != 1 || (dirs[k].dpre && dirs[k].d_cs != 1)) return -5;   /* row-major only */
+        if (!dirs[k].dpre == !dirs[k].dt) return -6;
+    }
+    if (nthreads < 1) nthreads = 1;
+    const long nblk = (E + 15) / 16, nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
+    const size_t per_dir = (size_t)(2 * B * L * N + N * E + 2 * E);
+    const size_t per_thread = (size_t)ndir * per_dir;
+    const size_t scr_vecs = (size_t)(2 * VTR_CHUNK * N + 2 * VTR_CHUNK);
+    float *priv = (float *)calloc((size_t)nthreads * per_thread, sizeof(float));
+    if (!priv) return -2;
+    int fail = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_ON;
+        const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
+        vtr_acc pa[2];
+        for (int k = 0; k < ndir; k++) {
+            float *base = priv + (size_t)tid * per_thread + (size_t)k * per_dir;
+            pa[k].dB = base;
+            pa[k].dC = base + B * L * N;
+            pa[k].dA = base + 2 * B * L * N;
+            pa[k].dD = pa[k].dA + N * E;
+            pa[k].dbias = pa[k].dD + E;
+        }
+        long lo, hi;
+        thread_range(B * nblk, tid, nthr, &lo, &hi);
+        const long nb = hi - lo < nblk ? hi - lo : nblk;
+        const size_t cs_vecs = (size_t)(2 * N + 2);
+        v16f *mem = nb > 0 ? (v16f *)aligned_alloc(64, (scr_vecs + nb * cs_vecs) * sizeof(v16f)) : NULL;
+        vtr_span sp;
+        if (nb > 0 && !mem) {
+#pragma omp atomic write
+            fail = 1;
+        } else {
+            v16f *scr = mem, *cs = mem + scr_vecs;
+            while (next_span(&lo, hi, nblk, &sp)) {
+                const long b = sp.b;
+                for (int k = 0; k < ndir; k++) {
+                    const vtr_dir *d = &dirs[k];
+                    for (long blk = sp.blk0; blk < sp.blk1; blk++) {
+                        v16f *c = cs + (blk - sp.blk0) * cs_vecs;
+                        const lmask m = lanes(E - blk * 16);
+                        for (int n = 0; n < N; n++) {
+                            c[n] = grads[k].dhlast ? ld(grads[k].dhlast + (b * N + n) * E + blk * 16, m) : vb(0.0f);
+                            c[N + n] = vb(0.0f);
+                        }
+                        c[2 * N] = c[2 * N + 1] = vb(0.0f);
+                    }
+                    for (long ck = nck - 1; ck >= 0; ck--)
+                        for (long blk = sp.blk0; blk < sp.blk1; blk++) {
+                            const long c0 = blk * 16;
+                            v16f *c = cs + (blk - sp.blk0) * cs_vecs;
+                            if (N == 16)
+                                bwd16(d, &grads[k], &pa[k], b, c0, lanes(E - c0), L, E, ds, ck * VTR_CHUNK, c, scr);
+                            else
+                                bwdN(d, &grads[k], &pa[k], b, c0, lanes(E - c0), L, E, N, ds, ck * VTR_CHUNK, c, scr);
+                        }
+                }
+            }
+        }
+        free(mem);
+        FTZ_OFF;
+    }
+    if (fail) { free(priv); return -2; }
+    for (int k = 0; k < ndir; k++) {
+        const vtr_grad *g = &grads[k];
+        const long nbl = B * L * N;
+        const float *base = priv + (size_t)k * per_dir;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (long i = 0; i < nbl; i++) {
+            float sb = 0.0f, sc = 0.0f;
+            for (int th = 0; th < nthreads; th++) {
+                sb += base[th * per_thread + i];
+                sc += base[th * per_thread + nbl + i];
+            }
+            g->dB[i] = sb;
+            g->dC[i] = sc;
+        }
+        for (long i = 0; i < N * E + 2 * E; i++) {
+            float s = 0.0f;
+            for (int th = 0; th < nthreads; th++) s += base[th * per_thread + 2 * nbl + i];
+            if (i < N * E) g->dA[i] = s;
+            else if (i < N * E + E) { if (g->dD) g->dD[i - N * E] = s; }
+            else if (g->dbias) g->dbias[i - N * E - E] = s;
+        }
+    }
+    free(priv);
+    return 0;
+}
+
+/* ds = dout * silu(z), dz = dout * S * silu'(z); dout, S, ds, dz contiguous [B, L, E] */
+int vtr_gate_bwd(const float *dout, const float *S, const float *z, long z_bs, long z_ls, float *ds, float *dz,
+                 long B, long L, long E, int nthreads)
+{
+    if (nthreads < 1) nthreads = 1;
+    const long rows = B * L;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long r = 0; r < rows; r++) {
-        long b = r / D, d = r % D;
-        const float *ur = u + r * L, *dr = delta + r * L;
-        const float *br = Bm + b * L * N, *cr = Cm + b * L * N;
-        const float *h0r = h0 ? h0 + r * N : NULL;
-        float *hl = hlast ? hlast + r * N : NULL;
-        if (N == 16)
-            fwd_row16(ur, dr, A + d * N, br, cr, h0r, y + r * L, hl, L, mask_diag);
-        else
-            DISPATCH_N(fwd_row(ur, dr, A + d * N, br, cr, h0r, y + r * L, hl, L, NN, mask_diag));
+        const long b = r / L, t = r % L;
+        const float *zr = z + b * z_bs + t * z_ls;
+        for (long c = 0; c < E; c += 16) {
+            const lmask m = lanes(E - c);
+            const v16f zv = ld(zr + c, m), go = ld(dout + r * E + c, m), sv = ld(S + r * E + c, m);
+            const v16f sg = vsigmoid(zv);
+            st(ds + r * E + c, go * zv * sg, m);
+            st(dz + r * E + c, go * sv * sg * (1.0f + zv * (1.0f - sg)), m);
+        }
     }
     return 0;
 }
 
+/* ---- depthwise conv + SiLU --------------------------------------------------------------- */
+
 /*
- * Backward of one row. Recomputes the states (stored in hs/dAs scratch of L*N floats each),
- * then runs the adjoint recursion g_t = C_t dy_t + dA_{t+1} g_{t+1} from the end.
- * dB/dC are accumulated into this thread's private [L, N] slabs of the batch item,
- * dA into this thread's private [N] slab of the channel.
+ * yf[t] = silu(bf + sum_k wf[k] * x[t-K+1+k])   (causal, the forward branch)
+ * yb[t] = silu(bb + sum_k wb[k] * x[t+K-1-k])   (anti-causal: the backward branch's causal conv
+ *                                                 on the reversed sequence, read back in place)
+ * x: [B, L, E] with strides (x_bs, x_ls, 1); w: [K, E]; outputs contiguous [B, L, E].
+ * wb/yb may be NULL (one direction); biases may be NULL.
  */
-static inline __attribute__((always_inline)) void bwd_row(
-    const float *RESTRICT u, const float *RESTRICT dt, const float *RESTRICT a,
-    const float *RESTRICT Bm, const float *RESTRICT Cm, const float *RESTRICT h0,
-    const float *RESTRICT dy, const float *RESTRICT dhlast,
-    float *RESTRICT du, float *RESTRICT ddt, float *RESTRICT dA_acc,
-    float *RESTRICT dB_acc, float *RESTRICT dC_acc, float *RESTRICT dh0,
-    float *RESTRICT hs, float *RESTRICT dAs, long L, const int N, int mask_diag)
+INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
+                     long c, int K, int dir, lmask m)
 {
-    float h[64];
-    float g[64];
-    float da_loc[64];
-    for (int n = 0; n < N; n++) h[n] = h0 ? h0[n] : 0.0f;
-    /* hs[t] holds h_{t-1} (the state the step t update starts from) */
-    for (long t = 0; t < L; t++) {
-        const float d = dt[t], du_ = dt[t] * u[t];
-        const float *bt = Bm + t * N;
-        float *hst = hs + t * N, *dat = dAs + t * N;
-        for (int n = 0; n < N; n++) {
-            float e = vexp(d * a[n]);
-            dat[n] = e;
-            hst[n] = h[n];
-            h[n] = e * h[n] + du_ * bt[n];
-        }
+    v16f acc = bias ? ld(bias + c, m) : vb(0.0f);
+    for (int k = 0; k < K; k++) {
+        const long s = dir ? t + K - 1 - k : t - K + 1 + k;
+        if (s < 0 || s >= L) continue;
+        acc += ld(w + k * E + c, m) * ld(xb + s * x_ls + c, m);
     }
-    for (int n = 0; n < N; n++) {
-        g[n] = dhlast ? dhlast[n] : 0.0f;
-        da_loc[n] = 0.0f;
-    }
-    for (long t = L - 1; t >= 0; t--) {
-        const float d = dt[t], ut = u[t], dyt = dy[t];
-        const float *bt = Bm + t * N, *ct = Cm + t * N;
-        const float *hprev = hs + t * N, *dat = dAs + t * N;
-        float *dbt = dB_acc + t * N, *dct = dC_acc + t * N;
-        float s_du = 0.0f, s_dd = 0.0f;
-        for (int n = 0; n < N; n++) {
-            float e = dat[n];
-            float hp = hprev[n];
-            float dbu = d * ut * bt[n];
-            float r = mask_diag ? e * hp : e * hp + dbu;   /* read-out state */
-            dct[n] += dyt * r;
-            float gn = g[n] + ct[n] * dyt;                    /* dL/dh_t */
-            float gb = mask_diag ? g[n] : gn;                  /* dL/d(dBu_t) */
-            float ge = gn * hp * e;                            /* dL/d(delta_t*a) */
-            s_du += gb * d * bt[n];
-            s_dd += gb * ut * bt[n] + ge * a[n];
-            dbt[n] += gb * d * ut;
-            da_loc[n] += ge * d;
-            g[n] = gn * e;                                     /* dL/dh_{t-1} */
-        }
-        du[t] = s_du;
-        ddt[t] = s_dd;
-    }
-    for (int n = 0; n < N; n++) {
-        dA_acc[n] += da_loc[n];
-        if (dh0) dh0[n] = g[n];
-    }
+    return acc;
 }
 
-static void bwd_row16(const float *RESTRICT u, const float *RESTRICT dt, const float *RESTRICT a,
-                      const float *RESTRICT Bm, const float *RESTRICT Cm, const float *RESTRICT h0,
-                      const float *RESTRICT dy, const float *RESTRICT dhlast,
-                      float *RESTRICT du, float *RESTRICT ddt, float *RESTRICT dA_acc,
-                      float *RESTRICT dB_acc, float *RESTRICT dC_acc, float *RESTRICT dh0,
-                      float *RESTRICT hs, float *RESTRICT dAs, long L, int mask_diag)
+int vtr_conv_fwd(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
+                 const float *bb, float *yf, float *yb, long B, long L, long E, int K, int nthreads)
 {
-    const v16f av = vload(a);
-    v16f h = h0 ? vload(h0) : (v16f){0};
-    for (long t = 0; t < L; t++) {          /* recompute: hs[t] = h_{t-1}, dAs[t] = exp(dt*a) */
-        v16f e = vexp16(av * dt[t]);
-        memcpy(dAs + t * 16, &e, sizeof(e));
-        memcpy(hs + t * 16, &h, sizeof(h));
-        h = e * h + vload(Bm + t * 16) * (dt[t] * u[t]);
-    }
-    v16f g = dhlast ? vload(dhlast) : (v16f){0};
-    v16f da = (v16f){0};
-    for (long t = L - 1; t >= 0; t--) {
-        const float d = dt[t], ut = u[t], dyt = dy[t];
-        const v16f e = vload(dAs + t * 16), hp = vload(hs + t * 16);
-        const v16f bt = vload(Bm + t * 16), ct = vload(Cm + t * 16);
-        v16f r = e * hp;
-        if (!mask_diag) r = r + bt * (d * ut);
-        v16f dct = vload(dC_acc + t * 16) + r * dyt;
-        memcpy(dC_acc + t * 16, &dct, sizeof(dct));
-        v16f gn = g + ct * dyt;
-        v16f gb = mask_diag ? g : gn;
-        v16f ge = gn * hp * e;
-        float s1 = hsum16(gb * bt), s2 = hsum16(ge * av);
-        du[t] = s1 * d;
-        ddt[t] = s1 * ut + s2;
-        v16f dbt = vload(dB_acc + t * 16) + gb * (d * ut);
-        memcpy(dB_acc + t * 16, &dbt, sizeof(dbt));
-        da = da + ge * d;
-        g = gn * e;
-    }
-    v16f dacc = vload(dA_acc) + da;
-    memcpy(dA_acc, &dacc, sizeof(dacc));
-    if (dh0) memcpy(dh0, &g, sizeof(g));
-}
-
-int vtr_scan_bwd(const float *u, const float *delta, const float *A, const float *Bm,
-                 const float *Cm, const float *h0, const float *dy, const float *dhlast,
-                 float *du, float *ddelta, float *dA, float *dB, float *dC, float *dh0,
-                 long Bt, long D, long L, int N, int mask_diag, int nthreads)
-{
-    if (N > 64) return -1;
+    if (K < 1 || K > VTR_MAXK) return -1;
     if (nthreads < 1) nthreads = 1;
-    long rows = Bt * D;
-    long slab = Bt * L * N;
-    /* private accumulators per thread: dB, dC [Bt, L, N], dA [D, N] */
-    float *priv = (float *)calloc((size_t)nthreads * (2 * slab + D * N), sizeof(float));
-    float *scratch = (float *)malloc((size_t)nthreads * 2 * L * N * sizeof(float));
-    if (!priv || !scratch) { free(priv); free(scratch); return -2; }
-    int used = nthreads;
+    const long rows = B * L;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long r = 0; r < rows; r++) {
+        const long b = r / L, t = r % L;
+        const float *xb = x + b * x_bs;
+        for (long c = 0; c < E; c += 16) {
+            const lmask m = lanes(E - c);
+            v16f p = conv_pre(xb, x_ls, wf, bf, t, L, E, c, K, 0, m);
+            st(yf + r * E + c, p * vsigmoid(p), m);
+            if (wb) {
+                p = conv_pre(xb, x_ls, wb, bb, t, L, E, c, K, 1, m);
+                st(yb + r * E + c, p * vsigmoid(p), m);
+            }
+        }
+    }
+    return 0;
+}
+
+INLINE v16f dsilu(v16f p)
+{
+    const v16f sg = vsigmoid(p);
+    return sg * (1.0f + p * (1.0f - sg));
+}
+
+/*
+ * Backward of vtr_conv_fwd: gyf/gyb are the gradients of yf/yb (contiguous); dx (contiguous
+ * [B, L, E]) is written, dw [K, E] and db [E] are written (summed over batch and positions).
+ */
+int vtr_conv_bwd(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
+                 const float *bb, const float *gyf, const float *gyb, float *dx, float *dwf, float *dbf,
+                 float *dwb, float *dbb, long B, long L, long E, int K, int nthreads)
+{
+    if (K < 1 || K > VTR_MAXK) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const int ndir = wb ? 2 : 1;
+    const long nblk = (L + VTR_CONV_T - 1) / VTR_CONV_T, items = B * nblk;
+    const size_t per_thread = (size_t)ndir * (K + 1) * E;
+    const size_t span = VTR_CONV_T + K - 1;
+    float *priv = (float *)calloc((size_t)nthreads * per_thread, sizeof(float));
+    float *scr = (float *)malloc((size_t)nthreads * ndir * span * E * sizeof(float));
+    if (!priv || !scr) { free(priv); free(scr); return -2; }
 #pragma omp parallel num_threads(nthreads)
     {
-        int tid = omp_get_thread_num();
-#pragma omp single
-        used = omp_get_num_threads();
-        float *pB = priv + (size_t)tid * (2 * slab + D * N);
-        float *pC = pB + slab;
-        float *pA = pC + slab;
-        float *hs = scratch + (size_t)tid * 2 * L * N;
-        float *dAs = hs + L * N;
+        const int tid = omp_get_thread_num();
+        float *pw = priv + (size_t)tid * per_thread;
+        float *gf = scr + (size_t)tid * ndir * span * E, *gb = gf + span * E;
 #pragma omp for schedule(static)
-        for (long r = 0; r < rows; r++) {
-            long b = r / D, d = r % D;
-            if (N == 16)
-                bwd_row16(u + r * L, delta + r * L, A + d * N, Bm + b * L * N, Cm + b * L * N,
-                          h0 ? h0 + r * N : NULL, dy + r * L, dhlast ? dhlast + r * N : NULL,
-                          du + r * L, ddelta + r * L, pA + d * N, pB + b * L * N, pC + b * L * N,
-                          dh0 ? dh0 + r * N : NULL, hs, dAs, L, mask_diag);
-            else
-            DISPATCH_N(bwd_row(u + r * L, delta + r * L, A + d * N, Bm + b * L * N, Cm + b * L * N,
-                               h0 ? h0 + r * N : NULL, dy + r * L, dhlast ? dhlast + r * N : NULL,
-                               du + r * L, ddelta + r * L, pA + d * N, pB + b * L * N, pC + b * L * N,
-                               dh0 ? dh0 + r * N : NULL, hs, dAs, L, NN, mask_diag));
+        for (long it = 0; it < items; it++) {
+            const long b = it / nblk, t0 = (it % nblk) * VTR_CONV_T;
+            const long t1 = t0 + VTR_CONV_T < L ? t0 + VTR_CONV_T : L;
+            const float *xb = x + b * x_bs;
+            /* gradients at the conv outputs, over the rows this block's dx depends on */
+            const long ff = t0, fl = t1 + K - 1 < L ? t1 + K - 1 : L;      /* forward: [t0, t1+K-1) */
+            const long bf0 = t0 - K + 1 > 0 ? t0 - K + 1 : 0, bl = t1;       /* backward: [t0-K+1, t1) */
+            for (long t = ff; t < fl; t++)
+                for (long c = 0; c < E; c += 16) {
+                    const lmask m = lanes(E - c);
+                    const v16f p = conv_pre(xb, x_ls, wf, bf, t, L, E, c, K, 0, m);
+                    st(gf + (t - ff) * E + c, ld(gyf + (b * L + t) * E + c, m) * dsilu(p), m);
+                }
+            if (ndir == 2)
+                for (long t = bf0; t < bl; t++)
+                    for (long c = 0; c < E; c += 16) {
+                        const lmask m = lanes(E - c);
+                        const v16f p = conv_pre(xb, x_ls, wb, bb, t, L, E, c, K, 1, m);
+                        st(gb + (t - bf0) * E + c, ld(gyb + (b * L + t) * E + c, m) * dsilu(p), m);
+                    }
+            for (long s = t0; s < t1; s++)
+                for (long c = 0; c < E; c += 16) {
+                    const lmask m = lanes(E - c);
+                    v16f acc = vb(0.0f);
+                    for (int k = 0; k < K; k++) {
+                        const long tf = s + K - 1 - k;         /* yf[tf] reads x[s] with wf[k] */
+                        if (tf < L) acc += ld(wf + k * E + c, m) * ld(gf + (tf - ff) * E + c, m);
+                        if (ndir == 2) {
+                            const long tb = s - K + 1 + k;     /* yb[tb] reads x[s] with wb[k] */
+                            if (tb >= 0) acc += ld(wb + k * E + c, m) * ld(gb + (tb - bf0) * E + c, m);
+                        }
+                    }
+                    st(dx + (b * L + s) * E + c, acc, m);
+                }
+            /* weight and bias gradients over this block's own rows */
+            for (int dir = 0; dir < ndir; dir++) {
+                float *dw = pw + (size_t)dir * (K + 1) * E, *dbias = dw + K * E;
+                const float *gg = dir ? gb : gf;
+                const long off = dir ? bf0 : ff;
+                for (long c = 0; c < E; c += 16) {
+                    const lmask m = lanes(E - c);
+                    v16f accb = ld(dbias + c, m);
+                    v16f accw[VTR_MAXK];
+                    for (int k = 0; k < K; k++) accw[k] = ld(dw + k * E + c, m);
+                    for (long t = t0; t < t1; t++) {
+                        const v16f gv = ld(gg + (t - off) * E + c, m);
+                        accb += gv;
+                        for (int k = 0; k < K; k++) {
+                            const long s = dir ? t + K - 1 - k : t - K + 1 + k;
+                            if (s >= 0 && s < L) accw[k] += gv * ld(xb + s * x_ls + c, m);
+                        }
+                    }
+                    st(dbias + c, accb, m);
+                    for (int k = 0; k < K; k++) st(dw + k * E + c, accw[k], m);
+                }
+            }
         }
     }
-    /* reduce the private slabs */
-    long total_bc = slab, total_a = D * N;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long i = 0; i < total_bc; i++) {
-        float sb = 0.0f, sc = 0.0f;
-        for (int k = 0; k < used; k++) {
-            const float *base = priv + (size_t)k * (2 * slab + D * N);
-            sb += base[i];
-            sc += base[slab + i];
+    for (int dir = 0; dir < ndir; dir++) {
+        float *dw = dir ? dwb : dwf, *dbias = dir ? dbb : dbf;
+        for (long i = 0; i < (K + 1) * E; i++) {
+            float s = 0.0f;
+            for (int th = 0; th < nthreads; th++) s += priv[(size_t)th * per_thread + (size_t)dir * (K + 1) * E + i];
+            if (i < K * E) dw[i] = s;
+            else if (dbias) dbias[i - K * E] = s;
         }
-        dB[i] = sb;
-        dC[i] = sc;
-    }
-    for (long i = 0; i < total_a; i++) {
-        float s = 0.0f;
-        for (int k = 0; k < used; k++) s += priv[(size_t)k * (2 * slab + D * N) + 2 * slab + i];
-        dA[i] = s;
     }
     free(priv);
-    free(scratch);
+    free(scr);
+    return 0;
+}
+
+/* ---- layout change for the [B, D, L] API ------------------------------------------------- */
+
+/* dst[b, y, x] = src[b, x, y]; src rows have unit stride (src + b*s_bs + x*s_xs + y), dst is
+ * contiguous [B, Y, X]. 16x16 tiles, transposed in registers. */
+int vtr_transpose(const float *src, long s_bs, long s_xs, float *dst, long B, long X, long Y, int nthreads)
+{
+    if (nthreads < 1) nthreads = 1;
+    const long tx = (X + 15) / 16, ty = (Y + 15) / 16, tiles = B * tx * ty;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long it = 0; it < tiles; it++) {
+        const long b = it / (tx * ty), x0 = (it / ty) % tx * 16, y0 = it % ty * 16;
+        const long nx = X - x0 < 16 ? X - x0 : 16, ny = Y - y0 < 16 ? Y - y0 : 16;
+        const lmask my = lanes(ny), mx = lanes(nx);
+        v16f r[16];
+VTR_UNROLL
+        for (int i = 0; i < 16; i++) r[i] = i < nx ? ld(src + b * s_bs + (x0 + i) * s_xs + y0, my) : vb(0.0f);
+        transpose16(r);
+        for (int j = 0; j < ny; j++) st(dst + (b * Y + y0 + j) * X + x0, r[j], mx);
+    }
     return 0;
 }
