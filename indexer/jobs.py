@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from indexer.store import open_index, write_index
+from indexer.store import fsync_path, open_index, write_index
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.video import VideoReadError, video_duration
 from retrieval.eval.actions import ActionClassifier, load_labels
@@ -201,14 +201,6 @@ def window_spans(duration: float, window: float, stride: float) -> list[tuple[fl
 # durable files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_temp(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
@@ -221,7 +213,7 @@ def _write_temp(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
 def write_durably(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Write ``path`` whole or not at all: temp file, fsync, rename, fsync the directory."""
     os.replace(_write_temp(path, write), path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _json_bytes(data: Any) -> bytes:
@@ -237,7 +229,7 @@ def _create_once(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     tmp = _write_temp(path, lambda handle: handle.write(_json_bytes(data)))
     try:
         os.link(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except FileExistsError:
         pass
     finally:

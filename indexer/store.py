@@ -136,7 +136,8 @@ def _normalise_failure(failure: Mapping[str, Any]) -> dict[str, Any]:
     return {**failure, "path": os.fspath(failure["path"]), "reason": str(failure["reason"])}
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entry list makes renames durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -248,7 +249,7 @@ def _publish(staged: Path, out: Path) -> Path:
     if legacy_dir:
         os.rename(out, aside)  # readers retry during the instant INDEX does not exist
     os.replace(link, out)
-    _fsync_path(parent)
+    fsync_path(parent)
 
     if legacy_dir:
         _remove(aside)
@@ -324,8 +325,8 @@ def write_index(
         _write_jsonl(staged / FAILURES_FILE, failure_rows)
         # The manifest goes last: a directory with a manifest is a finished one.
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _fsync_path(staged / MANIFEST_FILE)
-        _fsync_path(staged)
+        fsync_path(staged / MANIFEST_FILE)
+        fsync_path(staged)
         return _publish(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
