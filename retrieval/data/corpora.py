@@ -16,8 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import re
 import string
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,18 +101,22 @@ class Corpus:
         return (item.start, item.end)
 
 
-_PUNCTUATION_TO_DROP = "".join(ch for ch in string.punctuation if ch not in "-/")
-_DROP_PUNCTUATION = str.maketrans("-/", "  ", _PUNCTUATION_TO_DROP)
-_WHITESPACE = re.compile(r"\s+")
-
-
 def clean_text(text: str) -> str:
-    """Normalise a caption before tokenising, as the official pipeline does.
+    """The official caption cleaning: lower-case, dashes and "/" to spaces, punctuation removed.
 
-    Lower-case; "-" and "/" become spaces (so "hand-held" is two words, not "handheld"); other
-    ASCII punctuation is removed; whitespace runs collapse to one space.
+    Any Unicode dash counts as "-" and any Unicode punctuation is stripped (not only ASCII), so
+    "don’t" and "don't" clean alike; whitespace runs collapse to one space.
     """
-    return _WHITESPACE.sub(" ", text.lower().translate(_DROP_PUNCTUATION)).strip()
+    chars = []
+    for ch in text.lower():
+        category = unicodedata.category(ch)
+        if ch == "/" or category == "Pd":
+            chars.append(" ")
+        elif ch in string.punctuation or category.startswith("P"):
+            continue
+        else:
+            chars.append(ch)
+    return " ".join("".join(chars).split())
 
 
 # ----------------------------------------------------------------------------------------------

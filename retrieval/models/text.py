@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import string
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,8 @@ from transformers.models.bert.modeling_bert import (
     BertPredictionHeadTransform,
     BertSelfOutput,
 )
+
+from ..data.corpora import clean_text  # one cleaning rule for corpus captions and queries
 
 log = logging.getLogger(__name__)
 
@@ -392,24 +392,6 @@ def mask_tokens(
 
 
 # --------------------------------------------------------------------------- text preparation
-
-
-def clean_text(text: str) -> str:
-    """The official caption cleaning: lower-case, dashes and "/" to spaces, punctuation removed.
-
-    Any Unicode dash counts as "-" and any Unicode punctuation is stripped (not only ASCII), so
-    "don’t" and "don't" clean alike; whitespace runs collapse to one space.
-    """
-    chars = []
-    for ch in text.lower():
-        category = unicodedata.category(ch)
-        if ch == "/" or category == "Pd":
-            chars.append(" ")
-        elif ch in string.punctuation or category.startswith("P"):
-            continue
-        else:
-            chars.append(ch)
-    return " ".join("".join(chars).split())
 
 
 def tokenize(
