@@ -51,16 +51,54 @@ def models_cmd() -> None:
 def convert_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="official checkpoint file (.pth/.safetensors)"),
     out: Path = typer.Option(..., "--out", "-o", help="model directory to write"),
-    fmt: str = typer.Option("videomamba", "--format", help="checkpoint family: videomamba"),
-    num_frames: Optional[int] = typer.Option(None, help="re-sample temporal position embeddings to this many frames"),
+    fmt: str = typer.Option("videomamba", "--format", help="checkpoint family: videomamba | umt"),
+    tokenizer: Optional[Path] = typer.Option(
+        None, "--tokenizer", help="local BERT folder (e.g. bert-base-uncased) whose tokenizer goes with a full "
+                                  "retrieval checkpoint; checkpoints carry none"),
+    vision_only: bool = typer.Option(False, "--vision-only", help="keep only the vision encoder of a full checkpoint"),
+    num_frames: Optional[int] = typer.Option(
+        None, help="videomamba: re-sample temporal position embeddings; umt: clip length (default 4)"),
     variant: str = typer.Option("videomamba", help="videomamba | pro (VideoMambaPro weights)"),
 ) -> None:
-    """Convert official weights into a vtr model directory (strict: every key accounted for)."""
-    if fmt != "videomamba":
-        raise ValueError(f"unknown --format {fmt!r}; supported: videomamba")
-    from retrieval.models.convert import convert_videomamba  # noqa: PLC0415
+    """Convert official weights into a vtr model directory (strict: every key accounted for).
 
-    path = convert_videomamba(checkpoint, out, num_frames=num_frames, variant=variant)
+    A full retrieval checkpoint (vision + text encoder + heads) with --tokenizer becomes a whole
+    retrieval model (`vtr eval --model OUT`); otherwise the vision encoder alone is converted.
+    """
+    from retrieval.models import convert as conv  # noqa: PLC0415
+
+    if fmt not in conv.FORMATS:
+        raise ValueError(f"unknown --format {fmt!r}; supported: {', '.join(conv.FORMATS)}")
+    if vision_only and tokenizer is not None:
+        raise ValueError("--vision-only keeps no text encoder, so it takes no --tokenizer; pass one of the two")
+    state = conv.load_checkpoint(checkpoint)  # read once, handed to the converter
+    has_text = conv.has_text_encoder(state)
+    if has_text and tokenizer is None and not vision_only:
+        raise ValueError(f"{checkpoint} holds a whole retrieval model (text_encoder.* beside vision_encoder.*) but "
+                         "checkpoints carry no tokenizer: pass --tokenizer DIR (a local bert-base-uncased folder) "
+                         "to convert all of it, or --vision-only to keep just the vision encoder")
+    if tokenizer is not None and not has_text:
+        raise ValueError(f"{checkpoint} holds no text encoder (text_encoder.*), so --tokenizer has nothing to go "
+                         "with: drop --tokenizer to convert the vision encoder alone")
+
+    if tokenizer is not None:
+        path = conv.convert_retrieval(checkpoint, out, tokenizer, fmt=fmt, num_frames=num_frames, variant=variant,
+                                      state=state)
+        cfg = json.loads((path / "config.json").read_text())
+        v, t = cfg["model"]["video"], cfg["model"]["text"]
+        bert = t["bert_config"]
+        dropped = ", ".join(f"{reason} ({n})" for reason, n in cfg["source"].get("dropped", {}).items()) or "nothing"
+        typer.echo(f"wrote {path}: retrieval model; vision {v['arch']} D={v['embed_dim']} depth={v['depth']} "
+                   f"frames={v['num_frames']} img={v['img_size']}; text BERT {bert['num_hidden_layers']} layers "
+                   f"x {bert['hidden_size']} (fusion from layer {t['fusion_layer']}); embed {cfg['model']['embed_dim']}; "
+                   f"dropped by name: {dropped}")
+        return
+    if fmt == "umt":
+        if variant != "videomamba":
+            raise ValueError("--variant applies to VideoMamba checkpoints only")
+        path = conv.convert_umt_vision(checkpoint, out, num_frames=num_frames, state=state)
+    else:
+        path = conv.convert_videomamba(checkpoint, out, num_frames=num_frames, variant=variant, state=state)
     cfg = json.loads((path / "config.json").read_text())
     m = cfg["model"]
     typer.echo(f"wrote {path}: {m['arch']} D={m['embed_dim']} depth={m['depth']} frames={m['num_frames']} "
@@ -137,6 +175,9 @@ def main() -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from retrieval.runtime import apply_cli_defaults  # noqa: PLC0415
+
+    apply_cli_defaults()
     app(prog_name="vtr")
 
 

@@ -14,6 +14,17 @@ Layout:
 * pre-norm transformer blocks (timm's ``Block``), final LayerNorm.
 * ``pooled``: mean of the patch tokens (``pool="avg"``, UMT) or the cls token (``pool="cls"``).
 
+Options that exist to hold official UMT weights exactly (``vtr convert --format umt``); their
+defaults keep the layout above:
+
+* ``cls_token=False``: UMT's ViT has no cls token; ``tokens`` are then the patch tokens only.
+* ``pos_embed="sincos"``: UMT adds a fixed 1-D sinusoidal table over all ``T'·N`` space-time
+  positions (the Transformer formula, position ``t·N + n``) instead of learned factorised
+  embeddings; the table is a non-persistent buffer, so it is neither trained nor saved.
+* ``keep_temporal=True``: ``pooled`` is the mean patch token of each time step ``[B, T', D]``
+  (UMT's retrieval setting: clip-text scores are averaged over frames).
+* ``pool_norm=True``: a LayerNorm (eps 1e-6) on ``pooled``, as UMT's ``pool_norm``.
+
 Attention implementation (``fused_attn``): by default timm's block calls
 ``torch.nn.functional.scaled_dot_product_attention``, whose CPU/GPU kernels never materialise the
 ``[heads, L, L]`` score matrix, so activation memory grows linearly with the token count.
@@ -97,7 +108,8 @@ class JointSpaceTimeViT(nn.Module):
 
     ``forward(video [B, 3, T, H, W]) -> {"tokens": [B, 1 + T'·N, D], "pooled": [B, D]}`` with
     ``T' = T / tubelet_size``; tokens are frame-major (all patches of frame 0 in raster order, then
-    frame 1, ...) after the final LayerNorm, cls first.
+    frame 1, ...) after the final LayerNorm, cls first. With ``cls_token=False`` there is no cls
+    slot (``[B, T'·N, D]``); with ``keep_temporal=True`` ``pooled`` is ``[B, T', D]``.
     """
 
     keep_temporal = False
@@ -116,10 +128,18 @@ class JointSpaceTimeViT(nn.Module):
         pool: str = "avg",
         drop_path_rate: float = 0.0,
         fused_attn: bool = True,
+        cls_token: bool = True,
+        pos_embed: str = "learned",
+        keep_temporal: bool = False,
+        pool_norm: bool = False,
     ) -> None:
         super().__init__()
         if pool not in ("avg", "cls"):
             raise ValueError(f"pool must be 'avg' or 'cls', got {pool!r}")
+        if pos_embed not in ("learned", "sincos"):
+            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {pos_embed!r}")
+        if pool == "cls" and (not cls_token or keep_temporal):
+            raise ValueError("pool='cls' needs cls_token=True and keep_temporal=False (one cls token per clip)")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if num_frames % tubelet_size:
@@ -128,6 +148,10 @@ class JointSpaceTimeViT(nn.Module):
         self.num_frames = num_frames
         self.img_size = img_size
         self.pool = pool
+        self.pos_embed_kind = pos_embed
+        # instance attributes shadow the class defaults read by RetrievalModel and the indexer
+        self.has_cls_token = cls_token
+        self.keep_temporal = keep_temporal
         self.grad_checkpointing = False
         self.preprocess = {
             "size": img_size,
@@ -147,9 +171,14 @@ class JointSpaceTimeViT(nn.Module):
             stride=(tubelet_size, patch_size, patch_size),
         )
         # the cls token needs no position embedding of its own: it is a learned vector either way
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.spatial_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
-        self.temporal_pos_embed = nn.Parameter(torch.zeros(1, self.num_time_steps, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        if pos_embed == "learned":
+            self.spatial_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
+            self.temporal_pos_embed = nn.Parameter(torch.zeros(1, self.num_time_steps, embed_dim))
+        else:
+            self.spatial_pos_embed = self.temporal_pos_embed = None
+            table = sincos_table(self.num_time_steps * self.num_patches, embed_dim)
+            self.register_buffer("pos_table", table.unsqueeze(0), persistent=False)
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate) for rate in rates
@@ -157,12 +186,14 @@ class JointSpaceTimeViT(nn.Module):
         for block in self.blocks:
             block.attn.fused_attn = fused_attn
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.pool_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool_norm else None
         self._init_weights()
 
     def _init_weights(self) -> None:
         """ViT init: truncated-normal embeddings and linear weights, zero biases, unit LayerNorms."""
         for param in (self.cls_token, self.spatial_pos_embed, self.temporal_pos_embed):
-            trunc_normal_(param, std=0.02)
+            if param is not None:
+                trunc_normal_(param, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
@@ -183,17 +214,44 @@ class JointSpaceTimeViT(nn.Module):
         x = self.patch_embed(video)  # [B, D, T', g, g]
         b, d, t, _, _ = x.shape
         x = x.flatten(3).permute(0, 2, 3, 1)  # [B, T', N, D]
-        x = x + self.spatial_pos_embed.unsqueeze(1) + self.temporal_pos_embed.unsqueeze(2)
-        x = x.reshape(b, t * self.num_patches, d)
-        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        if self.pos_embed_kind == "learned":
+            x = x + self.spatial_pos_embed.unsqueeze(1) + self.temporal_pos_embed.unsqueeze(2)
+            x = x.reshape(b, t * self.num_patches, d)
+        else:
+            x = x.reshape(b, t * self.num_patches, d) + self.pos_table.to(x.dtype)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
         x = self.norm(x)
-        pooled = x[:, 1:].mean(dim=1) if self.pool == "avg" else x[:, 0]
+        patches = x[:, 1:] if self.cls_token is not None else x
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.keep_temporal:
+            pooled = patches.reshape(b, t, self.num_patches, d).mean(dim=2)
+        else:
+            pooled = patches.mean(dim=1)
+        if self.pool_norm is not None:
+            pooled = self.pool_norm(pooled)
         return {"tokens": x, "pooled": pooled}
+
+
+def sincos_table(positions: int, dim: int) -> torch.Tensor:
+    """The Transformer's fixed position table ``[positions, dim]``: channel ``j`` of position ``p`` is
+    ``sin`` (even ``j``) or ``cos`` (odd ``j``) of ``p / 10000^(2·(j // 2) / dim)``.
+
+    Computed in float64 and rounded once, so the values match tables built with NumPy.
+    """
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    exponent = (2 * (torch.arange(dim) // 2)).to(torch.float64) / dim
+    angles = pos / torch.pow(10000.0, exponent)[None, :]
+    table = torch.empty_like(angles)
+    table[:, 0::2] = torch.sin(angles[:, 0::2])
+    table[:, 1::2] = torch.cos(angles[:, 1::2])
+    return table.to(torch.float32)
 
 
 @register_arch("joint_vit")
@@ -210,6 +268,10 @@ def build(
     pool: str = "avg",
     drop_path_rate: float = 0.0,
     fused_attn: bool = True,
+    cls_token: bool = True,
+    pos_embed: str = "learned",
+    keep_temporal: bool = False,
+    pool_norm: bool = False,
 ) -> JointSpaceTimeViT:
     """Build a joint space-time ViT of a named ``size`` (ti/s/base), any of whose dims can be overridden."""
     if size is None:
@@ -237,4 +299,8 @@ def build(
         pool=pool,
         drop_path_rate=drop_path_rate,
         fused_attn=fused_attn,
+        cls_token=cls_token,
+        pos_embed=pos_embed,
+        keep_temporal=keep_temporal,
+        pool_norm=pool_norm,
     )

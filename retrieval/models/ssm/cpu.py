@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 
+from ...runtime import keep_freed_memory  # noqa: F401  (re-exported: its home before)
+
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).with_name("scan_kernel.c")
@@ -199,27 +201,6 @@ def openmp_runtimes() -> list[str]:
     except OSError:
         pass
     return sorted(found)
-
-
-def keep_freed_memory() -> bool:
-    """Opt-in, process-wide: ask glibc to keep freed memory for reuse instead of returning it.
-
-    Every forward allocates tens of MB of activations; by default glibc trims the freed top of
-    the heap back to the OS, and the next forward faults the same pages in again, one 4 KiB page
-    at a time (~2 us each on a VM: 10-30k faults, ~30% of a VideoMamba-Ti forward on 2 threads;
-    bench/encoder.py measures it). After this call the process stays at its peak RSS instead.
-    Same as ``MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_MMAP_THRESHOLD_=33554432`` in the
-    environment. Returns False where it does not apply (not glibc).
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    ok = mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and ok   # 32 MiB: glibc's largest
 
 
 def _p(t: torch.Tensor | None) -> int | None:
