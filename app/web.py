@@ -317,7 +317,7 @@ class SearchPage:
         started = time.perf_counter()
         try:
             with self._lock:
-                hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank))
+                hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank)
         except ValueError as exc:
             if "empty query" not in str(exc):
                 raise
@@ -428,8 +428,10 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
                 with gr.Row():
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="results (k)", scale=3,
                                   elem_id="vtr-k")
-                    rerank = gr.Checkbox(False, label="re-rank with the matching head (slower, better)",
-                                         scale=2, elem_id="vtr-rerank")
+                    can_rerank = page.searcher.can_rerank
+                    rerank = gr.Checkbox(False, label="re-rank with the matching head (slower, better)"
+                                         if can_rerank else "re-rank (this model's matching head is untrained)",
+                                         interactive=can_rerank, scale=2, elem_id="vtr-rerank")
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=[query], label="Try")
                 status = gr.Markdown("", elem_id="vtr-status")

@@ -123,6 +123,11 @@ class Searcher:
             "corpus_roots": manifest["corpus_roots"],
         }
 
+    @property
+    def can_rerank(self) -> bool:
+        """Whether the model has a trained matching head to re-rank with."""
+        return bool(getattr(self.model, "matching_trained", True))
+
     @torch.inference_mode()
     def search(self, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
         """The ``k`` best clips for ``text``, best first.
@@ -134,6 +139,9 @@ class Searcher:
             ValueError("empty query"): the query has no words.
         """
         query = clean_query(text)
+        if rerank and not self.can_rerank:
+            raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
+                             "search without re-ranking")
         encoded = self.model.encode_texts([query])
         pool = max(k, RERANK_CANDIDATES) if rerank else k
         ranked = self.reader.search(encoded["feat"].float().cpu().numpy(), pool)[0]

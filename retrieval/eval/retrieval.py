@@ -382,8 +382,9 @@ def encode_captions(model: torch.nn.Module, texts: Sequence[str], max_len: int,
 
 
 def has_itm_head(model: torch.nn.Module) -> bool:
-    """Whether ``model`` can score a (clip, caption) pair with a matching head."""
-    return callable(getattr(model, "match_score", None)) and getattr(model, "itm_head", None) is not None
+    """Whether ``model`` can score a (clip, caption) pair with a trained matching head."""
+    return (callable(getattr(model, "match_score", None)) and getattr(model, "itm_head", None) is not None
+            and getattr(model, "matching_trained", True))
 
 
 def _pad_hidden(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,8 +554,8 @@ def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 1
     _check_captions(texts, corpus, gt.tolist())
     rerank = rerank_k > 0 and has_itm_head(model)
     if rerank_k > 0 and not rerank:
-        logger.warning("%s has no matching (ITM) head: re-ranking skipped, ITC results only",
-                       type(model).__name__)
+        logger.warning("%s has no trained matching (ITM) head (trained with loss.vtm = 0?): re-ranking "
+                       "skipped, ITC results only", type(model).__name__)
     started = time.perf_counter()
 
     clips = embed_corpus(model, corpus, batch_size, workers, cache_dir, progress, with_tokens=rerank)

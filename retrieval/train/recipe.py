@@ -32,6 +32,7 @@ class ModelSection:
     max_text_len: int = 32
     init: Optional[str] = None                # start from this model directory instead
     text_dropout: Optional[float] = None      # override the text tower's dropout (0 for exact tests)
+    text_pooling: str = "cls"                 # text feature: "cls" (official BERT) or "mean" (sentence towers)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class LossSection:
     vtm: float = 1.0
     mlm: float = 0.5
     uta: float = 0.0
+    vtm_pairs: int = 0                        # VTM on the first n pairs of each local batch (0: all)
     mlm_prob: float = 0.5
     uta_teacher: Optional[str] = None         # registered model name or model directory of the teacher
     uta_mask_ratio: float = 0.8
@@ -67,6 +69,7 @@ class OptimSection:
     bf16: bool = False
     grad_checkpointing: bool = False
     freeze_text_embeddings: bool = False     # keep the (large) word-embedding table fixed: faster steps
+    freeze_text_layers: int = 0              # also freeze text layers 0..k-1; their outputs are cached per caption
 
 
 @dataclass
@@ -177,5 +180,9 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
     if r.optim.batch_size < 2 or r.optim.steps < 1:
         raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
+    if r.loss.vtm_pairs < 0:
+        raise RecipeError("loss.vtm_pairs must be >= 0 (0: every pair)")
+    if r.optim.freeze_text_layers < 0:
+        raise RecipeError("optim.freeze_text_layers must be >= 0")
     if not 0 < r.loss.uta_mask_ratio < 1:
         raise RecipeError("loss.uta_mask_ratio must be in (0, 1)")

@@ -104,6 +104,15 @@ def test_rerank_orders_top_candidates_by_the_matching_head(
         expected = model.match_score(tokens, text["hidden"], text["mask"])
     assert hits[0].score == pytest.approx(float(expected), abs=1e-4)
 
+    model.matching_trained = False                       # a recipe with loss.vtm = 0 trained no head
+    try:
+        assert not searcher.can_rerank
+        with pytest.raises(ValueError, match="never trained"):
+            searcher.search(query, k=3, rerank=True)
+        assert len(searcher.search(query, k=3)) == 3
+    finally:
+        model.matching_trained = True
+
 
 def test_an_example_clip_finds_itself(searcher: Searcher, corpus: Path) -> None:
     path = corpus / "videos" / "test" / "0005.mp4"

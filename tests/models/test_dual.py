@@ -50,3 +50,50 @@ def test_save_and_load_roundtrip(model, tmp_path):
 def test_empty_query_is_an_error(model):
     with pytest.raises(ValueError, match="empty"):
         model.encode_texts(["   ...  "])
+
+
+def test_mean_text_pooling_is_the_masked_mean_and_survives_saving(tmp_path):
+    torch.manual_seed(0)
+    m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, text_pooling="mean").eval()
+    texts = ["a red circle", "one small green triangle moving up on a dark background"]
+    with torch.no_grad():
+        out = m.encode_texts(texts)
+        ids, mask = m.tokenize(texts)
+        hidden = m.text(ids, mask, mode="text")
+        n = int(mask[0].sum())                       # the short text is padded: padding must not count
+        expect = torch.nn.functional.normalize(m.text_proj(hidden[0, :n].mean(0)), dim=-1)
+    torch.testing.assert_close(out["feat"][0], expect)
+    m.save(tmp_path / "mean")
+    loaded = load_model(tmp_path / "mean")
+    assert loaded.text_pooling == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_texts(texts)["feat"], out["feat"])
+    with pytest.raises(ValueError, match="text_pooling"):
+        build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, text_pooling="max")
+
+
+def test_text_can_resume_from_a_cached_layer(model):
+    ids, mask = model.tokenize(["a blue square growing", "a star"])
+    with torch.no_grad():
+        full = model.encode_text(ids, mask)
+        h = model.text.embeddings(input_ids=ids)
+        for layer in model.text.encoder.layer[:2]:
+            h = layer(h, mask.bool(), None, None)
+        resumed = model.encode_text(None, mask, hidden=h, start_layer=2)
+    torch.testing.assert_close(resumed["feat"], full["feat"])
+    torch.testing.assert_close(resumed["hidden"], full["hidden"])
+    with pytest.raises(ValueError, match="start_layer"):
+        model.text(attention_mask=mask, mode="text", hidden_states=h, start_layer=model.text.fusion_layer + 1)
+    with pytest.raises(ValueError, match="start_layer"):
+        model.text(ids, mask, mode="text", start_layer=1)
+
+
+def test_an_untrained_matching_head_is_recorded_and_not_used(tmp_path):
+    from retrieval.eval.retrieval import has_itm_head
+
+    m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    assert m.matching_trained and has_itm_head(m)
+    m.matching_trained = False
+    m.save(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.matching_trained is False and not has_itm_head(loaded)

@@ -130,3 +130,60 @@ def test_two_processes_follow_one_process(tmp_path, tiny_corpus):
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert abs(a - b) < 1e-3 * max(1.0, abs(a)), (one, two)
+
+
+def test_frozen_text_prefix_matches_the_full_text_tower(tmp_path, tiny_corpus):
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"optim.freeze_text_layers": 3}))
+    model = loop.build_model(r).eval()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("text.encoder.layer.2.") for n in frozen)
+    assert not any(n.startswith(("text.encoder.layer.3.", "video.")) for n in frozen)
+    prefix = loop.FrozenTextPrefix(model, 3)
+    captions = ["a red circle moving left", "one small green triangle that is growing", "a red circle moving left"]
+    hidden, mask = prefix(captions)
+    assert len(prefix._cache) == 2                       # one entry per distinct caption
+    ids, full_mask = model.tokenize(captions)
+    with torch.no_grad():
+        full = model.encode_text(ids, full_mask)
+        cached = model.encode_text(None, mask, hidden=hidden, start_layer=3)
+    torch.testing.assert_close(mask, full_mask)
+    torch.testing.assert_close(cached["feat"], full["feat"], rtol=1e-5, atol=1e-5)
+    too_many = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"optim.freeze_text_layers": 99}))
+    with pytest.raises(RecipeError, match="freeze_text_layers"):
+        loop.build_model(too_many)
+
+
+def test_short_run_with_frozen_text_and_mean_pooling(tmp_path, tiny_corpus):
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "frozen", **{
+        "optim.freeze_text_layers": 6, "model.text_pooling": "mean", "loss.mlm": 0, "optim.steps": 3}))
+    before = loop.build_model(r).text.state_dict()
+    model = load_model(loop.train(r))
+    assert model.text_pooling == "mean"
+    after = model.text.state_dict()
+    assert torch.equal(before["encoder.layer.0.attention.self.query.weight"],
+                       after["encoder.layer.0.attention.self.query.weight"])     # frozen: unchanged
+
+
+def test_vtm_on_a_share_of_the_batch():
+    from retrieval.models.dual import build_retrieval_model
+    from retrieval.train.losses import vtm_loss
+
+    torch.manual_seed(0)
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=16, num_fusion_layers=1).eval()
+    with torch.no_grad():
+        v = model.encode_video(torch.randn(4, 3, 4, 32, 32))
+        t = model.encode_texts(["a red circle", "a blue square growing", "one star", "a green cross moving up"])
+    idx = torch.arange(4)
+    seen = []
+    real = model.text.forward
+    model.text.forward = lambda *a, **k: seen.append(k["hidden_states"].shape[0]) or real(*a, **k)
+
+    def loss(pairs):
+        return vtm_loss(model, v["tokens"], t["hidden"], t["mask"], t["feat"], v["feat"], idx, torch.tensor(0.07),
+                        torch.Generator().manual_seed(1), pairs=pairs)
+
+    torch.testing.assert_close(loss(0), loss(4))        # every pair either way
+    assert torch.isfinite(loss(2))
+    assert seen == [12, 12, 6]                          # 3 rows (positive + 2 negatives) per scored pair
+    with pytest.raises(RecipeError, match="vtm_pairs"):
+        load_recipe(None, ["data.train=x.json", "loss.vtm_pairs=-1"])
