@@ -91,6 +91,26 @@ class ClipTextDataset(Dataset):
         return self.pre(frames), caption, index
 
 
+    def reversed_captions(self, index: int) -> list[str]:
+        """Captions of item ``index`` played backwards (annotation key ``caption_reversed``)."""
+        rev = self.items[index].extra.get("caption_reversed")
+        return [rev] if isinstance(rev, str) else [str(c) for c in rev or []]
+
+    def reversed_sample(self, index: int):
+        """``(video, caption, index)`` of sample ``index`` with its frames in reverse order and a
+        caption that describes it so, or None when the annotation has no ``caption_reversed``.
+
+        The frames are exactly those of ``self[index]`` for the same epoch, so the two form a
+        time-reversed pair that only a model reading frame order can tell apart.
+        """
+        captions = self.reversed_captions(index)
+        if not captions or (self._cache is not None and self._cache[index] is None):
+            return None
+        video, _, _ = self[index]
+        caption = random.Random(hash((self.seed, self.epoch, index, "reversed")) & 0xFFFFFFFF).choice(captions)
+        return video.flip(1), caption, index
+
+
 def collate(batch):
     videos, captions, idx = zip(*batch)
     return torch.stack(videos), list(captions), torch.tensor(idx)

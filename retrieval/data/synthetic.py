@@ -20,6 +20,10 @@ The corpus is built to make retrieval *measurable*:
   floats when start/end and ``i``/``n - i`` are swapped, since IEEE addition and multiplication
   commute.
 
+Training entries whose clip reads differently backwards also carry ``caption_reversed``
+(paraphrases of the time-reversed scene), which ``data.reversed_share`` in a training recipe
+turns into in-batch time-reversed hard negatives.
+
 Everything derives from ``seed`` through separate random streams (held-out set, train, test,
 long clips), so changing ``n_train`` does not change the test split.
 """
@@ -146,10 +150,10 @@ _HELD_OUT_UNPAIRED = 8
 _PAIR_SHARE = 0.4  # target share of test clips that belong to a direction pair
 
 # independent random streams, so one split's size never changes another split's content
-_STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG = range(4)
+_STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED = range(5)
 
 _FORMAT = "vtr-synthetic"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: train entries carry caption_reversed
 _MANIFEST = "corpus.json"
 _MAX_WORKERS = 2  # the target machines have two cores
 _POOL_MIN_JOBS = 32  # below this, starting worker processes costs more than it saves
@@ -560,6 +564,15 @@ def _paraphrases(scene: Scene, rng: np.random.Generator, count: int) -> list[str
     return captions
 
 
+def _reverse_scene(scene: Scene) -> Scene | None:
+    """The scene its clip shows when played backwards, or None when that looks the same
+    (no object has a reversible action: blinking and bouncing read the same either way).
+    The held-out triples are closed under reversal, so this never shows a held-out one."""
+    if not any(o.action in REVERSE_ACTION for o in scene.objects):
+        return None
+    return replace(scene, objects=tuple(o.reversed() if o.action in REVERSE_ACTION else o for o in scene.objects))
+
+
 def _attributes(scene: Scene) -> dict[str, Any]:
     return {
         "objects": [
@@ -690,17 +703,20 @@ def plan_corpus(
     plan = CorpusPlan(held_out=held_out)
 
     rng = np.random.default_rng([seed, _STREAM_TRAIN])
+    rev_rng = np.random.default_rng([seed, _STREAM_REVERSED])
     for index, scene in enumerate(_plan_train(n_train, held_out, rng)):
         video = f"train/{_video_name(index, n_train)}"
         count = int(rng.integers(2, 4))
-        plan.train.append(
-            {
-                "video": video,
-                "caption": _paraphrases(scene, rng, count),
-                "label": scene.label,
-                "attributes": _attributes(scene),
-            }
-        )
+        entry: dict[str, Any] = {
+            "video": video,
+            "caption": _paraphrases(scene, rng, count),
+            "label": scene.label,
+            "attributes": _attributes(scene),
+        }
+        backwards = _reverse_scene(scene)
+        if backwards is not None:  # what the clip shows played backwards (data.reversed_share)
+            entry["caption_reversed"] = _paraphrases(backwards, rev_rng, count)
+        plan.train.append(entry)
         plan.jobs.append(RenderJob(video, (scene,), num_frames))
 
     rng = np.random.default_rng([seed, _STREAM_TEST])

@@ -187,6 +187,28 @@ class FrozenTextPrefix:
         return hidden, mask
 
 
+def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, recipe: Recipe, world: int) -> list:
+    """Time-reversed copies of up to ``data.reversed_share`` of the local batch, for the clips whose
+    annotation says what they show backwards. Each is its own video (index offset by the dataset
+    size), so the contrastive loss treats the pair as hard negatives of each other. Every process
+    adds the same number (the smallest any process can), as the feature gather needs."""
+    want = round(recipe.data.reversed_share * len(ids))
+    if not want:
+        return []
+    extra = []
+    for i in ids.tolist():
+        if len(extra) == want:
+            break
+        sample = dataset.reversed_sample(i)
+        if sample is not None:
+            extra.append((sample[0], sample[1], len(dataset) + i))
+    if world > 1:
+        n = torch.tensor([len(extra)])
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        extra = extra[:int(n)]
+    return extra
+
+
 def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: SpecialTokenIds,
                    teacher: Teacher | None, gen: torch.Generator,
                    text_prefix: FrozenTextPrefix | None = None) -> dict[str, torch.Tensor]:
@@ -308,7 +330,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.run.seed * 1000 + epoch))
             ids = order[j * o.batch_size:(j + 1) * o.batch_size][rank * local_b:(rank + 1) * local_b]
             dataset.set_epoch(epoch)
-            batch = collate([dataset[int(i)] for i in ids])
+            batch = collate([dataset[int(i)] for i in ids] + _reversed_samples(dataset, ids, recipe, world))
             gen = torch.Generator().manual_seed((recipe.run.seed * 1_000_003 + step) * 97 + rank)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.bf16):
                 losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix)

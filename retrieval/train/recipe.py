@@ -42,6 +42,7 @@ class DataSection:
     dataset: str = "generic"                  # corpus preset (msrvtt, didemo, anet, lsmdc, msvd, generic)
     cache: bool = False                       # decode every clip once into memory (small corpora)
     frames_per_segment: int = 3
+    reversed_share: float = 0.0               # add time-reversed copies (annotation caption_reversed) of this share of a batch
     workers: int = 0
 
 
@@ -180,6 +181,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
     if r.optim.batch_size < 2 or r.optim.steps < 1:
         raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
+    if not 0 <= r.data.reversed_share <= 1:
+        raise RecipeError("data.reversed_share must be in [0, 1]")
     if r.loss.vtm_pairs < 0:
         raise RecipeError("loss.vtm_pairs must be >= 0 (0: every pair)")
     if r.optim.freeze_text_layers < 0:

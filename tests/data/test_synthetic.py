@@ -116,6 +116,27 @@ def test_annotation_schema(corpus: tuple[Path, dict[str, Any]]) -> None:
     assert any(len(e["attributes"]["objects"]) == 2 for e in train)
 
 
+def test_reversed_captions_describe_the_clip_played_backwards(corpus: tuple[Path, dict[str, Any]]) -> None:
+    from retrieval.data.synthetic import _ACTION_PHRASES
+
+    out, _ = corpus
+    train = _load(out, "train.json")
+    checked = 0
+    for entry in train:
+        actions = [o["action"] for o in entry["attributes"]["objects"]]
+        if not any(a in REVERSE_ACTION for a in actions):
+            assert "caption_reversed" not in entry       # blinking / bouncing look the same backwards
+            continue
+        backwards = entry["caption_reversed"]
+        assert len(backwards) == len(entry["caption"]) and not set(backwards) & set(entry["caption"])
+        if len(actions) == 1:                            # one object: its action phrase is the reversed one
+            checked += 1
+            for caption in backwards:
+                assert any(p in caption for p in _ACTION_PHRASES[REVERSE_ACTION[actions[0]]])
+                assert not any(p in caption for p in _ACTION_PHRASES[actions[0]])
+    assert checked
+
+
 def test_held_out_combinations_never_appear_in_training(corpus: tuple[Path, dict[str, Any]]) -> None:
     out, _ = corpus
     held_out = {tuple(triple) for triple in _load(out, "corpus.json")["held_out"]}

@@ -187,3 +187,29 @@ def test_vtm_on_a_share_of_the_batch():
     assert seen == [12, 12, 6]                          # 3 rows (positive + 2 negatives) per scored pair
     with pytest.raises(RecipeError, match="vtm_pairs"):
         load_recipe(None, ["data.train=x.json", "loss.vtm_pairs=-1"])
+
+
+def test_time_reversed_samples_join_the_batch(tmp_path, tiny_corpus):
+    from retrieval.data.corpora import load_corpus
+    from retrieval.data.dataset import ClipTextDataset
+    from retrieval.data.video import Preprocess
+
+    corpus = load_corpus("generic", tiny_corpus / "train.json", tiny_corpus / "videos")
+    pre = Preprocess.from_dict({"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                                "num_frames": 4})
+    ds = ClipTextDataset(corpus, pre, seed=0, cache=True, progress=False)
+    with_rev = [i for i in range(len(ds)) if ds.reversed_captions(i)]
+    without = [i for i in range(len(ds)) if not ds.reversed_captions(i)]
+    assert with_rev
+    i = with_rev[0]
+    video, caption, index = ds.reversed_sample(i)
+    torch.testing.assert_close(video, ds[i][0].flip(1))          # the same frames, backwards
+    assert caption in ds.reversed_captions(i) and index == i
+    if without:
+        assert ds.reversed_sample(without[0]) is None
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"data.reversed_share": 0.5}))
+    ids = torch.tensor(with_rev[:2] + without[:2] if without else with_rev[:4])
+    extra = loop._reversed_samples(ds, ids, r, world=1)
+    assert len(extra) == 2 and all(idx >= len(ds) for _, _, idx in extra)
+    with pytest.raises(RecipeError, match="reversed_share"):
+        load_recipe(None, ["data.train=x.json", "data.reversed_share=2"])
