@@ -17,7 +17,8 @@ BENCHES = {
     "scaling": [],
     "search": ["--sizes", "10000,100000,1000000"],
     "index": [],
-    "eval": [],
+    "eval": ["--size", "128"],
+    "direction_gap": [],
 }
 
 
