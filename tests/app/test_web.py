@@ -180,6 +180,21 @@ def test_k_is_honoured_and_clamped(demo) -> None:
     assert len(_cards(page.search("shapes", 0)[0])) == 1
 
 
+def test_an_untrained_matching_head_is_not_offered(index: Path) -> None:
+    searcher = open_searcher(index)
+    searcher.model.matching_trained = False              # what a recipe with loss.vtm = 0 saves
+    page_app = build_app(searcher, concurrency=1)
+    try:
+        box = next(b for b in page_app.blocks.values() if getattr(b, "elem_id", None) == "vtr-rerank")
+        assert box.interactive is False and "untrained" in box.label
+        page = page_app.vtr_page
+        plain = [h.item_id for h in page.search_hits("a big green triangle", 4, False)[1]]
+        asked = [h.item_id for h in page.search_hits("a big green triangle", 4, True)[1]]
+        assert asked == plain                            # re-rank request ignored, not an error page
+    finally:
+        page_app.close()
+
+
 def test_moments_play_from_their_start(demo, videos_root: Path) -> None:
     html, _ = demo.vtr_page.search("a large blue triangle shrinking", 12)
     fragments = {(Path(unquote(q)).relative_to(videos_root).as_posix(), t) for q, t in VIDEO_SRC.findall(html)}
