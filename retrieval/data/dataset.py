@@ -96,17 +96,18 @@ class ClipTextDataset(Dataset):
         rev = self.items[index].extra.get("caption_reversed")
         return [rev] if isinstance(rev, str) else [str(c) for c in rev or []]
 
-    def reversed_sample(self, index: int):
+    def reversed_sample(self, index: int, sample=None):
         """``(video, caption, index)`` of sample ``index`` with its frames in reverse order and a
         caption that describes it so, or None when the annotation has no ``caption_reversed``.
 
         The frames are exactly those of ``self[index]`` for the same epoch, so the two form a
-        time-reversed pair that only a model reading frame order can tell apart.
+        time-reversed pair that only a model reading frame order can tell apart. Pass that
+        ``sample`` when it is at hand: without a cache, drawing it again decodes the file again.
         """
         captions = self.reversed_captions(index)
         if not captions or (self._cache is not None and self._cache[index] is None):
             return None
-        video, _, _ = self[index]
+        video = (sample if sample is not None else self[index])[0]
         caption = random.Random(hash((self.seed, self.epoch, index, "reversed")) & 0xFFFFFFFF).choice(captions)
         return video.flip(1), caption, index
 

@@ -187,7 +187,8 @@ class FrozenTextPrefix:
         return hidden, mask
 
 
-def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, recipe: Recipe, world: int) -> list:
+def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, samples: list, recipe: Recipe,
+                      world: int) -> list:
     """Time-reversed copies of up to ``data.reversed_share`` of the local batch, for the clips whose
     annotation says what they show backwards. Each is its own video (index offset by the dataset
     size), so the contrastive loss treats the pair as hard negatives of each other. Every process
@@ -196,10 +197,10 @@ def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, recipe: Recip
     if not want:
         return []
     extra = []
-    for i in ids.tolist():
+    for i, forward in zip(ids.tolist(), samples):
         if len(extra) == want:
             break
-        sample = dataset.reversed_sample(i)
+        sample = dataset.reversed_sample(i, forward)
         if sample is not None:
             extra.append((sample[0], sample[1], len(dataset) + i))
     if world > 1:
@@ -330,7 +331,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.run.seed * 1000 + epoch))
             ids = order[j * o.batch_size:(j + 1) * o.batch_size][rank * local_b:(rank + 1) * local_b]
             dataset.set_epoch(epoch)
-            batch = collate([dataset[int(i)] for i in ids] + _reversed_samples(dataset, ids, recipe, world))
+            samples = [dataset[int(i)] for i in ids]
+            batch = collate(samples + _reversed_samples(dataset, ids, samples, recipe, world))
             gen = torch.Generator().manual_seed((recipe.run.seed * 1_000_003 + step) * 97 + rank)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.bf16):
                 losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix)

@@ -209,7 +209,7 @@ def test_time_reversed_samples_join_the_batch(tmp_path, tiny_corpus):
         assert ds.reversed_sample(without[0]) is None
     r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path, **{"data.reversed_share": 0.5}))
     ids = torch.tensor(with_rev[:2] + without[:2] if without else with_rev[:4])
-    extra = loop._reversed_samples(ds, ids, r, world=1)
+    extra = loop._reversed_samples(ds, ids, [ds[int(i)] for i in ids], r, world=1)
     assert len(extra) == 2 and all(idx >= len(ds) for _, _, idx in extra)
     with pytest.raises(RecipeError, match="reversed_share"):
         load_recipe(None, ["data.train=x.json", "data.reversed_share=2"])
