@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from retrieval.data.corpora import load_corpus
-from retrieval.data.synthetic import ACTIONS, generate_corpus
+from retrieval.data.synthetic import ACTIONS
 from retrieval.eval.actions import ActionClassifier, classify_paths, evaluate_actions, load_labels
 from retrieval.models.dual import build_retrieval_model
 from retrieval.models.registry import create_model
@@ -19,31 +18,7 @@ from retrieval.models.registry import create_model
 N_TEST = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP hand-off costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_corpus(out, n_train=8, n_test=N_TEST, seed=1, size=32, long_videos=0, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def corpus(corpus_dir):
-    return load_corpus("generic", corpus_dir / "test.json", corpus_dir / "videos")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False).eval()
+CORPUS_SEED = 1  # the synthetic corpus of tests/eval/conftest.py
 
 
 # ------------------------------------------------------------------------------------ labels

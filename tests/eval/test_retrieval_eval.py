@@ -18,38 +18,13 @@ import torch
 from typer.testing import CliRunner
 
 from retrieval.data.corpora import load_corpus
-from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.retrieval import EvalResult, corpus_preprocess, embedding_cache_key, evaluate_retrieval
-from retrieval.models.dual import RetrievalModel, build_retrieval_model
+from retrieval.models.dual import RetrievalModel
 
 N_TEST = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP hand-off costs that dominate on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_corpus(out, n_train=8, n_test=N_TEST, seed=0, size=32, long_videos=0, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def corpus(corpus_dir):
-    return load_corpus("generic", corpus_dir / "test.json", corpus_dir / "videos")
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False).eval()
+CORPUS_SEED = 0  # the synthetic corpus of tests/eval/conftest.py
 
 
 def _check_ranges(result: EvalResult, n_texts: int, n_videos: int) -> None:
