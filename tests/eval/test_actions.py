@@ -16,8 +16,6 @@ from retrieval.models.dual import build_retrieval_model
 from retrieval.models.registry import create_model
 
 N_TEST = 12
-
-
 CORPUS_SEED = 1  # the synthetic corpus of tests/eval/conftest.py
 
 

@@ -22,8 +22,6 @@ from retrieval.eval.retrieval import EvalResult, corpus_preprocess, embedding_ca
 from retrieval.models.dual import RetrievalModel
 
 N_TEST = 12
-
-
 CORPUS_SEED = 0  # the synthetic corpus of tests/eval/conftest.py
 
 
