@@ -97,7 +97,9 @@ def _load_with_inert_metadata(path: Path) -> tuple[Any, list[str]]:
     Why: the official training scripts save ``{"model": ..., "config": <EasyDict>, "optimizer":
     ...}``; ``weights_only=True`` refuses the whole file because of the config class, although the
     weights themselves are plain tensors. Nothing outside torch's own allow-list is imported or
-    called here either.
+    called here either. (Allow-listing stand-ins with ``torch.serialization.safe_globals`` does
+    not work: the weights-only unpickler only fills exact ``dict`` types, and EasyDict is a
+    subclass filled with SETITEMS.)
     """
     from torch._weights_only_unpickler import _get_allowed_globals  # noqa: PLC0415
 
