@@ -146,12 +146,14 @@ def _read_jsonl(path: Path) -> list[Any]:
     return entries
 
 
-def _read_csv(path: Path) -> list[Any]:
+def _read_csv(
+    path: Path, required: tuple[str, ...] = ("video", "caption"), fields: str = _EXPECTED_FIELDS
+) -> list[Any]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         columns = set(reader.fieldnames or ())
-        if not {"video", "caption"} <= columns:
-            raise ValueError(f"{path}: CSV columns are {sorted(columns)}; {_EXPECTED_FIELDS}")
+        if not set(required) <= columns:
+            raise ValueError(f"{path}: CSV columns are {sorted(columns)}; {fields}")
         entries = []
         for row in reader:
             # empty optional cells mean "absent", so they do not turn into "" labels or bad times
@@ -299,3 +301,71 @@ def load_corpus(
         sample=preset.sample,
         max_seconds=preset.max_seconds,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# image-caption pairs (images trained as one-frame videos)
+
+_IMAGE_FIELDS = (
+    'expected fields: "image" (path relative to the image root), "caption" (string or list of strings)'
+)
+
+
+@dataclass
+class ImageCaptions:
+    """The image-caption pairs of an annotation file whose image files exist."""
+
+    root: Path
+    items: list[CorpusItem]      # ``video`` holds the image path relative to ``root``
+    missing: list[str]
+
+
+def load_image_captions(ann_file: str | Path, image_root: str | Path | None = None) -> ImageCaptions:
+    """Read image-caption pairs: a VindLU image JSON list ``[{"image": path, "caption": str |
+    [str]}, ...]``, JSON lines, or CSV with ``image,caption`` columns.
+
+    ``image_root`` defaults to the annotation's folder. A caption list holds alternative
+    captions (training draws one per epoch). Missing image files are reported and skipped.
+
+    Raises:
+        FileNotFoundError: the annotation file, or every listed image, is missing.
+        ValueError: unsupported format, no entries, or an invalid entry.
+    """
+    ann_path = Path(ann_file)
+    if not ann_path.is_file():
+        raise FileNotFoundError(f"image annotation file not found: {ann_path}")
+    root = Path(image_root) if image_root else ann_path.parent
+    suffix = ann_path.suffix.lower()
+    if suffix == ".csv":
+        entries = _read_csv(ann_path, ("image", "caption"), _IMAGE_FIELDS)
+    elif suffix in _READERS:
+        entries = _READERS[suffix](ann_path)
+    else:
+        raise ValueError(f"{ann_path}: unsupported annotation format; expected one of {sorted(_READERS)}")
+    if not entries:
+        raise ValueError(f"{ann_path} contains no entries")
+    items = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise ValueError(f"{ann_path}: entry {index} has no 'image' path; {_IMAGE_FIELDS}: {entry!r}")
+        caption = entry.get("caption")
+        captions = [caption] if isinstance(caption, str) else caption
+        if (not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError(
+                f"{ann_path}: entry {index}: 'caption' must be a non-empty string or list of them: "
+                f"{entry!r}"
+            )
+        items.append(CorpusItem(video=entry["image"], captions=list(captions)))
+    present = [item for item in items if (root / item.video).is_file()]
+    missing = [item.video for item in items if not (root / item.video).is_file()]
+    if not present:
+        raise FileNotFoundError(
+            f"none of the {len(items)} images listed in {ann_path} exist under {root} (looked for e.g. "
+            f"{root / items[0].video}); check that data.image_root is the folder the image paths are "
+            "relative to"
+        )
+    if missing:
+        logger.warning("%d of %d images listed in %s are missing under %s and are skipped (first: %s)",
+                       len(missing), len(items), ann_path, root, missing[0])
+    return ImageCaptions(root=root, items=present, missing=missing)

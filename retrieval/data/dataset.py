@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .corpora import Corpus
-from .video import Preprocess, VideoReadError, read_frames
+from .corpora import Corpus, ImageCaptions
+from .video import ImageReadError, Preprocess, VideoReadError, read_frames, read_image
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,65 @@ class ClipTextDataset(Dataset):
         video = (sample if sample is not None else self[index])[0]
         caption = random.Random(hash((self.seed, self.epoch, index, "reversed")) & 0xFFFFFFFF).choice(captions)
         return video.flip(1), caption, index
+
+
+class ImageTextDataset(Dataset):
+    """Item ``i`` -> ``(video [C, 1, H, W], caption, i)``: image-caption pairs as one-frame clips.
+
+    Images are resized like frames (``preprocess``, no crop); the caption is drawn from
+    ``(seed, epoch, index)`` as :class:`ClipTextDataset` draws it. An unreadable image is skipped
+    with one warning: its item returns the next readable one, as unreadable cached clips do.
+    """
+
+    def __init__(self, images: ImageCaptions, preprocess: Preprocess, seed: int = 0, cache: bool = False,
+                 progress: bool = True):
+        self.items, self.root = images.items, images.root
+        if not self.items:
+            raise ValueError(f"no image-caption pairs to train on under {self.root}")
+        self.pre, self.seed, self.epoch = preprocess, seed, 0
+        self._bad: set[int] = set()
+        self._cache: list[torch.Tensor | None] | None = None
+        if cache:
+            self._cache = [self._load(i) for i in tqdm(range(len(self.items)), desc="decoding images",
+                                                       disable=not progress, leave=False)]
+        readable = (any(x is not None for x in self._cache) if self._cache is not None
+                    else any(self._load(i) is not None for i in range(len(self.items))))  # stops at the first
+        if not readable:
+            raise ValueError(f"none of the {len(self.items)} training images under {self.root} could be read")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, index: int) -> torch.Tensor | None:
+        """uint8 ``[1, size, size, 3]``, or None (warned once) when the image cannot be read."""
+        if index in self._bad:
+            return None
+        try:
+            frames = read_image(self.root / self.items[index].video)
+        except ImageReadError as exc:
+            log.warning("skipping unreadable training image: %s", exc)
+            self._bad.add(index)
+            return None
+        size = self.pre.size
+        if frames.shape[1:3] == (size, size):
+            return frames
+        x = frames.permute(0, 3, 1, 2).float()
+        align = None if self.pre.interpolation == "nearest" else False
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode=self.pre.interpolation,
+                                            align_corners=align)
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    def __getitem__(self, index: int):
+        for k in range(len(self)):
+            i = (index + k) % len(self)  # unreadable: the next readable neighbour, deterministically
+            frames = self._cache[i] if self._cache is not None else self._load(i)
+            if frames is not None:
+                rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
+                return self.pre(frames), rng.choice(self.items[i].captions), i
+        raise ValueError(f"none of the {len(self.items)} training images under {self.root} could be read")
 
 
 def collate(batch):

@@ -329,6 +329,34 @@ def _frames_and_info(result: DecodeResult, backend: str) -> tuple[torch.Tensor, 
     return torch.from_numpy(np.ascontiguousarray(frames)), info
 
 
+class ImageReadError(VideoReadError):
+    """An image could not be read (a :class:`VideoReadError`, so one handler catches both)."""
+
+    def __str__(self) -> str:
+        return f"cannot read image {self.path}: {self.reason}"
+
+
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Decode an image with PIL as a one-frame clip: uint8 ``[1, H, W, 3]`` (RGB).
+
+    Raises:
+        ImageReadError: the file is missing, empty, truncated or not an image PIL can decode.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        _check_file(path)
+    except VideoReadError as exc:
+        raise ImageReadError(path, exc.reason) from None
+    try:
+        with Image.open(path) as image:
+            array = np.array(image.convert("RGB"))  # a writable copy
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(path, f"PIL: {type(exc).__name__}: {exc}") from exc
+    return torch.from_numpy(array).unsqueeze(0)
+
+
 def video_duration(path: str | os.PathLike[str]) -> float:
     """Duration in seconds from container metadata (no decoding).
 

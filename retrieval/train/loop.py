@@ -9,6 +9,11 @@ Resume is exact: data order and every per-sample choice derive from (seed, epoch
 loss-side randomness from (seed, step, rank), and the checkpoint stores the optimizer, scheduler
 and the global RNG state (dropout), so a killed and resumed run reaches the same parameters as an
 uninterrupted one.
+
+With ``data.images``, image-caption pairs train as 1-frame clips through the same encoders: an
+epoch interleaves every video batch with every image batch in a random order drawn from
+(seed, epoch) (:mod:`.schedule`), a batch is all videos or all images, and each process takes the
+same source at a step.
 """
 from __future__ import annotations
 
@@ -26,14 +31,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..data.corpora import load_corpus
-from ..data.dataset import ClipTextDataset, collate
+from ..data.corpora import load_corpus, load_image_captions
+from ..data.dataset import ClipTextDataset, ImageTextDataset, collate
 from ..data.video import Preprocess
 from ..models.dual import RetrievalModel, build_retrieval_model
 from ..models.io import load_model, load_weights, strict_load
 from ..models.text import SpecialTokenIds
 from .losses import mlm_loss, teacher_guided_mask, uta_loss, vtc_loss, vtm_loss
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe, RecipeError, image_batch_size
+from .schedule import IMAGE, VIDEO, step_source
 from .teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -134,6 +140,32 @@ def param_groups(model: RetrievalModel, recipe: Recipe) -> list[dict[str, Any]]:
     o = recipe.optim
     return [{"params": ps, "weight_decay": 0.0 if nd else o.weight_decay,
              "lr_scale": o.text_lr_scale if txt else 1.0} for (nd, txt), ps in groups.items()]
+
+
+def check_one_frame(model: RetrievalModel, teacher: Teacher | None) -> None:
+    """Image steps feed 1-frame clips: refuse, before training, encoders that cannot take them
+    (those built for a fixed frame count, e.g. TimeSformer and the joint space-time ViT)."""
+    x = torch.zeros(1, 3, 1, model.preprocess["size"], model.preprocess["size"])
+    was_training = model.training
+    model.eval()
+    try:
+        for name, net in (("the video encoder", model.video), ("the UTA teacher", teacher)):
+            if net is None:
+                continue
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    net(x)
+            except (ValueError, RuntimeError) as exc:
+                raise RecipeError(f"data.images trains images as 1-frame clips, but {name} cannot take a "
+                                  f"1-frame input: {exc}") from exc
+    finally:
+        model.train(was_training)
+
+
+def _batch_ids(n: int, batch: int, j: int, rank: int, local: int, seed: int) -> torch.Tensor:
+    """This process's share of batch ``j`` of an epoch whose order is a permutation drawn from ``seed``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[j * batch:(j + 1) * batch][rank * local:(rank + 1) * local]
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -289,17 +321,35 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     if o.batch_size % world:
         raise RecipeError(f"optim.batch_size {o.batch_size} does not split over {world} processes")
     local_b = o.batch_size // world
+    image_b = image_batch_size(recipe)
+    if recipe.data.images and image_b % world:
+        raise RecipeError(f"the image batch {image_b} does not split over {world} processes")
+    local_ib = image_b // world
 
     corpus = load_corpus(recipe.data.dataset, recipe.data.train, recipe.data.videos)
+    image_pairs = None
+    if recipe.data.images:  # read before building the model: a wrong path fails at once
+        image_pairs = load_image_captions(recipe.data.images, recipe.data.image_root)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe)
     teacher = Teacher.load(recipe.loss.uta_teacher, model.preprocess) if recipe.loss.uta else None
+    if image_pairs is not None:
+        check_one_frame(model, teacher)
     pre_cfg = {k: model.preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")}
     dataset = ClipTextDataset(corpus, Preprocess.from_dict(pre_cfg), recipe.run.seed, recipe.data.cache,
                               recipe.data.frames_per_segment, progress=recipe.run.progress and rank == 0)
     if len(dataset) < o.batch_size:
         raise RecipeError(f"the corpus has {len(dataset)} captioned clips, fewer than optim.batch_size {o.batch_size}")
-    steps_per_epoch = len(dataset) // o.batch_size
+    n_video = len(dataset) // o.batch_size
+    images, n_image = None, 0
+    if image_pairs is not None:
+        images = ImageTextDataset(image_pairs, Preprocess.from_dict(pre_cfg), recipe.run.seed,
+                                  recipe.data.cache, progress=recipe.run.progress and rank == 0)
+        if len(images) < image_b:
+            raise RecipeError(f"{recipe.data.images} lists {len(images)} images, fewer than the image batch "
+                              f"{image_b}")
+        n_image = len(images) // image_b
+        log.info("each epoch interleaves %d video and %d image batches", n_video, n_image)
     special = SpecialTokenIds.from_tokenizer(model.tokenizer)
     text_prefix = FrozenTextPrefix(model, o.freeze_text_layers) if o.freeze_text_layers else None
 
@@ -327,12 +377,17 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     t_last, n_since = time.perf_counter(), 0
     try:
         for step in range(start, o.steps):
-            epoch, j = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(recipe.run.seed * 1000 + epoch))
-            ids = order[j * o.batch_size:(j + 1) * o.batch_size][rank * local_b:(rank + 1) * local_b]
-            dataset.set_epoch(epoch)
-            samples = [dataset[int(i)] for i in ids]
-            batch = collate(samples + _reversed_samples(dataset, ids, samples, recipe, world))
+            epoch, source, j = step_source(step, n_video, n_image, recipe.run.seed)
+            if source == VIDEO:
+                ids = _batch_ids(len(dataset), o.batch_size, j, rank, local_b, recipe.run.seed * 1000 + epoch)
+                dataset.set_epoch(epoch)
+                samples = [dataset[int(i)] for i in ids]
+                batch = collate(samples + _reversed_samples(dataset, ids, samples, recipe, world))
+            else:
+                ids = _batch_ids(len(images), image_b, j, rank, local_ib,
+                                 (recipe.run.seed * 1000 + epoch) * 1_000_003 + 1)
+                images.set_epoch(epoch)
+                batch = collate([images[int(i)] for i in ids])
             gen = torch.Generator().manual_seed((recipe.run.seed * 1_000_003 + step) * 97 + rank)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.bf16):
                 losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix)
@@ -343,13 +398,13 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                 torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             opt.step()
             sched.step()
-            n_since += o.batch_size
+            n_since += image_b if source == IMAGE else o.batch_size
             done = step + 1
             log_now = done % recipe.run.log_every == 0 or done == o.steps
             means = _global_means(losses, world) if log_now else {}
             if rank == 0 and log_now:
                 now = time.perf_counter()
-                rec = {"step": done, **{k: round(v, 5) for k, v in means.items()},
+                rec = {"step": done, "source": source, **{k: round(v, 5) for k, v in means.items()},
                        "lr": opt.param_groups[0]["lr"], "temp": round(float(model.temp.detach()), 5),
                        "samples_per_s": round(n_since / (now - t_last), 2)}
                 metrics_f.write(json.dumps(rec) + "\n")
@@ -385,9 +440,14 @@ def plot_losses(metrics: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "vtc", "vtm", "mlm", "uta"):
-        if key in rows[0]:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    sources = list(dict.fromkeys(r.get("source", "video") for r in rows))
+    for source in sources:  # image and video steps have their own loss levels: one curve each
+        part = [r for r in rows if r.get("source", "video") == source]
+        for key in ("loss", "vtc", "vtm", "mlm", "uta"):
+            if key in part[0]:
+                label = key if len(sources) == 1 else f"{key} ({source})"
+                ax.plot([r["step"] for r in part], [r[key] for r in part], label=label,
+                        linestyle="--" if source == "image" else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -40,10 +40,13 @@ class DataSection:
     train: str = ""                           # annotation file (VindLU JSON / JSONL / CSV)
     videos: str = ""                          # the folder its video paths are relative to
     dataset: str = "generic"                  # corpus preset (msrvtt, didemo, anet, lsmdc, msvd, generic)
-    cache: bool = False                       # decode every clip once into memory (small corpora)
+    cache: bool = False                       # decode every clip and image once into memory (small corpora)
     frames_per_segment: int = 3
     reversed_share: float = 0.0               # add time-reversed copies (annotation caption_reversed) of this share of a batch
     workers: int = 0
+    images: str = ""                          # image-caption pairs (VindLU JSON / JSONL / CSV): 1-frame clips
+    image_root: str = ""                      # the folder their paths are relative to ("": the annotation's)
+    image_batch_size: int = 0                 # global batch of image steps (0: optim.batch_size)
 
 
 @dataclass
@@ -98,6 +101,9 @@ class Recipe:
         d = self.to_dict()
         d["run"] = {"seed": d["run"]["seed"]}
         d["data"].pop("workers")
+        if not self.data.images:  # recipes from before image training keep their fingerprint
+            for key in ("images", "image_root", "image_batch_size"):
+                d["data"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -189,3 +195,13 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("optim.freeze_text_layers must be >= 0")
     if not 0 < r.loss.uta_mask_ratio < 1:
         raise RecipeError("loss.uta_mask_ratio must be in (0, 1)")
+    if r.data.image_batch_size < 0 or r.data.image_batch_size == 1:
+        raise RecipeError("data.image_batch_size must be >= 2 (0: optim.batch_size)")
+    if not r.data.images and (r.data.image_root or r.data.image_batch_size):
+        raise RecipeError("data.image_root / data.image_batch_size are set but data.images (the image "
+                          "annotation file) is not")
+
+
+def image_batch_size(r: Recipe) -> int:
+    """The global batch of image steps."""
+    return r.data.image_batch_size or r.optim.batch_size
