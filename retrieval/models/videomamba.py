@@ -11,7 +11,7 @@ Parameter names and shapes follow the official multi-modality VideoMamba vision 
   causal conv, ``x_proj``, ``dt_proj``, ``A_log``, ``D``; the backward branch runs on the
   reversed sequence; outputs summed (not averaged), each gated by SiLU(z).
 * final: ``RMSNorm(residual + h)``; pooled = ``pool_norm(cls + mean(patches))``, per frame
-  with ``keep_temporal``.
+  with ``keep_temporal`` (``patch_pool="max"`` takes the max over patches instead: not official).
 
 VideoMambaPro (arXiv 2406.19006) is two options of the same mixer: ``mask_backward`` drops the
 diagonal of the backward scan operator (the token's own contribution is counted once, by the
@@ -223,6 +223,7 @@ class VideoMamba(nn.Module):
                  keep_temporal: bool = True, pool_norm: bool = True, clip_output_dim: int | None = 512,
                  gate: bool = True, mask_backward: bool = False, elemental_residual: bool = False,
                  scan_backend: str = "auto", grad_checkpointing: bool = False, num_classes: int | None = None,
+                 patch_pool: str = "mean",
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         if cls_position not in ("head", "middle"):
@@ -250,6 +251,9 @@ class VideoMamba(nn.Module):
         self.drop_path = DropPath(rates[-1] if depth else 0.0)
         self.norm = RMSNorm(embed_dim)
         self.pool_norm = nn.LayerNorm(embed_dim) if pool_norm else None
+        if patch_pool not in ("mean", "max"):
+            raise ValueError(f"patch_pool must be 'mean' (official) or 'max', got {patch_pool!r}")
+        self.patch_pool = patch_pool
         self.clip_decoder = nn.ModuleList([CLIPDecoder(embed_dim, clip_output_dim)]) if clip_output_dim else None
         # supervised classifier on the final cls token (official K400/SSv2 fine-tuned weights)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else None
@@ -368,10 +372,15 @@ class VideoMamba(nn.Module):
         cls, patches = tokens[:, :1], tokens[:, 1:]
         b, L, d = patches.shape
         if self.keep_temporal and t and L % t == 0:
-            pooled = cls + patches.reshape(b, t, L // t, d).mean(2)                # [B, T, D]
+            pooled = cls + self._reduce(patches.reshape(b, t, L // t, d))          # [B, T, D]
         else:
-            pooled = (cls + patches.mean(1, keepdim=True)).squeeze(1)               # [B, D]
+            pooled = cls.squeeze(1) + self._reduce(patches)                          # [B, D]
         return self.pool_norm(pooled) if self.pool_norm is not None else pooled
+
+    def _reduce(self, patches: torch.Tensor) -> torch.Tensor:
+        """[..., N, D] -> [..., D] over the patch axis: the official mean, or the max, which keeps
+        a small object's features from being averaged away by the background patches around it."""
+        return patches.amax(-2) if self.patch_pool == "max" else patches.mean(-2)
 
 
 def resize_temporal_pos(pos: torch.Tensor, t: int) -> torch.Tensor:

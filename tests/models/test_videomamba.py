@@ -58,6 +58,30 @@ def test_keep_temporal_off_pools_to_clip_vector():
     assert model(torch.randn(1, 3, 4, 32, 32))["pooled"].shape == (1, 32)
 
 
+@pytest.mark.parametrize("keep_temporal", [True, False])
+def test_patch_pool_reduces_the_final_patch_tokens(keep_temporal):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 32, 32)
+    for pool in ("mean", "max"):
+        model = create_model("videomamba_tiny_test", patch_pool=pool, keep_temporal=keep_temporal,
+                             pool_norm=False).eval()
+        with torch.no_grad():
+            out = model(x)
+        cls, patches = out["tokens"][:, :1], out["tokens"][:, 1:]
+        if keep_temporal:
+            patches = patches.reshape(2, 4, 4, -1)                     # [B, T, N, D]: per frame
+            cls = cls.expand(-1, 4, -1)
+        else:
+            cls = cls.squeeze(1)
+        if pool == "mean":
+            want = cls + patches.mean(-2)
+        else:
+            want = cls + patches.amax(-2)
+        torch.testing.assert_close(out["pooled"], want)
+    with pytest.raises(ValueError, match="patch_pool"):
+        create_model("videomamba_tiny_test", patch_pool="median")
+
+
 def test_pro_options_change_the_function_but_not_the_parameters():
     torch.manual_seed(1)
     base = create_model("videomamba_tiny_test").eval()
