@@ -251,6 +251,19 @@ def _videomamba_vision(vision: dict[str, torch.Tensor], num_frames: int | None,
     return cfg, vision
 
 
+def _save_video_encoder(cfg: dict[str, Any], sd: dict[str, torch.Tensor], checkpoint: str | Path, out: str | Path,
+                        name: str | None, arch_label: str, source: dict[str, Any]) -> Path:
+    """Build ``cfg``, load ``sd`` strictly (a mismatch is a :class:`CheckpointError`), save a model dir."""
+    cfg["name"] = name or Path(checkpoint).stem
+    model = build_from_config(cfg)
+    try:
+        strict_load(model, sd, f"{checkpoint} (as {arch_label} D={cfg['embed_dim']} depth={cfg['depth']})")
+    except ModelDirError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
+                          source={"checkpoint": str(Path(checkpoint).resolve()), **source})
+
+
 def convert_videomamba(checkpoint: str | Path, out: str | Path, num_frames: int | None = None,
                        variant: str = "videomamba", name: str | None = None, *,
                        state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -269,15 +282,8 @@ def convert_videomamba(checkpoint: str | Path, out: str | Path, num_frames: int 
         log.info("vision-encoder conversion ignores the non-vision parts: %s "
                  "(use the retrieval-model conversion to keep them)", ", ".join(prefixes))
     cfg, vision = _videomamba_vision(vision, num_frames, variant)
-    cfg["name"] = name or Path(checkpoint).stem
-    model = build_from_config(cfg)
-    try:
-        strict_load(model, vision, f"{checkpoint} (as {cfg['arch']} D={cfg['embed_dim']} depth={cfg['depth']})")
-    except ModelDirError as exc:
-        raise CheckpointError(str(exc)) from exc
-    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
-                          source={"checkpoint": str(Path(checkpoint).resolve()), "format": "videomamba",
-                                  "variant": variant})
+    return _save_video_encoder(cfg, vision, checkpoint, out, name, cfg["arch"],
+                               {"format": "videomamba", "variant": variant})
 
 
 # --------------------------------------------------------------------------- UMT vision (joint ViT)
@@ -387,14 +393,7 @@ def convert_umt_vision(checkpoint: str | Path, out: str | Path, num_frames: int 
     cfg, sd, unmapped = _umt_vision({k: v for k, v in vision.items() if k not in set(decoder)}, num_frames, num_heads)
     if unmapped:
         raise CheckpointError(f"{checkpoint}: vision keys with no place in vtr's joint_vit: {_list_keys(sorted(unmapped))}")
-    cfg["name"] = name or Path(checkpoint).stem
-    model = build_from_config(cfg)
-    try:
-        strict_load(model, sd, f"{checkpoint} (as UMT -> joint_vit D={cfg['embed_dim']} depth={cfg['depth']})")
-    except ModelDirError as exc:
-        raise CheckpointError(str(exc)) from exc
-    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
-                          source={"checkpoint": str(Path(checkpoint).resolve()), "format": "umt"})
+    return _save_video_encoder(cfg, sd, checkpoint, out, name, "UMT -> joint_vit", {"format": "umt"})
 
 
 # --------------------------------------------------------------------------- text tower

@@ -1,6 +1,9 @@
 import pytest
+import torch
 
+from retrieval import load_model
 from retrieval.data.synthetic import generate_corpus
+from retrieval.train import loop
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +22,31 @@ def tiny_overrides(corpus, out, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def kill_and_resume(recipe, monkeypatch, die_in_step=5):
+    """Train ``recipe``, kill the run in step ``die_in_step`` (after a checkpoint), resume it;
+    returns the resumed run's final model."""
+    real = loop.compute_losses
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == die_in_step:
+            raise Killed()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "compute_losses", dying)
+    with pytest.raises(Killed):
+        loop.train(recipe)
+    monkeypatch.setattr(loop, "compute_losses", real)
+    return load_model(loop.train(recipe, resume=True))
+
+
+def assert_same_parameters(a, b):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

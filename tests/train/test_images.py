@@ -16,7 +16,7 @@ from retrieval.train import loop
 from retrieval.train.recipe import RecipeError, load_recipe
 from retrieval.train.schedule import IMAGE, VIDEO, epoch_plan, step_source
 
-from .conftest import tiny_overrides
+from .conftest import assert_same_parameters, kill_and_resume, tiny_overrides
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 PRE = Preprocess(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", num_frames=4)
@@ -172,10 +172,6 @@ def test_training_mixes_image_and_video_steps(tmp_path, tiny_corpus):
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0          # one curve per source
 
 
-class _Killed(RuntimeError):
-    pass
-
-
 def test_resume_with_images_reaches_the_same_parameters(tmp_path, tiny_corpus, monkeypatch):
     ann = write_images(tmp_path / "imgs", n=6)
     # 4 video + 3 image batches per epoch (seed 0: v v i i i v v): image steps on both sides of the step-3
@@ -186,19 +182,5 @@ def test_resume_with_images_reaches_the_same_parameters(tmp_path, tiny_corpus, m
     assert {json.loads(x)["source"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()} == {
         "video", "image"}
     r = image_run(tiny_corpus, ann, tmp_path / "b", **extra)
-    real = loop.compute_losses
-    calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:                              # die in step 5, after the step-3 checkpoint
-            raise _Killed()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "compute_losses", dying)
-    with pytest.raises(_Killed):
-        loop.train(r)
-    monkeypatch.setattr(loop, "compute_losses", real)
-    resumed = load_model(loop.train(r, resume=True))
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # killed in step 5, after the step-3 checkpoint
+    assert_same_parameters(straight, kill_and_resume(r, monkeypatch))

@@ -13,7 +13,7 @@ from retrieval.train import loop
 from retrieval.train.losses import teacher_guided_mask, uta_loss, vtc_loss
 from retrieval.train.recipe import RecipeError, load_recipe
 
-from .conftest import tiny_overrides
+from .conftest import assert_same_parameters, kill_and_resume, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,30 +85,12 @@ def test_uta_with_a_registered_teacher(tmp_path, tiny_corpus):
     assert all(0 <= row["uta"] <= 4 for row in rows)
 
 
-class _Killed(RuntimeError):
-    pass
-
-
 def test_resume_reaches_the_same_parameters(tmp_path, tiny_corpus, monkeypatch):
     straight = load_model(loop.train(load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "a"))))
 
     r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "b"))
-    real = loop.compute_losses
-    calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:                              # die in step 5, after the step-3 checkpoint
-            raise _Killed()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "compute_losses", dying)
-    with pytest.raises(_Killed):
-        loop.train(r)
-    monkeypatch.setattr(loop, "compute_losses", real)
-    resumed = load_model(loop.train(r, resume=True))
-    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # killed in step 5, after the step-3 checkpoint
+    assert_same_parameters(straight, kill_and_resume(r, monkeypatch))
 
     other = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "b", **{"optim.lr": 0.1}))
     with pytest.raises(RecipeError, match="another recipe"):
