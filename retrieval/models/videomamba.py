@@ -12,6 +12,11 @@ Parameter names and shapes follow the official multi-modality VideoMamba vision 
   reversed sequence; outputs summed (not averaged), each gated by SiLU(z).
 * final: ``RMSNorm(residual + h)``; pooled = ``pool_norm(cls + mean(patches))``, per frame
   with ``keep_temporal`` (``patch_pool="max"`` takes the max over patches instead: not official).
+* ``stem_channels`` (not official, off by default): a convolutional stem before the patch
+  projection, one 3x3 stride-2 conv + GELU per entry, spanning ``stem_kernel_t`` frames
+  (odd; 1 = per frame). The projection then covers the rest of each patch, so the token grid,
+  the sequence and every other parameter stay as they are. A stem that spans frames sees motion
+  before the first Mamba block does (the demo model's direction of movement comes from it).
 
 VideoMambaPro (arXiv 2406.19006) is two options of the same mixer: ``mask_backward`` drops the
 diagonal of the backward scan operator (the token's own contribution is counted once, by the
@@ -223,7 +228,8 @@ class VideoMamba(nn.Module):
                  keep_temporal: bool = True, pool_norm: bool = True, clip_output_dim: int | None = 512,
                  gate: bool = True, mask_backward: bool = False, elemental_residual: bool = False,
                  scan_backend: str = "auto", grad_checkpointing: bool = False, num_classes: int | None = None,
-                 patch_pool: str = "mean",
+                 patch_pool: str = "mean", stem_channels: tuple[int, ...] | None = None,
+                 stem_kernel_t: int = 1,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         if cls_position not in ("head", "middle"):
@@ -238,7 +244,26 @@ class VideoMamba(nn.Module):
                            "interpolation": "bicubic"}
         grid = img_size // patch_size
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (1, patch_size, patch_size), (1, patch_size, patch_size))
+        stem_channels = tuple(int(c) for c in stem_channels or ())
+        if stem_channels:
+            # Small objects in small frames straddle patch borders; early convolutions see them
+            # the same wherever they fall, and with stem_kernel_t > 1 see how they move.
+            if stem_kernel_t < 1 or stem_kernel_t % 2 == 0:
+                raise ValueError(f"stem_kernel_t must be an odd number of frames >= 1, got {stem_kernel_t}")
+            if patch_size % (2 ** len(stem_channels)):
+                raise ValueError(f"patch_size {patch_size} is not divisible by 2**{len(stem_channels)} "
+                                 f"(one stride-2 conv per stem_channels entry)")
+            convs, prev, kt = [], in_chans, stem_kernel_t
+            for ch in stem_channels:
+                convs += [nn.Conv3d(prev, ch, (kt, 3, 3), (1, 2, 2), (kt // 2, 1, 1)), nn.GELU()]
+                prev = ch
+            self.patch_embed.stem = nn.Sequential(*convs)
+            rest = patch_size // 2 ** len(stem_channels)
+            self.patch_embed.proj = nn.Conv3d(prev, embed_dim, (1, rest, rest), (1, rest, rest))
+        else:
+            self.patch_embed.stem = None
+            self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (1, patch_size, patch_size),
+                                              (1, patch_size, patch_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
@@ -318,7 +343,10 @@ class VideoMamba(nn.Module):
         """[B, C, T, H, W] -> [B, T*N, D] patch tokens with positions (cls not included)."""
         t, gh, gw = self._check_input(video)
         b = video.shape[0]
-        x = self.patch_embed.proj(video.to(self.patch_embed.proj.weight.dtype))    # [B, D, T, gh, gw]
+        x = video.to(self.patch_embed.proj.weight.dtype)
+        if self.patch_embed.stem is not None:
+            x = self.patch_embed.stem(x)
+        x = self.patch_embed.proj(x)                                                # [B, D, T, gh, gw]
         x = x.flatten(3).permute(0, 2, 3, 1)                                        # [B, T, N, D]
         pos = self._spatial_pos(gh, gw)
         x = x + pos[:, 1:].unsqueeze(1) + self._temporal_pos(t).unsqueeze(2)

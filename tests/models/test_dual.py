@@ -97,3 +97,18 @@ def test_an_untrained_matching_head_is_recorded_and_not_used(tmp_path):
     m.save(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert loaded.matching_trained is False and not has_itm_head(loaded)
+
+
+def test_video_options_survive_saving(tmp_path):
+    """Non-official encoder options (the demo model's stem and max pooling) are part of the
+    saved config: the loaded model has the same parameters and computes the same features."""
+    torch.manual_seed(0)
+    m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False,
+                              video_overrides={"stem_channels": [8, 16], "stem_kernel_t": 3,
+                                               "patch_pool": "max"}).eval()
+    m.save(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.video.patch_embed.stem is not None and loaded.video.patch_pool == "max"
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_video(video)["feat"], m.encode_video(video)["feat"])

@@ -82,6 +82,44 @@ def test_patch_pool_reduces_the_final_patch_tokens(keep_temporal):
         create_model("videomamba_tiny_test", patch_pool="median")
 
 
+def test_conv_stem_keeps_the_token_grid_and_adds_only_stem_parameters():
+    official = create_model("videomamba_tiny_test")
+    stem = create_model("videomamba_tiny_test", stem_channels=[8, 16], stem_kernel_t=3)
+    assert not any(k.startswith("patch_embed.stem") for k in official.state_dict())
+    extra = {k: tuple(v.shape) for k, v in stem.state_dict().items() if k not in official.state_dict()}
+    assert extra == {"patch_embed.stem.0.weight": (8, 3, 3, 3, 3), "patch_embed.stem.0.bias": (8,),
+                     "patch_embed.stem.2.weight": (16, 8, 3, 3, 3), "patch_embed.stem.2.bias": (16,)}
+    # the projection covers what the two stride-2 convs leave of a 16 px patch
+    assert stem.patch_embed.proj.weight.shape == (32, 16, 1, 4, 4)
+    x = torch.randn(2, 3, 4, 32, 32, requires_grad=True)
+    out = stem(x)
+    assert out["tokens"].shape == official(x)["tokens"].shape == (2, 1 + 4 * 4, 32)
+    out["pooled"].sum().backward()
+    assert stem.patch_embed.stem[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel_t, reach", [(1, {2}), (3, {0, 1, 2, 3})])
+def test_conv_stem_temporal_kernel_sets_which_frames_a_token_sees(kernel_t, reach):
+    """Frame 2 changed: a per-frame stem changes only frame 2's tokens; a 3-frame stem of two
+    layers reaches two frames either way (before any Mamba block mixes the sequence)."""
+    torch.manual_seed(0)
+    model = create_model("videomamba_tiny_test", stem_channels=[8, 16], stem_kernel_t=kernel_t).eval()
+    x = torch.randn(1, 3, 4, 32, 32)
+    y = x.clone()
+    y[:, :, 2] += 1.0
+    with torch.no_grad():
+        a, b = model.embed(x).reshape(4, 4, -1), model.embed(y).reshape(4, 4, -1)
+    changed = {t for t in range(4) if not torch.allclose(a[t], b[t])}
+    assert changed == reach
+
+
+def test_conv_stem_bad_options():
+    with pytest.raises(ValueError, match="stem_kernel_t"):
+        create_model("videomamba_tiny_test", stem_channels=[8], stem_kernel_t=2)
+    with pytest.raises(ValueError, match="not divisible by 2\\*\\*5"):
+        create_model("videomamba_tiny_test", stem_channels=[4, 4, 4, 4, 4])
+
+
 def test_pro_options_change_the_function_but_not_the_parameters():
     torch.manual_seed(1)
     base = create_model("videomamba_tiny_test").eval()
