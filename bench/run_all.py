@@ -19,6 +19,7 @@ BENCHES = {
     "index": [],
     "eval": ["--size", "128"],
     "direction_gap": [],
+    "action_probe": [],
 }
 
 

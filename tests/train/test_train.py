@@ -99,7 +99,9 @@ def test_resume_reaches_the_same_parameters(tmp_path, tiny_corpus, monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_follow_one_process(tmp_path, tiny_corpus):
-    common = {"loss.vtm": 0, "loss.mlm": 0, "optim.steps": 4, "optim.grad_clip": 0}
+    # reversed copies are drawn per process (each adds up to its share of its own part of the
+    # batch), so they are the one recipe feature whose samples depend on the process count
+    common = {"loss.vtm": 0, "loss.mlm": 0, "optim.steps": 4, "optim.grad_clip": 0, "data.reversed_share": 0}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for n, out in ((1, "one"), (2, "two")):
         args = tiny_overrides(tiny_corpus, tmp_path / out, **common)
