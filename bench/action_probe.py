@@ -48,12 +48,15 @@ def _single_object_split(corpus: Path, split: str, pre: Preprocess, work: Path):
     return data, [e["attributes"]["objects"][0]["action"] for e in entries]
 
 
-def probe(corpus: Path, overrides: dict, steps: int, batch: int, lr: float, seed: int, work: Path) -> dict:
+def probe(corpus: Path, overrides: dict, steps: int, batch: int, lr: float, seed: int, work: Path,
+          splits: dict) -> dict:
+    """``splits`` keeps the decoded clips per preprocessing, so variants that share it decode once."""
     torch.manual_seed(seed)
     encoder = create_model("videomamba_demo", **overrides)
     pre = Preprocess.from_dict(encoder.preprocess)
-    train, train_labels = _single_object_split(corpus, "train", pre, work)
-    test, test_labels = _single_object_split(corpus, "test", pre, work)
+    if pre not in splits:
+        splits[pre] = tuple(_single_object_split(corpus, split, pre, work) for split in ("train", "test"))
+    (train, train_labels), (test, test_labels) = splits[pre]
     classes = sorted(set(train_labels))
     y_train = torch.tensor([classes.index(a) for a in train_labels])
     y_test = torch.tensor([classes.index(a) for a in test_labels])
@@ -117,8 +120,9 @@ def main() -> None:
         if corpus is None:
             corpus = Path(tmp) / "corpus"
             generate_corpus(corpus, n_train=600, n_test=100, seed=0, size=128, long_videos=0, progress=False)
+        splits: dict = {}
         for overrides in args.variants or DEFAULT_VARIANTS:
-            row = probe(corpus, overrides, args.steps, args.batch, args.lr, args.seed, Path(tmp))
+            row = probe(corpus, overrides, args.steps, args.batch, args.lr, args.seed, Path(tmp), splits)
             print(json.dumps(row), flush=True)
 
 

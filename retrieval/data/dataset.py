@@ -55,7 +55,6 @@ class ClipTextDataset(Dataset):
         return (it.start, it.end) if it.start is not None and it.end is not None else None
 
     def _fill_cache(self, progress: bool) -> None:
-        size = self.pre.size
         cache: list[torch.Tensor | None] = []
         failed = 0
         for i in tqdm(range(len(self.items)), desc="decoding clips", disable=not progress, leave=False):
@@ -67,11 +66,7 @@ class ClipTextDataset(Dataset):
                 cache.append(None)
                 failed += 1
                 continue
-            x = frames.permute(0, 3, 1, 2).float()
-            if x.shape[-2:] != (size, size):
-                x = torch.nn.functional.interpolate(x, size=(size, size), mode=self.pre.interpolation,
-                                                    align_corners=False).round_().clamp_(0, 255)
-            cache.append(x.to(torch.uint8).permute(0, 2, 3, 1).contiguous())
+            cache.append(self.pre.resize(frames))
         if failed == len(cache):
             raise ValueError(f"none of the {len(cache)} training clips under {self.corpus.root} could be read")
         self._cache = cache
@@ -152,14 +147,7 @@ class ImageTextDataset(Dataset):
             log.warning("skipping unreadable training image: %s", exc)
             self._bad.add(index)
             return None
-        size = self.pre.size
-        if frames.shape[1:3] == (size, size):
-            return frames
-        x = frames.permute(0, 3, 1, 2).float()
-        align = None if self.pre.interpolation == "nearest" else False
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode=self.pre.interpolation,
-                                            align_corners=align)
-        return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return self.pre.resize(frames)
 
     def __getitem__(self, index: int):
         for k in range(len(self)):

@@ -437,18 +437,28 @@ class Preprocess:
         values["std"] = list(self.std)
         return values
 
+    def _resized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float ``[T, 3, H, W]`` pixel values -> ``[T, 3, size, size]``, rounded to whole values."""
+        if pixels.shape[-2:] == (self.size, self.size):
+            return pixels
+        align = False if self.interpolation in ("bicubic", "bilinear") else None
+        size = (self.size, self.size)
+        pixels = F.interpolate(pixels, size=size, mode=self.interpolation, align_corners=align)
+        return pixels.round_().clamp_(0, 255)
+
+    def resize(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[T, H, W, 3]`` -> uint8 ``[T, size, size, 3]``: the resize of ``__call__`` alone,
+        for callers that keep frames (training caches) and normalise them later."""
+        if frames.shape[1:3] == (self.size, self.size):
+            return frames
+        pixels = self._resized(frames.permute(0, 3, 1, 2).float())
+        return pixels.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 ``[T, H, W, 3]`` frames -> normalised float ``[C, T, H, W]``."""
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-        pixels = frames.permute(0, 3, 1, 2).float()  # [T, 3, H, W]
-        if pixels.shape[-2:] != (self.size, self.size):
-            align = False if self.interpolation in ("bicubic", "bilinear") else None
-            pixels = F.interpolate(
-                pixels, size=(self.size, self.size), mode=self.interpolation, align_corners=align
-            )
-            pixels = pixels.round_().clamp_(0, 255)
-        pixels = pixels / 255.0
+        pixels = self._resized(frames.permute(0, 3, 1, 2).float()) / 255.0  # [T, 3, H, W]
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return ((pixels - mean) / std).permute(1, 0, 2, 3).contiguous()
