@@ -17,6 +17,10 @@ Parameter names and shapes follow the official multi-modality VideoMamba vision 
   (odd; 1 = per frame). The projection then covers the rest of each patch, so the token grid,
   the sequence and every other parameter stay as they are. A stem that spans frames sees motion
   before the first Mamba block does (the demo model's direction of movement comes from it).
+* ``tubelet_size`` (default 1, as the official model): the projection spans that many frames, so
+  there is one token per patch per tubelet (UMT's ViT and VideoMAE call it the same). The
+  sequence, the temporal positions and the per-frame pooled features shrink by that factor; the
+  teacher alignment (UTA), which pairs tokens with a per-frame teacher, needs 1.
 
 VideoMambaPro (arXiv 2406.19006) is two options of the same mixer: ``mask_backward`` drops the
 diagonal of the backward scan operator (the token's own contribution is counted once, by the
@@ -229,7 +233,7 @@ class VideoMamba(nn.Module):
                  gate: bool = True, mask_backward: bool = False, elemental_residual: bool = False,
                  scan_backend: str = "auto", grad_checkpointing: bool = False, num_classes: int | None = None,
                  patch_pool: str = "mean", stem_channels: tuple[int, ...] | None = None,
-                 stem_kernel_t: int = 1,
+                 stem_kernel_t: int = 1, tubelet_size: int = 1,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         if cls_position not in ("head", "middle"):
@@ -242,6 +246,9 @@ class VideoMamba(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.preprocess = {"size": img_size, "num_frames": num_frames, "mean": list(mean), "std": list(std),
                            "interpolation": "bicubic"}
+        if tubelet_size < 1 or num_frames % tubelet_size:
+            raise ValueError(f"tubelet_size must be >= 1 and divide num_frames {num_frames}, got {tubelet_size}")
+        self.tubelet_size = tubelet_size
         grid = img_size // patch_size
         self.patch_embed = nn.Module()
         stem_channels = tuple(int(c) for c in stem_channels or ())
@@ -259,14 +266,14 @@ class VideoMamba(nn.Module):
                 prev = ch
             self.patch_embed.stem = nn.Sequential(*convs)
             rest = patch_size // 2 ** len(stem_channels)
-            self.patch_embed.proj = nn.Conv3d(prev, embed_dim, (1, rest, rest), (1, rest, rest))
+            self.patch_embed.proj = nn.Conv3d(prev, embed_dim, (tubelet_size, rest, rest), (tubelet_size, rest, rest))
         else:
             self.patch_embed.stem = None
-            self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (1, patch_size, patch_size),
-                                              (1, patch_size, patch_size))
+            self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
+                                              (tubelet_size, patch_size, patch_size))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
-        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames // tubelet_size, embed_dim))
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layers = nn.ModuleList(
             MambaBlock(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, gate=gate,
@@ -321,7 +328,9 @@ class VideoMamba(nn.Module):
         if max(h, w) // p > MAX_SPATIAL_STRETCH * grid:
             raise ValueError(f"frame size {h}x{w} is beyond what the position embeddings (built for "
                              f"{self.img_size}px) can be interpolated to")
-        return t, h // p, w // p
+        if t % self.tubelet_size:
+            raise ValueError(f"{t} frames do not split into tubelets of {self.tubelet_size} frames")
+        return t // self.tubelet_size, h // p, w // p
 
     def _spatial_pos(self, gh: int, gw: int) -> torch.Tensor:
         n = self.pos_embed.shape[1] - 1
@@ -340,7 +349,8 @@ class VideoMamba(nn.Module):
         return resize_temporal_pos(self.temporal_pos_embedding, t)
 
     def embed(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, C, T, H, W] -> [B, T*N, D] patch tokens with positions (cls not included)."""
+        """[B, C, T, H, W] -> [B, T'*N, D] patch tokens with positions (cls not included); T' = T /
+        ``tubelet_size``."""
         t, gh, gw = self._check_input(video)
         b = video.shape[0]
         x = video.to(self.patch_embed.proj.weight.dtype)
@@ -356,7 +366,7 @@ class VideoMamba(nn.Module):
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None,
                 return_distill: bool = False) -> dict[str, torch.Tensor]:
         """``mask``: optional bool [B, T*N], True = token dropped (same count per sample)."""
-        t = video.shape[2] if video.dim() == 5 else 0
+        t = video.shape[2] // self.tubelet_size if video.dim() == 5 else 0              # token time steps
         x = self.embed(video)
         b, L, d = x.shape
         if mask is not None:

@@ -105,10 +105,11 @@ def test_video_options_survive_saving(tmp_path):
     torch.manual_seed(0)
     m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False,
                               video_overrides={"stem_channels": [8, 16], "stem_kernel_t": 3,
-                                               "patch_pool": "max"}).eval()
+                                               "patch_pool": "max", "tubelet_size": 2}).eval()
     m.save(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert loaded.video.patch_embed.stem is not None and loaded.video.patch_pool == "max"
+    assert loaded.video.tubelet_size == 2
     video = torch.randn(2, 3, 4, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_video(video)["feat"], m.encode_video(video)["feat"])

@@ -94,8 +94,8 @@ def test_conv_stem_keeps_the_token_grid_and_adds_only_stem_parameters():
     x = torch.randn(2, 3, 4, 32, 32, requires_grad=True)
     out = stem(x)
     assert out["tokens"].shape == official(x)["tokens"].shape == (2, 1 + 4 * 4, 32)
-    out["pooled"].sum().backward()
-    assert stem.patch_embed.stem[0].weight.grad.abs().sum() > 0
+    (out["pooled"] * torch.randn(out["pooled"].shape)).sum().backward()
+    assert stem.patch_embed.stem[0].weight.grad.abs().sum() > 1e-3
 
 
 @pytest.mark.parametrize("kernel_t, reach", [(1, {2}), (3, {0, 1, 2, 3})])
@@ -118,6 +118,32 @@ def test_conv_stem_bad_options():
         create_model("videomamba_tiny_test", stem_channels=[8], stem_kernel_t=2)
     with pytest.raises(ValueError, match="not divisible by 2\\*\\*5"):
         create_model("videomamba_tiny_test", stem_channels=[4, 4, 4, 4, 4])
+
+
+@pytest.mark.parametrize("stem", [None, [8, 16]])
+def test_tubelets_halve_the_token_time_steps(stem):
+    """tubelet_size 2: one token per patch per pair of frames; pooled features per tubelet."""
+    torch.manual_seed(0)
+    model = create_model("videomamba_tiny_test", tubelet_size=2, stem_channels=stem, stem_kernel_t=3 if stem else 1)
+    assert model.temporal_pos_embedding.shape == (1, 2, 32)            # num_frames 4 / 2
+    assert model.patch_embed.proj.weight.shape[2] == 2
+    x = torch.randn(2, 3, 4, 32, 32, requires_grad=True)
+    out = model(x)
+    assert out["tokens"].shape == (2, 1 + 2 * 4, 32)
+    assert out["pooled"].shape == (2, 2, 32)
+    (out["pooled"] * torch.randn(out["pooled"].shape)).sum().backward()   # (a plain sum of a LayerNorm output has no gradient)
+    assert (x.grad.abs().sum((0, 1, 3, 4)) > 0).all()                  # every frame counts
+    # 8 frames: temporal positions stretch from 2 to 4 tubelets, as frames do without tubelets
+    assert model(torch.randn(1, 3, 8, 32, 32))["pooled"].shape == (1, 4, 32)
+    with pytest.raises(ValueError, match="tubelets of 2 frames"):
+        model(torch.randn(1, 3, 3, 32, 32))
+
+
+def test_tubelet_bad_options():
+    with pytest.raises(ValueError, match="tubelet_size"):
+        create_model("videomamba_tiny_test", tubelet_size=3)           # does not divide 4 frames
+    with pytest.raises(ValueError, match="tubelet_size"):
+        create_model("videomamba_tiny_test", tubelet_size=0)
 
 
 def test_pro_options_change_the_function_but_not_the_parameters():
