@@ -20,6 +20,7 @@ BENCHES = {
     "eval": ["--size", "128"],
     "direction_gap": [],
     "action_probe": [],
+    "train_step": [],
 }
 
 
