@@ -260,17 +260,15 @@ class VideoMamba(nn.Module):
             if patch_size % (2 ** len(stem_channels)):
                 raise ValueError(f"patch_size {patch_size} is not divisible by 2**{len(stem_channels)} "
                                  f"(one stride-2 conv per stem_channels entry)")
-            convs, prev, kt = [], in_chans, stem_kernel_t
-            for ch in stem_channels:
-                convs += [nn.Conv3d(prev, ch, (kt, 3, 3), (1, 2, 2), (kt // 2, 1, 1)), nn.GELU()]
-                prev = ch
-            self.patch_embed.stem = nn.Sequential(*convs)
-            rest = patch_size // 2 ** len(stem_channels)
-            self.patch_embed.proj = nn.Conv3d(prev, embed_dim, (tubelet_size, rest, rest), (tubelet_size, rest, rest))
-        else:
-            self.patch_embed.stem = None
-            self.patch_embed.proj = nn.Conv3d(in_chans, embed_dim, (tubelet_size, patch_size, patch_size),
-                                              (tubelet_size, patch_size, patch_size))
+        convs, prev, kt = [], in_chans, stem_kernel_t
+        for ch in stem_channels:
+            convs += [nn.Conv3d(prev, ch, (kt, 3, 3), (1, 2, 2), (kt // 2, 1, 1)), nn.GELU()]
+            prev = ch
+        self.patch_embed.stem = nn.Sequential(*convs) if convs else None
+        # the projection covers what the stem's stride-2 convs leave of each patch, over a tubelet
+        rest = patch_size // 2 ** len(stem_channels)
+        kernel = (tubelet_size, rest, rest)
+        self.patch_embed.proj = nn.Conv3d(prev, embed_dim, kernel, kernel)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames // tubelet_size, embed_dim))
