@@ -11,10 +11,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
-# The demo's held-out t2v R@1 spreads over 47-58 between runs on this machine (README, "The demo,
+# The demo's held-out t2v R@1 spreads over 51-70 between runs on this machine (README, "The demo,
 # measured"), so the guard sits well below that: it catches a pipeline that stops learning
 # (chance is 1), not run-to-run noise.
-MIN_T2V_R1 = 35.0
+MIN_T2V_R1 = 45.0
 
 
 def test_demo_builds_trains_indexes_and_evaluates(tmp_path):
