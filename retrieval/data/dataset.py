@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,19 +55,22 @@ class ClipTextDataset(Dataset):
         it = self.items[index]
         return (it.start, it.end) if it.start is not None and it.end is not None else None
 
+    def _decode(self, i: int) -> torch.Tensor | None:
+        try:
+            frames, _ = read_frames(self._path(i), num_frames=self.pre.num_frames * self.fps, sample="middle",
+                                    window=self._window(i), max_seconds=self.corpus.max_seconds)
+        except VideoReadError as exc:
+            log.warning("skipping unreadable training clip: %s", exc)
+            return None
+        return self.pre.resize(frames)
+
     def _fill_cache(self, progress: bool) -> None:
-        cache: list[torch.Tensor | None] = []
-        failed = 0
-        for i in tqdm(range(len(self.items)), desc="decoding clips", disable=not progress, leave=False):
-            try:
-                frames, _ = read_frames(self._path(i), num_frames=self.pre.num_frames * self.fps, sample="middle",
-                                        window=self._window(i), max_seconds=self.corpus.max_seconds)
-            except VideoReadError as exc:
-                log.warning("skipping unreadable training clip: %s", exc)
-                cache.append(None)
-                failed += 1
-                continue
-            cache.append(self.pre.resize(frames))
+        # the decoder and the resize release the GIL: one thread per core the process may use
+        threads = max(1, min(torch.get_num_threads(), len(self.items)))
+        with ThreadPoolExecutor(threads) as pool:
+            cache = list(tqdm(pool.map(self._decode, range(len(self.items))), total=len(self.items),
+                              desc="decoding clips", disable=not progress, leave=False))
+        failed = sum(x is None for x in cache)
         if failed == len(cache):
             raise ValueError(f"none of the {len(cache)} training clips under {self.corpus.root} could be read")
         self._cache = cache

@@ -197,3 +197,38 @@ def test_time_reversed_samples_join_the_batch(tmp_path, tiny_corpus):
     assert len(extra) == 2 and all(idx >= len(ds) for _, _, idx in extra)
     with pytest.raises(RecipeError, match="reversed_share"):
         load_recipe(None, ["data.train=x.json", "data.reversed_share=2"])
+
+
+def test_clip_cache_decodes_in_parallel_in_order_and_skips_broken_clips(tmp_path, tiny_corpus, caplog):
+    import shutil
+
+    from retrieval.data.corpora import load_corpus
+    from retrieval.data.dataset import ClipTextDataset
+    from retrieval.data.video import Preprocess
+
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, root)
+    corpus = load_corpus("generic", root / "train.json", root / "videos")
+    broken = 2
+    (root / "videos" / corpus.items[broken].video).write_bytes(b"not a video at all")
+    pre = Preprocess.from_dict({"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                                "num_frames": 4})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ClipTextDataset(corpus, pre, seed=0, cache=True, progress=False)
+        torch.set_num_threads(3)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            parallel = ClipTextDataset(corpus, pre, seed=0, cache=True, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(parallel._cache) == len(serial._cache) == len(corpus.items)
+    for i, (a, b) in enumerate(zip(serial._cache, parallel._cache)):
+        if i == broken:
+            assert a is None and b is None
+        else:
+            assert torch.equal(a, b)                     # the same frames, in corpus order
+    assert caplog.text.count("skipping unreadable training clip") == 1
+    video, caption, index = parallel[broken]              # a readable neighbour stands in
+    assert index == broken + 1 and video.shape[1] == 4
