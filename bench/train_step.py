@@ -1,8 +1,8 @@
 """Video-tower training step of the demo model: forward + backward time per batch, by variant.
 
-A demo-recipe step is batch 32 plus 8 time-reversed copies, so the video tower runs on 40 clips
-of 8 x 64 px; this times its forward and the backward of a random projection of the pooled
-features. Variants, timed alternately in one process so machine noise hits all alike:
+The video tower runs on a batch of clips of 8 x 64 px (default 40; the demo recipe's step is 32
+plus 12 time-reversed copies, ``--batch 44``); this times its forward and the backward of a
+random projection of the pooled features. Variants, timed alternately in one process so machine noise hits all alike:
 
 * ``demo``: ``configs/models/videomamba_demo.yaml`` as it is.
 * ``tubelet2``: the demo model with ``tubelet_size: 2`` (half the tokens).
