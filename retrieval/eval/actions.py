@@ -47,11 +47,17 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a clip showing {label}.",
     "{label}",
 )
-LABEL_SETS_DIR = Path(__file__).resolve().parents[2] / "configs" / "labels"
 NAMED_LABEL_SETS: tuple[str, ...] = ("kinetics400", "synthetic")
 # the official training clamp of the contrastive temperature
 _TEMP_RANGE = (0.001, 0.5)
 _PROMPT_BATCH = 64
+
+
+def label_sets_dir() -> Path:
+    """The named label sets: ``labels/`` under :func:`retrieval.models.registry.config_root`."""
+    from ..models.registry import config_root
+
+    return config_root() / "labels"
 
 
 def load_labels(spec: str | os.PathLike[str]) -> list[str]:
@@ -64,7 +70,7 @@ def load_labels(spec: str | os.PathLike[str]) -> list[str]:
         ValueError: the file holds no labels, or a label twice.
     """
     name = str(spec)
-    path = LABEL_SETS_DIR / f"{name}.txt" if name in NAMED_LABEL_SETS else Path(name)
+    path = label_sets_dir() / f"{name}.txt" if name in NAMED_LABEL_SETS else Path(name)
     if not path.is_file():
         raise FileNotFoundError(f"labels {name!r}: not a named set ({', '.join(NAMED_LABEL_SETS)}) "
                                 f"nor a file (one label per line)")

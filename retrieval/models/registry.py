@@ -15,6 +15,7 @@ The video-encoder interface every backbone follows: ``forward(video [B, C, T, H,
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -39,10 +40,15 @@ class UnknownModelError(KeyError):
 
 
 def config_root() -> Path:
+    """The folder of model configs, recipes and label sets: ``$VTR_CONFIG_DIR`` when set, else the
+    installed ``vtr_configs`` package (the checkout's ``configs/``, shipped in the wheel)."""
     env = os.environ.get("VTR_CONFIG_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "configs"
+    spec = importlib.util.find_spec("vtr_configs")
+    if spec is not None and spec.origin:
+        return Path(spec.origin).parent
+    return Path(__file__).resolve().parents[2] / "configs"   # a checkout that was never installed
 
 
 def register_arch(name: str):
