@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from retrieval.models.ssm import resolve_backend, selective_scan, selective_scan_ref
-from retrieval.models.ssm.cpu import kernel_available
 
 
 def make_inputs(b, d, L, n, dtype=torch.float32, with_z=True, with_D=True, with_bias=True, h0=False, seed=0):
@@ -31,7 +30,6 @@ def run(backend, ts, softplus=True, mask_diag=False):
     return out, last, dict(zip([k for k, v in ts.items() if v is not None], grads))
 
 
-pytestmark = pytest.mark.skipif(not kernel_available(), reason="no C compiler for the fused kernel")
 
 SHAPES = [(1, 4, 1, 16), (2, 8, 37, 16), (1, 6, 129, 16), (3, 5, 20, 5), (2, 3, 50, 8), (1, 2, 7, 1), (2, 16, 64, 4)]
 
@@ -102,3 +100,11 @@ def test_auto_backend_on_cpu_and_cuda_error():
     ts = make_inputs(1, 4, 10, 16)
     with pytest.raises((RuntimeError, ValueError), match="cuda|CUDA"):
         selective_scan(ts["u"], ts["delta"], ts["A"], ts["B"], ts["C"], backend="cuda")
+
+
+def test_fused_kernel_builds_here():
+    """The fused kernels are the CPU path of every VideoMamba model: the suite fails (rather than
+    skipping the kernel tests) on a machine where they cannot be compiled, naming why."""
+    from retrieval.models.ssm.cpu import load_kernel
+
+    load_kernel()   # raises KernelUnavailable with the compiler's message
