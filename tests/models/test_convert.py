@@ -8,10 +8,26 @@ from retrieval import load_model
 from retrieval.models.convert import CheckpointError, convert_videomamba
 from retrieval.models.registry import create_model
 
+from .official_layout import PER_LAYER, official_checkpoint, official_shapes, official_spec
 
-def official_like(name="videomamba_tiny_test", full=True, **over):
+# the sizes of configs/models/videomamba_tiny_test.yaml
+TINY = dict(embed_dim=32, depth=2, img_size=32, num_frames=4, patch_size=16, clip_output_dim=16)
+
+
+@pytest.mark.parametrize("name", ["videomamba_tiny", "videomamba_small", "videomamba_middle"])
+def test_shape_rule_reproduces_the_official_sizes(name):
+    spec = official_spec()[name]
+    c = spec["constructor"]
+    listed = {k: tuple(v) for k, v in spec["non_layer_keys"].items()}
+    for i in range(c["depth"]):
+        listed.update({f"layers.{i}.{k}": tuple(v) for k, v in spec[PER_LAYER].items()})
+    assert official_shapes(c["embed_dim"], c["depth"], c["img_size"], c["num_frames"], c["patch_size"],
+                           c["clip_output_dim"]) == listed
+
+
+def official_like(full=True, **over):
     """A state dict in the official layout (full UMT_VIDEOMAMBA checkpoint when full=True)."""
-    vision = create_model(name, **over).state_dict()
+    vision = official_checkpoint(**{**TINY, **over})
     if not full:
         return vision, vision
     model = {f"vision_encoder.{k}": v for k, v in vision.items()}
@@ -37,7 +53,7 @@ def test_roundtrip(tmp_path, full):
 
 
 def test_infers_architecture_without_optional_heads(tmp_path):
-    vision = create_model("videomamba_tiny_test", clip_output_dim=None, pool_norm=False, num_frames=8).state_dict()
+    _, vision = official_like(full=False, clip_output_dim=None, pool_norm=False, num_frames=8)
     vision = {("norm_f.weight" if k == "norm.weight" else k): v for k, v in vision.items()}  # video_sm naming
     torch.save(vision, tmp_path / "v.pth")
     model = load_model(convert_videomamba(tmp_path / "v.pth", tmp_path / "m"))

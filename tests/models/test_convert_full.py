@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig
+from transformers import BertConfig, BertModel
 from typer.testing import CliRunner
 
 from app.cli import app
 from retrieval import load_model
 from retrieval.models.convert import CheckpointError, convert_retrieval, dropped_summary, load_checkpoint
 from retrieval.models.dual import RetrievalModel
-from retrieval.models.registry import create_model
-from retrieval.models.text import TextEncoder, default_text_model_path
+from retrieval.models.text import default_text_model_path
+
+from .official_layout import official_checkpoint
 
 TINY_BERT = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 4,
              "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
@@ -50,10 +51,24 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def text_keys(width: int, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:
-    """A 4-layer BERT with cross-attention from layer 2, in the official naming, random weights."""
+    """A 4-layer BERT with cross-attention from layer 2, in the official naming, random weights.
+
+    The names and shapes are Hugging Face BERT's (the official xbert is a copy of it), with
+    cross-attention only from ``FUSION_LAYER`` on and its key/value reading the vision width, as
+    xbert's ``encoder_width``; the pooler is listed with the training-only keys."""
     torch.manual_seed(1)
-    sd = TextEncoder(BertConfig(**TINY_BERT), FUSION_LAYER, width).state_dict()
-    return {prefix + k: torch.randn_like(v) for k, v in sd.items()}
+    config = BertConfig(**TINY_BERT, is_decoder=True, add_cross_attention=True)
+    sd = {k: v for k, v in BertModel(config).state_dict().items()
+          if not k.startswith("pooler.") and "position_ids" not in k and "token_type_ids" not in k}
+    out = {}
+    for key, value in sd.items():
+        if ".crossattention." in key:
+            if int(key.split(".")[2]) < FUSION_LAYER:
+                continue
+            if key.endswith(("self.key.weight", "self.value.weight")):
+                value = torch.empty(value.shape[0], width)
+        out[prefix + key] = torch.randn_like(value)
+    return out
 
 
 def training_only_keys() -> dict[str, torch.Tensor]:
@@ -83,9 +98,9 @@ def head_keys(vision_width: int) -> dict[str, torch.Tensor]:
 
 
 def videomamba_checkpoint() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    vision = create_model("videomamba_tiny_test").state_dict()  # D=32, with clip_decoder and pool_norm
-    sd = {f"vision_encoder.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in vision.items()}
+    # the sizes of videomamba_tiny_test (D=32), with clip_decoder and pool_norm
+    vision = official_checkpoint(embed_dim=32, depth=2, img_size=32, num_frames=4, clip_output_dim=16)
+    sd = {f"vision_encoder.{k}": v for k, v in vision.items()}
     return {**sd, **text_keys(32), **head_keys(32), **training_only_keys()}
 
 
