@@ -48,8 +48,15 @@ def test_vtc_positives_share_a_video():
     shuffled = vtc_loss(t, v[[1, 0, 3, 2]], idx, torch.tensor(0.05))
     assert aligned < shuffled
     # two captions of one video: both are positives of each other, so the loss ignores their order
-    same = vtc_loss(t, v, torch.tensor([0, 0, 2, 3]), torch.tensor(0.05))
-    assert torch.isfinite(same)
+    shared = torch.tensor([0, 0, 2, 3])
+    same = vtc_loss(t, v, shared, torch.tensor(0.05))
+    # each row's target spreads evenly over the columns of its video, in both directions
+    target = (shared[:, None] == shared[None, :]).float()
+    target = target / target.sum(1, keepdim=True)
+    sim = t @ v.t() / 0.05
+    expected = -((target * sim.log_softmax(1)).sum(1).mean() + (target * sim.t().log_softmax(1)).sum(1).mean()) / 2
+    torch.testing.assert_close(same, expected)
+    assert same > vtc_loss(t, v, idx, torch.tensor(0.05))   # v1 now shares row 0's target with v0
 
 
 def test_uta_mask_and_loss():
