@@ -7,8 +7,9 @@ Steps, each reused when its output already exists (a second run only serves):
    interrupted training resumes from its checkpoint);
 3. an index of the test split plus the long multi-scene videos cut into windows, so queries
    land on moments (``WORKDIR/index``);
-4. zero-shot evaluation on the test split: retrieval metrics (ITC and ITM re-ranked) and action
-   top-1 (``WORKDIR/eval``);
+4. zero-shot evaluation on the test split: retrieval metrics and action top-1 (``WORKDIR/eval``;
+   ITC only: the demo recipe trains no matching head, and evaluation re-ranks only where a
+   model's matching head was trained);
 5. the search page.
 """
 from __future__ import annotations

@@ -87,7 +87,8 @@ class RetrievalModel(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
                     hidden: torch.Tensor | None = None, start_layer: int | None = None) -> dict[str, torch.Tensor]:
-        """``feat``: normalised projection of the text-mode CLS; ``hidden``: the text-mode output.
+        """``feat``: normalised projection of the pooled text-mode output (CLS, or the masked token mean
+        with ``text_pooling="mean"``); ``hidden``: the text-mode output.
 
         With ``start_layer=k``, ``hidden`` holds the output of text layer ``k - 1`` (frozen
         lower layers computed once and cached) instead of ``input_ids``.
