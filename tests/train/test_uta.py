@@ -233,3 +233,50 @@ def test_stage2_trains_all_four_losses(tmp_path, tiny_corpus, clip_teacher_file,
     rows = [json.loads(x) for x in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         assert all(math.isfinite(row[k]) for k in ("vtc", "vtm", "mlm", "uta", "loss")), row
+
+
+# -- UMT's variant: the joint space-time ViT student ----------------------------------------------
+def _vit_student():
+    torch.manual_seed(0)
+    return create_model("joint_vit_tiny_test", clip_output_dim=24, clip_return_layers=2)
+
+
+def test_joint_vit_aligns_its_last_layers_to_the_teachers_with_ln_post(clip_teacher_file, video):
+    student = _vit_student().eval()
+    teacher = load_teacher(str(clip_teacher_file), student, "frame_clip_tiny_test")
+    assert (teacher.cls_target, teacher.ln_post, teacher.layers) == (False, True, 2)
+    taught = teacher(video)
+    assert taught.targets.shape == (2, 2, T * N, 24)                       # 2 layers, no cls target
+    mask = teacher_guided_mask(taught.attention, 0.8, mode="topk")
+    targets = visible_targets(taught.targets, mask)
+    with torch.no_grad():
+        out = student(video, mask=mask, return_distill=True)
+    assert out["distill"].shape == targets.shape == (2, 2, 4 * T, 24)
+    assert out["pooled"].shape == (2, student.embed_dim)
+    # the last aligned layer is the final (normed) patch tokens + the T'*N-position table, decoder 1
+    table = clip_pos_table(T * N, student.embed_dim)[0]
+    places = (~mask).nonzero()[:, 1].view(2, -1)
+    expected = F.normalize(student.clip_decoder[1](out["tokens"][:, 1:] + table[places]), dim=-1)
+    torch.testing.assert_close(out["distill"][1], expected, atol=1e-5, rtol=1e-5)
+
+    student.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = uta_loss(student(video, mask=mask, return_distill=True)["distill"], targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_joint_vit_trains_with_uta_in_the_loop(tmp_path, tiny_corpus, clip_teacher_file, monkeypatch):
+    monkeypatch.setattr(loop, "plot_losses", lambda *a: None)
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "vit", **{
+        **uta_overrides(clip_teacher_file), "model.video": "joint_vit_tiny_test",
+        "model.video_overrides": "{clip_output_dim: 24, clip_return_layers: 2}", "optim.steps": 2}))
+    model = load_model(loop.train(r))
+    assert len(model.video.clip_decoder) == 2
+    rows = [json.loads(x) for x in (tmp_path / "vit" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["uta"] < 4 and math.isfinite(row["loss"]) for row in rows)
