@@ -280,3 +280,34 @@ def test_joint_vit_trains_with_uta_in_the_loop(tmp_path, tiny_corpus, clip_teach
     assert len(model.video.clip_decoder) == 2
     rows = [json.loads(x) for x in (tmp_path / "vit" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < row["uta"] < 4 and math.isfinite(row["loss"]) for row in rows)
+
+
+# -- against the authors' code ------------------------------------------------------------------
+FIXTURE = Path(__file__).parent / "fixtures" / "official_clip_teacher_tiny.safetensors"
+
+
+def test_teacher_reproduces_the_official_clip_teacher(tmp_path):
+    """Tensors from the authors' teacher code (VideoMamba ``video_mm`` / ``video_sm`` ``clip.py``, run
+    outside this repository on a 2-block, 32-wide, QuickGELU ViT with random weights): its targets,
+    its attention, and the visible patches its ``torch.multinomial`` rule drew with seed 11."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    ref = load_file(str(FIXTURE))
+    weights = {k.removeprefix("weights."): v for k, v in ref.items() if k.startswith("weights.")}
+    weights["conv1.weight"] = weights["conv1.weight"].squeeze(2)          # their Conv3d (1, 8, 8) kernel
+    save_file(weights, str(tmp_path / "clip.safetensors"))
+    tiny = dict(model_config("frame_clip_tiny_test")["model_config"], quick_gelu=True)
+    net = create_model("frame_clip_tiny_test", clip_arch="vtr-tiny-test-ViT-quickgelu", model_config=tiny,
+                       pretrained=str(tmp_path / "clip.safetensors"))
+    video = ref["video"]
+
+    vm = CLIPTeacher(net.visual, cls_target=True, ln_post=False, layers=1)(video)
+    torch.testing.assert_close(vm.targets, F.normalize(ref["targets_videomamba"], dim=-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vm.attention.reshape(-1, N), ref["attention"], atol=1e-6, rtol=1e-5)
+    umt = CLIPTeacher(net.visual, cls_target=False, ln_post=True, layers=2)(video)
+    torch.testing.assert_close(umt.targets, ref["targets_umt"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(umt.attention.reshape(-1, N), ref["attention_umt"], atol=1e-6, rtol=1e-5)
+
+    # the same draw: multinomial without replacement keeps its first picks whether it draws all N or 4
+    mask = teacher_guided_mask(ref["attention"].reshape(2, T, N), 0.8, torch.Generator().manual_seed(11))
+    assert torch.equal(mask, ref["mask_seed11"])
