@@ -40,7 +40,7 @@ from ..models.text import SpecialTokenIds
 from .losses import mlm_loss, teacher_guided_mask, uta_loss, visible_targets, vtc_loss, vtm_loss
 from .recipe import Recipe, RecipeError, image_batch_size
 from .schedule import IMAGE, VIDEO, step_source
-from .teacher import CLIPTeacher, load_teacher
+from .teacher import CLIPTeacher, check_teacher_spec, load_teacher
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -333,6 +333,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     image_pairs = None
     if recipe.data.images:  # read before building the model: a wrong path fails at once
         image_pairs = load_image_captions(recipe.data.images, recipe.data.image_root)
+    if recipe.loss.uta:
+        check_teacher_spec(recipe.loss.uta_teacher)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe)
     teacher = (load_teacher(recipe.loss.uta_teacher, model.video, recipe.loss.uta_teacher_arch)

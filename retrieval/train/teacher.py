@@ -118,6 +118,22 @@ def _block_with_attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
     return x, weights
 
 
+CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".ckpt")
+
+
+def check_teacher_spec(spec: str) -> None:
+    """Refuse, before any work, a teacher that names a missing file or an unknown model."""
+    path = Path(spec)
+    if path.exists():
+        return
+    if path.suffix in CHECKPOINT_SUFFIXES or "/" in spec or "\\" in spec:
+        raise FileNotFoundError(f"UTA teacher checkpoint not found: {spec}")
+    from ..models.registry import list_models  # noqa: PLC0415
+
+    if spec not in list_models():
+        raise ValueError(f"UTA teacher {spec!r} is neither a file, a model directory nor a registered model")
+
+
 def load_teacher(spec: str, student: nn.Module, arch: str | None = None) -> CLIPTeacher:
     """The UTA teacher for ``student`` (a video encoder) from ``spec``.
 
@@ -128,6 +144,7 @@ def load_teacher(spec: str, student: nn.Module, arch: str | None = None) -> CLIP
     """
     from ..models.registry import create_model  # noqa: PLC0415
 
+    check_teacher_spec(spec)
     path = Path(spec)
     if path.is_file():
         net = create_model(arch or DEFAULT_TEACHER_ARCH, pretrained=str(path))

@@ -311,3 +311,38 @@ def test_teacher_reproduces_the_official_clip_teacher(tmp_path):
     # the same draw: multinomial without replacement keeps its first picks whether it draws all N or 4
     mask = teacher_guided_mask(ref["attention"].reshape(2, T, N), 0.8, torch.Generator().manual_seed(11))
     assert torch.equal(mask, ref["mask_seed11"])
+
+
+def test_a_missing_teacher_is_one_clear_error_before_training(tmp_path, tiny_corpus, monkeypatch):
+    built = []
+    monkeypatch.setattr(loop, "build_model", lambda *a: built.append(1))
+    for teacher, error, message in ((str(tmp_path / "nope.bin"), FileNotFoundError, "teacher checkpoint not found"),
+                                    ("no_such_model", ValueError, "neither a file")):
+        r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "x", **{"loss.uta": 1.0,
+                                                                            "loss.uta_teacher": teacher}))
+        with pytest.raises(error, match=message):
+            loop.train(r)
+    assert not built
+
+
+def test_image_steps_use_their_own_mask_ratio(tmp_path, tiny_corpus, clip_teacher_file, monkeypatch):
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "r", **uta_overrides(
+        clip_teacher_file, **{"loss.vtm": 0, "loss.mlm": 0})))
+    model = loop.build_model(r)
+    teacher = load_teacher(r.loss.uta_teacher, model.video, r.loss.uta_teacher_arch)
+    seen = []
+    real = loop.teacher_guided_mask
+
+    def recording(attention, ratio, gen, mode):
+        mask = real(attention, ratio, gen, mode=mode)
+        seen.append((attention.shape[1], ratio, int((~mask).sum(1)[0])))
+        return mask
+
+    monkeypatch.setattr(loop, "teacher_guided_mask", recording)
+    gen = torch.Generator().manual_seed(0)
+    for frames in (T, 1):
+        batch = (torch.randn(2, 3, frames, 32, 32), ["a red circle", "a blue square"], torch.tensor([0, 1]))
+        out = loop.compute_losses(model, batch, r, None, teacher, gen)
+        assert math.isfinite(float(out["uta"].detach()))
+    # videos: 4 of 16 patches per frame stay visible (0.8); images: 8 of 16 (0.5)
+    assert seen == [(T, 0.8, 4 * T), (1, 0.5, 8)]
