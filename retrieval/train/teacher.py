@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 #: the registered model config a bare open_clip checkpoint file is built with
 DEFAULT_TEACHER_ARCH = "clip_teacher_b16"
@@ -128,7 +128,7 @@ def check_teacher_spec(spec: str) -> None:
         return
     if path.suffix in CHECKPOINT_SUFFIXES or "/" in spec or "\\" in spec:
         raise FileNotFoundError(f"UTA teacher checkpoint not found: {spec}")
-    from ..models.registry import list_models  # noqa: PLC0415
+    from ..models.registry import list_models
 
     if spec not in list_models():
         raise ValueError(f"UTA teacher {spec!r} is neither a file, a model directory nor a registered model")
@@ -142,14 +142,14 @@ def load_teacher(spec: str, student: nn.Module, arch: str | None = None) -> CLIP
     model name, or a model directory whose video tower is one. The target layout (cls target,
     ``ln_post``, number of layers) is the student's ``uta_layout``.
     """
-    from ..models.registry import create_model  # noqa: PLC0415
+    from ..models.registry import create_model
 
     check_teacher_spec(spec)
     path = Path(spec)
     if path.is_file():
         net = create_model(arch or DEFAULT_TEACHER_ARCH, pretrained=str(path))
     elif path.is_dir():
-        from ..models.io import load_model  # noqa: PLC0415
+        from ..models.io import load_model
 
         net = load_model(path)
         net = getattr(net, "video", net)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from app.cli import app
+from indexer.store import open_index
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.metrics import ranks_t2v
@@ -100,8 +101,6 @@ def test_index_scores_are_the_eval_scores_and_renormalising_would_reorder(
         text_feat = model.encode_texts(list(texts), corpus.max_text_len)["feat"]
         eval_scores = model.similarity(text_feat, frames)                    # mean per-frame cosine
     assert frames.dim() == 3 and frames.shape[1] > 1
-
-    from indexer.store import open_index  # noqa: PLC0415
 
     reader = open_index(index)
     row_of = {Path(item["path"]).resolve(): row for row, item in enumerate(reader.items)}

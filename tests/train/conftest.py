@@ -17,9 +17,9 @@ def tiny_corpus(tmp_path_factory):
 def clip_teacher_file(tmp_path_factory):
     """A tiny open_clip ViT (2 blocks, 32 px, 8 px patches, 24-d output) saved as a local checkpoint
     file, as a real CLIP teacher is given: built from the test config, random weights."""
-    from safetensors.torch import save_file  # noqa: PLC0415
+    from safetensors.torch import save_file
 
-    from retrieval.models.registry import create_model  # noqa: PLC0415
+    from retrieval.models.registry import create_model
 
     torch.manual_seed(123)
     visual = create_model("frame_clip_tiny_test").visual

@@ -290,7 +290,7 @@ def test_teacher_reproduces_the_official_clip_teacher(tmp_path):
     """Tensors from the authors' teacher code (VideoMamba ``video_mm`` / ``video_sm`` ``clip.py``, run
     outside this repository on a 2-block, 32-wide, QuickGELU ViT with random weights): its targets,
     its attention, and the visible patches its ``torch.multinomial`` rule drew with seed 11."""
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+    from safetensors.torch import load_file, save_file
 
     ref = load_file(str(FIXTURE))
     weights = {k.removeprefix("weights."): v for k, v in ref.items() if k.startswith("weights.")}
