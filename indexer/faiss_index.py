@@ -1,7 +1,10 @@
-"""The vector index: FAISS over L2-normalised float32 clip vectors, scored by inner product.
+"""The vector index: FAISS over float32 clip vectors of norm at most 1, scored by inner product.
 
-Inner product on unit vectors is cosine similarity, the score the retrieval models are trained
-for, so every index here is built with ``METRIC_INNER_PRODUCT`` and never with L2.
+Inner product with a unit query is the retrieval score: cosine for a unit clip vector, and the
+mean per-frame cosine for a model that keeps one feature per frame, whose clip vector is the
+mean of its unit frame vectors (shorter than 1, see ``RetrievalModel.clip_vector``). So every
+index here is built with ``METRIC_INNER_PRODUCT`` and never with L2 (L2 distance would mix
+in the clip vector's length).
 
 Three index families cover the sizes a vtr corpus reaches, chosen by :func:`choose_index_type`
 the way autofaiss does (vector count first, then the memory budget):
@@ -151,11 +154,13 @@ def choose_index_type(n: int, dim: int, max_memory_bytes: int | None = None) -> 
 
 
 def check_vectors(vectors: np.ndarray, dim: int | None = None, what: str = "vectors") -> None:
-    """Reject arrays FAISS would misread; warn when rows are not unit length.
+    """Reject arrays FAISS would misread; warn when rows are longer than unit length.
 
     Raises ValueError for a wrong rank, dtype or width and for NaN/inf (FAISS would silently
-    return garbage). Rows that are not L2-normalised only warn: the search still works, but
-    inner product is then not cosine, which is almost always a caller bug.
+    return garbage). Rows shorter than 1 are expected (the mean of a clip's unit per-frame
+    vectors); rows longer than 1 only warn: the search still works, but no retrieval score is
+    an inner product with such a vector, which is almost always a caller bug (features that
+    were never normalised).
     """
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2:
         shape = getattr(vectors, "shape", None)
@@ -170,9 +175,9 @@ def check_vectors(vectors: np.ndarray, dim: int | None = None, what: str = "vect
         norms = np.sqrt(np.einsum("ij,ij->i", block, block))
         if not np.isfinite(norms).all():
             raise ValueError(f"{what} contain NaN or inf (first bad row near {start})")
-        if np.abs(norms - 1.0).max(initial=0.0) > NORM_TOLERANCE:
+        if norms.max(initial=0.0) > 1.0 + NORM_TOLERANCE:
             warnings.warn(
-                f"{what} are not L2-normalised (norms {norms.min():.3f}..{norms.max():.3f}): "
+                f"{what} are not L2-normalised (norms up to {norms.max():.3f}, above 1): "
                 "inner-product scores will not be cosine similarities",
                 stacklevel=3,
             )
@@ -285,7 +290,7 @@ def build_index(
     max_memory_bytes: int | None = None,
     use_gpu: bool | None = None,
 ) -> faiss.Index:
-    """Build an inner-product index over ``vectors`` (float32 [n, d], L2-normalised).
+    """Build an inner-product index over ``vectors`` (float32 [n, d], norms at most 1).
 
     ``index_type`` is a FAISS factory string; None picks one with :func:`choose_index_type`.
     Indexes that need training are trained on a seeded random sample of at most 100k rows, so

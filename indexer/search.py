@@ -155,6 +155,11 @@ class Searcher:
     ) -> list[Hit]:
         """The ``k`` clips most like the video at ``path`` (or its ``window`` in seconds).
 
+        The query is the example's own clip vector, so a hit's score is the mean over
+        (example frame, indexed frame) pairs of the per-frame cosine: plain cosine for a model
+        with one feature per clip, and for one with a feature per frame the natural extension
+        of the text score (a text is one "frame").
+
         Raises:
             VideoReadError: the example cannot be decoded.
         """

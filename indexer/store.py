@@ -275,8 +275,8 @@ def write_index(
 ) -> Path:
     """Build and atomically publish an index directory at ``out_dir``; return its path.
 
-    ``vectors`` are the L2-normalised float32 clip vectors [n, d]; ``items[i]`` describes row
-    i (keys from :data:`ITEM_KEYS`, ``path`` required, ``id`` filled in). ``model_identity``
+    ``vectors`` are the float32 clip vectors [n, d], norms at most 1 (:mod:`indexer.faiss_index`);
+    ``items[i]`` describes row i (keys from :data:`ITEM_KEYS`, ``path`` required, ``id`` filled in). ``model_identity``
     needs ``name`` and ``weights_sha256`` (and should carry ``preprocess``): readers use it to
     refuse queries from another model. ``skipped`` counts inputs deliberately left out
     (e.g. too short), as opposed to ``failures``. The FAISS index type is chosen by
@@ -358,7 +358,8 @@ class IndexReader:
     def search(
         self, query_vectors: np.ndarray, k: int = 10, candidates: int | None = None
     ) -> list[list[tuple[dict[str, Any], float]]]:
-        """For each query ([q, d] or [d], L2-normalised) its best ``k`` (item, cosine) pairs.
+        """For each query ([q, d] or [d], L2-normalised) its best ``k`` (item, score) pairs; the
+        score is the inner product, for a unit query the model's retrieval score.
 
         Approximate indexes re-score ``candidates`` hits exactly against the float16
         vectors (see :func:`indexer.faiss_index.search_index`); fewer than ``k`` pairs come

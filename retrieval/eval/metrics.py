@@ -4,10 +4,13 @@ Conventions, used by every function here:
 
 * A similarity matrix is always ``sim[n_texts, n_videos]``; ``gt_video_of_text[i]`` is the
   index of text ``i``'s ground-truth video. Several texts may share a video (MSVD).
-* Ranks are 1-based. A query's rank is ``1 + (number of candidates scoring strictly higher
-  than the ground truth)``: ties are resolved in the query's favour. This makes ranks
-  deterministic (the official code breaks ties by ``argsort`` order, i.e. arbitrarily); with
-  float scores ties are rare except among the ``-100`` fill of :func:`rerank_topk`.
+* Ranks are 1-based. A query's rank is ``1 + (number of wrong candidates scoring at least as
+  high as the ground truth)``: ties are resolved against the query, as if every tied wrong
+  candidate were sorted first. A collapsed model that gives every candidate the same score
+  therefore ranks each ground truth last (R@1 = 0, below chance), never first; an
+  optimistic rule would score it R@1 = 100. The rule is deterministic (the official code
+  breaks ties by ``argsort`` order, i.e. arbitrarily) and never better than any tie-breaking
+  order; with float scores ties are rare except among the ``-100`` fill of :func:`rerank_topk`.
 * Recall values are percentages (0-100).
 """
 
@@ -49,14 +52,17 @@ def ranks_t2v(sim: ArrayLike, gt_video_of_text: ArrayLike) -> np.ndarray:
     """1-based rank of each text's ground-truth video among all videos; shape ``[n_texts]``."""
     scores, gt = _checked_inputs(sim, gt_video_of_text)
     gt_scores = scores[np.arange(len(gt)), gt]
-    return 1 + (scores > gt_scores[:, None]).sum(axis=1)
+    # every candidate at or above the ground truth's score, the ground truth itself included
+    return (scores >= gt_scores[:, None]).sum(axis=1)
 
 
 def ranks_v2t(sim: ArrayLike, gt_video_of_text: ArrayLike) -> np.ndarray:
     """1-based rank of each video's best-ranked caption among all texts; shape ``[n_videos]``.
 
     A video with several captions counts as found at the rank of its highest-ranked one (the
-    MSVD rule). Since rank falls as score rises, that is the rank of its highest-scoring caption.
+    MSVD rule). Since rank falls as score rises, that is the rank of its highest-scoring caption;
+    only *wrong* captions tied with it count against it (a tie among its own captions still
+    finds the video at the first of them).
 
     Raises:
         ValueError: some video has no caption, so its v2t rank is undefined.
@@ -68,7 +74,9 @@ def ranks_v2t(sim: ArrayLike, gt_video_of_text: ArrayLike) -> np.ndarray:
         raise ValueError(f"videos without any caption have no v2t rank: indices {uncaptioned[:10].tolist()}")
     best_caption_score = np.full(n_videos, -np.inf)
     np.maximum.at(best_caption_score, gt, scores[np.arange(len(gt)), gt])
-    return 1 + (scores > best_caption_score[None, :]).sum(axis=0)
+    at_or_above = scores >= best_caption_score[None, :]
+    at_or_above[np.arange(len(gt)), gt] = False  # the video's own captions are not competitors
+    return 1 + at_or_above.sum(axis=0)
 
 
 def rank_metrics(ranks: ArrayLike) -> dict[str, float]:
@@ -117,7 +125,7 @@ def topk_accuracy(logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 
     """Percentage of samples whose label is among the top k classes, as ``{"top1": ..., ...}``.
 
     Same tie rule as the retrieval ranks: the label counts as within the top k when fewer than
-    k classes score strictly higher.
+    k other classes score at least as high (a constant classifier scores 0, not 100).
     """
     scores = _as_numpy(logits, np.float64)
     targets = _as_numpy(labels, np.int64)
@@ -126,7 +134,7 @@ def topk_accuracy(logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 
     if targets.size and (targets.min() < 0 or targets.max() >= scores.shape[1]):
         raise ValueError(f"labels outside [0, {scores.shape[1]})")
     label_scores = scores[np.arange(len(targets)), targets]
-    ranks = 1 + (scores > label_scores[:, None]).sum(axis=1)
+    ranks = (scores >= label_scores[:, None]).sum(axis=1)
     return {f"top{k}": float(100.0 * np.mean(ranks <= k)) for k in ks}
 
 

@@ -9,7 +9,9 @@ official metrics (R@1/5/10 and their mean) plus MdR / MnR. A query whose ground 
 its top k keeps its ITC rank under ITM: it is below the k re-scored candidates and the others
 keep their ITC order. R@K for K <= k is then exactly the official number, and MdR / MnR do not
 depend on how ties within the ``-100`` fill are broken (the official code breaks them
-arbitrarily; breaking them in the query's favour would put every such query at rank k + 1).
+arbitrarily; :mod:`retrieval.eval.metrics` ranks ties against the query, which would put every
+such query last). Tied ITC scores count against the query too, so a collapsed model that
+scores every pair the same ranks every ground truth last instead of first.
 
 Clip embeddings are the expensive part, so :func:`embed_corpus` decodes in DataLoader worker
 processes while the main process encodes, and caches its output on disk keyed by the video

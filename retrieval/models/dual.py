@@ -5,7 +5,8 @@ shared space (L2-normalised), ``temp`` for the contrastive logits, ``itm_head`` 
 CLS for matching, and an optional MLM head. The clip-text score is cosine; when the video encoder
 keeps frames (``pooled`` [B, T, D]) it is the mean over frames of the per-frame cosine, as in the
 official evaluation. The vector an index stores is :meth:`RetrievalModel.clip_vector`: the mean of
-the normalised per-frame vectors, renormalised.
+the normalised per-frame vectors, NOT renormalised, so that its inner product with a unit text
+vector is exactly that score and search ranks clips as evaluation does.
 """
 from __future__ import annotations
 
@@ -76,8 +77,15 @@ class RetrievalModel(nn.Module):
 
     @staticmethod
     def clip_vector(feat: torch.Tensor) -> torch.Tensor:
-        """One unit vector per clip: per-frame features averaged, renormalised."""
-        return F.normalize(feat.mean(1), dim=-1) if feat.dim() == 3 else feat
+        """One vector per clip whose inner product with a unit text vector is :meth:`similarity`.
+
+        Per-frame features ``[B, T, E]`` (each unit length) are averaged and deliberately not
+        renormalised: ``<text, mean_t f_t> = mean_t <text, f_t>``, the mean per-frame cosine
+        that evaluation scores. Renormalising would divide each clip's score by the length of
+        its mean (shorter when its frames disagree) and reorder clips. The norm is at most 1.
+        A ``[B, E]`` feature is already one unit vector per clip and is returned as is.
+        """
+        return feat.mean(1) if feat.dim() == 3 else feat
 
     # -- text -------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_len: int | None = None):

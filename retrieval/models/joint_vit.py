@@ -24,6 +24,9 @@ defaults keep the layout above:
 * ``keep_temporal=True``: ``pooled`` is the mean patch token of each time step ``[B, T', D]``
   (UMT's retrieval setting: clip-text scores are averaged over frames).
 * ``pool_norm=True``: a LayerNorm (eps 1e-6) on ``pooled``, as UMT's ``pool_norm``.
+* ``clip_output_dim=Dt``: UMT's unmasked-teacher alignment (UTA) head, ``clip_return_layers``
+  (default 6) decoders ``clip_decoder.i`` aligning the last blocks to a CLIP teacher's last
+  blocks (``ln_post``, no cls target; see ``retrieval.train.teacher``).
 
 Attention implementation (``fused_attn``): by default timm's block calls
 ``torch.nn.functional.scaled_dot_product_attention``, whose CPU/GPU kernels never materialise the
@@ -42,6 +45,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -132,6 +136,8 @@ class JointSpaceTimeViT(nn.Module):
         pos_embed: str = "learned",
         keep_temporal: bool = False,
         pool_norm: bool = False,
+        clip_output_dim: int | None = None,
+        clip_return_layers: int = 6,
     ) -> None:
         super().__init__()
         if pool not in ("avg", "cls"):
@@ -187,6 +193,15 @@ class JointSpaceTimeViT(nn.Module):
             block.attn.fused_attn = fused_attn
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.pool_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool_norm else None
+        # UMT's unmasked-teacher alignment: one decoder per aligned layer (the last K blocks)
+        self.clip_decoder = None
+        if clip_output_dim:
+            if not 1 <= clip_return_layers <= depth:
+                raise ValueError(f"clip_return_layers must be in [1, {depth}], got {clip_return_layers}")
+            self.clip_decoder = nn.ModuleList(_CLIPDecoder(embed_dim, clip_output_dim)
+                                              for _ in range(clip_return_layers))
+        # teacher targets as UMT aligns its ViT: ln_post, no cls target, the teacher's last K blocks
+        self.uta_layout = {"cls_target": False, "ln_post": True, "layers": clip_return_layers}
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -207,7 +222,12 @@ class JointSpaceTimeViT(nn.Module):
         """Keep only each block's input in training and recompute the block in backward (less memory)."""
         self.grad_checkpointing = enable
 
-    def forward(self, video: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None,
+                return_distill: bool = False) -> dict[str, torch.Tensor]:
+        """``mask``: optional bool ``[B, T'·N]`` (True = patch dropped, the same count per sample): only
+        the visible patches (and the cls token) enter the blocks, and ``pooled`` is then the mean of
+        the visible patches of the whole clip. ``return_distill`` adds ``"distill"`` ``[K, B, V, Dt]``,
+        UMT's aligned tokens (see :meth:`_distill`)."""
         validate_video(
             video, model_name="JointSpaceTimeViT", num_frames=self.num_frames, img_size=self.img_size
         )
@@ -219,24 +239,65 @@ class JointSpaceTimeViT(nn.Module):
             x = x.reshape(b, t * self.num_patches, d)
         else:
             x = x.reshape(b, t * self.num_patches, d) + self.pos_table.to(x.dtype)
+        n_patches = x.shape[1]
+        if mask is not None:
+            if mask.shape != (b, n_patches) or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool [B, T*N] = {(b, n_patches)}, got {tuple(mask.shape)} {mask.dtype}")
+            keep = (~mask).sum(1)
+            if (keep != keep[0]).any():
+                raise ValueError("mask must keep the same number of patches in every sample")
+            x = x[~mask].reshape(b, int(keep[0]), d)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
-        for block in self.blocks:
+        aligned = []
+        first_aligned = len(self.blocks) - (len(self.clip_decoder) if return_distill and self.clip_decoder else 0)
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+            if i >= first_aligned:
+                aligned.append(x)
         x = self.norm(x)
         patches = x[:, 1:] if self.cls_token is not None else x
         if self.pool == "cls":
             pooled = x[:, 0]
-        elif self.keep_temporal:
+        elif self.keep_temporal and mask is None:
             pooled = patches.reshape(b, t, self.num_patches, d).mean(dim=2)
         else:
             pooled = patches.mean(dim=1)
         if self.pool_norm is not None:
             pooled = self.pool_norm(pooled)
-        return {"tokens": x, "pooled": pooled}
+        out = {"tokens": x, "pooled": pooled}
+        if return_distill:
+            out["distill"] = self._distill(aligned, mask, n_patches)
+        return out
+
+    def _distill(self, aligned: list[torch.Tensor], mask: torch.Tensor | None, n_patches: int) -> torch.Tensor:
+        """UMT's aligned tokens ``[K, B, V, Dt]`` (unit vectors): each of the last K blocks' visible
+        patch tokens through the final LayerNorm, plus the fixed sinusoidal ``clip_pos_embed``
+        (``T'·N`` positions, no cls slot) at their places, through that layer's own decoder
+        (Linear + LayerNorm), L2-normalised. The cls token, if any, is not aligned."""
+        if self.clip_decoder is None:
+            raise ValueError("this joint ViT has no clip_decoder (clip_output_dim not set): cannot distill")
+        table = sincos_table(n_patches, self.embed_dim).to(aligned[0].device, aligned[0].dtype)
+        b = aligned[0].shape[0]
+        pos = table.expand(b, -1, -1) if mask is None else table.expand(b, -1, -1)[~mask].reshape(b, -1, self.embed_dim)
+        skip = 1 if self.cls_token is not None else 0
+        return torch.stack([F.normalize(decoder(self.norm(z)[:, skip:] + pos), dim=-1)
+                            for decoder, z in zip(self.clip_decoder, aligned, strict=True)])
+
+
+class _CLIPDecoder(nn.Module):
+    """Student tokens -> the teacher's space (UMT's ``clip_decoder.i``: ``head`` Linear + ``norm`` LayerNorm)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_dim, out_dim)
+        self.norm = nn.LayerNorm(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.head(x))
 
 
 def sincos_table(positions: int, dim: int) -> torch.Tensor:
@@ -272,6 +333,8 @@ def build(
     pos_embed: str = "learned",
     keep_temporal: bool = False,
     pool_norm: bool = False,
+    clip_output_dim: int | None = None,
+    clip_return_layers: int = 6,
 ) -> JointSpaceTimeViT:
     """Build a joint space-time ViT of a named ``size`` (ti/s/base), any of whose dims can be overridden."""
     if size is None:
@@ -303,4 +366,6 @@ def build(
         pos_embed=pos_embed,
         keep_temporal=keep_temporal,
         pool_norm=pool_norm,
+        clip_output_dim=clip_output_dim,
+        clip_return_layers=clip_return_layers,
     )

@@ -29,6 +29,7 @@ instead of zero.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -222,8 +223,9 @@ class VideoMamba(nn.Module):
     """VideoMamba video encoder; see the module docstring for the layout.
 
     ``forward(video [B, C, T, H, W], mask=None)`` returns ``{"tokens": [B, 1+L, D], "pooled":
-    [B, T, D] or [B, D]}``; with ``return_distill=True`` also ``"distill"``: ``clip_decoder`` applied
-    to the visible patch tokens of the residual stream (for UTA).
+    [B, T, D] or [B, D]}``; with ``return_distill=True`` also ``"distill"`` ``[1, B, 1+V, Dt]``:
+    the cls and visible tokens of the residual stream aligned to the CLIP teacher (UTA, see
+    :meth:`_distill`). With a mask, ``pooled`` is one vector per clip over the visible patches.
     """
 
     def __init__(self, embed_dim: int = 192, depth: int = 24, img_size: int = 224, patch_size: int = 16,
@@ -391,12 +393,30 @@ class VideoMamba(nn.Module):
             tokens = torch.cat([tokens[:, mid:mid + 1], tokens[:, :mid], tokens[:, mid + 1:]], dim=1)
             distill_src = torch.cat([distill_src[:, mid:mid + 1], distill_src[:, :mid], distill_src[:, mid + 1:]], 1)
 
-        out = {"tokens": tokens, "pooled": self._pool(tokens, t)}
+        # a masked (UTA) pass pools the visible patches of the whole clip, as the official code
+        # does when its mask is drawn from attention (keep_temporal is off for it)
+        out = {"tokens": tokens, "pooled": self._pool(tokens, t if mask is None else 0)}
         if return_distill:
-            if self.clip_decoder is None:
-                raise ValueError("this VideoMamba has no clip_decoder (clip_output_dim=None): cannot distill")
-            out["distill"] = self.clip_decoder[0](distill_src[:, 1:].to(tokens.dtype))
+            out["distill"] = self._distill(distill_src.to(tokens.dtype), mask, L)
         return out
+
+    # teacher targets: cls first, then every patch (see retrieval.train.teacher)
+    uta_layout = {"cls_target": True, "ln_post": False, "layers": 1}
+
+    def _distill(self, stream: torch.Tensor, mask: torch.Tensor | None, n_patches: int) -> torch.Tensor:
+        """UTA's aligned tokens ``[1, B, 1+V, Dt]`` (unit vectors): the residual stream of the cls and
+        the visible patches, plus the fixed sinusoidal ``clip_pos_embed`` at their places in the
+        full ``1 + T*N`` sequence, through ``clip_decoder`` (Linear + LayerNorm), L2-normalised."""
+        if self.clip_decoder is None:
+            raise ValueError("this VideoMamba has no clip_decoder (clip_output_dim=None): cannot distill")
+        b, length, d = stream.shape
+        table = clip_pos_table(1 + n_patches, d).to(stream.device, stream.dtype)
+        if mask is None:
+            pos = table.expand(b, -1, -1)
+        else:
+            visible = ~torch.cat([mask.new_zeros(b, 1), mask], dim=1)
+            pos = table.expand(b, -1, -1)[visible].reshape(b, length, d)
+        return torch.stack([F.normalize(decoder(stream + pos), dim=-1) for decoder in self.clip_decoder])
 
     def classify(self, video: torch.Tensor) -> torch.Tensor:
         """Logits of the supervised head (only for weights that carry one, e.g. K400 fine-tuned)."""
@@ -417,6 +437,14 @@ class VideoMamba(nn.Module):
         """[..., N, D] -> [..., D] over the patch axis: the official mean, or the max, which keeps
         a small object's features from being averaged away by the background patches around it."""
         return patches.amax(-2) if self.patch_pool == "max" else patches.mean(-2)
+
+
+@functools.lru_cache(maxsize=8)
+def clip_pos_table(positions: int, dim: int) -> torch.Tensor:
+    """UTA's ``clip_pos_embed`` ``[1, positions, dim]``: the Transformer's sinusoidal table, fixed."""
+    from .joint_vit import sincos_table  # noqa: PLC0415
+
+    return sincos_table(positions, dim).unsqueeze(0)
 
 
 def resize_temporal_pos(pos: torch.Tensor, t: int) -> torch.Tensor:

@@ -37,10 +37,10 @@ from ..data.video import Preprocess
 from ..models.dual import RetrievalModel, build_retrieval_model
 from ..models.io import load_model, load_weights, strict_load
 from ..models.text import SpecialTokenIds
-from .losses import mlm_loss, teacher_guided_mask, uta_loss, vtc_loss, vtm_loss
+from .losses import mlm_loss, teacher_guided_mask, uta_loss, visible_targets, vtc_loss, vtm_loss
 from .recipe import Recipe, RecipeError, image_batch_size
 from .schedule import IMAGE, VIDEO, step_source
-from .teacher import Teacher
+from .teacher import CLIPTeacher, check_teacher_spec, load_teacher
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -142,7 +142,7 @@ def param_groups(model: RetrievalModel, recipe: Recipe) -> list[dict[str, Any]]:
              "lr_scale": o.text_lr_scale if txt else 1.0} for (nd, txt), ps in groups.items()]
 
 
-def check_one_frame(model: RetrievalModel, teacher: Teacher | None) -> None:
+def check_one_frame(model: RetrievalModel, teacher: CLIPTeacher | None) -> None:
     """Image steps feed 1-frame clips: refuse, before training, encoders that cannot take them
     (those built for a fixed frame count, e.g. TimeSformer and the joint space-time ViT)."""
     x = torch.zeros(1, 3, 1, model.preprocess["size"], model.preprocess["size"])
@@ -243,7 +243,7 @@ def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, samples: list
 
 
 def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: SpecialTokenIds,
-                   teacher: Teacher | None, gen: torch.Generator,
+                   teacher: CLIPTeacher | None, gen: torch.Generator,
                    text_prefix: FrozenTextPrefix | None = None) -> dict[str, torch.Tensor]:
     video, captions, idx = batch
     w = recipe.loss
@@ -253,15 +253,18 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
     else:
         ids, tmask = model.tokenize(captions)
         prefix = None
-    mask = teacher_tokens = None
+    mask = targets = None
     if w.uta and teacher is not None:
-        with torch.no_grad():
-            teacher_tokens, affinity = teacher(video)
-        n = affinity.shape[-1]
-        keep = max(1, round(n * (1 - w.uta_mask_ratio)))
-        mask = teacher_guided_mask(affinity, keep, gen)
+        # the teacher sees the student's own normalised frames; its last block's cls attention
+        # draws each frame's visible patches (images: 1-frame clips, their own ratio)
+        taught = teacher(video)
+        ratio = w.uta_image_mask_ratio if video.shape[2] == 1 else w.uta_mask_ratio
+        mask = teacher_guided_mask(taught.attention, ratio, gen, mode=w.uta_mask)
+        targets = visible_targets(taught.targets, mask)
     vout = model.encode_video(video, mask=mask, return_distill=bool(w.uta))
-    if prefix is not None:
+    if not (w.vtc or w.vtm or w.mlm):  # video-only UTA (stage 1): the captions are not needed
+        tout = None
+    elif prefix is not None:
         tout = model.encode_text(None, tmask, hidden=prefix, start_layer=text_prefix.layers)
     else:
         tout = model.encode_text(ids, tmask)
@@ -275,7 +278,7 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
     if w.mlm:
         out["mlm"] = mlm_loss(model, ids, tmask, vout["tokens"], special, w.mlm_prob, gen)
     if w.uta and teacher is not None:
-        out["uta"] = uta_loss(vout["distill"], teacher_tokens, mask)
+        out["uta"] = uta_loss(vout["distill"], targets)
     out["loss"] = sum(getattr(w, k) * v for k, v in out.items())
     return out
 
@@ -330,9 +333,12 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     image_pairs = None
     if recipe.data.images:  # read before building the model: a wrong path fails at once
         image_pairs = load_image_captions(recipe.data.images, recipe.data.image_root)
+    if recipe.loss.uta:
+        check_teacher_spec(recipe.loss.uta_teacher)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe)
-    teacher = Teacher.load(recipe.loss.uta_teacher, model.preprocess) if recipe.loss.uta else None
+    teacher = (load_teacher(recipe.loss.uta_teacher, model.video, recipe.loss.uta_teacher_arch)
+               if recipe.loss.uta else None)
     if image_pairs is not None:
         check_one_frame(model, teacher)
     pre_cfg = {k: model.preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")}

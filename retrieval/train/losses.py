@@ -111,29 +111,62 @@ def mlm_loss(model: RetrievalModel, input_ids: torch.Tensor, text_mask: torch.Te
     return F.cross_entropy(logits.float(), labels[picked])
 
 
-def teacher_guided_mask(affinity: torch.Tensor, keep_per_frame: int,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per frame, keep ``keep_per_frame`` tokens drawn without replacement by the teacher's
-    cls-to-patch attention (``affinity`` [B, T, N]); returns the drop mask [B, T*N] (True = drop)."""
-    b, t, n = affinity.shape
-    probs = F.softmax(affinity.float(), dim=-1).reshape(b * t, n)
-    keep = torch.multinomial(probs, keep_per_frame, replacement=False, generator=generator)
-    mask = torch.ones(b * t, n, dtype=torch.bool, device=affinity.device)
+def visible_per_frame(n: int, mask_ratio: float) -> int:
+    """Patches a frame of ``n`` keeps visible at ``mask_ratio``: ``n - int(n * ratio)``, as the
+    official code counts (40 of 196 at 0.8, 98 of 196 at 0.5)."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    return n - int(n * mask_ratio)
+
+
+def teacher_guided_mask(attention: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
+                        mode: str = "sample") -> torch.Tensor:
+    """The student's drop mask ``[B, T*N]`` (True = dropped) from the teacher's attention ``[B, T, N]``.
+
+    Per frame, ``visible_per_frame(N, mask_ratio)`` patches stay visible. ``mode="sample"`` (the
+    official rule) draws them with ``torch.multinomial`` without replacement, with probabilities
+    proportional to the cls query's attention (the weights as they are, not renormalised:
+    multinomial only needs them non-negative); ``"topk"`` keeps the most-attended ones, a
+    deterministic choice for tests. The cls slot is not part of the mask: it is always visible.
+    """
+    if mode not in ("sample", "topk"):
+        raise ValueError(f"UTA mask mode must be 'sample' (official) or 'topk', got {mode!r}")
+    b, t, n = attention.shape
+    keep_n = visible_per_frame(n, mask_ratio)
+    weights = attention.float().reshape(b * t, n)
+    if mode == "topk":
+        keep = weights.topk(keep_n, dim=-1).indices
+    else:
+        keep = torch.multinomial(weights.clamp_min(0), keep_n, replacement=False, generator=generator)
+    mask = torch.ones(b * t, n, dtype=torch.bool, device=attention.device)
     mask.scatter_(1, keep, False)
     return mask.reshape(b, t * n)
 
 
-def uta_loss(student_distill: torch.Tensor, teacher_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean(2 - 2 cos) between the student's visible tokens and the teacher's at the same places.
+def visible_targets(targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The teacher's targets ``[K, B, L, D]`` at the student's visible places.
 
-    ``student_distill`` [B, V, Dt] (visible tokens, in order); ``teacher_tokens`` [B, T*N, Dt];
-    ``mask`` [B, T*N] with V False entries per row.
+    ``mask`` is the patch mask ``[B, T*N]``; with ``L = 1 + T*N`` (a cls target first) the cls slot
+    is always kept. Returns ``[K, B, V, D]`` in sequence order.
     """
-    b, _, d = teacher_tokens.shape
-    target = teacher_tokens[~mask].reshape(b, -1, d)
-    if target.shape != student_distill.shape:
-        raise ValueError(f"UTA: teacher tokens at visible places {tuple(target.shape)} do not match the "
-                         f"student's {tuple(student_distill.shape)} (is the teacher's width the student's "
-                         "clip_output_dim?)")
-    cos = (F.normalize(student_distill.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(-1)
+    k, b, length, d = targets.shape
+    if length == mask.shape[1] + 1:
+        mask = torch.cat([mask.new_zeros(b, 1), mask], dim=1)
+    elif length != mask.shape[1]:
+        raise ValueError(f"UTA: the teacher gives {length} targets per sample but the mask covers "
+                         f"{mask.shape[1]} patches (do the teacher's and the student's patch grids agree?)")
+    keep = (~mask).sum(1)
+    return targets[:, ~mask].reshape(k, b, int(keep[0]), d)
+
+
+def uta_loss(student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of ``2 - 2 cos`` over every aligned token (cls included where present) and layer.
+
+    ``student`` and ``targets`` are ``[K, B, V, D]`` (or ``[B, V, D]``), token for token; both are
+    L2-normalised here, so the inputs may be raw decoder outputs.
+    """
+    if student.shape != targets.shape:
+        raise ValueError(f"UTA: the student's aligned tokens {tuple(student.shape)} do not match the teacher's "
+                         f"{tuple(targets.shape)} (is the student's clip_output_dim the teacher's width?)")
+    cos = (F.normalize(student.float(), dim=-1) * F.normalize(targets.float(), dim=-1)).sum(-1)
     return (2 - 2 * cos).mean()

@@ -57,8 +57,11 @@ class LossSection:
     uta: float = 0.0
     vtm_pairs: int = 0                        # VTM on the first n pairs of each local batch (0: all)
     mlm_prob: float = 0.5
-    uta_teacher: Optional[str] = None         # registered model name or model directory of the teacher
-    uta_mask_ratio: float = 0.8
+    uta_teacher: Optional[str] = None         # open_clip checkpoint file, or a frame_clip model name / directory
+    uta_teacher_arch: Optional[str] = None    # for a checkpoint file: its model config (default clip_teacher_b16)
+    uta_mask_ratio: float = 0.8               # share of each frame's patches dropped (videos)
+    uta_image_mask_ratio: float = 0.5         # the same for image steps (1-frame clips)
+    uta_mask: str = "sample"                  # "sample" (official: multinomial over attention) or "topk"
 
 
 @dataclass
@@ -104,6 +107,9 @@ class Recipe:
         if not self.data.images:  # recipes from before image training keep their fingerprint
             for key in ("images", "image_root", "image_batch_size"):
                 d["data"].pop(key)
+        if not self.loss.uta:  # nor do recipes without UTA, whatever its options say
+            for key in ("uta_teacher_arch", "uta_image_mask_ratio", "uta_mask"):
+                d["loss"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -193,8 +199,11 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("loss.vtm_pairs must be >= 0 (0: every pair)")
     if r.optim.freeze_text_layers < 0:
         raise RecipeError("optim.freeze_text_layers must be >= 0")
-    if not 0 < r.loss.uta_mask_ratio < 1:
-        raise RecipeError("loss.uta_mask_ratio must be in (0, 1)")
+    for key in ("uta_mask_ratio", "uta_image_mask_ratio"):
+        if not 0 < getattr(r.loss, key) < 1:
+            raise RecipeError(f"loss.{key} must be in (0, 1)")
+    if r.loss.uta_mask not in ("sample", "topk"):
+        raise RecipeError(f"loss.uta_mask must be 'sample' (official) or 'topk', got {r.loss.uta_mask!r}")
     if r.data.image_batch_size < 0 or r.data.image_batch_size == 1:
         raise RecipeError("data.image_batch_size must be >= 2 (0: optim.batch_size)")
     if not r.data.images and (r.data.image_root or r.data.image_batch_size):

@@ -1,7 +1,7 @@
 """Retrieval and classification metrics against hand-worked examples.
 
-Each expected rank is worked out in a comment beside its matrix: rank = 1 + number of
-candidates scoring strictly higher than the ground truth.
+Each expected rank is worked out in a comment beside its matrix: rank = 1 + number of wrong
+candidates scoring at least as high as the ground truth (ties count against the query).
 """
 
 from __future__ import annotations
@@ -52,14 +52,68 @@ def test_t2v_metrics_recall_median_and_mean_rank() -> None:
     assert metrics["MnR"] == pytest.approx(5.75)  # 23 / 4
 
 
-def test_ties_count_in_the_querys_favour() -> None:
+def test_ties_count_against_the_query() -> None:
     sim = np.array(
         [
-            [0.5, 0.5, 0.2],  # gt 1 ties video 0 at 0.5: nothing strictly higher -> rank 1
-            [0.7, 0.5, 0.5],  # gt 2 ties video 1; only 0.7 is higher -> rank 2
+            [0.5, 0.5, 0.2],  # gt 1 ties video 0 at 0.5: the tie counts against it -> rank 2
+            [0.7, 0.5, 0.5],  # gt 2 ties video 1 and 0.7 is higher -> rank 3
         ]
     )
-    assert ranks_t2v(sim, [1, 2]).tolist() == [1, 2]
+    assert ranks_t2v(sim, [1, 2]).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])
+def test_a_collapsed_model_scores_no_better_than_chance_in_both_directions(n: int) -> None:
+    sim = np.full((n, n), 0.3)  # every text scores every video the same
+    gt = np.arange(n)
+    assert ranks_t2v(sim, gt).tolist() == [n] * n
+    assert ranks_v2t(sim, gt).tolist() == [n] * n
+    chance_r1 = 100.0 / n
+    for metrics in (t2v_metrics(sim, gt), v2t_metrics(sim, gt)):
+        assert metrics["R@1"] <= chance_r1
+        assert metrics["MdR"] == n
+    # with a single candidate the only answer is right, tie or not
+    if n == 1:
+        assert t2v_metrics(sim, gt)["R@1"] == 100.0
+
+
+def test_a_collapsed_model_with_several_captions_per_video() -> None:
+    # 3 videos, 2 captions each (MSVD layout), all scores equal
+    sim = torch.zeros(6, 3)
+    gt = [0, 0, 1, 1, 2, 2]
+    # t2v: the gt ties the 2 wrong videos -> rank 3 for every caption
+    assert ranks_t2v(sim, gt).tolist() == [3] * 6
+    # v2t: the video's own 2 captions tie each other (found at the first of them), the 4 wrong
+    # captions tie it too and count against it -> rank 1 + 4 = 5
+    assert ranks_v2t(sim, gt).tolist() == [5] * 3
+    assert t2v_metrics(sim, gt)["R@1"] == 0.0
+    assert v2t_metrics(sim, gt)["R@1"] == 0.0
+
+
+def test_tied_ranks_are_the_worst_any_sort_order_could_give() -> None:
+    # coarse scores make many ties; the official code's argsort puts tied candidates in some
+    # order: our rank must equal the worst such order (gt placed after every tied wrong candidate)
+    rng = np.random.default_rng(0)
+    sim = rng.integers(0, 3, size=(30, 12)).astype(float)
+    gt = rng.integers(0, 12, size=30)
+    gt[:12] = np.arange(12)  # every video has a caption
+    worst_t2v = []
+    for i, g in enumerate(gt):
+        order = sorted(range(12), key=lambda v: (-sim[i, v], v == g))  # gt last among ties
+        worst_t2v.append(order.index(g) + 1)
+    assert ranks_t2v(sim, gt).tolist() == worst_t2v
+    worst_v2t = []
+    for v in range(12):
+        order = sorted(range(30), key=lambda t: (-sim[t, v], gt[t] == v))
+        worst_v2t.append(1 + next(pos for pos, t in enumerate(order) if gt[t] == v))
+    assert ranks_v2t(sim, gt).tolist() == worst_v2t
+    # and no order is worse: a random tie-break (stable argsort of a shuffled column) is never
+    # ranked above ours
+    for _ in range(5):
+        perm = rng.permutation(12)
+        for i, g in enumerate(gt):
+            order = perm[np.argsort(-sim[i, perm], kind="stable")].tolist()
+            assert order.index(g) + 1 <= worst_t2v[i]
 
 
 def test_v2t_uses_the_best_of_several_captions() -> None:
@@ -90,11 +144,11 @@ def test_v2t_ties_and_uncaptioned_videos() -> None:
     sim = np.array(
         [
             [0.5, 0.1],  # text 0 describes video 1
-            [0.5, 0.3],  # text 1 describes video 0: ties text 0 in column 0 -> rank 1
+            [0.5, 0.3],  # text 1 describes video 0: ties wrong text 0 in column 0 -> rank 2
         ]
     )
     # video 1's column 0.1 0.3: its caption t0 (0.1) has t1 (0.3) above -> rank 2
-    assert ranks_v2t(sim, [1, 0]).tolist() == [1, 2]
+    assert ranks_v2t(sim, [1, 0]).tolist() == [2, 2]
     with pytest.raises(ValueError, match=r"without any caption.*\[1\]"):
         ranks_v2t(sim, [0, 0])
 
@@ -133,11 +187,13 @@ def test_topk_accuracy() -> None:
         [
             [0.1, 0.5, 0.2, 0.3],  # label 1 scores highest -> rank 1
             [0.4, 0.3, 0.2, 0.1],  # label 3 scores lowest -> rank 4
-            [0.2, 0.2, 0.9, 0.0],  # label 0 ties class 1, class 2 above -> rank 2
+            [0.2, 0.2, 0.9, 0.0],  # label 0 ties class 1 (counts against it), class 2 above -> rank 3
         ]
     )
-    accuracy = topk_accuracy(logits, torch.tensor([1, 3, 0]), ks=(1, 2, 5))
-    assert accuracy == pytest.approx({"top1": 100 / 3, "top2": 200 / 3, "top5": 100.0})
+    accuracy = topk_accuracy(logits, torch.tensor([1, 3, 0]), ks=(1, 2, 3, 5))
+    assert accuracy == pytest.approx({"top1": 100 / 3, "top2": 100 / 3, "top3": 200 / 3, "top5": 100.0})
+    # a constant classifier is wrong at top-1, not right
+    assert topk_accuracy(torch.zeros(4, 10), torch.arange(4), ks=(1,)) == {"top1": 0.0}
 
 
 def test_rerank_topk_rescored_only_the_top_k() -> None:
@@ -157,8 +213,9 @@ def test_rerank_topk_rescored_only_the_top_k() -> None:
     assert calls == [(0, [1, 2]), (1, [0, 3])]
     expected = torch.tensor([[-100.0, 11.0, 12.0, -100.0], [20.0, -100.0, -100.0, 23.0]])
     torch.testing.assert_close(reranked, expected)
-    # a ground truth outside the top k ties the -100 fill and so ranks just below the k re-scored
-    assert ranks_t2v(reranked, [0, 0]).tolist() == [3, 2]
+    # a ground truth outside the top k ties the -100 fill and so ranks below all of it
+    # (retrieval.evaluate gives such a query its ITC rank instead)
+    assert ranks_t2v(reranked, [0, 0]).tolist() == [4, 2]
 
 
 def test_rerank_topk_clips_k_and_checks_score_shape() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import faiss
 import numpy as np
@@ -198,6 +199,53 @@ def test_bad_inputs_raise_clear_errors():
 def test_unnormalised_vectors_warn():
     with pytest.warns(UserWarning, match="not L2-normalised"):
         build_index(clustered(50, 16) * 3, use_gpu=False)
+
+
+def frame_mean_vectors(n: int, frames: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Clip vectors of a per-frame model: the mean of ``frames`` unit vectors (norms below 1).
+
+    Frames of one clip share a cluster but jitter around it by a clip-specific amount, so the
+    norms spread (about 0.4 to 1) and differ between neighbours.
+    """
+    rng = np.random.default_rng(seed)
+    centres = clustered(n, dim, seed=seed)
+    spread = rng.uniform(0.0, 2.5, size=(n, 1, 1)) / math.sqrt(dim)
+    x = centres[:, None, :] + spread * rng.standard_normal((n, frames, dim))
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    return x.mean(1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("index_type", "n", "min_recall"),
+    [("Flat", 500, 1.0), ("HNSW32,Flat", 2_000, 0.95), ("IVF32,PQ16x8", 5_000, 0.9)],
+)
+def test_every_index_type_ranks_frame_mean_vectors_by_inner_product(index_type, n, min_recall):
+    """Non-unit (frame-mean) vectors: no warning, inner-product order, exact float16 re-scoring."""
+    base = frame_mean_vectors(n, 4, 64, seed=5)
+    norms = np.linalg.norm(base, axis=1)
+    assert norms.max() <= 1.0 and norms.min() < 0.6
+    queries = clustered(50, 64, seed=6)  # unit text vectors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shorter than unit is the expected layout
+        index = build_index(base, index_type=index_type, use_gpu=False)
+        vectors16 = base.astype(np.float16)
+        scores, ids = search_index(index, queries, 10, rescore_vectors=vectors16)
+    inner = queries @ base.T
+    truth = exact_top_k(base, queries, 10)
+    assert recall(ids, truth) >= min_recall
+    if index_type == "Flat":
+        np.testing.assert_array_equal(ids, truth)
+        np.testing.assert_allclose(scores, np.take_along_axis(inner, ids, axis=1), rtol=1e-5, atol=1e-6)
+    elif index_type.startswith("IVF"):
+        # the scores are the exact inner products with the stored float16 rows, best first
+        exact16 = np.einsum("qkd,qd->qk", vectors16[ids].astype(np.float32), queries)
+        np.testing.assert_allclose(scores, exact16, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_allclose(scores, np.take_along_axis(inner, ids, axis=1), rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    # ranking by cosine instead (renormalised rows) would give another answer: the norms matter
+    cosine_truth = exact_top_k(base / norms[:, None], queries, 10)
+    assert recall(cosine_truth, truth) < 0.95
 
 
 def test_queries_in_other_float_types_are_accepted():

@@ -187,8 +187,8 @@ def test_token_mask_drops_tokens_and_distills_visible_ones():
     mask[:, ::2] = True                                    # drop half of each frame's tokens
     out = model(video, mask=mask, return_distill=True)
     assert out["tokens"].shape == (2, 1 + 8, 32)
-    assert out["pooled"].shape == (2, 4, 32)
-    assert out["distill"].shape == (2, 8, 16)
+    assert out["pooled"].shape == (2, 32)                  # masked: one vector over the visible patches
+    assert out["distill"].shape == (1, 2, 1 + 8, 16)       # cls + visible, one aligned layer
     with pytest.raises(ValueError, match="same number of tokens"):
         bad = mask.clone()
         bad[0, 1] = True

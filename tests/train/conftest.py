@@ -13,6 +13,30 @@ def tiny_corpus(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def clip_teacher_file(tmp_path_factory):
+    """A tiny open_clip ViT (2 blocks, 32 px, 8 px patches, 24-d output) saved as a local checkpoint
+    file, as a real CLIP teacher is given: built from the test config, random weights."""
+    from safetensors.torch import save_file
+
+    from retrieval.models.registry import create_model
+
+    torch.manual_seed(123)
+    visual = create_model("frame_clip_tiny_test").visual
+    with torch.no_grad():  # sharper attention than a random init gives, so the mask has a preference
+        visual.transformer.resblocks[-1].attn.in_proj_weight[:32].mul_(6.0)
+    path = tmp_path_factory.mktemp("teacher") / "clip_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, str(path))
+    return path
+
+
+def uta_overrides(teacher_file, **extra):
+    """Recipe overrides for UTA with the tiny CLIP teacher: the student's patch grid (8 px) and its
+    decoder width (24) match the teacher's."""
+    return {"loss.uta": 1.0, "loss.uta_teacher": str(teacher_file), "loss.uta_teacher_arch": "frame_clip_tiny_test",
+            "model.video_overrides": "{clip_output_dim: 24, patch_size: 8}", **extra}
+
+
 def tiny_overrides(corpus, out, **extra):
     base = {
         "model.video": "videomamba_tiny_test", "model.embed_dim": 16, "model.num_fusion_layers": 1,

@@ -16,7 +16,7 @@ from retrieval.train import loop
 from retrieval.train.recipe import RecipeError, load_recipe
 from retrieval.train.schedule import IMAGE, VIDEO, epoch_plan, step_source
 
-from .conftest import assert_same_parameters, kill_and_resume, tiny_overrides
+from .conftest import assert_same_parameters, kill_and_resume, tiny_overrides, uta_overrides
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 PRE = Preprocess(size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear", num_frames=4)
@@ -157,11 +157,10 @@ def image_run(corpus, images, out, **extra):
                                                             "optim.freeze_text_layers": 6, **extra}))
 
 
-def test_training_mixes_image_and_video_steps(tmp_path, tiny_corpus):
+def test_training_mixes_image_and_video_steps(tmp_path, tiny_corpus, clip_teacher_file):
     ann = write_images(tmp_path / "imgs")
     r = image_run(tiny_corpus, ann, tmp_path / "run", **{
-        "optim.steps": 6, "loss.uta": 1.0, "loss.uta_teacher": "videomamba_tiny_test",
-        "loss.uta_mask_ratio": 0.5, "model.video_overrides": "{clip_output_dim: 32}", "run.save_every": 100})
+        "optim.steps": 6, **uta_overrides(clip_teacher_file), "run.save_every": 100})
     load_model(loop.train(r))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["source"] for row in rows] == [step_source(s, 4, 2, 0)[1] for s in range(6)]

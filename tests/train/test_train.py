@@ -10,7 +10,7 @@ import torch
 
 from retrieval import load_model
 from retrieval.train import loop
-from retrieval.train.losses import teacher_guided_mask, uta_loss, vtc_loss
+from retrieval.train.losses import vtc_loss
 from retrieval.train.recipe import RecipeError, load_recipe
 
 from .conftest import assert_same_parameters, kill_and_resume, tiny_overrides
@@ -59,17 +59,6 @@ def test_vtc_positives_share_a_video():
     assert same > vtc_loss(t, v, idx, torch.tensor(0.05))   # v1 now shares row 0's target with v0
 
 
-def test_uta_mask_and_loss():
-    aff = torch.zeros(2, 3, 10)
-    aff[..., 0] = 50.0                                   # the teacher attends to token 0 of each frame
-    mask = teacher_guided_mask(aff, keep_per_frame=2, generator=torch.Generator().manual_seed(0))
-    assert mask.shape == (2, 30) and (~mask).sum(1).tolist() == [6, 6]
-    assert (~mask.view(2, 3, 10)[..., 0]).all()          # the attended token always stays visible
-    teacher = torch.randn(2, 30, 5)
-    student = teacher[~mask].view(2, 6, 5) * 3.0          # same directions: zero loss
-    assert uta_loss(student, teacher, mask) < 1e-6
-
-
 def test_short_run_writes_model_metrics_and_plot(tmp_path, tiny_corpus):
     r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "run"))
     final = loop.train(r)
@@ -81,15 +70,6 @@ def test_short_run_writes_model_metrics_and_plot(tmp_path, tiny_corpus):
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
     with pytest.raises(RecipeError, match="--resume"):
         loop.train(r)                                    # refuses to overwrite a run
-
-
-def test_uta_with_a_registered_teacher(tmp_path, tiny_corpus):
-    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "uta", **{
-        "loss.uta": 1.0, "loss.uta_teacher": "videomamba_tiny_test", "loss.uta_mask_ratio": 0.5,
-        "model.video_overrides": "{clip_output_dim: 32}", "optim.steps": 2}))
-    loop.train(r)
-    rows = [json.loads(x) for x in (tmp_path / "uta" / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 <= row["uta"] <= 4 for row in rows)
 
 
 def test_resume_reaches_the_same_parameters(tmp_path, tiny_corpus, monkeypatch):
