@@ -80,8 +80,30 @@ def _plain(module: nn.Module, cls: type) -> bool:
             and not getattr(module, "_backward_hooks", None))
 
 
+BIMAMBA_LAYOUTS = ("v2", "v1")
+SCAN_INPUTS = ("conv", "raw")
+
+
 class BiMambaMixer(nn.Module):
-    """Bidirectional Mamba mixer ("bimamba v2") with the VideoMambaPro options.
+    """Bidirectional Mamba mixer with the VideoMambaPro options.
+
+    ``layout`` (the parameters of the backward branch, mamba-ssm's ``bimamba_type``):
+
+    * ``"v2"`` (VideoMamba, Vim, VideoMambaPro "v2"): the backward branch has its own
+      ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log`` and ``D_b`` and runs on the reversed
+      sequence (its conv is causal there, i.e. anti-causal in place);
+    * ``"v1"`` (VideoMambaPro's masked path): both branches share ``conv1d``, ``x_proj``,
+      ``dt_proj`` and ``D``; only ``A_b_log`` is separate. The backward branch reads the forward
+      branch's conv output, delta, B and C from the end.
+
+    ``scan_input``: what the scan integrates (its u, the D skip and the elemental start state):
+    ``"conv"`` = SiLU(conv(x)) as in mamba-ssm and VideoMamba, ``"raw"`` = in_proj's x before the
+    conv, as VideoMambaPro's code does (the conv output then only feeds x_proj: delta, B, C).
+    ``mask_backward``: the backward branch reads C_s (h_s - delta_s B_s u_s) at reversed position
+    s >= 1 and nothing at s = 0 (the token's own term is counted once, by the forward branch).
+    ``elemental_residual``: each direction's state starts at h_{-1} = u_0 (its first input,
+    broadcast over the state dimension) instead of zero. The SiLU(z) gate multiplies the sum of
+    the directions, which goes through ``out_proj``.
 
     Two implementations of one function (same parameters and state-dict keys): on CPU with
     ``scan_backend`` "auto"/"cpu", fused C kernels in in_proj's [B, L, E] layout (conv + SiLU of
@@ -93,23 +115,31 @@ class BiMambaMixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, gate: bool = True, mask_backward: bool = False,
                  elemental_residual: bool = False, scan_backend: str = "auto",
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 layout: str = "v2", scan_input: str = "conv"):
         super().__init__()
+        if layout not in BIMAMBA_LAYOUTS:
+            raise ValueError(f"layout must be one of {BIMAMBA_LAYOUTS}, got {layout!r}")
+        if scan_input not in SCAN_INPUTS:
+            raise ValueError(f"scan_input must be one of {SCAN_INPUTS}, got {scan_input!r}")
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.gate, self.mask_backward, self.elemental_residual = gate, mask_backward, elemental_residual
+        self.layout, self.scan_input = layout, scan_input
         self.scan_backend = scan_backend
         E, N, R = self.d_inner, d_state, self.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * E if gate else E, bias=False)
         for sfx in ("", "_b"):
+            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+            setattr(self, f"A{sfx}_log", nn.Parameter(torch.log(A)))
+            if sfx and layout == "v1":
+                continue
             setattr(self, f"conv1d{sfx}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True))
             setattr(self, f"x_proj{sfx}", nn.Linear(E, R + 2 * N, bias=False))
             dt_proj = nn.Linear(R, E, bias=True)
             self._init_dt(dt_proj, dt_min, dt_max, dt_init_floor)
             setattr(self, f"dt_proj{sfx}", dt_proj)
-            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
-            setattr(self, f"A{sfx}_log", nn.Parameter(torch.log(A)))
             setattr(self, f"D{sfx}", nn.Parameter(torch.ones(E)))
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
@@ -122,20 +152,26 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         dt_proj.bias._no_reinit = True
 
-    def _branch(self, x: torch.Tensor, z: torch.Tensor | None, sfx: str, masked: bool) -> torch.Tensor:
-        L = x.shape[-1]
-        conv, x_proj, dt_proj = getattr(self, f"conv1d{sfx}"), getattr(self, f"x_proj{sfx}"), getattr(self, f"dt_proj{sfx}")
-        A = -torch.exp(getattr(self, f"A{sfx}_log").float())
-        xc = F.silu(conv(x)[..., :L])                                   # [B, E, L]
+    def _params(self, backward: bool) -> str:
+        """Suffix of the conv / x_proj / dt_proj / D a branch uses ("_b" only for v2's backward)."""
+        return "_b" if backward and self.layout == "v2" else ""
+
+    def _branch(self, x: torch.Tensor, xc: torch.Tensor, z: torch.Tensor | None, backward: bool) -> torch.Tensor:
+        """One direction on a sequence already in its scan order: x (in_proj) and xc = SiLU(conv(x))
+        [B, E, L]."""
+        p = self._params(backward)
+        x_proj, dt_proj = getattr(self, f"x_proj{p}"), getattr(self, f"dt_proj{p}")
+        A = -torch.exp((self.A_b_log if backward else self.A_log).float())
         dbc = x_proj(xc.transpose(1, 2))                                # [B, L, R+2N]
         dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)              # [B, E, L], bias added in the scan
+        u = x if self.scan_input == "raw" else xc
         h0 = None
         if self.elemental_residual:
-            h0 = xc[..., 0].float().unsqueeze(-1).expand(-1, -1, self.d_state)
-        return selective_scan(xc, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), getattr(self, f"D{sfx}").float(),
+            h0 = u[..., 0].float().unsqueeze(-1).expand(-1, -1, self.d_state)
+        return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), getattr(self, f"D{p}").float(),
                               z, dt_proj.bias.float(), delta_softplus=True, initial_state=h0,
-                              mask_diag=masked, backend=self.scan_backend)
+                              mask_diag=backward and self.mask_backward, backend=self.scan_backend)
 
     def _forward_composed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pure-torch composition around selective_scan: the reference path ("ref"), CUDA tensors
@@ -145,8 +181,13 @@ class BiMambaMixer(nn.Module):
             x, z = xz.chunk(2, dim=1)
         else:
             x, z = xz, None
-        y_f = self._branch(x, z, "", masked=False)
-        y_b = self._branch(x.flip(-1), None if z is None else z.flip(-1), "_b", masked=self.mask_backward)
+        L = x.shape[-1]
+        xc = F.silu(self.conv1d(x)[..., :L])
+        y_f = self._branch(x, xc, z, backward=False)
+        xr = x.flip(-1)
+        # v2: the backward conv runs on the reversed sequence; v1: the forward conv's output, reversed
+        xc_b = F.silu(self.conv1d_b(xr)[..., :L]) if self.layout == "v2" else xc.flip(-1)
+        y_b = self._branch(xr, xc_b, None if z is None else z.flip(-1), backward=True)
         y = y_f + y_b.flip(-1)
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
@@ -163,17 +204,27 @@ class BiMambaMixer(nn.Module):
         if xz.dtype != torch.float32:
             xz = xz.float()
         x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
-        xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
-        dirs = []
-        for sfx, xc, reverse in (("", xc_f, False), ("_b", xc_b, True)):
-            x_proj, dt_proj = getattr(self, f"x_proj{sfx}"), getattr(self, f"dt_proj{sfx}")
-            dbc = x_proj(xc.to(x_proj.weight.dtype)).float()            # [B, L, R+2N]
-            A = -torch.exp(getattr(self, f"A{sfx}_log").float())
+        if self.layout == "v2":
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+        else:  # v1: one conv; the backward direction reads its output (and x_proj's) from the end
+            xc_f, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+            xc_b = xc_f
+        dirs, dbc_f = [], None
+        for backward, xc in ((False, xc_f), (True, xc_b)):
+            p = self._params(backward)
+            x_proj, dt_proj = getattr(self, f"x_proj{p}"), getattr(self, f"dt_proj{p}")
+            if backward and self.layout == "v1":
+                dbc = dbc_f
+            else:
+                dbc = x_proj(xc.to(x_proj.weight.dtype)).float()        # [B, L, R+2N]
+            dbc_f = dbc
+            A = -torch.exp((self.A_b_log if backward else self.A_log).float())
+            u = x if self.scan_input == "raw" else xc
             # dt_proj (rank R -> E) runs inside the scan kernel with its weight, its bias is the
             # delta bias (as in _branch and mamba-ssm: the module itself is never called)
-            dirs.append(ScanDirection(xc, None, dbc[..., R:R + N], dbc[..., R + N:], A,
-                                      D=getattr(self, f"D{sfx}").float(), bias=dt_proj.bias.float(),
-                                      reverse=reverse, mask_diag=reverse and self.mask_backward,
+            dirs.append(ScanDirection(u, None, dbc[..., R:R + N], dbc[..., R + N:], A,
+                                      D=getattr(self, f"D{p}").float(), bias=dt_proj.bias.float(),
+                                      reverse=backward, mask_diag=backward and self.mask_backward,
                                       elemental=self.elemental_residual,
                                       dt=dbc[..., :R], dt_weight=dt_proj.weight.float()))
         y, _ = scan_directions(dirs, z)
@@ -183,7 +234,8 @@ class BiMambaMixer(nn.Module):
         if hidden.device.type != "cpu" or self.scan_backend not in ("auto", "cpu"):
             return False
         # the conv kernel reads the weights itself: only for plain, hook-free convs
-        if not (_plain(self.conv1d, nn.Conv1d) and _plain(self.conv1d_b, nn.Conv1d)):
+        convs = [self.conv1d] + ([self.conv1d_b] if self.layout == "v2" else [])
+        if not all(_plain(c, nn.Conv1d) for c in convs):
             return False
         return fused_mixer_available(self.d_state, self.d_conv)
 
@@ -234,7 +286,8 @@ class VideoMamba(nn.Module):
                  scan_backend: str = "auto", grad_checkpointing: bool = False, num_classes: int | None = None,
                  patch_pool: str = "mean", stem_channels: tuple[int, ...] | None = None,
                  stem_kernel_t: int = 1, tubelet_size: int = 1,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 bimamba_layout: str = "v2", scan_input: str = "conv"):
         super().__init__()
         if cls_position not in ("head", "middle"):
             raise ValueError(f"cls_position must be 'head' (VideoMamba) or 'middle' (Vim), got {cls_position!r}")
@@ -276,7 +329,8 @@ class VideoMamba(nn.Module):
         self.layers = nn.ModuleList(
             MambaBlock(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, gate=gate,
                                                mask_backward=mask_backward, elemental_residual=elemental_residual,
-                                               scan_backend=scan_backend), rates[i])
+                                               scan_backend=scan_backend, layout=bimamba_layout,
+                                               scan_input=scan_input), rates[i])
             for i in range(depth))
         self.drop_path = DropPath(rates[-1] if depth else 0.0)
         self.norm = RMSNorm(embed_dim)
