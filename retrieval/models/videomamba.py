@@ -103,7 +103,8 @@ class BiMambaMixer(nn.Module):
     s >= 1 and nothing at s = 0 (the token's own term is counted once, by the forward branch).
     ``elemental_residual``: each direction's state starts at h_{-1} = u_0 (its first input,
     broadcast over the state dimension) instead of zero. The SiLU(z) gate multiplies the sum of
-    the directions, which goes through ``out_proj``.
+    the directions, which goes through ``out_proj`` (halved first with ``divide_out``, as Vim's
+    ``if_divide_out``).
 
     Two implementations of one function (same parameters and state-dict keys): on CPU with
     ``scan_backend`` "auto"/"cpu", fused C kernels in in_proj's [B, L, E] layout (conv + SiLU of
@@ -116,7 +117,7 @@ class BiMambaMixer(nn.Module):
                  dt_rank: int | None = None, gate: bool = True, mask_backward: bool = False,
                  elemental_residual: bool = False, scan_backend: str = "auto",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 layout: str = "v2", scan_input: str = "conv"):
+                 layout: str = "v2", scan_input: str = "conv", divide_out: bool = False):
         super().__init__()
         if layout not in BIMAMBA_LAYOUTS:
             raise ValueError(f"layout must be one of {BIMAMBA_LAYOUTS}, got {layout!r}")
@@ -126,7 +127,7 @@ class BiMambaMixer(nn.Module):
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.gate, self.mask_backward, self.elemental_residual = gate, mask_backward, elemental_residual
-        self.layout, self.scan_input = layout, scan_input
+        self.layout, self.scan_input, self.divide_out = layout, scan_input, divide_out
         self.scan_backend = scan_backend
         E, N, R = self.d_inner, d_state, self.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * E if gate else E, bias=False)
@@ -189,6 +190,8 @@ class BiMambaMixer(nn.Module):
         xc_b = F.silu(self.conv1d_b(xr)[..., :L]) if self.layout == "v2" else xc.flip(-1)
         y_b = self._branch(xr, xc_b, None if z is None else z.flip(-1), backward=True)
         y = y_f + y_b.flip(-1)
+        if self.divide_out:  # Vim: the mean of the two directions
+            y = y * 0.5
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
     def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -228,6 +231,8 @@ class BiMambaMixer(nn.Module):
                                       elemental=self.elemental_residual,
                                       dt=dbc[..., :R], dt_weight=dt_proj.weight.float()))
         y, _ = scan_directions(dirs, z)
+        if self.divide_out:  # Vim: the mean of the two directions
+            y = y * 0.5
         return self.out_proj(y.to(hidden.dtype))
 
     def _use_fused(self, hidden: torch.Tensor) -> bool:
@@ -287,12 +292,20 @@ class VideoMamba(nn.Module):
                  patch_pool: str = "mean", stem_channels: tuple[int, ...] | None = None,
                  stem_kernel_t: int = 1, tubelet_size: int = 1,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
-                 bimamba_layout: str = "v2", scan_input: str = "conv"):
+                 bimamba_layout: str = "v2", scan_input: str = "conv", patch_stride: int | None = None,
+                 divide_out: bool = False, pool: str = "cls_mean"):
         super().__init__()
         if cls_position not in ("head", "middle"):
             raise ValueError(f"cls_position must be 'head' (VideoMamba) or 'middle' (Vim), got {cls_position!r}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        # patch_stride < patch_size: overlapping patches (Vim's "+" models: 16 px patches every 8 px)
+        self.patch_stride = patch_stride = patch_stride or patch_size
+        if patch_stride != patch_size and stem_channels:
+            raise ValueError("patch_stride other than patch_size does not combine with stem_channels")
+        if img_size < patch_size or (img_size - patch_size) % patch_stride:
+            raise ValueError(f"img_size {img_size} does not tile into patches of {patch_size} every {patch_stride} px")
+        if pool not in ("cls_mean", "cls"):
+            raise ValueError(f"pool must be 'cls_mean' (VideoMamba) or 'cls' (Vim's classifier feature), got {pool!r}")
+        self.pool = pool
         self.embed_dim, self.depth, self.patch_size = embed_dim, depth, patch_size
         self.img_size, self.num_frames, self.in_chans = img_size, num_frames, in_chans
         self.cls_position, self.keep_temporal = cls_position, keep_temporal
@@ -302,7 +315,7 @@ class VideoMamba(nn.Module):
         if tubelet_size < 1 or num_frames % tubelet_size:
             raise ValueError(f"tubelet_size must be >= 1 and divide num_frames {num_frames}, got {tubelet_size}")
         self.tubelet_size = tubelet_size
-        grid = img_size // patch_size
+        grid = (img_size - patch_size) // patch_stride + 1
         self.patch_embed = nn.Module()
         stem_channels = tuple(int(c) for c in stem_channels or ())
         if stem_channels:
@@ -321,7 +334,8 @@ class VideoMamba(nn.Module):
         # the projection covers what the stem's stride-2 convs leave of each patch, over a tubelet
         rest = patch_size // 2 ** len(stem_channels)
         kernel = (tubelet_size, rest, rest)
-        self.patch_embed.proj = nn.Conv3d(prev, embed_dim, kernel, kernel)
+        stride = kernel if patch_stride == patch_size else (tubelet_size, patch_stride, patch_stride)
+        self.patch_embed.proj = nn.Conv3d(prev, embed_dim, kernel, stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames // tubelet_size, embed_dim))
@@ -330,7 +344,7 @@ class VideoMamba(nn.Module):
             MambaBlock(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, gate=gate,
                                                mask_backward=mask_backward, elemental_residual=elemental_residual,
                                                scan_backend=scan_backend, layout=bimamba_layout,
-                                               scan_input=scan_input), rates[i])
+                                               scan_input=scan_input, divide_out=divide_out), rates[i])
             for i in range(depth))
         self.drop_path = DropPath(rates[-1] if depth else 0.0)
         self.norm = RMSNorm(embed_dim)
@@ -371,18 +385,20 @@ class VideoMamba(nn.Module):
             raise ValueError(f"VideoMamba expects {self.in_chans} channels in dim 1 of [B, C, T, H, W], got {c} "
                              f"(shape {tuple(video.shape)}; is the video [B, T, C, H, W]?)")
         p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {p}")
+        st = self.patch_stride
+        if h < p or w < p or (h - p) % st or (w - p) % st:
+            raise ValueError(f"frame size {h}x{w} does not tile into patches of {p} every {st} px"
+                             if st != p else f"frame size {h}x{w} is not divisible by the patch size {p}")
         if t > max(64, MAX_TEMPORAL_STRETCH * self.num_frames):
             raise ValueError(f"{t} frames is beyond what the temporal position embeddings (built for "
                              f"{self.num_frames}) can be interpolated to (max {max(64, MAX_TEMPORAL_STRETCH * self.num_frames)})")
-        grid = self.img_size // p
-        if max(h, w) // p > MAX_SPATIAL_STRETCH * grid:
+        grid = (self.img_size - p) // st + 1
+        if (max(h, w) - p) // st + 1 > MAX_SPATIAL_STRETCH * grid:
             raise ValueError(f"frame size {h}x{w} is beyond what the position embeddings (built for "
                              f"{self.img_size}px) can be interpolated to")
         if t % self.tubelet_size:
             raise ValueError(f"{t} frames do not split into tubelets of {self.tubelet_size} frames")
-        return t // self.tubelet_size, h // p, w // p
+        return t // self.tubelet_size, (h - p) // st + 1, (w - p) // st + 1
 
     def _spatial_pos(self, gh: int, gw: int) -> torch.Tensor:
         n = self.pos_embed.shape[1] - 1
@@ -417,7 +433,10 @@ class VideoMamba(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None,
                 return_distill: bool = False) -> dict[str, torch.Tensor]:
-        """``mask``: optional bool [B, T*N], True = token dropped (same count per sample)."""
+        """``mask``: optional bool [B, T*N], True = token dropped (same count per sample). An image model
+        (``num_frames`` 1, e.g. Vim) also takes images [B, C, H, W]."""
+        if video.dim() == 4 and self.num_frames == 1:
+            video = video.unsqueeze(2)
         t = video.shape[2] // self.tubelet_size if video.dim() == 5 else 0              # token time steps
         x = self.embed(video)
         b, L, d = x.shape
@@ -459,6 +478,8 @@ class VideoMamba(nn.Module):
         return self.head(self.forward(video)["tokens"][:, 0])
 
     def _pool(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        if self.pool == "cls":  # Vim: its classifier reads the (middle) cls token's output
+            return tokens[:, 0]
         cls, patches = tokens[:, :1], tokens[:, 1:]
         b, L, d = patches.shape
         if self.keep_temporal and t and L % t == 0:
