@@ -92,3 +92,22 @@ def test_every_variant_computes_something_else(tmp_path, layout):
         else:
             assert err > 1e-2, (scan_input, mask, elemental, err)
     assert matches == [("raw", layout == "v1", True)]
+
+
+def test_cli_convert_variant_pro_reports_the_layout(tmp_path):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    state, ref = _official("v1")
+    torch.save({"model": state}, tmp_path / "pro.pth")
+    res = CliRunner().invoke(app, ["convert", "--checkpoint", str(tmp_path / "pro.pth"), "--out", str(tmp_path / "m"),
+                                   "--variant", "pro"])
+    assert res.exit_code == 0, res.output
+    assert "VideoMambaPro bimamba v1 (scan input raw, masked backward True)" in res.stdout
+    with torch.no_grad():
+        logits = load_model(tmp_path / "m").classify(ref["video"])
+    assert (logits - ref["logits"]).abs().max().item() < TOL
+    plain = CliRunner().invoke(app, ["convert", "--checkpoint", str(tmp_path / "pro.pth"), "--out",
+                                     str(tmp_path / "m2")])
+    assert plain.exit_code == 2 and "--variant pro" in plain.stderr
