@@ -51,14 +51,19 @@ def models_cmd() -> None:
 def convert_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="official checkpoint file (.pth/.safetensors)"),
     out: Path = typer.Option(..., "--out", "-o", help="model directory to write"),
-    fmt: str = typer.Option("videomamba", "--format", help="checkpoint family: videomamba | umt"),
+    fmt: str = typer.Option("videomamba", "--format",
+                            help="checkpoint family: videomamba | umt | timesformer (a Hugging Face directory) "
+                                 "| uniformer | vim"),
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", help="local BERT folder (e.g. bert-base-uncased) whose tokenizer goes with a full "
                                   "retrieval checkpoint; checkpoints carry none"),
     vision_only: bool = typer.Option(False, "--vision-only", help="keep only the vision encoder of a full checkpoint"),
     num_frames: Optional[int] = typer.Option(
         None, help="videomamba: re-sample temporal position embeddings; umt: clip length (default 4)"),
-    variant: str = typer.Option("videomamba", help="videomamba | pro (VideoMambaPro weights)"),
+    variant: str = typer.Option("videomamba", help="videomamba | pro (VideoMambaPro weights; its v1/v2 layout is "
+                                                   "read from the keys)"),
+    head_dim: int = typer.Option(64, "--head-dim", help="uniformer: channels per attention head (not in the "
+                                                        "weights; 64 in every published model)"),
 ) -> None:
     """Convert official weights into a vtr model directory (strict: every key accounted for).
 
@@ -66,7 +71,15 @@ def convert_cmd(
     retrieval model (`vtr eval --model OUT`); otherwise the vision encoder alone is converted.
     """
     from retrieval.models import convert as conv  # noqa: PLC0415
+    from retrieval.models import convert_seeds  # noqa: PLC0415
 
+    if fmt in convert_seeds.FORMATS:
+        if tokenizer is not None or vision_only or variant != "videomamba":
+            raise ValueError(f"--format {fmt} converts a video encoder: it takes no --tokenizer, --vision-only "
+                             "or --variant")
+        path = convert_seeds.convert(fmt, checkpoint, out, num_frames=num_frames, head_dim=head_dim)
+        typer.echo(f"wrote {path}: {convert_seeds.describe(path)}")
+        return
     if fmt not in conv.FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; supported: {', '.join(conv.FORMATS)}")
     if vision_only and tokenizer is not None:
@@ -101,8 +114,10 @@ def convert_cmd(
         path = conv.convert_videomamba(checkpoint, out, num_frames=num_frames, variant=variant, state=state)
     cfg = json.loads((path / "config.json").read_text())
     m = cfg["model"]
+    pro = (f" VideoMambaPro bimamba {m['bimamba_layout']} (scan input {m['scan_input']}, masked backward "
+           f"{m['mask_backward']})") if variant == "pro" else ""
     typer.echo(f"wrote {path}: {m['arch']} D={m['embed_dim']} depth={m['depth']} frames={m['num_frames']} "
-               f"img={m['img_size']}")
+               f"img={m['img_size']}{pro}")
 
 
 @app.command("info")

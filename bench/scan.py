@@ -22,6 +22,15 @@ reference (outputs, or all gradients for the backward pass).
 
     python bench/scan.py                 # all lengths
     python bench/scan.py --lengths 1569  # one
+
+``--mixers`` benchmarks the whole bidirectional mixer of each variant instead (VideoMamba-Ti's
+width, d_model 192), fused CPU kernels vs the torch composition with the reference scan, all
+variants alternating in one process: VideoMamba (v2 layout, convolved scan input), the official
+VideoMambaPro computations (v2: raw input + elemental start; v1: shared parameters, raw input,
+elemental start, masked backward scan) and the paper's reading (convolved input, mask, elemental)
+on both layouts. ``vs_videomamba`` is the variant's fused time over VideoMamba's.
+
+    python bench/scan.py --mixers --lengths 197,1569 --output bench/results/scan_variants.jsonl
 """
 from __future__ import annotations
 
@@ -149,6 +158,63 @@ def bench_one(L: int, variant: str, pass_: str, repeats: int) -> dict:
             "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
+MIXER_VARIANTS = {
+    "videomamba": dict(layout="v2", scan_input="conv"),
+    "pro_v2_official": dict(layout="v2", scan_input="raw", elemental_residual=True),
+    "pro_v1_official": dict(layout="v1", scan_input="raw", elemental_residual=True, mask_backward=True),
+    "pro_v2_paper": dict(layout="v2", scan_input="conv", elemental_residual=True, mask_backward=True),
+    "pro_v1_paper": dict(layout="v1", scan_input="conv", elemental_residual=True, mask_backward=True),
+}
+
+
+def bench_mixers(L: int, pass_: str, repeats: int, d_model: int = 192) -> list[dict]:
+    """One row per variant: the mixer's fused path vs its reference composition, calls alternating
+    over every (variant, path) pair."""
+    from retrieval.models.videomamba import BiMambaMixer  # noqa: PLC0415
+
+    x = torch.randn(1, L, d_model, generator=torch.Generator().manual_seed(0))
+    mixers, calls = {}, {}
+    for name, kw in MIXER_VARIANTS.items():
+        torch.manual_seed(0)
+        m = BiMambaMixer(d_model, **kw)
+        mixers[name] = m
+        for path in ("fused", "ref"):
+            def call(m=m, path=path):
+                m.scan_backend = "cpu" if path == "fused" else "ref"
+                if pass_ == "forward":
+                    with torch.no_grad():
+                        return m(x)
+                xi = x.clone().requires_grad_(True)
+                y = m(xi)
+                return torch.autograd.grad(y.square().sum(), [xi, *m.parameters()])
+            calls[(name, path)] = call
+    first = {k: fn() for k, fn in calls.items()}                      # warm-up and the values compared
+    errs = {}
+    for name in mixers:
+        a, b = first[(name, "fused")], first[(name, "ref")]
+        pairs = [(a, b)] if pass_ == "forward" else list(zip(a, b))
+        errs[name] = max((p - q).abs().max().item() for p, q in pairs)
+    del first
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times[("videomamba", "fused")])
+    rows = []
+    for name, kw in MIXER_VARIANTS.items():
+        fused, ref = statistics.median(times[(name, "fused")]), statistics.median(times[(name, "ref")])
+        rows.append({"bench": "scan_mixer", "variant": name, **{k: v for k, v in kw.items()}, "pass": pass_,
+                     "batch": 1, "d_model": d_model, "d_state": 16, "L": L, "threads": torch.get_num_threads(),
+                     "fused_s": round(fused, 6), "fused_min_s": round(min(times[(name, "fused")]), 6),
+                     "fused_max_s": round(max(times[(name, "fused")]), 6), "ref_s": round(ref, 6),
+                     "speedup": round(ref / fused, 1), "vs_videomamba": round(fused / base, 3),
+                     "max_abs_err": float(f"{errs[name]:.3g}"), "repeats": repeats,
+                     "load_avg_1min": round(os.getloadavg()[0], 2)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="197,1569,3137,12545")
@@ -156,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "scan.jsonl")
     parser.add_argument("--append", action="store_true")
+    parser.add_argument("--mixers", action="store_true",
+                        help="benchmark the bidirectional mixer of each VideoMamba / VideoMambaPro variant")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     if not kernel_available():
@@ -164,6 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     grad_lengths = {int(x) for x in args.grad_lengths.split(",") if x}
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    if args.mixers:
+        with open(args.output, "a" if args.append else "w") as fh:
+            for L in lengths:
+                for pass_ in ("forward", "forward+backward"):
+                    if pass_ == "forward+backward" and L not in grad_lengths:
+                        continue
+                    reps = args.repeats if pass_ == "forward" else max(2, args.repeats // 2)
+                    for row in bench_mixers(L, pass_, reps):
+                        line = json.dumps(row)
+                        print(line, flush=True)
+                        fh.write(line + "\n")
+                        fh.flush()
+        return 0
     with open(args.output, "a" if args.append else "w") as fh:
         for L in lengths:
             for pass_ in ("forward", "forward+backward"):

@@ -233,6 +233,26 @@ def infer_videomamba_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     return cfg
 
 
+def bimamba_layout_of(sd: dict[str, torch.Tensor]) -> str:
+    """"v2" when the backward branch has its own conv1d_b/x_proj_b/dt_proj_b/D_b (VideoMamba, Vim,
+    VideoMambaPro v2), "v1" when only A_b_log is separate (VideoMambaPro's masked model)."""
+    mixer = "layers.0.mixer."
+    if f"{mixer}conv1d_b.weight" in sd:
+        return "v2"
+    if f"{mixer}A_b_log" in sd:
+        return "v1"
+    raise CheckpointError(f"not a bidirectional Mamba: {mixer}A_b_log is missing")
+
+
+def pro_config(layout: str) -> dict[str, Any]:
+    """What VideoMambaPro's code computes for weights of one layout (hotfinda/VideoMambaPro,
+    mamba_simple.py + selective_scan_interface.py): the scan, the D skip and the start state read
+    in_proj's x before the conv; both directions start from their first input; the masked
+    backward scan belongs to the v1 layout only (``bimamba_inner_ref``)."""
+    return {"bimamba_layout": layout, "scan_input": "raw", "elemental_residual": True,
+            "mask_backward": layout == "v1"}
+
+
 def _videomamba_vision(vision: dict[str, torch.Tensor], num_frames: int | None,
                        variant: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(builder config, state dict in vtr naming) of an official VideoMamba vision state dict.
@@ -240,11 +260,15 @@ def _videomamba_vision(vision: dict[str, torch.Tensor], num_frames: int | None,
     The distillation head ``clip_decoder`` is kept: vtr's VideoMamba has the same module (UTA).
     """
     vision = {_ALIASES.get(k, k): v for k, v in vision.items()}
-    cfg = infer_videomamba_config(vision)
-    if variant == "pro":
-        cfg.update(mask_backward=True, elemental_residual=True)
-    elif variant != "videomamba":
+    if variant not in ("videomamba", "pro"):
         raise ValueError(f"variant must be 'videomamba' or 'pro', got {variant!r}")
+    cfg = infer_videomamba_config(vision)
+    layout = bimamba_layout_of(vision)
+    if variant == "pro":
+        cfg.update(pro_config(layout))
+    elif layout != "v2":
+        raise CheckpointError("these weights share conv1d/x_proj/dt_proj between the two scan directions "
+                              "(bimamba v1): that is VideoMambaPro's masked model; convert with --variant pro")
     if num_frames and num_frames != cfg["num_frames"]:
         vision["temporal_pos_embedding"] = resize_temporal_pos(vision["temporal_pos_embedding"], num_frames)
         cfg["num_frames"] = num_frames
@@ -269,8 +293,10 @@ def convert_videomamba(checkpoint: str | Path, out: str | Path, num_frames: int 
                        state: dict[str, torch.Tensor] | None = None) -> Path:
     """Convert an official VideoMamba checkpoint (full UMT_VIDEOMAMBA or vision-only) to a model dir.
 
-    ``variant="pro"`` marks the weights as VideoMambaPro (masked backward + elemental residual;
-    the parameters are the same, so this cannot be inferred). ``num_frames`` re-samples the
+    ``variant="pro"`` marks the weights as VideoMambaPro: the scan reads the un-convolved input,
+    both directions start from their first input, and the layout (v1: shared conv/x_proj/dt_proj/D,
+    masked backward scan; v2: VideoMamba's keys, no mask) is read from the keys. The v2 keys are
+    VideoMamba's, so ``pro`` itself cannot be inferred. ``num_frames`` re-samples the
     temporal position embeddings for another clip length. Only the vision encoder is kept; use
     :func:`convert_retrieval` for the whole retrieval model. ``state``: the checkpoint already
     read with :func:`load_checkpoint` (saves reading a large file twice).

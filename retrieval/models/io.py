@@ -21,7 +21,10 @@ from .registry import build_from_config
 FORMAT = "vtr-model"
 VERSION = 1
 _KINDS: dict[str, Callable[[Path, dict], Any]] = {}
-_KIND_MODULES = {"retrieval": ("retrieval.models.dual",)}
+_KIND_MODULES = {"retrieval": ("retrieval.models.dual",), "hf_timesformer": ("retrieval.models.timesformer",)}
+# Hugging Face model directories that load as they are (config.json "model_type" -> vtr kind)
+HF_KINDS = {"timesformer": "hf_timesformer"}
+_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 class ModelDirError(ValueError):
@@ -99,10 +102,37 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise ModelDirError(f"{path} is not a vtr model directory (expected config.json + model.safetensors; "
                             "make one with `vtr convert` or `vtr train`)")
     cfg = json.loads(cfg_path.read_text())
+    if cfg.get("format") != FORMAT and cfg.get("model_type") in HF_KINDS:
+        return _hf_model_config(path, cfg)
     if cfg.get("format") != FORMAT:
         raise ModelDirError(f"{cfg_path} is not a vtr model config (format {cfg.get('format')!r}); "
                             "Hugging Face or official checkpoints must be converted with `vtr convert` first")
     return cfg
+
+
+def _hf_model_config(path: Path, hf: dict[str, Any]) -> dict[str, Any]:
+    """A vtr config for a local Hugging Face directory that loads as it is (see ``HF_KINDS``): the
+    kind's loader reads the directory itself; preprocessing is the family's (TimeSformer: frames at
+    the config's size, mean 0.45 / std 0.225 as its official pipeline)."""
+    kind = HF_KINDS[hf["model_type"]]
+    if not any((path / f).is_file() for f in _HF_WEIGHTS):
+        raise ModelDirError(f"{path}: a Hugging Face {hf['model_type']} directory without weights "
+                            f"({' or '.join(_HF_WEIGHTS)})")
+    size, frames = int(hf.get("image_size", 224)), int(hf.get("num_frames", 8))
+    preprocess = {"size": size, "num_frames": frames, "mean": [0.45] * 3, "std": [0.225] * 3,
+                  "interpolation": "bilinear"}
+    return {"format": FORMAT, "version": VERSION, "kind": kind,
+            "model": {"arch": hf["model_type"], "name": path.resolve().name, "hf_dir": str(path)},
+            "preprocess": preprocess, "source": {"hf_dir": str(path.resolve())}, "tied": {}}
+
+
+def weights_file(path: str | Path) -> Path:
+    """The weights file of a model directory (a Hugging Face one may hold pytorch_model.bin)."""
+    path = Path(path)
+    for name in _HF_WEIGHTS:
+        if (path / name).is_file():
+            return path / name
+    raise ModelDirError(f"{path}: model.safetensors is missing")
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -121,7 +151,7 @@ def model_identity(path: str | Path) -> dict[str, Any]:
     cfg = read_model_config(path)
     return {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
             "kind": cfg["kind"],
-            "weights_sha256": weights_hash(Path(path) / "model.safetensors"),
+            "weights_sha256": weights_hash(weights_file(path)),
             "preprocess": cfg.get("preprocess", {})}
 
 

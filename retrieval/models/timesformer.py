@@ -29,7 +29,7 @@ from torch import nn
 from transformers import TimesformerConfig, TimesformerModel
 from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
 
-from retrieval.models.io import strict_load
+from retrieval.models.io import register_kind, save_model_dir, strict_load
 from retrieval.models.joint_vit import validate_video
 from retrieval.models.registry import register_arch
 
@@ -238,6 +238,8 @@ def build(
     img_size: int = 224,
     drop_path_rate: float = 0.0,
     hf_dir: str | None = None,
+    hf_config: dict | None = None,
+    id2label: list[str] | None = None,
 ) -> TimeSformerEncoder:
     """A TimeSformer of a named size (base/ti, dims overridable), or loaded from ``hf_dir``.
 
@@ -245,6 +247,13 @@ def build(
     checked against it (a mismatch is an error, never silently ignored) and ``num_frames`` may
     differ (the time embedding is resized).
     """
+    if hf_config is not None:
+        # a converted Hugging Face checkpoint: its own config, and its head when it had one
+        config = TimesformerConfig(**hf_config)
+        head = nn.Linear(config.hidden_size, len(id2label)) if id2label else None
+        encoder = TimeSformerEncoder(config, classifier=head, id2label=id2label)
+        _set_stochastic_depth(encoder.backbone, drop_path_rate)
+        return encoder
     wanted = _timesformer_config(
         size, embed_dim, depth, num_heads, mlp_ratio, patch_size, num_frames, img_size
     )
@@ -271,3 +280,25 @@ def build(
             raise ValueError(f"TimeSformer checkpoint {hf_dir} does not match the requested size: {detail}")
     _set_stochastic_depth(encoder.backbone, drop_path_rate)
     return encoder
+
+
+@register_kind("hf_timesformer")
+def _load_hf_dir(path: Path, cfg: dict) -> TimeSformerEncoder:
+    """A local Hugging Face TimeSformer directory used wherever a model directory is."""
+    return load_timesformer_hf(path)
+
+
+def convert_timesformer(hf_dir: str | Path, out: str | Path, num_frames: int | None = None,
+                        name: str | None = None) -> Path:
+    """A local Hugging Face TimeSformer directory (``TimesformerModel`` or
+    ``TimesformerForVideoClassification``) -> a vtr model directory, head and labels kept."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"--format timesformer takes a Hugging Face model directory; not a directory: {hf_dir}")
+    encoder = load_timesformer_hf(hf_dir, num_frames=num_frames)
+    hf_config = encoder.config.to_dict()
+    keep = set(TimesformerConfig().to_dict()) - {"id2label", "label2id", "transformers_version", "architectures"}
+    cfg = {"arch": "timesformer", "name": name or hf_dir.resolve().name,
+           "hf_config": {k: v for k, v in hf_config.items() if k in keep}, "id2label": list(encoder.id2label)}
+    return save_model_dir(encoder, out, "video_encoder", cfg, encoder.preprocess,
+                          source={"checkpoint": str(hf_dir.resolve()), "format": "timesformer"})

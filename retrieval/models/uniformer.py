@@ -19,9 +19,19 @@ Architecture (layout "LLGG", Li et al., ICLR'22, video_classification code):
 
 All position information is convolutional, so any frame count works and any frame size that is
 a multiple of 32; ``num_frames``/``img_size`` are the nominal clip shape.
+
+Norm layers are passed explicitly with the official epsilons (patch-embedding LayerNorms 1e-5,
+the global blocks' LayerNorms 1e-6, BatchNorm3d 1e-5), never a library default. Official weights
+(Sense-X/UniFormer ``video_classification``) convert with :func:`convert_uniformer`; their
+pipelines normalise frames with mean 0.45 / std 0.225, which a converted model carries.
 """
 
 from __future__ import annotations
+
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import torch
 from timm.layers import DropPath, trunc_normal_
@@ -29,8 +39,9 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from retrieval.models.io import ModelDirError, save_model_dir, strict_load
 from retrieval.models.joint_vit import IMAGENET_MEAN, IMAGENET_STD, validate_video
-from retrieval.models.registry import register_arch
+from retrieval.models.registry import build_from_config, register_arch
 
 UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {
     "s": (3, 4, 8, 3),
@@ -38,6 +49,12 @@ UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {
 }
 UNIFORMER_DIMS = (64, 128, 320, 512)
 TOTAL_SPATIAL_STRIDE = 32
+# the official video pipelines' frame normalisation (slowfast _C.DATA.MEAN / _C.DATA.STD)
+UNIFORMER_MEAN = (0.45, 0.45, 0.45)
+UNIFORMER_STD = (0.225, 0.225, 0.225)
+PATCH_NORM_EPS = 1e-5   # PatchEmbed: nn.LayerNorm(embed_dim)
+BLOCK_NORM_EPS = 1e-6   # SABlock: partial(nn.LayerNorm, eps=1e-6)
+BN_EPS = 1e-5           # bn_3d: nn.BatchNorm3d(dim)
 
 
 class PatchEmbed3d(nn.Module):
@@ -53,7 +70,7 @@ class PatchEmbed3d(nn.Module):
     ) -> None:
         super().__init__()
         self.proj = nn.Conv3d(in_dim, out_dim, kernel_size=kernel, stride=stride, padding=padding)
-        self.norm = nn.LayerNorm(out_dim)
+        self.norm = nn.LayerNorm(out_dim, eps=PATCH_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
@@ -84,12 +101,12 @@ class LocalBlock(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float) -> None:
         super().__init__()
         self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = nn.BatchNorm3d(dim)
+        self.norm1 = nn.BatchNorm3d(dim, eps=BN_EPS)
         self.conv1 = nn.Conv3d(dim, dim, 1)
         self.attn = nn.Conv3d(dim, dim, 5, padding=2, groups=dim)
         self.conv2 = nn.Conv3d(dim, dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.BatchNorm3d(dim)
+        self.norm2 = nn.BatchNorm3d(dim, eps=BN_EPS)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +118,11 @@ class LocalBlock(nn.Module):
 class GlobalBlock(nn.Module):
     """DPE, then a pre-norm transformer block over all ``T·H·W`` positions (joint space-time MHSA)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, qkv_bias: bool = True) -> None:
         super().__init__()
         self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
-        self.block = Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=drop_path)
+        self.block = Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path,
+                           norm_layer=partial(nn.LayerNorm, eps=BLOCK_NORM_EPS), act_layer=nn.GELU)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)
@@ -128,6 +146,11 @@ class UniFormerVideo(nn.Module):
         drop_path_rate: float = 0.1,
         num_frames: int = 16,
         img_size: int = 224,
+        num_classes: int | None = None,
+        qkv_bias: bool = True,
+        patch_t_kernel: int = 1,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -146,14 +169,16 @@ class UniFormerVideo(nn.Module):
         self.preprocess = {
             "size": img_size,
             "num_frames": num_frames,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(mean),
+            "std": list(std),
             "interpolation": "bilinear",
         }
 
         self.patch_embeds = nn.ModuleList([PatchEmbed3d(3, dims[0], (3, 4, 4), (2, 4, 4), (1, 0, 0))])
+        # patch_t_kernel 3: the official STD option (stages 2-4 also span 3 frames, stride 1)
+        kt = patch_t_kernel
         self.patch_embeds.extend(
-            PatchEmbed3d(dims[i - 1], dims[i], (1, 2, 2), (1, 2, 2)) for i in range(1, 4)
+            PatchEmbed3d(dims[i - 1], dims[i], (kt, 2, 2), (1, 2, 2), (kt // 2, 0, 0)) for i in range(1, 4)
         )
         rates = iter(torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist())
         self.stages = nn.ModuleList()
@@ -161,9 +186,11 @@ class UniFormerVideo(nn.Module):
             if stage < 2:
                 blocks = [LocalBlock(dim, mlp_ratio, next(rates)) for _ in range(depth)]
             else:
-                blocks = [GlobalBlock(dim, dim // head_dim, mlp_ratio, next(rates)) for _ in range(depth)]
+                blocks = [GlobalBlock(dim, dim // head_dim, mlp_ratio, next(rates), qkv_bias) for _ in range(depth)]
             self.stages.append(nn.ModuleList(blocks))
-        self.norm = nn.BatchNorm3d(dims[-1])
+        self.norm = nn.BatchNorm3d(dims[-1], eps=BN_EPS)
+        # the supervised classifier of official fine-tuned weights (mean of the normed tokens -> Linear)
+        self.head = nn.Linear(dims[-1], num_classes) if num_classes else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -194,6 +221,12 @@ class UniFormerVideo(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, T'·H'·W', D]
         return {"tokens": tokens, "pooled": tokens.mean(dim=1)}
 
+    def classify(self, video: torch.Tensor) -> torch.Tensor:
+        """Logits of the official classification head (weights that carry one)."""
+        if self.head is None:
+            raise ValueError("this UniFormer has no classification head (num_classes not set)")
+        return self.head(self(video)["pooled"])
+
 
 @register_arch("uniformer")
 def build(
@@ -205,6 +238,11 @@ def build(
     drop_path_rate: float = 0.1,
     num_frames: int = 16,
     img_size: int = 224,
+    num_classes: int | None = None,
+    qkv_bias: bool = True,
+    patch_t_kernel: int = 1,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
 ) -> UniFormerVideo:
     """UniFormer-S or -B (``size`` "s"/"b"), or custom ``depths``/``dims`` (e.g. the tiny test model)."""
     if size is not None and size not in UNIFORMER_DEPTHS:
@@ -221,4 +259,109 @@ def build(
         drop_path_rate=drop_path_rate,
         num_frames=num_frames,
         img_size=img_size,
+        num_classes=num_classes,
+        qkv_bias=qkv_bias,
+        patch_t_kernel=patch_t_kernel,
+        mean=tuple(mean) if mean is not None else IMAGENET_MEAN,
+        std=tuple(std) if std is not None else IMAGENET_STD,
     )
+
+
+# --------------------------------------------------------------------------- official weights
+
+# Sense-X/UniFormer video_classification/slowfast/models/uniformer.py -> this module
+_UNIFORMER_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^patch_embed([1-4])\.(proj|norm)\.(weight|bias)$"), "patch_embeds.{s}.\\2.\\3"),
+    (re.compile(r"^blocks([12])\.(\d+)\.((?:pos_embed|norm1|conv1|attn|conv2|norm2|mlp\.fc1|mlp\.fc2)\."
+                r"(?:weight|bias|running_mean|running_var|num_batches_tracked))$"), "stages.{s}.\\2.\\3"),
+    (re.compile(r"^blocks([34])\.(\d+)\.pos_embed\.(weight|bias)$"), "stages.{s}.\\2.pos_embed.\\3"),
+    (re.compile(r"^blocks([34])\.(\d+)\.((?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias))$"),
+     "stages.{s}.\\2.block.\\3"),
+    (re.compile(r"^(norm)\.(weight|bias|running_mean|running_var|num_batches_tracked)$"), "norm.\\2"),
+    (re.compile(r"^(head)\.(weight|bias)$"), "head.\\2"),
+)
+
+
+def uniformer_key_mapping() -> list[tuple[str, str]]:
+    """(official pattern, vtr name) pairs, for documentation."""
+    return [(p.pattern, r) for p, r in _UNIFORMER_RENAMES]
+
+
+def _rename_uniformer(key: str) -> str | None:
+    for pattern, repl in _UNIFORMER_RENAMES:
+        m = pattern.match(key)
+        if m:
+            stage = int(m.group(1)) - 1 if m.group(1).isdigit() else 0
+            return m.expand(repl.replace("{s}", str(stage)))
+    return None
+
+
+def uniformer_config(sd: dict[str, torch.Tensor], head_dim: int = 64) -> dict[str, Any]:
+    """Builder config from the shapes of an official UniFormer video state dict."""
+    need = [f"patch_embed{i}.proj.weight" for i in range(1, 5)] + ["norm.weight"]
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise ValueError("not a UniFormer video checkpoint: missing " + ", ".join(absent)
+                         + f" (first keys seen: {', '.join(list(sd)[:5])})")
+    if any(".t_attn." in k for k in sd):
+        raise ValueError("this UniFormer uses split space-time attention (SPLIT: True, t_attn.*), which no "
+                         "published video model does and vtr does not implement")
+    w1 = sd["patch_embed1.proj.weight"]
+    if w1.dim() != 5:
+        raise ValueError(f"patch_embed1.proj.weight has shape {tuple(w1.shape)}: this is UniFormer's image model, "
+                         "not the video one (Conv3d)")
+    dims = [int(sd[f"patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5)]
+    depths = []
+    for i in range(1, 5):
+        idx = {int(m.group(1)) for k in sd if (m := re.match(rf"blocks{i}\.(\d+)\.", k))}
+        depths.append(max(idx) + 1 if idx else 0)
+    bad = [d for d in dims[2:] if d % head_dim]
+    if bad:
+        raise ValueError(f"widths {bad} of the attention stages are not multiples of --head-dim {head_dim} "
+                         "(heads are not stored in the weights; 64 in every published model)")
+    hidden = int(sd["blocks1.0.mlp.fc1.weight"].shape[0]) if "blocks1.0.mlp.fc1.weight" in sd else 4 * dims[0]
+    kt = int(sd["patch_embed2.proj.weight"].shape[2])
+    cfg: dict[str, Any] = {
+        "arch": "uniformer", "size": None, "depths": depths, "dims": dims, "head_dim": head_dim,
+        "mlp_ratio": hidden / dims[0], "drop_path_rate": 0.0, "patch_t_kernel": kt,
+        "qkv_bias": any(k.endswith("attn.qkv.bias") for k in sd),
+        "mean": list(UNIFORMER_MEAN), "std": list(UNIFORMER_STD),
+    }
+    if "head.weight" in sd:
+        cfg["num_classes"] = int(sd["head.weight"].shape[0])
+    return cfg
+
+
+def convert_uniformer(checkpoint: str | Path, out: str | Path, num_frames: int | None = None, head_dim: int = 64,
+                      name: str | None = None, img_size: int = 224) -> Path:
+    """An official UniFormer video checkpoint (bare, or under ``model_state`` / ``model``) -> a model dir.
+
+    Strict: every key is renamed or it is an error (listing the keys); the classification ``head``
+    is kept for ``classify``. ``num_frames`` is the clip length to record (the weights are frame
+    count agnostic; default 16, the published 16x4 models).
+    """
+    from retrieval.models.convert import CheckpointError, load_checkpoint  # noqa: PLC0415
+
+    state = load_checkpoint(checkpoint)
+    try:
+        cfg = uniformer_config(state, head_dim)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from exc
+    cfg.update(num_frames=num_frames or 16, img_size=img_size, name=name or Path(checkpoint).stem)
+    renamed, unknown = {}, []
+    for k, v in state.items():
+        new = _rename_uniformer(k)
+        if new is None:
+            unknown.append(k)
+        else:
+            renamed[new] = v
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: keys that are not part of UniFormer's video model: "
+                              + ", ".join(unknown[:20]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 20 else ""))
+    model = build_from_config(cfg)
+    try:
+        strict_load(model, renamed, f"{checkpoint} (as UniFormer dims={cfg['dims']} depths={cfg['depths']})")
+    except ModelDirError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
+                          source={"checkpoint": str(Path(checkpoint).resolve()), "format": "uniformer"})

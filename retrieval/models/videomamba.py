@@ -81,8 +81,31 @@ def _plain(module: nn.Module, cls: type) -> bool:
             and not getattr(module, "_backward_hooks", None))
 
 
+BIMAMBA_LAYOUTS = ("v2", "v1")
+SCAN_INPUTS = ("conv", "raw")
+
+
 class BiMambaMixer(nn.Module):
-    """Bidirectional Mamba mixer ("bimamba v2") with the VideoMambaPro options.
+    """Bidirectional Mamba mixer with the VideoMambaPro options.
+
+    ``layout`` (the parameters of the backward branch, mamba-ssm's ``bimamba_type``):
+
+    * ``"v2"`` (VideoMamba, Vim, VideoMambaPro "v2"): the backward branch has its own
+      ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``, ``A_b_log`` and ``D_b`` and runs on the reversed
+      sequence (its conv is causal there, i.e. anti-causal in place);
+    * ``"v1"`` (VideoMambaPro's masked path): both branches share ``conv1d``, ``x_proj``,
+      ``dt_proj`` and ``D``; only ``A_b_log`` is separate. The backward branch reads the forward
+      branch's conv output, delta, B and C from the end.
+
+    ``scan_input``: what the scan integrates (its u, the D skip and the elemental start state):
+    ``"conv"`` = SiLU(conv(x)) as in mamba-ssm and VideoMamba, ``"raw"`` = in_proj's x before the
+    conv, as VideoMambaPro's code does (the conv output then only feeds x_proj: delta, B, C).
+    ``mask_backward``: the backward branch reads C_s (h_s - delta_s B_s u_s) at reversed position
+    s >= 1 and nothing at s = 0 (the token's own term is counted once, by the forward branch).
+    ``elemental_residual``: each direction's state starts at h_{-1} = u_0 (its first input,
+    broadcast over the state dimension) instead of zero. The SiLU(z) gate multiplies the sum of
+    the directions, which goes through ``out_proj`` (halved first with ``divide_out``, as Vim's
+    ``if_divide_out``).
 
     Two implementations of one function (same parameters and state-dict keys): on CPU with
     ``scan_backend`` "auto"/"cpu", fused C kernels in in_proj's [B, L, E] layout (conv + SiLU of
@@ -94,23 +117,31 @@ class BiMambaMixer(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | None = None, gate: bool = True, mask_backward: bool = False,
                  elemental_residual: bool = False, scan_backend: str = "auto",
-                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 layout: str = "v2", scan_input: str = "conv", divide_out: bool = False):
         super().__init__()
+        if layout not in BIMAMBA_LAYOUTS:
+            raise ValueError(f"layout must be one of {BIMAMBA_LAYOUTS}, got {layout!r}")
+        if scan_input not in SCAN_INPUTS:
+            raise ValueError(f"scan_input must be one of {SCAN_INPUTS}, got {scan_input!r}")
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = expand * d_model
         self.dt_rank = dt_rank or math.ceil(d_model / 16)
         self.gate, self.mask_backward, self.elemental_residual = gate, mask_backward, elemental_residual
+        self.layout, self.scan_input, self.divide_out = layout, scan_input, divide_out
         self.scan_backend = scan_backend
         E, N, R = self.d_inner, d_state, self.dt_rank
         self.in_proj = nn.Linear(d_model, 2 * E if gate else E, bias=False)
         for sfx in ("", "_b"):
+            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
+            setattr(self, f"A{sfx}_log", nn.Parameter(torch.log(A)))
+            if sfx and layout == "v1":
+                continue
             setattr(self, f"conv1d{sfx}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True))
             setattr(self, f"x_proj{sfx}", nn.Linear(E, R + 2 * N, bias=False))
             dt_proj = nn.Linear(R, E, bias=True)
             self._init_dt(dt_proj, dt_min, dt_max, dt_init_floor)
             setattr(self, f"dt_proj{sfx}", dt_proj)
-            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
-            setattr(self, f"A{sfx}_log", nn.Parameter(torch.log(A)))
             setattr(self, f"D{sfx}", nn.Parameter(torch.ones(E)))
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
@@ -123,20 +154,26 @@ class BiMambaMixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         dt_proj.bias._no_reinit = True
 
-    def _branch(self, x: torch.Tensor, z: torch.Tensor | None, sfx: str, masked: bool) -> torch.Tensor:
-        L = x.shape[-1]
-        conv, x_proj, dt_proj = getattr(self, f"conv1d{sfx}"), getattr(self, f"x_proj{sfx}"), getattr(self, f"dt_proj{sfx}")
-        A = -torch.exp(getattr(self, f"A{sfx}_log").float())
-        xc = F.silu(conv(x)[..., :L])                                   # [B, E, L]
+    def _params(self, backward: bool) -> str:
+        """Suffix of the conv / x_proj / dt_proj / D a branch uses ("_b" only for v2's backward)."""
+        return "_b" if backward and self.layout == "v2" else ""
+
+    def _branch(self, x: torch.Tensor, xc: torch.Tensor, z: torch.Tensor | None, backward: bool) -> torch.Tensor:
+        """One direction on a sequence already in its scan order: x (in_proj) and xc = SiLU(conv(x))
+        [B, E, L]."""
+        p = self._params(backward)
+        x_proj, dt_proj = getattr(self, f"x_proj{p}"), getattr(self, f"dt_proj{p}")
+        A = -torch.exp((self.A_b_log if backward else self.A_log).float())
         dbc = x_proj(xc.transpose(1, 2))                                # [B, L, R+2N]
         dt, Bm, Cm = torch.split(dbc, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)              # [B, E, L], bias added in the scan
+        u = x if self.scan_input == "raw" else xc
         h0 = None
         if self.elemental_residual:
-            h0 = xc[..., 0].float().unsqueeze(-1).expand(-1, -1, self.d_state)
-        return selective_scan(xc, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), getattr(self, f"D{sfx}").float(),
+            h0 = u[..., 0].float().unsqueeze(-1).expand(-1, -1, self.d_state)
+        return selective_scan(u, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), getattr(self, f"D{p}").float(),
                               z, dt_proj.bias.float(), delta_softplus=True, initial_state=h0,
-                              mask_diag=masked, backend=self.scan_backend)
+                              mask_diag=backward and self.mask_backward, backend=self.scan_backend)
 
     def _forward_composed(self, hidden: torch.Tensor) -> torch.Tensor:
         """Pure-torch composition around selective_scan: the reference path ("ref"), CUDA tensors
@@ -146,9 +183,16 @@ class BiMambaMixer(nn.Module):
             x, z = xz.chunk(2, dim=1)
         else:
             x, z = xz, None
-        y_f = self._branch(x, z, "", masked=False)
-        y_b = self._branch(x.flip(-1), None if z is None else z.flip(-1), "_b", masked=self.mask_backward)
+        L = x.shape[-1]
+        xc = F.silu(self.conv1d(x)[..., :L])
+        y_f = self._branch(x, xc, z, backward=False)
+        xr = x.flip(-1)
+        # v2: the backward conv runs on the reversed sequence; v1: the forward conv's output, reversed
+        xc_b = F.silu(self.conv1d_b(xr)[..., :L]) if self.layout == "v2" else xc.flip(-1)
+        y_b = self._branch(xr, xc_b, None if z is None else z.flip(-1), backward=True)
         y = y_f + y_b.flip(-1)
+        if self.divide_out:  # Vim: the mean of the two directions
+            y = y * 0.5
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
     def _forward_fused(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -164,27 +208,40 @@ class BiMambaMixer(nn.Module):
         if xz.dtype != torch.float32:
             xz = xz.float()
         x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
-        xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
-        dirs = []
-        for sfx, xc, reverse in (("", xc_f, False), ("_b", xc_b, True)):
-            x_proj, dt_proj = getattr(self, f"x_proj{sfx}"), getattr(self, f"dt_proj{sfx}")
-            dbc = x_proj(xc.to(x_proj.weight.dtype)).float()            # [B, L, R+2N]
-            A = -torch.exp(getattr(self, f"A{sfx}_log").float())
+        if self.layout == "v2":
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+        else:  # v1: one conv; the backward direction reads its output (and x_proj's) from the end
+            xc_f, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+            xc_b = xc_f
+        dirs, dbc_f = [], None
+        for backward, xc in ((False, xc_f), (True, xc_b)):
+            p = self._params(backward)
+            x_proj, dt_proj = getattr(self, f"x_proj{p}"), getattr(self, f"dt_proj{p}")
+            if backward and self.layout == "v1":
+                dbc = dbc_f
+            else:
+                dbc = x_proj(xc.to(x_proj.weight.dtype)).float()        # [B, L, R+2N]
+            dbc_f = dbc
+            A = -torch.exp((self.A_b_log if backward else self.A_log).float())
+            u = x if self.scan_input == "raw" else xc
             # dt_proj (rank R -> E) runs inside the scan kernel with its weight, its bias is the
             # delta bias (as in _branch and mamba-ssm: the module itself is never called)
-            dirs.append(ScanDirection(xc, None, dbc[..., R:R + N], dbc[..., R + N:], A,
-                                      D=getattr(self, f"D{sfx}").float(), bias=dt_proj.bias.float(),
-                                      reverse=reverse, mask_diag=reverse and self.mask_backward,
+            dirs.append(ScanDirection(u, None, dbc[..., R:R + N], dbc[..., R + N:], A,
+                                      D=getattr(self, f"D{p}").float(), bias=dt_proj.bias.float(),
+                                      reverse=backward, mask_diag=backward and self.mask_backward,
                                       elemental=self.elemental_residual,
                                       dt=dbc[..., :R], dt_weight=dt_proj.weight.float()))
         y, _ = scan_directions(dirs, z)
+        if self.divide_out:  # Vim: the mean of the two directions
+            y = y * 0.5
         return self.out_proj(y.to(hidden.dtype))
 
     def _use_fused(self, hidden: torch.Tensor) -> bool:
         if hidden.device.type != "cpu" or self.scan_backend not in ("auto", "cpu"):
             return False
         # the conv kernel reads the weights itself: only for plain, hook-free convs
-        if not (_plain(self.conv1d, nn.Conv1d) and _plain(self.conv1d_b, nn.Conv1d)):
+        convs = [self.conv1d] + ([self.conv1d_b] if self.layout == "v2" else [])
+        if not all(_plain(c, nn.Conv1d) for c in convs):
             return False
         return fused_mixer_available(self.d_state, self.d_conv)
 
@@ -236,12 +293,21 @@ class VideoMamba(nn.Module):
                  scan_backend: str = "auto", grad_checkpointing: bool = False, num_classes: int | None = None,
                  patch_pool: str = "mean", stem_channels: tuple[int, ...] | None = None,
                  stem_kernel_t: int = 1, tubelet_size: int = 1,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 bimamba_layout: str = "v2", scan_input: str = "conv", patch_stride: int | None = None,
+                 divide_out: bool = False, pool: str = "cls_mean"):
         super().__init__()
         if cls_position not in ("head", "middle"):
             raise ValueError(f"cls_position must be 'head' (VideoMamba) or 'middle' (Vim), got {cls_position!r}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        # patch_stride < patch_size: overlapping patches (Vim's "+" models: 16 px patches every 8 px)
+        self.patch_stride = patch_stride = patch_stride or patch_size
+        if patch_stride != patch_size and stem_channels:
+            raise ValueError("patch_stride other than patch_size does not combine with stem_channels")
+        if img_size < patch_size or (img_size - patch_size) % patch_stride:
+            raise ValueError(f"img_size {img_size} does not tile into patches of {patch_size} every {patch_stride} px")
+        if pool not in ("cls_mean", "cls"):
+            raise ValueError(f"pool must be 'cls_mean' (VideoMamba) or 'cls' (Vim's classifier feature), got {pool!r}")
+        self.pool = pool
         self.embed_dim, self.depth, self.patch_size = embed_dim, depth, patch_size
         self.img_size, self.num_frames, self.in_chans = img_size, num_frames, in_chans
         self.cls_position, self.keep_temporal = cls_position, keep_temporal
@@ -251,7 +317,7 @@ class VideoMamba(nn.Module):
         if tubelet_size < 1 or num_frames % tubelet_size:
             raise ValueError(f"tubelet_size must be >= 1 and divide num_frames {num_frames}, got {tubelet_size}")
         self.tubelet_size = tubelet_size
-        grid = img_size // patch_size
+        grid = (img_size - patch_size) // patch_stride + 1
         self.patch_embed = nn.Module()
         stem_channels = tuple(int(c) for c in stem_channels or ())
         if stem_channels:
@@ -270,7 +336,8 @@ class VideoMamba(nn.Module):
         # the projection covers what the stem's stride-2 convs leave of each patch, over a tubelet
         rest = patch_size // 2 ** len(stem_channels)
         kernel = (tubelet_size, rest, rest)
-        self.patch_embed.proj = nn.Conv3d(prev, embed_dim, kernel, kernel)
+        stride = kernel if patch_stride == patch_size else (tubelet_size, patch_stride, patch_stride)
+        self.patch_embed.proj = nn.Conv3d(prev, embed_dim, kernel, stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         self.temporal_pos_embedding = nn.Parameter(torch.zeros(1, num_frames // tubelet_size, embed_dim))
@@ -278,7 +345,8 @@ class VideoMamba(nn.Module):
         self.layers = nn.ModuleList(
             MambaBlock(embed_dim, BiMambaMixer(embed_dim, d_state, d_conv, expand, dt_rank, gate=gate,
                                                mask_backward=mask_backward, elemental_residual=elemental_residual,
-                                               scan_backend=scan_backend), rates[i])
+                                               scan_backend=scan_backend, layout=bimamba_layout,
+                                               scan_input=scan_input, divide_out=divide_out), rates[i])
             for i in range(depth))
         self.drop_path = DropPath(rates[-1] if depth else 0.0)
         self.norm = RMSNorm(embed_dim)
@@ -319,18 +387,20 @@ class VideoMamba(nn.Module):
             raise ValueError(f"VideoMamba expects {self.in_chans} channels in dim 1 of [B, C, T, H, W], got {c} "
                              f"(shape {tuple(video.shape)}; is the video [B, T, C, H, W]?)")
         p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(f"frame size {h}x{w} is not divisible by the patch size {p}")
+        st = self.patch_stride
+        if h < p or w < p or (h - p) % st or (w - p) % st:
+            raise ValueError(f"frame size {h}x{w} does not tile into patches of {p} every {st} px"
+                             if st != p else f"frame size {h}x{w} is not divisible by the patch size {p}")
         if t > max(64, MAX_TEMPORAL_STRETCH * self.num_frames):
             raise ValueError(f"{t} frames is beyond what the temporal position embeddings (built for "
                              f"{self.num_frames}) can be interpolated to (max {max(64, MAX_TEMPORAL_STRETCH * self.num_frames)})")
-        grid = self.img_size // p
-        if max(h, w) // p > MAX_SPATIAL_STRETCH * grid:
+        grid = (self.img_size - p) // st + 1
+        if (max(h, w) - p) // st + 1 > MAX_SPATIAL_STRETCH * grid:
             raise ValueError(f"frame size {h}x{w} is beyond what the position embeddings (built for "
                              f"{self.img_size}px) can be interpolated to")
         if t % self.tubelet_size:
             raise ValueError(f"{t} frames do not split into tubelets of {self.tubelet_size} frames")
-        return t // self.tubelet_size, h // p, w // p
+        return t // self.tubelet_size, (h - p) // st + 1, (w - p) // st + 1
 
     def _spatial_pos(self, gh: int, gw: int) -> torch.Tensor:
         n = self.pos_embed.shape[1] - 1
@@ -365,7 +435,10 @@ class VideoMamba(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None,
                 return_distill: bool = False) -> dict[str, torch.Tensor]:
-        """``mask``: optional bool [B, T*N], True = token dropped (same count per sample)."""
+        """``mask``: optional bool [B, T*N], True = token dropped (same count per sample). An image model
+        (``num_frames`` 1, e.g. Vim) also takes images [B, C, H, W]."""
+        if video.dim() == 4 and self.num_frames == 1:
+            video = video.unsqueeze(2)
         t = video.shape[2] // self.tubelet_size if video.dim() == 5 else 0              # token time steps
         x = self.embed(video)
         b, L, d = x.shape
@@ -425,6 +498,8 @@ class VideoMamba(nn.Module):
         return self.head(self.forward(video)["tokens"][:, 0])
 
     def _pool(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        if self.pool == "cls":  # Vim: its classifier reads the (middle) cls token's output
+            return tokens[:, 0]
         cls, patches = tokens[:, :1], tokens[:, 1:]
         b, L, d = patches.shape
         if self.keep_temporal and t and L % t == 0:

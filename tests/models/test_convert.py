@@ -65,7 +65,8 @@ def test_resample_frames_and_pro_variant(tmp_path):
     torch.save(ckpt, tmp_path / "c.pth")
     model = load_model(convert_videomamba(tmp_path / "c.pth", tmp_path / "m", num_frames=16, variant="pro"))
     assert model.temporal_pos_embedding.shape[1] == 16
-    assert model.layers[0].mixer.mask_backward and model.layers[0].mixer.elemental_residual
+    mixer = model.layers[0].mixer  # VideoMamba's keys = the v2 layout: raw scan input, elemental, no mask
+    assert (mixer.layout, mixer.scan_input, mixer.mask_backward, mixer.elemental_residual) == ("v2", "raw", False, True)
 
 
 def test_tampered_checkpoint_lists_the_keys(tmp_path):

@@ -87,6 +87,25 @@ def test_mask_diag_drops_the_self_term():
     torch.testing.assert_close(out, ts["u"] * ts["D"][:, None])
 
 
+@pytest.mark.parametrize("backend", ["ref", "cpu"])
+def test_masked_first_step_reads_nothing_whatever_the_start_state(backend):
+    # VideoMambaPro's selective_scan_ref_sub: y_0 = D u_0 even from a non-zero start state, and
+    # y_t = C_t (h_t - delta_t B_t u_t) + D u_t after it
+    ts = make_inputs(2, 5, 9, 16, with_z=False, h0=True)
+    with torch.no_grad():
+        args = (ts["u"], ts["delta"], ts["A"], ts["B"], ts["C"], ts["D"], None, ts["delta_bias"], True)
+        out = selective_scan(*args, initial_state=ts["initial_state"], mask_diag=True, backend=backend)
+        full = selective_scan(*args, initial_state=ts["initial_state"], backend=backend)
+        delta = torch.nn.functional.softplus(ts["delta"] + ts["delta_bias"][:, None])
+        h0 = ts["initial_state"]
+        h1 = torch.exp(delta[..., 0, None] * ts["A"]) * h0 + (delta[..., 0] * ts["u"][..., 0])[..., None] * ts["B"][:, None, :, 0]
+    torch.testing.assert_close(out[..., 0], ts["u"][..., 0] * ts["D"], atol=1e-6, rtol=1e-6)
+    # the unmasked read at step 0 is C_0 h_0 + D u_0 (a different number, so the test has teeth)
+    unmasked0 = torch.einsum("bdn,bn->bd", h1, ts["C"][..., 0]) + ts["u"][..., 0] * ts["D"]
+    torch.testing.assert_close(full[..., 0], unmasked0, atol=1e-5, rtol=1e-5)
+    assert (full[..., 0] - out[..., 0]).abs().max() > 1e-2
+
+
 def test_shape_errors_are_clear():
     ts = make_inputs(1, 4, 10, 16)
     with pytest.raises(ValueError, match=r"B must be \[batch, d_state, length\]"):

@@ -8,7 +8,8 @@ Shapes follow mamba-ssm's ``selective_scan_fn``: ``u, delta, z: [B, D, L]``, ``A
 
 Two keyword-only extensions (off by default, so mamba-ssm semantics are unchanged):
 ``initial_state`` ([B, D, N], the state before the first step) and ``mask_diag`` (read the
-output from ``h_t - delta_t B_t u_t``, dropping the operator's diagonal; VideoMambaPro).
+output from ``h_t - delta_t B_t u_t``, dropping the operator's diagonal, and read nothing at the
+first step, whatever the initial state: VideoMambaPro's ``selective_scan_ref_sub``).
 """
 from __future__ import annotations
 
@@ -82,7 +83,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     ys = []
     for t in range(L):
         h_new = dA[:, :, t] * h + dBu[:, :, t]
-        read = dA[:, :, t] * h if mask_diag else h_new
+        if mask_diag:   # the masked first step reads nothing (a zero state)
+            read = torch.zeros_like(h_new) if t == 0 else dA[:, :, t] * h
+        else:
+            read = h_new
         ys.append(torch.einsum("bdn,bn->bd", read, Cf[:, :, t]))
         h = h_new
     y = torch.stack(ys, dim=2)

@@ -230,7 +230,7 @@ class ScanDirection(NamedTuple):
 
     ``u``, ``dpre``: [B, L, E]; ``B``, ``C``: [B, L, N]; ``A``: [E, N]; ``D``, ``bias``: [E] or
     None; ``h0``: [B, E, N] or None. ``delta = softplus(dpre + bias)`` (``softplus=False``: no
-    softplus). ``reverse`` runs t = L-1 .. 0; ``mask_diag`` reads y from exp(delta A) h_{t-1};
+    softplus). ``reverse`` runs t = L-1 .. 0; ``mask_diag`` reads y from exp(delta A) h_{t-1} (nothing at the first step);
     ``elemental`` starts from h0 = u at the direction's first step (ignored when h0 is given).
     Instead of ``dpre`` (None), ``dt`` [B, L, R] and ``dt_weight`` [E, R] (dt_proj's weight): the
     kernel computes ``dpre = dt @ dt_weight.T`` itself, so it is never written to memory.

@@ -9,7 +9,8 @@
  *   delta = softplus(dpre + bias)                       (or dpre + bias without softplus)
  *           dpre = dt_t @ W^T (the dt projection, fused) or given
  *   h_n  <- exp(delta * A_n) * h_n + (delta * u) * B_t[n]          n = 0 .. d_state-1
- *   y    = sum_n C_t[n] * h_n + D * u                   (mask_diag: read exp(delta A_n) h_n)
+ *   y    = sum_n C_t[n] * h_n + D * u                   (mask_diag: read exp(delta A_n) h_n,
+ *                                                        and nothing at the direction's first step)
  *
  * A direction runs t = 0 .. L-1, or L-1 .. 0 when `reverse` is set (the bimamba backward
  * branch, without flipping any tensor). Several directions are summed into one output and the
@@ -392,6 +393,7 @@ VTR_UNROLL
             }
         }
         cy[j] = (ya[0] + ya[1]) + (ya[2] + ya[3]);
+        if (MASK && i0 == 0 && j == 0) cy[j] = vb(0.0f);  /* the masked first step reads nothing */
     }
     t = first + step * i0;
     if (TM) {
@@ -609,6 +611,7 @@ VTR_UNROLL
         const v16f uv = ld(u + t * d->u_ls, m);
         const v16f dl = cdl[j];
         const v16f dy = ld(dsb + t * E, m);
+        const v16f dyc = (MASK && i0 == 0 && j == 0) ? vb(0.0f) : dy;   /* dy of the C read */
         const v16f du = dl * uv;
         const float *bt = Bb + t * d->b_ls, *ct = Cb + t * d->c_ls;
         const v16f *cdAj = cdA + j * NN, *chpj = chp + j * NN;
@@ -620,8 +623,8 @@ VTR_UNROLL
             v16f gh, gr;                                 /* dL/dh_t, dL/d(rp) */
             if (MASK) {
                 gh = gs[n];
-                gr = gh + dy * ct[n];
-                dCv[n] = dy * rp;
+                gr = gh + dyc * ct[n];
+                dCv[n] = dyc * rp;
             } else {
                 gh = gs[n] + dy * ct[n];
                 gr = gh;

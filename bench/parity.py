@@ -1,0 +1,90 @@
+"""Parity of converted official checkpoints with their authors' code (the committed fixtures).
+
+Each fixture under tests/models/fixtures holds a tiny random model's official state dict, an input,
+and what the authors' code computed for it on CPU (see the test beside each fixture). This loads
+the state dict through vtr's converter, runs vtr's model with every scan backend and prints the
+largest absolute difference per output, one JSON line per (model, backend).
+
+    python bench/parity.py --output bench/results/parity.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from retrieval.models.convert import convert_videomamba  # noqa: E402
+from retrieval.models.io import load_model  # noqa: E402
+from retrieval.models.ssm import fused_mixer_available  # noqa: E402
+from retrieval.models.uniformer import convert_uniformer  # noqa: E402
+from retrieval.models.vim import convert_vim  # noqa: E402
+
+FIX = ROOT / "tests" / "models" / "fixtures"
+
+
+def _split(path: Path, prefix: str):
+    data = load_file(str(path))
+    state = {k[len(prefix) + 6:]: v for k, v in data.items() if k.startswith(prefix + "state.")}
+    ref = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix) and not k.startswith(prefix + "state.")}
+    return state, ref
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(f"{(a - b).abs().max().item():.3g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "parity.jsonl")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    backends = ["ref"] + (["cpu"] if fused_mixer_available() else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        tmp = Path(tmp)
+        for layout in ("v1", "v2"):
+            state, ref = _split(FIX / "videomambapro_official.safetensors", f"{layout}.")
+            torch.save(state, tmp / f"pro_{layout}.pth")
+            model = load_model(convert_videomamba(tmp / f"pro_{layout}.pth", tmp / f"pro_{layout}", variant="pro"))
+            for be in backends:
+                for layer in model.layers:
+                    layer.mixer.scan_backend = be
+                tokens = model(ref["video"])["tokens"]
+                rows.append({"model": f"videomambapro_{layout}", "backend": be, "tokens": _err(tokens, ref["tokens"]),
+                             "cls": _err(tokens[:, 0], ref["cls"]),
+                             "logits": _err(model.classify(ref["video"]), ref["logits"])})
+        for name in ("vim", "vimplus"):
+            state, ref = _split(FIX / "vim_official.safetensors", f"{name}.")
+            torch.save(state, tmp / f"{name}.pth")
+            model = load_model(convert_vim(tmp / f"{name}.pth", tmp / name, img_size=32))
+            for be in backends:
+                for layer in model.layers:
+                    layer.mixer.scan_backend = be
+                rows.append({"model": name, "backend": be, "feature": _err(model(ref["image"])["pooled"], ref["feature"]),
+                             "logits": _err(model.classify(ref["image"]), ref["logits"])})
+        state, ref = _split(FIX / "uniformer_official.safetensors", "")
+        torch.save({"model_state": state}, tmp / "uniformer.pyth")
+        model = load_model(convert_uniformer(tmp / "uniformer.pyth", tmp / "uniformer", head_dim=16))
+        out = model(ref["video"])
+        rows.append({"model": "uniformer", "backend": "-", "tokens": _err(out["tokens"], ref["tokens"]),
+                     "pooled": _err(out["pooled"], ref["pooled"]), "logits": _err(model.classify(ref["video"]),
+                                                                                ref["logits"])})
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as fh:
+        for row in rows:
+            line = json.dumps({"bench": "parity", **row})
+            print(line)
+            fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
