@@ -59,6 +59,7 @@ def convert_cmd(
     num_frames: Optional[int] = typer.Option(
         None, help="videomamba: re-sample temporal position embeddings; umt: clip length (default 4)"),
     variant: str = typer.Option("videomamba", help="videomamba | pro (VideoMambaPro weights)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the model directory already at --out"),
 ) -> None:
     """Convert official weights into a vtr model directory (strict: every key accounted for).
 
@@ -66,7 +67,9 @@ def convert_cmd(
     retrieval model (`vtr eval --model OUT`); otherwise the vision encoder alone is converted.
     """
     from retrieval.models import convert as conv  # noqa: PLC0415
+    from retrieval.models.io import check_model_out  # noqa: PLC0415
 
+    check_model_out(out, overwrite)
     if fmt not in conv.FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; supported: {', '.join(conv.FORMATS)}")
     if vision_only and tokenizer is not None:
