@@ -237,10 +237,10 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser) -> DecodeResult:
     if len(decoded) < len(wanted):
         missing = sorted(wanted - decoded.keys())
         raise VideoReadError(path, f"undecodable frames: could not decode frame {missing[0]} of {total}")
-    frames = np.stack([decoded[i] for i in indices])
     try:
+        frames = np.stack([decoded[i] for i in indices])  # frames of differing sizes cannot stack
         _check_frames(frames, len(indices), "PyAV")
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise VideoReadError(path, str(exc)) from None
     return frames, fps, total, indices, [times[i] for i in indices]
 
