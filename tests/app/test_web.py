@@ -442,3 +442,106 @@ def test_vtr_serve_command_serves_the_page(index: Path) -> None:
             proc.kill()
             proc.wait()
     assert f"http://127.0.0.1:{port}" in proc.stdout.read().decode()
+
+
+# ---------------------------------------------------------------------------------- upload limits
+
+
+def _write_video(path: Path, width: int, height: int, frames: int, fps: int = 8) -> Path:
+    """A small h264 mp4 of flat frames (a few KB even at 4096x4096)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            frame = np.full((height, width, 3), (index * 40) % 256, np.uint8)
+            frame[: height // 2, : width // 2, 0] = 200
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_uploads_beyond_the_caps_are_refused_before_decoding(demo, tmp_path: Path, monkeypatch) -> None:
+    import gradio as gr
+
+    import app.uploads as uploads
+
+    page = demo.vtr_page
+    huge = _write_video(tmp_path / "huge.mp4", 4096, 4096, 2)
+    assert huge.stat().st_size < 300_000  # a small file that describes 2 x 16.8 megapixels
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the upload is beyond the caps")
+
+    monkeypatch.setattr(uploads, "_decode_scaled", no_decoding)
+    monkeypatch.setattr(uploads, "load_clip", no_decoding)
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_pixels=1920 * 1080))
+    with pytest.raises(gr.Error, match=r"Video refused: the video is 4096x4096 \(16.8 megapixels.*up to 2.1"):
+        page.upload(str(huge), 4)
+    long = _write_video(tmp_path / "long.mp4", 64, 64, 40)  # 5 s, 40 frames
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_seconds=2))
+    with pytest.raises(gr.Error, match="lasts 5 s; this page accepts clips up to 2 s"):
+        page.upload(str(long), 4)
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_frames=30))
+    with pytest.raises(gr.Error, match="40 frames; this page accepts clips of up to 30 frames"):
+        page.upload(str(long), 4)
+
+
+def test_large_uploads_are_scaled_while_decoding_one_at_a_time(demo, tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import numpy as np
+
+    import app.uploads as uploads
+    from retrieval.data.video import load_clip
+
+    preprocess = demo.vtr_page.searcher.preprocess
+    limits = uploads.UploadLimits()
+    huge = _write_video(tmp_path / "huge.mp4", 4096, 4096, 3)
+    clip = uploads.decode_upload(huge, preprocess, limits)
+    assert tuple(clip.shape) == (3, preprocess.num_frames, preprocess.size, preprocess.size)
+    # scaled by the decoder: the same picture as the corpus path gives (small scaler differences)
+    wide = _write_video(tmp_path / "wide.mp4", 1600, 912, 6)
+    scaled = uploads.decode_upload(wide, preprocess, limits).numpy()
+    exact = load_clip(wide, preprocess).numpy()
+    assert np.abs(scaled - exact).mean() < 0.05
+
+    # at most `decoders` uploads decode at once, however many requests arrive
+    running, peak, guard = [0], [0], threading.Lock()
+    real = uploads._decode_scaled
+
+    def counted(*args):
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(*args)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(uploads, "_decode_scaled", counted)
+    threads = [threading.Thread(target=uploads.decode_upload, args=(wide, preprocess, limits)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak[0] == 1
+
+
+def test_uploads_are_deleted_once_answered(client: Client, videos_root: Path, tmp_path: Path) -> None:
+    from gradio.utils import get_upload_folder
+
+    name = f"upload-{os.getpid()}-{time.time_ns()}.mp4"
+    clip = tmp_path / name
+    shutil.copy(videos_root / "test" / "0002.mp4", clip)
+    _, html, _ = client.predict(handle_file(str(clip)), 3, api_name="/similar")
+    assert len(_cards(html)) == 3
+    assert not list(Path(get_upload_folder()).rglob(name))
+    bogus = tmp_path / f"bad-{name}"
+    bogus.write_text("not a video")
+    with pytest.raises(Exception, match="Cannot read this video"):
+        client.predict(handle_file(str(bogus)), 3, api_name="/similar")
+    assert not list(Path(get_upload_folder()).rglob(bogus.name))
