@@ -239,9 +239,8 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser) -> DecodeResult:
         raise VideoReadError(path, f"undecodable frames: could not decode frame {missing[0]} of {total}")
     try:
         frames = np.stack([decoded[i] for i in indices])  # frames of differing sizes cannot stack
-        _check_frames(frames, len(indices), "PyAV")
-    except (RuntimeError, ValueError) as exc:
-        raise VideoReadError(path, str(exc)) from None
+    except ValueError as exc:
+        raise VideoReadError(path, f"frames of differing shapes ({exc})") from None
     return frames, fps, total, indices, [times[i] for i in indices]
 
 
@@ -303,7 +302,9 @@ def read_frames(
     decord_failure: str | None = None
     if backend in ("auto", "decord"):
         try:
-            return _frames_and_info(_read_with_decord(path, choose_indices), "decord")
+            result = _read_with_decord(path, choose_indices)
+            _check_frames(result[0], len(result[3]), "decord")
+            return _frames_and_info(result, "decord")
         except VideoReadError:
             raise  # a window past the end: PyAV would measure the same file the same way
         except Exception as exc:  # decord raises RuntimeError, IndexError, DECORDError, ...
@@ -313,7 +314,12 @@ def read_frames(
             logger.debug("decord failed on %s (%s); falling back to PyAV", path, decord_failure)
     suffix = f" (decord: {decord_failure})" if decord_failure else ""
     try:
-        return _frames_and_info(_read_with_pyav(path, choose_indices), "pyav")
+        result = _read_with_pyav(path, choose_indices)
+        try:
+            _check_frames(result[0], len(result[3]), "PyAV")
+        except RuntimeError as exc:
+            raise VideoReadError(path, str(exc)) from None
+        return _frames_and_info(result, "pyav")
     except VideoReadError as exc:
         if not suffix:
             raise
