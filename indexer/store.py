@@ -34,8 +34,12 @@ short window ``INDEX`` does not exist, and readers that hit it retry.
 
 A writer that crashes leaves a ``.INDEX.tmp-<pid>-*`` directory (or a finished but unpublished
 ``.INDEX.v<N>``). Readers never look at either; the next :func:`write_index` deletes temporaries
-whose process is gone and every version older than the one it publishes. One writer per index
-path at a time is expected; two concurrent writers both finish and the later swap wins.
+whose process is gone and every version older than the one it publishes. The swap runs under
+the index's exclusive lock (:mod:`indexer.locks`): a second publisher is refused, naming the
+process that holds it.
+
+The manifest records the sha256 and size of every data file (``files``); :func:`open_index`
+verifies them before parsing, so a damaged file is named instead of being searched.
 """
 
 from __future__ import annotations
