@@ -14,7 +14,10 @@ upload therefore goes through three steps:
    ``size x size`` by the decoder's scaler, so no full-size RGB frame or float copy ever exists.
    The decoder runs without frame threading (no extra full-size frame per thread), and frames
    larger than the probe said are refused.
-3. :func:`discard` deletes the uploaded file once the request is answered.
+3. :class:`UploadJanitor` deletes the uploaded file once the request is answered, after a
+   short grace period: Gradio stores identical uploads under one path, so a second request for
+   the same content may still be waiting in the queue; a request that starts within the grace
+   period keeps the file.
 """
 
 from __future__ import annotations
@@ -188,6 +191,50 @@ def decode_upload(path: str | os.PathLike[str], preprocess: Preprocess, limits: 
         if found.width * found.height <= DIRECT_DECODE_PIXELS:
             return load_clip(path, preprocess)
         return _decode_scaled(path, preprocess, found, limits)
+
+
+class UploadJanitor:
+    """Deletes uploads ``grace_s`` seconds after the last request using them was answered."""
+
+    def __init__(self, grace_s: float = 60.0) -> None:
+        self.grace_s = grace_s
+        self._users: dict[str, int] = {}
+        self._timers: dict[str, threading.Timer] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, path: str | os.PathLike[str]) -> None:
+        """A request starts using ``path``: it is not deleted until released."""
+        key = os.fspath(path)
+        with self._lock:
+            self._users[key] = self._users.get(key, 0) + 1
+            timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def release(self, path: str | os.PathLike[str]) -> None:
+        """A request using ``path`` is answered: delete it once nobody has used it for ``grace_s``."""
+        key = os.fspath(path)
+        with self._lock:
+            self._users[key] = self._users.get(key, 1) - 1
+            if self._users[key] > 0:
+                return
+            del self._users[key]
+            if self.grace_s <= 0:
+                timer = None
+            else:
+                timer = self._timers[key] = threading.Timer(self.grace_s, self._expire, args=(key,))
+                timer.daemon = True
+        if timer is None:
+            discard(key)
+        else:
+            timer.start()
+
+    def _expire(self, key: str) -> None:
+        with self._lock:
+            if self._users.get(key) or self._timers.get(key) is None:
+                return
+            del self._timers[key]
+        discard(key)
 
 
 def discard(path: str | os.PathLike[str] | None) -> None:

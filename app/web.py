@@ -47,7 +47,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
-from app.uploads import UploadLimits, UploadRefused, decode_upload, discard
+from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
 from indexer.search import Hit, Searcher
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,7 @@ class SearchPage:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     label_names: list[str] = field(init=False)
     _classifier: Any = field(init=False, default=None)
+    janitor: UploadJanitor = field(init=False, default_factory=UploadJanitor)
 
     def __post_init__(self) -> None:
         if self.roots is None:
@@ -417,6 +418,7 @@ class SearchPage:
         if not video:
             return None, render_message("Upload a video clip to see its actions and similar clips."), ""
         started = time.perf_counter()
+        self.janitor.hold(video)
         try:
             labels, hits = self.describe_video(video, k)
         except UploadRefused as exc:
@@ -424,7 +426,7 @@ class SearchPage:
         except VideoReadError as exc:
             raise gr.Error(f"Cannot read this video: {self.redact(exc.reason, video)}") from None
         finally:
-            discard(video)  # the upload is not kept once answered
+            self.janitor.release(video)  # the upload is deleted once answered (after a grace period)
         status = (f"{len(hits)} similar clips for {_markdown_escape(Path(video).name)} "
                   f"in {(time.perf_counter() - started) * 1000:.0f} ms.")
         return labels, render_hits(hits, self.guard), status

@@ -531,17 +531,47 @@ def test_large_uploads_are_scaled_while_decoding_one_at_a_time(demo, tmp_path: P
     assert peak[0] == 1
 
 
-def test_uploads_are_deleted_once_answered(client: Client, videos_root: Path, tmp_path: Path) -> None:
+def _gone(name: str, timeout: float = 10.0) -> bool:
     from gradio.utils import get_upload_folder
 
+    deadline = time.monotonic() + timeout
+    while list(Path(get_upload_folder()).rglob(name)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_uploads_are_deleted_once_answered(demo, client: Client, videos_root: Path, tmp_path: Path,
+                                           monkeypatch) -> None:
+    monkeypatch.setattr(demo.vtr_page.janitor, "grace_s", 0.2)
     name = f"upload-{os.getpid()}-{time.time_ns()}.mp4"
     clip = tmp_path / name
     shutil.copy(videos_root / "test" / "0002.mp4", clip)
     _, html, _ = client.predict(handle_file(str(clip)), 3, api_name="/similar")
     assert len(_cards(html)) == 3
-    assert not list(Path(get_upload_folder()).rglob(name))
+    assert _gone(name)
     bogus = tmp_path / f"bad-{name}"
     bogus.write_text("not a video")
     with pytest.raises(Exception, match="Cannot read this video"):
         client.predict(handle_file(str(bogus)), 3, api_name="/similar")
-    assert not list(Path(get_upload_folder()).rglob(bogus.name))
+    assert _gone(bogus.name)
+
+
+def test_identical_uploads_queued_together_are_all_answered(demo, videos_root: Path, monkeypatch) -> None:
+    """Gradio stores identical uploads under one path: answering the first must not delete the
+    file a second request is still waiting to read."""
+    from gradio.utils import get_upload_folder
+
+    monkeypatch.setattr(demo.vtr_page.janitor, "grace_s", 1.0)
+    folder = Path(get_upload_folder()) / f"vtr-test-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    upload = folder / "same.mp4"
+    shutil.copy(videos_root / "test" / "0004.mp4", upload)
+    first = demo.vtr_page.upload(str(upload), 3)
+    second = demo.vtr_page.upload(str(upload), 3)  # queued behind the first, same path
+    assert len(_cards(first[1])) == len(_cards(second[1])) == 3
+    deadline = time.monotonic() + 10
+    while upload.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not upload.exists() and not folder.exists()
