@@ -67,7 +67,7 @@ def convert_cmd(
     retrieval model (`vtr eval --model OUT`); otherwise the vision encoder alone is converted.
     """
     from retrieval.models import convert as conv  # noqa: PLC0415
-    from retrieval.models.io import check_model_out  # noqa: PLC0415
+    from retrieval.models.io import check_model_out
 
     check_model_out(out, overwrite)
     if fmt not in conv.FORMATS:

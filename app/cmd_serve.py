@@ -27,7 +27,7 @@ def serve_cmd(
     upload_decoders: int = typer.Option(1, "--upload-decoders", help="uploaded clips decoded at once"),
 ) -> None:
     """Serve the search page: text search with playable moments, and search by an uploaded clip."""
-    from app.uploads import UploadLimits  # noqa: PLC0415
+    from app.uploads import UploadLimits
     from app.web import serve  # gradio takes seconds to import
 
     if not 0 < port < 65536:

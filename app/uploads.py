@@ -92,7 +92,7 @@ class UploadLimits:
 
 
 def _open(path: Path):
-    import av  # noqa: PLC0415
+    import av
 
     try:
         return av.open(str(path), mode="r")
@@ -110,7 +110,7 @@ def probe(path: str | os.PathLike[str], limits: UploadLimits) -> VideoProbe:
         VideoReadError: no file, no video stream, or no frame size.
         UploadRefused: the stream is beyond ``limits``.
     """
-    import av  # noqa: PLC0415
+    import av
 
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
@@ -148,7 +148,7 @@ def probe(path: str | os.PathLike[str], limits: UploadLimits) -> VideoProbe:
 
 def _decode_scaled(path: Path, preprocess: Preprocess, found: VideoProbe, limits: UploadLimits) -> torch.Tensor:
     """The clip with every wanted frame scaled to ``size x size`` by the decoder's scaler."""
-    import av  # noqa: PLC0415
+    import av
 
     indices = sample_frame_indices(0, found.frames, preprocess.num_frames, "middle")
     wanted, last = set(indices), max(indices)
@@ -242,7 +242,7 @@ def discard(path: str | os.PathLike[str] | None) -> None:
     upload folder; files anywhere else are never touched."""
     if not path:
         return
-    from gradio.utils import get_upload_folder  # noqa: PLC0415
+    from gradio.utils import get_upload_folder
 
     uploads = Path(os.path.realpath(get_upload_folder()))
     real = Path(os.path.realpath(path))

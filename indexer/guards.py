@@ -28,7 +28,7 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _error(message: str) -> Exception:
-    from indexer.jobs import JobError  # noqa: PLC0415  (jobs imports this module)
+    from indexer.jobs import JobError
 
     return JobError(message)
 
@@ -66,7 +66,7 @@ def check_options(
 
 def check_index_type(index_type: str, dim: int | None) -> None:
     """Refuse a FAISS factory string FAISS cannot build for ``dim``-wide vectors."""
-    import faiss  # noqa: PLC0415
+    import faiss
 
     if not index_type.strip():
         raise _error("--index-type is empty; give a FAISS factory string (Flat, HNSW32,Flat, ...) or auto")
@@ -85,7 +85,7 @@ def check_memory_budget(num_sources: int, dim: int | None, max_memory_bytes: int
     """Refuse a memory budget that cannot hold even one item per source (known before embedding)."""
     if max_memory_bytes is None or index_type is not None or not dim:
         return
-    from indexer.faiss_index import choose_index_type  # noqa: PLC0415
+    from indexer.faiss_index import choose_index_type
 
     try:
         choose_index_type(num_sources, dim, max_memory_bytes)

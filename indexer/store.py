@@ -63,8 +63,6 @@ from typing import Any, BinaryIO
 import faiss
 import numpy as np
 
-from indexer.locks import index_lock
-
 from indexer.checksums import describe_files, verify_handle
 from indexer.faiss_index import (
     apply_search_params,
@@ -76,6 +74,7 @@ from indexer.faiss_index import (
     to_cpu,
     to_gpu_if_wanted,
 )
+from indexer.locks import index_lock
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +466,7 @@ def _read_manifest(path: Path, handle: BinaryIO) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{MANIFEST_FILE} in {path} is damaged ({error}); {_DAMAGED_REMEDY}") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"{MANIFEST_FILE} in {path} is damaged (not a JSON object); {_DAMAGED_REMEDY}")
+        raise ValueError(f"{MANIFEST_FILE} in {path} is damaged (not a JSON object); {_DAMAGED_REMEDY}")  # noqa: TRY004
     return manifest
 
 

@@ -134,7 +134,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                             "with `vtr convert` / `vtr train`")
     try:
         state = load_file(str(f))
-    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for bad files
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError for bad files)
         raise ModelDirError(f"{f} is damaged or truncated ({type(exc).__name__}: {exc}); copy the model "
                             "directory again or re-create it with `vtr convert` / `vtr train`") from None
     for dst, src in read_model_config(path).get("tied", {}).items():

@@ -28,7 +28,7 @@ def _one_line_error(result, *fragments: str) -> None:
 @pytest.fixture()
 def no_training(monkeypatch):
     """Training must never start for a recipe that is refused."""
-    import retrieval.train.loop as loop
+    from retrieval.train import loop
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started")

@@ -466,7 +466,7 @@ def _write_video(path: Path, width: int, height: int, frames: int, fps: int = 8)
 def test_uploads_beyond_the_caps_are_refused_before_decoding(demo, tmp_path: Path, monkeypatch) -> None:
     import gradio as gr
 
-    import app.uploads as uploads
+    from app import uploads
 
     page = demo.vtr_page
     huge = _write_video(tmp_path / "huge.mp4", 4096, 4096, 2)
@@ -494,7 +494,7 @@ def test_large_uploads_are_scaled_while_decoding_one_at_a_time(demo, tmp_path: P
 
     import numpy as np
 
-    import app.uploads as uploads
+    from app import uploads
     from retrieval.data.video import load_clip
 
     preprocess = demo.vtr_page.searcher.preprocess

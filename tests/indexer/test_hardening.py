@@ -213,7 +213,7 @@ def test_convert_does_not_overwrite_a_model_without_overwrite(model_dir: Path, t
 )
 def test_bad_options_are_refused_before_the_first_clip(model_dir: Path, videos: Path, tmp_path: Path,
                                                        monkeypatch, options: list[str], message: str) -> None:
-    import retrieval.data.video as video
+    from retrieval.data import video
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("a clip was decoded before the options were checked")
@@ -291,7 +291,7 @@ def test_damaged_parts_are_named_on_merge(model_dir: Path, videos: Path, tmp_pat
 
 
 def test_k_is_clamped_to_the_index_size(built: Path, monkeypatch) -> None:
-    import indexer.store as store
+    from indexer import store
 
     asked = []
     real = store.search_index
@@ -320,7 +320,7 @@ def _disk_full(*args, **kwargs):
 
 def test_a_full_disk_while_writing_a_part_is_one_line(model_dir: Path, videos: Path, tmp_path: Path,
                                                      monkeypatch) -> None:
-    import indexer.jobs as jobs
+    from indexer import jobs
 
     monkeypatch.setattr(jobs, "write_durably", _disk_full)
     out = tmp_path / "index"
@@ -332,7 +332,7 @@ def test_a_full_disk_while_writing_a_part_is_one_line(model_dir: Path, videos: P
 
 def test_a_full_disk_while_publishing_keeps_the_parts(model_dir: Path, videos: Path, built: Path,
                                                      tmp_path: Path, monkeypatch) -> None:
-    import indexer.store as store
+    from indexer import store
 
     out = _copy_index(built, tmp_path / "index")
     before = (out / "manifest.json").read_bytes()
@@ -353,7 +353,7 @@ def test_a_full_disk_while_publishing_keeps_the_parts(model_dir: Path, videos: P
 
 def test_malformed_decoder_output_is_a_recorded_failure(model_dir: Path, videos: Path, tmp_path: Path,
                                                         monkeypatch) -> None:
-    import retrieval.data.video as video
+    from retrieval.data import video
 
     real_decord, real_pyav = video._read_with_decord, video._read_with_pyav
 
