@@ -64,6 +64,7 @@ def convert_cmd(
                                                    "read from the keys)"),
     head_dim: int = typer.Option(64, "--head-dim", help="uniformer: channels per attention head (not in the "
                                                         "weights; 64 in every published model)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the model directory already at --out"),
 ) -> None:
     """Convert official weights into a vtr model directory (strict: every key accounted for).
 
@@ -72,7 +73,9 @@ def convert_cmd(
     """
     from retrieval.models import convert as conv  # noqa: PLC0415
     from retrieval.models import convert_seeds  # noqa: PLC0415
+    from retrieval.models.io import check_model_out  # noqa: PLC0415
 
+    check_model_out(out, overwrite)
     if fmt in convert_seeds.FORMATS:
         if tokenizer is not None or vision_only or variant != "videomamba":
             raise ValueError(f"--format {fmt} converts a video encoder: it takes no --tokenizer, --vision-only "

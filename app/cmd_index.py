@@ -56,6 +56,8 @@ def _index_callback(
     index_type: str = typer.Option("auto", "--index-type", help="FAISS factory string (Flat, HNSW32,Flat, "
                                    "IVF1024,PQ32x8, ...) or auto"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an index of another model or corpus "
+                                   "already at --out (never a folder that is not an index)"),
 ) -> None:
     """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
 
@@ -64,14 +66,14 @@ def _index_callback(
     if ctx.invoked_subcommand is not None:
         return
     _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
-               part_size, labels, max_memory, index_type, not no_progress)
+               part_size, labels, max_memory, index_type, not no_progress, overwrite)
 
 
 @friendly
 def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path], dataset: str,
                out: Optional[Path], window: Optional[float], stride: Optional[float], shard: Optional[str],
                resume: bool, workers: int, batch_size: int, part_size: int, labels: str,
-               max_memory: Optional[str], index_type: str, progress: bool) -> None:
+               max_memory: Optional[str], index_type: str, progress: bool, overwrite: bool = False) -> None:
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
@@ -89,7 +91,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                    index_type=None if index_type == "auto" else index_type,
                    max_memory_bytes=parse_bytes(max_memory) if max_memory else None)
     summary = run_index_job(spec, resolve_shard(shard), resume=resume, workers=workers,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, overwrite=overwrite)
     typer.echo(f"shard {summary.shard}: indexed {summary.indexed}, failed {summary.failed}, skipped "
                f"{summary.skipped} (already done) in {summary.seconds:.1f} s "
                f"({summary.clips_per_second:.1f} clips/s while embedding)")
@@ -130,6 +132,8 @@ def _search_cmd(
     from indexer.search import Searcher, clean_query  # noqa: PLC0415
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
 
+    if k < 1:
+        raise ValueError(f"-k must be >= 1, got {k}")
     if (query is None) == (video is None):
         raise ValueError("give either a text query or --video PATH")
     if query is not None:

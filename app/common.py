@@ -1,6 +1,7 @@
 """Helpers shared by the CLI command modules."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 
@@ -22,6 +23,13 @@ def friendly(fn):
                 raise
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("VTR_DEBUG"):
+                raise
+            where = f" while writing {exc.filename}" if exc.filename else ""
+            typer.secho(f"error: no space left on device{where}; free space and run the command again",
+                        fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -14,10 +14,15 @@ Safety
 * Queries are cleaned before they reach the model: control characters become spaces, a query
   longer than :data:`QUERY_LIMIT` characters is cut there (the page says so), and a query with
   nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
-* Only files inside the index's corpus roots are served: Gradio's ``allowed_paths`` is exactly
-  those roots (its file route resolves symlinks and ``..`` before checking), and every result
-  path is resolved again here (:class:`CorpusGuard`) so a hit that points outside a root is
-  shown without a player rather than linked.
+* The page serves exactly the videos the index holds, by item id (``vtr/clip/<id>``): the
+  route looks the id up in the opened index, and plays the file only when its real path
+  (symlinks and ``..`` resolved) is a file inside a corpus root (:class:`CorpusGuard`). Nothing
+  else under the corpus root is reachable, and Gradio's own file route gets no allowed paths.
+* Responses and error messages name videos by their path relative to the corpus root, never by
+  their absolute path on the server; unexpected errors are not shown in detail.
+* Uploaded clips are checked from their container (frame size, duration, frame count) before
+  any decoding, decoded a bounded number at a time and scaled while decoding, and deleted once
+  answered (:mod:`app.uploads`).
 * The server binds to 127.0.0.1 unless told otherwise, and requests go through Gradio's queue
   with a concurrency limit.
 * Text tokenizers are not safe to call from several threads at once, so model calls take one
@@ -37,12 +42,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
+from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
 from indexer.search import Hit, Searcher
 
 logger = logging.getLogger(__name__)
@@ -65,10 +70,13 @@ GENERIC_EXAMPLES = (
     "someone cooking in a kitchen",
     "a dog running on the beach",
 )
-#: Gradio's file route, relative to the page so the app also works under a root path.
-FILE_ROUTE = "gradio_api/file="
-#: Every event that runs the model shares one queue slot group: ``concurrency`` bounds them all.
+#: The route that plays an indexed clip by item id, relative to the page so the app also works
+#: under a root path.
+CLIP_ROUTE = "vtr/clip/"
+#: Every search event shares one queue slot group: ``concurrency`` bounds them all.
 MODEL_QUEUE = "vtr-model"
+#: Uploads queue separately (``UploadLimits.decoders`` at once), so they never hold up searches.
+UPLOAD_QUEUE = "vtr-upload"
 
 PAGE_CSS = """
 #vtr-header h1 { margin-bottom: 0; }
@@ -161,14 +169,14 @@ class CorpusGuard:
                 return real.relative_to(root).as_posix()
         return Path(path).name
 
-    def url(self, path: str | os.PathLike[str], start: float | None = None,
+    def url(self, item_id: int, path: str | os.PathLike[str], start: float | None = None,
             end: float | None = None) -> str | None:
-        """The page-relative URL that plays ``path`` from ``start`` to ``end``, or None if the
-        file may not be served."""
+        """The page-relative URL that plays item ``item_id`` (whose file is ``path``) from
+        ``start`` to ``end``, or None if the file may not be served."""
         real = self.resolve(path)
         if real is None:
             return None
-        url = FILE_ROUTE + quote(str(real), safe="/")
+        url = f"{CLIP_ROUTE}{int(item_id)}"
         if start is not None:
             url += f"#t={max(0.0, float(start)):.2f}" + (f",{float(end):.2f}" if end is not None else "")
         return url
@@ -206,7 +214,7 @@ def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = 
         return render_message("No results.")
     cards = []
     for rank, hit in enumerate(hits, 1):
-        url = guard.url(hit.path, hit.start, hit.end)
+        url = guard.url(hit.item_id, hit.path, hit.start, hit.end)
         name = guard.display_name(hit.path)
         if url is None:
             player = '<div class="vtr-noplay">this file is outside the corpus and is not served</div>'
@@ -221,7 +229,7 @@ def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = 
             f'data-item="{hit.item_id}">{player}<div class="vtr-meta">'
             f'<div class="vtr-row"><span class="vtr-rank">#{rank}</span>'
             f'<span class="vtr-score">score {hit.score:.3f}</span></div>'
-            f'<div class="vtr-row"><span class="vtr-file" title="{_esc(url and hit.path or name)}">'
+            f'<div class="vtr-row"><span class="vtr-file" title="{_esc(name)}">'
             f'{_esc(name)}</span>'
             f'<span class="vtr-span{" vtr-moment" if hit.start is not None else ""}">'
             f'{_esc(format_span(hit.start, hit.end))}</span></div>'
@@ -270,21 +278,43 @@ class SearchPage:
         labels: label set for the upload tab's action labels (a named set or a file; default:
             the set the index was labelled with, else ``synthetic``).
         roots: directories whose files may be served (default: the index's corpus roots).
+        upload_limits: caps on uploaded clips (default :class:`app.uploads.UploadLimits`).
     """
 
     searcher: Searcher
     labels: str | os.PathLike[str] | Sequence[str] | None = None
     roots: Sequence[str | os.PathLike[str]] | None = None
+    upload_limits: UploadLimits | None = None
     guard: CorpusGuard = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     label_names: list[str] = field(init=False)
     _classifier: Any = field(init=False, default=None)
+    janitor: UploadJanitor = field(init=False, default_factory=UploadJanitor)
 
     def __post_init__(self) -> None:
         if self.roots is None:
             self.roots = list(self.searcher.reader.manifest.get("corpus_roots") or [])
         self.guard = CorpusGuard(self.roots)
         self.label_names = self._label_names()
+        if self.upload_limits is None:
+            self.upload_limits = UploadLimits()
+
+    def clip_file(self, item_id: int) -> Path | None:
+        """The file the clip route plays for ``item_id``: the indexed item's video, if it is a file
+        inside a corpus root; None for anything else."""
+        items = self.searcher.reader.items
+        if not 0 <= item_id < len(items):
+            return None
+        return self.guard.resolve(items[item_id]["path"])
+
+    def redact(self, text: str, *uploads: str | os.PathLike[str]) -> str:
+        """``text`` with absolute server paths (corpus roots, uploaded files) made relative."""
+        for upload in uploads:
+            for form in {str(upload), os.path.realpath(upload)}:
+                text = text.replace(form, Path(upload).name)
+        for root in sorted(self.guard.roots, key=lambda r: -len(str(r))):
+            text = text.replace(str(root) + os.sep, "").replace(str(root), ".")
+        return text
 
     def _label_names(self) -> list[str]:
         """The upload tab's label list, read at start-up so a bad ``labels`` fails early.
@@ -341,10 +371,10 @@ class SearchPage:
         prepared, hits, seconds = self.search_hits(query, k, rerank)
         rows = []
         for hit in hits:
-            real = self.guard.resolve(hit.path)
-            if real is not None:
+            url = self.guard.url(hit.item_id, hit.path, hit.start, hit.end)
+            if url is not None:
                 rows.append({**{key: value for key, value in hit.to_dict().items() if key != "path"},
-                             "video_path": str(real),
+                             "video_path": self.guard.display_name(hit.path), "url": url,
                              "labels": [[label, prob] for label, prob in hit.labels]})
         message = BLANK_MESSAGE if prepared.blank else None
         return {"query": prepared.text, "notes": list(prepared.notes), "message": message, "hits": rows,
@@ -365,19 +395,20 @@ class SearchPage:
                        k: float | None = DEFAULT_K) -> tuple[dict[str, float], list[Hit]]:
         """An example clip's action labels ``{label: probability}`` and the most similar clips.
 
+        The clip is probed and decoded once, within :attr:`upload_limits`.
+
         Raises:
+            UploadRefused: the clip is beyond a cap.
             VideoReadError: the file is not a readable video.
         """
         import torch
 
-        from retrieval.data.video import load_clip
-
         classifier = self.classifier()
         k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
-        clip = load_clip(path, self.searcher.preprocess)[None]
+        clip = decode_upload(path, self.searcher.preprocess, self.upload_limits)
         with self._lock, torch.inference_mode():
-            ranking = classifier.predict_clips(clip, top=UPLOAD_LABELS)[0]
-            hits = self.searcher.search_video(path, k=k)
+            ranking = classifier.predict_clips(clip[None], top=UPLOAD_LABELS)[0]
+            hits = self.searcher.search_clip(clip, k=k)
         return {label: float(prob) for label, prob in ranking}, hits
 
     def upload(self, video: str | None, k: float | None = DEFAULT_K) -> tuple[dict[str, float] | None, str, str]:
@@ -387,10 +418,15 @@ class SearchPage:
         if not video:
             return None, render_message("Upload a video clip to see its actions and similar clips."), ""
         started = time.perf_counter()
+        self.janitor.hold(video)
         try:
             labels, hits = self.describe_video(video, k)
+        except UploadRefused as exc:
+            raise gr.Error(f"Video refused: {self.redact(str(exc), video)}") from None
         except VideoReadError as exc:
-            raise gr.Error(f"Cannot read this video: {exc.reason}") from None
+            raise gr.Error(f"Cannot read this video: {self.redact(exc.reason, video)}") from None
+        finally:
+            self.janitor.release(video)  # the upload is deleted once answered (after a grace period)
         status = (f"{len(hits)} similar clips for {_markdown_escape(Path(video).name)} "
                   f"in {(time.perf_counter() - started) * 1000:.0f} ms.")
         return labels, render_hits(hits, self.guard), status
@@ -401,7 +437,8 @@ class SearchPage:
 
 def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[str] | None = None,
               roots: Sequence[str | os.PathLike[str]] | None = None, examples: Sequence[str] | None = None,
-              concurrency: int = DEFAULT_CONCURRENCY, title: str = "vtr · video search") -> gr.Blocks:
+              concurrency: int = DEFAULT_CONCURRENCY, title: str = "vtr · video search",
+              upload_limits: UploadLimits | None = None) -> gr.Blocks:
     """The page as a queued ``gr.Blocks`` (not launched: see :func:`launch`).
 
     Endpoints: ``/search`` (query, k, rerank) -> (cards HTML, status), ``/search_json`` (the same
@@ -409,7 +446,8 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    page = SearchPage(searcher, labels=labels, roots=roots)
+    page = SearchPage(searcher, labels=labels, roots=roots, upload_limits=upload_limits)
+    uploads_at_once = page.upload_limits.decoders
     examples = list(examples) if examples is not None else example_queries(searcher)
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
@@ -454,9 +492,10 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
                 similar = gr.HTML(render_message("Upload a video clip to see its actions and similar clips."),
                                   elem_id="vtr-similar")
                 find.click(page.upload, inputs=[video, similar_k], outputs=[actions, similar, upload_status],
-                           api_name="similar", concurrency_id=MODEL_QUEUE)
+                           api_name="similar", concurrency_id=UPLOAD_QUEUE, concurrency_limit=uploads_at_once)
                 video.upload(page.upload, inputs=[video, similar_k], outputs=[actions, similar, upload_status],
-                             api_visibility="private", concurrency_id=MODEL_QUEUE)
+                             api_visibility="private", concurrency_id=UPLOAD_QUEUE,
+                             concurrency_limit=uploads_at_once)
 
         def search_json(query: str, k: int = DEFAULT_K, rerank: bool = False) -> dict[str, Any]:
             """Search the index; returns the query as searched, notes and the hits."""
@@ -481,17 +520,41 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
            ) -> str:
     """Start the server for a page from :func:`build_app`; returns its URL.
 
-    Only the corpus roots are added to Gradio's ``allowed_paths``.
+    Indexed clips are served by id from :data:`CLIP_ROUTE`; Gradio's own file route is given no
+    allowed paths (it still serves what Gradio itself created, such as the page's assets).
     """
     page: SearchPage = demo.vtr_page  # type: ignore[attr-defined]
     try:
-        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=prevent_thread_lock,
-                                quiet=quiet, show_error=True, share=False, inbrowser=False, ssr_mode=False,
-                                allowed_paths=[str(root) for root in page.guard.roots], max_file_size=max_file_size,
+        _, url, _ = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True,
+                                quiet=quiet, show_error=False, share=False, inbrowser=False, ssr_mode=False,
+                                allowed_paths=[], max_file_size=max_file_size,
                                 theme=_theme(), css=PAGE_CSS, footer_links=["api"], mcp_server=False)
     except OSError as exc:
         raise ValueError(f"cannot serve on {host}:{port}: {exc}") from exc
+    add_clip_route(demo.app, page)
+    if not prevent_thread_lock:
+        demo.block_thread()
     return url
+
+
+def add_clip_route(app: Any, page: SearchPage) -> None:
+    """Add ``GET/HEAD /vtr/clip/{item_id}`` to the running app, ahead of Gradio's routes: the
+    indexed video of that item (byte ranges supported, for seeking), else 404."""
+    import mimetypes
+
+    from fastapi.responses import FileResponse, Response
+    from starlette.routing import Route
+
+    async def clip(request: Any) -> Response:
+        raw = request.path_params["item_id"]
+        path = page.clip_file(int(raw)) if raw.isdigit() and len(raw) < 19 else None
+        if path is None:
+            return Response("no such clip", status_code=404, media_type="text/plain")
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
+
+    route = Route("/" + CLIP_ROUTE + "{item_id}", clip, methods=["GET", "HEAD"])
+    app.router.routes.insert(0, route)
 
 
 def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None) -> Searcher:
@@ -516,13 +579,19 @@ def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] |
 def serve(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None, host: str = DEFAULT_HOST,
           port: int | None = DEFAULT_PORT, concurrency: int = DEFAULT_CONCURRENCY,
           labels: str | os.PathLike[str] | None = None, prevent_thread_lock: bool = False,
-          quiet: bool = True, max_file_size: str | int | None = "200mb") -> tuple[gr.Blocks, str]:
+          quiet: bool = True, max_file_size: str | int | None = "200mb",
+          upload_limits: UploadLimits | None = None) -> tuple[gr.Blocks, str]:
     """Open the index (failing fast with a clear message), build the page and serve it.
 
     Blocks until interrupted unless ``prevent_thread_lock``; returns the app and its URL.
     """
     searcher = open_searcher(index, model)
-    demo = build_app(searcher, labels=labels, concurrency=concurrency)
+    demo = build_app(searcher, labels=labels, concurrency=concurrency, upload_limits=upload_limits)
+    for root in demo.vtr_page.guard.roots:
+        home = Path(os.path.realpath(Path.home()))
+        if root == Path(root.anchor) or home.is_relative_to(root):
+            logger.warning("the index's corpus root is %s: only its indexed videos are served, but re-index "
+                           "a narrower folder of videos", root)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: the page and the corpus videos are reachable from other machines", host)
     url = launch(demo, host=host, port=port, prevent_thread_lock=prevent_thread_lock, quiet=quiet,

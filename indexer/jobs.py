@@ -39,6 +39,7 @@ Decoding overlaps encoding: DataLoader worker processes decode and preprocess cl
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -55,12 +56,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from indexer import guards
+from indexer.checksums import ChecksumMismatch, verify_file
+from indexer.locks import index_lock, shard_lock
 from indexer.store import fsync_path, open_index, write_index
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.video import VideoReadError, video_duration
 from retrieval.eval.actions import ActionClassifier, load_labels
 from retrieval.eval.retrieval import corpus_preprocess, iter_clip_batches
-from retrieval.models.io import load_model, model_identity
+from retrieval.models.io import load_model, model_identity, read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +207,14 @@ def window_spans(duration: float, window: float, stride: float) -> list[tuple[fl
 
 def _write_temp(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file only takes space (e.g. on a full disk)
+        raise
     return tmp
 
 
@@ -278,12 +286,47 @@ class WorkDir:
         return json.loads(self.job_file.read_text(encoding="utf-8"))
 
     def read_manifest(self, part: int) -> dict[str, Any]:
-        return json.loads(self.manifest_path(part).read_text(encoding="utf-8"))
+        path = self.manifest_path(part)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise JobError(f"{path} is damaged ({error}); {self.redo(part)}") from None
+
+    def redo(self, part: int) -> str:
+        """What to do about a damaged part."""
+        return f"delete {self.manifest_path(part)} and run the job again with --resume to redo part {part}"
 
     def commit_part(self, part: int, vectors: np.ndarray, manifest: dict[str, Any]) -> None:
-        """Write a part's vectors, then its manifest: the manifest is the commit record."""
-        write_durably(self.vectors_path(part), lambda handle: np.save(handle, vectors))
-        write_durably(self.manifest_path(part), lambda handle: handle.write(_json_bytes(manifest)))
+        """Write a part's vectors, then its manifest (with the vectors' checksum): the manifest
+        is the commit record."""
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        data = buffer.getvalue()
+        manifest = {**manifest, "vectors_file": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+        with guards.disk_full_as(
+            f"writing part {part} in {self.root}; the parts committed so far are kept: free space, "
+            "then run the same command with --resume"
+        ):
+            write_durably(self.vectors_path(part), lambda handle: handle.write(data))
+            write_durably(self.manifest_path(part), lambda handle: handle.write(_json_bytes(manifest)))
+
+    def load_vectors(self, part: int, manifest: dict[str, Any]) -> np.ndarray:
+        """A committed part's vectors, checked against the checksum its manifest records."""
+        path = self.vectors_path(part)
+        try:
+            if "vectors_file" in manifest:
+                verify_file(path, manifest["vectors_file"], str(self.parts_dir), self.redo(part))
+            vectors = np.load(path)
+        except ChecksumMismatch as error:
+            raise JobError(str(error)) from None
+        except (OSError, ValueError, EOFError) as error:
+            raise JobError(f"{path} is unreadable ({error}); {self.redo(part)}") from None
+        if vectors.ndim != 2 or vectors.dtype != np.float32:
+            raise JobError(f"{path} holds {vectors.dtype} {vectors.shape}, not float32 vectors; {self.redo(part)}")
+        zero = int((np.abs(vectors).max(axis=1) == 0).sum()) if len(vectors) else 0
+        if zero:
+            raise JobError(f"{path} holds {zero} all-zero vectors (damaged); {self.redo(part)}")
+        return vectors
 
     def remove_temporaries(self, shard: Shard) -> None:
         """Delete half-written part files a killed worker of ``shard`` left (their part is redone).
@@ -517,6 +560,7 @@ def run_index_job(
     workers: int = 2,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
@@ -527,26 +571,75 @@ def run_index_job(
         workers: DataLoader processes decoding clips (0 decodes in this process).
         batch_size: clips per encoder call.
         progress: show a tqdm bar (clips/s and ETA).
+        overwrite: replace an index of another model or corpus already at ``spec.out``.
+
+    Every option is checked before anything is written, and the run holds an exclusive lock
+    (:mod:`indexer.locks`) on the index, or on its shard of the job.
 
     Raises:
-        JobError: the work directory holds output and ``resume`` is false, or it belongs to a
-            job with other options, another corpus or another model.
+        JobError: an option is invalid; the work directory holds output and ``resume`` is
+            false, or it belongs to a job with other options, another corpus or another model;
+            ``spec.out`` holds something this job may not replace (see
+            :func:`indexer.guards.check_output`).
+        LockBusy: another process works on the same index (or shard).
     """
     started = time.perf_counter()
-    if spec.part_size < 1 or batch_size < 1 or workers < 0:
-        raise JobError(
-            f"need part size >= 1, batch size >= 1 and workers >= 0, got {spec.part_size}, "
-            f"{batch_size} and {workers}"
-        )
-    if spec.stride is not None and spec.window is None:
-        raise JobError("--stride needs --window")
-    work = WorkDir(work_dir_for(spec.out))
-    if resume and spec.out.exists() and not work.root.exists():
+    embed_dim = read_model_config(spec.model_dir).get("model", {}).get("embed_dim")
+    guards.check_options(
+        window=spec.window,
+        stride=spec.stride,
+        part_size=spec.part_size,
+        batch_size=batch_size,
+        workers=workers,
+        index_type=spec.index_type,
+        max_memory_bytes=spec.max_memory_bytes,
+        embed_dim=embed_dim if isinstance(embed_dim, int) else None,
+    )
+    guards.check_corpus_root(spec.videos)
+    lock = index_lock(spec.out) if shard.is_single else shard_lock(spec.out, shard.index, shard.count)
+    with lock:
+        work = WorkDir(work_dir_for(spec.out))
+        created = not work.root.exists()
+        try:
+            return _run_locked(spec, shard, resume, workers, batch_size, progress, overwrite, work, started,
+                               embed_dim if isinstance(embed_dim, int) else None)
+        except BaseException:
+            # a run that fails before committing anything leaves no work directory to trip over
+            if created and shard.is_single and work.root.is_dir() and not any(work.parts_dir.glob("part-*.json")):
+                shutil.rmtree(work.root, ignore_errors=True)
+            raise
+
+
+def _run_locked(
+    spec: JobSpec,
+    shard: Shard,
+    resume: bool,
+    workers: int,
+    batch_size: int,
+    progress: bool,
+    overwrite: bool,
+    work: WorkDir,
+    started: float,
+    embed_dim: int | None,
+) -> JobSummary:
+    identity = model_identity(spec.model_dir)
+    has_work = work.root.exists()
+    own_index = guards.check_output(
+        spec.out,
+        weights_sha256=identity["weights_sha256"],
+        videos_root=str(spec.videos.resolve()),
+        ann_file=str(spec.ann_file.resolve()) if spec.ann_file else None,
+        resume=resume,
+        overwrite=overwrite,
+        has_work=has_work,
+    )
+    if resume and own_index and not has_work:
         return _already_published(spec.out, shard, work.root, started)
 
     corpus = load_corpus(spec.dataset, spec.ann_file, spec.videos)
     sources = plan_sources(corpus)
-    record = _job_record(spec, model_identity(spec.model_dir), load_labels(spec.labels), sources)
+    guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
+    record = _job_record(spec, identity, load_labels(spec.labels), sources)
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
     _check_same_job(_create_once(work.job_file, record), record, work.root)
@@ -695,6 +788,11 @@ def publish_job(out: str | os.PathLike[str]) -> Path:
         JobError: parts are missing (some shard has not finished) or a part is corrupt.
     """
     out = Path(out)
+    with index_lock(out):
+        return _publish_locked(out)
+
+
+def _publish_locked(out: Path) -> Path:
     work = WorkDir(work_dir_for(out))
     job = work.read_job()
     missing = missing_parts(out)
@@ -708,7 +806,7 @@ def publish_job(out: str | os.PathLike[str]) -> Path:
     vectors, items, failures = [], [], []
     for part in range(job["num_parts"]):
         manifest = work.read_manifest(part)
-        part_vectors = np.load(work.vectors_path(part))
+        part_vectors = work.load_vectors(part, manifest)
         if len(part_vectors) != manifest["num_vectors"] or len(manifest["items"]) != manifest["num_vectors"]:
             raise JobError(
                 f"part {part} is corrupt ({len(part_vectors)} vectors, {len(manifest['items'])} items, "
@@ -719,16 +817,21 @@ def publish_job(out: str | os.PathLike[str]) -> Path:
         items.extend({**item, "path": str(root / item["path"])} for item in manifest["items"])
         failures.extend({**failure, "path": str(root / failure["path"])} for failure in manifest["failures"])
     extra = {key: job[key] for key in ("model_dir", "dataset", "ann_file", "window", "stride", "label_set")}
-    write_index(
-        out,
-        np.concatenate(vectors),
-        items,
-        model_identity=job["model"],
-        corpus_roots=[str(root)],
-        failures=failures,
-        index_type=job["index_type"],
-        max_memory_bytes=job["max_memory_bytes"],
-        extra=extra,
-    )
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder given as --out holds nothing to keep
+    with guards.disk_full_as(
+        f"publishing {out}; every part is kept in {work.root}: free space, then run `vtr index merge {out}`"
+    ):
+        write_index(
+            out,
+            np.concatenate(vectors),
+            items,
+            model_identity=job["model"],
+            corpus_roots=[str(root)],
+            failures=failures,
+            index_type=job["index_type"],
+            max_memory_bytes=job["max_memory_bytes"],
+            extra=extra,
+        )
     shutil.rmtree(work.root)
     return out

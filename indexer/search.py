@@ -163,8 +163,12 @@ class Searcher:
         Raises:
             VideoReadError: the example cannot be decoded.
         """
-        clip = load_clip(path, self.preprocess, window=window)[None].to(self.device)
-        vector = self.model.clip_vector(self.model.encode_video(clip)["feat"])
+        return self.search_clip(load_clip(path, self.preprocess, window=window), k)
+
+    @torch.inference_mode()
+    def search_clip(self, clip: torch.Tensor, k: int = 10) -> list[Hit]:
+        """The ``k`` clips most like ``clip``, a preprocessed float ``[C, T, H, W]`` tensor."""
+        vector = self.model.clip_vector(self.model.encode_video(clip[None].to(self.device))["feat"])
         return [
             self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]
         ]

@@ -34,8 +34,12 @@ short window ``INDEX`` does not exist, and readers that hit it retry.
 
 A writer that crashes leaves a ``.INDEX.tmp-<pid>-*`` directory (or a finished but unpublished
 ``.INDEX.v<N>``). Readers never look at either; the next :func:`write_index` deletes temporaries
-whose process is gone and every version older than the one it publishes. One writer per index
-path at a time is expected; two concurrent writers both finish and the later swap wins.
+whose process is gone and every version older than the one it publishes. The swap runs under
+the index's exclusive lock (:mod:`indexer.locks`): a second publisher is refused, naming the
+process that holds it.
+
+The manifest records the sha256 and size of every data file (``files``); :func:`open_index`
+verifies them before parsing, so a damaged file is named instead of being searched.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from typing import Any, BinaryIO
 import faiss
 import numpy as np
 
+from indexer.checksums import describe_files, verify_handle
 from indexer.faiss_index import (
     apply_search_params,
     build_index,
@@ -69,6 +74,7 @@ from indexer.faiss_index import (
     to_cpu,
     to_gpu_if_wanted,
 )
+from indexer.locks import index_lock
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,8 @@ ITEMS_FILE = "items.jsonl"
 FAILURES_FILE = "failures.jsonl"
 ITEM_KEYS = ("id", "path", "start", "end", "captions", "labels", "extra")
 _INDEX_FILES = (MANIFEST_FILE, INDEX_FILE, VECTORS_FILE, ITEMS_FILE, FAILURES_FILE)
+#: Files whose sha256 the manifest records (``manifest["files"]``) and readers verify.
+_DATA_FILES = (INDEX_FILE, VECTORS_FILE, ITEMS_FILE, FAILURES_FILE)
 
 #: How many times a reader starts over when a republish pulls its version away mid-open.
 OPEN_ATTEMPTS = 5
@@ -323,11 +331,13 @@ def write_index(
         _write_float16_npy(staged / VECTORS_FILE, vectors)
         _write_jsonl(staged / ITEMS_FILE, item_rows)
         _write_jsonl(staged / FAILURES_FILE, failure_rows)
+        manifest["files"] = describe_files(staged, _DATA_FILES)
         # The manifest goes last: a directory with a manifest is a finished one.
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         fsync_path(staged / MANIFEST_FILE)
         fsync_path(staged)
-        return _publish(staged, out)
+        with index_lock(out):
+            return _publish(staged, out)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -365,6 +375,10 @@ class IndexReader:
         vectors (see :func:`indexer.faiss_index.search_index`); fewer than ``k`` pairs come
         back only when the index holds fewer than ``k`` items.
         """
+        # never allocate result arrays beyond what the index holds (k <= 0 stays an error)
+        k = min(int(k), max(1, len(self.items)))
+        if candidates is not None:
+            candidates = min(int(candidates), max(k, len(self.items)))
         scores, ids = search_index(
             self.index, query_vectors, k, rescore_vectors=self.vectors, candidates=candidates
         )
@@ -444,6 +458,28 @@ def _check_consistent(
             )
 
 
+_DAMAGED_REMEDY = "rebuild the index (`vtr index ... --overwrite`) or restore it from a copy"
+
+
+def _read_manifest(path: Path, handle: BinaryIO) -> dict[str, Any]:
+    try:
+        manifest = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{MANIFEST_FILE} in {path} is damaged ({error}); {_DAMAGED_REMEDY}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{MANIFEST_FILE} in {path} is damaged (not a JSON object); {_DAMAGED_REMEDY}")  # noqa: TRY004
+    return manifest
+
+
+def _verify_files(path: Path, manifest: dict[str, Any], files: Mapping[str, BinaryIO]) -> None:
+    """Check every data file against the checksum the manifest records (indexes written before
+    checksums were recorded have none and are read as they are)."""
+    recorded = manifest.get("files") or {}
+    for name in _DATA_FILES:
+        if name in recorded:
+            verify_handle(files[name], recorded[name], name, str(path), _DAMAGED_REMEDY)
+
+
 def _open_snapshot(path: Path) -> IndexReader:
     snapshot_dir = Path(os.path.realpath(path))
     try:
@@ -471,7 +507,8 @@ def _open_snapshot(path: Path) -> IndexReader:
             raise FileNotFoundError(f"corrupt vtr index {path}: missing {error.filename}") from None
         finally:
             os.close(dir_fd)
-        manifest = json.load(files[MANIFEST_FILE])
+        manifest = _read_manifest(path, files[MANIFEST_FILE])
+        _verify_files(path, manifest, files)
         vectors = _memmap_npy(files[VECTORS_FILE])
         index = faiss.read_index(faiss.PyCallbackIOReader(files[INDEX_FILE].read))
         items = _read_jsonl(files[ITEMS_FILE])

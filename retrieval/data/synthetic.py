@@ -155,6 +155,9 @@ _STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED = 
 _FORMAT = "vtr-synthetic"
 _FORMAT_VERSION = 2  # 2: train entries carry caption_reversed
 _MANIFEST = "corpus.json"
+#: The generator's own record in its output folder: the files it wrote (relative paths). Only
+#: those are ever replaced or removed, and a non-empty folder without it is refused.
+_MARKER = ".vtr-synthetic"
 _MAX_WORKERS = 2  # the target machines have two cores
 _POOL_MIN_JOBS = 32  # below this, starting worker processes costs more than it saves
 
@@ -828,15 +831,50 @@ def _render_all(root: Path, jobs: list[RenderJob], size: int, fps: int, progress
             bar.update()
 
 
-def _remove_stale_videos(root: Path, jobs: list[RenderJob]) -> None:
-    """Delete videos (and interrupted temporaries) a previous, different corpus left behind,
-    so folder-level tools never index clips the annotations no longer mention."""
-    expected = {job.video for job in jobs}
+def _remove_stale_videos(root: Path, jobs: list[RenderJob], written: set[str]) -> None:
+    """Delete videos a previous, different corpus of this generator left behind (only files it
+    recorded as written), and its interrupted temporaries, so folder-level tools never index
+    clips the annotations no longer mention. Files anyone else put there are left alone."""
+    expected = {f"videos/{job.video}" for job in jobs}
     for split in ("train", "test", "long"):
         for path in (root / "videos" / split).iterdir():
-            stale = path.suffix == ".mp4" and f"{split}/{path.name}" not in expected
-            if path.is_file() and (stale or path.name.endswith(".tmp")):
+            relative = f"videos/{split}/{path.name}"
+            stale = relative in written and relative not in expected
+            temporary = path.name.startswith(".") and path.name.endswith(".mp4.tmp")
+            if path.is_file() and (stale or temporary):
                 path.unlink()
+
+
+def _claim(root: Path) -> set[str]:
+    """The files this generator wrote into ``root`` before (from its marker).
+
+    A missing or empty folder is claimed as new; a finished corpus written before the marker
+    existed is recognised by its manifest (its files are then never removed). Any other
+    non-empty folder is refused: the generator would overwrite its annotations.
+    """
+    marker = root / _MARKER
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+            return {str(name) for name in record["files"]}
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{marker} is damaged; delete the folder {root} to write the corpus again") from None
+    if not root.is_dir() or not any(root.iterdir()):
+        return set()
+    try:
+        legacy = json.loads((root / _MANIFEST).read_text(encoding="utf-8")).get("format") == _FORMAT
+    except (OSError, ValueError, AttributeError):
+        legacy = False
+    if legacy:
+        return set()
+    raise ValueError(
+        f"{root} is not empty and was not written by the synthetic corpus generator (no {_MARKER}); "
+        "choose a new or empty folder"
+    )
+
+
+def _record(root: Path, files: set[str]) -> None:
+    _write_text(root / _MARKER, json.dumps({"format": _FORMAT, "files": sorted(files)}, indent=1) + "\n")
 
 
 def _is_complete(root: Path, params: dict[str, Any]) -> bool:
@@ -906,14 +944,20 @@ def generate_corpus(
             "seconds": time.perf_counter() - started,
         }
 
+    written = _claim(root)
     if _is_complete(root, params):
         return summary()
 
     plan = plan_corpus(n_train, n_test, seed, num_frames, fps, long_videos)  # validates the counts
-    (root / _MANIFEST).unlink(missing_ok=True)  # the corpus is incomplete until written again
+    planned = {f"videos/{job.video}" for job in plan.jobs} | {
+        _MANIFEST, "train.json", "test.json", "long.json", "labels.txt"
+    }
     for split in ("train", "test", "long"):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-    _remove_stale_videos(root, plan.jobs)
+    _record(root, written | planned)  # before writing: an interrupted run's files are known as ours
+    (root / _MANIFEST).unlink(missing_ok=True)  # the corpus is incomplete until written again
+    _remove_stale_videos(root, plan.jobs, written)
+    _record(root, planned | {name for name in written if (root / name).exists()})
     _render_all(root, plan.jobs, size, fps, progress)
 
     labels = "".join(f"{label}\n" for label in ACTIONS)

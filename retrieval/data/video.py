@@ -152,10 +152,23 @@ def _read_with_decord(path: Path, choose_indices: IndexChooser) -> DecodeResult:
     batch = reader.get_batch(unique)
     # decord's bridge is process-global; another module may have switched it to torch.
     array = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+    # decord has returned wrong shapes and types on odd files: check before trusting it (any
+    # mismatch raises here, which sends the file to PyAV)
+    _check_frames(array, len(unique), "decord")
     lookup = {index: row for row, index in enumerate(unique)}
     frames = array[[lookup[i] for i in indices]]
     times = [float(t) for t in reader.get_frame_timestamp(indices)[:, 0]]
     return frames, fps, total, indices, times
+
+
+def _check_frames(frames: Any, count: int, backend: str) -> None:
+    """Raise RuntimeError unless ``frames`` is a uint8 ``[count, H, W, 3]`` array with H, W >= 1."""
+    shape = getattr(frames, "shape", None)
+    dtype = getattr(frames, "dtype", None)
+    if not isinstance(frames, np.ndarray) or dtype != np.uint8 or len(shape) != 4 or shape[0] != count \
+            or shape[1] < 1 or shape[2] < 1 or shape[3] != 3:
+        raise RuntimeError(f"{backend} returned {type(frames).__name__} {dtype} {tuple(shape or ())} where "
+                           f"uint8 frames [{count}, H, W, 3] were expected")
 
 
 def _pyav_open(path: Path) -> Any:
@@ -224,7 +237,10 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser) -> DecodeResult:
     if len(decoded) < len(wanted):
         missing = sorted(wanted - decoded.keys())
         raise VideoReadError(path, f"undecodable frames: could not decode frame {missing[0]} of {total}")
-    frames = np.stack([decoded[i] for i in indices])
+    try:
+        frames = np.stack([decoded[i] for i in indices])  # frames of differing sizes cannot stack
+    except ValueError as exc:
+        raise VideoReadError(path, f"frames of differing shapes ({exc})") from None
     return frames, fps, total, indices, [times[i] for i in indices]
 
 
@@ -286,7 +302,9 @@ def read_frames(
     decord_failure: str | None = None
     if backend in ("auto", "decord"):
         try:
-            return _frames_and_info(_read_with_decord(path, choose_indices), "decord")
+            result = _read_with_decord(path, choose_indices)
+            _check_frames(result[0], len(result[3]), "decord")
+            return _frames_and_info(result, "decord")
         except VideoReadError:
             raise  # a window past the end: PyAV would measure the same file the same way
         except Exception as exc:  # decord raises RuntimeError, IndexError, DECORDError, ...
@@ -296,7 +314,12 @@ def read_frames(
             logger.debug("decord failed on %s (%s); falling back to PyAV", path, decord_failure)
     suffix = f" (decord: {decord_failure})" if decord_failure else ""
     try:
-        return _frames_and_info(_read_with_pyav(path, choose_indices), "pyav")
+        result = _read_with_pyav(path, choose_indices)
+        try:
+            _check_frames(result[0], len(result[3]), "PyAV")
+        except RuntimeError as exc:
+            raise VideoReadError(path, str(exc)) from None
+        return _frames_and_info(result, "pyav")
     except VideoReadError as exc:
         if not suffix:
             raise

@@ -93,6 +93,25 @@ def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cf
     return out
 
 
+def check_model_out(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write a model directory over one that exists (unless ``overwrite``), or into a
+    file or a non-empty folder of other files (checked before any work)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ModelDirError(f"{out} is a file, not a model directory; choose another output path")
+    names = {entry.name for entry in out.iterdir()}
+    if names & {"config.json", "model.safetensors"}:
+        if overwrite:
+            return
+        raise ModelDirError(f"{out} already holds a model (config.json / model.safetensors); pass --overwrite "
+                            "to replace its weights, or choose another output directory")
+    if names and not overwrite:
+        raise ModelDirError(f"{out} is a non-empty folder that is not a model directory; choose another output "
+                            "directory (or pass --overwrite to write the model files beside its contents)")
+
+
 def read_model_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -140,7 +159,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     f = Path(path) / "model.safetensors"
     if not f.is_file():
         raise ModelDirError(f"{path}: model.safetensors is missing")
-    state = load_file(str(f))
+    if f.stat().st_size == 0:
+        raise ModelDirError(f"{f} is empty (0 bytes); copy the model directory again or re-create it "
+                            "with `vtr convert` / `vtr train`")
+    try:
+        state = load_file(str(f))
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError for bad files)
+        raise ModelDirError(f"{f} is damaged or truncated ({type(exc).__name__}: {exc}); copy the model "
+                            "directory again or re-create it with `vtr convert` / `vtr train`") from None
     for dst, src in read_model_config(path).get("tied", {}).items():
         state[dst] = state[src]
     return state

@@ -157,7 +157,18 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -166,7 +177,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"recipe not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML ({_yaml_problem(exc)})") from None
+        except UnicodeDecodeError:
+            raise RecipeError(f"{path} is not a text file (a recipe is YAML)") from None
         if not isinstance(tree, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections")
     for item in overrides:
@@ -193,6 +209,18 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
     if r.optim.batch_size < 2 or r.optim.steps < 1:
         raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
+    if not r.optim.lr > 0 or r.optim.lr == float("inf"):
+        raise RecipeError(f"optim.lr must be a positive number, got {r.optim.lr}")
+    if r.optim.warmup_steps < 0:
+        raise RecipeError(f"optim.warmup_steps must be >= 0, got {r.optim.warmup_steps}")
+    for name in ("text_lr_scale", "weight_decay", "grad_clip"):
+        value = getattr(r.optim, name)
+        if not value >= 0:
+            raise RecipeError(f"optim.{name} must be >= 0, got {value}")
+    for name in ("save_every", "log_every"):
+        if getattr(r.run, name) < 1:
+            raise RecipeError(f"run.{name} must be >= 1 (steps between {name.split('_')[0]}s), "
+                              f"got {getattr(r.run, name)}")
     if not 0 <= r.data.reversed_share <= 1:
         raise RecipeError("data.reversed_share must be in [0, 1]")
     if r.loss.vtm_pairs < 0:

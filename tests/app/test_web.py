@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from gradio_client import Client, handle_file
@@ -40,12 +40,13 @@ from app.web import (
 )
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Hit
+from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.actions import load_labels
 from retrieval.models.dual import build_retrieval_model
 
 CARD = re.compile(r'<div class="vtr-card" data-rank="(\d+)" data-score="([-0-9.e]+)"')
-VIDEO_SRC = re.compile(r'<video src="gradio_api/file=([^"#]+)(#t=[^"]*)?"')
+VIDEO_SRC = re.compile(r'<video src="vtr/clip/(\d+)(#t=[^"]*)?"')
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -142,8 +143,12 @@ def test_prepare_query_cleans_and_limits() -> None:
     assert unbroken.text == "x" * QUERY_LIMIT
 
 
+def _item_path(index: Path, item_id: str) -> Path:
+    return Path(open_index(index).items[int(item_id)]["path"])
+
+
 def test_search_returns_sorted_playable_clips_inside_the_corpus(client: Client, url: str,
-                                                                 videos_root: Path) -> None:
+                                                                 videos_root: Path, index: Path) -> None:
     html, status = client.predict("a red circle moving up", 5, False, api_name="/search")
     cards = _cards(html)
     assert [rank for rank, _ in cards] == [1, 2, 3, 4, 5]
@@ -152,12 +157,12 @@ def test_search_returns_sorted_playable_clips_inside_the_corpus(client: Client, 
     assert status.startswith("5 results for")
     sources = VIDEO_SRC.findall(html)
     assert len(sources) == 5
-    for quoted, _ in sources:
-        path = Path(unquote(quoted))
-        assert path.is_absolute() and path.resolve().is_relative_to(videos_root) and path.is_file()
+    for item_id, _ in sources:
+        path = _item_path(index, item_id)
+        assert path.resolve().is_relative_to(videos_root) and path.is_file()
     # what the page links to is served, byte for byte
-    code, body = _get(url, "/gradio_api/file=" + sources[0][0])
-    assert code == 200 and body == Path(unquote(sources[0][0])).read_bytes()
+    code, body = _get(url, "/vtr/clip/" + sources[0][0])
+    assert code == 200 and body == _item_path(index, sources[0][0]).read_bytes()
     assert 'class="vtr-score">score ' in html and 'class="vtr-chip"' in html
 
 
@@ -169,7 +174,9 @@ def test_search_json_and_rerank(client: Client, videos_root: Path) -> None:
         assert len(hits) == 4
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
         for hit in hits:
-            assert Path(hit["video_path"]).is_relative_to(videos_root)
+            # relative to the corpus root: the server's own folders are not shown
+            assert not Path(hit["video_path"]).is_absolute() and (videos_root / hit["video_path"]).is_file()
+            assert hit["url"].startswith(f"vtr/clip/{hit['item_id']}")
             assert len(hit["labels"]) == 5 and hit["captions"]
 
 
@@ -197,7 +204,9 @@ def test_an_untrained_matching_head_is_not_offered(index: Path) -> None:
 
 def test_moments_play_from_their_start(demo, videos_root: Path) -> None:
     html, _ = demo.vtr_page.search("a large blue triangle shrinking", 12)
-    fragments = {(Path(unquote(q)).relative_to(videos_root).as_posix(), t) for q, t in VIDEO_SRC.findall(html)}
+    items = demo.vtr_page.searcher.reader.items
+    fragments = {(Path(items[int(i)]["path"]).relative_to(videos_root).as_posix(), t)
+                 for i, t in VIDEO_SRC.findall(html)}
     moments = {t for video, t in fragments if video == "long/0000.mp4"}
     assert moments == {"#t=0.00,4.00", "#t=4.00,8.00", "#t=8.00,12.00", "#t=12.00,16.00"}
     assert all(t == "" for video, t in fragments if video.startswith("test/"))
@@ -259,11 +268,19 @@ def test_upload_of_a_non_video_is_a_clear_error(client: Client, tmp_path: Path) 
 # ---------------------------------------------------------------------------------- file serving
 
 
-def test_file_route_serves_corpus_clips_only(url: str, videos_root: Path, index: Path, tmp_path: Path) -> None:
-    clip = videos_root / "test" / "0001.mp4"
-    code, body = _get(url, f"/gradio_api/file={clip}")
+def test_only_the_indexed_clips_are_served(url: str, videos_root: Path, index: Path, tmp_path: Path) -> None:
+    items = open_index(index).items
+    clip = Path(items[1]["path"])
+    code, body = _get(url, "/vtr/clip/1")
     assert code == 200 and body == clip.read_bytes()
+    code, _ = _get(url, f"/gradio_api/file={clip}")  # not by its server path either
+    assert code != 200
 
+    # files beside the videos, inside the corpus root but not in the index
+    notes = videos_root / "notes.txt"
+    notes.write_text("PRIVATE-NOTES")
+    unindexed = videos_root / "test" / "extra.mp4"
+    shutil.copy(clip, unindexed)
     # a link inside the corpus root that leads outside it
     link = videos_root / "escape.mp4"
     secret = tmp_path / "secret.mp4"
@@ -271,6 +288,14 @@ def test_file_route_serves_corpus_clips_only(url: str, videos_root: Path, index:
     link.symlink_to(secret)
     try:
         refused = [
+            f"/gradio_api/file={notes}",
+            f"/gradio_api/file={unindexed}",
+            f"/vtr/clip/{len(items)}",
+            "/vtr/clip/-1",
+            "/vtr/clip/1.0",
+            "/vtr/clip/99999999999999999999999",
+            "/vtr/clip/..%2F..%2F..%2Fetc%2Fpasswd",
+            "/vtr/clip/1/../../../../etc/passwd",
             "/gradio_api/file=/etc/passwd",
             f"/gradio_api/file={videos_root}/../../../../../../etc/passwd",
             f"/gradio_api/file={videos_root}/%2e%2e/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
@@ -286,9 +311,22 @@ def test_file_route_serves_corpus_clips_only(url: str, videos_root: Path, index:
         for path in refused:
             code, body = _get(url, path)
             assert code != 200, path
-            assert b"root:" not in body and b"TOP-SECRET-CONTENT" not in body
+            assert b"root:" not in body and b"TOP-SECRET-CONTENT" not in body and b"PRIVATE-NOTES" not in body
+            assert body != clip.read_bytes(), path
     finally:
         link.unlink()
+        notes.unlink()
+        unindexed.unlink()
+
+
+def test_responses_name_videos_relative_to_the_corpus_root(demo, videos_root: Path) -> None:
+    page = demo.vtr_page
+    html, _ = page.search("a red circle moving up", 12)
+    assert str(videos_root) not in html and "test/0003.mp4" in html
+    result = page.search_json("a red circle moving up", 12)
+    assert str(videos_root) not in json.dumps(result)
+    message = page.redact(f"cannot read video {videos_root}/test/0001.mp4: moov atom not found")
+    assert message == "cannot read video test/0001.mp4: moov atom not found"
 
 
 def test_hits_outside_the_corpus_are_not_linked(videos_root: Path, tmp_path: Path) -> None:
@@ -309,7 +347,7 @@ def test_hits_outside_the_corpus_are_not_linked(videos_root: Path, tmp_path: Pat
     html = render_hits(hits, guard)
     assert html.count("<video") == 1 and "not served" in html
     assert str(outside) not in html  # not even its full path is shown
-    assert f"gradio_api/file={inside}#t=1.00,2.50" in html
+    assert 'src="vtr/clip/1#t=1.00,2.50"' in html and str(videos_root) not in html
     assert "<script>" not in html and "${x}" not in html and "{{y}}" not in html
     assert "&lt;script&gt;" in html
 
@@ -367,10 +405,12 @@ def test_binds_loopback_with_a_queue_limit(demo, url: str) -> None:
     assert demo.server_name == "127.0.0.1"
     assert demo._queue.default_concurrency_limit == 2
     model_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "vtr-model"]
-    assert {fn.api_name for fn in model_events} >= {"search", "search_json", "similar"}
+    assert {fn.api_name for fn in model_events} >= {"search", "search_json"}
     assert all(fn.concurrency_limit in ("default", 2) for fn in model_events)  # one shared limit
-    allowed = [Path(p) for p in demo.allowed_paths]
-    assert allowed == list(demo.vtr_page.guard.roots)
+    upload_events = [fn for fn in demo.fns.values() if fn.concurrency_id == "vtr-upload"]
+    assert "similar" in {fn.api_name for fn in upload_events}
+    assert all(fn.concurrency_limit == 1 for fn in upload_events)  # uploads decode one at a time
+    assert demo.allowed_paths == []  # Gradio's file route serves no corpus folder
 
 
 @pytest.mark.slow
@@ -402,3 +442,136 @@ def test_vtr_serve_command_serves_the_page(index: Path) -> None:
             proc.kill()
             proc.wait()
     assert f"http://127.0.0.1:{port}" in proc.stdout.read().decode()
+
+
+# ---------------------------------------------------------------------------------- upload limits
+
+
+def _write_video(path: Path, width: int, height: int, frames: int, fps: int = 8) -> Path:
+    """A small h264 mp4 of flat frames (a few KB even at 4096x4096)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            frame = np.full((height, width, 3), (index * 40) % 256, np.uint8)
+            frame[: height // 2, : width // 2, 0] = 200
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def test_uploads_beyond_the_caps_are_refused_before_decoding(demo, tmp_path: Path, monkeypatch) -> None:
+    import gradio as gr
+
+    from app import uploads
+
+    page = demo.vtr_page
+    huge = _write_video(tmp_path / "huge.mp4", 4096, 4096, 2)
+    assert huge.stat().st_size < 300_000  # a small file that describes 2 x 16.8 megapixels
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the upload is beyond the caps")
+
+    monkeypatch.setattr(uploads, "_decode_scaled", no_decoding)
+    monkeypatch.setattr(uploads, "load_clip", no_decoding)
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_pixels=1920 * 1080))
+    with pytest.raises(gr.Error, match=r"Video refused: the video is 4096x4096 \(16.8 megapixels.*up to 2.1"):
+        page.upload(str(huge), 4)
+    long = _write_video(tmp_path / "long.mp4", 64, 64, 40)  # 5 s, 40 frames
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_seconds=2))
+    with pytest.raises(gr.Error, match="lasts 5 s; this page accepts clips up to 2 s"):
+        page.upload(str(long), 4)
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_frames=30))
+    with pytest.raises(gr.Error, match="40 frames; this page accepts clips of up to 30 frames"):
+        page.upload(str(long), 4)
+
+
+def test_large_uploads_are_scaled_while_decoding_one_at_a_time(demo, tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import numpy as np
+
+    from app import uploads
+    from retrieval.data.video import load_clip
+
+    preprocess = demo.vtr_page.searcher.preprocess
+    limits = uploads.UploadLimits()
+    huge = _write_video(tmp_path / "huge.mp4", 4096, 4096, 3)
+    clip = uploads.decode_upload(huge, preprocess, limits)
+    assert tuple(clip.shape) == (3, preprocess.num_frames, preprocess.size, preprocess.size)
+    # scaled by the decoder: the same picture as the corpus path gives (small scaler differences)
+    wide = _write_video(tmp_path / "wide.mp4", 1600, 912, 6)
+    scaled = uploads.decode_upload(wide, preprocess, limits).numpy()
+    exact = load_clip(wide, preprocess).numpy()
+    assert np.abs(scaled - exact).mean() < 0.05
+
+    # at most `decoders` uploads decode at once, however many requests arrive
+    running, peak, guard = [0], [0], threading.Lock()
+    real = uploads._decode_scaled
+
+    def counted(*args):
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return real(*args)
+        finally:
+            with guard:
+                running[0] -= 1
+
+    monkeypatch.setattr(uploads, "_decode_scaled", counted)
+    threads = [threading.Thread(target=uploads.decode_upload, args=(wide, preprocess, limits)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert peak[0] == 1
+
+
+def _gone(name: str, timeout: float = 10.0) -> bool:
+    from gradio.utils import get_upload_folder
+
+    deadline = time.monotonic() + timeout
+    while list(Path(get_upload_folder()).rglob(name)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_uploads_are_deleted_once_answered(demo, client: Client, videos_root: Path, tmp_path: Path,
+                                           monkeypatch) -> None:
+    monkeypatch.setattr(demo.vtr_page.janitor, "grace_s", 0.2)
+    name = f"upload-{os.getpid()}-{time.time_ns()}.mp4"
+    clip = tmp_path / name
+    shutil.copy(videos_root / "test" / "0002.mp4", clip)
+    _, html, _ = client.predict(handle_file(str(clip)), 3, api_name="/similar")
+    assert len(_cards(html)) == 3
+    assert _gone(name)
+    bogus = tmp_path / f"bad-{name}"
+    bogus.write_text("not a video")
+    with pytest.raises(Exception, match="Cannot read this video"):
+        client.predict(handle_file(str(bogus)), 3, api_name="/similar")
+    assert _gone(bogus.name)
+
+
+def test_identical_uploads_queued_together_are_all_answered(demo, videos_root: Path, monkeypatch) -> None:
+    """Gradio stores identical uploads under one path: answering the first must not delete the
+    file a second request is still waiting to read."""
+    from gradio.utils import get_upload_folder
+
+    monkeypatch.setattr(demo.vtr_page.janitor, "grace_s", 1.0)
+    folder = Path(get_upload_folder()) / f"vtr-test-{os.getpid()}-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    upload = folder / "same.mp4"
+    shutil.copy(videos_root / "test" / "0004.mp4", upload)
+    first = demo.vtr_page.upload(str(upload), 3)
+    second = demo.vtr_page.upload(str(upload), 3)  # queued behind the first, same path
+    assert len(_cards(first[1])) == len(_cards(second[1])) == 3
+    deadline = time.monotonic() + 10
+    while upload.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not upload.exists() and not folder.exists()

@@ -318,3 +318,44 @@ def test_load_clip_returns_model_input(videos: dict[str, Path]) -> None:
     assert clip[0, 3].mean().item() == pytest.approx((136 / 255 - 0.485) / 0.229, abs=0.03)
     train_clip = load_clip(videos["mp4"], preprocess, train=True, rng=random.Random(0), window=(0.0, 1.0))
     assert tuple(train_clip.shape) == (3, 4, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda a: a[..., :2],  # two channels
+        lambda a: a.astype(np.float32),  # not uint8
+        lambda a: a[:-1],  # a frame missing
+        lambda a: a[:, :0],  # no rows
+        lambda a: a[0],  # not a stack of frames
+        lambda a: np.concatenate([a, a[..., :1]], axis=-1),  # four channels
+    ],
+)
+def test_malformed_decord_output_falls_back_to_pyav(videos: dict[str, Path], monkeypatch, corrupt) -> None:
+    import decord
+
+    real = decord.VideoReader.get_batch
+
+    def get_batch(self, indices):
+        return corrupt(real(self, indices).asnumpy())
+
+    expected, _ = read_frames(videos["mp4"], num_frames=4, backend="pyav")
+    monkeypatch.setattr(decord.VideoReader, "get_batch", get_batch)
+    frames, info = read_frames(videos["mp4"], num_frames=4)
+    assert info["backend"] == "pyav"
+    assert frames.dtype == torch.uint8 and tuple(frames.shape) == (4, HEIGHT, WIDTH, 3)
+    assert torch.equal(frames, expected)
+    with pytest.raises(VideoReadError, match="uint8 frames"):
+        read_frames(videos["mp4"], num_frames=4, backend="decord")
+
+
+def test_malformed_output_of_both_decoders_is_a_read_error(videos: dict[str, Path], monkeypatch) -> None:
+    real_decord, real_pyav = video._read_with_decord, video._read_with_pyav
+
+    def grey(real):
+        return lambda path, choose: (real(path, choose)[0][..., :1], *real(path, choose)[1:])
+
+    monkeypatch.setattr(video, "_read_with_decord", grey(real_decord))
+    monkeypatch.setattr(video, "_read_with_pyav", grey(real_pyav))
+    with pytest.raises(VideoReadError, match=r"PyAV returned .*\(4, 48, 64, 1\).*decord returned"):
+        read_frames(videos["mp4"], num_frames=4)

@@ -162,9 +162,16 @@ def test_missing_or_foreign_directories_are_not_indexes(tmp_path):
 
 def test_inconsistent_files_are_rejected_on_open(tmp_path):
     out = publish(tmp_path / "INDEX", 12)
-    items_path = open_index(out).snapshot_dir / "items.jsonl"
+    snapshot = open_index(out).snapshot_dir
+    items_path = snapshot / "items.jsonl"
     lines = items_path.read_text().splitlines(keepends=True)
     items_path.write_text("".join(lines[:-1]))
+    with pytest.raises(ValueError, match="items.jsonl in .* is damaged .truncated"):
+        open_index(out)
+    # an index written before checksums were recorded still has its files cross-checked
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    del manifest["files"]
+    (snapshot / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="counts disagree"):
         open_index(out)
 
@@ -183,7 +190,7 @@ def test_bad_write_arguments_raise(tmp_path):
 def test_republishing_keeps_only_the_new_version_and_old_readers_work(tmp_path):
     first = open_index(publish(tmp_path / "INDEX", 30, version=1))
     second = open_index(publish(tmp_path / "INDEX", 50, version=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".INDEX.v2", "INDEX"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".INDEX.lock", ".INDEX.v2", "INDEX"]
     assert (len(first), len(second)) == (30, 50)
     # the first reader's version was deleted, but its files stay readable through its handles
     assert first.search(unit_vectors(30, seed=1)[7], k=1)[0][0][0]["id"] == 7
@@ -296,5 +303,5 @@ def test_a_crashed_writer_is_ignored_by_readers_and_cleaned_by_the_next_writer(t
     assert reader.manifest["extra"]["version"] == 1 and len(reader) == 15
 
     publish(tmp_path / "INDEX", 22, version=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".INDEX.v10", "INDEX"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".INDEX.lock", ".INDEX.v10", "INDEX"]
     assert open_index(out).manifest["extra"]["version"] == 3

@@ -1,0 +1,106 @@
+"""One line and exit status 2, before any work, for bad recipes, damaged weights and a synthetic
+corpus pointed at somebody else's folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import app
+from retrieval.models.dual import build_retrieval_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], result.output
+
+
+@pytest.fixture()
+def no_training(monkeypatch):
+    """Training must never start for a recipe that is refused."""
+    from retrieval.train import loop
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(loop, "train", refuse)
+
+
+def test_malformed_yaml_in_a_recipe_or_an_override(tmp_path: Path, no_training) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  video: videomamba_demo\n optim:\n   lr: [1e-3\n")
+    _one_line_error(CliRunner().invoke(app, ["train", str(recipe)]), "bad.yaml is not valid YAML", "line ")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    _one_line_error(CliRunner().invoke(app, ["train", str(binary)]), "not a text file")
+    demo = str(REPO / "configs/train/demo.yaml")
+    _one_line_error(CliRunner().invoke(app, ["train", demo, "optim.lr=[1e-3"]), "override", "not valid YAML")
+    _one_line_error(CliRunner().invoke(app, ["train", demo, "optim.lr={"]), "not valid YAML")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.save_every=0", "run.save_every must be >= 1"),
+        ("run.log_every=0", "run.log_every must be >= 1"),
+        ("optim.lr=-1e-3", "optim.lr must be a positive number"),
+        ("optim.lr=0", "optim.lr must be a positive number"),
+        ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ],
+)
+def test_recipe_values_that_cannot_train(override: str, message: str, no_training) -> None:
+    result = CliRunner().invoke(app, ["train", str(REPO / "configs/train/demo.yaml"), override])
+    _one_line_error(result, message)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    return model.save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def test_truncated_or_empty_weights_are_one_line(model_dir: Path, tmp_path: Path) -> None:
+    assert CliRunner().invoke(app, ["info", str(model_dir)]).exit_code == 0
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _one_line_error(CliRunner().invoke(app, ["info", str(broken)]), "model.safetensors is damaged or truncated")
+    weights.write_bytes(b"")
+    _one_line_error(CliRunner().invoke(app, ["info", str(broken)]), "model.safetensors is empty (0 bytes)")
+
+
+def test_synth_refuses_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
+    target = tmp_path / "holiday"
+    (target / "videos" / "train").mkdir(parents=True)
+    (target / "videos" / "train" / "beach.mp4").write_bytes(b"precious")
+    (target / "train.json").write_text("my own annotations")
+    result = CliRunner().invoke(app, ["data", "synth", "--out", str(target), "--n-train", "2", "--n-test", "2",
+                                      "--long", "0", "--size", "32"])
+    _one_line_error(result, "not empty and was not written by the synthetic corpus generator")
+    assert (target / "videos" / "train" / "beach.mp4").read_bytes() == b"precious"
+    assert (target / "train.json").read_text() == "my own annotations"
+    assert sorted(p.name for p in target.rglob("*")) == ["beach.mp4", "train", "train.json", "videos"]
+
+
+def test_synth_only_removes_files_it_wrote(tmp_path: Path) -> None:
+    from retrieval.data.synthetic import generate_corpus
+
+    tiny = {"seed": 1, "size": 32, "num_frames": 4, "long_videos": 0, "progress": False}
+    generate_corpus(tmp_path, n_train=3, n_test=2, **tiny)
+    (tmp_path / "videos/train/mine.mp4").write_bytes(b"a video of my own, added later")
+    generate_corpus(tmp_path, n_train=2, n_test=2, **tiny)
+    # its own stale clip is gone, the user's file is not
+    assert sorted(p.name for p in (tmp_path / "videos/train").iterdir()) == ["0000.mp4", "0001.mp4", "mine.mp4"]
+    record = json.loads((tmp_path / ".vtr-synthetic").read_text())
+    assert "videos/train/0002.mp4" not in record["files"] and "videos/train/mine.mp4" not in record["files"]
