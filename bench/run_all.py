@@ -15,6 +15,7 @@ BENCHES = {
     "scan": [],
     "encoder": [],
     "scaling": [],
+    "rerank": ["--repeats", "2"],
     "search": ["--sizes", "10000,100000,1000000"],
     "index": [],
     "eval": ["--size", "128"],
