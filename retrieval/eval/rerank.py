@@ -12,7 +12,8 @@ work. :class:`PairScorer` instead
 * runs the caption-only part (the first fusion layer's self-attention) once per caption
   (``match_text_state``);
 * scores the union of the t2v and v2t pairs once (a pair in both directions is one pass);
-* in the last fusion layer, computes only the CLS row the matching head reads.
+* in the last fusion layer, computes only the CLS row the matching head reads;
+* batches a video's captions in order of length, so a chunk pads little.
 
 The result equals ``match_score`` pair by pair up to float rounding (``tests/eval/test_rerank.py``).
 """
@@ -98,6 +99,8 @@ class PairScorer:
                 continue
             state = self.model.match_video_state(self._video_tokens(video))
             rows = order[lo:hi]
+            # captions of similar length share a chunk: less padding to compute
+            rows = rows[np.argsort([self.text_hidden[int(texts[i])].shape[0] for i in rows], kind="stable")]
             for start in range(0, len(rows), self.chunk):
                 part = rows[start:start + self.chunk]
                 text_state, mask = pad_rows([self._text_state[int(texts[i])] for i in part])
