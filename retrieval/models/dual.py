@@ -131,7 +131,7 @@ class RetrievalModel(nn.Module):
         return self.text.fusion_context(video_tokens)
 
     def match_text_state(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """The caption-only part of matching for text-mode outputs [B, L, H]."""
+        """The caption-only part of matching for text-mode outputs [B, L, H] (a [B, L, 2H] state)."""
         return self.text.fusion_text_part(text_hidden, text_mask)
 
     def match_score_cached(self, video_state: list[tuple[torch.Tensor, torch.Tensor]],

@@ -101,15 +101,18 @@ class MultiHeadAttention(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         context_keep: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``hidden_states`` [B, Lq, H] to projected ``keys``/``values`` [G, heads, Lk, d].
+
+        ``queries``: ``self.query(hidden_states)`` when the caller already has it.
 
         ``G`` divides ``B``: query rows ``g*B/G .. (g+1)*B/G - 1`` all read context ``g`` (with
         ``G = 1`` every row reads the same video). The rows sharing a context are folded into one
         longer query sequence, which is exact: attention treats each query position on its own.
         ``context_keep`` [G, Lk] (bool) marks the context positions that may be attended to.
         """
-        q = self._split_heads(self.query(hidden_states))
+        q = self._split_heads(self.query(hidden_states) if queries is None else queries)
         batch, heads, length, dim = q.shape
         groups = keys.shape[0]
         if batch % groups:
@@ -157,10 +160,10 @@ class AttentionBlock(nn.Module):
 
     def attend(
         self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-        context_keep: torch.Tensor | None,
+        context_keep: torch.Tensor | None, queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """:meth:`forward` with the context already projected (:meth:`MultiHeadAttention.attend`)."""
-        return self.output(self.self.attend(hidden_states, keys, values, context_keep), hidden_states)
+        return self.output(self.self.attend(hidden_states, keys, values, context_keep, queries), hidden_states)
 
 
 class TextEncoderLayer(nn.Module):
@@ -354,9 +357,12 @@ class TextEncoder(nn.Module):
                 for layer in self.encoder.layer[self.fusion_layer:]]
 
     def fusion_text_part(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The caption-only start of fusion: the first fusion layer's self-attention [B, L, H]."""
+        """The caption-only start of fusion [B, L, 2H]: the first fusion layer's self-attention
+        output and, concatenated after it, that layer's cross-attention queries of it."""
         keep = attention_mask.bool() if attention_mask is not None else None
-        return self.encoder.layer[self.fusion_layer].attention(hidden_states, hidden_states, keep)
+        first = self.encoder.layer[self.fusion_layer]
+        attended = first.attention(hidden_states, hidden_states, keep)
+        return torch.cat([attended, first.crossattention.self.query(attended)], dim=-1)
 
     def fusion_cls(
         self,
@@ -373,14 +379,15 @@ class TextEncoder(nn.Module):
         """
         layers = self.encoder.layer[self.fusion_layer:]
         text_keep = attention_mask.bool() if attention_mask is not None else None
-        hidden = text_part
+        rows = slice(0, 1) if len(layers) == 1 else slice(None)
+        hidden, queries = text_part[:, rows, :self.hidden_size], text_part[:, rows, self.hidden_size:]
         for index, (layer, (keys, values)) in enumerate(zip(layers, context, strict=True)):
             last = index == len(layers) - 1
             if index == 0:
-                attended = text_part[:, :1] if last else text_part
+                attended = hidden
             else:  # the last layer's outputs other than CLS are never read: query with CLS only
-                attended = layer.attention(hidden[:, :1] if last else hidden, hidden, text_keep)
-            attended = layer.crossattention.attend(attended, keys, values, vision_keep)
+                attended, queries = layer.attention(hidden[:, :1] if last else hidden, hidden, text_keep), None
+            attended = layer.crossattention.attend(attended, keys, values, vision_keep, queries)
             hidden = layer.feed_forward(attended)
         return hidden[:, 0]
 
