@@ -50,8 +50,7 @@ from tqdm import tqdm
 from retrieval.data.corpora import Corpus
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.eval import metrics as M
-# FAILED_SCORE: an undecodable clip scores below the -100 re-rank fill, so it never outranks a real clip
-from retrieval.eval.rerank import FAILED_SCORE, PairScorer
+from retrieval.eval.rerank import FAILED_SCORE, PairScorer  # FAILED_SCORE: below the -100 re-rank fill
 from retrieval.models.text import clean_text
 
 logger = logging.getLogger(__name__)

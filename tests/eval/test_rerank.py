@@ -113,7 +113,7 @@ def test_rerank_both_scores_each_pair_once_and_matches_rerank_topk(data) -> None
     scorer.score = lambda v, t, progress=False: calls.append(len(v)) or score(v, t)
     with torch.inference_mode():
         t2v, v2t = rerank_both(scorer, itc, k)
-        one = lambda v, t: match_scores_reference(model, tokens, hidden, [v], [t])[0]  # noqa: E731
+        one = lambda v, t: match_scores_reference(model, tokens, hidden, [v], [t])[0]
         expect_t2v = M.rerank_topk(itc, k, lambda q, c: torch.stack([one(int(v), q) for v in c]))
         expect_v2t = M.rerank_topk(itc.t(), k, lambda q, c: torch.stack([one(q, int(t)) for t in c])).t()
     torch.testing.assert_close(t2v, expect_t2v, rtol=0, atol=1e-5)
