@@ -127,7 +127,8 @@ def main() -> None:
                       "speedup_cpu": round(per_pair_cpu["reference"] / per_pair_cpu["shared"], 2),
                       "max_abs_diff": diff, "score_scale": round(ref_scores.abs().max().item(), 4),
                       "target_t2v_min": 15.0,
-                      "meets_target": per_pair["shared"] * MSRVTT_CAPTIONS * args.k / 60 <= 15.0}))
+                      "meets_target": per_pair["shared"] * MSRVTT_CAPTIONS * args.k / 60 <= 15.0,
+                      "meets_target_from_cpu": per_pair_cpu["shared"] * MSRVTT_CAPTIONS * args.k / 60 <= 15.0}))
 
 
 if __name__ == "__main__":
