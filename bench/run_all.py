@@ -14,7 +14,8 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {
     "scan": [],
     "encoder": [],
-    "scaling": [],
+    "scaling": ["--alternate", "timesformer_ti", "videomamba_tiny", "videomamba_small", "videomamba_middle"],
+    "rerank": ["--repeats", "2"],
     "search": ["--sizes", "10000,100000,1000000"],
     "index": [],
     "eval": ["--size", "128"],

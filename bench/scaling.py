@@ -26,6 +26,12 @@ Prints one JSON object per configuration and writes the lines to ``bench/results
 ``bench/results/scaling.png`` (log-log time and memory against frames).
 
     python bench/scaling.py --models timesformer_ti joint_vit_ti --frames 8 16 --repeats 2
+
+``--alternate timesformer_ti videomamba_tiny`` then also times those models in turns in this one
+process at ``--alternate-frames`` (default 8 and 64) and prints the ratios (``mode: alternate``
+lines): the figures to compare on a shared machine. There a spec may also set
+``mixer_chunk_bytes=N`` (VideoMamba's opt-in chunked inference, ``BiMambaMixer.chunk_bytes``). ``--models`` with no names skips the
+per-configuration children.
 """
 
 from __future__ import annotations
@@ -100,6 +106,71 @@ def measure(spec: str, frames: int, img_size: int, repeats: int, threads: int) -
     }
 
 
+def alternate(specs: list[str], frames_list: list[int], img_size: int, repeats: int, threads: int
+              ) -> list[dict[str, Any]]:
+    """Every (model, frame count) in this one process, timed in turns: ratios, not absolute times.
+
+    The machine is shared, so times measured minutes apart are not comparable; here each round
+    runs every configuration once (warm-up round first) and each line reports the median over
+    rounds of the wall time and of the process CPU time (user + system, all threads). Freed
+    memory is kept (as the ``vtr`` command does), so no configuration pays page faults another
+    does not. The summary lines give, per frame count, each model's speed relative to the first
+    model, and per model its time per frame at the largest frame count over the smallest.
+    """
+    import torch
+
+    from retrieval.models.registry import create_model
+    from retrieval.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    models, videos = {}, {}
+    for frames in frames_list:
+        videos[frames] = torch.randn(1, 3, frames, img_size, img_size)
+        for spec in specs:
+            name, overrides = parse_spec(spec)
+            chunk_bytes = overrides.pop("mixer_chunk_bytes", None)
+            model = create_model(name, num_frames=frames, img_size=img_size, **overrides).eval()
+            if chunk_bytes is not None:  # a runtime setting of VideoMamba's mixers, not a build option
+                for module in model.modules():
+                    if hasattr(module, "chunk_bytes"):
+                        module.chunk_bytes = int(chunk_bytes)
+            models[(spec, frames)] = model
+    wall: dict[tuple[str, int], list[float]] = {key: [] for key in models}
+    cpu: dict[tuple[str, int], list[float]] = {key: [] for key in models}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for (spec, frames), model in models.items():
+                start, cpu_start = time.perf_counter(), time.process_time()
+                model(videos[frames])
+                if round_:  # round 0 is the warm-up
+                    wall[(spec, frames)].append(time.perf_counter() - start)
+                    cpu[(spec, frames)].append(time.process_time() - cpu_start)
+    lines = []
+    med = {key: statistics.median(v) for key, v in wall.items()}
+    med_cpu = {key: statistics.median(v) for key, v in cpu.items()}
+    for (spec, frames) in models:
+        lines.append({"mode": "alternate", "model": spec, "frames": frames, "img_size": img_size, "batch": 1,
+                      "threads": threads, "repeats": repeats, "status": "ok",
+                      "sec_per_clip": round(med[(spec, frames)], 4),
+                      "cpu_sec_per_clip": round(med_cpu[(spec, frames)], 4),
+                      "sec_all": [round(t, 4) for t in wall[(spec, frames)]],
+                      "ms_per_frame": round(1e3 * med[(spec, frames)] / frames, 2)})
+    first, small, large = specs[0], min(frames_list), max(frames_list)
+    for frames in frames_list:
+        lines.append({"mode": "alternate", "summary": "speedup_vs_" + first, "frames": frames,
+                      **{spec: round(med[(first, frames)] / med[(spec, frames)], 3) for spec in specs[1:]},
+                      **{spec + "_cpu": round(med_cpu[(first, frames)] / med_cpu[(spec, frames)], 3)
+                         for spec in specs[1:]}})
+    if large != small:
+        lines.append({"mode": "alternate", "summary": f"per_frame_{large}_over_{small}",
+                      **{spec: round(med[(spec, large)] / large / (med[(spec, small)] / small), 3) for spec in specs},
+                      **{spec + "_cpu": round(med_cpu[(spec, large)] / large / (med_cpu[(spec, small)] / small), 3)
+                         for spec in specs}})
+    return lines
+
+
 def run_child(spec: str, frames: int, args: argparse.Namespace) -> dict[str, Any]:
     """Parent side: one configuration in a fresh interpreter, bounded by ``--timeout``."""
     command = [
@@ -168,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--models", nargs="+", default=DEFAULT_MODELS, help="model names or name:key=value specs"
+        "--models", nargs="*", default=DEFAULT_MODELS, help="model names or name:key=value specs"
     )
     parser.add_argument("--frames", nargs="+", type=int, default=DEFAULT_FRAMES)
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards after one warm-up")
@@ -181,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=RESULTS / "scaling.png")
     parser.add_argument("--append", action="store_true", help="add to --out instead of overwriting it")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
+    parser.add_argument("--alternate", nargs="+", metavar="SPEC",
+                        help="also time these models in turns in one process (first = baseline of the ratios)")
+    parser.add_argument("--alternate-frames", nargs="+", type=int, default=[8, 64])
     args = parser.parse_args(argv)
 
     if args.child:
@@ -215,8 +289,14 @@ def main(argv: list[str] | None = None) -> None:
                 fh.write(json.dumps(line) + "\n")
                 fh.flush()
 
+        if args.alternate:
+            for line in alternate(args.alternate, args.alternate_frames, args.img_size, args.repeats,
+                                  args.threads):
+                print(json.dumps(line), flush=True)
+                fh.write(json.dumps(line) + "\n")
+
     with open(args.out) as fh:
-        plot([json.loads(row) for row in fh if row.strip()], args.plot)
+        plot([json.loads(row) for row in fh if row.strip() and "mode" not in json.loads(row)], args.plot)
 
 
 if __name__ == "__main__":

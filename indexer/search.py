@@ -186,11 +186,13 @@ class Searcher:
             except VideoReadError as exc:
                 logger.warning("re-rank skips %s: %s", item["path"], exc.reason)
         scores: list[float] = []
+        # the query's caption-only part of matching is computed once, not once per candidate
+        text_state = self.model.match_text_state(text_hidden, text_mask)
         for start in range(0, len(clips), RERANK_BATCH):
             batch = torch.stack(clips[start : start + RERANK_BATCH]).to(self.device)
-            tokens = self.model.encode_video(batch)["tokens"]
+            video_state = self.model.match_video_state(self.model.encode_video(batch)["tokens"])
             n = len(batch)
-            logits = self.model.match_score(tokens, text_hidden.expand(n, -1, -1), text_mask.expand(n, -1))
+            logits = self.model.match_score_cached(video_state, text_state.expand(n, -1, -1), text_mask.expand(n, -1))
             scores.extend(logits.float().cpu().tolist())
         order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
         return [self._hit(kept[i], scores[i]) for i in order]

@@ -151,20 +151,31 @@ def rerank_topk(
     pass the transposed matrix. ``score_fn(query_index, candidate_indices [k])`` returns ``[k]``
     scores in the same order.
     """
+    candidates = topk_candidates(itc, k)
+    rescored = []
+    for query in range(candidates.shape[0]):
+        new_scores = torch.as_tensor(score_fn(query, candidates[query])).detach().float().cpu()
+        if new_scores.shape != (candidates.shape[1],):
+            raise ValueError(
+                f"score_fn returned shape {tuple(new_scores.shape)} for query {query}, "
+                f"expected ({candidates.shape[1]},)"
+            )
+        rescored.append(new_scores)
+    return fill_reranked(itc, candidates, torch.stack(rescored) if rescored else candidates.float())
+
+
+def topk_candidates(itc: torch.Tensor, k: int) -> torch.Tensor:
+    """Each query's top ``min(k, n_candidates)`` candidates by ITC: [n_queries, k] indices."""
     scores = torch.as_tensor(itc)
     if scores.ndim != 2:
         raise ValueError(f"itc must be [n_queries, n_candidates], got shape {tuple(scores.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    k = min(k, scores.shape[1])
-    reranked = torch.full(scores.shape, RERANK_FILL, dtype=torch.float32)
-    top_candidates = scores.topk(k, dim=1).indices
-    for query in range(scores.shape[0]):
-        candidates = top_candidates[query]
-        new_scores = torch.as_tensor(score_fn(query, candidates)).detach().float().cpu()
-        if new_scores.shape != (k,):
-            raise ValueError(
-                f"score_fn returned shape {tuple(new_scores.shape)} for query {query}, expected ({k},)"
-            )
-        reranked[query, candidates] = new_scores
+    return scores.topk(min(k, scores.shape[1]), dim=1).indices
+
+
+def fill_reranked(itc: torch.Tensor, candidates: torch.Tensor, new_scores: torch.Tensor) -> torch.Tensor:
+    """The re-ranked matrix: ``new_scores`` [n_queries, k] at ``candidates``, -100 elsewhere."""
+    reranked = torch.full(torch.as_tensor(itc).shape, RERANK_FILL, dtype=torch.float32)
+    reranked.scatter_(1, candidates, torch.as_tensor(new_scores).float().reshape(candidates.shape))
     return reranked

@@ -39,7 +39,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,20 +52,17 @@ from tqdm import tqdm
 from retrieval.data.corpora import Corpus
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.eval import metrics as M
+from retrieval.eval.rerank import FAILED_SCORE, PairScorer  # FAILED_SCORE: below the -100 re-rank fill
 from retrieval.models.text import clean_text
 
 logger = logging.getLogger(__name__)
 
-# Score of an undecodable clip: below the -100 re-rank fill, so it never outranks a real clip.
-FAILED_SCORE = -1.0e4
 # Names of the score sets in metrics and rank tables, with how the table labels them.
 SCORE_SETS: dict[str, str] = {
     "itm": "itm (official: ITC top-k re-ranked by ITM)",
     "itc": "itc (official: contrastive only)",
     "itc_dsl": "itc_dsl (NOT official: dual softmax)",
 }
-# Query-candidate pairs per forward of the matching head (bounds its memory for long token rows).
-_ITM_CHUNK = 64
 # Captions per forward of the text encoder.
 _TEXT_BATCH = 64
 # Captions per similarity block: per-frame scoring materialises [captions, clips, frames].
@@ -389,56 +386,25 @@ def has_itm_head(model: torch.nn.Module) -> bool:
             and getattr(model, "matching_trained", True))
 
 
-def _pad_hidden(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad caption hidden states to one batch plus its attention mask."""
-    longest = max(row.shape[0] for row in rows)
-    hidden = torch.zeros((len(rows), longest, rows[0].shape[1]), dtype=torch.float32)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, row in enumerate(rows):
-        hidden[i, :row.shape[0]] = row.float()
-        mask[i, :row.shape[0]] = 1
-    return hidden, mask
+def rerank_both(scorer: PairScorer, itc: torch.Tensor, k: int, progress: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM re-rank of each caption's top-k clips (t2v) and each clip's top-k captions (v2t).
 
-
-class _MatchScorer:
-    """ITM logits for (clip, caption) pairs in chunks; pairs with a failed clip get FAILED_SCORE."""
-
-    def __init__(self, model: torch.nn.Module, tokens: np.ndarray, text_hidden: list[torch.Tensor],
-                 failed: set[int]) -> None:
-        self.model, self.tokens, self.text_hidden, self.failed = model, tokens, text_hidden, failed
-        self.device = model_device(model)
-
-    def pairs(self, videos: Sequence[int], texts: Sequence[int]) -> torch.Tensor:
-        scores = torch.full((len(videos),), FAILED_SCORE, dtype=torch.float32)
-        usable = [i for i, video in enumerate(videos) if video not in self.failed]
-        for start in range(0, len(usable), _ITM_CHUNK):
-            rows = usable[start:start + _ITM_CHUNK]
-            clip_tokens = torch.from_numpy(np.asarray(self.tokens[[videos[i] for i in rows]]))
-            hidden, mask = _pad_hidden([self.text_hidden[texts[i]] for i in rows])
-            logits = self.model.match_score(clip_tokens.to(self.device, torch.float32),
-                                            hidden.to(self.device), mask.to(self.device))
-            scores[rows] = logits.float().cpu()
-        return scores
-
-    def t2v(self, text: int, videos: torch.Tensor) -> torch.Tensor:
-        candidates = videos.tolist()
-        return self.pairs(candidates, [text] * len(candidates))
-
-    def v2t(self, video: int, texts: torch.Tensor) -> torch.Tensor:
-        if video in self.failed:
-            return torch.full((len(texts),), FAILED_SCORE)
-        candidates = texts.tolist()
-        return self.pairs([video] * len(candidates), candidates)
-
-
-def _with_progress(score_fn: Callable[[int, torch.Tensor], torch.Tensor], bar: tqdm
-                   ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    def scored(query: int, candidates: torch.Tensor) -> torch.Tensor:
-        result = score_fn(query, candidates)
-        bar.update()
-        return result
-
-    return scored
+    Both directions' pairs are scored together, each distinct pair once, grouped by clip
+    (:class:`PairScorer`). Returns the t2v and v2t score matrices, both [n_texts, n_videos].
+    """
+    t2v = M.topk_candidates(itc, k)                  # [n_texts, k] clip indices
+    v2t = M.topk_candidates(itc.t(), k)              # [n_videos, k] caption indices
+    n_texts, n_videos = itc.shape
+    videos = np.concatenate([t2v.reshape(-1).numpy(),
+                             np.repeat(np.arange(n_videos), v2t.shape[1])])
+    texts = np.concatenate([np.repeat(np.arange(n_texts), t2v.shape[1]), v2t.reshape(-1).numpy()])
+    keys = videos * n_texts + texts
+    unique, inverse = np.unique(keys, return_inverse=True)
+    scores = scorer.score(unique // n_texts, unique % n_texts, progress=progress)[torch.from_numpy(inverse)]
+    itm_t2v = M.fill_reranked(itc, t2v, scores[:t2v.numel()])
+    itm_v2t = M.fill_reranked(itc.t(), v2t, scores[t2v.numel():]).t()
+    return itm_t2v, itm_v2t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,10 +548,8 @@ def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 1
             scored["itc_dsl"] = (dsl_t2v, dsl_v2t)
         if rerank:
             rerank_started = time.perf_counter()
-            scorer = _MatchScorer(model, clips["tokens"], captions.hidden, set(failed))
-            with tqdm(total=n_texts + n_videos, desc="ITM re-rank", unit="query", disable=not progress) as bar:
-                itm_t2v = M.rerank_topk(itc, rerank_k, _with_progress(scorer.t2v, bar))
-                itm_v2t = M.rerank_topk(itc.t(), rerank_k, _with_progress(scorer.v2t, bar)).t()
+            scorer = PairScorer(model, clips["tokens"], captions.hidden, set(failed))
+            itm_t2v, itm_v2t = rerank_both(scorer, itc, rerank_k, progress)
             scored["itm"] = (itm_t2v, itm_v2t)
             timing["rerank_s"] = time.perf_counter() - rerank_started
     timing["total_s"] = time.perf_counter() - started

@@ -133,6 +133,21 @@ class RetrievalModel(nn.Module):
                           encoder_hidden_states=video_tokens)
         return self.itm_head(fused[:, 0])[:, 1]
 
+    # The same logit split for re-ranking (tested equal to match_score): compute the video part
+    # once per video and the caption part once per caption, then only the pair part per pair.
+    def match_video_state(self, video_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per fusion layer, the cross-attention keys and values of ``video_tokens`` [G, Lv, D]."""
+        return self.text.fusion_context(video_tokens)
+
+    def match_text_state(self, text_hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The caption-only part of matching for text-mode outputs [B, L, H] (a [B, L, 2H] state)."""
+        return self.text.fusion_text_part(text_hidden, text_mask)
+
+    def match_score_cached(self, video_state: list[tuple[torch.Tensor, torch.Tensor]],
+                           text_state: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits [B] of B caption rows against G videos' states (rows in G blocks of B/G)."""
+        return self.itm_head(self.text.fusion_cls(text_state, text_mask, video_state))[:, 1]
+
     # -- persistence ------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {"video": self.video.vtr_config, "text": self.text.config_dict(), "embed_dim": self.embed_dim,

@@ -87,16 +87,39 @@ class MultiHeadAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Attend from ``hidden_states`` [B, Lq, H] to ``context`` [B, Lk, kv_width].
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, Lk, head_dim] of ``context`` [B, Lk, kv_width].
 
-        ``context_keep`` [B, Lk] (bool) marks the context positions that may be attended to.
+        For cross-attention they depend on the vision tokens only, so a re-ranker computes them
+        once per video and reuses them for every caption (:meth:`attend`).
         """
-        q = self._split_heads(self.query(hidden_states))
-        k = self._split_heads(self.key(context))
-        v = self._split_heads(self.value(context))
+        return self._split_heads(self.key(context)), self._split_heads(self.value(context))
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        context_keep: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``hidden_states`` [B, Lq, H] to projected ``keys``/``values`` [G, heads, Lk, d].
+
+        ``queries``: ``self.query(hidden_states)`` when the caller already has it.
+
+        ``G`` divides ``B``: query rows ``g*B/G .. (g+1)*B/G - 1`` all read context ``g`` (with
+        ``G = 1`` every row reads the same video). The rows sharing a context are folded into one
+        longer query sequence, which is exact: attention treats each query position on its own.
+        ``context_keep`` [G, Lk] (bool) marks the context positions that may be attended to.
+        """
+        q = self._split_heads(self.query(hidden_states) if queries is None else queries)
+        batch, heads, length, dim = q.shape
+        groups = keys.shape[0]
+        if batch % groups:
+            raise ValueError(f"{batch} query rows cannot share {groups} contexts evenly")
+        per = batch // groups
+        if per > 1:
+            q = q.reshape(groups, per, heads, length, dim).transpose(1, 2).reshape(groups, heads, per * length, dim)
         bias = None
         if context_keep is not None:
             # Additive rather than boolean: a row with every key masked then averages instead of NaN.
@@ -104,10 +127,20 @@ class MultiHeadAttention(nn.Module):
             bias = torch.zeros(context_keep.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill(~context_keep, torch.finfo(q.dtype).min)[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
+            q, keys, values, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0
         )
-        batch, _, length, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        if per > 1:
+            out = out.reshape(groups, heads, per, length, dim).transpose(1, 2).reshape(batch, heads, length, dim)
+        return out.transpose(1, 2).reshape(batch, length, heads * dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attend from ``hidden_states`` [B, Lq, H] to ``context`` [B, Lk, kv_width].
+
+        ``context_keep`` [B, Lk] (bool) marks the context positions that may be attended to.
+        """
+        return self.attend(hidden_states, *self.project_context(context), context_keep)
 
 
 class AttentionBlock(nn.Module):
@@ -124,6 +157,13 @@ class AttentionBlock(nn.Module):
         self, hidden_states: torch.Tensor, context: torch.Tensor, context_keep: torch.Tensor | None
     ) -> torch.Tensor:
         return self.output(self.self(hidden_states, context, context_keep), hidden_states)
+
+    def attend(
+        self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+        context_keep: torch.Tensor | None, queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` with the context already projected (:meth:`MultiHeadAttention.attend`)."""
+        return self.output(self.self.attend(hidden_states, keys, values, context_keep, queries), hidden_states)
 
 
 class TextEncoderLayer(nn.Module):
@@ -148,6 +188,10 @@ class TextEncoderLayer(nn.Module):
         hidden_states = self.attention(hidden_states, hidden_states, text_keep)
         if self.crossattention is not None:
             hidden_states = self.crossattention(hidden_states, vision, vision_keep)
+        return self.feed_forward(hidden_states)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP with its residual LayerNorm (BERT's ``intermediate`` + ``output``)."""
         return self.output(self.intermediate(hidden_states), hidden_states)
 
 
@@ -295,6 +339,57 @@ class TextEncoder(nn.Module):
             else:
                 hidden_states = layer(hidden_states, text_keep, encoder_hidden_states, vision_keep)
         return hidden_states
+
+    # -- fusion with reusable parts (re-ranking) ------------------------------------------------
+    # ``forward(mode="fusion")`` recomputes everything for every (caption, video) pair. A re-ranker
+    # scores each caption against k videos and each video against many captions, so the work
+    # splits into what depends on the video only (cross-attention keys and values, per layer),
+    # on the caption only (the first fusion layer's self-attention) and on the pair (the rest).
+    # The last layer only needs the CLS row. These three methods give the same CLS as
+    # ``forward(mode="fusion")[:, 0]`` (tested), in eval mode.
+
+    def fusion_context(
+        self, vision: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values of ``vision`` [G, Lv, encoder_width], one pair per fusion layer."""
+        self._check_vision(vision, vision.shape[0])
+        return [layer.crossattention.self.project_context(vision)
+                for layer in self.encoder.layer[self.fusion_layer:]]
+
+    def fusion_text_part(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The caption-only start of fusion [B, L, 2H]: the first fusion layer's self-attention
+        output and, concatenated after it, that layer's cross-attention queries of it."""
+        keep = attention_mask.bool() if attention_mask is not None else None
+        first = self.encoder.layer[self.fusion_layer]
+        attended = first.attention(hidden_states, hidden_states, keep)
+        return torch.cat([attended, first.crossattention.self.query(attended)], dim=-1)
+
+    def fusion_cls(
+        self,
+        text_part: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        context: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        vision_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fusion-mode CLS [B, H] from :meth:`fusion_text_part` rows and :meth:`fusion_context`.
+
+        ``context`` holds G videos' keys and values; G divides B and consecutive blocks of B/G
+        caption rows read one video each (G = 1: all rows against one video). ``vision_keep``
+        [G, Lv] (bool) marks the vision tokens to attend to; None = all.
+        """
+        layers = self.encoder.layer[self.fusion_layer:]
+        text_keep = attention_mask.bool() if attention_mask is not None else None
+        rows = slice(0, 1) if len(layers) == 1 else slice(None)
+        hidden, queries = text_part[:, rows, :self.hidden_size], text_part[:, rows, self.hidden_size:]
+        for index, (layer, (keys, values)) in enumerate(zip(layers, context, strict=True)):
+            last = index == len(layers) - 1
+            if index == 0:
+                attended = hidden
+            else:  # the last layer's outputs other than CLS are never read: query with CLS only
+                attended, queries = layer.attention(hidden[:, :1] if last else hidden, hidden, text_keep), None
+            attended = layer.crossattention.attend(attended, keys, values, vision_keep, queries)
+            hidden = layer.feed_forward(attended)
+        return hidden[:, 0]
 
     def _check_vision(self, vision: torch.Tensor | None, batch: int) -> None:
         """Fail with a readable message instead of a matmul shape error deep inside attention."""

@@ -236,6 +236,71 @@ class BiMambaMixer(nn.Module):
             y = y * 0.5
         return self.out_proj(y.to(hidden.dtype))
 
+    # Opt-in chunked inference (_forward_chunked) for long sequences: the bytes of in_proj output
+    # per chunk (e.g. 2 << 20: ~680 positions for VideoMamba-Ti), 0 = off. A chunk's in_proj
+    # output, convolutions and scan inputs then stay in cache instead of making full-length round
+    # trips through memory. Off by default because it did not pay where measured (2 shared cores:
+    # the one-pass path already costs the same per position at 8 and 64 frames on one thread, and
+    # the chunks' extra kernel calls cost more than the saved traffic; docs/long_clips_and_rerank.md).
+    # Set it per mixer (or on the class) where measurements say otherwise.
+    chunk_bytes = 0
+
+    def _chunk_len(self, hidden: torch.Tensor) -> int | None:
+        """Chunk length for this input, or None to run the whole sequence at once."""
+        if torch.is_grad_enabled() or self.mask_backward or self.elemental_residual or not self.chunk_bytes:
+            return None   # training keeps the one-pass path (its backward); Pro variants too
+        length = max(256, self.chunk_bytes // (hidden.shape[0] * 2 * self.d_inner * 4) // 64 * 64)
+        return length if hidden.shape[1] > 2 * length else None
+
+    def _forward_chunked(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+        """:meth:`_forward_fused` over sequence chunks, inference only (no autograd graph).
+
+        Pass 1 runs the chunks in order: in_proj (with the conv's d_conv - 1 halo positions on
+        each side), both convolutions, both x_proj, and the forward scan, which carries its state
+        from chunk to chunk through the kernel's initial/last state. It keeps the backward
+        branch's scan inputs, the gate and the forward output per chunk. Pass 2 runs the chunks
+        in reverse: the backward scan (state carried from the end), the sum, out_proj. Same
+        function as the one-pass path up to float rounding (tests/models/test_mixer_chunked.py).
+        """
+        from .ssm.cpu import ScanDirection, conv_silu, scan_directions  # noqa: PLC0415
+
+        E, R, N, K = self.d_inner, self.dt_rank, self.d_state, self.d_conv
+        length = hidden.shape[1]
+        bounds = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+        params = {}
+        for sfx in ("", "_b"):
+            dt_proj = getattr(self, f"dt_proj{sfx}")
+            params[sfx] = (getattr(self, f"x_proj{sfx}"), -torch.exp(getattr(self, f"A{sfx}_log").float()),
+                           getattr(self, f"D{sfx}").float(), dt_proj.bias.float(), dt_proj.weight.float())
+
+        def direction(sfx: str, xc: torch.Tensor, dbc: torch.Tensor, h0: torch.Tensor | None) -> ScanDirection:
+            _, A, D, bias, weight = params[sfx]
+            return ScanDirection(xc, None, dbc[..., R:R + N], dbc[..., R + N:], A, D=D, bias=bias, h0=h0,
+                                 reverse=sfx == "_b", dt=dbc[..., :R], dt_weight=weight)
+
+        kept = []
+        state = None
+        for start, stop in bounds:
+            lo, hi = max(0, start - (K - 1)), min(length, stop + K - 1)
+            xz = self.in_proj(hidden[:, lo:hi])
+            if xz.dtype != torch.float32:
+                xz = xz.float()
+            x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+            inner = slice(start - lo, stop - lo)
+            xc_f, xc_b = xc_f[:, inner], xc_b[:, inner].contiguous()
+            z = z[:, inner].contiguous() if z is not None else None
+            dbc_f = params[""][0](xc_f.to(params[""][0].weight.dtype)).float()
+            dbc_b = params["_b"][0](xc_b.to(params["_b"][0].weight.dtype)).float()
+            y_f, (state,) = scan_directions([direction("", xc_f, dbc_f, state)], z)
+            kept.append((xc_b, dbc_b, z, y_f))
+        out = hidden.new_empty(hidden.shape[0], length, self.out_proj.out_features)
+        state = None
+        for (start, stop), (xc_b, dbc_b, z, y_f) in zip(reversed(bounds), reversed(kept), strict=True):
+            y_b, (state,) = scan_directions([direction("_b", xc_b, dbc_b, state)], z)
+            out[:, start:stop] = self.out_proj((y_f + y_b).to(hidden.dtype))
+        return out
+
     def _use_fused(self, hidden: torch.Tensor) -> bool:
         if hidden.device.type != "cpu" or self.scan_backend not in ("auto", "cpu"):
             return False
@@ -247,6 +312,9 @@ class BiMambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._use_fused(hidden):
+            chunk = self._chunk_len(hidden)
+            if chunk is not None:
+                return self._forward_chunked(hidden, chunk)
             return self._forward_fused(hidden)
         return self._forward_composed(hidden)
 

@@ -65,7 +65,8 @@ def oracle(model, corpus, monkeypatch):
 
     encode_video writes each clip's corpus index into its first token (clips arrive in corpus
     order with workers=0); encode_texts writes the caption's ground-truth video index into its
-    first hidden state; match_score is 10 for a matching pair, 0 otherwise.
+    first hidden state; the matching head (its video, caption and pair parts) scores 10 for a
+    matching pair, 0 otherwise.
     """
     gt_of = {text: video for text, video in corpus.texts()}
     encode_video, encode_texts = model.encode_video, model.encode_texts
@@ -83,12 +84,15 @@ def oracle(model, corpus, monkeypatch):
         out["hidden"][:, 0, 0] = torch.tensor([float(gt_of[t]) for t in texts])
         return out
 
-    def match(video_tokens, text_hidden, text_mask):
-        return 10.0 * (video_tokens[:, 0, 0] == text_hidden[:, 0, 0]).float()
+    def match(video_state, text_state, text_mask):
+        marks = video_state[:, 0, 0].repeat_interleave(text_state.shape[0] // video_state.shape[0])
+        return 10.0 * (marks == text_state[:, 0, 0]).float()
 
     monkeypatch.setattr(model, "encode_video", marked_video)
     monkeypatch.setattr(model, "encode_texts", marked_texts)
-    monkeypatch.setattr(model, "match_score", match)
+    monkeypatch.setattr(model, "match_video_state", lambda tokens: tokens)
+    monkeypatch.setattr(model, "match_text_state", lambda hidden, mask: hidden)
+    monkeypatch.setattr(model, "match_score_cached", match)
     return model
 
 
