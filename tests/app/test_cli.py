@@ -1,8 +1,6 @@
-"""CLI argument parsing that has no other home: sizes for --max-memory."""
+"""CLI argument parsing that has no other home: sizes for --max-memory (the option's one-line error
+before any work is tested with the other index options in tests/indexer/test_hardening.py)."""
 import pytest
-from typer.testing import CliRunner
-
-from app.cli import app as cli_app
 from app.cmd_index import parse_bytes
 
 
@@ -18,12 +16,3 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_refuses(text):
     with pytest.raises(ValueError, match="as a size"):
         parse_bytes(text)
-
-
-def test_index_max_memory_error_is_one_line(tmp_path):
-    result = CliRunner().invoke(cli_app, ["index", "--model", str(tmp_path), "--videos", str(tmp_path),
-                                          "--out", str(tmp_path / "idx"), "--max-memory", "lots"])
-    assert result.exit_code == 2
-    assert "cannot read 'lots' as a size" in result.output
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "idx").exists()

@@ -207,6 +207,7 @@ def test_convert_does_not_overwrite_a_model_without_overwrite(model_dir: Path, t
         (["--window", "4", "--stride", "0"], "--stride must be a positive"),
         (["--stride", "2"], "--stride needs --window"),
         (["--max-memory", "0"], "--max-memory must be positive"),
+        (["--max-memory", "lots"], "cannot read 'lots' as a size"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--part-size", "0"], "--part-size must be >= 1"),
     ],
