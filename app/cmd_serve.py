@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from app.common import friendly
+from app.common import device_option, friendly, precision_option, runtime
 
 
 @friendly
@@ -20,6 +20,7 @@ def serve_cmd(
     labels: str | None = typer.Option(None, "--labels", help="action labels of the upload tab: synthetic, "
                                          "kinetics400 or a file (default: the set the index was labelled with)"),
     max_file_size: str = typer.Option("200mb", "--max-upload", help="largest video the upload tab accepts"),
+    device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Serve the search page: text search with playable moments, and search by an uploaded clip."""
     from app.web import serve  # gradio takes seconds to import
@@ -28,9 +29,10 @@ def serve_cmd(
         raise ValueError(f"--port must be 1-65535, got {port}")
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
+    device, precision = runtime(device, precision)
     typer.echo(f"opening index {index} ...")
     serve(index, model, host=host, port=port, concurrency=concurrency, labels=labels, quiet=False,
-          max_file_size=max_file_size)
+          max_file_size=max_file_size, device=device, precision=precision)
 
 
 def register(app: typer.Typer) -> None:

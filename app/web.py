@@ -494,7 +494,8 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     return url
 
 
-def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None) -> Searcher:
+def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
+                  device: str = "cpu", precision: str = "fp32") -> Searcher:
     """The Searcher for ``vtr serve``, with start-up errors a user can act on.
 
     Raises:
@@ -507,7 +508,7 @@ def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] |
                                 f"--videos DIR --out {index}`")
     if model is not None and not Path(model).is_dir():
         raise FileNotFoundError(f"model directory {model} does not exist")
-    searcher = Searcher(index, model=model)
+    searcher = Searcher(index, model=model, device=device, precision=precision)
     if len(searcher.reader) == 0:
         raise ValueError(f"index {index} holds no clips")
     return searcher
@@ -516,12 +517,13 @@ def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] |
 def serve(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None, host: str = DEFAULT_HOST,
           port: int | None = DEFAULT_PORT, concurrency: int = DEFAULT_CONCURRENCY,
           labels: str | os.PathLike[str] | None = None, prevent_thread_lock: bool = False,
-          quiet: bool = True, max_file_size: str | int | None = "200mb") -> tuple[gr.Blocks, str]:
+          quiet: bool = True, max_file_size: str | int | None = "200mb", device: str = "cpu",
+          precision: str = "fp32") -> tuple[gr.Blocks, str]:
     """Open the index (failing fast with a clear message), build the page and serve it.
 
     Blocks until interrupted unless ``prevent_thread_lock``; returns the app and its URL.
     """
-    searcher = open_searcher(index, model)
+    searcher = open_searcher(index, model, device, precision)
     demo = build_app(searcher, labels=labels, concurrency=concurrency)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: the page and the corpus videos are reachable from other machines", host)

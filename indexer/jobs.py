@@ -60,6 +60,7 @@ from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.video import VideoReadError, video_duration
 from retrieval.eval.actions import ActionClassifier, load_labels
 from retrieval.eval.retrieval import corpus_preprocess, iter_clip_batches
+from retrieval.device import model_autocast, model_device
 from retrieval.models.io import load_model, model_identity
 
 logger = logging.getLogger(__name__)
@@ -517,6 +518,8 @@ def run_index_job(
     workers: int = 2,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
@@ -527,6 +530,7 @@ def run_index_job(
         workers: DataLoader processes decoding clips (0 decodes in this process).
         batch_size: clips per encoder call.
         progress: show a tqdm bar (clips/s and ETA).
+        device, precision: where and in which precision the encoder runs (``retrieval.device``).
 
     Raises:
         JobError: the work directory holds output and ``resume`` is false, or it belongs to a
@@ -570,6 +574,8 @@ def run_index_job(
         batch_size,
         progress,
         f"indexing (shard {shard})",
+        device,
+        precision,
     )
 
     published = None
@@ -601,13 +607,15 @@ def _embed_parts(
     batch_size: int,
     progress: bool,
     description: str,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[int, int, float]:
     """Decode, encode and label every item of ``parts``; commit each part as it completes.
 
     Returns the numbers of items indexed and failed (decoding or probing), and the seconds the
     decode-encode-write loop took.
     """
-    model = load_model(model_dir)
+    model = load_model(model_dir, device, precision)
     classifier = ActionClassifier(model, labels)
     places = [(part, position) for part in parts for position in range(len(part.items))]
     items = Corpus(
@@ -636,6 +644,7 @@ def _embed_parts(
     batches = iter_clip_batches(items, corpus_preprocess(model, items), batch_size, workers)
     with (
         torch.inference_mode(),
+        model_autocast(model),
         tqdm(total=len(places), unit="clip", desc=description, disable=not progress) as bar,
     ):
         for batch in batches:
@@ -646,8 +655,8 @@ def _embed_parts(
                     {"path": item.video, "item": item_key(item.video, item.start, item.end), "reason": reason}
                 )
             if batch.clips is not None:
-                feat = model.encode_video(batch.clips)["feat"]
-                vectors = model.clip_vector(feat).float().numpy()
+                feat = model.encode_video(batch.clips.to(model_device(model)))["feat"]
+                vectors = model.clip_vector(feat).float().cpu().numpy()
                 predictions = classifier.predict(feat, top=TOP_LABELS)
                 for row, i in enumerate(batch.indices):
                     part, position = places[i]

@@ -27,6 +27,7 @@ import torch
 
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
+from retrieval.device import model_autocast, model_device
 from retrieval.models.io import load_model, model_identity
 from retrieval.models.text import clean_text
 
@@ -102,12 +103,13 @@ class Searcher:
         index: str | os.PathLike[str],
         model: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> None:
         index = Path(index)
         model_dir = Path(model) if model is not None else _recorded_model_dir(index)
         self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir))
-        self.model = load_model(model_dir, device=device)
-        self.device = torch.device(device)
+        self.model = load_model(model_dir, device=device, precision=precision)
+        self.device = model_device(self.model)
         self.preprocess = Preprocess.from_dict(self.model.preprocess)
 
     def stats(self) -> dict[str, Any]:
@@ -142,7 +144,8 @@ class Searcher:
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
-        encoded = self.model.encode_texts([query])
+        with model_autocast(self.model):
+            encoded = self.model.encode_texts([query])
         pool = max(k, RERANK_CANDIDATES) if rerank else k
         ranked = self.reader.search(encoded["feat"].float().cpu().numpy(), pool)[0]
         if not rerank:
@@ -159,7 +162,8 @@ class Searcher:
             VideoReadError: the example cannot be decoded.
         """
         clip = load_clip(path, self.preprocess, window=window)[None].to(self.device)
-        vector = self.model.clip_vector(self.model.encode_video(clip)["feat"])
+        with model_autocast(self.model):
+            vector = self.model.clip_vector(self.model.encode_video(clip)["feat"])
         return [
             self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]
         ]
@@ -179,9 +183,10 @@ class Searcher:
         scores: list[float] = []
         for start in range(0, len(clips), RERANK_BATCH):
             batch = torch.stack(clips[start : start + RERANK_BATCH]).to(self.device)
-            tokens = self.model.encode_video(batch)["tokens"]
             n = len(batch)
-            logits = self.model.match_score(tokens, text_hidden.expand(n, -1, -1), text_mask.expand(n, -1))
+            with model_autocast(self.model):
+                tokens = self.model.encode_video(batch)["tokens"]
+                logits = self.model.match_score(tokens, text_hidden.expand(n, -1, -1), text_mask.expand(n, -1))
             scores.extend(logits.float().cpu().tolist())
         order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
         return [self._hit(kept[i], scores[i]) for i in order]

@@ -55,6 +55,7 @@ def vtc_loss(text_feat: torch.Tensor, video_feat: torch.Tensor, idx: torch.Tenso
     Local rows are scored against the features of all processes (gathered with gradient), so
     the loss over N processes of batch b equals one process of batch N*b.
     """
+    idx = idx.to(text_feat.device)  # gathered on the device (NCCL moves CUDA tensors only)
     t_all, v_all, idx_all = gather_with_grad(text_feat), gather_with_grad(video_feat), gather_no_grad(idx)
     s_t2v = RetrievalModel.similarity(text_feat, v_all) / temp             # [b, N*b]
     s_v2t = RetrievalModel.similarity(t_all, video_feat).t() / temp        # [b, N*b]
@@ -74,15 +75,17 @@ def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: tor
     train the matching head on a share of each batch.
     """
     b = video_tokens.shape[0]
+    # idx may stay on the host: which pairs are positives is decided there, without a device sync
+    host_same = idx[:, None] == idx[None, :]
+    if bool(host_same.all(1).any()):  # a text whose every candidate is a positive has no negative
+        return video_tokens.new_zeros(())
     with torch.no_grad():
         sim = RetrievalModel.similarity(text_feat, video_feat) / temp      # [b texts, b videos]
-        same = idx[:, None] == idx[None, :]
+        same = host_same.to(sim.device)
         w_t2v = F.softmax(sim.float(), dim=1).masked_fill(same, 0) + 1e-12
         w_v2t = F.softmax(sim.t().float(), dim=1).masked_fill(same, 0) + 1e-12
         w_t2v = w_t2v.masked_fill(same, 0)
         w_v2t = w_v2t.masked_fill(same, 0)
-        if (w_t2v.sum(1) == 0).any():  # a batch where every pair is a positive has no negative
-            return video_tokens.new_zeros(())
         neg_video = torch.multinomial(w_t2v, 1, generator=generator).squeeze(1)
         neg_text = torch.multinomial(w_v2t, 1, generator=generator).squeeze(1)
     all_video, all_hidden, all_mask = video_tokens, text_hidden, text_mask
@@ -94,7 +97,8 @@ def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: tor
     tm = torch.cat([text_mask, text_mask, all_mask[neg_text]], dim=0)
     fused = model.text(attention_mask=tm, mode="fusion", hidden_states=th, encoder_hidden_states=v)
     logits = model.itm_head(fused[:, 0])
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
+                        torch.zeros(2 * b, dtype=torch.long, device=logits.device)])
     return F.cross_entropy(logits.float(), labels)
 
 
@@ -102,13 +106,17 @@ def mlm_loss(model: RetrievalModel, input_ids: torch.Tensor, text_mask: torch.Te
              special: SpecialTokenIds, mask_prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     if model.mlm_head is None:
         raise ValueError("the MLM loss needs a model built with_mlm=True")
-    masked, labels = mask_tokens(input_ids, special, model.text.config.vocab_size, mask_prob, generator)
+    # the masking is drawn on the host ids (the tokenizer's; the same draw on every device), so the
+    # positions scored are known without a device sync
+    masked, labels = mask_tokens(input_ids.cpu(), special, model.text.config.vocab_size, mask_prob, generator)
     if (labels == -100).all():
         return video_tokens.new_zeros(())
-    hidden = model.text(masked, text_mask, mode="multimodal", encoder_hidden_states=video_tokens)
+    device = video_tokens.device
+    hidden = model.text(masked.to(device), text_mask.to(device), mode="multimodal",
+                        encoder_hidden_states=video_tokens)
     picked = labels != -100  # the vocabulary projection is the costly part: only where it is scored
-    logits = model.mlm_head(hidden[picked])
-    return F.cross_entropy(logits.float(), labels[picked])
+    logits = model.mlm_head(hidden[picked.to(device)])
+    return F.cross_entropy(logits.float(), labels[picked].to(device))
 
 
 def teacher_guided_mask(affinity: torch.Tensor, keep_per_frame: int,
@@ -130,7 +138,11 @@ def uta_loss(student_distill: torch.Tensor, teacher_tokens: torch.Tensor, mask: 
     ``mask`` [B, T*N] with V False entries per row.
     """
     b, _, d = teacher_tokens.shape
-    target = teacher_tokens[~mask].reshape(b, -1, d)
+    visible = student_distill.shape[1]
+    # the visible places in order (a stable sort puts the False entries first): a gather, so the
+    # shapes are known without reading the mask (no device sync)
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices[:, :visible]
+    target = teacher_tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, d))
     if target.shape != student_distill.shape:
         raise ValueError(f"UTA: teacher tokens at visible places {tuple(target.shape)} do not match the "
                          f"student's {tuple(student_distill.shape)} (is the teacher's width the student's "
