@@ -115,8 +115,9 @@ def mlm_loss(model: RetrievalModel, input_ids: torch.Tensor, text_mask: torch.Te
     hidden = model.text(masked.to(device), text_mask.to(device), mode="multimodal",
                         encoder_hidden_states=video_tokens)
     picked = labels != -100  # the vocabulary projection is the costly part: only where it is scored
-    logits = model.mlm_head(hidden[picked.to(device)])
-    return F.cross_entropy(logits.float(), labels[picked].to(device))
+    rows = picked.flatten().nonzero().squeeze(1)   # host positions: no data-dependent shape on the device
+    logits = model.mlm_head(hidden.flatten(0, 1)[rows.to(device)])
+    return F.cross_entropy(logits.float(), labels.flatten()[rows].to(device))
 
 
 def teacher_guided_mask(affinity: torch.Tensor, keep_per_frame: int,
