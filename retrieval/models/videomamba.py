@@ -160,7 +160,7 @@ class BiMambaMixer(nn.Module):
 
         E, R, N = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(hidden)                                       # [B, L, (2)E]
-        if xz.dtype != torch.float32:
+        if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
             xz = xz.float()
         x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
         xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
