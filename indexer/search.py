@@ -27,7 +27,7 @@ import torch
 
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
-from retrieval.device import model_autocast, model_device
+from retrieval.device import model_autocast, model_device, resolve_device
 from retrieval.models.io import load_model, model_identity
 from retrieval.models.text import clean_text
 
@@ -107,7 +107,11 @@ class Searcher:
     ) -> None:
         index = Path(index)
         model_dir = Path(model) if model is not None else _recorded_model_dir(index)
-        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir))
+        # on a CUDA device the FAISS index goes to the GPU too when faiss-gpu sees one (logged);
+        # the index on disk stays a CPU index either way
+        on_cuda = resolve_device(device).type == "cuda"
+        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir),
+                                              use_gpu=None if on_cuda else False)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.from_dict(self.model.preprocess)
