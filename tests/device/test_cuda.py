@@ -52,3 +52,22 @@ def test_cuda_scan_matches_the_cpu_kernel_forward_and_backward(mask_diag, h0):
     torch.testing.assert_close(outs["cuda"], outs["cpu"], rtol=1e-3, atol=1e-3)
     for k in x:
         torch.testing.assert_close(grads["cuda"][k], grads["cpu"][k], rtol=1e-2, atol=1e-2, msg=k)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_steps_on_cuda(precision, tmp_path):
+    from retrieval.data.synthetic import generate_corpus
+    from retrieval.train.loop import STATE_FILE, train
+    from retrieval.train.recipe import load_recipe
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, n_train=8, n_test=2, size=32, long_videos=0, progress=False)
+    recipe = load_recipe(None, [f"data.train={corpus / 'train.json'}", f"data.videos={corpus / 'videos'}",
+                                "model.video=videomamba_tiny_test", "model.embed_dim=16", "model.num_fusion_layers=1",
+                                "optim.batch_size=4", "optim.steps=3", "optim.warmup_steps=1", "loss.vtm=1.0",
+                                "loss.mlm=0.5", f"run.out={tmp_path / 'run'}", "run.progress=false",
+                                "run.device=cuda", f"run.precision={precision}"])
+    train(recipe)
+    state = torch.load(tmp_path / "run" / "checkpoint" / STATE_FILE, weights_only=True)
+    assert ("scaler" in state) == (precision == "fp16")   # fp16 trains with a gradient scaler
+    assert "cuda_rng" in state
