@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from retrieval.device import cpu_flags, cpu_has_native_bf16  # noqa: E402
+from retrieval.device import cpu_flags, cpu_has_native_bf16
 
 THREADS = 2
 RESULTS = ROOT / "bench" / "results"

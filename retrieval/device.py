@@ -17,7 +17,7 @@ import functools
 import logging
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -185,9 +185,17 @@ def model_autocast(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def describe(device: torch.device, precision: str) -> str:
-    return f"{device} / {precision}"
-
-
-__all__ = ["DEVICES", "PRECISIONS", "DeviceError", "resolve_device", "local_rank_device", "cpu_has_native_bf16",
-           "resolve_precision", "autocast", "set_runtime", "model_device", "model_precision", "model_autocast"]
+__all__ = [
+    "DEVICES",
+    "PRECISIONS",
+    "DeviceError",
+    "autocast",
+    "cpu_has_native_bf16",
+    "local_rank_device",
+    "model_autocast",
+    "model_device",
+    "model_precision",
+    "resolve_device",
+    "resolve_precision",
+    "set_runtime",
+]

@@ -10,8 +10,8 @@ arithmetic, not the training, reacts to precision.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,9 @@ from ..device import autocast
 def photo_pan_clip(preprocess: dict) -> torch.Tensor:
     """A camera pan over a photograph: T crops sliding diagonally across it, resized to the model's
     size and normalised with its mean/std: [3, T, S, S]."""
-    import numpy as np  # noqa: PLC0415
-    from matplotlib import cbook  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
 
     with cbook.get_sample_data("grace_hopper.jpg") as fh:
         photo = np.asarray(Image.open(fh).convert("RGB"), dtype=np.float32) / 255.0      # [H, W, 3]
@@ -47,9 +47,9 @@ def photo_pan_clip(preprocess: dict) -> torch.Tensor:
 def realistic_clips(preprocess: dict, n: int = 2, workdir: str | Path | None = None, seed: int = 0) -> torch.Tensor:
     """A photo pan (:func:`photo_pan_clip`) and ``n - 1`` synthetic-corpus clips through
     ``preprocess`` (a model's preprocess dict): [n, 3, T, S, S]."""
-    from ..data.corpora import load_corpus  # noqa: PLC0415
-    from ..data.synthetic import generate_corpus  # noqa: PLC0415
-    from ..data.video import Preprocess, load_clip  # noqa: PLC0415
+    from ..data.corpora import load_corpus
+    from ..data.synthetic import generate_corpus
+    from ..data.video import Preprocess, load_clip
 
     pre = Preprocess.from_dict({k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")
                                 if k in preprocess})

@@ -117,7 +117,7 @@ def test_train_precision_override_is_checked(tmp_path, monkeypatch):
 
 def _inputs(b=2, d=5, n=4, L=37, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g)
     return dict(u=r(b, d, L), delta=r(b, d, L) * 0.5, A=-torch.rand(d, n, generator=g) - 0.2, B=r(b, n, L),
                 C=r(b, n, L), D=r(d), z=r(b, d, L), delta_bias=r(d) * 0.1)
 

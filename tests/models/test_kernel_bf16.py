@@ -59,7 +59,7 @@ def test_scan_gate_reads_bf16_exactly():
 
 def test_no_fp32_copy_of_in_proj_output_on_the_fused_path(monkeypatch):
     """Under bf16 autocast the mixer hands in_proj's bf16 output to the kernels as it is."""
-    import retrieval.models.ssm.cpu as cpu
+    from retrieval.models.ssm import cpu
 
     torch.manual_seed(0)
     mixer = BiMambaMixer(32, d_state=16).eval()
