@@ -17,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from app.common import friendly
+from app.common import device_option, friendly, precision_option, runtime
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="vtr: video-text retrieval with VideoMamba and friends.")
@@ -140,7 +140,8 @@ def info_cmd(model: Path = typer.Argument(..., help="model directory")) -> None:
 @friendly
 def train_cmd(ctx: typer.Context,
               recipe: Path = typer.Argument(..., help="training recipe (YAML), e.g. configs/train/demo.yaml"),
-              resume: bool = typer.Option(False, "--resume", help="continue from run.out/checkpoint")) -> None:
+              resume: bool = typer.Option(False, "--resume", help="continue from run.out/checkpoint"),
+              device: Optional[str] = device_option(None), precision: Optional[str] = precision_option(None)) -> None:
     """Train a retrieval model (VTC + VTM + MLM [+ UTA]); key=value arguments override the recipe.
 
     Many processes: torchrun --nproc_per_node N -m app.cli train RECIPE
@@ -148,7 +149,10 @@ def train_cmd(ctx: typer.Context,
     from retrieval.train.loop import train  # noqa: PLC0415
     from retrieval.train.recipe import load_recipe  # noqa: PLC0415
 
-    r = load_recipe(recipe, ctx.args)
+    # --device/--precision override the recipe's run.device/run.precision
+    extra = [f"run.{k}={v}" for k, v in (("device", device), ("precision", precision)) if v is not None]
+    r = load_recipe(recipe, [*ctx.args, *extra])
+    runtime(r.run.device, r.run.precision)  # a missing CUDA fails here, before the corpus is read
     final = train(r, resume=resume)
     typer.echo(f"model written to {final}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from app.common import friendly
+from app.common import device_option, friendly, precision_option, runtime
 
 _TASKS = ("retrieval", "classify")
 _SOURCES = ("auto", "zero-shot", "supervised")
@@ -39,6 +39,7 @@ def eval_cmd(
     labels: str = typer.Option("synthetic", "--labels", help="for --task classify: kinetics400 | synthetic | FILE"),
     source: str = typer.Option("auto", "--source", help="for --task classify: auto | zero-shot | supervised"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+    device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Zero-shot evaluation on a corpus: t2v/v2t retrieval (ITC + ITM re-rank) or action accuracy."""
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
@@ -46,8 +47,9 @@ def eval_cmd(
 
     _check_choice(task, _TASKS, "--task")
     _check_choice(source, _SOURCES, "--source")
+    device, precision = runtime(device, precision)
     corpus = load_corpus(dataset, ann, videos)
-    net = load_model(model)
+    net = load_model(model, device, precision)
     if cache_dir is None and out is not None:
         cache_dir = out / "embeddings"
     if task == "classify":
@@ -83,6 +85,7 @@ def classify_cmd(
     top: int = typer.Option(5, "--top", help="labels shown per video"),
     source: str = typer.Option("auto", "--source", help="auto | zero-shot (label prompts) | supervised (head)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON list on stdout"),
+    device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Top action labels for each video: zero-shot from label prompts, or the model's own head."""
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
@@ -91,8 +94,10 @@ def classify_cmd(
     _check_choice(source, _SOURCES, "--source")
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
+    device, precision = runtime(device, precision)
     try:
-        rankings = classify_paths(model, videos, labels=labels, top=top, source=source)
+        rankings = classify_paths(model, videos, labels=labels, top=top, source=source, device=device,
+                                  precision=precision)
     except VideoReadError as exc:
         raise ValueError(str(exc)) from exc
     if as_json:

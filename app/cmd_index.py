@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from app.common import friendly
+from app.common import device_option, friendly, precision_option, runtime
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -58,6 +58,7 @@ def _index_callback(
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an index of another model or corpus "
                                    "already at --out (never a folder that is not an index)"),
+    device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
 
@@ -66,14 +67,15 @@ def _index_callback(
     if ctx.invoked_subcommand is not None:
         return
     _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
-               part_size, labels, max_memory, index_type, not no_progress, overwrite)
+               part_size, labels, max_memory, index_type, not no_progress, overwrite, device, precision)
 
 
 @friendly
 def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path], dataset: str,
                out: Optional[Path], window: Optional[float], stride: Optional[float], shard: Optional[str],
                resume: bool, workers: int, batch_size: int, part_size: int, labels: str,
-               max_memory: Optional[str], index_type: str, progress: bool, overwrite: bool = False) -> None:
+               max_memory: Optional[str], index_type: str, progress: bool, overwrite: bool = False,
+               device: str = "auto", precision: str = "auto") -> None:
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
@@ -86,12 +88,14 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
         raise ValueError(f"{model} is a bare video encoder ({kind}): an index answers text queries, so it needs a "
                          "retrieval model directory (`vtr train`, or `vtr convert --tokenizer` of a multi-modality "
                          "checkpoint)")
+    device, precision = runtime(device, precision)
     spec = JobSpec(model_dir=model, out=out, videos=videos, ann_file=ann, dataset=dataset, window=window,
                    stride=stride, part_size=part_size, labels=labels,
                    index_type=None if index_type == "auto" else index_type,
                    max_memory_bytes=parse_bytes(max_memory) if max_memory else None)
     summary = run_index_job(spec, resolve_shard(shard), resume=resume, workers=workers,
-                            batch_size=batch_size, progress=progress, overwrite=overwrite)
+                            batch_size=batch_size, progress=progress, overwrite=overwrite, device=device,
+                            precision=precision)
     typer.echo(f"shard {summary.shard}: indexed {summary.indexed}, failed {summary.failed}, skipped "
                f"{summary.skipped} (already done) in {summary.seconds:.1f} s "
                f"({summary.clips_per_second:.1f} clips/s while embedding)")
@@ -127,6 +131,7 @@ def _search_cmd(
     k: int = typer.Option(10, "-k", help="number of hits"),
     rerank: bool = typer.Option(False, "--rerank", help="re-score the top candidates with the matching head"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per hit instead of a table"),
+    device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Search an index by text (or by an example video with --video)."""
     from indexer.search import Searcher, clean_query  # noqa: PLC0415
@@ -138,7 +143,8 @@ def _search_cmd(
         raise ValueError("give either a text query or --video PATH")
     if query is not None:
         clean_query(query)  # refuse an empty query before spending seconds loading the model
-    searcher = Searcher(index, model=model)
+    device, precision = runtime(device, precision)
+    searcher = Searcher(index, model=model, device=device, precision=precision)
     if query is not None:
         hits = searcher.search(query, k=k, rerank=rerank)
     else:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from app.common import friendly
+from app.common import device_option, friendly, precision_option, runtime
 
 
 @friendly
@@ -25,6 +25,7 @@ def serve_cmd(
     upload_max_seconds: float = typer.Option(600.0, "--upload-max-seconds", help="longest uploaded clip"),
     upload_max_frames: int = typer.Option(18_000, "--upload-max-frames", help="most frames in an uploaded clip"),
     upload_decoders: int = typer.Option(1, "--upload-decoders", help="uploaded clips decoded at once"),
+    device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Serve the search page: text search with playable moments, and search by an uploaded clip."""
     from app.uploads import UploadLimits
@@ -36,9 +37,10 @@ def serve_cmd(
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
     limits = UploadLimits(max_pixels=upload_max_pixels, max_seconds=upload_max_seconds,
                           max_frames=upload_max_frames, decoders=upload_decoders)
+    device, precision = runtime(device, precision)
     typer.echo(f"opening index {index} ...")
     serve(index, model, host=host, port=port, concurrency=concurrency, labels=labels, quiet=False,
-          max_file_size=max_file_size, upload_limits=limits)
+          max_file_size=max_file_size, upload_limits=limits, device=device, precision=precision)
 
 
 def register(app: typer.Typer) -> None:

@@ -33,3 +33,22 @@ def friendly(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+# -- --device / --precision: one shared pair of options for every verb that runs a model ------
+def device_option(default: str = "auto"):
+    return typer.Option(default, "--device", help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
+
+
+def precision_option(default: str = "auto"):
+    return typer.Option(default, "--precision", help="auto (bf16 on CUDA and on CPUs with native bf16, else "
+                                                     "fp32) | fp32 | bf16 | fp16 (CUDA)")
+
+
+def runtime(device: str, precision: str) -> tuple[str, str]:
+    """Resolve ``--device``/``--precision`` before any work: a missing CUDA or an unknown value is
+    a user error (one line, exit 2). Returns ``(device, precision)`` as concrete strings."""
+    from retrieval.device import local_rank_device, resolve_precision  # noqa: PLC0415
+
+    dev = local_rank_device(device)  # under torchrun with CUDA: this process's LOCAL_RANK GPU
+    return str(dev), resolve_precision(precision, dev)

@@ -557,7 +557,8 @@ def add_clip_route(app: Any, page: SearchPage) -> None:
     app.router.routes.insert(0, route)
 
 
-def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None) -> Searcher:
+def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None,
+                  device: str = "cpu", precision: str = "fp32") -> Searcher:
     """The Searcher for ``vtr serve``, with start-up errors a user can act on.
 
     Raises:
@@ -570,7 +571,7 @@ def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] |
                                 f"--videos DIR --out {index}`")
     if model is not None and not Path(model).is_dir():
         raise FileNotFoundError(f"model directory {model} does not exist")
-    searcher = Searcher(index, model=model)
+    searcher = Searcher(index, model=model, device=device, precision=precision)
     if len(searcher.reader) == 0:
         raise ValueError(f"index {index} holds no clips")
     return searcher
@@ -580,12 +581,13 @@ def serve(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = 
           port: int | None = DEFAULT_PORT, concurrency: int = DEFAULT_CONCURRENCY,
           labels: str | os.PathLike[str] | None = None, prevent_thread_lock: bool = False,
           quiet: bool = True, max_file_size: str | int | None = "200mb",
-          upload_limits: UploadLimits | None = None) -> tuple[gr.Blocks, str]:
+          upload_limits: UploadLimits | None = None, device: str = "cpu",
+          precision: str = "fp32") -> tuple[gr.Blocks, str]:
     """Open the index (failing fast with a clear message), build the page and serve it.
 
     Blocks until interrupted unless ``prevent_thread_lock``; returns the app and its URL.
     """
-    searcher = open_searcher(index, model)
+    searcher = open_searcher(index, model, device, precision)
     demo = build_app(searcher, labels=labels, concurrency=concurrency, upload_limits=upload_limits)
     for root in demo.vtr_page.guard.roots:
         home = Path(os.path.realpath(Path.home()))

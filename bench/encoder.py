@@ -1,13 +1,15 @@
 """VideoMamba-Ti encoder benchmark: forward seconds per clip and peak memory vs frames.
 
-For each frame count (224x224, batch 1, no grad, fp32, 2 threads) two child processes run, so
+For each frame count (224x224, batch 1, no grad, 2 threads) three child processes run, so
 no configuration inherits another's memory high-water mark or warm caches:
 
 * ``time`` child: warm-up, then ``fused_s``: forward passes of the model as
   ``create_model("videomamba_tiny")`` runs it on CPU (the fused mixer path), median/min/max;
   then forward passes alternating (A B A B) between the fused path and the torch composition
   around the same scan kernel (per-branch transposes, flips, separate conv/softplus/gate ops:
-  the layout the mixer had before the fused path): ``ab_*`` and ``speedup_vs_composed``. One
+  the layout the mixer had before the fused path) and the fused path under bf16 autocast:
+  ``ab_*``, ``speedup_vs_composed`` and ``bf16_vs_fp32`` (fp32 time / bf16 time; above 1 only
+  on CPUs with native bf16, ``cpu_native_bf16``). One
   more fused forward runs under torch.profiler to attribute time: the scan kernel
   (``_ScanFn``, which includes the fused dt projection), the conv kernel (``_ConvFn``),
   matmuls (``aten::mm``), everything else. ``load_avg_1min`` records how busy the machine was.
@@ -100,10 +102,15 @@ def child(frames: int, mode: str, repeats: int) -> dict:
     if mode == "time-tuned":
         row.update(fused_tuned_s=round(statistics.median(alone), 4), fused_tuned_min_s=round(min(alone), 4))
         return row
+    def bf16_forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(video)
+
     composed_forward()
-    times = {"fused": [], "composed": []}
-    for _ in range(max(2, repeats // 2)):                 # the comparison: alternating A B A B
-        for name, fn in (("fused", fused_forward), ("composed", composed_forward)):
+    bf16_forward()
+    times = {"fused": [], "composed": [], "bf16": []}
+    for _ in range(max(2, repeats // 2)):                 # the comparison: alternating A B C A B C
+        for name, fn in (("fused", fused_forward), ("composed", composed_forward), ("bf16", bf16_forward)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -119,12 +126,17 @@ def child(frames: int, mode: str, repeats: int) -> dict:
     row["fused_s"] = round(statistics.median(alone), 4)
     row["fused_min_s"] = round(min(alone), 4)
     row["fused_max_s"] = round(max(alone), 4)
-    for name in ("fused", "composed"):
+    for name in ("fused", "composed", "bf16"):
         ts = times[name]
         row[f"ab_{name}_s"] = round(statistics.median(ts), 4)
         row[f"ab_{name}_min_s"] = round(min(ts), 4)
         row[f"ab_{name}_max_s"] = round(max(ts), 4)
     row["speedup_vs_composed"] = round(row["ab_composed_s"] / row["ab_fused_s"], 2)
+    # bf16 autocast (fused kernels read bf16 in place) beside fp32, same process, alternating
+    row["bf16_vs_fp32"] = round(row["ab_fused_s"] / row["ab_bf16_s"], 3)
+    from retrieval.device import cpu_has_native_bf16
+
+    row["cpu_native_bf16"] = cpu_has_native_bf16()
     row["seconds_per_frame"] = round(row["fused_s"] / frames, 4)
     row["load_avg_1min"] = round(os.getloadavg()[0], 2)
     row["share"] = {"scan_kernel": share("_ScanFn"), "conv_kernel": share("_ConvFn"), "matmul": share("aten::mm"),

@@ -71,13 +71,22 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+def _native_bf16() -> bool:
+    from retrieval.device import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 def _max_rss_mb() -> float:
     """This process's RSS high-water mark (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(spec: str, frames: int, img_size: int, repeats: int, threads: int) -> dict[str, Any]:
-    """Child side: build, warm up, time ``repeats`` forwards of one clip; report time and memory."""
+def measure(spec: str, frames: int, img_size: int, repeats: int, threads: int, bf16: bool = True) -> dict[str, Any]:
+    """Child side: build, warm up, time ``repeats`` forwards of one clip; report time and memory.
+
+    With ``bf16`` the same process also times forwards under bf16 autocast, alternating with the
+    fp32 ones (A B A B): ``bf16_sec_per_clip`` and ``bf16_vs_fp32`` (fp32 time / bf16 time)."""
     import torch
 
     from retrieval.models.registry import create_model
@@ -88,14 +97,28 @@ def measure(spec: str, frames: int, img_size: int, repeats: int, threads: int) -
     model = create_model(name, num_frames=frames, img_size=img_size, **overrides).eval()
     video = torch.randn(1, 3, frames, img_size, img_size)
     rss_after_build = _max_rss_mb()
-    times = []
+    times, times_bf16 = [], []
     with torch.inference_mode():
         out = model(video)  # warm-up: first-call allocations, kernel selection
+        if bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(video)
         for _ in range(repeats):
             start = time.perf_counter()
             model(video)
             times.append(time.perf_counter() - start)
+            if bf16:
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    model(video)
+                times_bf16.append(time.perf_counter() - start)
+    extra: dict[str, Any] = {}
+    if bf16:
+        extra = {"bf16_sec_per_clip": round(statistics.median(times_bf16), 4),
+                 "bf16_vs_fp32": round(statistics.median(times) / statistics.median(times_bf16), 3),
+                 "cpu_native_bf16": _native_bf16()}
     return {
+        **extra,
         "sec_per_clip": round(statistics.median(times), 4),
         "sec_all": [round(t, 4) for t in times],
         "peak_rss_mb": round(_max_rss_mb(), 1),
@@ -186,6 +209,7 @@ def run_child(spec: str, frames: int, args: argparse.Namespace) -> dict[str, Any
         str(args.repeats),
         "--threads",
         str(args.threads),
+        *(["--no-bf16"] if args.no_bf16 else []),
     ]
     try:
         proc = subprocess.run(
@@ -251,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "scaling.jsonl")
     parser.add_argument("--plot", type=Path, default=RESULTS / "scaling.png")
     parser.add_argument("--append", action="store_true", help="add to --out instead of overwriting it")
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 only (default: bf16 autocast timed "
+                        "beside fp32 in the same process, alternating)")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     parser.add_argument("--alternate", nargs="+", metavar="SPEC",
                         help="also time these models in turns in one process (first = baseline of the ratios)")
@@ -258,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.child:
-        print(json.dumps(measure(args.child, args.frames[0], args.img_size, args.repeats, args.threads)))
+        print(json.dumps(measure(args.child, args.frames[0], args.img_size, args.repeats, args.threads,
+                                 bf16=not args.no_bf16)))
         return
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

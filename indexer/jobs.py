@@ -64,6 +64,7 @@ from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.video import VideoReadError, video_duration
 from retrieval.eval.actions import ActionClassifier, load_labels
 from retrieval.eval.retrieval import corpus_preprocess, iter_clip_batches
+from retrieval.device import model_autocast, model_device
 from retrieval.models.io import load_model, model_identity, read_model_config
 
 logger = logging.getLogger(__name__)
@@ -561,6 +562,8 @@ def run_index_job(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     overwrite: bool = False,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
@@ -572,6 +575,7 @@ def run_index_job(
         batch_size: clips per encoder call.
         progress: show a tqdm bar (clips/s and ETA).
         overwrite: replace an index of another model or corpus already at ``spec.out``.
+        device, precision: where and in which precision the encoder runs (``retrieval.device``).
 
     Every option is checked before anything is written, and the run holds an exclusive lock
     (:mod:`indexer.locks`) on the index, or on its shard of the job.
@@ -602,7 +606,7 @@ def run_index_job(
         created = not work.root.exists()
         try:
             return _run_locked(spec, shard, resume, workers, batch_size, progress, overwrite, work, started,
-                               embed_dim if isinstance(embed_dim, int) else None)
+                               embed_dim if isinstance(embed_dim, int) else None, device, precision)
         except BaseException:
             # a run that fails before committing anything leaves no work directory to trip over
             if created and shard.is_single and work.root.is_dir() and not any(work.parts_dir.glob("part-*.json")):
@@ -621,6 +625,8 @@ def _run_locked(
     work: WorkDir,
     started: float,
     embed_dim: int | None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> JobSummary:
     identity = model_identity(spec.model_dir)
     has_work = work.root.exists()
@@ -663,6 +669,8 @@ def _run_locked(
         batch_size,
         progress,
         f"indexing (shard {shard})",
+        device,
+        precision,
     )
 
     published = None
@@ -694,13 +702,15 @@ def _embed_parts(
     batch_size: int,
     progress: bool,
     description: str,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> tuple[int, int, float]:
     """Decode, encode and label every item of ``parts``; commit each part as it completes.
 
     Returns the numbers of items indexed and failed (decoding or probing), and the seconds the
     decode-encode-write loop took.
     """
-    model = load_model(model_dir)
+    model = load_model(model_dir, device, precision)
     classifier = ActionClassifier(model, labels)
     places = [(part, position) for part in parts for position in range(len(part.items))]
     items = Corpus(
@@ -729,6 +739,7 @@ def _embed_parts(
     batches = iter_clip_batches(items, corpus_preprocess(model, items), batch_size, workers)
     with (
         torch.inference_mode(),
+        model_autocast(model),
         tqdm(total=len(places), unit="clip", desc=description, disable=not progress) as bar,
     ):
         for batch in batches:
@@ -739,8 +750,8 @@ def _embed_parts(
                     {"path": item.video, "item": item_key(item.video, item.start, item.end), "reason": reason}
                 )
             if batch.clips is not None:
-                feat = model.encode_video(batch.clips)["feat"]
-                vectors = model.clip_vector(feat).float().numpy()
+                feat = model.encode_video(batch.clips.to(model_device(model)))["feat"]
+                vectors = model.clip_vector(feat).float().cpu().numpy()
                 predictions = classifier.predict(feat, top=TOP_LABELS)
                 for row, i in enumerate(batch.indices):
                     part, position = places[i]

@@ -27,6 +27,7 @@ import torch
 
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
+from retrieval.device import model_autocast, model_device, resolve_device
 from retrieval.models.io import load_model, model_identity
 from retrieval.models.text import clean_text
 
@@ -102,12 +103,17 @@ class Searcher:
         index: str | os.PathLike[str],
         model: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "fp32",
     ) -> None:
         index = Path(index)
         model_dir = Path(model) if model is not None else _recorded_model_dir(index)
-        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir))
-        self.model = load_model(model_dir, device=device)
-        self.device = torch.device(device)
+        # on a CUDA device the FAISS index goes to the GPU too when faiss-gpu sees one (logged);
+        # the index on disk stays a CPU index either way
+        on_cuda = resolve_device(device).type == "cuda"
+        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir),
+                                              use_gpu=None if on_cuda else False)
+        self.model = load_model(model_dir, device=device, precision=precision)
+        self.device = model_device(self.model)
         self.preprocess = Preprocess.from_dict(self.model.preprocess)
 
     def stats(self) -> dict[str, Any]:
@@ -142,7 +148,8 @@ class Searcher:
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
-        encoded = self.model.encode_texts([query])
+        with model_autocast(self.model):
+            encoded = self.model.encode_texts([query])
         pool = max(k, RERANK_CANDIDATES) if rerank else k
         ranked = self.reader.search(encoded["feat"].float().cpu().numpy(), pool)[0]
         if not rerank:
@@ -168,7 +175,8 @@ class Searcher:
     @torch.inference_mode()
     def search_clip(self, clip: torch.Tensor, k: int = 10) -> list[Hit]:
         """The ``k`` clips most like ``clip``, a preprocessed float ``[C, T, H, W]`` tensor."""
-        vector = self.model.clip_vector(self.model.encode_video(clip[None].to(self.device))["feat"])
+        with model_autocast(self.model):
+            vector = self.model.clip_vector(self.model.encode_video(clip[None].to(self.device))["feat"])
         return [
             self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]
         ]
@@ -190,9 +198,11 @@ class Searcher:
         text_state = self.model.match_text_state(text_hidden, text_mask)
         for start in range(0, len(clips), RERANK_BATCH):
             batch = torch.stack(clips[start : start + RERANK_BATCH]).to(self.device)
-            video_state = self.model.match_video_state(self.model.encode_video(batch)["tokens"])
             n = len(batch)
-            logits = self.model.match_score_cached(video_state, text_state.expand(n, -1, -1), text_mask.expand(n, -1))
+            with model_autocast(self.model):
+                video_state = self.model.match_video_state(self.model.encode_video(batch)["tokens"])
+                logits = self.model.match_score_cached(video_state, text_state.expand(n, -1, -1),
+                                                       text_mask.expand(n, -1))
             scores.extend(logits.float().cpu().tolist())
         order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
         return [self._hit(kept[i], scores[i]) for i in order]

@@ -224,17 +224,19 @@ class ActionClassifier:
         return self.rank(self.probabilities(videos), top)
 
 
-def _model_from(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module) -> torch.nn.Module:
+def _model_from(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module, device: str = "cpu",
+                precision: str = "fp32") -> torch.nn.Module:
     if isinstance(model_dir_or_model, torch.nn.Module):
         return model_dir_or_model
     from retrieval.models.io import load_model  # noqa: PLC0415
 
-    return load_model(model_dir_or_model)
+    return load_model(model_dir_or_model, device, precision)
 
 
 def classify_paths(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module,
                    paths: Sequence[str | os.PathLike[str]], labels: str | Sequence[str] | None = "synthetic",
-                   top: int = 5, source: Source = "auto", batch_size: int = 8) -> list[Ranking]:
+                   top: int = 5, source: Source = "auto", batch_size: int = 8, device: str = "cpu",
+                   precision: str = "fp32") -> list[Ranking]:
     """Top labels for each video file (in order), as ``[(label, probability), ...]`` per video.
 
     ``labels`` is a label-set spec for :func:`load_labels` or the list itself.
@@ -242,7 +244,7 @@ def classify_paths(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module,
     Raises:
         VideoReadError: a video cannot be read (the error names it).
     """
-    model = _model_from(model_dir_or_model)
+    model = _model_from(model_dir_or_model, device, precision)
     names = load_labels(labels) if isinstance(labels, (str, os.PathLike)) else labels
     classifier = ActionClassifier(model, names, source=source)
     preprocess = Preprocess.from_dict(model.preprocess)

@@ -54,6 +54,7 @@ from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.eval import metrics as M
 from retrieval.eval.rerank import FAILED_SCORE, PairScorer  # FAILED_SCORE: below the -100 re-rank fill
 from retrieval.models.text import clean_text
+from retrieval.device import model_autocast, model_precision
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd for the duration; the caller's mode is restored.
+    """Eval mode (no dropout), no autograd and autocast to the model's inference precision
+    (``load_model(..., precision=)``) for the duration; the caller's mode is restored.
 
     Evaluating a module left in training mode would silently apply dropout, so every entry point
     here switches it, without changing what the caller sees afterwards.
@@ -152,7 +154,7 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), model_autocast(model):
             yield
     finally:
         model.train(was_training)
@@ -188,9 +190,11 @@ def embedding_cache_key(model: torch.nn.Module, corpus: Corpus, preprocess: Prep
         except OSError:
             signature = [None, None]
         clips.append([str(path.resolve()), corpus.window(index), *signature])
-    description = json.dumps({"format": _CACHE_FORMAT, "weights": _video_weights_digest(model),
-                              "preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds,
-                              "clips": clips}, sort_keys=True)
+    key = {"format": _CACHE_FORMAT, "weights": _video_weights_digest(model),
+           "preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds, "clips": clips}
+    if model_precision(model) != "fp32":  # bf16/fp16 features are not fp32 ones (fp32 keys unchanged)
+        key["precision"] = model_precision(model)
+    description = json.dumps(key, sort_keys=True)
     return hashlib.sha256(description.encode()).hexdigest()[:32]
 
 

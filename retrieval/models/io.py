@@ -188,8 +188,14 @@ def _load_video_encoder(path: Path, cfg: dict[str, Any]):
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Load any vtr model directory; returns the module in eval mode."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"):
+    """Load any vtr model directory; returns the module in eval mode on ``device`` (``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``), its inference precision (``auto``, ``fp32``, ``bf16``, ``fp16``) recorded
+    for the callers' autocast (:func:`retrieval.device.model_autocast`)."""
+    from ..device import resolve_device, resolve_precision  # noqa: PLC0415
+
+    dev = resolve_device(device)  # a missing CUDA fails here, before the weights are read
+    prec = resolve_precision(precision, dev)
     path = Path(path)
     cfg = read_model_config(path)
     kind = cfg.get("kind")
@@ -203,4 +209,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise ModelDirError(f"{path}: unknown model kind {kind!r} (known: {', '.join(sorted(_KINDS))})")
     model = _KINDS[kind](path, cfg)
     model.vtr_dir = str(path)
-    return model.to(device).eval()
+    model.vtr_precision = prec
+    return model.to(dev).eval()

@@ -205,7 +205,7 @@ class BiMambaMixer(nn.Module):
 
         E, R, N = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(hidden)                                       # [B, L, (2)E]
-        if xz.dtype != torch.float32:
+        if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
             xz = xz.float()
         x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
         if self.layout == "v2":

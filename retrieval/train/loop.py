@@ -37,24 +37,33 @@ from ..data.video import Preprocess
 from ..models.dual import RetrievalModel, build_retrieval_model
 from ..models.io import load_model, load_weights, strict_load
 from ..models.text import SpecialTokenIds
-from .losses import mlm_loss, teacher_guided_mask, uta_loss, visible_targets, vtc_loss, vtm_loss
+from .losses import (mlm_loss, teacher_guided_mask, uta_loss, visible_per_frame, visible_targets, vtc_loss,
+                     vtm_loss)
 from .recipe import Recipe, RecipeError, image_batch_size
 from .schedule import IMAGE, VIDEO, step_source
 from .teacher import CLIPTeacher, check_teacher_spec, load_teacher
+from ..device import autocast, local_rank_device, resolve_precision
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 
 
 # -- distributed helpers ------------------------------------------------------------------------
-def _dist_setup() -> tuple[int, int]:
+def _dist_setup(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         log.info("distributed training: %d processes (%s)", world, backend)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world
+
+
+def _comm_device() -> torch.device:
+    """Where collective buffers live: NCCL moves CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _barrier() -> None:
@@ -85,6 +94,11 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def o_bf16(recipe: Recipe) -> bool:
+    """``optim.bf16: true`` (older recipes) means run.precision bf16."""
+    return bool(recipe.optim.bf16)
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -145,7 +159,7 @@ def param_groups(model: RetrievalModel, recipe: Recipe) -> list[dict[str, Any]]:
 def check_one_frame(model: RetrievalModel, teacher: CLIPTeacher | None) -> None:
     """Image steps feed 1-frame clips: refuse, before training, encoders that cannot take them
     (those built for a fixed frame count, e.g. TimeSformer and the joint space-time ViT)."""
-    x = torch.zeros(1, 3, 1, model.preprocess["size"], model.preprocess["size"])
+    x = torch.zeros(1, 3, 1, model.preprocess["size"], model.preprocess["size"], device=model.temp.device)
     was_training = model.training
     model.eval()
     try:
@@ -236,7 +250,7 @@ def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, samples: list
         if sample is not None:
             extra.append((sample[0], sample[1], len(dataset) + i))
     if world > 1:
-        n = torch.tensor([len(extra)])
+        n = torch.tensor([len(extra)], device=_comm_device())
         dist.all_reduce(n, op=dist.ReduceOp.MIN)
         extra = extra[:int(n)]
     return extra
@@ -244,14 +258,22 @@ def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, samples: list
 
 def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: SpecialTokenIds,
                    teacher: CLIPTeacher | None, gen: torch.Generator,
-                   text_prefix: FrozenTextPrefix | None = None) -> dict[str, torch.Tensor]:
+                   text_prefix: FrozenTextPrefix | None = None,
+                   device_gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """The weighted losses of one batch on the model's device. ``gen`` draws on the host (MLM
+    masking of the tokenizer's ids), ``device_gen`` (default ``gen``) on the device (UTA token
+    choice, VTM negatives): on CPU they are one generator."""
     video, captions, idx = batch
+    device = model.temp.device
+    video = video.to(device, non_blocking=True)
+    device_gen = gen if device_gen is None else device_gen
     w = recipe.loss
     if text_prefix is not None and not w.mlm:  # MLM re-reads masked ids through every layer
         prefix, tmask = text_prefix(list(captions))
         ids = None
     else:
-        ids, tmask = model.tokenize(captions)
+        ids, tmask = model.tokenize(captions)   # host tensors: MLM draws its masking on them
+        tmask = tmask.to(device)
         prefix = None
     mask = targets = None
     if w.uta and teacher is not None:
@@ -259,22 +281,23 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
         # draws each frame's visible patches (images: 1-frame clips, their own ratio)
         taught = teacher(video)
         ratio = w.uta_image_mask_ratio if video.shape[2] == 1 else w.uta_mask_ratio
-        mask = teacher_guided_mask(taught.attention, ratio, gen, mode=w.uta_mask)
-        targets = visible_targets(taught.targets, mask)
+        mask = teacher_guided_mask(taught.attention, ratio, device_gen, mode=w.uta_mask)
+        frames, patches = taught.attention.shape[1:]
+        targets = visible_targets(taught.targets, mask, frames * visible_per_frame(patches, ratio))
     vout = model.encode_video(video, mask=mask, return_distill=bool(w.uta))
     if not (w.vtc or w.vtm or w.mlm):  # video-only UTA (stage 1): the captions are not needed
         tout = None
     elif prefix is not None:
         tout = model.encode_text(None, tmask, hidden=prefix, start_layer=text_prefix.layers)
     else:
-        tout = model.encode_text(ids, tmask)
+        tout = model.encode_text(ids.to(device), tmask)
     temp = model.temp.clamp(0.001, 0.5)
     out: dict[str, torch.Tensor] = {}
     if w.vtc:
         out["vtc"] = vtc_loss(tout["feat"], vout["feat"], idx, temp)
     if w.vtm:
-        out["vtm"] = vtm_loss(model, vout["tokens"], tout["hidden"], tmask, tout["feat"], vout["feat"], idx, temp, gen,
-                              pairs=w.vtm_pairs)
+        out["vtm"] = vtm_loss(model, vout["tokens"], tout["hidden"], tmask, tout["feat"], vout["feat"], idx, temp,
+                              device_gen, pairs=w.vtm_pairs)
     if w.mlm:
         out["mlm"] = mlm_loss(model, ids, tmask, vout["tokens"], special, w.mlm_prob, gen)
     if w.uta and teacher is not None:
@@ -284,12 +307,16 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-def _save_checkpoint(out: Path, model: RetrievalModel, opt, sched, step: int, recipe: Recipe) -> None:
+def _save_checkpoint(out: Path, model: RetrievalModel, opt, sched, step: int, recipe: Recipe,
+                     scaler: torch.amp.GradScaler | None = None) -> None:
     tmp, final = out / "checkpoint.tmp", out / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(tmp, source={"recipe": recipe.to_dict(), "step": step})
+    extra = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+    if model.temp.device.type == "cuda":  # dropout on the GPU draws from its own generator
+        extra["cuda_rng"] = torch.cuda.get_rng_state(model.temp.device)
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint()}, tmp / STATE_FILE)
+                "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint(), **extra}, tmp / STATE_FILE)
     old = out / "checkpoint.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -319,7 +346,9 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     if not resume and (out / "checkpoint").exists():
         raise RecipeError(f"{out} already holds a checkpoint: pass --resume to continue it, or set run.out")
     state = _read_resume_state(out, recipe) if resume else None
-    rank, world = _dist_setup()
+    device = local_rank_device(recipe.run.device)   # under torchrun + CUDA: this process's LOCAL_RANK GPU
+    precision = "bf16" if o_bf16(recipe) else resolve_precision(recipe.run.precision, device)
+    rank, world = _dist_setup(device)
     o = recipe.optim
     if o.batch_size % world:
         raise RecipeError(f"optim.batch_size {o.batch_size} does not split over {world} processes")
@@ -336,11 +365,14 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     if recipe.loss.uta:
         check_teacher_spec(recipe.loss.uta_teacher)
     torch.manual_seed(recipe.run.seed)
-    model = build_model(recipe)
-    teacher = (load_teacher(recipe.loss.uta_teacher, model.video, recipe.loss.uta_teacher_arch)
+    model = build_model(recipe).to(device)
+    teacher = (load_teacher(recipe.loss.uta_teacher, model.video, recipe.loss.uta_teacher_arch).to(device)
                if recipe.loss.uta else None)
     if image_pairs is not None:
         check_one_frame(model, teacher)
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 has fp32's range
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    log.info("training on %s in %s", device, precision)
     pre_cfg = {k: model.preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")}
     dataset = ClipTextDataset(corpus, Preprocess.from_dict(pre_cfg), recipe.run.seed, recipe.data.cache,
                               recipe.data.frames_per_segment, progress=recipe.run.progress and rank == 0)
@@ -367,9 +399,13 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     start = 0
     if state is not None:
         strict_load(model, load_weights(out / "checkpoint"), f"{out}/checkpoint")
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"])   # its state follows the parameters' device
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start = int(state["step"])
         log.info("resuming %s at step %d", out, start)
     if rank == 0:
@@ -394,15 +430,19 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                                  (recipe.run.seed * 1000 + epoch) * 1_000_003 + 1)
                 images.set_epoch(epoch)
                 batch = collate([images[int(i)] for i in ids])
-            gen = torch.Generator().manual_seed((recipe.run.seed * 1_000_003 + step) * 97 + rank)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.bf16):
-                losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix)
+            step_seed = (recipe.run.seed * 1_000_003 + step) * 97 + rank
+            gen = torch.Generator().manual_seed(step_seed)
+            device_gen = torch.Generator(device).manual_seed(step_seed) if device.type == "cuda" else gen
+            with autocast(device, precision):
+                losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix, device_gen)
             opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(opt)   # clip and average true gradients (a no-op unless fp16)
             _average_gradients(params, world)
             if o.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             n_since += image_b if source == IMAGE else o.batch_size
             done = step + 1
@@ -420,7 +460,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             bar.update(1)
             if done % recipe.run.save_every == 0 and done < o.steps:
                 if rank == 0:
-                    _save_checkpoint(out, model, opt, sched, done, recipe)
+                    _save_checkpoint(out, model, opt, sched, done, recipe, scaler)
                 _barrier()
     finally:
         bar.close()
@@ -428,7 +468,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             metrics_f.close()
     final = out / "model"
     if rank == 0:
-        _save_checkpoint(out, model, opt, sched, o.steps, recipe)
+        _save_checkpoint(out, model, opt, sched, o.steps, recipe, scaler)
         shutil.rmtree(final, ignore_errors=True)
         model.save(final, source={"recipe": recipe.to_dict(), "step": o.steps})
         plot_losses(out / "metrics.jsonl", out / "loss_curve.png")

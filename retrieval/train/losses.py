@@ -55,6 +55,7 @@ def vtc_loss(text_feat: torch.Tensor, video_feat: torch.Tensor, idx: torch.Tenso
     Local rows are scored against the features of all processes (gathered with gradient), so
     the loss over N processes of batch b equals one process of batch N*b.
     """
+    idx = idx.to(text_feat.device)  # gathered on the device (NCCL moves CUDA tensors only)
     t_all, v_all, idx_all = gather_with_grad(text_feat), gather_with_grad(video_feat), gather_no_grad(idx)
     s_t2v = RetrievalModel.similarity(text_feat, v_all) / temp             # [b, N*b]
     s_v2t = RetrievalModel.similarity(t_all, video_feat).t() / temp        # [b, N*b]
@@ -74,15 +75,17 @@ def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: tor
     train the matching head on a share of each batch.
     """
     b = video_tokens.shape[0]
+    # idx may stay on the host: which pairs are positives is decided there, without a device sync
+    host_same = idx[:, None] == idx[None, :]
+    if bool(host_same.all(1).any()):  # a text whose every candidate is a positive has no negative
+        return video_tokens.new_zeros(())
     with torch.no_grad():
         sim = RetrievalModel.similarity(text_feat, video_feat) / temp      # [b texts, b videos]
-        same = idx[:, None] == idx[None, :]
+        same = host_same.to(sim.device)
         w_t2v = F.softmax(sim.float(), dim=1).masked_fill(same, 0) + 1e-12
         w_v2t = F.softmax(sim.t().float(), dim=1).masked_fill(same, 0) + 1e-12
         w_t2v = w_t2v.masked_fill(same, 0)
         w_v2t = w_v2t.masked_fill(same, 0)
-        if (w_t2v.sum(1) == 0).any():  # a batch where every pair is a positive has no negative
-            return video_tokens.new_zeros(())
         neg_video = torch.multinomial(w_t2v, 1, generator=generator).squeeze(1)
         neg_text = torch.multinomial(w_v2t, 1, generator=generator).squeeze(1)
     all_video, all_hidden, all_mask = video_tokens, text_hidden, text_mask
@@ -94,7 +97,8 @@ def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: tor
     tm = torch.cat([text_mask, text_mask, all_mask[neg_text]], dim=0)
     fused = model.text(attention_mask=tm, mode="fusion", hidden_states=th, encoder_hidden_states=v)
     logits = model.itm_head(fused[:, 0])
-    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+    labels = torch.cat([torch.ones(b, dtype=torch.long, device=logits.device),
+                        torch.zeros(2 * b, dtype=torch.long, device=logits.device)])
     return F.cross_entropy(logits.float(), labels)
 
 
@@ -102,13 +106,18 @@ def mlm_loss(model: RetrievalModel, input_ids: torch.Tensor, text_mask: torch.Te
              special: SpecialTokenIds, mask_prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     if model.mlm_head is None:
         raise ValueError("the MLM loss needs a model built with_mlm=True")
-    masked, labels = mask_tokens(input_ids, special, model.text.config.vocab_size, mask_prob, generator)
+    # the masking is drawn on the host ids (the tokenizer's; the same draw on every device), so the
+    # positions scored are known without a device sync
+    masked, labels = mask_tokens(input_ids.cpu(), special, model.text.config.vocab_size, mask_prob, generator)
     if (labels == -100).all():
         return video_tokens.new_zeros(())
-    hidden = model.text(masked, text_mask, mode="multimodal", encoder_hidden_states=video_tokens)
+    device = video_tokens.device
+    hidden = model.text(masked.to(device), text_mask.to(device), mode="multimodal",
+                        encoder_hidden_states=video_tokens)
     picked = labels != -100  # the vocabulary projection is the costly part: only where it is scored
-    logits = model.mlm_head(hidden[picked])
-    return F.cross_entropy(logits.float(), labels[picked])
+    rows = picked.flatten().nonzero().squeeze(1)   # host positions: no data-dependent shape on the device
+    logits = model.mlm_head(hidden.flatten(0, 1)[rows.to(device)])
+    return F.cross_entropy(logits.float(), labels.flatten()[rows].to(device))
 
 
 def visible_per_frame(n: int, mask_ratio: float) -> int:
@@ -143,20 +152,26 @@ def teacher_guided_mask(attention: torch.Tensor, mask_ratio: float, generator: t
     return mask.reshape(b, t * n)
 
 
-def visible_targets(targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def visible_targets(targets: torch.Tensor, mask: torch.Tensor, visible: int | None = None) -> torch.Tensor:
     """The teacher's targets ``[K, B, L, D]`` at the student's visible places.
 
-    ``mask`` is the patch mask ``[B, T*N]``; with ``L = 1 + T*N`` (a cls target first) the cls slot
-    is always kept. Returns ``[K, B, V, D]`` in sequence order.
+    ``mask`` is the patch mask ``[B, T*N]`` with ``visible`` False entries per row (counted from
+    the mask when not given; giving it keeps the shapes known without reading the mask, so no
+    device sync). With ``L = 1 + T*N`` (a cls target first) the cls slot is always kept. Returns
+    ``[K, B, V, D]`` in sequence order.
     """
     k, b, length, d = targets.shape
+    if visible is None:
+        visible = int((~mask[0]).sum())
     if length == mask.shape[1] + 1:
         mask = torch.cat([mask.new_zeros(b, 1), mask], dim=1)
+        visible += 1
     elif length != mask.shape[1]:
         raise ValueError(f"UTA: the teacher gives {length} targets per sample but the mask covers "
                          f"{mask.shape[1]} patches (do the teacher's and the student's patch grids agree?)")
-    keep = (~mask).sum(1)
-    return targets[:, ~mask].reshape(k, b, int(keep[0]), d)
+    # a stable sort puts the kept (False) places first, in sequence order
+    order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices[:, :visible]
+    return targets.gather(2, order[None, :, :, None].expand(k, -1, -1, d))
 
 
 def uta_loss(student: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

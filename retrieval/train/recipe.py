@@ -73,7 +73,7 @@ class OptimSection:
     steps: int = 300
     batch_size: int = 32                      # global batch (split over processes)
     grad_clip: float = 1.0
-    bf16: bool = False
+    bf16: bool = False                        # the same as run.precision=bf16 (kept for older recipes)
     grad_checkpointing: bool = False
     freeze_text_embeddings: bool = False     # keep the (large) word-embedding table fixed: faster steps
     freeze_text_layers: int = 0              # also freeze text layers 0..k-1; their outputs are cached per caption
@@ -86,6 +86,8 @@ class RunSection:
     save_every: int = 100
     log_every: int = 10
     progress: bool = True
+    device: str = "auto"                      # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    precision: str = "fp32"                   # fp32 | bf16 | fp16 (CUDA, with a gradient scaler) | auto
 
 
 @dataclass
@@ -103,6 +105,8 @@ class Recipe:
         """Hash of everything that determines the trajectory (not where it is written or logged)."""
         d = self.to_dict()
         d["run"] = {"seed": d["run"]["seed"]}
+        if self.run.precision != "fp32":  # fp32 recipes keep the fingerprint they had before the key
+            d["run"]["precision"] = self.run.precision
         d["data"].pop("workers")
         if not self.data.images:  # recipes from before image training keep their fingerprint
             for key in ("images", "image_root", "image_batch_size"):
@@ -207,6 +211,12 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("every loss weight is 0: nothing to train")
     if r.loss.uta and not r.loss.uta_teacher:
         raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
+    from ..device import PRECISIONS  # noqa: PLC0415
+
+    if r.run.precision not in PRECISIONS:
+        raise RecipeError(f"run.precision must be one of {', '.join(PRECISIONS)}; got {r.run.precision!r}")
+    if r.optim.bf16 and r.run.precision not in ("fp32", "bf16"):
+        raise RecipeError(f"optim.bf16 and run.precision={r.run.precision} disagree; set run.precision alone")
     if r.optim.batch_size < 2 or r.optim.steps < 1:
         raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
     if not r.optim.lr > 0 or r.optim.lr == float("inf"):

@@ -104,6 +104,42 @@ def _cuda_fn():
     return selective_scan_fn
 
 
+def scan_with_extensions(kernel, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False, *, initial_state=None, mask_diag=False, chunk=256):
+    """The VideoMambaPro options on top of a plain scan ``kernel`` (mamba-ssm's CUDA kernel, which
+    has neither): the kernel runs from a zero state without D or gate, and the options are exact
+    vectorised corrections, since the recurrence is linear in its state:
+
+    * ``initial_state`` h0 adds ``<C_t, exp(A * S_t) h0>`` to y_t, with S_t = delta_1 + .. + delta_t
+      (and ``exp(A * S_L) h0`` to the last state);
+    * ``mask_diag`` reads ``h_t - delta_t B_t u_t``: y_t loses ``delta_t u_t <B_t, C_t>``.
+
+    The corrections work in fp32 over ``chunk`` positions at a time ([B, D, chunk, N]).
+    """
+    dtype_in = u.dtype
+    res = kernel(u, delta, A, B, C, None, None, delta_bias, delta_softplus, return_last_state)
+    y, last = res if return_last_state else (res, None)
+    if not mask_diag and initial_state is None:
+        return (_finish(y.float(), u, D, z, dtype_in), last) if return_last_state else _finish(y.float(), u, D, z, dtype_in)
+    dt = _prepare_delta(delta, delta_bias, delta_softplus)              # fp32 [b, d, L]
+    yf = y.float()
+    Bf, Cf, Af = B.float(), C.float(), A.float()
+    if mask_diag:
+        yf = yf - dt * u.float() * (Bf * Cf).sum(1).unsqueeze(1)
+    if initial_state is not None:
+        h0 = initial_state.float()                                       # [b, d, n]
+        S = dt.cumsum(-1)
+        parts = []
+        for i in range(0, S.shape[-1], chunk):
+            decay = torch.exp(S[..., i:i + chunk, None] * Af[None, :, None, :])     # [b, d, l, n]
+            parts.append(torch.einsum("bdln,bdn,bnl->bdl", decay, h0, Cf[..., i:i + chunk]))
+        yf = yf + torch.cat(parts, dim=-1)
+        if return_last_state:
+            last = last.float() + torch.exp(S[..., -1:] * Af[None]) * h0
+    out = _finish(yf, u, D, z, dtype_in)
+    return (out, last) if return_last_state else out
+
+
 def cuda_available() -> bool:
     if not torch.cuda.is_available():
         return False
@@ -121,11 +157,15 @@ def resolve_backend(backend: str, device: torch.device, extensions: bool = False
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        if not extensions and cuda_available():
-            _log_once("selective_scan: backend 'auto' -> 'cuda' (mamba-ssm kernel)")
+        if cuda_available():
+            _log_once("selective_scan: backend 'auto' -> 'cuda' (mamba-ssm kernel" +
+                      (", VideoMambaPro options as exact corrections)" if extensions else ")"))
             return "cuda"
-        why = "initial_state/mask_diag are not in mamba-ssm's kernel" if extensions else "mamba-ssm not installed"
-        _log_once(f"selective_scan: backend 'auto' -> 'ref' on CUDA ({why})")
+        _log_once("selective_scan: backend 'auto' -> 'ref' on CUDA, the sequential PyTorch scan (slow; "
+                  "mamba-ssm is not installed: pip install 'vtr[cuda]')")
+        return "ref"
+    if device.type != "cpu":  # e.g. 'meta' (shape/device checks) or other accelerators
+        _log_once(f"selective_scan: backend 'auto' -> 'ref' on {device.type}")
         return "ref"
     from .cpu import kernel_available  # noqa: PLC0415
 
@@ -164,10 +204,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                   initial_state=initial_state, mask_diag=mask_diag)
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if backend == "cuda":
-        if extensions:
-            raise NotImplementedError("backend='cuda' (mamba-ssm) has no initial_state/mask_diag; use 'ref'")
         if u.device.type != "cuda":
             raise ValueError("backend='cuda' needs CUDA tensors")
+        if extensions:
+            return scan_with_extensions(_cuda_fn(), u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        return_last_state, initial_state=initial_state, mask_diag=mask_diag)
         return _cuda_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     # backend == "cpu": the fused kernel (delta bias, softplus, D skip and the gate fused in)
     if u.device.type != "cpu":
@@ -184,5 +225,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last) if return_last_state else out
 
 
-__all__ = ["selective_scan", "selective_scan_ref", "resolve_backend", "cuda_available", "fused_mixer_available",
+__all__ = ["selective_scan", "selective_scan_ref", "scan_with_extensions", "resolve_backend", "cuda_available", "fused_mixer_available",
            "BACKENDS"]

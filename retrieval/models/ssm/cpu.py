@@ -129,7 +129,7 @@ class _Dir(ctypes.Structure):
                 ("Bm", P), ("b_bs", LONG), ("b_ls", LONG),
                 ("Cm", P), ("c_bs", LONG), ("c_ls", LONG),
                 ("A", P), ("D", P), ("bias", P), ("h0", P), ("hlast", P), ("ckpt", P),
-                ("reverse", INT), ("mask_diag", INT), ("elemental", INT), ("softplus", INT)]
+                ("reverse", INT), ("mask_diag", INT), ("elemental", INT), ("softplus", INT), ("z_bf16", INT)]
 
 
 class _Grad(ctypes.Structure):
@@ -171,10 +171,11 @@ def load_kernel():
         lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
         lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
         lib.vtr_conv_fwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
+        lib.vtr_conv_fwd_bf16.argtypes = lib.vtr_conv_fwd.argtypes
         lib.vtr_conv_bwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
         lib.vtr_transpose.argtypes = [P, LONG, LONG, P, LONG, LONG, LONG, INT]
-        for fn in (lib.vtr_scan_fwd, lib.vtr_scan_bwd, lib.vtr_gate_bwd, lib.vtr_conv_fwd, lib.vtr_conv_bwd,
-                   lib.vtr_transpose):
+        for fn in (lib.vtr_scan_fwd, lib.vtr_scan_bwd, lib.vtr_gate_bwd, lib.vtr_conv_fwd, lib.vtr_conv_fwd_bf16,
+                   lib.vtr_conv_bwd, lib.vtr_transpose):
             fn.restype = INT
         _lib = lib
         return lib
@@ -214,6 +215,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t
+
+
+def _rows_or_bf16(t: torch.Tensor) -> torch.Tensor:
+    """Like :func:`_rows`, but a bf16 tensor with unit last stride is kept as it is: the kernels
+    read bf16 in place (no conversion copy)."""
+    if t.dtype == torch.bfloat16 and t.stride(-1) == 1:
+        return t
+    return _rows(t)
 
 
 def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -301,7 +310,11 @@ class _ScanFn(torch.autograd.Function):
             dirs[k] = _make_dir(u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, hlast, ckpt, flags[k], time_major)
             saved += [u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, ckpt]
             hlasts.append(hlast)
-        zz = _rows(z) if z is not None else None
+        # a bf16 gate (in_proj's output under bf16 autocast) is read in place in the row-major layout
+        zz = (_rows(z) if time_major else _rows_or_bf16(z)) if z is not None else None
+        if zz is not None and zz.dtype == torch.bfloat16:
+            for k in range(ndir):
+                dirs[k].z_bf16 = 1
         out = flat[0].new_empty((Bt, E, L) if time_major else (Bt, L, E), dtype=torch.float32)
         S = out.new_empty(Bt, L, E) if (need_grad and zz is not None) else None
         z_str = _strides(zz, time_major) if zz is not None else (0, 0, 0)
@@ -324,6 +337,8 @@ class _ScanFn(torch.autograd.Function):
         # the backward kernels are row-major ([B, L, E]): bring time-major operands over once
         rm = (lambda t: None if t is None else transpose12(t)) if tm else (lambda t: t)  # noqa: E731
         zz = rm(zz)
+        if zz is not None and zz.dtype != torch.float32:  # a bf16 gate: the backward reads fp32
+            zz = zz.float()
         if dout is None:
             dout = saved[0].new_zeros(Bt, L, E)
         else:
@@ -434,16 +449,17 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wf, bf, wb, bb):
         lib = load_kernel()
-        x = _rows(x)
+        x = _rows_or_bf16(x)   # bf16 is read in place
         Bt, L, E = x.shape
         K = wf.shape[-1]
         wfT = wf.detach().float().reshape(E, K).t().contiguous()
         wbT = wb.detach().float().reshape(E, K).t().contiguous() if wb is not None else None
         bf_, bb_ = _vec(bf), _vec(bb)
-        yf = x.new_empty(Bt, L, E)
-        yb = x.new_empty(Bt, L, E) if wb is not None else None
-        _check(lib.vtr_conv_fwd(x.data_ptr(), x.stride(0), x.stride(1), wfT.data_ptr(), _p(bf_), _p(wbT), _p(bb_),
-                                yf.data_ptr(), _p(yb), Bt, L, E, K, torch.get_num_threads()), "conv forward")
+        fwd = lib.vtr_conv_fwd_bf16 if x.dtype == torch.bfloat16 else lib.vtr_conv_fwd
+        yf = x.new_empty(Bt, L, E, dtype=torch.float32)
+        yb = x.new_empty(Bt, L, E, dtype=torch.float32) if wb is not None else None
+        _check(fwd(x.data_ptr(), x.stride(0), x.stride(1), wfT.data_ptr(), _p(bf_), _p(wbT), _p(bb_),
+                   yf.data_ptr(), _p(yb), Bt, L, E, K, torch.get_num_threads()), "conv forward")
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, wfT, bf_, wbT, bb_)
         ctx.has = (bf is not None, wb is not None, bb is not None)
@@ -453,6 +469,7 @@ class _ConvFn(torch.autograd.Function):
     def backward(ctx, gyf, gyb):
         lib = load_kernel()
         x, wfT, bf, wbT, bb = ctx.saved_tensors
+        x = _rows(x)   # a bf16 input: the backward reads fp32
         Bt, L, E = x.shape
         K = wfT.shape[0]
         gyf = gyf.float().contiguous() if gyf is not None else x.new_zeros(Bt, L, E)

@@ -1,5 +1,7 @@
 /*
- * Fused CPU kernels for the (bidirectional) Mamba mixer, fp32, forward and backward.
+ * Fused CPU kernels for the (bidirectional) Mamba mixer, fp32, forward and backward. The conv input
+ * and the gate z may also be bf16 (in_proj's output under bf16 autocast): read in place and widened
+ * in registers, with state and accumulation in fp32.
  *
  * Layout: everything sequence-shaped is [batch, L, channels] with unit channel stride (the
  * layout of in_proj's output), so a block of 16 CHANNELS at one position is one 64-byte vector.
@@ -94,6 +96,28 @@ INLINE void st(float *p, v16f v, lmask w)
 INLINE v16f vsel(v16i m, v16f a, v16f b) { return (v16f)((m & (v16i)a) | (~m & (v16i)b)); }
 INLINE v16f vmax(v16f a, v16f b) { return vsel(a > b, a, b); }
 INLINE v16f vmin(v16f a, v16f b) { return vsel(a < b, a, b); }
+#endif
+
+/* 16 bf16 values -> fp32 (exact: bf16 is the top half of an fp32), lane-masked like ld() */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+INLINE v16f ldh(const uint16_t *p, lmask m)
+{
+    return (v16f)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16);
+}
+#elif defined(__AVX512F__)
+INLINE v16f ldh(const uint16_t *p, lmask m)
+{
+    v16u v = (v16u){0};
+    for (int i = 0; i < 16; i++) if ((m >> i) & 1) v[i] = (uint32_t)p[i] << 16;
+    return (v16f)v;
+}
+#else
+INLINE v16f ldh(const uint16_t *p, lmask w)
+{
+    v16u v = (v16u){0};
+    for (long i = 0; i < (w < 16 ? w : 16); i++) v[i] = (uint32_t)p[i] << 16;
+    return (v16f)v;
+}
 #endif
 
 INLINE v16f vabs(v16f x) { return (v16f)((v16u)x & 0x7fffffffu); }
@@ -244,6 +268,7 @@ typedef struct {
     float *hlast;                            /* [B, N, E] or NULL */
     float *ckpt;                             /* [B, ceil(L/CHUNK), N, E] or NULL */
     int reverse, mask_diag, elemental, softplus;
+    int z_bf16;                              /* the gate z (passed to vtr_scan_fwd) is bf16, row-major */
 } vtr_dir;
 
 /* One direction's gradients; all contiguous. */
@@ -348,7 +373,9 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
     const long nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
     const int softplus = d->softplus;
     float *o = out + b * L * E + (TM ? c0 * L : c0);
-    const float *zb = z ? z + b * z_bs + c0 * z_cs : NULL;
+    /* z is fp32, or bf16 (d->z_bf16, row-major only): read in place, widened in registers */
+    const float *zb = z && !d->z_bf16 ? z + b * z_bs + c0 * z_cs : NULL;
+    const uint16_t *zh = z && d->z_bf16 ? (const uint16_t *)(const void *)z + b * z_bs + c0 * z_cs : NULL;
     float *Sb = S ? S + b * L * E + c0 : NULL;
     /* time-major: the chunk's rows as vectors over channels, in memory (time) order */
     const long tmin = d->reverse ? L - i0 - len : i0, nch = E - c0 < 16 ? E - c0 : 16;
@@ -416,8 +443,8 @@ VTR_UNROLL
         for (long j = 0; j < len; j++, t += step) {
             v16f y = cy[j] + Dv * ld(u + t * d->u_ls, m);
             if (acc) y += ld(o + t * E, m);
-            if (zb) {
-                const v16f zv = ld(zb + t * z_ls, m);
+            if (zb || zh) {
+                const v16f zv = zh ? ldh(zh + t * z_ls, m) : ld(zb + t * z_ls, m);
                 if (Sb) st(Sb + t * E, y, m);
                 y = y * (zv * vsigmoid(zv));
             }
@@ -502,6 +529,8 @@ int vtr_scan_fwd(const vtr_dir *dirs, int ndir, const float *z, long z_bs, long 
             return -5;
     }
     if (z && (tm ? z_ls != 1 : z_cs != 1)) return -5;
+    for (int k = 0; k < ndir; k++)
+        if (z && dirs[k].z_bf16 && tm) return -5;                 /* bf16 z: row-major only */
     const long nblk = (E + 15) / 16, nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
     int fail = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -836,6 +865,43 @@ INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bi
         acc += ld(w + k * E + c, m) * ld(xb + s * x_ls + c, m);
     }
     return acc;
+}
+
+/* conv_pre with a bf16 input row (widened in registers) */
+INLINE v16f conv_pre_h(const uint16_t *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
+                       long c, int K, int dir, lmask m)
+{
+    v16f acc = bias ? ld(bias + c, m) : vb(0.0f);
+    for (int k = 0; k < K; k++) {
+        const long s = dir ? t + K - 1 - k : t - K + 1 + k;
+        if (s < 0 || s >= L) continue;
+        acc += ld(w + k * E + c, m) * ldh(xb + s * x_ls + c, m);
+    }
+    return acc;
+}
+
+/* vtr_conv_fwd for a bf16 x (e.g. in_proj's output under bf16 autocast); fp32 weights and outputs */
+int vtr_conv_fwd_bf16(const uint16_t *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
+                      const float *bb, float *yf, float *yb, long B, long L, long E, int K, int nthreads)
+{
+    if (K < 1 || K > VTR_MAXK) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const long rows = B * L;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long r = 0; r < rows; r++) {
+        const long b = r / L, t = r % L;
+        const uint16_t *xb = x + b * x_bs;
+        for (long c = 0; c < E; c += 16) {
+            const lmask m = lanes(E - c);
+            v16f p = conv_pre_h(xb, x_ls, wf, bf, t, L, E, c, K, 0, m);
+            st(yf + r * E + c, p * vsigmoid(p), m);
+            if (wb) {
+                p = conv_pre_h(xb, x_ls, wb, bb, t, L, E, c, K, 1, m);
+                st(yb + r * E + c, p * vsigmoid(p), m);
+            }
+        }
+    }
+    return 0;
 }
 
 int vtr_conv_fwd(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,

@@ -1,0 +1,168 @@
+"""bf16 against fp32 on this CPU: feature fidelity and forward speed against the matmul floor.
+
+One process, ``torch.set_num_threads(2)``:
+
+* ``matmul`` line: 2048^3 products in fp32 and bf16, alternating (A B A B), median GFLOP/s, with
+  the CPU's bf16 flags (``avx512_bf16``/``amx_bf16``: without them oneDNN emulates bf16 through
+  fp32 and the bf16 product is the slower one).
+* one line per model (VideoMamba-Ti 8x224 by default): forward seconds per clip in fp32 and under
+  bf16 autocast, alternating; the forward's matmul FLOPs (``torch.utils.flop_counter``) divided by
+  the matmul rate of the same dtype gives the floor, and ``*_vs_floor`` says how far above it the
+  whole forward runs (the target: bf16 within 2x of its floor on CPUs with native bf16).
+* ``fidelity`` lines: cosine of bf16 against fp32 features (pooled clip features for the video
+  encoders at full size, 8x224, random weights; the text tower's hidden states, MiniLM weights) on
+  a photo pan and synthetic-corpus clips (retrieval/eval/precision.py).
+
+    python bench/precision.py                          # speed (Ti) + fidelity (Ti, S, M, TimeSformer-B, text)
+    python bench/precision.py --speed-models videomamba_tiny videomamba_small --no-fidelity
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch
+
+from retrieval.device import cpu_flags, cpu_has_native_bf16
+
+THREADS = 2
+RESULTS = ROOT / "bench" / "results"
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_rates(n=2048, repeats=5) -> dict:
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    a32 @ b32, a16 @ b16                                 # warm-up
+    t = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        for name, (x, y) in (("fp32", (a32, b32)), ("bf16", (a16, b16))):
+            t0 = time.perf_counter()
+            x @ y
+            t[name].append(time.perf_counter() - t0)
+    flops = 2 * n ** 3
+    return {k: flops / statistics.median(v) / 1e9 for k, v in t.items()}
+
+
+def _flags() -> dict:
+    flags = cpu_flags()
+    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "avx512f": "avx512f" in flags, "native_bf16": cpu_has_native_bf16()}
+
+
+def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from retrieval.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_frames=frames, img_size=size).eval()
+    video = torch.randn(1, 3, frames, size, size)
+
+    def fp32():
+        with torch.inference_mode():
+            model(video)
+
+    def bf16():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(video)
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(video)
+    mm_flops = sum(v for k, v in counter.get_flop_counts()["Global"].items()
+                   if str(k).split(".")[-1] in ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution"))
+    fp32(), bf16()                                       # warm-up (kernels, oneDNN primitives)
+    t = {"fp32": [], "bf16": []}
+    for _ in range(repeats):
+        for k, fn in (("fp32", fp32), ("bf16", bf16)):
+            t0 = time.perf_counter()
+            fn()
+            t[k].append(time.perf_counter() - t0)
+    row = {"bench": "precision_speed", "model": name, "frames": frames, "img_size": size, "batch": 1,
+           "threads": torch.get_num_threads(), "repeats": repeats, "matmul_gflop": round(mm_flops / 1e9, 2)}
+    for k in ("fp32", "bf16"):
+        med = statistics.median(t[k])
+        floor = mm_flops / (rates[k] * 1e9)
+        row.update({f"{k}_s": round(med, 4), f"{k}_min_s": round(min(t[k]), 4), f"{k}_max_s": round(max(t[k]), 4),
+                    f"{k}_floor_s": round(floor, 4), f"{k}_vs_floor": round(med / floor, 2)})
+    row["bf16_speedup"] = round(row["fp32_s"] / row["bf16_s"], 3)
+    row["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return row
+
+
+def fidelity(names: list[str], frames: int, size: int) -> list[dict]:
+    from retrieval.eval.precision import feature_cosine, realistic_clips, text_features, video_features
+    from retrieval.models.dual import build_retrieval_model
+    from retrieval.models.registry import create_model
+
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        net = create_model(name, num_frames=frames, img_size=size).eval()
+        clips = realistic_clips(net.preprocess, n=3)
+        res = feature_cosine(video_features(net, clips), "bf16")
+        rows.append({"bench": "precision_fidelity", "model": name, "frames": frames, "img_size": size,
+                     "weights": "random (seed 0)", "inputs": "photo pan + 2 synthetic clips, normalised",
+                     **{k: round(v, 6) for k, v in res.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+        del net
+    torch.manual_seed(0)
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=256, num_fusion_layers=2).eval()
+    captions = ["a red circle moves to the left across a striped background", "two squares grow while a star spins",
+                "someone slices a tomato on a wooden board", "a dog catches a frisbee in the park",
+                "a man plays the guitar on a stage under blue lights", "waves break on a rocky shore at sunset"]
+    res = feature_cosine(text_features(model, captions), "bf16")
+    rows.append({"bench": "precision_fidelity", "model": "text tower (all-MiniLM-L6-v2 + 2 fusion layers)",
+                 "weights": "MiniLM pretrained", "inputs": f"{len(captions)} captions",
+                 **{k: round(v, 6) for k, v in res.items()}})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--speed-models", nargs="*", default=["videomamba_tiny"])
+    parser.add_argument("--fidelity-models", nargs="*",
+                        default=["videomamba_tiny", "videomamba_small", "videomamba_middle", "timesformer_base"])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-fidelity", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS / "precision.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    rows = []
+    rates = matmul_rates()
+    rows.append({"bench": "precision_matmul", "n": 2048, "threads": torch.get_num_threads(),
+                 "fp32_gflops": round(rates["fp32"], 1), "bf16_gflops": round(rates["bf16"], 1),
+                 "bf16_vs_fp32": round(rates["bf16"] / rates["fp32"], 3), "cpu": _flags(), "torch": torch.__version__})
+    print(json.dumps(rows[-1]), flush=True)
+    for name in args.speed_models:
+        rows.append(speed(name, args.frames, args.img_size, args.repeats, rates))
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.no_fidelity:
+        rows += fidelity(args.fidelity_models, args.frames, args.img_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
