@@ -56,6 +56,16 @@ def _index_callback(
     index_type: str = typer.Option("auto", "--index-type", help="FAISS factory string (Flat, HNSW32,Flat, "
                                    "IVF1024,PQ32x8, ...) or auto"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray Data pipeline on a "
+                               "cluster; needs the ray extra)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster "
+                                              "(default: start a local one for the job)"),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="encoder actors, one model each "
+                                             "(default: one per GPU, else one per spare CPU)"),
+    ray_cpus_per_actor: Optional[float] = typer.Option(None, "--ray-cpus-per-actor", help="CPUs (torch threads) "
+                                                       "per encoder actor (default 1)"),
+    ray_gpus_per_actor: Optional[float] = typer.Option(None, "--ray-gpus-per-actor", help="GPUs per encoder actor "
+                                                       "(default 1 on GPU clusters, else 0)"),
 ) -> None:
     """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
 
@@ -63,15 +73,19 @@ def _index_callback(
     """
     if ctx.invoked_subcommand is not None:
         return
+    ray_options = {"address": ray_address, "actors": ray_actors, "cpus_per_actor": ray_cpus_per_actor,
+                   "gpus_per_actor": ray_gpus_per_actor}
     _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
-               part_size, labels, max_memory, index_type, not no_progress)
+               part_size, labels, max_memory, index_type, not no_progress, engine, ray_options)
 
 
 @friendly
 def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path], dataset: str,
                out: Optional[Path], window: Optional[float], stride: Optional[float], shard: Optional[str],
                resume: bool, workers: int, batch_size: int, part_size: int, labels: str,
-               max_memory: Optional[str], index_type: str, progress: bool) -> None:
+               max_memory: Optional[str], index_type: str, progress: bool, engine: str = "local",
+               ray_options: Optional[dict] = None) -> None:
+    from indexer.engines import make_engine  # noqa: PLC0415
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
@@ -81,8 +95,10 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                    stride=stride, part_size=part_size, labels=labels,
                    index_type=None if index_type == "auto" else index_type,
                    max_memory_bytes=parse_bytes(max_memory) if max_memory else None)
-    summary = run_index_job(spec, resolve_shard(shard), resume=resume, workers=workers,
-                            batch_size=batch_size, progress=progress)
+    worker = resolve_shard(shard)
+    with make_engine(engine, **(ray_options or {})) as runner:  # joins or starts a Ray cluster: fails fast
+        summary = run_index_job(spec, worker, resume=resume, workers=workers, batch_size=batch_size,
+                                progress=progress, engine=runner)
     typer.echo(f"shard {summary.shard}: indexed {summary.indexed}, failed {summary.failed}, skipped "
                f"{summary.skipped} (already done) in {summary.seconds:.1f} s "
                f"({summary.clips_per_second:.1f} clips/s while embedding)")

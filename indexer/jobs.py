@@ -517,6 +517,7 @@ def run_index_job(
     workers: int = 2,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
+    engine: Any = None,
 ) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
@@ -527,6 +528,7 @@ def run_index_job(
         workers: DataLoader processes decoding clips (0 decodes in this process).
         batch_size: clips per encoder call.
         progress: show a tqdm bar (clips/s and ETA).
+        engine: who runs the embed loop (:mod:`indexer.engines`); None runs it here.
 
     Raises:
         JobError: the work directory holds output and ``resume`` is false, or it belongs to a
@@ -559,7 +561,8 @@ def run_index_job(
         logger.info("resuming: %d of this worker's %d parts are done", len(done), len(mine))
     root = spec.videos.resolve()
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
-    indexed, failed, embed_seconds = _embed_parts(
+    embed = _embed_parts if engine is None else engine.embed_parts
+    indexed, failed, embed_seconds = embed(
         work,
         parts,
         corpus,
