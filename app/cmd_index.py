@@ -119,6 +119,48 @@ def _merge_cmd(index: Path = typer.Argument(..., help="the --out of the sharded 
     typer.echo(f"published {publish_job(index)}")
 
 
+@friendly
+def _add_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="the published index to extend"),
+    videos: Path = typer.Option(..., "--videos", help="folder of videos; those the index lacks are embedded"),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="annotation file listing the videos (paths relative "
+                                       "to --videos)"),
+    dataset: str = typer.Option("generic", "--dataset", help="annotation preset (as for `vtr index`)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model directory (default: the index's; "
+                                         "another model is refused)"),
+    resume: bool = typer.Option(False, "--resume", help="finish an interrupted add"),
+    workers: int = typer.Option(2, "--workers", help="decoding processes (local engine)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="clips per encoder call"),
+    part_size: int = typer.Option(256, "--part-size", help="videos per part (the unit of resume)"),
+    engine: str = typer.Option("local", "--engine", help="local or ray (as for `vtr index`)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+) -> None:
+    """Embed the videos an index lacks and republish it atomically (its trained quantizer is kept)."""
+    from indexer.engines import make_engine  # noqa: PLC0415
+    from indexer.update import add_to_index, describe  # noqa: PLC0415
+
+    options = {"address": ray_address} if engine == "ray" or ray_address is not None else {}
+    with make_engine(engine, **options) as runner:
+        summary = add_to_index(index, videos, ann_file=ann, dataset=dataset, model_dir=model, resume=resume,
+                               workers=workers, batch_size=batch_size, part_size=part_size,
+                               progress=not no_progress, engine=runner)
+    typer.echo(describe(summary))
+
+
+@friendly
+def _remove_cmd(
+    paths: list[Path] = typer.Argument(..., help="videos to drop (as indexed, or relative to the corpus root)"),
+    index: Path = typer.Option(..., "--index", "-i", help="the published index"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="refuse unless the index was built with "
+                                         "this model"),
+) -> None:
+    """Drop every item of the given videos from an index and republish it atomically."""
+    from indexer.update import describe, remove_from_index  # noqa: PLC0415
+
+    typer.echo(describe(remove_from_index(index, paths, model_dir=model)))
+
+
 def _format_span(start: Optional[float], end: Optional[float]) -> str:
     return "-" if start is None or end is None else f"{start:.1f}-{end:.1f}s"
 
@@ -166,5 +208,7 @@ def register(app: typer.Typer) -> None:
     index_app = typer.Typer(invoke_without_command=True, no_args_is_help=True)
     index_app.callback()(_index_callback)
     index_app.command("merge")(_merge_cmd)
+    index_app.command("add")(_add_cmd)
+    index_app.command("remove")(_remove_cmd)
     app.add_typer(index_app, name="index")
     app.command("search")(_search_cmd)

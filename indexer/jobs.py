@@ -518,6 +518,7 @@ def run_index_job(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = True,
     engine: Any = None,
+    select: Callable[[list[CorpusItem]], list[CorpusItem]] | None = None,
 ) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
@@ -529,6 +530,7 @@ def run_index_job(
         batch_size: clips per encoder call.
         progress: show a tqdm bar (clips/s and ETA).
         engine: who runs the embed loop (:mod:`indexer.engines`); None runs it here.
+        select: keeps a subset of the planned sources (``vtr index add``: the new videos only).
 
     Raises:
         JobError: the work directory holds output and ``resume`` is false, or it belongs to a
@@ -548,6 +550,8 @@ def run_index_job(
 
     corpus = load_corpus(spec.dataset, spec.ann_file, spec.videos)
     sources = plan_sources(corpus)
+    if select is not None:
+        sources = select(sources)
     record = _job_record(spec, model_identity(spec.model_dir), load_labels(spec.labels), sources)
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)

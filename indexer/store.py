@@ -50,7 +50,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -313,17 +313,31 @@ def write_index(
         "extra": dict(extra or {}),
     }
 
+    def fill(staged: Path) -> dict[str, Any]:
+        _write_faiss(staged / INDEX_FILE, index)
+        _write_float16_npy(staged / VECTORS_FILE, vectors)
+        _write_jsonl(staged / ITEMS_FILE, item_rows)
+        _write_jsonl(staged / FAILURES_FILE, failure_rows)
+        return manifest
+
+    return publish_version(out_dir, fill)
+
+
+def publish_version(out_dir: str | os.PathLike[str], fill: Callable[[Path], Mapping[str, Any]]) -> Path:
+    """Publish a new version of the index at ``out_dir`` whose files ``fill(staged_dir)`` writes.
+
+    ``fill`` writes (and fsyncs) every file but the manifest into the private staging directory
+    and returns the manifest, which is written last: a directory with a manifest is a finished
+    one. The version is then published atomically (see the module docstring); if ``fill`` raises,
+    the staging directory is removed and the published index is untouched.
+    """
     out = Path(os.path.abspath(out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(out.parent, out.name)
     staged = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
     try:
-        _write_faiss(staged / INDEX_FILE, index)
-        _write_float16_npy(staged / VECTORS_FILE, vectors)
-        _write_jsonl(staged / ITEMS_FILE, item_rows)
-        _write_jsonl(staged / FAILURES_FILE, failure_rows)
-        # The manifest goes last: a directory with a manifest is a finished one.
+        manifest = fill(staged)
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         fsync_path(staged / MANIFEST_FILE)
         fsync_path(staged)

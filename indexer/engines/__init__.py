@@ -26,11 +26,11 @@ def make_engine(name: str, **options: Any):
         given = {key: value for key, value in options.items() if value is not None}
         if given:
             raise ValueError(f"{', '.join(sorted(given))} only apply to --engine ray")
-        from indexer.engines.local import LocalEngine  # noqa: PLC0415
+        from indexer.engines.local import LocalEngine
 
         return LocalEngine()
     if name == "ray":
-        from indexer.engines.ray import RayEngine  # noqa: PLC0415
+        from indexer.engines.ray import RayEngine
 
         return RayEngine(**options)
     raise ValueError(f"unknown --engine {name!r}; choose one of: {', '.join(ENGINES)}")

@@ -10,13 +10,13 @@ class LocalEngine:
 
     name = "local"
 
-    def __enter__(self) -> LocalEngine:
+    def __enter__(self) -> LocalEngine:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
         return None
 
     def embed_parts(self, *args: Any, **kwargs: Any) -> tuple[int, int, float]:
-        from indexer.jobs import _embed_parts  # noqa: PLC0415
+        from indexer.jobs import _embed_parts
 
         return _embed_parts(*args, **kwargs)

@@ -54,8 +54,8 @@ class EngineError(JobError):
 def import_ray() -> Any:
     """``import ray`` and Ray Data, or one actionable line naming the extra to install."""
     try:
-        import ray  # noqa: PLC0415
-        import ray.data  # noqa: F401, PLC0415
+        import ray
+        import ray.data
     except ImportError:
         raise EngineError(INSTALL_HINT) from None
     return ray
@@ -90,7 +90,7 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], max_seconds: float | None,
                   clip_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Decode and preprocess a batch of clips; an unreadable clip becomes an error row."""
-    from retrieval.data.video import VideoReadError, load_clip  # noqa: PLC0415
+    from retrieval.data.video import VideoReadError, load_clip
 
     pre = Preprocess.from_dict(preprocess)
     n = len(batch["path"])
@@ -114,10 +114,10 @@ class _Encoder:
     """One model per actor: clip batches -> clip vectors and top-5 action labels."""
 
     def __init__(self, model_dir: str, labels: list[str], threads: int) -> None:
-        import torch  # noqa: PLC0415
+        import torch
 
-        from retrieval.eval.actions import ActionClassifier  # noqa: PLC0415
-        from retrieval.models.io import load_model  # noqa: PLC0415
+        from retrieval.eval.actions import ActionClassifier
+        from retrieval.models.io import load_model
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch
@@ -181,7 +181,7 @@ class RayEngine:
 
     # -- lifecycle
 
-    def __enter__(self) -> RayEngine:
+    def __enter__(self) -> RayEngine:  # noqa: PYI034
         self.start()
         return self
 
