@@ -711,6 +711,10 @@ def publish_job(out: str | os.PathLike[str]) -> Path:
             f"{len(missing)} of {job['num_parts']} parts are not done (parts {shown}); with N "
             "shards part p is shard (p mod N)'s: finish those shards (--resume) and merge again"
         )
+    from indexer.ondisk import publish_job_ondisk, wants_ondisk
+
+    if wants_ondisk(sum(work.read_manifest(p)["num_vectors"] for p in range(job["num_parts"])), job["index_type"]):
+        return publish_job_ondisk(out)  # bounded memory: lists built part by part, merged on disk
     root = Path(job["videos_root"])
     vectors, items, failures = [], [], []
     for part in range(job["num_parts"]):

@@ -60,10 +60,12 @@ import faiss
 import numpy as np
 
 from indexer.faiss_index import (
+    IVF_DATA_FILE,
     apply_search_params,
     build_index,
     check_vectors,
     choose_index_type,
+    read_faiss_index,
     search_index,
     search_params,
     to_cpu,
@@ -403,6 +405,13 @@ def _memmap_npy(f: BinaryIO) -> np.ndarray:
     return np.memmap(f, dtype=np.float16, mode="r", shape=shape, offset=f.tell())
 
 
+def _open_optional(name: str, opener: Callable[[str, int], int], stack: contextlib.ExitStack) -> BinaryIO | None:
+    try:
+        return stack.enter_context(open(name, "rb", opener=opener))
+    except FileNotFoundError:
+        return None
+
+
 def _read_jsonl(f: BinaryIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -476,6 +485,7 @@ def _open_snapshot(path: Path) -> IndexReader:
         # INDEX afterwards, these handles all belong to the same version.
         try:
             files = {name: stack.enter_context(open(name, "rb", opener=opener)) for name in _INDEX_FILES}
+            ivf_data = _open_optional(IVF_DATA_FILE, opener, stack)
         except FileNotFoundError as error:
             if _moved_away(path, dir_fd):
                 raise _SnapshotVanished from None
@@ -486,7 +496,7 @@ def _open_snapshot(path: Path) -> IndexReader:
             os.close(dir_fd)
         manifest = json.load(files[MANIFEST_FILE])
         vectors = _memmap_npy(files[VECTORS_FILE])
-        index = faiss.read_index(faiss.PyCallbackIOReader(files[INDEX_FILE].read))
+        index = read_faiss_index(files[INDEX_FILE], ivf_data)
         items = _read_jsonl(files[ITEMS_FILE])
         failures = _read_jsonl(files[FAILURES_FILE])
     _check_consistent(path, manifest, items, vectors, index)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.faiss_index import build_index, search_params
+from indexer.faiss_index import IVF_DATA_FILE, build_index, search_params
 from indexer.jobs import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PART_SIZE,
@@ -42,6 +42,7 @@ from indexer.jobs import (
     run_index_job,
     work_dir_for,
 )
+from indexer.ondisk import empty_copy, is_ondisk, move_lists_ondisk, write_float16_rows
 from indexer.store import (
     FAILURES_FILE,
     INDEX_FILE,
@@ -112,22 +113,6 @@ def _index_model_dir(reader: IndexReader, model_dir: str | os.PathLike[str] | No
 # ---------------------------------------------------------------------------------- writing
 
 
-def _write_float16_rows(path: Path, rows: int, dim: int, chunks: Iterable[np.ndarray]) -> None:
-    """Write a float16 [rows, dim] .npy from row chunks without holding them all."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
-              "shape": (rows, dim)}
-    written = 0
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        for chunk in chunks:
-            f.write(np.ascontiguousarray(chunk, dtype=np.float16).tobytes())
-            written += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    if written != rows:
-        raise RuntimeError(f"wrote {written} vector rows to {path}, expected {rows}")
-
-
 def _chunks(vectors: np.ndarray, rows: Sequence[int] | np.ndarray | None = None) -> Iterator[np.ndarray]:
     if rows is None:
         for start in range(0, len(vectors), _CHUNK_ROWS):
@@ -142,7 +127,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _republish(reader: IndexReader, index: faiss.Index, items: list[dict[str, Any]],
+def _republish(reader: IndexReader, index: faiss.Index | Callable[[Path], faiss.Index], items: list[dict[str, Any]],
                failures: list[dict[str, Any]], vector_chunks: Iterable[np.ndarray],
                corpus_roots: list[str], update: dict[str, Any]) -> Path:
     """Publish a new version of ``reader``'s index with these contents (manifest carried over)."""
@@ -151,7 +136,6 @@ def _republish(reader: IndexReader, index: faiss.Index, items: list[dict[str, An
     for row, item in enumerate(items):
         item["id"] = row
     manifest["counts"] = {**manifest["counts"], "items": len(items), "failed": len(failures)}
-    manifest["faiss_params"] = search_params(index) or manifest.get("faiss_params", {})
     manifest["corpus_roots"] = corpus_roots
     manifest["updated"] = _now()
     extra = dict(manifest.get("extra", {}))
@@ -159,8 +143,10 @@ def _republish(reader: IndexReader, index: faiss.Index, items: list[dict[str, An
     manifest["extra"] = extra
 
     def fill(staged: Path) -> dict[str, Any]:
-        _write_faiss(staged / INDEX_FILE, index)
-        _write_float16_rows(staged / VECTORS_FILE, len(items), dim, vector_chunks)
+        built = index(staged) if callable(index) else index
+        manifest["faiss_params"] = search_params(built) or manifest.get("faiss_params", {})
+        _write_faiss(staged / INDEX_FILE, built)
+        write_float16_rows(staged / VECTORS_FILE, len(items), dim, vector_chunks)
         _write_jsonl(staged / ITEMS_FILE, items)
         _write_jsonl(staged / FAILURES_FILE, failures)
         return manifest
@@ -240,9 +226,20 @@ def add_to_index(
     # the exact float32 vectors of the new clips (the delta is a Flat index)
     fresh = added.index.reconstruct_n(0, added.index.ntotal) if len(added) else np.zeros((0, reader.manifest["dim"]),
                                                                                       np.float32)
-    merged = reader.index
-    if len(fresh):
-        merged.add(np.ascontiguousarray(fresh, dtype=np.float32))
+    merged: faiss.Index | Callable[[Path], faiss.Index] = reader.index
+    if is_ondisk(reader.index):
+        # the old lists stay as they are (memory-mapped); the new codes are merged beside them
+        base = empty_copy(reader.index, reader.snapshot_dir / INDEX_FILE)
+        block = faiss.clone_index(base)
+        block.add_with_ids(np.ascontiguousarray(fresh, dtype=np.float32),
+                           np.arange(before, before + len(fresh), dtype=np.int64))
+        old_lists = faiss.extract_index_ivf(reader.index).invlists
+
+        def merged(staged: Path) -> faiss.Index:
+            return move_lists_ondisk(base, [old_lists, faiss.extract_index_ivf(block).invlists],
+                                     staged / IVF_DATA_FILE)
+    elif len(fresh):
+        reader.index.add(np.ascontiguousarray(fresh, dtype=np.float32))
     items = [dict(item) for item in reader.items] + [dict(item) for item in added.items]
     failures = list(reader.failures) + list(added.failures)
     roots = list(dict.fromkeys([*reader.manifest.get("corpus_roots", []), str(root)]))
@@ -276,12 +273,13 @@ def _resolve_videos(reader: IndexReader, paths: Sequence[str | os.PathLike[str]]
     return found
 
 
-def _without_rows(index: faiss.Index, keep: np.ndarray, index_type: str) -> faiss.Index:
-    """``index`` holding only rows ``keep`` (sorted), renumbered 0..len(keep)-1, trained parts kept."""
+def _without_rows(index: faiss.Index, keep: np.ndarray, index_type: str,
+                  index_file: Path | None = None) -> faiss.Index:
+    """``index`` holding only rows ``keep`` (sorted), renumbered 0..len(keep)-1, trained parts kept
+    (``index_file``: where an on-disk ``index`` was read from). IVF lists come back in memory."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        smaller = faiss.clone_index(index)
-        smaller.reset()
+        smaller = empty_copy(index, index_file)
         target = faiss.extract_index_ivf(smaller)
         renumber = np.full(index.ntotal, -1, dtype=np.int64)
         renumber[keep] = np.arange(len(keep), dtype=np.int64)
@@ -322,7 +320,14 @@ def remove_from_index(index: str | os.PathLike[str], paths: Sequence[str | os.Pa
     keep = np.array([row for row, item in enumerate(reader.items) if item["path"] not in gone], dtype=np.int64)
     items = [dict(reader.items[row]) for row in keep]
     failures = [failure for failure in reader.failures if failure["path"] not in gone]
-    smaller = _without_rows(reader.index, keep, reader.manifest["index_type"])
+    smaller: faiss.Index | Callable[[Path], faiss.Index] = _without_rows(
+        reader.index, keep, reader.manifest["index_type"], reader.snapshot_dir / INDEX_FILE)
+    if is_ondisk(reader.index):
+        in_memory = smaller
+
+        def smaller(staged: Path) -> faiss.Index:
+            return move_lists_ondisk(empty_copy(in_memory), [faiss.extract_index_ivf(in_memory).invlists],
+                                     staged / IVF_DATA_FILE)
     _republish(reader, smaller, items, failures, _chunks(reader.vectors, keep),
                list(reader.manifest.get("corpus_roots", [])),
                {"op": "remove", "videos": sorted(gone), "items": len(reader) - len(keep)})

@@ -1,0 +1,297 @@
+"""Index builds bounded in memory: IVF inverted lists built part by part and merged on disk.
+
+``vtr index merge`` (and a single worker's publish) normally joins every part's vectors into
+one array and builds the FAISS index from it: fine for a few hundred thousand clips, but a
+million 512-d vectors are 2 GB of float32 before FAISS copies any. Above
+:data:`ONDISK_MIN_VECTORS` the index is built without ever holding them all:
+
+1. **Train** the coarse quantizer (k-means) on a seeded random sample of rows gathered from the
+   memory-mapped part files, then the product quantizer on the residuals of a smaller subset.
+2. **Add** the vectors block by block (about :data:`BLOCK_ROWS` rows from consecutive parts):
+   each block is encoded by a copy of the trained, empty index and its inverted lists are
+   written to a block file.
+3. **Merge** the block files' inverted lists (memory-mapped) into one
+   :class:`faiss.OnDiskInvertedLists` file, ``index.ivfdata``, beside ``index.faiss`` (FAISS's
+   ``merge_ondisk`` pattern), then delete the blocks.
+4. **Serve** memory-mapped: :func:`indexer.faiss_index.read_faiss_index` maps ``index.ivfdata``
+   read-only, so a reader's memory is what its queries touch. The float16 vectors used for
+   exact re-scoring are written part by part and memory-mapped as for any index.
+
+Item metadata and failure records are streamed from the part manifests to their files, one
+part at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.faiss_index import (
+    HNSW_MAX_ITEMS,
+    IVF_DATA_FILE,
+    MIN_TRAIN_POINTS_PER_CENTROID,
+    TRAIN_SEED,
+    apply_search_params,
+    default_search_params,
+    ivf_pq_index_type,
+    search_params,
+)
+
+logger = logging.getLogger(__name__)
+
+#: From this many vectors on (where the automatic choice is IVF-PQ anyway) a published index is
+#: built on disk.
+ONDISK_MIN_VECTORS = HNSW_MAX_ITEMS
+#: Rows encoded per block: 64k x 512 float32 is 128 MB in flight.
+BLOCK_ROWS = 65_536
+#: k-means points per coarse centroid (FAISS warns below 39).
+TRAIN_POINTS_PER_LIST = MIN_TRAIN_POINTS_PER_CENTROID + 1
+#: Residuals the product quantizer is trained on: 256 centroids x 256 points, what FAISS's PQ
+#: training samples down to anyway.
+PQ_TRAIN_POINTS = 65_536
+
+
+def wants_ondisk(num_vectors: int, index_type: str | None) -> bool:
+    """Whether an index of ``num_vectors`` vectors is built on disk (automatic or IVF type)."""
+    return num_vectors >= ONDISK_MIN_VECTORS and (index_type is None or index_type.startswith("IVF"))
+
+
+def is_ondisk(index: faiss.Index) -> bool:
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+class _Rows:
+    """Row access across a sequence of [n_i, d] arrays (memory-mapped part files) as one matrix."""
+
+    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
+        self.arrays = arrays
+        self.offsets = np.cumsum([0, *(len(array) for array in arrays)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted ascending) as one float32 array."""
+        out = np.empty((len(rows), self.arrays[0].shape[1]), dtype=np.float32)
+        owner = np.searchsorted(self.offsets, rows, side="right") - 1
+        for array_no in np.unique(owner):
+            mask = owner == array_no
+            out[mask] = self.arrays[array_no][rows[mask] - self.offsets[array_no]]
+        return out
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block) of about ``rows`` rows, whole arrays at a time."""
+        pending: list[np.ndarray] = []
+        size, first = 0, 0
+        for array in self.arrays:
+            pending.append(np.asarray(array, dtype=np.float32))
+            size += len(array)
+            if size >= rows:
+                yield first, np.concatenate(pending)
+                first += size
+                pending, size = [], 0
+        if pending:
+            yield first, np.concatenate(pending)
+
+
+def train_ivf(rows: _Rows, index_type: str) -> faiss.Index:
+    """An empty IVF index of ``index_type`` trained on seeded samples of ``rows``.
+
+    The coarse quantizer sees ``nlist * 40`` rows; the product quantizer the residuals of
+    :data:`PQ_TRAIN_POINTS` of them (the larger sample is released first), so training holds at
+    most about ``nlist * 40 * 4 * dim`` bytes of vectors (170 MB for 2048 lists of 512-d).
+    """
+    n, dim = len(rows), rows.arrays[0].shape[1]
+    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    if isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ):
+        faiss.downcast_index(index).do_polysemous_training = False
+    rng = np.random.default_rng(TRAIN_SEED)
+    size = min(n, ivf.nlist * TRAIN_POINTS_PER_LIST)
+    sample = rows.take(np.sort(rng.choice(n, size=size, replace=False)))
+    ivf.train_q1(len(sample), faiss.swig_ptr(sample), False, faiss.METRIC_INNER_PRODUCT)
+    subset = np.ascontiguousarray(sample[rng.permutation(len(sample))[:PQ_TRAIN_POINTS]])
+    del sample
+    assign = np.ascontiguousarray(ivf.quantizer.assign(subset, 1).ravel().astype(np.int64))
+    index.train_encoder(len(subset), faiss.swig_ptr(subset), faiss.swig_ptr(assign))
+    index.is_trained = True
+    return index
+
+
+def move_lists_ondisk(index: faiss.Index, sources: Sequence[Any], path: Path) -> faiss.Index:
+    """Give the empty trained IVF ``index`` the union of ``sources`` (inverted lists, ids kept)
+    as :class:`faiss.OnDiskInvertedLists` stored in ``path``."""
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    pointers = faiss.InvertedListsPtrVector()
+    for source in sources:
+        pointers.push_back(source)
+    total = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+    index.ntotal = ivf.ntotal = total
+    return index
+
+
+def empty_copy(index: faiss.Index, index_file: Path | None = None) -> faiss.Index:
+    """A trained, empty copy of IVF ``index`` (quantizer and codebooks shared by value).
+
+    An on-disk index cannot be cloned with its lists: its file is re-read without them.
+    """
+    if is_ondisk(index):
+        if index_file is None:
+            raise ValueError("an on-disk index is copied from its index file")
+        with open(index_file, "rb") as f:
+            copy = faiss.read_index(faiss.PyCallbackIOReader(f.read), faiss.IO_FLAG_SKIP_IVF_DATA)
+        ivf = faiss.extract_index_ivf(copy)
+        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns it now
+        copy.ntotal = ivf.ntotal = 0
+        return copy
+    copy = faiss.clone_index(index)
+    copy.reset()
+    return copy
+
+
+def build_ondisk_index(arrays: Sequence[np.ndarray], staged: Path, index_type: str | None = None,
+                       max_memory_bytes: int | None = None) -> tuple[faiss.Index, str]:
+    """Build an IVF index over the rows of ``arrays`` with its lists in ``staged/index.ivfdata``.
+
+    Row ``i`` of the concatenation gets id ``i``. Returns the index (to be written as
+    ``index.faiss`` next to the list file) and its factory string.
+    """
+    rows = _Rows(arrays)
+    n, dim = len(rows), arrays[0].shape[1]
+    index_type = index_type or ivf_pq_index_type(n, dim, max_memory_bytes)
+    if not index_type.startswith("IVF"):
+        raise ValueError(f"an on-disk build needs an IVF index type, got {index_type}")
+    trained = train_ivf(rows, index_type)
+    blocks_dir = staged / ".blocks"
+    blocks_dir.mkdir()
+    names = []
+    for number, (first, block) in enumerate(rows.blocks(BLOCK_ROWS)):
+        encoded = faiss.clone_index(trained)
+        encoded.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
+        name = blocks_dir / f"block-{number:05d}.index"
+        faiss.write_index(encoded, str(name))
+        names.append(name)
+        del encoded, block
+        logger.info("on-disk build: encoded rows %d.. (%d blocks)", first, number + 1)
+    blocks = [faiss.read_index(str(name), faiss.IO_FLAG_MMAP) for name in names]
+    index = move_lists_ondisk(trained, [faiss.extract_index_ivf(block).invlists for block in blocks],
+                              staged / IVF_DATA_FILE)
+    del blocks
+    shutil.rmtree(blocks_dir)
+    apply_search_params(index, default_search_params(index))
+    return index, index_type
+
+
+# ---------------------------------------------------------------------------------- publishing a job
+
+
+def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
+    """:func:`indexer.jobs.publish_job` for a job too large to hold in memory (same result files,
+    the FAISS lists on disk); called by it above :data:`ONDISK_MIN_VECTORS`."""
+    from indexer.jobs import JobError, WorkDir, work_dir_for
+    from indexer.store import (
+        FAILURES_FILE,
+        FORMAT,
+        FORMAT_VERSION,
+        INDEX_FILE,
+        ITEMS_FILE,
+        VECTORS_FILE,
+        _code_version,
+        _normalise_failure,
+        _normalise_item,
+        _write_faiss,
+        fsync_path,
+        publish_version,
+    )
+
+    out = Path(out)
+    work = WorkDir(work_dir_for(out))
+    job = work.read_job()
+    root = Path(job["videos_root"])
+    arrays, counts = [], {"items": 0, "failed": 0}
+    for part in range(job["num_parts"]):
+        manifest = work.read_manifest(part)
+        vectors = np.load(work.vectors_path(part), mmap_mode="r")
+        if len(vectors) != manifest["num_vectors"] or len(manifest["items"]) != manifest["num_vectors"]:
+            raise JobError(f"part {part} is corrupt ({len(vectors)} vectors, {len(manifest['items'])} items, "
+                           f"manifest says {manifest['num_vectors']}); delete {work.manifest_path(part)} and "
+                           "resume to redo it")
+        if len(vectors):
+            arrays.append(vectors)
+        counts["items"] += len(vectors)
+        counts["failed"] += len(manifest["failures"])
+    dim = int(arrays[0].shape[1])
+
+    def fill(staged: Path) -> dict[str, Any]:
+        index, index_type = build_ondisk_index(arrays, staged, job["index_type"], job["max_memory_bytes"])
+        _write_faiss(staged / INDEX_FILE, index)
+        write_float16_rows(staged / VECTORS_FILE, counts["items"], dim, arrays)
+        with open(staged / ITEMS_FILE, "w", encoding="utf-8") as items, \
+                open(staged / FAILURES_FILE, "w", encoding="utf-8") as failures:
+            row = 0
+            for part in range(job["num_parts"]):
+                manifest = work.read_manifest(part)
+                for item in manifest["items"]:
+                    record = _normalise_item(row, {**item, "path": str(root / item["path"])})
+                    items.write(_json_line(record))
+                    row += 1
+                failures.writelines(_json_line(_normalise_failure({**failure, "path": str(root / failure["path"])})) for failure in manifest["failures"])
+            for handle in (items, failures):
+                handle.flush()
+                os.fsync(handle.fileno())
+        fsync_path(staged / IVF_DATA_FILE)
+        extra = {key: job[key] for key in ("model_dir", "dataset", "ann_file", "window", "stride", "label_set")}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": {"preprocess": {}, **dict(job["model"])},
+            "dim": dim,
+            "metric": "ip",
+            "index_type": index_type,
+            "faiss_params": search_params(index),
+            "storage": "ondisk",
+            "counts": {"items": counts["items"], "failed": counts["failed"], "skipped": 0},
+            "corpus_roots": [str(root)],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "code_version": _code_version(),
+            "extra": extra,
+        }
+
+    publish_version(out, fill)
+    shutil.rmtree(work.root)
+    return out
+
+
+def _json_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def write_float16_rows(path: Path, rows: int, dim: int, chunks: Iterable[np.ndarray]) -> None:
+    """Write a float16 [rows, dim] .npy from row chunks without holding them all."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False,
+              "shape": (rows, dim)}
+    written = 0
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for chunk in chunks:
+            f.writelines(np.ascontiguousarray(chunk[start : start + BLOCK_ROWS], dtype=np.float16).tobytes() for start in range(0, len(chunk), BLOCK_ROWS))
+            written += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    if written != rows:
+        raise RuntimeError(f"wrote {written} vector rows to {path}, expected {rows}")
