@@ -71,6 +71,7 @@ from indexer.faiss_index import (
     to_cpu,
     to_gpu_if_wanted,
 )
+from indexer.jsonl import read_items
 
 logger = logging.getLogger(__name__)
 
@@ -459,7 +460,9 @@ def _check_consistent(
         raise ValueError(f"corrupt vtr index {path}: dims disagree {dims}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError(f"corrupt vtr index {path}: {INDEX_FILE} is not an inner-product index")
-    for row, item in enumerate(items):
+    rows = range(len(items)) if isinstance(items, list) else sorted({0, len(items) - 1} - {-1})
+    for row in rows:  # a lazily read items file is checked at its ends, not parsed whole
+        item = items[row]
         if item.get("id") != row:
             raise ValueError(
                 f"corrupt vtr index {path}: line {row + 1} of {ITEMS_FILE} has id {item.get('id')}"
@@ -497,7 +500,7 @@ def _open_snapshot(path: Path) -> IndexReader:
         manifest = json.load(files[MANIFEST_FILE])
         vectors = _memmap_npy(files[VECTORS_FILE])
         index = read_faiss_index(files[INDEX_FILE], ivf_data)
-        items = _read_jsonl(files[ITEMS_FILE])
+        items = read_items(files[ITEMS_FILE])  # parsed lazily when large
         failures = _read_jsonl(files[FAILURES_FILE])
     _check_consistent(path, manifest, items, vectors, index)
     return IndexReader(path, snapshot_dir, manifest, items, vectors, index, failures)

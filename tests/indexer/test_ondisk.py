@@ -11,7 +11,7 @@ import pytest
 import indexer.ondisk as ondisk
 from indexer.faiss_index import IVF_DATA_FILE, build_index, search_index
 from indexer.jobs import WorkDir, publish_job, work_dir_for
-from indexer.store import open_index
+from indexer.store import open_index, write_index
 from indexer.update import remove_from_index
 
 DIM = 32
@@ -102,3 +102,23 @@ def test_readers_keep_their_version_and_remove_keeps_lists_on_disk(tmp_path, mon
     assert [hit[0][0]["path"] for hit in new.search(queries[1:], k=1)] == ["/corpus/v01500.mp4", "/corpus/v03999.mp4"]
     assert "/corpus/v00005.mp4" not in [item["path"] for item, _ in new.search(queries[0], k=10)[0]]
     assert _recall_at_10(new, np.asarray(new.vectors, np.float32), _clustered(100, seed=3)) >= 0.9
+
+
+def test_large_items_files_are_read_lazily_and_read_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.jsonl as jsonl  # noqa: PLC0415
+
+    vectors = _clustered(50)
+    items = [{"path": f"/v/{row}.mp4", "captions": [f"caption {row} é"], "labels": [["a", 0.25]]} for row in range(50)]
+    write_index(tmp_path / "index", vectors, items, {"name": "m", "weights_sha256": "x"}, "/v")
+    eager = open_index(tmp_path / "index").items
+    monkeypatch.setattr(jsonl, "LAZY_MIN_BYTES", 0)
+
+    lazy = open_index(tmp_path / "index").items
+
+    assert isinstance(lazy, jsonl.JsonLines) and isinstance(eager, list)
+    assert len(lazy) == 50 and list(lazy) == eager
+    assert lazy[-1] == eager[-1] and lazy[3:6] == eager[3:6] and lazy[7]["captions"] == ["caption 7 é"]
+    with pytest.raises(IndexError):
+        lazy[50]
+    hits = open_index(tmp_path / "index").search(vectors[17], k=1)[0]
+    assert hits[0][0]["path"] == "/v/17.mp4"
