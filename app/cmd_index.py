@@ -114,9 +114,9 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
 @friendly
 def _merge_cmd(index: Path = typer.Argument(..., help="the --out of the sharded job")) -> None:
     """Join the parts written by every shard worker into the published index."""
-    from indexer.jobs import publish_job  # noqa: PLC0415
+    from indexer.ondisk import merge_job  # noqa: PLC0415  (large jobs: bounded memory, no torch)
 
-    typer.echo(f"published {publish_job(index)}")
+    typer.echo(f"published {merge_job(index)}")
 
 
 @friendly

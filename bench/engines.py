@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "engines.jsonl")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
-    import ray  # noqa: PLC0415
+    import ray
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

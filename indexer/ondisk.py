@@ -23,11 +23,12 @@ part at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -70,38 +71,58 @@ def is_ondisk(index: faiss.Index) -> bool:
     return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
-class _Rows:
-    """Row access across a sequence of [n_i, d] arrays (memory-mapped part files) as one matrix."""
+Source = np.ndarray | Callable[[], np.ndarray]
 
-    def __init__(self, arrays: Sequence[np.ndarray]) -> None:
-        self.arrays = arrays
-        self.offsets = np.cumsum([0, *(len(array) for array in arrays)])
+
+def _load(source: Source) -> np.ndarray:
+    return source() if callable(source) else source
+
+
+class _Rows:
+    """Row access across a sequence of [n_i, d] arrays as one matrix.
+
+    A source may be a function that opens its array (e.g. ``np.load(part, mmap_mode="r")``):
+    it is opened only while rows are copied out of it, so the pages of a memory-mapped part
+    do not stay mapped (and counted in the process's memory) after use.
+    """
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = sources
+        shapes = [_load(source).shape for source in sources]
+        self.dim = int(shapes[0][1])
+        self.offsets = np.cumsum([0, *(shape[0] for shape in shapes)])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows (sorted ascending) as one float32 array."""
-        out = np.empty((len(rows), self.arrays[0].shape[1]), dtype=np.float32)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
         owner = np.searchsorted(self.offsets, rows, side="right") - 1
-        for array_no in np.unique(owner):
-            mask = owner == array_no
-            out[mask] = self.arrays[array_no][rows[mask] - self.offsets[array_no]]
+        for number in np.unique(owner):
+            mask = owner == number
+            out[mask] = _load(self.sources[number])[rows[mask] - self.offsets[number]]
         return out
 
     def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 block) of about ``rows`` rows, whole arrays at a time."""
+        """(first row, float32 block) of about ``rows`` rows, whole sources at a time."""
         pending: list[np.ndarray] = []
         size, first = 0, 0
-        for array in self.arrays:
-            pending.append(np.asarray(array, dtype=np.float32))
+        for source in self.sources:
+            array = _load(source)
+            pending.append(array)
             size += len(array)
             if size >= rows:
-                yield first, np.concatenate(pending)
+                yield first, np.concatenate(pending).astype(np.float32, copy=False)
                 first += size
                 pending, size = [], 0
         if pending:
-            yield first, np.concatenate(pending)
+            yield first, np.concatenate(pending).astype(np.float32, copy=False)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Each source's rows in turn (opened one at a time)."""
+        for source in self.sources:
+            yield _load(source)
 
 
 def train_ivf(rows: _Rows, index_type: str) -> faiss.Index:
@@ -111,7 +132,7 @@ def train_ivf(rows: _Rows, index_type: str) -> faiss.Index:
     :data:`PQ_TRAIN_POINTS` of them (the larger sample is released first), so training holds at
     most about ``nlist * 40 * 4 * dim`` bytes of vectors (170 MB for 2048 lists of 512-d).
     """
-    n, dim = len(rows), rows.arrays[0].shape[1]
+    n, dim = len(rows), rows.dim
     index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.extract_index_ivf(index)
     if isinstance(faiss.downcast_index(index), faiss.IndexIVFPQ):
@@ -164,15 +185,16 @@ def empty_copy(index: faiss.Index, index_file: Path | None = None) -> faiss.Inde
     return copy
 
 
-def build_ondisk_index(arrays: Sequence[np.ndarray], staged: Path, index_type: str | None = None,
+def build_ondisk_index(sources: Sequence[Source], staged: Path, index_type: str | None = None,
                        max_memory_bytes: int | None = None) -> tuple[faiss.Index, str]:
-    """Build an IVF index over the rows of ``arrays`` with its lists in ``staged/index.ivfdata``.
+    """Build an IVF index over the rows of ``sources`` with its lists in ``staged/index.ivfdata``.
 
-    Row ``i`` of the concatenation gets id ``i``. Returns the index (to be written as
+    ``sources`` are [n_i, d] float32 arrays or functions opening them (see :class:`_Rows`).
+    Row ``i`` of their concatenation gets id ``i``. Returns the index (to be written as
     ``index.faiss`` next to the list file) and its factory string.
     """
-    rows = _Rows(arrays)
-    n, dim = len(rows), arrays[0].shape[1]
+    rows = sources if isinstance(sources, _Rows) else _Rows(sources)
+    n, dim = len(rows), rows.dim
     index_type = index_type or ivf_pq_index_type(n, dim, max_memory_bytes)
     if not index_type.startswith("IVF"):
         raise ValueError(f"an on-disk build needs an IVF index type, got {index_type}")
@@ -200,10 +222,39 @@ def build_ondisk_index(arrays: Sequence[np.ndarray], staged: Path, index_type: s
 # ---------------------------------------------------------------------------------- publishing a job
 
 
+def _work_root(out: Path) -> Path:
+    return out.with_name(out.name + ".work")  # indexer.jobs.work_dir_for, without importing torch
+
+
+def _part_paths(root: Path, part: int) -> tuple[Path, Path]:
+    """(manifest, vectors) of a committed part, in the layout of :mod:`indexer.jobs`."""
+    return root / "parts" / f"part-{part:06d}.json", root / "parts" / f"part-{part:06d}.npy"
+
+
+def merge_job(out: str | os.PathLike[str]) -> Path:
+    """``vtr index merge``: publish a finished job, on disk above :data:`ONDISK_MIN_VECTORS`.
+
+    A large job is published by this module alone, which does not import torch (a process that
+    only merges stays small); anything else, including the errors for missing parts, goes
+    through :func:`indexer.jobs.publish_job`.
+    """
+    out = Path(out)
+    job_file = _work_root(out) / "job.json"
+    if job_file.is_file():
+        job = json.loads(job_file.read_text(encoding="utf-8"))
+        manifests = [_part_paths(_work_root(out), part)[0] for part in range(job["num_parts"])]
+        if all(manifest.is_file() for manifest in manifests):
+            total = sum(json.loads(manifest.read_text(encoding="utf-8"))["num_vectors"] for manifest in manifests)
+            if wants_ondisk(total, job["index_type"]):
+                return publish_job_ondisk(out)
+    from indexer.jobs import publish_job
+
+    return publish_job(out)
+
+
 def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
     """:func:`indexer.jobs.publish_job` for a job too large to hold in memory (same result files,
-    the FAISS lists on disk); called by it above :data:`ONDISK_MIN_VECTORS`."""
-    from indexer.jobs import JobError, WorkDir, work_dir_for
+    the FAISS lists on disk); every part must be committed."""
     from indexer.store import (
         FAILURES_FILE,
         FORMAT,
@@ -220,32 +271,39 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
     )
 
     out = Path(out)
-    work = WorkDir(work_dir_for(out))
-    job = work.read_job()
+    root_dir = _work_root(out)
+    job = json.loads((root_dir / "job.json").read_text(encoding="utf-8"))
     root = Path(job["videos_root"])
+
+    def read_manifest(part: int) -> dict[str, Any]:
+        return json.loads(_part_paths(root_dir, part)[0].read_text(encoding="utf-8"))
+
     arrays, counts = [], {"items": 0, "failed": 0}
     for part in range(job["num_parts"]):
-        manifest = work.read_manifest(part)
-        vectors = np.load(work.vectors_path(part), mmap_mode="r")
+        manifest = read_manifest(part)
+        manifest_path, path = _part_paths(root_dir, part)
+        vectors = np.load(path, mmap_mode="r")
         if len(vectors) != manifest["num_vectors"] or len(manifest["items"]) != manifest["num_vectors"]:
-            raise JobError(f"part {part} is corrupt ({len(vectors)} vectors, {len(manifest['items'])} items, "
-                           f"manifest says {manifest['num_vectors']}); delete {work.manifest_path(part)} and "
-                           "resume to redo it")
+            raise ValueError(f"part {part} is corrupt ({len(vectors)} vectors, {len(manifest['items'])} items, "
+                             f"manifest says {manifest['num_vectors']}); delete {manifest_path} and resume to "
+                             "redo it")
         if len(vectors):
-            arrays.append(vectors)
+            arrays.append(functools.partial(np.load, path, mmap_mode="r"))
         counts["items"] += len(vectors)
+        del vectors
         counts["failed"] += len(manifest["failures"])
-    dim = int(arrays[0].shape[1])
+    rows = _Rows(arrays)
+    dim = rows.dim
 
     def fill(staged: Path) -> dict[str, Any]:
-        index, index_type = build_ondisk_index(arrays, staged, job["index_type"], job["max_memory_bytes"])
+        index, index_type = build_ondisk_index(rows, staged, job["index_type"], job["max_memory_bytes"])
         _write_faiss(staged / INDEX_FILE, index)
-        write_float16_rows(staged / VECTORS_FILE, counts["items"], dim, arrays)
+        write_float16_rows(staged / VECTORS_FILE, counts["items"], dim, rows.chunks())
         with open(staged / ITEMS_FILE, "w", encoding="utf-8") as items, \
                 open(staged / FAILURES_FILE, "w", encoding="utf-8") as failures:
             row = 0
             for part in range(job["num_parts"]):
-                manifest = work.read_manifest(part)
+                manifest = read_manifest(part)
                 for item in manifest["items"]:
                     record = _normalise_item(row, {**item, "path": str(root / item["path"])})
                     items.write(_json_line(record))
@@ -273,7 +331,7 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
         }
 
     publish_version(out, fill)
-    shutil.rmtree(work.root)
+    shutil.rmtree(root_dir)
     return out
 
 
