@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-import indexer.ondisk as ondisk
+from indexer import ondisk
 from indexer.faiss_index import IVF_DATA_FILE, build_index, search_index
 from indexer.jobs import WorkDir, publish_job, work_dir_for
 from indexer.store import open_index, write_index
@@ -105,7 +105,7 @@ def test_readers_keep_their_version_and_remove_keeps_lists_on_disk(tmp_path, mon
 
 
 def test_large_items_files_are_read_lazily_and_read_the_same(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.jsonl as jsonl  # noqa: PLC0415
+    from indexer import jsonl
 
     vectors = _clustered(50)
     items = [{"path": f"/v/{row}.mp4", "captions": [f"caption {row} é"], "labels": [["a", 0.25]]} for row in range(50)]

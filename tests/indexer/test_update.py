@@ -3,6 +3,7 @@ kept, readers see the old index until the new one is published whole, and a kill
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -195,3 +196,50 @@ def test_removing_rows_renumbers_ids_and_keeps_the_trained_index(index_type: str
     remove_from_index(tmp_path / "index", ["/v/0.mp4", "/v/3.mp4"])
     assert [item["path"] for item in open_index(tmp_path / "index").items][:2] == ["/v/1.mp4", "/v/2.mp4"]
     assert open_index(tmp_path / "index").index.ntotal == 598
+
+
+def test_add_to_an_index_built_on_disk_keeps_its_lists_on_disk(
+    model_dir: Path, pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from indexer import ondisk
+    from indexer.jobs import WorkDir
+    from retrieval.models.io import model_identity
+
+    monkeypatch.setattr(ondisk, "ONDISK_MIN_VECTORS", 100)
+    videos = _corpus(tmp_path, pool, NEW)
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((400, 24)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    index = tmp_path / "index"
+    work = WorkDir(work_dir_for(index))
+    work.parts_dir.mkdir(parents=True)
+    work.job_file.write_text(json.dumps({
+        "num_parts": 2, "videos_root": str(videos.resolve()), "model": model_identity(model_dir),
+        "index_type": "IVF8,PQ4x8", "max_memory_bytes": None, "model_dir": str(model_dir), "dataset": "generic",
+        "ann_file": None, "window": None, "stride": None, "label_set": "synthetic"}))
+    for part in range(2):
+        rows = range(part * 200, part * 200 + 200)
+        items = [{"path": f"old/{row}.mp4", "extra": {"key": f"old/{row}.mp4"}} for row in rows]
+        work.commit_part(part, base[rows.start:rows.stop], {"part": part, "items": items, "failures": [],
+                                                          "num_vectors": 200})
+    from indexer.jobs import publish_job
+
+    publish_job(index)
+    assert ondisk.is_ondisk(open_index(index).index)
+
+    summary = add_to_index(index, videos, workers=0, progress=False)
+
+    after = open_index(index)
+    assert summary.added == 3 and len(after) == after.index.ntotal == 403
+    assert ondisk.is_ondisk(after.index) and after.manifest["index_type"] == "IVF8,PQ4x8"
+    assert [item["extra"]["key"] for item in after.items[400:]] == NEW
+    ivf = faiss.extract_index_ivf(after.index)
+    lists = ivf.invlists
+    stored = np.concatenate([faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                             for number in range(ivf.nlist)])
+    assert sorted(stored.tolist()) == list(range(403)), "every row is in the on-disk lists once, by its id"
+    ivf.nprobe = 8
+    for name in NEW:  # the random tiny model maps the three new clips almost onto one vector
+        hits = after.search(_clip_vector(model_dir, videos / name), k=3)[0]
+        assert {item["extra"]["key"] for item, _ in hits} == set(NEW)
+    assert after.search(base[123], k=1)[0][0][0]["path"].endswith("old/123.mp4")
