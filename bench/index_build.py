@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="ondisk,in_ram")
     parser.add_argument("--scratch", type=Path, default=None, help="where the parts and indexes go (default: a "
                         "temporary directory)")
+    parser.add_argument("--reuse", type=Path, default=None, help="a folder with source.work, queries.npy and "
+                        "truth.npy of an earlier run (with the same --n/--dim/--seed): skip writing the parts")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "index_build.jsonl")
     parser.add_argument("--child", choices=["build", "serve"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -193,11 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="vtr-index-build-", dir=args.scratch))
     try:
         started = time.perf_counter()
-        source = scratch / "source"
-        queries, truth = _write_job(source, args.n, args.dim, args.part_rows, args.seed, args.queries)
-        write_s = time.perf_counter() - started
-        np.save(scratch / "queries.npy", queries)
-        np.save(scratch / "truth.npy", truth)
+        if args.reuse is not None:
+            source = args.reuse / "source"
+            for name in ("queries.npy", "truth.npy"):
+                shutil.copy(args.reuse / name, scratch / name)
+            write_s = None
+        else:
+            source = scratch / "source"
+            queries, truth = _write_job(source, args.n, args.dim, args.part_rows, args.seed, args.queries)
+            write_s = round(time.perf_counter() - started, 1)
+            np.save(scratch / "queries.npy", queries)
+            np.save(scratch / "truth.npy", truth)
         lines = []
         for mode in args.modes.split(","):
             out = scratch / mode
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             served = _run_child(["--child", "serve", "--out", str(out), "--queries-file",
                                             str(scratch / "queries.npy"), "--truth-file", str(scratch / "truth.npy")])
             row = {"bench": "index_build", "mode": mode, "n": args.n, "dim": args.dim, "part_rows": args.part_rows,
-                   "queries": args.queries, "write_parts_s": round(write_s, 1), **built,
+                   "queries": args.queries, "write_parts_s": write_s, **built,
                    "float32_vectors_mb": round(args.n * args.dim * 4 / 2**20), **served}
             row["meets_targets"] = (row["merge_peak_rss_mb"] < TARGETS["merge_peak_rss_mb"]
                                     and row["serve_peak_anon_mb"] < TARGETS["serve_peak_rss_mb"]

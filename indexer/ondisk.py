@@ -52,8 +52,8 @@ logger = logging.getLogger(__name__)
 #: From this many vectors on (where the automatic choice is IVF-PQ anyway) a published index is
 #: built on disk.
 ONDISK_MIN_VECTORS = HNSW_MAX_ITEMS
-#: Rows encoded per block: 64k x 512 float32 is 128 MB in flight.
-BLOCK_ROWS = 65_536
+#: Rows encoded per block: 32k x 512 float32 is 64 MB, plus as much again for FAISS's residuals.
+BLOCK_ROWS = 32_768
 #: k-means points per coarse centroid (FAISS warns below 39).
 TRAIN_POINTS_PER_LIST = MIN_TRAIN_POINTS_PER_CENTROID + 1
 #: Residuals the product quantizer is trained on: 256 centroids x 256 points, what FAISS's PQ
@@ -109,15 +109,18 @@ class _Rows:
         pending: list[np.ndarray] = []
         size, first = 0, 0
         for source in self.sources:
-            array = _load(source)
-            pending.append(array)
-            size += len(array)
+            pending.append(_load(source))
+            size += len(pending[-1])
             if size >= rows:
-                yield first, np.concatenate(pending).astype(np.float32, copy=False)
+                block = np.concatenate(pending).astype(np.float32, copy=False)
+                pending.clear()  # unmap the parts before the block is encoded
+                yield first, block
                 first += size
-                pending, size = [], 0
+                size = 0
         if pending:
-            yield first, np.concatenate(pending).astype(np.float32, copy=False)
+            block = np.concatenate(pending).astype(np.float32, copy=False)
+            pending.clear()
+            yield first, block
 
     def chunks(self) -> Iterator[np.ndarray]:
         """Each source's rows in turn (opened one at a time)."""
