@@ -59,6 +59,16 @@ def _index_callback(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an index of another model or corpus "
                                    "already at --out (never a folder that is not an index)"),
     device: str = device_option(), precision: str = precision_option(),
+    engine: str = typer.Option("local", "--engine", help="local (this machine) or ray (a Ray Data pipeline on a "
+                               "cluster; needs the ray extra)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster "
+                                              "(default: start a local one for the job)"),
+    ray_actors: Optional[int] = typer.Option(None, "--ray-actors", help="encoder actors, one model each "
+                                             "(default: one per GPU, else one per spare CPU)"),
+    ray_cpus_per_actor: Optional[float] = typer.Option(None, "--ray-cpus-per-actor", help="CPUs (torch threads) "
+                                                       "per encoder actor (default 1)"),
+    ray_gpus_per_actor: Optional[float] = typer.Option(None, "--ray-gpus-per-actor", help="GPUs per encoder actor "
+                                                       "(default 1 on GPU clusters, else 0)"),
 ) -> None:
     """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
 
@@ -66,8 +76,11 @@ def _index_callback(
     """
     if ctx.invoked_subcommand is not None:
         return
+    ray_options = {"address": ray_address, "actors": ray_actors, "cpus_per_actor": ray_cpus_per_actor,
+                   "gpus_per_actor": ray_gpus_per_actor}
     _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
-               part_size, labels, max_memory, index_type, not no_progress, overwrite, device, precision)
+               part_size, labels, max_memory, index_type, not no_progress, overwrite, device, precision, engine,
+               ray_options)
 
 
 @friendly
@@ -75,7 +88,9 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                out: Optional[Path], window: Optional[float], stride: Optional[float], shard: Optional[str],
                resume: bool, workers: int, batch_size: int, part_size: int, labels: str,
                max_memory: Optional[str], index_type: str, progress: bool, overwrite: bool = False,
-               device: str = "auto", precision: str = "auto") -> None:
+               device: str = "auto", precision: str = "auto", engine: str = "local",
+               ray_options: Optional[dict] = None) -> None:
+    from indexer.engines import make_engine  # noqa: PLC0415
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
@@ -93,9 +108,11 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                    stride=stride, part_size=part_size, labels=labels,
                    index_type=None if index_type == "auto" else index_type,
                    max_memory_bytes=parse_bytes(max_memory) if max_memory else None)
-    summary = run_index_job(spec, resolve_shard(shard), resume=resume, workers=workers,
-                            batch_size=batch_size, progress=progress, overwrite=overwrite, device=device,
-                            precision=precision)
+    worker = resolve_shard(shard)
+    with make_engine(engine, **(ray_options or {})) as runner:  # joins or starts a Ray cluster: fails fast
+        summary = run_index_job(spec, worker, resume=resume, workers=workers, batch_size=batch_size,
+                                progress=progress, overwrite=overwrite, device=device, precision=precision,
+                                engine=runner)
     typer.echo(f"shard {summary.shard}: indexed {summary.indexed}, failed {summary.failed}, skipped "
                f"{summary.skipped} (already done) in {summary.seconds:.1f} s "
                f"({summary.clips_per_second:.1f} clips/s while embedding)")
@@ -111,9 +128,51 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
 @friendly
 def _merge_cmd(index: Path = typer.Argument(..., help="the --out of the sharded job")) -> None:
     """Join the parts written by every shard worker into the published index."""
-    from indexer.jobs import publish_job  # noqa: PLC0415
+    from indexer.ondisk import merge_job  # noqa: PLC0415  (large jobs: bounded memory, no torch)
 
-    typer.echo(f"published {publish_job(index)}")
+    typer.echo(f"published {merge_job(index)}")
+
+
+@friendly
+def _add_cmd(
+    index: Path = typer.Option(..., "--index", "-i", help="the published index to extend"),
+    videos: Path = typer.Option(..., "--videos", help="folder of videos; those the index lacks are embedded"),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="annotation file listing the videos (paths relative "
+                                       "to --videos)"),
+    dataset: str = typer.Option("generic", "--dataset", help="annotation preset (as for `vtr index`)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model directory (default: the index's; "
+                                         "another model is refused)"),
+    resume: bool = typer.Option(False, "--resume", help="finish an interrupted add"),
+    workers: int = typer.Option(2, "--workers", help="decoding processes (local engine)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="clips per encoder call"),
+    part_size: int = typer.Option(256, "--part-size", help="videos per part (the unit of resume)"),
+    engine: str = typer.Option("local", "--engine", help="local or ray (as for `vtr index`)"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="HOST:PORT of a running Ray cluster"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+) -> None:
+    """Embed the videos an index lacks and republish it atomically (its trained quantizer is kept)."""
+    from indexer.engines import make_engine  # noqa: PLC0415
+    from indexer.update import add_to_index, describe  # noqa: PLC0415
+
+    options = {"address": ray_address} if engine == "ray" or ray_address is not None else {}
+    with make_engine(engine, **options) as runner:
+        summary = add_to_index(index, videos, ann_file=ann, dataset=dataset, model_dir=model, resume=resume,
+                               workers=workers, batch_size=batch_size, part_size=part_size,
+                               progress=not no_progress, engine=runner)
+    typer.echo(describe(summary))
+
+
+@friendly
+def _remove_cmd(
+    paths: list[Path] = typer.Argument(..., help="videos to drop (as indexed, or relative to the corpus root)"),
+    index: Path = typer.Option(..., "--index", "-i", help="the published index"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="refuse unless the index was built with "
+                                         "this model"),
+) -> None:
+    """Drop every item of the given videos from an index and republish it atomically."""
+    from indexer.update import describe, remove_from_index  # noqa: PLC0415
+
+    typer.echo(describe(remove_from_index(index, paths, model_dir=model)))
 
 
 def _format_span(start: Optional[float], end: Optional[float]) -> str:
@@ -167,5 +226,7 @@ def register(app: typer.Typer) -> None:
     index_app = typer.Typer(invoke_without_command=True, no_args_is_help=True)
     index_app.callback()(_index_callback)
     index_app.command("merge")(_merge_cmd)
+    index_app.command("add")(_add_cmd)
+    index_app.command("remove")(_remove_cmd)
     app.add_typer(index_app, name="index")
     app.command("search")(_search_cmd)

@@ -22,6 +22,8 @@ BENCHES = {
     "direction_gap": [],
     "action_probe": [],
     "train_step": [],
+    "engines": ["--clips", "64", "--reps", "2"],
+    "index_build": ["--n", "1000000", "--queries", "300"],
 }
 
 

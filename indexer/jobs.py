@@ -564,6 +564,8 @@ def run_index_job(
     overwrite: bool = False,
     device: str = "cpu",
     precision: str = "fp32",
+    engine: Any = None,
+    select: Callable[[list[CorpusItem]], list[CorpusItem]] | None = None,
 ) -> JobSummary:
     """Index this worker's parts of the corpus; a single worker then publishes the index.
 
@@ -579,6 +581,8 @@ def run_index_job(
 
     Every option is checked before anything is written, and the run holds an exclusive lock
     (:mod:`indexer.locks`) on the index, or on its shard of the job.
+        engine: who runs the embed loop (:mod:`indexer.engines`); None runs it here.
+        select: keeps a subset of the planned sources (``vtr index add``: the new videos only).
 
     Raises:
         JobError: an option is invalid; the work directory holds output and ``resume`` is
@@ -606,7 +610,7 @@ def run_index_job(
         created = not work.root.exists()
         try:
             return _run_locked(spec, shard, resume, workers, batch_size, progress, overwrite, work, started,
-                               embed_dim if isinstance(embed_dim, int) else None, device, precision)
+                               embed_dim if isinstance(embed_dim, int) else None, device, precision, engine, select)
         except BaseException:
             # a run that fails before committing anything leaves no work directory to trip over
             if created and shard.is_single and work.root.is_dir() and not any(work.parts_dir.glob("part-*.json")):
@@ -627,6 +631,8 @@ def _run_locked(
     embed_dim: int | None,
     device: str = "cpu",
     precision: str = "fp32",
+    engine: Any = None,
+    select: Callable[[list[CorpusItem]], list[CorpusItem]] | None = None,
 ) -> JobSummary:
     identity = model_identity(spec.model_dir)
     has_work = work.root.exists()
@@ -644,6 +650,8 @@ def _run_locked(
 
     corpus = load_corpus(spec.dataset, spec.ann_file, spec.videos)
     sources = plan_sources(corpus)
+    if select is not None:
+        sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
     record = _job_record(spec, identity, load_labels(spec.labels), sources)
     _check_can_start(work, shard, record["num_parts"], resume)
@@ -658,7 +666,8 @@ def _run_locked(
         logger.info("resuming: %d of this worker's %d parts are done", len(done), len(mine))
     root = spec.videos.resolve()
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
-    indexed, failed, embed_seconds = _embed_parts(
+    embed = _embed_parts if engine is None else engine.embed_parts
+    indexed, failed, embed_seconds = embed(
         work,
         parts,
         corpus,
@@ -813,6 +822,10 @@ def _publish_locked(out: Path) -> Path:
             f"{len(missing)} of {job['num_parts']} parts are not done (parts {shown}); with N "
             "shards part p is shard (p mod N)'s: finish those shards (--resume) and merge again"
         )
+    from indexer.ondisk import publish_job_ondisk, wants_ondisk
+
+    if wants_ondisk(sum(work.read_manifest(p)["num_vectors"] for p in range(job["num_parts"])), job["index_type"]):
+        return publish_job_ondisk(out)  # bounded memory: lists built part by part, merged on disk
     root = Path(job["videos_root"])
     vectors, items, failures = [], [], []
     for part in range(job["num_parts"]):

@@ -54,7 +54,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,15 +65,18 @@ import numpy as np
 
 from indexer.checksums import describe_files, verify_handle
 from indexer.faiss_index import (
+    IVF_DATA_FILE,
     apply_search_params,
     build_index,
     check_vectors,
     choose_index_type,
+    read_faiss_index,
     search_index,
     search_params,
     to_cpu,
     to_gpu_if_wanted,
 )
+from indexer.jsonl import read_items
 from indexer.locks import index_lock
 
 logger = logging.getLogger(__name__)
@@ -321,17 +324,33 @@ def write_index(
         "extra": dict(extra or {}),
     }
 
+    def fill(staged: Path) -> dict[str, Any]:
+        _write_faiss(staged / INDEX_FILE, index)
+        _write_float16_npy(staged / VECTORS_FILE, vectors)
+        _write_jsonl(staged / ITEMS_FILE, item_rows)
+        _write_jsonl(staged / FAILURES_FILE, failure_rows)
+        return manifest
+
+    return publish_version(out_dir, fill)
+
+
+def publish_version(out_dir: str | os.PathLike[str], fill: Callable[[Path], Mapping[str, Any]]) -> Path:
+    """Publish a new version of the index at ``out_dir`` whose files ``fill(staged_dir)`` writes.
+
+    ``fill`` writes (and fsyncs) every file but the manifest into the private staging directory
+    and returns the manifest, which is written last: a directory with a manifest is a finished
+    one. The version is then published atomically (see the module docstring); if ``fill`` raises,
+    the staging directory is removed and the published index is untouched.
+    """
     out = Path(os.path.abspath(out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(out.parent, out.name)
     staged = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     staged.mkdir()
     try:
-        _write_faiss(staged / INDEX_FILE, index)
-        _write_float16_npy(staged / VECTORS_FILE, vectors)
-        _write_jsonl(staged / ITEMS_FILE, item_rows)
-        _write_jsonl(staged / FAILURES_FILE, failure_rows)
-        manifest["files"] = describe_files(staged, _DATA_FILES)
+        manifest = dict(fill(staged))
+        data_files = [name for name in (*_DATA_FILES, IVF_DATA_FILE) if (staged / name).is_file()]
+        manifest["files"] = describe_files(staged, data_files)
         # The manifest goes last: a directory with a manifest is a finished one.
         (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         fsync_path(staged / MANIFEST_FILE)
@@ -404,6 +423,13 @@ def _memmap_npy(f: BinaryIO) -> np.ndarray:
     return np.memmap(f, dtype=np.float16, mode="r", shape=shape, offset=f.tell())
 
 
+def _open_optional(name: str, opener: Callable[[str, int], int], stack: contextlib.ExitStack) -> BinaryIO | None:
+    try:
+        return stack.enter_context(open(name, "rb", opener=opener))
+    except FileNotFoundError:
+        return None
+
+
 def _read_jsonl(f: BinaryIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
@@ -451,7 +477,9 @@ def _check_consistent(
         raise ValueError(f"corrupt vtr index {path}: dims disagree {dims}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ValueError(f"corrupt vtr index {path}: {INDEX_FILE} is not an inner-product index")
-    for row, item in enumerate(items):
+    rows = range(len(items)) if isinstance(items, list) else sorted({0, len(items) - 1} - {-1})
+    for row in rows:  # a lazily read items file is checked at its ends, not parsed whole
+        item = items[row]
         if item.get("id") != row:
             raise ValueError(
                 f"corrupt vtr index {path}: line {row + 1} of {ITEMS_FILE} has id {item.get('id')}"
@@ -475,8 +503,8 @@ def _verify_files(path: Path, manifest: dict[str, Any], files: Mapping[str, Bina
     """Check every data file against the checksum the manifest records (indexes written before
     checksums were recorded have none and are read as they are)."""
     recorded = manifest.get("files") or {}
-    for name in _DATA_FILES:
-        if name in recorded:
+    for name in (*_DATA_FILES, IVF_DATA_FILE):
+        if name in recorded and name in files:
             verify_handle(files[name], recorded[name], name, str(path), _DAMAGED_REMEDY)
 
 
@@ -499,6 +527,7 @@ def _open_snapshot(path: Path) -> IndexReader:
         # INDEX afterwards, these handles all belong to the same version.
         try:
             files = {name: stack.enter_context(open(name, "rb", opener=opener)) for name in _INDEX_FILES}
+            ivf_data = _open_optional(IVF_DATA_FILE, opener, stack)
         except FileNotFoundError as error:
             if _moved_away(path, dir_fd):
                 raise _SnapshotVanished from None
@@ -508,10 +537,10 @@ def _open_snapshot(path: Path) -> IndexReader:
         finally:
             os.close(dir_fd)
         manifest = _read_manifest(path, files[MANIFEST_FILE])
-        _verify_files(path, manifest, files)
+        _verify_files(path, manifest, {**files, IVF_DATA_FILE: ivf_data} if ivf_data else files)
         vectors = _memmap_npy(files[VECTORS_FILE])
-        index = faiss.read_index(faiss.PyCallbackIOReader(files[INDEX_FILE].read))
-        items = _read_jsonl(files[ITEMS_FILE])
+        index = read_faiss_index(files[INDEX_FILE], ivf_data)
+        items = read_items(files[ITEMS_FILE])  # parsed lazily when large
         failures = _read_jsonl(files[FAILURES_FILE])
     _check_consistent(path, manifest, items, vectors, index)
     return IndexReader(path, snapshot_dir, manifest, items, vectors, index, failures)
