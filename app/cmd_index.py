@@ -96,6 +96,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     if model is None or out is None or videos is None:
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
                          "(see `vtr index --help`)")
+    device, precision = runtime(device, precision)   # a missing CUDA fails before the model is read
     from retrieval.models.io import read_model_config  # noqa: PLC0415
 
     kind = read_model_config(model)["kind"]  # also accepts a Hugging Face TimeSformer directory
@@ -103,7 +104,6 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
         raise ValueError(f"{model} is a bare video encoder ({kind}): an index answers text queries, so it needs a "
                          "retrieval model directory (`vtr train`, or `vtr convert --tokenizer` of a multi-modality "
                          "checkpoint)")
-    device, precision = runtime(device, precision)
     spec = JobSpec(model_dir=model, out=out, videos=videos, ann_file=ann, dataset=dataset, window=window,
                    stride=stride, part_size=part_size, labels=labels,
                    index_type=None if index_type == "auto" else index_type,

@@ -112,7 +112,8 @@ def scan_with_extensions(kernel, u, delta, A, B, C, D=None, z=None, delta_bias=N
 
     * ``initial_state`` h0 adds ``<C_t, exp(A * S_t) h0>`` to y_t, with S_t = delta_1 + .. + delta_t
       (and ``exp(A * S_L) h0`` to the last state);
-    * ``mask_diag`` reads ``h_t - delta_t B_t u_t``: y_t loses ``delta_t u_t <B_t, C_t>``.
+    * ``mask_diag`` reads ``h_t - delta_t B_t u_t``: y_t loses ``delta_t u_t <B_t, C_t>``, and the
+      first step reads nothing (no ``h0`` term at t = 0).
 
     The corrections work in fp32 over ``chunk`` positions at a time ([B, D, chunk, N]).
     """
@@ -133,7 +134,10 @@ def scan_with_extensions(kernel, u, delta, A, B, C, D=None, z=None, delta_bias=N
         for i in range(0, S.shape[-1], chunk):
             decay = torch.exp(S[..., i:i + chunk, None] * Af[None, :, None, :])     # [b, d, l, n]
             parts.append(torch.einsum("bdln,bdn,bnl->bdl", decay, h0, Cf[..., i:i + chunk]))
-        yf = yf + torch.cat(parts, dim=-1)
+        from_h0 = torch.cat(parts, dim=-1)
+        if mask_diag:   # the masked first step reads nothing, its start state included
+            from_h0[..., 0] = 0
+        yf = yf + from_h0
         if return_last_state:
             last = last.float() + torch.exp(S[..., -1:] * Af[None]) * h0
     out = _finish(yf, u, D, z, dtype_in)
