@@ -10,7 +10,7 @@ import typer
 from app.common import device_option, friendly, precision_option, runtime
 
 _TASKS = ("retrieval", "classify")
-_SOURCES = ("auto", "zero-shot", "supervised")
+_SOURCES = ("auto", "head", "zero-shot", "supervised")
 
 
 def _check_choice(value: str, allowed: tuple[str, ...], option: str) -> None:
@@ -37,7 +37,8 @@ def eval_cmd(
                                       help="also report dual-softmax ITC (not the official protocol)"),
     task: str = typer.Option("retrieval", "--task", help="retrieval | classify (accuracy of item labels)"),
     labels: str = typer.Option("synthetic", "--labels", help="for --task classify: kinetics400 | synthetic | FILE"),
-    source: str = typer.Option("auto", "--source", help="for --task classify: auto | zero-shot | supervised"),
+    source: str = typer.Option("auto", "--source", help="for --task classify: auto | head | zero-shot | "
+                               "supervised"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
     device: str = device_option(), precision: str = precision_option(),
 ) -> None:
@@ -58,7 +59,7 @@ def eval_cmd(
         result = evaluate_actions(net, corpus, labels, source=source, batch_size=batch_size, workers=workers,
                                   cache_dir=cache_dir, progress=progress)
         typer.echo(f"{corpus.name} actions ({result['source']}): top1 {result['top1']:.1f}  "
-                   f"top5 {result['top5']:.1f}  over {result['n']} clips ({result['failed']} undecodable, "
+                   f"top5 {result['top5']:.1f}  top1 (any object) {result['top1_any']:.1f}  over {result['n']} clips ({result['failed']} undecodable, "
                    f"{result['unlabelled']} unlabelled)")
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -83,30 +84,38 @@ def classify_cmd(
     model: Path = typer.Option(..., "--model", "-m", help="model directory"),
     labels: str = typer.Option("synthetic", "--labels", help="kinetics400 | synthetic | FILE (one label a line)"),
     top: int = typer.Option(5, "--top", help="labels shown per video"),
-    source: str = typer.Option("auto", "--source", help="auto | zero-shot (label prompts) | supervised (head)"),
+    source: str = typer.Option("auto", "--source", help="auto (the model's action head when it knows these "
+                               "labels, else zero-shot) | head | zero-shot (label prompts) | supervised "
+                               "(the video encoder's own head)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON list on stdout"),
     device: str = device_option(), precision: str = precision_option(),
 ) -> None:
-    """Top action labels for each video: zero-shot from label prompts, or the model's own head."""
+    """Top action labels for each video: the model's trained action head, or zero-shot from label prompts."""
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
-    from retrieval.eval.actions import classify_paths  # noqa: PLC0415
+    from retrieval.eval.actions import classify_paths, label_source, load_labels  # noqa: PLC0415
+    from retrieval.models.io import load_model  # noqa: PLC0415
 
     _check_choice(source, _SOURCES, "--source")
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
     device, precision = runtime(device, precision)
+    names = load_labels(labels)
+    for path in videos:
+        if not path.is_file():
+            raise FileNotFoundError(f"video not found: {path}")
+    net = load_model(model, device, precision)
+    used = label_source(net, names, source)
     try:
-        rankings = classify_paths(model, videos, labels=labels, top=top, source=source, device=device,
-                                  precision=precision)
+        rankings = classify_paths(net, videos, labels=names, top=top, source=source)
     except VideoReadError as exc:
         raise ValueError(str(exc)) from exc
     if as_json:
-        typer.echo(json.dumps([{"video": str(path), "labels": [{"label": label, "prob": round(prob, 6)}
-                                                                 for label, prob in ranking]}
+        typer.echo(json.dumps([{"video": str(path), "source": used,
+                                "labels": [{"label": label, "prob": round(prob, 6)} for label, prob in ranking]}
                                for path, ranking in zip(videos, rankings, strict=True)], indent=2))
         return
     for path, ranking in zip(videos, rankings, strict=True):
-        typer.echo(f"{path}: " + ", ".join(f"{label} ({prob:.2f})" for label, prob in ranking))
+        typer.echo(f"{path}: " + ", ".join(f"{label} ({prob:.2f})" for label, prob in ranking) + f"  [{used}]")
 
 
 def register(app: typer.Typer) -> None:

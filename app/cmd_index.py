@@ -191,8 +191,15 @@ def _search_cmd(
     rerank: bool = typer.Option(False, "--rerank", help="re-score the top candidates with the matching head"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per hit instead of a table"),
     device: str = device_option(), precision: str = precision_option(),
+    group: bool = typer.Option(True, "--group/--no-group", help="one hit per video, its other matching "
+                               "windows listed as further moments (--no-group: every matching window)"),
 ) -> None:
-    """Search an index by text (or by an example video with --video)."""
+    """Search an index by text (or by an example video with --video).
+
+    Windows of one long video are grouped into one hit (best window first, the others as further
+    moments); --no-group keeps the raw list. Each hit says where its labels come from: the
+    model's trained action head or zero-shot label prompts.
+    """
     from indexer.search import Searcher, clean_query  # noqa: PLC0415
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
 
@@ -205,20 +212,25 @@ def _search_cmd(
     device, precision = runtime(device, precision)
     searcher = Searcher(index, model=model, device=device, precision=precision)
     if query is not None:
-        hits = searcher.search(query, k=k, rerank=rerank)
+        hits = searcher.search(query, k=k, rerank=rerank, group=group)
     else:
         try:
-            hits = searcher.search_video(video, k=k)
+            hits = searcher.search_video(video, k=k, group=group)
         except VideoReadError as exc:
             raise ValueError(str(exc)) from exc
     if as_json:
         for hit in hits:
             typer.echo(json.dumps(hit.to_dict(), ensure_ascii=False))
         return
-    typer.echo(f"{'rank':>4}  {'score':>7}  {'span':>12}  {'top label':24}  path")
+    source = next((hit.label_source for hit in hits if hit.label_source), None)
+    heading = f"top label ({source})" if source else "top label"
+    typer.echo(f"{'rank':>4}  {'score':>7}  {'span':>12}  {heading:28}  path")
     for rank, hit in enumerate(hits, start=1):
         label = f"{hit.labels[0][0]} ({hit.labels[0][1]:.2f})" if hit.labels else "-"
-        typer.echo(f"{rank:>4}  {hit.score:>7.3f}  {_format_span(hit.start, hit.end):>12}  {label:24}  {hit.path}")
+        typer.echo(f"{rank:>4}  {hit.score:>7.3f}  {_format_span(hit.start, hit.end):>12}  {label:28}  {hit.path}")
+        if hit.moments:
+            more = ", ".join(f"{_format_span(m.start, m.end)} ({m.score:.3f})" for m in hit.moments)
+            typer.echo(f"{'':>4}  {'':>7}  also at {more}")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,9 +4,11 @@ Two tabs:
 
 * **Search**: a text query in, the best clips out, each a playable ``<video>`` that starts at the
   matched moment (a ``#t=start,end`` media fragment), with its score, file name, time span and
-  top action labels. ``k`` and re-ranking (the matching head) are controls; a line above shows
-  what the index holds.
-* **Upload a video**: an example clip in; its zero-shot action labels (``gr.Label``) and the
+  top action labels and where they come from (the model's trained action head, or zero-shot
+  label prompts). Several matching windows of one long video make one card: the best window
+  plays, the others are listed as further moments of that video. ``k`` and re-ranking (the
+  matching head) are controls; a line above shows what the index holds.
+* **Upload a video**: an example clip in; its action labels (``gr.Label``) and the
   indexed clips most like it (video-to-video search).
 
 Safety
@@ -63,6 +65,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 #: Action labels shown per result card, and in the upload tab.
 CARD_LABELS = 3
+#: What each label source means, for the page's tooltips and the upload tab's status line.
+LABEL_SOURCE_TEXT = {"head": "the model's trained action head", "zero-shot": "zero-shot label prompts",
+                     "supervised": "the video encoder's own classifier"}
 UPLOAD_LABELS = 5
 GENERIC_EXAMPLES = (
     "a person riding a bike",
@@ -101,6 +106,9 @@ PAGE_CSS = """
 .vtr-caption { color: var(--body-text-color-subdued); font-style: italic; margin-top: 4px;
             display: -webkit-box; -webkit-line-clamp: 2; -webkit-box-orient: vertical; overflow: hidden; }
 .vtr-labels { margin-top: 6px; }
+.vtr-source { font-size: 0.8em; opacity: 0.7; margin-left: 2px; }
+.vtr-more { font-size: 0.85em; margin-top: 4px; }
+.vtr-more a { margin-right: 6px; }
 .vtr-chip { display: inline-block; padding: 1px 8px; margin: 2px 4px 0 0; border-radius: 999px;
             background: var(--color-accent-soft); color: var(--body-text-color); font-size: 0.92em; }
 .vtr-empty { padding: 28px; text-align: center; color: var(--body-text-color-subdued);
@@ -223,7 +231,22 @@ def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = 
                       f'title="{_esc(name)}"></video>')
         chips = "".join(f'<span class="vtr-chip">{_esc(label)} {prob:.0%}</span>'
                         for label, prob in hit.labels[:labels_per_card])
+        if chips and hit.label_source:
+            chips += (f'<span class="vtr-source" data-source="{_esc(hit.label_source)}" title="labels from '
+                      f'{_esc(LABEL_SOURCE_TEXT.get(hit.label_source, hit.label_source))}">'
+                      f'{_esc(hit.label_source)}</span>')
         caption = f'<div class="vtr-caption">“{_esc(hit.captions[0])}”</div>' if hit.captions else ""
+        more = ""
+        if hit.moments:
+            links = []
+            for moment in hit.moments:
+                span = _esc(format_span(moment.start, moment.end))
+                link = guard.url(moment.item_id, hit.path, moment.start, moment.end)
+                label = f"{span} ({moment.score:.3f})"
+                links.append(f'<a href="{_esc(link)}" target="_blank" rel="noopener">{label}</a>' if link
+                             else f"<span>{label}</span>")
+            more = f'<div class="vtr-more" data-moments="{len(hit.moments)}">also at {"".join(links)}</div>'
+        caption += more
         cards.append(
             f'<div class="vtr-card" data-rank="{rank}" data-score="{hit.score:.6f}" '
             f'data-item="{hit.item_id}">{player}<div class="vtr-meta">'
@@ -279,12 +302,15 @@ class SearchPage:
             the set the index was labelled with, else ``synthetic``).
         roots: directories whose files may be served (default: the index's corpus roots).
         upload_limits: caps on uploaded clips (default :class:`app.uploads.UploadLimits`).
+        group: one card per video, its other matching windows as further moments (False: one
+            card per matching window).
     """
 
     searcher: Searcher
     labels: str | os.PathLike[str] | Sequence[str] | None = None
     roots: Sequence[str | os.PathLike[str]] | None = None
     upload_limits: UploadLimits | None = None
+    group: bool = True
     guard: CorpusGuard = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     label_names: list[str] = field(init=False)
@@ -347,7 +373,8 @@ class SearchPage:
         started = time.perf_counter()
         try:
             with self._lock:
-                hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank)
+                hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
+                                            group=self.group)
         except ValueError as exc:
             if "empty query" not in str(exc):
                 raise
@@ -378,11 +405,12 @@ class SearchPage:
                              "labels": [[label, prob] for label, prob in hit.labels]})
         message = BLANK_MESSAGE if prepared.blank else None
         return {"query": prepared.text, "notes": list(prepared.notes), "message": message, "hits": rows,
-                "seconds": seconds}
+                "seconds": seconds, "label_source": self.searcher.label_source}
 
     # -- video search
     def classifier(self):
-        """The zero-shot action classifier (built on first use: it encodes every label's prompts)."""
+        """The upload tab's action classifier: the model's action head when it knows the label set,
+        else zero-shot (built on first use: zero-shot encodes every label's prompts)."""
         if self._classifier is None:
             from retrieval.eval.actions import ActionClassifier
 
@@ -408,7 +436,7 @@ class SearchPage:
         clip = decode_upload(path, self.searcher.preprocess, self.upload_limits)
         with self._lock, torch.inference_mode():
             ranking = classifier.predict_clips(clip[None], top=UPLOAD_LABELS)[0]
-            hits = self.searcher.search_clip(clip, k=k)
+            hits = self.searcher.search_clip(clip, k=k, group=self.group)
         return {label: float(prob) for label, prob in ranking}, hits
 
     def upload(self, video: str | None, k: float | None = DEFAULT_K) -> tuple[dict[str, float] | None, str, str]:
@@ -427,8 +455,10 @@ class SearchPage:
             raise gr.Error(f"Cannot read this video: {self.redact(exc.reason, video)}") from None
         finally:
             self.janitor.release(video)  # the upload is deleted once answered (after a grace period)
+        source = self.classifier().source
         status = (f"{len(hits)} similar clips for {_markdown_escape(Path(video).name)} "
-                  f"in {(time.perf_counter() - started) * 1000:.0f} ms.")
+                  f"in {(time.perf_counter() - started) * 1000:.0f} ms. Labels from "
+                  f"{LABEL_SOURCE_TEXT.get(source, source)}.")
         return labels, render_hits(hits, self.guard), status
 
 

@@ -8,6 +8,11 @@ patch tokens, which the index does not store (they are ~100x larger than the cli
 they are recomputed by decoding those few clips: a fraction of a second for ~20 clips with the
 demo model.
 
+Long videos are indexed as overlapping windows, so several windows of one video often match a
+query. With ``group=True`` a search returns one hit per video: its best window, with the other
+matching windows of that video as further :class:`Moment` s (best first); ``group=False`` keeps
+the raw list of items.
+
 An index can only be searched with the model that built it: vectors of two models live in
 unrelated spaces, so a different model is refused (:class:`indexer.store.IndexModelMismatch`).
 """
@@ -18,7 +23,7 @@ import json
 import logging
 import os
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +44,31 @@ RERANK_CANDIDATES = 20
 RERANK_BATCH = 8
 
 
+#: A grouped search reads this many items per wanted video at first (more if they fall short).
+GROUP_POOL_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class Moment:
+    """Another matching window of a grouped hit's video."""
+
+    item_id: int
+    start: float | None
+    end: float | None
+    score: float
+
+
 @dataclass(frozen=True)
 class Hit:
     """One search result.
 
     ``score`` is the cosine similarity, or the matching head's logit when re-ranked.
     ``start``/``end`` (seconds) locate the moment for window and moment items, None for a
-    whole video. ``labels`` are the clip's top zero-shot action labels, most probable first.
+    whole video. ``labels`` are the clip's top action labels, most probable first;
+    ``label_source`` says where they come from: ``"head"`` (the model's trained action head),
+    ``"zero-shot"`` (label prompts through the text tower) or ``"supervised"`` (the video
+    encoder's own classifier). ``moments``: in a grouped search, the video's other matching
+    windows, best first.
     """
 
     item_id: int
@@ -55,9 +78,27 @@ class Hit:
     score: float
     labels: list[tuple[str, float]]
     captions: list[str]
+    label_source: str | None = None
+    moments: tuple[Moment, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["moments"] = [asdict(m) for m in self.moments]
+        return out
+
+
+def group_hits(hits: list[Hit], k: int | None = None) -> list[Hit]:
+    """One hit per video, in the order of each video's best hit; the video's other hits become
+    its ``moments`` (best first). ``k`` caps the number of videos."""
+    groups: dict[str, list[Hit]] = {}
+    for hit in hits:
+        groups.setdefault(hit.path, []).append(hit)
+    grouped = []
+    for members in groups.values():
+        best, rest = members[0], members[1:]
+        moments = tuple(Moment(h.item_id, h.start, h.end, h.score) for h in rest)
+        grouped.append(replace(best, moments=best.moments + moments))
+    return grouped if k is None else grouped[:k]
 
 
 def clean_query(text: str) -> str:
@@ -115,6 +156,28 @@ class Searcher:
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.from_dict(self.model.preprocess)
+        self.label_source = self._label_source()
+
+    def _label_source(self) -> str | None:
+        """Where the stored labels came from: the index was labelled by this model with the
+        label set its manifest records, by the same rule (:func:`retrieval.eval.actions.label_source`)."""
+        from retrieval.eval.actions import label_source, load_labels  # noqa: PLC0415
+
+        recorded = (self.reader.manifest.get("extra") or {}).get("label_set")
+        try:
+            names = load_labels(recorded) if recorded else None
+        except (FileNotFoundError, ValueError):
+            names = None
+        if names is None:  # the label file has gone: judge by the labels the items carry
+            seen = {label for item in getattr(self.reader, "items", [])[:50] for label, _ in item.get("labels") or []}
+            head = set(getattr(self.model, "action_labels", []) or [])
+            if head and seen and seen <= head:
+                return "head"
+            return "zero-shot" if seen else None
+        try:
+            return label_source(self.model, names)
+        except ValueError:
+            return None
 
     def stats(self) -> dict[str, Any]:
         """What the index holds: items, model name, index type, vector width, creation time."""
@@ -135,8 +198,9 @@ class Searcher:
         return bool(getattr(self.model, "matching_trained", True))
 
     @torch.inference_mode()
-    def search(self, text: str, k: int = 10, rerank: bool = False) -> list[Hit]:
-        """The ``k`` best clips for ``text``, best first.
+    def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False) -> list[Hit]:
+        """The ``k`` best clips for ``text``, best first; with ``group``, the ``k`` best videos,
+        each with its other matching windows as ``moments``.
 
         Queries longer than the model's text limit are truncated by the tokenizer; control
         characters are dropped.
@@ -150,17 +214,34 @@ class Searcher:
                              "search without re-ranking")
         with model_autocast(self.model):
             encoded = self.model.encode_texts([query])
-        pool = max(k, RERANK_CANDIDATES) if rerank else k
-        ranked = self.reader.search(encoded["feat"].float().cpu().numpy(), pool)[0]
-        if not rerank:
-            return [self._hit(item, score) for item, score in ranked]
-        return self._rerank(ranked, encoded["hidden"], encoded["mask"])[:k]
+        vector = encoded["feat"].float().cpu().numpy()
+        if rerank:
+            pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
+            hits = self._rerank(self.reader.search(vector, pool)[0], encoded["hidden"], encoded["mask"])
+            return group_hits(hits, k) if group else hits[:k]
+        return self._lookup(vector, k, group)
+
+    def _lookup(self, vector: np.ndarray, k: int, group: bool) -> list[Hit]:
+        """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
+        until it holds ``k`` videos or the whole index."""
+        if not group:
+            return [self._hit(item, score) for item, score in self.reader.search(vector, k)[0]]
+        total = len(self.reader)
+        pool = min(total, k * GROUP_POOL_FACTOR)
+        while True:
+            hits = [self._hit(item, score) for item, score in self.reader.search(vector, pool)[0]]
+            grouped = group_hits(hits)
+            if len(grouped) >= k or pool >= total:
+                return grouped[:k]
+            pool = min(total, pool * GROUP_POOL_FACTOR)
 
     @torch.inference_mode()
     def search_video(
-        self, path: str | os.PathLike[str], k: int = 10, window: tuple[float, float] | None = None
+        self, path: str | os.PathLike[str], k: int = 10, window: tuple[float, float] | None = None,
+        group: bool = False,
     ) -> list[Hit]:
-        """The ``k`` clips most like the video at ``path`` (or its ``window`` in seconds).
+        """The ``k`` clips (with ``group``: videos) most like the video at ``path`` (or its
+        ``window`` in seconds).
 
         The query is the example's own clip vector, so a hit's score is the mean over
         (example frame, indexed frame) pairs of the per-frame cosine: plain cosine for a model
@@ -170,16 +251,15 @@ class Searcher:
         Raises:
             VideoReadError: the example cannot be decoded.
         """
-        return self.search_clip(load_clip(path, self.preprocess, window=window), k)
+        return self.search_clip(load_clip(path, self.preprocess, window=window), k, group)
 
     @torch.inference_mode()
-    def search_clip(self, clip: torch.Tensor, k: int = 10) -> list[Hit]:
-        """The ``k`` clips most like ``clip``, a preprocessed float ``[C, T, H, W]`` tensor."""
+    def search_clip(self, clip: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
+        """The ``k`` clips (with ``group``: videos) most like ``clip``, a preprocessed float
+        ``[C, T, H, W]`` tensor."""
         with model_autocast(self.model):
             vector = self.model.clip_vector(self.model.encode_video(clip[None].to(self.device))["feat"])
-        return [
-            self._hit(item, score) for item, score in self.reader.search(vector.float().cpu().numpy(), k)[0]
-        ]
+        return self._lookup(vector.float().cpu().numpy(), k, group)
 
     def _rerank(
         self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor, text_mask: torch.Tensor
@@ -207,8 +287,7 @@ class Searcher:
         order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
         return [self._hit(kept[i], scores[i]) for i in order]
 
-    @staticmethod
-    def _hit(item: dict[str, Any], score: float) -> Hit:
+    def _hit(self, item: dict[str, Any], score: float) -> Hit:
         return Hit(
             item_id=item["id"],
             path=item["path"],
@@ -217,4 +296,5 @@ class Searcher:
             score=float(score),
             labels=[(label, prob) for label, prob in item["labels"]],
             captions=list(item["captions"]),
+            label_source=self.label_source if item["labels"] else None,
         )

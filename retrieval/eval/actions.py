@@ -6,9 +6,13 @@ features (a prompt ensemble, which is steadier than any single template), and a 
 probabilities are ``softmax(similarity / temp)`` with the model's own contrastive temperature,
 the scale the similarities were trained at.
 
-Some video encoders carry a supervised classifier (VideoMamba fine-tuned on Kinetics-400, a
-TimeSformer from a fine-tuned Hugging Face checkpoint); ``source="supervised"`` uses it with
-its own label list. ``"auto"`` prefers the head when its classes are the requested ones.
+A retrieval model trained with ``loss.action`` carries an action head on its clip vector
+(``action_labels``); ``source="head"`` uses it. Its input is the vector an index stores, so it
+labels stored vectors as well as fresh clips. Some video encoders carry a supervised classifier
+of their own (VideoMamba fine-tuned on Kinetics-400, a TimeSformer from a fine-tuned Hugging
+Face checkpoint); ``source="supervised"`` uses it with its own label list. ``"auto"`` prefers a
+head whose classes are the requested ones (the retrieval model's first), and falls back to
+zero-shot prompts for any other label set.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from retrieval.data.corpora import Corpus
+from retrieval.data.corpora import Corpus, CorpusItem
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.eval.metrics import topk_accuracy
 from retrieval.eval.retrieval import (
@@ -36,7 +40,8 @@ from retrieval.eval.retrieval import (
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["zero-shot", "supervised", "auto"]
+Source = Literal["zero-shot", "head", "supervised", "auto"]
+SOURCES: tuple[str, ...] = ("auto", "head", "zero-shot", "supervised")
 # (label, probability) pairs, most probable first
 Ranking = list[tuple[str, float]]
 
@@ -83,6 +88,16 @@ def load_labels(spec: str | os.PathLike[str]) -> list[str]:
     return labels
 
 
+def item_actions(item: CorpusItem) -> list[str]:
+    """The distinct actions a corpus item shows, its annotation's ``label`` (the primary) first,
+    then every object's ``action`` under ``attributes.objects`` (the synthetic corpus lists them)."""
+    objects = (item.extra.get("attributes") or {}).get("objects") if isinstance(item.extra, dict) else None
+    found = [str(o["action"]) for o in objects or [] if isinstance(o, dict) and o.get("action")]
+    if item.label is not None:
+        found.insert(0, item.label)
+    return list(dict.fromkeys(found))
+
+
 def _head_classes(encoder: torch.nn.Module) -> int | None:
     """Number of classes of the encoder's supervised head, or None when it has none."""
     if not callable(getattr(encoder, "classify", None)):
@@ -92,6 +107,23 @@ def _head_classes(encoder: torch.nn.Module) -> int | None:
         if isinstance(head, torch.nn.Linear):
             return head.out_features
     return None
+
+
+def _action_head_labels(model: torch.nn.Module) -> list[str]:
+    """The labels of a retrieval model's action head ([] when it has none)."""
+    if getattr(model, "action_head", None) is None:
+        return []
+    return list(getattr(model, "action_labels", []) or [])
+
+
+def _same_label_set(labels: Sequence[str] | None, head: Sequence[str]) -> bool:
+    return not labels or (len(labels) == len(head) and set(labels) == set(head))
+
+
+def label_source(model: torch.nn.Module, labels: Sequence[str] | None, source: Source = "auto") -> str:
+    """Which source an :class:`ActionClassifier` of ``model`` and ``labels`` would use
+    (``"head"``, ``"zero-shot"`` or ``"supervised"``), without encoding any prompt."""
+    return ActionClassifier._resolve(model, getattr(model, "video", model), labels, source)
 
 
 def _can_zero_shot(model: torch.nn.Module) -> bool:
@@ -107,20 +139,22 @@ class ActionClassifier:
         labels: the label names. Zero-shot needs them; the supervised head uses the checkpoint's
             ``id2label`` when it has one, else these (their count must match the head).
         prompts: templates with ``{label}``; each label's feature averages all of them.
-        source: ``"zero-shot"``, ``"supervised"``, or ``"auto"``: the head when it exists and
-            ``labels`` is absent or has its class count (or there is no text tower), otherwise
+        source: ``"zero-shot"``, ``"head"`` (the retrieval model's action head),
+            ``"supervised"`` (the video encoder's own head), or ``"auto"``: the action head when
+            ``labels`` is absent or its label set; else the encoder's head when it exists and
+            ``labels`` is absent or has its class count (or there is no text tower); otherwise
             zero-shot.
     """
 
     def __init__(self, model: torch.nn.Module, labels: Sequence[str] | None = None,
                  prompts: Sequence[str] = DEFAULT_PROMPTS, source: Source = "auto") -> None:
-        if source not in ("zero-shot", "supervised", "auto"):
-            raise ValueError(f"source must be 'zero-shot', 'supervised' or 'auto', got {source!r}")
         self.model = model
         self.encoder = getattr(model, "video", model)
-        self.source = self._resolve_source(labels, source)
+        self.source = self._resolve(model, self.encoder, labels, source)
         self._label_feat: torch.Tensor | None = None
-        if self.source == "supervised":
+        if self.source == "head":
+            self.labels = _action_head_labels(model)
+        elif self.source == "supervised":
             self.labels = self._supervised_labels(labels)
         else:
             self.labels = list(labels)
@@ -131,15 +165,30 @@ class ActionClassifier:
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("the label list has duplicates")
 
-    def _resolve_source(self, labels: Sequence[str] | None, source: Source) -> str:
-        classes = _head_classes(self.encoder)
-        zero_shot = _can_zero_shot(self.model)
+    @staticmethod
+    def _resolve(model: torch.nn.Module, encoder: torch.nn.Module, labels: Sequence[str] | None,
+                 source: Source) -> str:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        head = _action_head_labels(model)
+        if source == "head":
+            if not head:
+                raise ValueError("this model has no action head (a recipe with loss.action > 0 trains one); "
+                                 "use zero-shot labels")
+            if not _same_label_set(labels, head):
+                raise ValueError(f"the action head knows {len(head)} labels ({', '.join(head[:4])}, ...), not "
+                                 "the requested set; use zero-shot labels for other label sets")
+            return "head"
+        if source == "auto" and head and _same_label_set(labels, head):
+            return "head"
+        classes = _head_classes(encoder)
+        zero_shot = _can_zero_shot(model)
         if source == "supervised" and classes is None:
-            raise ValueError(f"{type(self.encoder).__name__} has no supervised classification head")
+            raise ValueError(f"{type(encoder).__name__} has no supervised classification head")
         if source == "zero-shot":
             if not zero_shot:
                 raise ValueError("zero-shot labels need a retrieval model with a text tower; this is a "
-                                 f"bare {type(self.model).__name__}")
+                                 f"bare {type(model).__name__}")
             if not labels:
                 raise ValueError("zero-shot classification needs a label list")
         if source != "auto":
@@ -147,7 +196,7 @@ class ActionClassifier:
         if classes is not None and (not zero_shot or not labels or len(labels) == classes):
             return "supervised"
         if not zero_shot:
-            raise ValueError(f"{type(self.model).__name__} has neither a supervised head nor a text tower "
+            raise ValueError(f"{type(model).__name__} has neither a supervised head nor a text tower "
                              "to classify with")
         if not labels:
             raise ValueError("zero-shot classification needs a label list")
@@ -192,7 +241,13 @@ class ActionClassifier:
         return min(max(temp, _TEMP_RANGE[0]), _TEMP_RANGE[1])
 
     def probabilities_from_features(self, video_feat: torch.Tensor) -> torch.Tensor:
-        """Zero-shot ``[B, n_labels]`` probabilities from clip features ``[B, T, E]`` or ``[B, E]``."""
+        """``[B, n_labels]`` probabilities from clip features ``[B, T, E]`` or clip vectors ``[B, E]``
+        (zero-shot, or the action head)."""
+        if self.source == "head":
+            with torch.no_grad():
+                return torch.softmax(self.model.action_logits(video_feat).float(), dim=-1).cpu()
+        if self.source == "supervised":
+            raise ValueError("the video encoder's own head needs clips, not features; use probabilities()")
         label_feat = self.label_features.to(video_feat.device, video_feat.dtype)
         with torch.no_grad():
             sim = self.model.similarity(label_feat, video_feat).t()
@@ -216,7 +271,7 @@ class ActionClassifier:
                 for row_p, row_i in zip(values, indices, strict=True)]
 
     def predict(self, video_feat: torch.Tensor, top: int = 5) -> list[Ranking]:
-        """Zero-shot top labels from clip features (e.g. an index's stored vectors)."""
+        """Top labels from clip features (e.g. an index's stored vectors), zero-shot or the head."""
         return self.rank(self.probabilities_from_features(video_feat), top)
 
     def predict_clips(self, videos: torch.Tensor, top: int = 5) -> list[Ranking]:
@@ -262,7 +317,9 @@ def evaluate_actions(model: torch.nn.Module, corpus: Corpus, labels: str | Seque
 
     Items without a label are skipped; clips that cannot be decoded are skipped with a warning
     and counted in ``failed``. Zero-shot evaluation reuses :func:`embed_corpus` (and its cache).
-    Returns ``{"top1", "top5", "n", "failed", "unlabelled", "source"}``.
+    ``top1_any`` counts a clip's top label as right when any object of the clip does that action
+    (:func:`item_actions`; the annotation's ``label`` names only the first of two objects).
+    Returns ``{"top1", "top5", "top1_any", "n", "failed", "unlabelled", "source"}``.
 
     Raises:
         ValueError: no item has a label, or an item's label is not among the labels.
@@ -279,7 +336,7 @@ def evaluate_actions(model: torch.nn.Module, corpus: Corpus, labels: str | Seque
                          f"(the list has {len(index_of)}, e.g. {classifier.labels[:3]})")
     targets = torch.tensor([index_of[item.label] for item in labelled.items])
     probs = torch.zeros((len(labelled.items), len(classifier.labels)))
-    if classifier.source == "zero-shot":
+    if classifier.source in ("zero-shot", "head"):
         clips = embed_corpus(model, labelled, batch_size, workers, cache_dir, progress, with_tokens=False)
         probs = classifier.probabilities_from_features(clips["feat"])
         failed = clips["failed"]
@@ -296,9 +353,13 @@ def evaluate_actions(model: torch.nn.Module, corpus: Corpus, labels: str | Seque
     if not keep.any():
         raise ValueError(f"none of the {len(targets)} labelled clips of {corpus.name!r} could be decoded")
     accuracy = topk_accuracy(probs[keep], targets[keep], ks=(1, 5))
+    # a clip showing two objects shows two actions: its top label is right when either does it
+    top = probs.argmax(1).tolist()
+    shown = [classifier.labels[top[i]] in item_actions(item) for i, item in enumerate(labelled.items) if keep[i]]
+    accuracy["top1_any"] = 100.0 * sum(shown) / len(shown)
     return {**accuracy, "n": int(keep.sum()), "failed": len(failed),
             "unlabelled": len(corpus.items) - len(labelled.items), "source": classifier.source}
 
 
-__all__ = ["DEFAULT_PROMPTS", "ActionClassifier", "Ranking", "classify_paths", "evaluate_actions",
-           "load_labels"]
+__all__ = ["DEFAULT_PROMPTS", "SOURCES", "ActionClassifier", "Ranking", "classify_paths", "evaluate_actions",
+           "item_actions", "label_source", "load_labels"]

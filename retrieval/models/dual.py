@@ -7,6 +7,10 @@ keeps frames (``pooled`` [B, T, D]) it is the mean over frames of the per-frame 
 official evaluation. The vector an index stores is :meth:`RetrievalModel.clip_vector`: the mean of
 the normalised per-frame vectors, NOT renormalised, so that its inner product with a unit text
 vector is exactly that score and search ranks clips as evaluation does.
+
+An optional action head (``action_head`` with its ``action_labels``) is a linear classifier on
+that same clip vector, trained with the corpus's action labels (recipe key ``loss.action``): it
+labels a clip from the vector an index already stores, without decoding the clip again.
 """
 from __future__ import annotations
 
@@ -28,10 +32,17 @@ DEFAULT_MAX_TEXT_LEN = 32
 TEXT_POOLING = ("cls", "mean")
 
 
+def _check_action_labels(labels: Sequence[str]) -> list[str]:
+    labels = [str(label) for label in labels]
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"an action head needs at least 2 distinct labels, got {labels[:5]}")
+    return labels
+
+
 class RetrievalModel(nn.Module):
     def __init__(self, video: nn.Module, text: TextEncoder, embed_dim: int = 512, tokenizer=None,
                  max_text_len: int = DEFAULT_MAX_TEXT_LEN, temp: float = 0.07, with_mlm: bool = False,
-                 text_pooling: str = "cls"):
+                 text_pooling: str = "cls", action_labels: Sequence[str] | None = None):
         super().__init__()
         if text_pooling not in TEXT_POOLING:
             raise ValueError(f"text_pooling must be one of {TEXT_POOLING}, got {text_pooling!r}")
@@ -48,6 +59,29 @@ class RetrievalModel(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(temp)))
         self.itm_head = nn.Linear(text.hidden_size, 2)
         self.mlm_head = MLMHead(text.config, text.embeddings.word_embeddings) if with_mlm else None
+        self.action_labels: list[str] = []
+        self.action_head: nn.Linear | None = None
+        if action_labels:
+            self.set_action_head(action_labels)
+
+    # -- action head --------------------------------------------------------------------------
+    def set_action_head(self, labels: Sequence[str]) -> None:
+        """A new (untrained) action head over ``labels``, in that order."""
+        self.action_labels = _check_action_labels(labels)
+        self.action_head = nn.Linear(self.embed_dim, len(self.action_labels))
+        if hasattr(self, "temp"):  # on the model's device
+            self.action_head.to(self.temp.device)
+
+    def action_logits(self, feat: torch.Tensor) -> torch.Tensor:
+        """``[B, n_labels]`` logits from video features ``[B, T, E]`` or clip vectors ``[B, E]``.
+
+        The head reads the clip vector (:meth:`clip_vector`) scaled by ``sqrt(E)`` (about unit
+        variance per coordinate), so stored index vectors are classified exactly as fresh ones.
+        """
+        if self.action_head is None:
+            raise ValueError("this model has no action head (train it with loss.action > 0)")
+        vector = self.clip_vector(feat) * self.embed_dim ** 0.5
+        return self.action_head(vector.to(self.action_head.weight.dtype))
 
     @property
     def keep_temporal(self) -> bool:
@@ -152,7 +186,8 @@ class RetrievalModel(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"video": self.video.vtr_config, "text": self.text.config_dict(), "embed_dim": self.embed_dim,
                 "max_text_len": self.max_text_len, "with_mlm": self.mlm_head is not None,
-                "text_pooling": self.text_pooling, "matching_trained": self.matching_trained}
+                "text_pooling": self.text_pooling, "matching_trained": self.matching_trained,
+                "action_labels": list(self.action_labels)}
 
     def save(self, out: str | Path, source: dict[str, Any] | None = None) -> Path:
         out = Path(out)
@@ -171,7 +206,8 @@ def _load_retrieval(path: Path, cfg: dict[str, Any]) -> RetrievalModel:
     text = TextEncoder.from_config_dict(m["text"])
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = RetrievalModel(video, text, m["embed_dim"], tok, m.get("max_text_len", DEFAULT_MAX_TEXT_LEN),
-                           with_mlm=m.get("with_mlm", False), text_pooling=m.get("text_pooling", "cls"))
+                           with_mlm=m.get("with_mlm", False), text_pooling=m.get("text_pooling", "cls"),
+                           action_labels=m.get("action_labels") or None)
     strict_load(model, load_weights(path), str(path))
     model.matching_trained = bool(m.get("matching_trained", True))
     return model

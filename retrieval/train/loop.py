@@ -37,8 +37,9 @@ from ..data.video import Preprocess
 from ..models.dual import RetrievalModel, build_retrieval_model
 from ..models.io import load_model, load_weights, strict_load
 from ..models.text import SpecialTokenIds
-from .losses import (mlm_loss, teacher_guided_mask, uta_loss, visible_per_frame, visible_targets, vtc_loss,
-                     vtm_loss)
+from .actions import ActionTargets, action_label_set
+from .losses import (action_loss, mlm_loss, teacher_guided_mask, uta_loss, visible_per_frame, visible_targets,
+                     vtc_loss, vtm_loss)
 from .recipe import Recipe, RecipeError, image_batch_size
 from .schedule import IMAGE, VIDEO, step_source
 from .teacher import CLIPTeacher, check_teacher_spec, load_teacher
@@ -259,10 +260,12 @@ def _reversed_samples(dataset: ClipTextDataset, ids: torch.Tensor, samples: list
 def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: SpecialTokenIds,
                    teacher: CLIPTeacher | None, gen: torch.Generator,
                    text_prefix: FrozenTextPrefix | None = None,
-                   device_gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   device_gen: torch.Generator | None = None,
+                   action_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The weighted losses of one batch on the model's device. ``gen`` draws on the host (MLM
     masking of the tokenizer's ids), ``device_gen`` (default ``gen``) on the device (UTA token
-    choice, VTM negatives): on CPU they are one generator."""
+    choice, VTM negatives): on CPU they are one generator. ``action_targets`` ([B, n_labels] soft
+    targets) for ``loss.action`` (None: no action loss on this batch, e.g. an image batch)."""
     video, captions, idx = batch
     device = model.temp.device
     video = video.to(device, non_blocking=True)
@@ -302,6 +305,8 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
         out["mlm"] = mlm_loss(model, ids, tmask, vout["tokens"], special, w.mlm_prob, gen)
     if w.uta and teacher is not None:
         out["uta"] = uta_loss(vout["distill"], targets)
+    if w.action and action_targets is not None:
+        out["action"] = action_loss(model.action_logits(vout["feat"]), action_targets.to(vout["feat"].device))
     out["loss"] = sum(getattr(w, k) * v for k, v in out.items())
     return out
 
@@ -388,6 +393,12 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                               f"{image_b}")
         n_image = len(images) // image_b
         log.info("each epoch interleaves %d video and %d image batches", n_video, n_image)
+    action_targets = None
+    if recipe.loss.action:
+        action_labels = action_label_set(recipe, dataset.items)
+        if model.action_labels != action_labels:
+            model.set_action_head(action_labels)
+        action_targets = ActionTargets(dataset.items, action_labels)
     special = SpecialTokenIds.from_tokenizer(model.tokenizer)
     text_prefix = FrozenTextPrefix(model, o.freeze_text_layers) if o.freeze_text_layers else None
 
@@ -434,7 +445,9 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             gen = torch.Generator().manual_seed(step_seed)
             device_gen = torch.Generator(device).manual_seed(step_seed) if device.type == "cuda" else gen
             with autocast(device, precision):
-                losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix, device_gen)
+                targets = action_targets(batch[2]) if action_targets is not None and source == VIDEO else None
+                losses = compute_losses(model, batch, recipe, special, teacher, gen, text_prefix, device_gen,
+                                        targets)
             opt.zero_grad(set_to_none=True)
             scaler.scale(losses["loss"]).backward()
             scaler.unscale_(opt)   # clip and average true gradients (a no-op unless fp16)
@@ -489,7 +502,7 @@ def plot_losses(metrics: Path, png: Path) -> None:
     sources = list(dict.fromkeys(r.get("source", "video") for r in rows))
     for source in sources:  # image and video steps have their own loss levels: one curve each
         part = [r for r in rows if r.get("source", "video") == source]
-        for key in ("loss", "vtc", "vtm", "mlm", "uta"):
+        for key in ("loss", "vtc", "vtm", "mlm", "uta", "action"):
             if key in part[0]:
                 label = key if len(sources) == 1 else f"{key} ({source})"
                 ax.plot([r["step"] for r in part], [r[key] for r in part], label=label,

@@ -102,6 +102,16 @@ def vtm_loss(model: RetrievalModel, video_tokens: torch.Tensor, text_hidden: tor
     return F.cross_entropy(logits.float(), labels)
 
 
+def action_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets ``[B, C]`` (rows summing to 1); rows without a label
+    (all zero) are left out. Zero when no row has one."""
+    labelled = targets.sum(1) > 0
+    if not labelled.any():
+        return logits.new_zeros(())
+    logp = F.log_softmax(logits[labelled].float(), dim=-1)
+    return -(logp * targets[labelled].to(logp)).sum(1).mean()
+
+
 def mlm_loss(model: RetrievalModel, input_ids: torch.Tensor, text_mask: torch.Tensor, video_tokens: torch.Tensor,
              special: SpecialTokenIds, mask_prob: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
     if model.mlm_head is None:

@@ -62,6 +62,8 @@ class LossSection:
     uta_mask_ratio: float = 0.8               # share of each frame's patches dropped (videos)
     uta_image_mask_ratio: float = 0.5         # the same for image steps (1-frame clips)
     uta_mask: str = "sample"                  # "sample" (official: multinomial over attention) or "topk"
+    action: float = 0.0                       # supervised action head on the clip vector (annotation "label")
+    action_labels: str = ""                   # its label set: a named set or file ("": the corpus's labels, sorted)
 
 
 @dataclass
@@ -113,6 +115,9 @@ class Recipe:
                 d["data"].pop(key)
         if not self.loss.uta:  # nor do recipes without UTA, whatever its options say
             for key in ("uta_teacher_arch", "uta_image_mask_ratio", "uta_mask"):
+                d["loss"].pop(key)
+        if not self.loss.action:  # nor do recipes from before the action head
+            for key in ("action", "action_labels"):
                 d["loss"].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -204,11 +209,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _validate(r: Recipe) -> None:
     if not r.data.train:
         raise RecipeError("recipe key data.train (the training annotation file) is required")
-    for name in ("vtc", "vtm", "mlm", "uta"):
+    for name in ("vtc", "vtm", "mlm", "uta", "action"):
         if getattr(r.loss, name) < 0:
             raise RecipeError(f"loss.{name} must be >= 0")
-    if not any(getattr(r.loss, n) for n in ("vtc", "vtm", "mlm", "uta")):
+    if not any(getattr(r.loss, n) for n in ("vtc", "vtm", "mlm", "uta", "action")):
         raise RecipeError("every loss weight is 0: nothing to train")
+    if r.loss.action_labels and not r.loss.action:
+        raise RecipeError("loss.action_labels is set but loss.action (the action head's weight) is 0")
     if r.loss.uta and not r.loss.uta_teacher:
         raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
     from ..device import PRECISIONS  # noqa: PLC0415

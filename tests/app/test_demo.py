@@ -11,10 +11,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
-# The demo's held-out t2v R@1 spreads over 56-73 between runs on this machine (README, "The demo,
-# measured"), so the guard sits well below that: it catches a pipeline that stops learning
-# (chance is 1), not run-to-run noise.
-MIN_T2V_R1 = 45.0
+# Guards below what the recipe reaches (docs/demo.md, "Measured"): they catch a pipeline that
+# stops learning (chance is 1 % and 10 %), not run-to-run noise. Label top-1 counts the top label
+# as right when the clip shows that action (either object of a two-object clip); the strict
+# figure (the annotation's first object only) tops out near 87 % and gets the lower guard.
+MIN_T2V_R1 = 50.0
+MIN_LABEL_TOP1 = 70.0
+MIN_LABEL_TOP1_STRICT = 60.0
 
 
 def test_demo_builds_trains_indexes_and_evaluates(tmp_path):
@@ -28,6 +31,12 @@ def test_demo_builds_trains_indexes_and_evaluates(tmp_path):
     t2v = metrics["itc"]["t2v"]
     assert t2v["R@1"] >= MIN_T2V_R1, t2v
     assert t2v["R@1"] <= t2v["R@5"] <= t2v["R@10"] <= 100
+    # the labels the page shows come from the trained action head, and are mostly right
+    actions = metrics["actions"]
+    assert actions["source"] == "head", actions
+    assert actions["top1_any"] >= MIN_LABEL_TOP1, actions
+    assert actions["top1"] >= MIN_LABEL_TOP1_STRICT, actions
+    assert metrics["actions_zero_shot"]["source"] == "zero-shot"
     assert (work / "index" / "manifest.json").is_file()
     assert (work / "train" / "model" / "model.safetensors").is_file()
     # a second run reuses everything it built and only reports

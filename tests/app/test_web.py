@@ -39,7 +39,7 @@ from app.web import (
     serve,
 )
 from indexer.jobs import JobSpec, run_index_job
-from indexer.search import Hit
+from indexer.search import Hit, Moment
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.actions import load_labels
@@ -47,6 +47,7 @@ from retrieval.models.dual import build_retrieval_model
 
 CARD = re.compile(r'<div class="vtr-card" data-rank="(\d+)" data-score="([-0-9.e]+)"')
 VIDEO_SRC = re.compile(r'<video src="vtr/clip/(\d+)(#t=[^"]*)?"')
+MOMENT_LINK = re.compile(r'<a href="vtr/clip/(\d+)(#t=[^"]*)?"')
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -183,8 +184,11 @@ def test_search_json_and_rerank(client: Client, videos_root: Path) -> None:
 def test_k_is_honoured_and_clamped(demo) -> None:
     page = demo.vtr_page
     assert len(_cards(page.search("shapes", 1)[0])) == 1
-    assert len(_cards(page.search("shapes", 10_000)[0])) == 12  # all items: k is capped, not an error
+    # all videos (8 clips and the long one): k is capped, not an error
+    assert len(_cards(page.search("shapes", 10_000)[0])) == 9
     assert len(_cards(page.search("shapes", 0)[0])) == 1
+    raw = SearchPage(page.searcher, group=False)        # one card per item: the long video's 4 moments
+    assert len(_cards(raw.search("shapes", 10_000)[0])) == 12
 
 
 def test_an_untrained_matching_head_is_not_offered(index: Path) -> None:
@@ -205,12 +209,30 @@ def test_an_untrained_matching_head_is_not_offered(index: Path) -> None:
 def test_moments_play_from_their_start(demo, videos_root: Path) -> None:
     html, _ = demo.vtr_page.search("a large blue triangle shrinking", 12)
     items = demo.vtr_page.searcher.reader.items
-    fragments = {(Path(items[int(i)]["path"]).relative_to(videos_root).as_posix(), t)
-                 for i, t in VIDEO_SRC.findall(html)}
-    moments = {t for video, t in fragments if video == "long/0000.mp4"}
+
+    def where(found):
+        return [(Path(items[int(i)]["path"]).relative_to(videos_root).as_posix(), t) for i, t in found]
+
+    players, links = where(VIDEO_SRC.findall(html)), where(MOMENT_LINK.findall(html))
+    # the long video is one card: its best moment plays, the other three are links to their moments
+    assert len([video for video, _ in players if video == "long/0000.mp4"]) == 1
+    moments = {t for video, t in players + links if video == "long/0000.mp4"}
     assert moments == {"#t=0.00,4.00", "#t=4.00,8.00", "#t=8.00,12.00", "#t=12.00,16.00"}
-    assert all(t == "" for video, t in fragments if video.startswith("test/"))
+    assert len(links) == 3 and 'data-moments="3"' in html and "also at" in html
+    assert all(t == "" for video, t in players if video.startswith("test/"))
     assert "0:12.0–0:16.0" in html and "whole clip" in html
+
+
+def test_cards_and_json_name_the_label_source(demo, client: Client) -> None:
+    html, _ = demo.vtr_page.search("a red circle moving up", 3)
+    # this untrained model has no action head: its labels are zero-shot, and the page says so
+    assert html.count('data-source="zero-shot"') == 3
+    result = client.predict("a red circle moving up", 9, False, api_name="/search_json")
+    assert result["label_source"] == "zero-shot"
+    assert {h["label_source"] for h in result["hits"]} == {"zero-shot"}
+    long = [h for h in result["hits"] if h["video_path"].endswith("long/0000.mp4")]
+    assert len(long) == 1 and len(long[0]["moments"]) == 3
+    assert len({h["video_path"] for h in result["hits"]}) == len(result["hits"])
 
 
 @pytest.mark.parametrize("query", ["", "   ", " \t\n\r ", "\x00\x01\x1b\x7f", "!!! ... ???"])
@@ -352,6 +374,14 @@ def test_hits_outside_the_corpus_are_not_linked(videos_root: Path, tmp_path: Pat
     assert 'src="vtr/clip/1#t=1.00,2.50"' in html and str(videos_root) not in html
     assert "<script>" not in html and "${x}" not in html and "{{y}}" not in html
     assert "&lt;script&gt;" in html
+    # further moments link into the corpus only; the label source is shown beside the labels
+    grouped = Hit(1, str(inside), 1.0, 2.5, 0.8, [("growing", 0.9)], ["a clip"], label_source="head",
+                  moments=(Moment(5, 3.0, 4.5, 0.7),))
+    html = render_hits([grouped], guard)
+    assert '<a href="vtr/clip/5#t=3.00,4.50"' in html and 'data-source="head"' in html
+    outside_moment = Hit(0, str(outside), None, None, 0.9, [], [], moments=(Moment(2, 0.0, 1.0, 0.5),))
+    html = render_hits([outside_moment], guard)
+    assert "<a " not in html and "also at" in html
 
 
 # ---------------------------------------------------------------------------------- start-up

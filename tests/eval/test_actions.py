@@ -144,8 +144,8 @@ def test_evaluate_actions_with_label_aligned_features_is_perfect(model, corpus, 
     classifier = ActionClassifier(model, labels)
     _aligned_encoder(model, classifier, [item.label for item in corpus.items], monkeypatch)
     result = evaluate_actions(model, corpus, labels, batch_size=5)
-    assert result == {"top1": 100.0, "top5": 100.0, "n": N_TEST, "failed": 0, "unlabelled": 0,
-                      "source": "zero-shot"}
+    assert result == {"top1": 100.0, "top5": 100.0, "top1_any": 100.0, "n": N_TEST, "failed": 0,
+                      "unlabelled": 0, "source": "zero-shot"}
 
 
 def test_evaluate_actions_skips_unlabelled_items(model, corpus, monkeypatch):
@@ -205,6 +205,7 @@ def test_cli_classify_json_and_errors(model_dir, corpus, tmp_path):
 
     plain = CliRunner().invoke(app, ["classify", "--model", str(model_dir), videos[0], "--top", "1"])
     assert plain.exit_code == 0 and plain.stdout.startswith(f"{videos[0]}: ")
+    assert plain.stdout.rstrip().endswith("[zero-shot]")  # this model has no action head
 
     missing = CliRunner().invoke(app, ["classify", "--model", str(model_dir), str(tmp_path / "nope.mp4")])
     assert missing.exit_code == 2 and "nope.mp4" in missing.stderr

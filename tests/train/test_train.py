@@ -219,3 +219,84 @@ def test_clip_cache_decodes_in_parallel_in_order_and_skips_broken_clips(tmp_path
     assert caplog.text.count("skipping unreadable training clip") == 1
     video, caption, index = parallel[broken]              # a readable neighbour stands in
     assert index == broken + 1 and video.shape[1] == 4
+
+
+def test_action_targets_split_two_objects_and_reverse_with_the_clip(tiny_corpus):
+    from retrieval.data.corpora import load_corpus
+    from retrieval.data.synthetic import ACTIONS, REVERSE_ACTION
+    from retrieval.eval.actions import item_actions
+    from retrieval.train.actions import ActionTargets
+
+    items = load_corpus("generic", tiny_corpus / "train.json", tiny_corpus / "videos").items
+    targets = ActionTargets(items, list(ACTIONS))
+    n = len(items)
+    rows = targets(torch.arange(2 * n))
+    torch.testing.assert_close(rows.sum(1), torch.ones(2 * n))
+    for i, item in enumerate(items):
+        actions = item_actions(item)
+        want = {ACTIONS.index(a): 1 / len(actions) for a in actions}
+        assert {j: round(float(p), 6) for j, p in enumerate(rows[i]) if p} == pytest.approx(want)
+        back = {ACTIONS.index(REVERSE_ACTION.get(a, a)) for a in actions}
+        assert {j for j, p in enumerate(rows[n + i]) if p} == back   # the reversed copy's actions
+    assert any(len(item_actions(item)) == 2 for item in items)
+
+
+def test_action_loss_leaves_out_unlabelled_rows():
+    from retrieval.train.losses import action_loss
+
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [9.0, -9.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0]])
+    expected = -(torch.log_softmax(logits[:2], -1) * targets[:2]).sum(1).mean()
+    torch.testing.assert_close(action_loss(logits, targets), expected)
+    assert action_loss(logits, torch.zeros(3, 2)) == 0
+
+
+def test_short_run_with_an_action_head(tmp_path, tiny_corpus):
+    from retrieval.data.synthetic import ACTIONS
+
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "act", **{
+        "loss.action": 1.0, "loss.action_labels": "synthetic", "data.reversed_share": 0.5}))
+    model = load_model(loop.train(r))
+    assert model.action_labels == list(ACTIONS) and model.action_head is not None
+    rows = [json.loads(x) for x in (tmp_path / "act" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["action"] > 0 for row in rows)
+    # the head learns with the rest: its loss falls over a few steps at a high rate
+    fit = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "fit", **{
+        "loss.action": 1.0, "loss.vtc": 0.0, "loss.vtm": 0.0, "loss.mlm": 0.0, "optim.steps": 12,
+        "optim.lr": 0.01, "optim.batch_size": 8}))
+    loop.train(fit)
+    losses = [json.loads(x)["action"] for x in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    from retrieval.data.corpora import load_corpus
+    from retrieval.eval.actions import item_actions
+
+    items = load_corpus("generic", tiny_corpus / "train.json", tiny_corpus / "videos").items
+    seen = sorted({action for item in items for action in item_actions(item)})
+    assert load_model(tmp_path / "fit" / "model").action_labels == seen  # without a set: the corpus's
+
+
+def test_action_recipe_errors(tmp_path, tiny_corpus):
+    with pytest.raises(RecipeError, match="loss.action must be >= 0"):
+        load_recipe(None, ["data.train=x.json", "loss.action=-1"])
+    with pytest.raises(RecipeError, match="action_labels is set but loss.action"):
+        load_recipe(None, ["data.train=x.json", "loss.action_labels=synthetic"])
+    labels = tmp_path / "two.txt"
+    labels.write_text("growing\nshrinking\n")
+    r = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "run", **{
+        "loss.action": 1.0, "loss.action_labels": str(labels)}))
+    with pytest.raises(RecipeError, match="lacks actions of the corpus"):
+        loop.train(r)
+    # recipes without the head keep their fingerprint (resume of older runs): the new keys are
+    # left out of the hash unless used
+    import hashlib
+
+    plain = load_recipe(None, tiny_overrides(tiny_corpus, tmp_path / "run"))
+    d = plain.to_dict()
+    d["run"] = {"seed": d["run"]["seed"]}
+    d["data"].pop("workers")
+    for key in ("images", "image_root", "image_batch_size"):
+        d["data"].pop(key)
+    for key in ("action", "action_labels"):
+        d["loss"].pop(key)
+    assert plain.fingerprint() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert r.fingerprint() != plain.fingerprint()

@@ -1,0 +1,65 @@
+"""Action-label targets for the supervised action head (recipe key ``loss.action``).
+
+A clip's actions come from its annotation: every object's ``action`` under
+``attributes.objects`` when the annotation lists them (the synthetic corpus does), else its
+``label``. A clip showing two actions gets half the target mass on each: the head then ranks
+both on top, and neither is "wrong". A time-reversed copy (``data.reversed_share``) shows each
+action backwards, so its targets are the reversed actions (moving left <-> moving right,
+growing <-> shrinking, ...; blinking and bouncing read the same both ways).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..data.corpora import CorpusItem
+from ..data.synthetic import REVERSE_ACTION
+from ..eval.actions import item_actions
+from .recipe import Recipe, RecipeError
+
+
+def action_label_set(recipe: Recipe, items: Sequence[CorpusItem]) -> list[str]:
+    """The head's labels: ``loss.action_labels`` (a named set or file), else the corpus's, sorted.
+
+    Raises:
+        RecipeError: no clip has a label, or a clip's action is not in the set.
+    """
+    seen = sorted({action for item in items for action in item_actions(item)})
+    if not seen:
+        raise RecipeError("loss.action > 0 needs action labels: no training clip has a 'label'")
+    if not recipe.loss.action_labels:
+        return seen
+    from ..eval.actions import load_labels  # noqa: PLC0415
+
+    try:
+        labels = load_labels(recipe.loss.action_labels)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RecipeError(f"loss.action_labels: {exc}") from exc
+    unknown = sorted(set(seen) - set(labels))
+    if unknown:
+        raise RecipeError(f"loss.action_labels {recipe.loss.action_labels!r} lacks actions of the corpus: "
+                          f"{unknown[:5]}")
+    return labels
+
+
+class ActionTargets:
+    """Soft targets ``[B, n_labels]`` for a batch's indices (reversed copies: index + len(items))."""
+
+    def __init__(self, items: Sequence[CorpusItem], labels: Sequence[str]) -> None:
+        index = {label: i for i, label in enumerate(labels)}
+        self.n = len(items)
+        self.forward = torch.zeros(len(items), len(labels))
+        self.backward = torch.zeros(len(items), len(labels))
+        for row, item in enumerate(items):
+            actions = item_actions(item)
+            for action in actions:
+                self.forward[row, index[action]] += 1 / len(actions)
+                back = REVERSE_ACTION.get(action, action)
+                if back in index:
+                    self.backward[row, index[back]] += 1 / len(actions)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = idx.cpu()
+        rows = torch.where((idx < self.n)[:, None], self.forward[idx % self.n], self.backward[idx % self.n])
+        return rows
