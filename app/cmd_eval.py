@@ -92,7 +92,8 @@ def classify_cmd(
 ) -> None:
     """Top action labels for each video: the model's trained action head, or zero-shot from label prompts."""
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
-    from retrieval.eval.actions import classify_paths, label_source, load_labels  # noqa: PLC0415
+    from retrieval.labels import load_labels  # noqa: PLC0415
+    from retrieval.models.actions import classify_paths, label_source  # noqa: PLC0415
     from retrieval.models.io import load_model  # noqa: PLC0415
 
     _check_choice(source, _SOURCES, "--source")

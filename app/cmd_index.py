@@ -200,7 +200,7 @@ def _search_cmd(
     moments); --no-group keeps the raw list. Each hit says where its labels come from: the
     model's trained action head or zero-shot label prompts.
     """
-    from indexer.search import Searcher, clean_query  # noqa: PLC0415
+    from indexer.search import EmptyQuery, Searcher, clean_query  # noqa: PLC0415
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
 
     if k < 1:
@@ -208,7 +208,8 @@ def _search_cmd(
     if (query is None) == (video is None):
         raise ValueError("give either a text query or --video PATH")
     if query is not None:
-        clean_query(query)  # refuse an empty query before spending seconds loading the model
+        if clean_query(query).blank:  # refuse an empty query before spending seconds loading the model
+            raise EmptyQuery()
     device, precision = runtime(device, precision)
     searcher = Searcher(index, model=model, device=device, precision=precision)
     if query is not None:

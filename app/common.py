@@ -48,7 +48,7 @@ def precision_option(default: str = "auto"):
 def runtime(device: str, precision: str) -> tuple[str, str]:
     """Resolve ``--device``/``--precision`` before any work: a missing CUDA or an unknown value is
     a user error (one line, exit 2). Returns ``(device, precision)`` as concrete strings."""
-    from retrieval.device import local_rank_device, resolve_precision  # noqa: PLC0415
+    from retrieval.models.device import local_rank_device, resolve_precision  # noqa: PLC0415
 
     dev = local_rank_device(device)  # under torchrun with CUDA: this process's LOCAL_RANK GPU
     return str(dev), resolve_precision(precision, dev)

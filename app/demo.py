@@ -89,7 +89,8 @@ def build_index(workdir: Path, corpus: Path, model: Path) -> Path:
 
 def evaluate(workdir: Path, corpus: Path, model_dir: Path) -> dict:
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
-    from retrieval.eval.actions import evaluate_actions, load_labels  # noqa: PLC0415
+    from retrieval.eval.actions import evaluate_actions  # noqa: PLC0415
+    from retrieval.labels import load_labels  # noqa: PLC0415
     from retrieval.eval.retrieval import evaluate_retrieval  # noqa: PLC0415
     from retrieval.models.io import load_model  # noqa: PLC0415
 

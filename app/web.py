@@ -39,7 +39,6 @@ import logging
 import os
 import threading
 import time
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr
 
 from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
-from indexer.search import Hit, Searcher
+from indexer.search import Hit, Query, Searcher, clean_query
 
 logger = logging.getLogger(__name__)
 
@@ -117,39 +116,6 @@ PAGE_CSS = """
 
 
 # ---------------------------------------------------------------------------------- queries
-
-
-@dataclass(frozen=True)
-class PreparedQuery:
-    """A query as searched (``text``; empty when there is nothing to search) and what was done
-    to it on the way (``notes``, shown on the page)."""
-
-    text: str
-    notes: tuple[str, ...] = ()
-
-    @property
-    def blank(self) -> bool:
-        return not self.text
-
-
-def prepare_query(raw: str | None, limit: int = QUERY_LIMIT) -> PreparedQuery:
-    """Clean a query typed on the page: control characters become spaces, whitespace runs
-    collapse, and text beyond ``limit`` characters is dropped (at a word boundary when one is
-    near)."""
-    notes: list[str] = []
-    raw = "" if raw is None else str(raw)
-    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in raw)
-    if any(unicodedata.category(ch).startswith("C") and not ch.isspace() for ch in raw):
-        notes.append("Removed control characters from the query.")
-    text = " ".join(visible.split())
-    if len(text) > limit:
-        cut = text[:limit]
-        if not text[limit].isspace() and " " in cut[limit // 2:]:
-            cut = cut[:cut.rindex(" ")]
-        notes.append(f"The query was {len(text):,} characters long; searched its first {len(cut):,} "
-                     f"(the limit is {limit:,}).")
-        text = cut.rstrip()
-    return PreparedQuery(text, tuple(notes))
 
 
 # ---------------------------------------------------------------------------------- file access
@@ -347,7 +313,7 @@ class SearchPage:
 
         Without ``labels``: the set the index was labelled with; if that file has gone, the
         synthetic set (with a warning)."""
-        from retrieval.eval.actions import load_labels
+        from retrieval.labels import load_labels
 
         if self.labels is not None:
             if isinstance(self.labels, Sequence) and not isinstance(self.labels, str):
@@ -364,21 +330,16 @@ class SearchPage:
 
     # -- text search
     def search_hits(self, query: str | None, k: float | None = DEFAULT_K,
-                    rerank: bool = False) -> tuple[PreparedQuery, list[Hit], float]:
+                    rerank: bool = False) -> tuple[Query, list[Hit], float]:
         """The hits for a raw query (none when it is blank), and the seconds the search took."""
-        prepared = prepare_query(query)
+        prepared = clean_query(query, QUERY_LIMIT)
         if prepared.blank:
             return prepared, [], 0.0
         k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
         started = time.perf_counter()
-        try:
-            with self._lock:
-                hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
-                                            group=self.group)
-        except ValueError as exc:
-            if "empty query" not in str(exc):
-                raise
-            return PreparedQuery("", prepared.notes), [], 0.0  # only punctuation: nothing to search
+        with self._lock:
+            hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
+                                        group=self.group)
         return prepared, hits, time.perf_counter() - started
 
     def search(self, query: str | None, k: float | None = DEFAULT_K, rerank: bool = False) -> tuple[str, str]:
@@ -412,7 +373,7 @@ class SearchPage:
         """The upload tab's action classifier: the model's action head when it knows the label set,
         else zero-shot (built on first use: zero-shot encodes every label's prompts)."""
         if self._classifier is None:
-            from retrieval.eval.actions import ActionClassifier
+            from retrieval.models.actions import ActionClassifier
 
             with self._lock:
                 if self._classifier is None:
@@ -423,7 +384,7 @@ class SearchPage:
                        k: float | None = DEFAULT_K) -> tuple[dict[str, float], list[Hit]]:
         """An example clip's action labels ``{label: probability}`` and the most similar clips.
 
-        The clip is probed and decoded once, within :attr:`upload_limits`.
+        The clip is probed and decoded once, within :attr:`upload_limits`, and encoded once.
 
         Raises:
             UploadRefused: the clip is beyond a cap.
@@ -435,8 +396,12 @@ class SearchPage:
         k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
         clip = decode_upload(path, self.searcher.preprocess, self.upload_limits)
         with self._lock, torch.inference_mode():
-            ranking = classifier.predict_clips(clip[None], top=UPLOAD_LABELS)[0]
-            hits = self.searcher.search_clip(clip, k=k, group=self.group)
+            feat = self.searcher.encode_clip(clip)   # encoded once: for its labels and for the search
+            if classifier.source == "supervised":    # the video encoder's own head reads the clip itself
+                ranking = classifier.predict_clips(clip[None], top=UPLOAD_LABELS)[0]
+            else:
+                ranking = classifier.predict(feat, top=UPLOAD_LABELS)[0]
+            hits = self.searcher.search_features(feat, k=k, group=self.group)
         return {label: float(prob) for label, prob in ranking}, hits
 
     def upload(self, video: str | None, k: float | None = DEFAULT_K) -> tuple[dict[str, float] | None, str, str]:

@@ -134,7 +134,7 @@ def child(frames: int, mode: str, repeats: int) -> dict:
     row["speedup_vs_composed"] = round(row["ab_composed_s"] / row["ab_fused_s"], 2)
     # bf16 autocast (fused kernels read bf16 in place) beside fp32, same process, alternating
     row["bf16_vs_fp32"] = round(row["ab_fused_s"] / row["ab_bf16_s"], 3)
-    from retrieval.device import cpu_has_native_bf16
+    from retrieval.models.device import cpu_has_native_bf16
 
     row["cpu_native_bf16"] = cpu_has_native_bf16()
     row["seconds_per_frame"] = round(row["fused_s"] / frames, 4)

@@ -29,7 +29,10 @@ import torch
 
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
-from retrieval.eval.retrieval import corpus_preprocess, embed_corpus, evaluating, iter_clip_batches
+from retrieval.data.loader import iter_clip_batches
+from retrieval.data.video import Preprocess
+from retrieval.models.device import evaluating
+from retrieval.eval.retrieval import embed_corpus
 from retrieval.models.dual import build_retrieval_model
 
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate_corpus(tmp, n_train=1, n_test=args.clips, seed=0, size=args.size, long_videos=0, progress=False)
         corpus = load_corpus("generic", Path(tmp) / "test.json", Path(tmp) / "videos")
-        preprocess = corpus_preprocess(model, corpus)
+        preprocess = Preprocess.for_model(model, corpus)
         batches = [b.clips for b in iter_clip_batches(corpus, preprocess, args.batch_size) if b.clips is not None]
 
         def encode_only() -> None:

@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu_check")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.jsonl")
     args = parser.parse_args(argv)
-    from retrieval.device import DeviceError, resolve_device
+    from retrieval.models.device import DeviceError, resolve_device
 
     try:
         dev = resolve_device(args.device)

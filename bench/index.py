@@ -29,7 +29,8 @@ import torch
 from indexer.jobs import JobSpec, run_index_job
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
-from retrieval.eval.actions import ActionClassifier, load_labels
+from retrieval.labels import load_labels
+from retrieval.models.actions import ActionClassifier
 from retrieval.models.dual import build_retrieval_model
 from retrieval.models.io import load_model
 
@@ -58,7 +59,7 @@ def _measure(video_model: str, args: argparse.Namespace) -> dict:
         model_dir = build_retrieval_model(video_model, embed_dim=256, num_fusion_layers=2).save(tmp / "model")
         model = load_model(model_dir)
         classifier = ActionClassifier(model, load_labels("synthetic"))
-        preprocess = Preprocess.from_dict(model.preprocess)
+        preprocess = Preprocess.for_model(model)
         clips = [load_clip(path, preprocess) for path in sorted(videos.glob("*.mp4"))]
         _encode_only(model, classifier, clips[: args.batch_size], args.batch_size)  # warm-up
 

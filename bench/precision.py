@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
-from retrieval.device import cpu_flags, cpu_has_native_bf16
+from retrieval.models.device import cpu_flags, cpu_has_native_bf16
 
 THREADS = 2
 RESULTS = ROOT / "bench" / "results"

@@ -72,7 +72,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _native_bf16() -> bool:
-    from retrieval.device import cpu_has_native_bf16
+    from retrieval.models.device import cpu_has_native_bf16
 
     return cpu_has_native_bf16()
 

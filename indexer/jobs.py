@@ -33,7 +33,7 @@ part is committed, :func:`publish_job` joins them (in part order, so the result 
 on who did what) into the index and removes the work directory.
 
 Decoding overlaps encoding: DataLoader worker processes decode and preprocess clips
-(:func:`retrieval.eval.retrieval.iter_clip_batches`) while the main process encodes.
+(:func:`retrieval.data.loader.iter_clip_batches`) while the main process encodes.
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ from indexer.checksums import ChecksumMismatch, verify_file
 from indexer.locks import index_lock, shard_lock
 from indexer.store import fsync_path, open_index, write_index
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
-from retrieval.data.video import VideoReadError, video_duration
-from retrieval.eval.actions import ActionClassifier, load_labels
-from retrieval.eval.retrieval import corpus_preprocess, iter_clip_batches
-from retrieval.device import model_autocast, model_device
+from retrieval.data.video import Preprocess, VideoReadError, video_duration
+from retrieval.data.loader import iter_clip_batches
+from retrieval.labels import load_labels
+from retrieval.models.actions import ActionClassifier
+from retrieval.models.device import model_autocast, model_device
 from retrieval.models.io import load_model, model_identity, read_model_config
 
 logger = logging.getLogger(__name__)
@@ -577,7 +578,7 @@ def run_index_job(
         batch_size: clips per encoder call.
         progress: show a tqdm bar (clips/s and ETA).
         overwrite: replace an index of another model or corpus already at ``spec.out``.
-        device, precision: where and in which precision the encoder runs (``retrieval.device``).
+        device, precision: where and in which precision the encoder runs (``retrieval.models.device``).
 
     Every option is checked before anything is written, and the run holds an exclusive lock
     (:mod:`indexer.locks`) on the index, or on its shard of the job.
@@ -745,7 +746,7 @@ def _embed_parts(
         if not part.items:  # nothing to encode (every source failed probing): commit it now
             commit(part)
     started = time.perf_counter()
-    batches = iter_clip_batches(items, corpus_preprocess(model, items), batch_size, workers)
+    batches = iter_clip_batches(items, Preprocess.for_model(model, items), batch_size, workers)
     with (
         torch.inference_mode(),
         model_autocast(model),

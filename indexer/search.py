@@ -32,7 +32,7 @@ import torch
 
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
-from retrieval.device import model_autocast, model_device, resolve_device
+from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.io import load_model, model_identity
 from retrieval.models.text import clean_text
 
@@ -101,18 +101,48 @@ def group_hits(hits: list[Hit], k: int | None = None) -> list[Hit]:
     return grouped if k is None else grouped[:k]
 
 
-def clean_query(text: str) -> str:
-    """The query with control characters (and other invisible code points) turned into spaces.
+class EmptyQuery(ValueError):
+    """A query with nothing to search: blank, or only control characters and punctuation."""
 
-    Raises:
-        ValueError("empty query"): nothing searchable is left.
-    """
-    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    visible = " ".join(visible.split())
-    # the tokenizer cleans the same way; a query with no words would match everything
-    if not clean_text(visible):
-        raise ValueError("empty query")
-    return visible
+    def __init__(self) -> None:
+        super().__init__("empty query")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A typed query as searched (``text``; empty when nothing searchable is left) and what
+    cleaning did to it on the way (``notes``, for the page)."""
+
+    text: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def blank(self) -> bool:
+        return not self.text
+
+
+def clean_query(raw: str | None, limit: int | None = None) -> Query:
+    """The one cleaner of typed queries (CLI, page, library): control characters (and other
+    invisible code points) become spaces, whitespace runs collapse, and text beyond ``limit``
+    characters is dropped, at a word boundary when one is near. A query the tokenizer's cleaning
+    (:func:`retrieval.data.corpora.clean_text`) leaves without a word comes back blank: it would
+    match everything."""
+    notes: list[str] = []
+    raw = "" if raw is None else str(raw)
+    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in raw)
+    if any(unicodedata.category(ch).startswith("C") and not ch.isspace() for ch in raw):
+        notes.append("Removed control characters from the query.")
+    text = " ".join(visible.split())
+    if limit is not None and len(text) > limit:
+        cut = text[:limit]
+        if not text[limit].isspace() and " " in cut[limit // 2:]:
+            cut = cut[:cut.rindex(" ")]
+        notes.append(f"The query was {len(text):,} characters long; searched its first {len(cut):,} "
+                     f"(the limit is {limit:,}).")
+        text = cut.rstrip()
+    if not clean_text(text):
+        text = ""
+    return Query(text, tuple(notes))
 
 
 def _recorded_model_dir(index: Path) -> Path:
@@ -155,13 +185,14 @@ class Searcher:
                                               use_gpu=None if on_cuda else False)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
-        self.preprocess = Preprocess.from_dict(self.model.preprocess)
+        self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
 
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
-        label set its manifest records, by the same rule (:func:`retrieval.eval.actions.label_source`)."""
-        from retrieval.eval.actions import label_source, load_labels  # noqa: PLC0415
+        label set its manifest records, by the same rule (:func:`retrieval.models.actions.label_source`)."""
+        from retrieval.labels import load_labels  # noqa: PLC0415
+        from retrieval.models.actions import label_source  # noqa: PLC0415
 
         recorded = (self.reader.manifest.get("extra") or {}).get("label_set")
         try:
@@ -206,14 +237,16 @@ class Searcher:
         characters are dropped.
 
         Raises:
-            ValueError("empty query"): the query has no words.
+            EmptyQuery: the query has no words.
         """
         query = clean_query(text)
+        if query.blank:
+            raise EmptyQuery()
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
         with model_autocast(self.model):
-            encoded = self.model.encode_texts([query])
+            encoded = self.model.encode_texts([query.text])
         vector = encoded["feat"].float().cpu().numpy()
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
@@ -257,8 +290,19 @@ class Searcher:
     def search_clip(self, clip: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like ``clip``, a preprocessed float
         ``[C, T, H, W]`` tensor."""
+        return self.search_features(self.encode_clip(clip), k, group)
+
+    @torch.inference_mode()
+    def encode_clip(self, clip: torch.Tensor) -> torch.Tensor:
+        """The model's features ``[1, E]`` (or ``[1, T, E]``) of a preprocessed ``[C, T, H, W]`` clip:
+        what :meth:`search_features` searches with and an action classifier labels."""
         with model_autocast(self.model):
-            vector = self.model.clip_vector(self.model.encode_video(clip[None].to(self.device))["feat"])
+            return self.model.encode_video(clip[None].to(self.device))["feat"]
+
+    def search_features(self, feat: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
+        """The ``k`` clips (with ``group``: videos) most like the clip whose features
+        (:meth:`encode_clip`) are ``feat``."""
+        vector = self.model.clip_vector(feat)
         return self._lookup(vector.float().cpu().numpy(), k, group)
 
     def _rerank(

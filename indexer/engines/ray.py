@@ -38,7 +38,7 @@ from tqdm import tqdm
 from indexer.jobs import TOP_LABELS, JobError, WorkDir, _Part, item_key
 from retrieval.data.corpora import Corpus
 from retrieval.data.video import Preprocess
-from retrieval.device import model_autocast
+from retrieval.models.device import model_autocast
 from retrieval.models.io import read_model_config
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class _Encoder:
                  precision: str = "fp32") -> None:
         import torch
 
-        from retrieval.eval.actions import ActionClassifier
+        from retrieval.models.actions import ActionClassifier
         from retrieval.models.io import load_model
 
         torch.set_num_threads(max(1, threads))
@@ -240,7 +240,7 @@ class RayEngine:
             self.start()
         ray = self._ray
         config = read_model_config(model_dir)
-        preprocess = Preprocess.from_dict({**config["preprocess"], "sample": corpus.sample})
+        preprocess = Preprocess.for_model(config["preprocess"], corpus)
         dim = int(config["model"].get("embed_dim") or 0)
         counts = {"indexed": 0, "failed": 0}
 

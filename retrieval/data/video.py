@@ -453,6 +453,19 @@ class Preprocess:
             raise ValueError(f"unknown preprocess keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
+    @classmethod
+    def for_model(cls, model: Any, corpus: Any = None) -> Preprocess:
+        """The pixel pipeline of ``model`` (its ``preprocess`` record: size, mean/std,
+        interpolation, frames; a model directory's config or the dict itself also do), with the
+        test-time frame sampling of ``corpus`` when given. Every consumer builds it here: training,
+        evaluation, indexing, search and action labels see the same pixels."""
+        record = model if isinstance(model, dict) else model.preprocess
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in record.items() if key in known}
+        if corpus is not None:
+            values["sample"] = corpus.sample
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists) that :meth:`from_dict` reads back."""
         values = dataclasses.asdict(self)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..device import autocast
+from ..models.device import autocast
 
 
 def photo_pan_clip(preprocess: dict) -> torch.Tensor:
@@ -51,7 +51,7 @@ def realistic_clips(preprocess: dict, n: int = 2, workdir: str | Path | None = N
     from ..data.synthetic import generate_corpus
     from ..data.video import Preprocess, load_clip
 
-    pre = Preprocess.from_dict({k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")
+    pre = Preprocess.for_model({k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")
                                 if k in preprocess})
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         generate_corpus(tmp, n_train=1, n_test=n, size=max(64, -(-pre.size // 32) * 32), seed=seed,

@@ -31,7 +31,6 @@ a caption whose video failed counts as found at rank ``n_videos``, a failed vide
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -39,22 +38,22 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from retrieval.data.corpora import Corpus
-from retrieval.data.video import Preprocess, VideoReadError, load_clip
+from retrieval.data.loader import iter_clip_batches
+from retrieval.data.video import Preprocess
 from retrieval.eval import metrics as M
 from retrieval.eval.rerank import FAILED_SCORE, PairScorer  # FAILED_SCORE: below the -100 re-rank fill
 from retrieval.models.text import clean_text
-from retrieval.device import model_autocast, model_precision
+from retrieval.models.device import evaluating, model_device, model_precision
 
 logger = logging.getLogger(__name__)
 
@@ -74,90 +73,6 @@ _CACHE_FORMAT = "vtr-embeddings-v1"
 _TEXT_SIDE_PREFIXES = ("text.", "text_proj.", "itm_head.", "mlm_head.")
 _TEXT_SIDE_NAMES = ("temp",)
 _RECALL_CURVE_MAX_K = 50
-
-
-# ----------------------------------------------------------------------------------------------
-# clip loading
-
-
-@dataclass
-class ClipBatch:
-    """One loader batch: the decoded clips and the corpus indices that failed to decode."""
-
-    indices: list[int]
-    clips: torch.Tensor | None  # [len(indices), C, T, H, W], None when every clip failed
-    failures: list[tuple[int, str]]
-
-
-class _ClipDataset(Dataset):
-    """Corpus clips as ``(index, clip [C, T, H, W] or None, failure reason or None)``.
-
-    A decode failure is returned, not raised, so one bad file neither stops a DataLoader worker
-    nor the evaluation.
-    """
-
-    def __init__(self, corpus: Corpus, preprocess: Preprocess) -> None:
-        self.paths = corpus.paths()
-        self.windows = [corpus.window(i) for i in range(len(corpus.items))]
-        self.preprocess = preprocess
-        self.max_seconds = corpus.max_seconds
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            clip = load_clip(self.paths[index], self.preprocess, window=self.windows[index],
-                             max_seconds=self.max_seconds)
-        except VideoReadError as exc:
-            return index, None, str(exc)
-        return index, clip, None
-
-
-def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]) -> ClipBatch:
-    ok = [(index, clip) for index, clip, _ in samples if clip is not None]
-    failures = [(index, reason) for index, clip, reason in samples if clip is None]
-    clips = torch.stack([clip for _, clip in ok]) if ok else None
-    return ClipBatch([index for index, _ in ok], clips, failures)
-
-
-def corpus_preprocess(model: torch.nn.Module, corpus: Corpus) -> Preprocess:
-    """The model's pixel pipeline with the corpus's test-time frame sampling."""
-    return Preprocess.from_dict({**model.preprocess, "sample": corpus.sample})
-
-
-def iter_clip_batches(corpus: Corpus, preprocess: Preprocess, batch_size: int = 8,
-                      workers: int = 0) -> Iterator[ClipBatch]:
-    """Decoded clip batches in corpus order; ``workers`` processes decode ahead of the consumer."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    loader = DataLoader(_ClipDataset(corpus, preprocess), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, collate_fn=_collate,
-                        prefetch_factor=2 if workers else None)
-    yield from loader
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout), no autograd and autocast to the model's inference precision
-    (``load_model(..., precision=)``) for the duration; the caller's mode is restored.
-
-    Evaluating a module left in training mode would silently apply dropout, so every entry point
-    here switches it, without changing what the caller sees afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), model_autocast(model):
-            yield
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +217,7 @@ def embed_corpus(model: torch.nn.Module, corpus: Corpus, batch_size: int = 8, wo
     """
     if not corpus.items:
         raise ValueError(f"corpus {corpus.name!r} has no videos to embed")
-    preprocess = corpus_preprocess(model, corpus)
+    preprocess = Preprocess.for_model(model, corpus)
     entry: Path | None = None
     if cache_dir is not None:
         entry = Path(cache_dir) / embedding_cache_key(model, corpus, preprocess)

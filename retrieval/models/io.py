@@ -191,8 +191,8 @@ def _load_video_encoder(path: Path, cfg: dict[str, Any]):
 def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"):
     """Load any vtr model directory; returns the module in eval mode on ``device`` (``auto``, ``cpu``,
     ``cuda``, ``cuda:N``), its inference precision (``auto``, ``fp32``, ``bf16``, ``fp16``) recorded
-    for the callers' autocast (:func:`retrieval.device.model_autocast`)."""
-    from ..device import resolve_device, resolve_precision  # noqa: PLC0415
+    for the callers' autocast (:func:`retrieval.models.device.model_autocast`)."""
+    from .device import resolve_device, resolve_precision  # noqa: PLC0415
 
     dev = resolve_device(device)  # a missing CUDA fails here, before the weights are read
     prec = resolve_precision(precision, dev)

@@ -15,7 +15,7 @@ import torch
 
 from ..data.corpora import CorpusItem
 from ..data.synthetic import REVERSE_ACTION
-from ..eval.actions import item_actions
+from ..labels import item_actions
 from .recipe import Recipe, RecipeError
 
 
@@ -30,7 +30,7 @@ def action_label_set(recipe: Recipe, items: Sequence[CorpusItem]) -> list[str]:
         raise RecipeError("loss.action > 0 needs action labels: no training clip has a 'label'")
     if not recipe.loss.action_labels:
         return seen
-    from ..eval.actions import load_labels  # noqa: PLC0415
+    from ..labels import load_labels  # noqa: PLC0415
 
     try:
         labels = load_labels(recipe.loss.action_labels)

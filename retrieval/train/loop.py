@@ -43,7 +43,7 @@ from .losses import (action_loss, mlm_loss, teacher_guided_mask, uta_loss, visib
 from .recipe import Recipe, RecipeError, image_batch_size
 from .schedule import IMAGE, VIDEO, step_source
 from .teacher import CLIPTeacher, check_teacher_spec, load_teacher
-from ..device import autocast, local_rank_device, resolve_precision
+from ..models.device import autocast, local_rank_device, resolve_precision
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -378,15 +378,15 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     # fp16 needs loss scaling (its range underflows small gradients); bf16 has fp32's range
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log.info("training on %s in %s", device, precision)
-    pre_cfg = {k: model.preprocess[k] for k in ("size", "mean", "std", "interpolation", "num_frames")}
-    dataset = ClipTextDataset(corpus, Preprocess.from_dict(pre_cfg), recipe.run.seed, recipe.data.cache,
+    pixels = Preprocess.for_model(model)
+    dataset = ClipTextDataset(corpus, pixels, recipe.run.seed, recipe.data.cache,
                               recipe.data.frames_per_segment, progress=recipe.run.progress and rank == 0)
     if len(dataset) < o.batch_size:
         raise RecipeError(f"the corpus has {len(dataset)} captioned clips, fewer than optim.batch_size {o.batch_size}")
     n_video = len(dataset) // o.batch_size
     images, n_image = None, 0
     if image_pairs is not None:
-        images = ImageTextDataset(image_pairs, Preprocess.from_dict(pre_cfg), recipe.run.seed,
+        images = ImageTextDataset(image_pairs, pixels, recipe.run.seed,
                                   recipe.data.cache, progress=recipe.run.progress and rank == 0)
         if len(images) < image_b:
             raise RecipeError(f"{recipe.data.images} lists {len(images)} images, fewer than the image batch "

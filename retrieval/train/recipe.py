@@ -218,7 +218,7 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("loss.action_labels is set but loss.action (the action head's weight) is 0")
     if r.loss.uta and not r.loss.uta_teacher:
         raise RecipeError("loss.uta > 0 needs loss.uta_teacher (a model name or directory)")
-    from ..device import PRECISIONS  # noqa: PLC0415
+    from ..models.device import PRECISIONS  # noqa: PLC0415
 
     if r.run.precision not in PRECISIONS:
         raise RecipeError(f"run.precision must be one of {', '.join(PRECISIONS)}; got {r.run.precision!r}")

@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
-from retrieval import device as D
+from retrieval.models import device as D
 from retrieval.models.ssm import scan_with_extensions, selective_scan_ref
 
 

@@ -10,7 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from retrieval.data.synthetic import ACTIONS
-from retrieval.eval.actions import ActionClassifier, evaluate_actions, item_actions, label_source
+from retrieval.eval.actions import evaluate_actions
+from retrieval.labels import item_actions
+from retrieval.models.actions import ActionClassifier, label_source
 from retrieval.models.dual import build_retrieval_model
 from retrieval.models.io import load_model
 

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from retrieval.data.synthetic import ACTIONS
-from retrieval.eval.actions import ActionClassifier, classify_paths, evaluate_actions, load_labels
+from retrieval.eval.actions import evaluate_actions
+from retrieval.labels import load_labels
+from retrieval.models.actions import ActionClassifier, classify_paths
 from retrieval.models.dual import build_retrieval_model
 from retrieval.models.registry import create_model
 

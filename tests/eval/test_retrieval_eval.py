@@ -18,7 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 from retrieval.data.corpora import load_corpus
-from retrieval.eval.retrieval import EvalResult, corpus_preprocess, embedding_cache_key, evaluate_retrieval
+from retrieval.data.video import Preprocess
+from retrieval.eval.retrieval import EvalResult, embedding_cache_key, evaluate_retrieval
 from retrieval.models.dual import RetrievalModel
 
 N_TEST = 12
@@ -136,7 +137,7 @@ def test_second_run_reuses_cached_embeddings(model, corpus, tmp_path, monkeypatc
 
 
 def test_cache_key_follows_the_video_weights_only(model, corpus):
-    preprocess = corpus_preprocess(model, corpus)
+    preprocess = Preprocess.for_model(model, corpus)
     key = embedding_cache_key(model, corpus, preprocess)
     for weight, changes_key in ((model.text_proj.weight, False), (model.temp, False),
                                 (model.video.temporal_pos_embedding, True), (model.vision_proj.bias, True)):

@@ -40,7 +40,7 @@ from indexer.store import open_index
 from retrieval.data.corpora import Corpus, CorpusItem
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
-from retrieval.eval.actions import load_labels
+from retrieval.labels import load_labels
 from retrieval.models.dual import build_retrieval_model
 from retrieval.models.io import load_model
 

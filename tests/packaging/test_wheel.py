@@ -16,7 +16,7 @@ from pathlib import Path
 assert Path(retrieval.__file__).is_relative_to(Path(sys.argv[1])), retrieval.__file__
 from retrieval.models.registry import config_root, list_models, create_model
 from retrieval.train.recipe import load_recipe
-from retrieval.eval.actions import load_labels
+from retrieval.labels import load_labels
 assert config_root().is_relative_to(Path(sys.argv[1])), config_root()
 assert "videomamba_tiny_test" in list_models()
 model = create_model("videomamba_tiny_test")

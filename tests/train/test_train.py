@@ -224,7 +224,7 @@ def test_clip_cache_decodes_in_parallel_in_order_and_skips_broken_clips(tmp_path
 def test_action_targets_split_two_objects_and_reverse_with_the_clip(tiny_corpus):
     from retrieval.data.corpora import load_corpus
     from retrieval.data.synthetic import ACTIONS, REVERSE_ACTION
-    from retrieval.eval.actions import item_actions
+    from retrieval.labels import item_actions
     from retrieval.train.actions import ActionTargets
 
     items = load_corpus("generic", tiny_corpus / "train.json", tiny_corpus / "videos").items
@@ -268,7 +268,7 @@ def test_short_run_with_an_action_head(tmp_path, tiny_corpus):
     losses = [json.loads(x)["action"] for x in (tmp_path / "fit" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
     from retrieval.data.corpora import load_corpus
-    from retrieval.eval.actions import item_actions
+    from retrieval.labels import item_actions
 
     items = load_corpus("generic", tiny_corpus / "train.json", tiny_corpus / "videos").items
     seen = sorted({action for item in items for action in item_actions(item)})

@@ -185,12 +185,30 @@ def model_autocast(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout), no autograd and autocast to the model's inference precision
+    (``load_model(..., precision=)``) for the duration; the caller's mode is restored.
+
+    Evaluating a module left in training mode would silently apply dropout, so every entry point
+    here switches it, without changing what the caller sees afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), model_autocast(model):
+            yield
+    finally:
+        model.train(was_training)
+
+
 __all__ = [
     "DEVICES",
     "PRECISIONS",
     "DeviceError",
     "autocast",
     "cpu_has_native_bf16",
+    "evaluating",
     "local_rank_device",
     "model_autocast",
     "model_device",
