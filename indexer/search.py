@@ -34,7 +34,7 @@ from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.io import load_model, model_identity
-from retrieval.models.text import clean_text
+from retrieval.data.corpora import clean_text
 
 logger = logging.getLogger(__name__)
 
