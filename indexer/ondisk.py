@@ -235,6 +235,16 @@ def _part_paths(root: Path, part: int) -> tuple[Path, Path]:
     return root / "parts" / f"part-{part:06d}.json", root / "parts" / f"part-{part:06d}.npy"
 
 
+def _read_part_manifest(root: Path, part: int) -> dict[str, Any]:
+    """A committed part's manifest; a damaged one is named, with the remedy."""
+    path = _part_paths(root, part)[0]
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is damaged ({error}); delete it and run the job again with --resume "
+                         f"to redo part {part}") from None
+
+
 def merge_job(out: str | os.PathLike[str]) -> Path:
     """``vtr index merge``: publish a finished job, on disk above :data:`ONDISK_MIN_VECTORS`.
 
@@ -248,7 +258,7 @@ def merge_job(out: str | os.PathLike[str]) -> Path:
         job = json.loads(job_file.read_text(encoding="utf-8"))
         manifests = [_part_paths(_work_root(out), part)[0] for part in range(job["num_parts"])]
         if all(manifest.is_file() for manifest in manifests):
-            total = sum(json.loads(manifest.read_text(encoding="utf-8"))["num_vectors"] for manifest in manifests)
+            total = sum(_read_part_manifest(_work_root(out), part)["num_vectors"] for part in range(job["num_parts"]))
             if wants_ondisk(total, job["index_type"]):
                 return publish_job_ondisk(out)
     from indexer.jobs import publish_job
@@ -280,7 +290,7 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
     root = Path(job["videos_root"])
 
     def read_manifest(part: int) -> dict[str, Any]:
-        return json.loads(_part_paths(root_dir, part)[0].read_text(encoding="utf-8"))
+        return _read_part_manifest(root_dir, part)
 
     arrays, counts = [], {"items": 0, "failed": 0}
     for part in range(job["num_parts"]):

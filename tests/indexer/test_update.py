@@ -90,8 +90,12 @@ def test_add_embeds_only_new_videos_and_search_finds_them(model_dir: Path, pool:
     assert after.manifest["extra"]["updates"][-1]["op"] == "add"
     assert not staging_dir_for(index).exists()
     for name in NEW:
-        hits = after.search(_clip_vector(model_dir, videos / name), k=1)[0]
-        assert hits[0][0]["extra"]["key"] == name and hits[0][1] == pytest.approx(1.0, abs=2e-3)
+        vector = _clip_vector(model_dir, videos / name)
+        hits = after.search(vector, k=6)[0]
+        own = [(item, score) for item, score in hits if item["extra"]["key"] == name]
+        # found at the top, up to near-ties (this untrained model maps some clips close together)
+        assert own and own[0][1] >= hits[0][1] - 2e-3
+        np.testing.assert_allclose(np.asarray(after.vectors[own[0][0]["id"]], np.float32), vector, atol=2e-3)
 
     # the same as indexing all six at once
     full = _build(model_dir, videos, tmp_path / "full")
