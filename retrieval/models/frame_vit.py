@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from retrieval.models.io import strict_load
-from retrieval.models.joint_vit import validate_video
+from retrieval.models.layers import validate_video
 from retrieval.models.registry import register_arch
 
 _config_dir: Path | None = None

@@ -30,7 +30,7 @@ from transformers import TimesformerConfig, TimesformerModel
 from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
 
 from retrieval.models.io import register_kind, save_model_dir, strict_load
-from retrieval.models.joint_vit import validate_video
+from retrieval.models.layers import validate_video
 from retrieval.models.registry import register_arch
 
 TIMESFORMER_MEAN = (0.45, 0.45, 0.45)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retrieval.models.io import ModelDirError, save_model_dir, strict_load
-from retrieval.models.joint_vit import IMAGENET_MEAN, IMAGENET_STD, validate_video
+from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, validate_video
 from retrieval.models.registry import build_from_config, register_arch
 
 UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {

@@ -38,11 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath
 from .registry import register_arch
 from .ssm import fused_mixer_available, selective_scan
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # how far position embeddings may be stretched before the input is refused
 MAX_TEMPORAL_STRETCH = 8
 MAX_SPATIAL_STRETCH = 4
@@ -58,21 +57,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.float()).to(x.dtype)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth on the residual branch (per sample)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -585,7 +569,7 @@ class VideoMamba(nn.Module):
 @functools.lru_cache(maxsize=8)
 def clip_pos_table(positions: int, dim: int) -> torch.Tensor:
     """UTA's ``clip_pos_embed`` ``[1, positions, dim]``: the Transformer's sinusoidal table, fixed."""
-    from .joint_vit import sincos_table  # noqa: PLC0415
+    from .layers import sincos_table  # noqa: PLC0415
 
     return sincos_table(positions, dim).unsqueeze(0)
 

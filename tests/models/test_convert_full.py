@@ -394,7 +394,7 @@ def test_umt_cli(tmp_path, tokenizer_dir):
 
 
 def test_sincos_table_matches_the_numpy_formula():
-    from retrieval.models.joint_vit import sincos_table
+    from retrieval.models.layers import sincos_table
 
     assert math.isclose(float(sincos_table(3, 8)[1, 0]), math.sin(1.0), rel_tol=1e-6)
     np.testing.assert_allclose(sincos_table(50, 12).numpy(), _sincos_numpy(50, 12), rtol=1e-6, atol=1e-7)

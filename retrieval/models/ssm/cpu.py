@@ -534,14 +534,3 @@ def to_blc(x: torch.Tensor | None) -> torch.Tensor | None:
     if x is None:
         return None
     return _Transpose12.apply(x.float())
-
-
-# -- the single-direction core (kept for compatibility) ------------------------------------------------
-
-def fused_scan(u, delta, A, B, C, h0=None, mask_diag=False):
-    """fp32 core scan on CPU tensors in mamba-ssm's layout (u, delta [Bt, D, L]; B, C [Bt, N, L]):
-    y_t = <C_t, h_t>; returns (y [Bt, D, L], last_state [Bt, D, N]). Kept for compatibility;
-    selective_scan(backend="cpu") calls scan_directions with bias/softplus/D/z fused instead."""
-    d = ScanDirection(u, delta, to_blc(B), to_blc(C), A, h0=h0, mask_diag=mask_diag, softplus=False)
-    out, (last,) = scan_directions([d], time_major=True)
-    return out, last
