@@ -49,7 +49,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +59,8 @@ from tqdm import tqdm
 from indexer import guards
 from indexer.checksums import ChecksumMismatch, verify_file
 from indexer.locks import index_lock, shard_lock
-from indexer.store import fsync_path, open_index, write_index
+from indexer.store import open_index, write_index
+from retrieval.atomic import atomic_write, fsync_path, write_temp
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.video import Preprocess, VideoReadError, video_duration
 from retrieval.data.loader import iter_clip_batches
@@ -207,25 +208,6 @@ def window_spans(duration: float, window: float, stride: float) -> list[tuple[fl
 # durable files
 
 
-def _write_temp(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written file only takes space (e.g. on a full disk)
-        raise
-    return tmp
-
-
-def write_durably(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` whole or not at all: temp file, fsync, rename, fsync the directory."""
-    os.replace(_write_temp(path, write), path)
-    fsync_path(path.parent)
-
-
 def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -236,7 +218,7 @@ def _create_once(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     ``os.link`` fails when the target exists, so when several shard workers start at once
     exactly one of them writes the file and the others read the winner's.
     """
-    tmp = _write_temp(path, lambda handle: handle.write(_json_bytes(data)))
+    tmp = write_temp(path, lambda handle: handle.write(_json_bytes(data)))
     try:
         os.link(tmp, path)
         fsync_path(path.parent)
@@ -309,8 +291,8 @@ class WorkDir:
             f"writing part {part} in {self.root}; the parts committed so far are kept: free space, "
             "then run the same command with --resume"
         ):
-            write_durably(self.vectors_path(part), lambda handle: handle.write(data))
-            write_durably(self.manifest_path(part), lambda handle: handle.write(_json_bytes(manifest)))
+            atomic_write(self.vectors_path(part), lambda handle: handle.write(data))
+            atomic_write(self.manifest_path(part), lambda handle: handle.write(_json_bytes(manifest)))
 
     def load_vectors(self, part: int, manifest: dict[str, Any]) -> np.ndarray:
         """A committed part's vectors, checked against the checksum its manifest records."""

@@ -78,6 +78,7 @@ from indexer.faiss_index import (
 )
 from indexer.jsonl import read_items
 from indexer.locks import index_lock
+from retrieval.atomic import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +146,6 @@ def _normalise_failure(failure: Mapping[str, Any]) -> dict[str, Any]:
     if "path" not in failure or "reason" not in failure:
         raise ValueError(f"a failure record needs 'path' and 'reason', got keys {sorted(failure)}")
     return {**failure, "path": os.fspath(failure["path"]), "reason": str(failure["reason"])}
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's entry list makes renames durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:

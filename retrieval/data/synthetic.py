@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from retrieval.atomic import atomic_path, atomic_write_text
+
 __all__ = [
     "ACTIONS",
     "BACKGROUNDS",
@@ -778,30 +780,24 @@ def _validate_counts(n_train: int, n_test: int, num_frames: int, fps: int, long_
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary name so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    """A reader never sees half a file (not fsynced: the corpus is regenerated, not recovered)."""
+    atomic_write_text(path, text, durable=False)
 
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     import av
 
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with av.open(str(temporary), mode="w", format="mp4") as container:
-            # one encoder thread: the pool already keeps every core busy, and it keeps output stable
-            stream = container.add_stream(
-                "libx264", rate=fps, options={"crf": "18", "preset": "superfast", "threads": "1"}
-            )
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode(None))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path, durable=False) as temporary, \
+            av.open(str(temporary), mode="w", format="mp4") as container:
+        # one encoder thread: the pool already keeps every core busy, and it keeps output stable
+        stream = container.add_stream(
+            "libx264", rate=fps, options={"crf": "18", "preset": "superfast", "threads": "1"}
+        )
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
 
 
 def _write_job(task: tuple[RenderJob, str, int, int]) -> str:
@@ -840,7 +836,7 @@ def _remove_stale_videos(root: Path, jobs: list[RenderJob], written: set[str]) -
         for path in (root / "videos" / split).iterdir():
             relative = f"videos/{split}/{path.name}"
             stale = relative in written and relative not in expected
-            temporary = path.name.startswith(".") and path.name.endswith(".mp4.tmp")
+            temporary = path.name.startswith(".") and ".mp4.tmp" in path.name
             if path.is_file() and (stale or temporary):
                 path.unlink()
 

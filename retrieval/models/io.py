@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path, atomic_write_text
 from .registry import build_from_config
 
 FORMAT = "vtr-model"
@@ -80,16 +80,13 @@ def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cf
             continue
         seen[key] = k
         state[k] = v.detach().contiguous().cpu()
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
            "preprocess": preprocess, "source": source or {}, "tied": tied}
     if extra:
         cfg.update(extra)
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=False))
-    os.replace(tmp, out / "config.json")
+    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=False))
     return out
 
 

@@ -323,7 +323,7 @@ def test_a_full_disk_while_writing_a_part_is_one_line(model_dir: Path, videos: P
                                                      monkeypatch) -> None:
     from indexer import jobs
 
-    monkeypatch.setattr(jobs, "write_durably", _disk_full)
+    monkeypatch.setattr(jobs, "atomic_write", _disk_full)
     out = tmp_path / "index"
     result = _index("--model", str(model_dir), "--videos", str(videos), "--out", str(out), "--workers", "0",
                     "--no-progress")
