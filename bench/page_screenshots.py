@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             page.locator("#vtr-results .vtr-card").first.wait_for()
             page.wait_for_function(VIDEOS_READY, arg="#vtr-results", timeout=TIMEOUT_MS)
             result["search_view_s"] = round(time.perf_counter() - started, 2)
+            page.wait_for_timeout(3000)   # let the players draw their first frame
             page.screenshot(path=str(args.out / "screenshot.png"), full_page=True)
 
             page.get_by_role("tab", name="Upload a video").click()
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_function(VIDEOS_READY, arg="#vtr-similar", timeout=TIMEOUT_MS)
             result["upload_view_s"] = round(time.perf_counter() - started, 2)
             result["upload_clip"] = page_state.guard.display_name(clip)
+            page.wait_for_timeout(3000)
             page.screenshot(path=str(args.out / "screenshot-upload.png"), full_page=True)
             browser.close()
     finally:
