@@ -73,7 +73,7 @@ def convert_cmd(
     """
     from retrieval.models import convert as conv  # noqa: PLC0415
     from retrieval.models import convert_seeds  # noqa: PLC0415
-    from retrieval.models.io import check_model_out  # noqa: PLC0415
+    from retrieval.models.model_dir import check_model_out  # noqa: PLC0415
 
     check_model_out(out, overwrite)
     if fmt in convert_seeds.FORMATS:
@@ -127,7 +127,7 @@ def convert_cmd(
 @friendly
 def info_cmd(model: Path = typer.Argument(..., help="model directory")) -> None:
     """Show a model directory's configuration and parameter count."""
-    from retrieval.models.io import load_model, read_model_config  # noqa: PLC0415
+    from retrieval.models.model_dir import load_model, read_model_config  # noqa: PLC0415
 
     cfg = read_model_config(model)
     net = load_model(model)

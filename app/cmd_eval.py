@@ -44,7 +44,7 @@ def eval_cmd(
 ) -> None:
     """Zero-shot evaluation on a corpus: t2v/v2t retrieval (ITC + ITM re-rank) or action accuracy."""
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
-    from retrieval.models.io import load_model  # noqa: PLC0415
+    from retrieval.models.model_dir import load_model  # noqa: PLC0415
 
     _check_choice(task, _TASKS, "--task")
     _check_choice(source, _SOURCES, "--source")
@@ -94,7 +94,7 @@ def classify_cmd(
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
     from retrieval.labels import load_labels  # noqa: PLC0415
     from retrieval.models.actions import classify_paths, label_source  # noqa: PLC0415
-    from retrieval.models.io import load_model  # noqa: PLC0415
+    from retrieval.models.model_dir import load_model  # noqa: PLC0415
 
     _check_choice(source, _SOURCES, "--source")
     if top < 1:

@@ -97,7 +97,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
                          "(see `vtr index --help`)")
     device, precision = runtime(device, precision)   # a missing CUDA fails before the model is read
-    from retrieval.models.io import read_model_config  # noqa: PLC0415
+    from retrieval.models.model_dir import read_model_config  # noqa: PLC0415
 
     kind = read_model_config(model)["kind"]  # also accepts a Hugging Face TimeSformer directory
     if kind != "retrieval":

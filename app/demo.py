@@ -90,9 +90,9 @@ def build_index(workdir: Path, corpus: Path, model: Path) -> Path:
 def evaluate(workdir: Path, corpus: Path, model_dir: Path) -> dict:
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
     from retrieval.eval.actions import evaluate_actions  # noqa: PLC0415
-    from retrieval.labels import load_labels  # noqa: PLC0415
     from retrieval.eval.retrieval import evaluate_retrieval  # noqa: PLC0415
-    from retrieval.models.io import load_model  # noqa: PLC0415
+    from retrieval.labels import load_labels  # noqa: PLC0415
+    from retrieval.models.model_dir import load_model  # noqa: PLC0415
 
     out = workdir / "eval"
     if (out / "metrics.json").is_file():

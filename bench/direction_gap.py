@@ -27,8 +27,8 @@ import torch
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.retrieval import embed_corpus
-from retrieval.models.dual import RetrievalModel
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import RetrievalModel
 from retrieval.train.loop import train
 from retrieval.train.recipe import load_recipe
 

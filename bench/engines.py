@@ -27,7 +27,7 @@ import torch
 from indexer.engines import make_engine
 from indexer.jobs import JobSpec, run_index_job
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 THREADS = 2
 

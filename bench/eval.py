@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from retrieval.data.corpora import load_corpus
-from retrieval.data.synthetic import generate_corpus
 from retrieval.data.loader import iter_clip_batches
+from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess
-from retrieval.models.device import evaluating
 from retrieval.eval.retrieval import embed_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.device import evaluating
+from retrieval.models.retrieval_model import build_retrieval_model
 
 
 def _time(fn) -> float:

@@ -123,7 +123,7 @@ def step_train(dev, work: Path) -> tuple[list[dict], Path]:
 def step_eval(dev, work: Path, model_dir: Path) -> list[dict]:
     from retrieval.data.corpora import load_corpus
     from retrieval.eval.retrieval import evaluate_retrieval
-    from retrieval.models.io import load_model
+    from retrieval.models.model_dir import load_model
 
     corpus = load_corpus("generic", work / "corpus" / "test.json", work / "corpus" / "videos")
     rows = []

@@ -31,8 +31,8 @@ from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.labels import load_labels
 from retrieval.models.actions import ActionClassifier
-from retrieval.models.dual import build_retrieval_model
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 THREADS = 2
 TARGET_RATIO = 0.9

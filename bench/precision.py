@@ -109,8 +109,8 @@ def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
 
 def fidelity(names: list[str], frames: int, size: int) -> list[dict]:
     from retrieval.eval.precision import feature_cosine, realistic_clips, text_features, video_features
-    from retrieval.models.dual import build_retrieval_model
     from retrieval.models.registry import create_model
+    from retrieval.models.retrieval_model import build_retrieval_model
 
     rows = []
     for name in names:

@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from retrieval.eval.rerank import PairScorer, match_scores_reference
-from retrieval.models.dual import RetrievalModel
+from retrieval.models.retrieval_model import RetrievalModel
 from retrieval.models.text import TextEncoder
 
 VIDEO_TOKENS, VIDEO_WIDTH, TEXT_TOKENS, FUSION_LAYERS = 1 + 8 * 196, 576, 20, 3

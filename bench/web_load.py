@@ -143,7 +143,7 @@ def build_tiny_index(workdir: Path) -> Path:
     """Synthetic corpus (8 test clips + the 4 moments of one long video), tiny model, index."""
     from indexer.jobs import JobSpec, run_index_job
     from retrieval.data.synthetic import generate_corpus
-    from retrieval.models.dual import build_retrieval_model
+    from retrieval.models.retrieval_model import build_retrieval_model
 
     corpus = workdir / "corpus"
     generate_corpus(corpus, n_train=4, n_test=8, size=32, long_videos=1, progress=False)

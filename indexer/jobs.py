@@ -62,12 +62,12 @@ from indexer.locks import index_lock, shard_lock
 from indexer.store import open_index, write_index
 from retrieval.atomic import atomic_write, fsync_path, write_temp
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
-from retrieval.data.video import Preprocess, VideoReadError, video_duration
 from retrieval.data.loader import iter_clip_batches
+from retrieval.data.video import Preprocess, VideoReadError, video_duration
 from retrieval.labels import load_labels
 from retrieval.models.actions import ActionClassifier
 from retrieval.models.device import model_autocast, model_device
-from retrieval.models.io import load_model, model_identity, read_model_config
+from retrieval.models.model_dir import load_model, model_identity, read_model_config
 
 logger = logging.getLogger(__name__)
 

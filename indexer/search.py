@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
+from retrieval.data.corpora import clean_text
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
-from retrieval.models.io import load_model, model_identity
-from retrieval.data.corpora import clean_text
+from retrieval.models.model_dir import load_model, model_identity
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from indexer.store import (
     publish_version,
 )
 from retrieval.data.corpora import CorpusItem, load_corpus
-from retrieval.models.io import model_identity
+from retrieval.models.model_dir import model_identity
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ def __getattr__(name: str):
 
         return getattr(registry, name)
     if name == "load_model":
-        from .models.io import load_model  # noqa: PLC0415
+        from .models.model_dir import load_model  # noqa: PLC0415
 
         return load_model
     raise AttributeError(name)

@@ -39,7 +39,7 @@ from indexer.jobs import TOP_LABELS, JobError, WorkDir, _Part, item_key
 from retrieval.data.corpora import Corpus
 from retrieval.data.video import Preprocess
 from retrieval.models.device import model_autocast
-from retrieval.models.io import read_model_config
+from retrieval.models.model_dir import read_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class _Encoder:
         import torch
 
         from retrieval.models.actions import ActionClassifier
-        from retrieval.models.io import load_model
+        from retrieval.models.model_dir import load_model
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch

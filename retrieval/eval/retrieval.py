@@ -52,8 +52,8 @@ from retrieval.data.loader import iter_clip_batches
 from retrieval.data.video import Preprocess
 from retrieval.eval import metrics as M
 from retrieval.eval.rerank import FAILED_SCORE, PairScorer  # FAILED_SCORE: below the -100 re-rank fill
-from retrieval.models.text import clean_text
 from retrieval.models.device import evaluating, model_device, model_precision
+from retrieval.models.text import clean_text
 
 logger = logging.getLogger(__name__)
 

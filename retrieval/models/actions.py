@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.data.video import Preprocess, load_clip
-from retrieval.models.device import evaluating, model_device
 from retrieval.labels import load_labels
+from retrieval.models.device import evaluating, model_device
 
 Source = Literal["zero-shot", "head", "supervised", "auto"]
 SOURCES: tuple[str, ...] = ("auto", "head", "zero-shot", "supervised")
@@ -230,7 +230,7 @@ def _model_from(model_dir_or_model: str | os.PathLike[str] | torch.nn.Module, de
                 precision: str = "fp32") -> torch.nn.Module:
     if isinstance(model_dir_or_model, torch.nn.Module):
         return model_dir_or_model
-    from retrieval.models.io import load_model  # noqa: PLC0415
+    from retrieval.models.model_dir import load_model  # noqa: PLC0415
 
     return load_model(model_dir_or_model, device, precision)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .io import ModelDirError, save_model_dir, strict_load
+from .model_dir import ModelDirError, save_model_dir, strict_load
 from .registry import build_from_config
 from .videomamba import resize_temporal_pos
 
@@ -518,7 +518,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
 
     Args:
         checkpoint: the official ``.pth`` (state dict under ``model``) or ``.safetensors``.
-        out: model directory to write; ``retrieval.models.io.load_model(out)`` returns the model.
+        out: model directory to write; ``retrieval.models.model_dir.load_model(out)`` returns the model.
         tokenizer_dir: local BERT folder (bert-base-uncased for the official models) whose
             tokenizer is saved with the model; its config.json supplies what the shapes cannot.
         fmt: ``"videomamba"`` (vision keys as in the VideoMamba spec) or ``"umt"`` (UMT's ViT,
@@ -531,7 +531,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
         max_text_len: tokens per caption when a caller does not say (default: RetrievalModel's).
         state: the checkpoint already read with :func:`load_checkpoint`.
     """
-    from .dual import DEFAULT_MAX_TEXT_LEN, RetrievalModel  # noqa: PLC0415
+    from .retrieval_model import DEFAULT_MAX_TEXT_LEN, RetrievalModel  # noqa: PLC0415
     from .text import TextEncoder, droppable_keys  # noqa: PLC0415
 
     if fmt not in FORMATS:
@@ -622,6 +622,6 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
 
 def dropped_summary(out: str | Path) -> dict[str, int]:
     """What a conversion dropped, as recorded in the model directory (reason -> tensor count)."""
-    from .io import read_model_config  # noqa: PLC0415
+    from .model_dir import read_model_config  # noqa: PLC0415
 
     return dict(read_model_config(out).get("source", {}).get("dropped", {}))

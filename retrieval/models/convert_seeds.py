@@ -2,7 +2,7 @@
 
 * ``timesformer``: a local Hugging Face directory (``TimesformerModel`` or
   ``TimesformerForVideoClassification``); such a directory also loads as it is wherever a model
-  directory is expected (see ``retrieval.models.io.HF_KINDS``).
+  directory is expected (see ``retrieval.models.model_dir.HF_KINDS``).
 * ``uniformer``: Sense-X/UniFormer video checkpoints (``retrieval.models.uniformer``).
 * ``vim``: hustvl/Vim image checkpoints (``retrieval.models.vim``).
 

@@ -40,7 +40,6 @@ over the built model, textbook 28.8 s and +1.03 GB (two 0.47 GB score/softmax ma
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_

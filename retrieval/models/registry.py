@@ -28,7 +28,7 @@ _BUILDERS: dict[str, Callable[..., Any]] = {}
 _ARCH_MODULES = {
     "videomamba": "retrieval.models.videomamba",
     "timesformer": "retrieval.models.timesformer",
-    "frame_clip": "retrieval.models.frame_vit",
+    "frame_clip": "retrieval.models.frame_clip",
     "joint_vit": "retrieval.models.joint_vit",
     "uniformer": "retrieval.models.uniformer",
 }

@@ -29,8 +29,8 @@ from torch import nn
 from transformers import TimesformerConfig, TimesformerModel
 from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
 
-from retrieval.models.io import register_kind, save_model_dir, strict_load
 from retrieval.models.layers import validate_video
+from retrieval.models.model_dir import register_kind, save_model_dir, strict_load
 from retrieval.models.registry import register_arch
 
 TIMESFORMER_MEAN = (0.45, 0.45, 0.45)

@@ -39,8 +39,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from retrieval.models.io import ModelDirError, save_model_dir, strict_load
 from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, validate_video
+from retrieval.models.model_dir import ModelDirError, save_model_dir, strict_load
 from retrieval.models.registry import build_from_config, register_arch
 
 UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {

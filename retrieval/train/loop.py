@@ -12,7 +12,7 @@ uninterrupted one.
 
 With ``data.images``, image-caption pairs train as 1-frame clips through the same encoders: an
 epoch interleaves every video batch with every image batch in a random order drawn from
-(seed, epoch) (:mod:`.schedule`), a batch is all videos or all images, and each process takes the
+(seed, epoch) (:mod:`.batch_plan`), a batch is all videos or all images, and each process takes the
 same source at a step.
 """
 from __future__ import annotations
@@ -34,16 +34,24 @@ from tqdm import tqdm
 from ..data.corpora import load_corpus, load_image_captions
 from ..data.dataset import ClipTextDataset, ImageTextDataset, collate
 from ..data.video import Preprocess
-from ..models.dual import RetrievalModel, build_retrieval_model
-from ..models.io import load_model, load_weights, strict_load
+from ..models.device import autocast, local_rank_device, resolve_precision
+from ..models.model_dir import load_model, load_weights, strict_load
+from ..models.retrieval_model import RetrievalModel, build_retrieval_model
 from ..models.text import SpecialTokenIds
 from .actions import ActionTargets, action_label_set
-from .losses import (action_loss, mlm_loss, teacher_guided_mask, uta_loss, visible_per_frame, visible_targets,
-                     vtc_loss, vtm_loss)
+from .batch_plan import IMAGE, VIDEO, step_source
+from .losses import (
+    action_loss,
+    mlm_loss,
+    teacher_guided_mask,
+    uta_loss,
+    visible_per_frame,
+    visible_targets,
+    vtc_loss,
+    vtm_loss,
+)
 from .recipe import Recipe, RecipeError, image_batch_size
-from .schedule import IMAGE, VIDEO, step_source
 from .teacher import CLIPTeacher, check_teacher_spec, load_teacher
-from ..models.device import autocast, local_rank_device, resolve_precision
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"

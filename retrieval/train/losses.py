@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..models.dual import RetrievalModel
+from ..models.retrieval_model import RetrievalModel
 from ..models.text import SpecialTokenIds, mask_tokens
 
 

@@ -149,7 +149,7 @@ def load_teacher(spec: str, student: nn.Module, arch: str | None = None) -> CLIP
     if path.is_file():
         net = create_model(arch or DEFAULT_TEACHER_ARCH, pretrained=str(path))
     elif path.is_dir():
-        from ..models.io import load_model
+        from ..models.model_dir import load_model
 
         net = load_model(path)
         net = getattr(net, "video", net)

@@ -1,6 +1,7 @@
 """CLI argument parsing that has no other home: sizes for --max-memory (the option's one-line error
 before any work is tested with the other index options in tests/indexer/test_hardening.py)."""
 import pytest
+
 from app.cmd_index import parse_bytes
 
 

@@ -42,7 +42,7 @@ from indexer.search import Hit, Moment, clean_query
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
 from retrieval.labels import load_labels
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 CARD = re.compile(r'<div class="vtr-card" data-rank="(\d+)" data-score="([-0-9.e]+)"')
 VIDEO_SRC = re.compile(r'<video src="vtr/clip/(\d+)(#t=[^"]*)?"')

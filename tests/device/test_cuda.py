@@ -3,7 +3,7 @@ e.g. ``pytest -m cuda tests/device`` on a GPU machine; bench/gpu_check.py measur
 import pytest
 import torch
 
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 from retrieval.models.ssm import selective_scan
 
 pytestmark = [pytest.mark.cuda,

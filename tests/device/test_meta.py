@@ -8,7 +8,7 @@ the model's device and then mixes with the model's raises "not on the expected d
 import pytest
 import torch
 
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 from retrieval.models.text import SpecialTokenIds
 from retrieval.train import loop
 from retrieval.train.losses import teacher_guided_mask, uta_loss, visible_per_frame, visible_targets, vtc_loss

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from retrieval.eval.precision import feature_cosine, realistic_clips, text_features, video_features
-from retrieval.models.dual import build_retrieval_model
 from retrieval.models.registry import create_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 THRESHOLD = 0.999
 

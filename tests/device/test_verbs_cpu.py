@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.web import open_searcher
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 
 @pytest.fixture(scope="module")

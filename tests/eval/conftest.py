@@ -9,7 +9,7 @@ import torch
 
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 
 @pytest.fixture(scope="module", autouse=True)

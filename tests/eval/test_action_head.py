@@ -13,8 +13,8 @@ from retrieval.data.synthetic import ACTIONS
 from retrieval.eval.actions import evaluate_actions
 from retrieval.labels import item_actions
 from retrieval.models.actions import ActionClassifier, label_source
-from retrieval.models.dual import build_retrieval_model
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 N_TEST = 12
 CORPUS_SEED = 2  # the synthetic corpus of tests/eval/conftest.py

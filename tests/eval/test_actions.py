@@ -14,8 +14,8 @@ from retrieval.data.synthetic import ACTIONS
 from retrieval.eval.actions import evaluate_actions
 from retrieval.labels import load_labels
 from retrieval.models.actions import ActionClassifier, classify_paths
-from retrieval.models.dual import build_retrieval_model
 from retrieval.models.registry import create_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 N_TEST = 12
 CORPUS_SEED = 1  # the synthetic corpus of tests/eval/conftest.py

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from retrieval.data.synthetic import ACTIONS
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.models.actions import classify_paths
-from retrieval.models.io import load_model, model_identity, read_model_config
+from retrieval.models.model_dir import load_model, model_identity, read_model_config
 
 N_TEST = 6
 CORPUS_SEED = 3

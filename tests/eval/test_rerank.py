@@ -10,7 +10,7 @@ from transformers import BertConfig
 from retrieval.eval import metrics as M
 from retrieval.eval.rerank import FAILED_SCORE, PairScorer, match_scores_reference
 from retrieval.eval.retrieval import rerank_both
-from retrieval.models.dual import RetrievalModel
+from retrieval.models.retrieval_model import RetrievalModel
 from retrieval.models.text import TextEncoder
 
 HIDDEN, VISION, N_VIDEOS, N_TEXTS, TOKENS = 48, 40, 7, 9, 33

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from retrieval.data.corpora import load_corpus
 from retrieval.data.video import Preprocess
 from retrieval.eval.retrieval import EvalResult, embedding_cache_key, evaluate_retrieval
-from retrieval.models.dual import RetrievalModel
+from retrieval.models.retrieval_model import RetrievalModel
 
 N_TEST = 12
 CORPUS_SEED = 0  # the synthetic corpus of tests/eval/conftest.py

@@ -14,7 +14,7 @@ from app.demo import index_annotation
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Hit, Moment, Searcher, group_hits
 from retrieval.data.synthetic import ACTIONS, generate_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 QUERY = "a big red circle moving up"
 

@@ -24,7 +24,7 @@ from app.cli import app
 from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
 from indexer.store import open_index, write_index
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 PART_SIZE = 2
@@ -156,7 +156,7 @@ def test_an_index_of_another_model_is_not_replaced_without_overwrite(model_dir: 
     assert _index("--model", str(model_dir), *base, "--resume").exit_code == 0  # its own job: nothing to do
     result = _index("--model", str(other_model_dir), *base, "--overwrite")
     assert result.exit_code == 0, result.output
-    from retrieval.models.io import model_identity
+    from retrieval.models.model_dir import model_identity
 
     assert open_index(out).manifest["model"]["weights_sha256"] == model_identity(other_model_dir)["weights_sha256"]
 

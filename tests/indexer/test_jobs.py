@@ -41,8 +41,8 @@ from retrieval.data.corpora import Corpus, CorpusItem
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.labels import load_labels
-from retrieval.models.dual import build_retrieval_model
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 PART_SIZE = 3

@@ -21,7 +21,7 @@ from indexer.engines import make_engine
 from indexer.jobs import JobSpec, WorkDir, run_index_job, work_dir_for
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW = 4.0

@@ -23,7 +23,7 @@ from indexer.search import RERANK_CANDIDATES, Hit, Searcher
 from indexer.store import IndexModelMismatch
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import load_clip
-from retrieval.models.dual import build_retrieval_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 
 @pytest.fixture(scope="module")

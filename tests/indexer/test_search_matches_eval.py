@@ -26,8 +26,8 @@ from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.metrics import ranks_t2v
 from retrieval.eval.retrieval import embed_corpus
-from retrieval.models.dual import build_retrieval_model
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 N_TEST = 10
 

@@ -24,8 +24,8 @@ from indexer.store import IndexModelMismatch, open_index, write_index
 from indexer.update import _without_rows, add_to_index, remove_from_index, staging_dir_for
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
-from retrieval.models.dual import build_retrieval_model
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 FIRST = ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4"]
@@ -207,7 +207,7 @@ def test_add_to_an_index_built_on_disk_keeps_its_lists_on_disk(
 ) -> None:
     from indexer import ondisk
     from indexer.jobs import WorkDir
-    from retrieval.models.io import model_identity
+    from retrieval.models.model_dir import model_identity
 
     monkeypatch.setattr(ondisk, "ONDISK_MIN_VECTORS", 100)
     videos = _corpus(tmp_path, pool, NEW)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import TimesformerConfig, TimesformerForVideoClassification, ViTConfig
 
-from retrieval.models.frame_vit import register_open_clip_config
+from retrieval.models.frame_clip import register_open_clip_config
 from retrieval.models.registry import create_model, model_config
 from retrieval.models.timesformer import load_timesformer_hf
 from retrieval.models.uniformer import GlobalBlock, LocalBlock

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from retrieval import load_model
-from retrieval.models.dual import RetrievalModel, build_retrieval_model
+from retrieval.models.retrieval_model import RetrievalModel, build_retrieval_model
 
 
 @pytest.fixture(scope="module")

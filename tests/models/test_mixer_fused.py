@@ -12,7 +12,6 @@ from retrieval.models.ssm import selective_scan_ref
 from retrieval.models.ssm.cpu import ScanDirection, conv_silu, scan_directions
 from retrieval.models.videomamba import BiMambaMixer
 
-
 ATOL, RTOL = 2e-5, 1e-4
 GATOL, GRTOL = 1e-4, 1e-4
 

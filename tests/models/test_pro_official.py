@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from retrieval.models.convert import CheckpointError, convert_videomamba
-from retrieval.models.io import load_model
+from retrieval.models.model_dir import load_model
 from retrieval.models.ssm import fused_mixer_available
 from retrieval.models.videomamba import VideoMamba
 

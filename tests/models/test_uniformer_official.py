@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from retrieval.models.convert import CheckpointError
-from retrieval.models.io import load_model, read_model_config
+from retrieval.models.model_dir import load_model, read_model_config
 from retrieval.models.uniformer import BLOCK_NORM_EPS, UniFormerVideo, convert_uniformer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "uniformer_official.safetensors"

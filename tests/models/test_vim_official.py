@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retrieval.models.convert import CheckpointError
-from retrieval.models.io import load_model, read_model_config
+from retrieval.models.model_dir import load_model, read_model_config
 from retrieval.models.ssm import fused_mixer_available
 from retrieval.models.vim import convert_vim, vim_config
 

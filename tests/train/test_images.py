@@ -13,8 +13,8 @@ from retrieval.data.corpora import load_image_captions
 from retrieval.data.dataset import ImageTextDataset
 from retrieval.data.video import ImageReadError, Preprocess, read_image
 from retrieval.train import loop
+from retrieval.train.batch_plan import IMAGE, VIDEO, epoch_plan, step_source
 from retrieval.train.recipe import RecipeError, load_recipe
-from retrieval.train.schedule import IMAGE, VIDEO, epoch_plan, step_source
 
 from .conftest import assert_same_parameters, kill_and_resume, tiny_overrides, uta_overrides
 

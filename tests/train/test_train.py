@@ -136,7 +136,7 @@ def test_short_run_with_frozen_text_and_mean_pooling(tmp_path, tiny_corpus):
 
 
 def test_vtm_on_a_share_of_the_batch():
-    from retrieval.models.dual import build_retrieval_model
+    from retrieval.models.retrieval_model import build_retrieval_model
     from retrieval.train.losses import vtm_loss
 
     torch.manual_seed(0)

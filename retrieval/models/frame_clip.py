@@ -37,8 +37,8 @@ from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file
 from torch import nn
 
-from retrieval.models.io import strict_load
 from retrieval.models.layers import validate_video
+from retrieval.models.model_dir import strict_load
 from retrieval.models.registry import register_arch
 
 _config_dir: Path | None = None

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .io import load_weights, register_kind, save_model_dir, strict_load
+from .model_dir import load_weights, register_kind, save_model_dir, strict_load
 from .registry import build_from_config
 from .text import MLMHead, TextEncoder, tokenize
 

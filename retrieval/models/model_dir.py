@@ -21,7 +21,7 @@ from .registry import build_from_config
 FORMAT = "vtr-model"
 VERSION = 1
 _KINDS: dict[str, Callable[[Path, dict], Any]] = {}
-_KIND_MODULES = {"retrieval": ("retrieval.models.dual",), "hf_timesformer": ("retrieval.models.timesformer",)}
+_KIND_MODULES = {"retrieval": ("retrieval.models.retrieval_model",), "hf_timesformer": ("retrieval.models.timesformer",)}
 # Hugging Face model directories that load as they are (config.json "model_type" -> vtr kind)
 HF_KINDS = {"timesformer": "hf_timesformer"}
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
