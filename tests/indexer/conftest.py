@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from retrieval.models.retrieval_model import build_retrieval_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained retrieval model directory (one per test module; modules that need
+    another model define their own)."""
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="session")

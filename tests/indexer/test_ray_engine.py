@@ -21,16 +21,9 @@ from indexer.engines import make_engine
 from indexer.jobs import JobSpec, WorkDir, run_index_job, work_dir_for
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW = 4.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

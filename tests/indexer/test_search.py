@@ -23,7 +23,6 @@ from indexer.search import RERANK_CANDIDATES, Hit, Searcher
 from indexer.store import IndexModelMismatch
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import load_clip
-from retrieval.models.retrieval_model import build_retrieval_model
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +30,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=2, progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,6 @@ NEW = ["test/0003.mp4", "test/0004.mp4", "test/0005.mp4"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pool")
     generate_corpus(root, n_train=1, n_test=6, size=32, long_videos=0, progress=False)
