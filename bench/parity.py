@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.models.convert import convert_videomamba  # noqa: E402
+from retrieval.models.convert_seeds import convert_uniformer, convert_vim  # noqa: E402
 from retrieval.models.model_dir import load_model  # noqa: E402
 from retrieval.models.ssm import fused_mixer_available  # noqa: E402
-from retrieval.models.uniformer import convert_uniformer  # noqa: E402
-from retrieval.models.vim import convert_vim  # noqa: E402
 
 FIX = ROOT / "tests" / "models" / "fixtures"
 

@@ -12,10 +12,17 @@ Two conversions:
   ``text_proj``, ``temp`` and ``itm_head``, written as a ``retrieval`` model directory with the
   tokenizer of a local BERT directory (checkpoints carry none).
 
-Every key must be accounted for: a key that is neither used nor dropped by name (the rules in
-``_DROP_RULES``, all training-only parts, logged) is an error that lists it, and so is every
-slot of the built model the checkpoint does not fill. The official code only logs mismatches,
-which users see as 0 % retrieval accuracy; here they stop the conversion.
+The key mappings live beside each model, as ``checkpoint_filter_fn`` (renames, drops, reshapes)
+and ``infer_config_from_state`` (the architecture read from the shapes): VideoMamba/VideoMambaPro
+in ``videomamba``, UMT's ViT in ``joint_vit``, the BERT text tower in ``text`` (and the other seed
+families in ``vim``, ``uniformer``, ``timesformer``; see ``convert_seeds``). This module holds the
+generic parts: reading checkpoints safely, splitting vision and text, the strict loading, the
+report of what was dropped, and writing the model directory.
+
+Every key must be accounted for: a key that is neither used nor dropped by name (the training-only
+parts, logged) is an error that lists it, and so is every slot of the built model the checkpoint
+does not fill. The official code only logs mismatches, which users see as 0 % retrieval accuracy;
+here they stop the conversion.
 """
 from __future__ import annotations
 
@@ -29,9 +36,22 @@ from typing import Any
 
 import torch
 
-from .model_dir import ModelDirError, save_model_dir, strict_load
+from . import joint_vit, videomamba
+from .model_dir import CheckpointError, ModelDirError, save_model_dir, strict_load
 from .registry import build_from_config
-from .videomamba import resize_temporal_pos
+
+__all__ = [
+    "FORMATS",
+    "CheckpointError",
+    "convert_retrieval",
+    "convert_umt_vision",
+    "convert_videomamba",
+    "dropped_summary",
+    "has_text_encoder",
+    "load_checkpoint",
+    "save_video_encoder",
+    "split_vision",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +61,18 @@ _WRAPPERS = ("model", "module", "state_dict", "model_state")
 # retrieval-model converter, or training-only and dropped by name)
 VISION_PREFIX = "vision_encoder."
 TEXT_PREFIX = "text_encoder."
-# aliases used by other official VideoMamba folders (video_sm: norm_f, K400 head)
-_ALIASES = {"norm_f.weight": "norm.weight"}
 # the heads of the official retrieval models, named as in RetrievalModel
 _HEAD_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.")
 _HEAD_KEYS = frozenset({"temp"})
 FORMATS = ("videomamba", "umt")
 
-# Training-only parts of full checkpoints, dropped by name (full official key -> reason). Anything
-# not matched here and not used is an error. The text rules cover both official namings:
-# pretraining checkpoints (BertForMaskedLM: ``text_encoder.bert.*`` + ``text_encoder.cls.*``) and
-# fine-tuned ones (BertModel: ``text_encoder.*``).
+# Training-only parts of full checkpoints outside either tower, dropped by name (full official key
+# -> reason). The towers' own training-only parts are dropped by their checkpoint_filter_fn
+# (text: MLM head, NSP pooler, id buffers; UMT: the distillation decoder). Anything not matched and
+# not used is an error.
 _DROP_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("CLIP teacher (UTA distillation)", re.compile(r"^(clip_teacher|teacher)\.")),
-    ("MLM head", re.compile(r"^text_encoder\.cls\.")),
-    ("BERT pooler (NSP)", re.compile(r"^text_encoder\.(bert\.)?pooler\.")),
-    ("BERT id buffers", re.compile(r"^text_encoder\.(bert\.)?embeddings\.(position_ids|token_type_ids)$")),
 )
-# UMT-only: the student's distillation heads (joint_vit has no UTA decoder)
-_UMT_CLIP_DECODER = ("UMT distillation decoder", re.compile(r"^vision_encoder\.clip_decoder\."))
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 # --------------------------------------------------------------------------- reading
@@ -193,90 +202,15 @@ def _summarise(dropped: dict[str, list[str]]) -> str:
                      for reason, keys in dropped.items())
 
 
-def _list_keys(keys: list[str]) -> str:
+def list_keys(keys: list[str]) -> str:
     return ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
 
 
-# --------------------------------------------------------------------------- VideoMamba vision
+# --------------------------------------------------------------------------- vision encoders
 
 
-def infer_videomamba_config(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Architecture hyper-parameters from the shapes of a VideoMamba vision state dict."""
-    need = ("patch_embed.proj.weight", "pos_embed", "temporal_pos_embedding", "layers.0.mixer.A_log")
-    absent = [k for k in need if k not in sd]
-    if absent:
-        hint = "; it looks like UMT's ViT: use --format umt" if "encoder.patch_embed.proj.weight" in sd else ""
-        raise CheckpointError("not a VideoMamba vision encoder: missing " + ", ".join(absent)
-                              + f" (first keys seen: {', '.join(list(sd)[:5])}){hint}")
-    w = sd["patch_embed.proj.weight"]
-    if w.dim() != 5:
-        raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; VideoMamba uses a Conv3d [D,3,1,p,p]")
-    dim, in_chans, _, patch, _ = w.shape
-    n_patches = sd["pos_embed"].shape[1] - 1
-    grid = int(round(n_patches ** 0.5))
-    if grid * grid != n_patches:
-        raise CheckpointError(f"pos_embed has {n_patches} patch slots, not a square grid")
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
-    e, n = sd["layers.0.mixer.A_log"].shape
-    in_rows = sd["layers.0.mixer.in_proj.weight"].shape[0]
-    cfg: dict[str, Any] = {
-        "arch": "videomamba", "embed_dim": int(dim), "depth": depth, "img_size": int(grid * patch),
-        "patch_size": int(patch), "num_frames": int(sd["temporal_pos_embedding"].shape[1]), "in_chans": int(in_chans),
-        "d_state": int(n), "expand": int(e // dim), "dt_rank": int(sd["layers.0.mixer.dt_proj.weight"].shape[1]),
-        "d_conv": int(sd["layers.0.mixer.conv1d.weight"].shape[-1]), "gate": in_rows == 2 * e,
-        "clip_output_dim": int(sd["clip_decoder.0.head.weight"].shape[0]) if "clip_decoder.0.head.weight" in sd else None,
-        "pool_norm": "pool_norm.weight" in sd,
-        "keep_temporal": True,
-    }
-    if "head.weight" in sd:
-        cfg["num_classes"] = int(sd["head.weight"].shape[0])
-    return cfg
-
-
-def bimamba_layout_of(sd: dict[str, torch.Tensor]) -> str:
-    """"v2" when the backward branch has its own conv1d_b/x_proj_b/dt_proj_b/D_b (VideoMamba, Vim,
-    VideoMambaPro v2), "v1" when only A_b_log is separate (VideoMambaPro's masked model)."""
-    mixer = "layers.0.mixer."
-    if f"{mixer}conv1d_b.weight" in sd:
-        return "v2"
-    if f"{mixer}A_b_log" in sd:
-        return "v1"
-    raise CheckpointError(f"not a bidirectional Mamba: {mixer}A_b_log is missing")
-
-
-def pro_config(layout: str) -> dict[str, Any]:
-    """What VideoMambaPro's code computes for weights of one layout (hotfinda/VideoMambaPro,
-    mamba_simple.py + selective_scan_interface.py): the scan, the D skip and the start state read
-    in_proj's x before the conv; both directions start from their first input; the masked
-    backward scan belongs to the v1 layout only (``bimamba_inner_ref``)."""
-    return {"bimamba_layout": layout, "scan_input": "raw", "elemental_residual": True,
-            "mask_backward": layout == "v1"}
-
-
-def _videomamba_vision(vision: dict[str, torch.Tensor], num_frames: int | None,
-                       variant: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(builder config, state dict in vtr naming) of an official VideoMamba vision state dict.
-
-    The distillation head ``clip_decoder`` is kept: vtr's VideoMamba has the same module (UTA).
-    """
-    vision = {_ALIASES.get(k, k): v for k, v in vision.items()}
-    if variant not in ("videomamba", "pro"):
-        raise ValueError(f"variant must be 'videomamba' or 'pro', got {variant!r}")
-    cfg = infer_videomamba_config(vision)
-    layout = bimamba_layout_of(vision)
-    if variant == "pro":
-        cfg.update(pro_config(layout))
-    elif layout != "v2":
-        raise CheckpointError("these weights share conv1d/x_proj/dt_proj between the two scan directions "
-                              "(bimamba v1): that is VideoMambaPro's masked model; convert with --variant pro")
-    if num_frames and num_frames != cfg["num_frames"]:
-        vision["temporal_pos_embedding"] = resize_temporal_pos(vision["temporal_pos_embedding"], num_frames)
-        cfg["num_frames"] = num_frames
-    return cfg, vision
-
-
-def _save_video_encoder(cfg: dict[str, Any], sd: dict[str, torch.Tensor], checkpoint: str | Path, out: str | Path,
-                        name: str | None, arch_label: str, source: dict[str, Any]) -> Path:
+def save_video_encoder(cfg: dict[str, Any], sd: dict[str, torch.Tensor], checkpoint: str | Path, out: str | Path,
+                       name: str | None, arch_label: str, source: dict[str, Any]) -> Path:
     """Build ``cfg``, load ``sd`` strictly (a mismatch is a :class:`CheckpointError`), save a model dir."""
     cfg["name"] = name or Path(checkpoint).stem
     model = build_from_config(cfg)
@@ -307,99 +241,10 @@ def convert_videomamba(checkpoint: str | Path, out: str | Path, num_frames: int 
         prefixes = sorted({k.split(".")[0] for k in rest})
         log.info("vision-encoder conversion ignores the non-vision parts: %s "
                  "(use the retrieval-model conversion to keep them)", ", ".join(prefixes))
-    cfg, vision = _videomamba_vision(vision, num_frames, variant)
-    return _save_video_encoder(cfg, vision, checkpoint, out, name, cfg["arch"],
-                               {"format": "videomamba", "variant": variant})
-
-
-# --------------------------------------------------------------------------- UMT vision (joint ViT)
-
-# UMT's frame count is not stored in its weights (its position table is computed, not learned);
-# the official zero-shot retrieval evaluation of UMT-B/16 and UMT-L/16 uses 4 frames.
-UMT_DEFAULT_FRAMES = 4
-UMT_IMG_SIZE = 224
-# UMT (OpenGVLab/unmasked_teacher, multi_modality/models/backbones/vit/vit.py, the model under
-# ``vision_encoder.``) -> vtr joint_vit. q_bias/v_bias are handled in _umt_vision.
-_UMT_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"^encoder\.patch_embed\.proj\.(weight|bias)$"), r"patch_embed.\1"),
-    (re.compile(r"^encoder\.blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$"),
-     r"blocks.\1.\2.\3"),
-    (re.compile(r"^encoder\.blocks\.(\d+)\.attn\.qkv\.weight$"), r"blocks.\1.attn.qkv.weight"),
-    (re.compile(r"^encoder\.norm\.(weight|bias)$"), r"norm.\1"),
-    (re.compile(r"^pool_norm\.(weight|bias)$"), r"pool_norm.\1"),
-)
-_UMT_QV_BIAS = re.compile(r"^encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
-
-
-def umt_key_mapping() -> list[tuple[str, str]]:
-    """The UMT -> joint_vit key mapping as (UMT pattern, joint_vit name) pairs, for documentation."""
-    rows = [(p.pattern, r) for p, r in _UMT_RENAMES]
-    rows.append((_UMT_QV_BIAS.pattern, r"blocks.\1.attn.qkv.bias = cat(q_bias, 0, v_bias)"))
-    return rows
-
-
-def _umt_vision(vision: dict[str, torch.Tensor], num_frames: int | None, num_heads: int | None,
-                img_size: int = UMT_IMG_SIZE) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
-    """(joint_vit config, state dict in joint_vit naming, keys left unmapped) of a UMT ViT.
-
-    Facts used (UMT's ``PretrainVisionTransformer``): Conv3d patch embedding with kernel
-    ``(tubelet, p, p)``; no cls token; a fixed sinusoidal table over all ``T'·N`` positions
-    (not in the checkpoint); pre-norm blocks with LayerNorm eps 1e-6, ``qkv`` without bias plus
-    separate ``q_bias``/``v_bias`` (the key bias is zero), GELU MLP; final ``encoder.norm``;
-    ``pool_norm`` over the per-frame mean of the patch tokens (``keep_temporal`` for retrieval).
-    """
-    if "encoder.patch_embed.proj.weight" not in vision:
-        raise CheckpointError("not a UMT vision encoder: missing encoder.patch_embed.proj.weight "
-                              f"(first keys seen: {', '.join(list(vision)[:5])}); "
-                              "for VideoMamba checkpoints use --format videomamba")
-    w = vision["encoder.patch_embed.proj.weight"]
-    if w.dim() != 5:
-        raise CheckpointError(f"encoder.patch_embed.proj.weight has shape {tuple(w.shape)}; UMT uses a Conv3d "
-                              "[D, 3, tubelet, p, p]")
-    dim, in_chans, tubelet, patch, _ = (int(s) for s in w.shape)
-    if in_chans != 3:
-        raise CheckpointError(f"UMT patch embedding reads {in_chans} channels; vtr's joint_vit reads RGB (3)")
-    blocks = sorted({int(m.group(1)) for k in vision if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))})
-    if not blocks:
-        raise CheckpointError("not a UMT vision encoder: no encoder.blocks.* keys")
-    fc1 = vision.get("encoder.blocks.0.mlp.fc1.weight")
-    if fc1 is None:
-        raise CheckpointError("UMT vision encoder: missing encoder.blocks.0.mlp.fc1.weight")
-    if num_heads is None:
-        if dim % 64:
-            raise CheckpointError(f"UMT width {dim} is not a multiple of 64, so the number of attention heads "
-                                  "(not stored in the weights) cannot be assumed; pass num_heads")
-        num_heads = dim // 64  # UMT-B: 768/12, UMT-L: 1024/16 (head width 64)
-    frames = num_frames or UMT_DEFAULT_FRAMES
-    if frames % tubelet:
-        raise CheckpointError(f"num_frames {frames} is not a multiple of the checkpoint's tubelet size {tubelet}")
-    cfg: dict[str, Any] = {
-        "arch": "joint_vit", "size": None, "embed_dim": dim, "depth": blocks[-1] + 1, "num_heads": num_heads,
-        "mlp_ratio": int(fc1.shape[0]) / dim, "patch_size": patch, "tubelet_size": tubelet,
-        "num_frames": frames, "img_size": img_size, "pool": "avg", "cls_token": False, "pos_embed": "sincos",
-        "keep_temporal": True, "pool_norm": "pool_norm.weight" in vision,
-    }
-    out: dict[str, torch.Tensor] = {}
-    unmapped: list[str] = []
-    qv: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in vision.items():
-        if m := _UMT_QV_BIAS.match(key):
-            qv.setdefault(int(m.group(1)), {})[m.group(2)] = value
-            continue
-        for pattern, repl in _UMT_RENAMES:
-            if pattern.match(key):
-                out[pattern.sub(repl, key)] = value
-                break
-        else:
-            unmapped.append(key)
-    for i, parts in sorted(qv.items()):
-        if set(parts) != {"q", "v"}:
-            lack = "v_bias" if "q" in parts else "q_bias"
-            raise CheckpointError(f"UMT vision encoder: encoder.blocks.{i}.attn.{lack} is missing "
-                                  "(q_bias and v_bias come in pairs)")
-        q, v = parts["q"], parts["v"]
-        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
-    return cfg, out, unmapped
+    cfg = videomamba.infer_config_from_state(vision, num_frames, variant)
+    vision = videomamba.checkpoint_filter_fn(vision, num_frames)
+    return save_video_encoder(cfg, vision, checkpoint, out, name, cfg["arch"],
+                              {"format": "videomamba", "variant": variant})
 
 
 def convert_umt_vision(checkpoint: str | Path, out: str | Path, num_frames: int | None = None,
@@ -407,29 +252,24 @@ def convert_umt_vision(checkpoint: str | Path, out: str | Path, num_frames: int 
                        state: dict[str, torch.Tensor] | None = None) -> Path:
     """Convert the vision encoder of an official UMT checkpoint (full or vision-only) to a joint_vit
     model dir. The distillation decoder (``clip_decoder.*``) and non-vision parts are dropped and
-    logged; everything else must map (see :func:`umt_key_mapping`)."""
+    logged; everything else must map (see ``joint_vit.umt_key_mapping``)."""
     state = load_checkpoint(checkpoint) if state is None else state
     vision, rest = split_vision(state)
     if rest:
         log.info("vision-encoder conversion ignores the non-vision parts: %s",
                  ", ".join(sorted({k.split(".")[0] for k in rest})))
-    decoder = [k for k in vision if k.startswith("clip_decoder.")]
-    if decoder:
-        log.info("dropped the UMT distillation decoder: %d tensors (clip_decoder.*)", len(decoder))
-    cfg, sd, unmapped = _umt_vision({k: v for k, v in vision.items() if k not in set(decoder)}, num_frames, num_heads)
+    cfg = joint_vit.infer_config_from_state(vision, num_frames, num_heads)
+    dropped: dict[str, list[str]] = {}
+    unmapped: list[str] = []
+    sd = joint_vit.checkpoint_filter_fn(vision, dropped=dropped, unmapped=unmapped)
+    if dropped:
+        log.info("%s: dropped training-only parts by name: %s", checkpoint, _summarise(dropped))
     if unmapped:
-        raise CheckpointError(f"{checkpoint}: vision keys with no place in vtr's joint_vit: {_list_keys(sorted(unmapped))}")
-    return _save_video_encoder(cfg, sd, checkpoint, out, name, "UMT -> joint_vit", {"format": "umt"})
+        raise CheckpointError(f"{checkpoint}: vision keys with no place in vtr's joint_vit: {list_keys(sorted(unmapped))}")
+    return save_video_encoder(cfg, sd, checkpoint, out, name, "UMT -> joint_vit", {"format": "umt"})
 
 
-# --------------------------------------------------------------------------- text tower
-
-
-def _text_state(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official ``text_encoder.*`` keys (prefix already stripped) -> TextEncoder naming."""
-    from .text import _to_encoder_key  # noqa: PLC0415
-
-    return {_to_encoder_key(k): v for k, v in text.items()}
+# --------------------------------------------------------------------------- tokenizer
 
 
 def _read_tokenizer(tokenizer_dir: Path) -> Any:
@@ -446,65 +286,6 @@ def _read_tokenizer(tokenizer_dir: Path) -> Any:
             return BertTokenizerFast.from_pretrained(str(tokenizer_dir), local_files_only=True)
         raise ValueError(f"{tokenizer_dir} holds no usable tokenizer (expected tokenizer.json or vocab.txt, "
                          f"as in a bert-base-uncased folder): {exc}") from exc
-
-
-def infer_bert_config(text: dict[str, torch.Tensor], tokenizer_dir: Path | None = None) -> tuple[Any, int, int]:
-    """(BertConfig, fusion_layer, encoder_width) of a text state dict in TextEncoder naming.
-
-    Sizes come from the tensor shapes; what shapes cannot tell (attention heads, activation,
-    LayerNorm eps, dropout) comes from ``tokenizer_dir/config.json`` when it is a BERT config,
-    else BERT's defaults with 64-wide heads. ``fusion_layer`` is the first layer with
-    cross-attention; ``encoder_width`` the width its key projection reads (the vision width).
-    """
-    from transformers import BertConfig  # noqa: PLC0415
-
-    need = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-            "embeddings.token_type_embeddings.weight", "encoder.layer.0.intermediate.dense.weight")
-    absent = [k for k in need if k not in text]
-    if absent:
-        raise CheckpointError("the text encoder is incomplete: missing " + ", ".join(f"text_encoder.bert.{k}" for k in absent))
-    vocab, hidden = (int(s) for s in text["embeddings.word_embeddings.weight"].shape)
-    layers = sorted({int(m.group(1)) for k in text if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
-    cross = sorted({int(m.group(1)) for k in text if (m := re.match(r"encoder\.layer\.(\d+)\.crossattention\.", k))})
-    if not cross:
-        raise CheckpointError("the text encoder has no cross-attention (crossattention.*) layers, so it cannot "
-                              "score video-text matches; is this a retrieval checkpoint?")
-    fusion_layer = cross[0]
-    width_key = f"encoder.layer.{fusion_layer}.crossattention.self.key.weight"
-    if width_key not in text:
-        raise CheckpointError(f"the text encoder is incomplete: missing text_encoder.bert.{width_key}")
-    shapes = {
-        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers[-1] + 1,
-        "max_position_embeddings": int(text["embeddings.position_embeddings.weight"].shape[0]),
-        "type_vocab_size": int(text["embeddings.token_type_embeddings.weight"].shape[0]),
-        "intermediate_size": int(text["encoder.layer.0.intermediate.dense.weight"].shape[0]),
-    }
-    config_file = tokenizer_dir / "config.json" if tokenizer_dir is not None else None
-    if config_file is not None and config_file.is_file():
-        import json  # noqa: PLC0415
-
-        raw = json.loads(config_file.read_text())
-        if raw.get("model_type") not in (None, "bert"):
-            raise ValueError(f"{config_file} has model_type {raw.get('model_type')!r}; the official text encoder "
-                             "is BERT: pass a BERT folder such as bert-base-uncased")
-        config = BertConfig.from_dict(raw)
-        differ = {k: (getattr(config, k), v) for k, v in shapes.items() if getattr(config, k) != v}
-        if differ:
-            log.info("%s describes another size than the checkpoint; the checkpoint's shapes win: %s", config_file,
-                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items()))
-        for k, v in shapes.items():
-            setattr(config, k, v)
-    else:
-        if hidden % 64:
-            raise CheckpointError(f"text width {hidden} is not a multiple of 64 and no config.json gives the number "
-                                  f"of attention heads; put the BERT config.json in the tokenizer directory")
-        config = BertConfig(**shapes, num_attention_heads=hidden // 64)
-        log.info("no BERT config.json beside the tokenizer: BERT defaults with %d attention heads",
-                 config.num_attention_heads)
-    if hidden % config.num_attention_heads:
-        raise CheckpointError(f"text width {hidden} is not divisible by {config.num_attention_heads} attention heads "
-                              f"({config_file}); fix num_attention_heads there")
-    return config, fusion_layer, int(text[width_key].shape[1])
 
 
 # --------------------------------------------------------------------------- whole retrieval model
@@ -531,8 +312,8 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
         max_text_len: tokens per caption when a caller does not say (default: RetrievalModel's).
         state: the checkpoint already read with :func:`load_checkpoint`.
     """
+    from . import text as text_tower  # noqa: PLC0415  (transformers: imported only when needed)
     from .retrieval_model import DEFAULT_MAX_TEXT_LEN, RetrievalModel  # noqa: PLC0415
-    from .text import TextEncoder, droppable_keys  # noqa: PLC0415
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
@@ -546,14 +327,13 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
                               "text_encoder.* encoder layers); convert the vision encoder alone without a tokenizer")
 
     # 1. sort every key: used (vision / text / heads), dropped by name, or unknown
-    rules = _DROP_RULES + ((_UMT_CLIP_DECODER,) if fmt == "umt" else ())
     dropped: dict[str, list[str]] = {}
     vision: dict[str, torch.Tensor] = {}
     text: dict[str, torch.Tensor] = {}
     heads: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
-        reason = _drop_reason(key, rules)
+        reason = _drop_reason(key, _DROP_RULES)
         if reason is not None:
             dropped.setdefault(reason, []).append(key)
         elif key.startswith(VISION_PREFIX):
@@ -564,22 +344,27 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
             heads[key] = value
         else:
             unknown.append(key)
-    text = _text_state(text)
-    for key in droppable_keys(list(text)):  # anything TextEncoder itself declares droppable
-        dropped.setdefault("BERT pretraining extras", []).append(TEXT_PREFIX + key)
-        del text[key]
 
-    # 2. vision encoder
+    # 2. each tower's own mapping (training-only parts dropped there, recorded under full key names)
+    tower_dropped: dict[str, list[str]] = {}
+    text = text_tower.checkpoint_filter_fn(text, dropped=tower_dropped)
+    for reason, keys in tower_dropped.items():
+        dropped.setdefault(reason, []).extend(TEXT_PREFIX + k for k in keys)
     if fmt == "videomamba":
-        vcfg, vsd = _videomamba_vision(vision, num_frames, variant)
+        vcfg = videomamba.infer_config_from_state(vision, num_frames, variant)
+        vsd = videomamba.checkpoint_filter_fn(vision, num_frames)
     else:
-        vcfg, vsd, unmapped = _umt_vision(vision, num_frames, num_heads)
+        vcfg = joint_vit.infer_config_from_state(vision, num_frames, num_heads)
+        tower_dropped, unmapped = {}, []
+        vsd = joint_vit.checkpoint_filter_fn(vision, dropped=tower_dropped, unmapped=unmapped)
+        for reason, keys in tower_dropped.items():
+            dropped.setdefault(reason, []).extend(VISION_PREFIX + k for k in keys)
         unknown += [VISION_PREFIX + k for k in unmapped]
     vcfg["name"] = name or checkpoint.stem
     video = build_from_config(vcfg)
 
     # 3. text encoder and heads
-    bert_config, fusion_layer, encoder_width = infer_bert_config(text, tokenizer_dir)
+    bert_config, fusion_layer, encoder_width = text_tower.infer_config_from_state(text, tokenizer_dir)
     if encoder_width != video.embed_dim:
         raise CheckpointError(f"{checkpoint}: the text encoder's cross-attention reads {encoder_width}-wide vision "
                               f"tokens but the vision encoder is {video.embed_dim} wide")
@@ -590,7 +375,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
     if "vision_proj.weight" not in heads:
         raise CheckpointError(f"{checkpoint}: missing keys: vision_proj.weight (the projection into the shared space)")
     embed_dim = int(heads["vision_proj.weight"].shape[0])
-    text_encoder = TextEncoder.from_config(bert_config, fusion_layer, encoder_width)
+    text_encoder = text_tower.TextEncoder.from_config(bert_config, fusion_layer, encoder_width)
     model = RetrievalModel(video, text_encoder, embed_dim, tokenizer, max_text_len or DEFAULT_MAX_TEXT_LEN,
                            with_mlm=False)
 
@@ -603,7 +388,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
     problems = []
     if unknown:
         problems.append(f"{checkpoint}: keys that are neither part of the {fmt} retrieval model nor known "
-                        f"training-only parts: {_list_keys(sorted(unknown))}")
+                        f"training-only parts: {list_keys(sorted(unknown))}")
     try:
         strict_load(model, full, what)
     except ModelDirError as exc:

@@ -3,16 +3,24 @@
 * ``timesformer``: a local Hugging Face directory (``TimesformerModel`` or
   ``TimesformerForVideoClassification``); such a directory also loads as it is wherever a model
   directory is expected (see ``retrieval.models.model_dir.HF_KINDS``).
-* ``uniformer``: Sense-X/UniFormer video checkpoints (``retrieval.models.uniformer``).
-* ``vim``: hustvl/Vim image checkpoints (``retrieval.models.vim``).
+* ``uniformer``: Sense-X/UniFormer video checkpoints.
+* ``vim``: hustvl/Vim image checkpoints.
 
-Every conversion is strict: a key that is neither used nor dropped by name is an error.
+Each family's key mapping lives beside its model, as ``checkpoint_filter_fn`` and
+``infer_config_from_state`` in ``retrieval.models.timesformer`` / ``uniformer`` / ``vim``; the
+entry points here read the checkpoint (``convert.load_checkpoint``), call them, load strictly and
+write the model directory. Every conversion is strict: a key that is neither used nor dropped by
+name is an error.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from .convert import CheckpointError, list_keys, load_checkpoint, save_video_encoder
+from .model_dir import ModelDirError, save_model_dir, strict_load
+from .registry import build_from_config
 
 FORMATS = ("timesformer", "uniformer", "vim")
 
@@ -25,18 +33,78 @@ def convert(fmt: str, checkpoint: str | Path, out: str | Path, *, num_frames: in
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if fmt == "timesformer":
-        from .timesformer import convert_timesformer  # noqa: PLC0415
-
         return convert_timesformer(checkpoint, out, num_frames=num_frames, name=name)
     if fmt == "uniformer":
-        from .uniformer import convert_uniformer  # noqa: PLC0415
-
         return convert_uniformer(checkpoint, out, num_frames=num_frames, head_dim=head_dim, name=name)
-    from .vim import convert_vim  # noqa: PLC0415
-
     if num_frames not in (None, 1):
         raise ValueError("Vim is an image model: --num-frames does not apply")
     return convert_vim(checkpoint, out, name=name)
+
+
+def convert_timesformer(hf_dir: str | Path, out: str | Path, num_frames: int | None = None,
+                        name: str | None = None) -> Path:
+    """A local Hugging Face TimeSformer directory (``TimesformerModel`` or
+    ``TimesformerForVideoClassification``) -> a vtr model directory, head and labels kept."""
+    from transformers import TimesformerConfig  # noqa: PLC0415
+
+    from .timesformer import load_timesformer_hf  # noqa: PLC0415
+
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"--format timesformer takes a Hugging Face model directory; not a directory: {hf_dir}")
+    encoder = load_timesformer_hf(hf_dir, num_frames=num_frames)  # timesformer.checkpoint_filter_fn + strict load
+    hf_config = encoder.config.to_dict()
+    keep = set(TimesformerConfig().to_dict()) - {"id2label", "label2id", "transformers_version", "architectures"}
+    cfg = {"arch": "timesformer", "name": name or hf_dir.resolve().name,
+           "hf_config": {k: v for k, v in hf_config.items() if k in keep}, "id2label": list(encoder.id2label)}
+    return save_model_dir(encoder, out, "video_encoder", cfg, encoder.preprocess,
+                          source={"checkpoint": str(hf_dir.resolve()), "format": "timesformer"})
+
+
+def convert_uniformer(checkpoint: str | Path, out: str | Path, num_frames: int | None = None, head_dim: int = 64,
+                      name: str | None = None, img_size: int = 224) -> Path:
+    """An official UniFormer video checkpoint (bare, or under ``model_state`` / ``model``) -> a model dir.
+
+    Strict: every key is renamed or it is an error (listing the keys); the classification ``head``
+    is kept for ``classify``. ``num_frames`` is the clip length to record (the weights are frame
+    count agnostic; default 16, the published 16x4 models).
+    """
+    from . import uniformer  # noqa: PLC0415
+
+    state = load_checkpoint(checkpoint)
+    try:
+        cfg = uniformer.infer_config_from_state(state, head_dim)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from exc
+    cfg.update(num_frames=num_frames or 16, img_size=img_size, name=name or Path(checkpoint).stem)
+    unknown: list[str] = []
+    renamed = uniformer.checkpoint_filter_fn(state, unmapped=unknown)
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: keys that are not part of UniFormer's video model: {list_keys(unknown)}")
+    model = build_from_config(cfg)
+    try:
+        strict_load(model, renamed, f"{checkpoint} (as UniFormer dims={cfg['dims']} depths={cfg['depths']})")
+    except ModelDirError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
+                          source={"checkpoint": str(Path(checkpoint).resolve()), "format": "uniformer"})
+
+
+def convert_vim(checkpoint: str | Path, out: str | Path, name: str | None = None, *, img_size: int | None = None,
+                patch_stride: int | None = None) -> Path:
+    """An official Vim checkpoint (``{"model": ...}`` or bare) -> a ``video_encoder`` model directory.
+
+    ``img_size`` / ``patch_stride`` are read from the position table's length (the published 224
+    and 384 px models, "+" ones included); give them for other sizes.
+    """
+    from . import vim  # noqa: PLC0415
+
+    state = load_checkpoint(checkpoint)
+    try:
+        cfg = vim.infer_config_from_state(state, img_size, patch_stride)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{checkpoint}: {exc}") from exc
+    return save_video_encoder(cfg, vim.checkpoint_filter_fn(state), checkpoint, out, name, "Vim", {"format": "vim"})
 
 
 def describe(path: str | Path) -> str:

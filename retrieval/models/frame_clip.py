@@ -79,6 +79,21 @@ def _read_open_clip_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], clip: nn.Module) -> dict[str, torch.Tensor]:
+    """An open_clip checkpoint's image tower in the naming of ``clip.visual``.
+
+    A whole CLIP keeps its ``visual.*`` keys only (the text tower is not used); an image-tower-only
+    checkpoint is taken as it is. The position table is resized to ``clip``'s frame size
+    (open_clip's ``resize_pos_embed``), so a checkpoint for another size keeps working.
+    """
+    if any(key.startswith("visual.") for key in state_dict):  # a whole CLIP: keep the image tower
+        state = {key: value for key, value in state_dict.items() if key.startswith("visual.")}
+    else:  # an image-tower-only checkpoint
+        state = {"visual." + key: value for key, value in state_dict.items()}
+    resize_pos_embed(state, clip)
+    return {key.removeprefix("visual."): value for key, value in state.items()}
+
+
 class FrameCLIPEncoder(nn.Module):
     """An open_clip ViT image tower run on each frame; ``pooled`` keeps the frame axis."""
 
@@ -160,13 +175,7 @@ def build(
             f"tokens, no attentional pooler); {clip_arch!r} does not have one"
         )
     if weights_path is not None:
-        state = _read_open_clip_state_dict(weights_path)
-        if any(key.startswith("visual.") for key in state):  # a whole CLIP: keep the image tower
-            state = {key: value for key, value in state.items() if key.startswith("visual.")}
-        else:  # an image-tower-only checkpoint
-            state = {"visual." + key: value for key, value in state.items()}
-        resize_pos_embed(state, clip)  # a checkpoint for another frame size keeps working
-        visual_state = {key.removeprefix("visual."): value for key, value in state.items()}
+        visual_state = checkpoint_filter_fn(_read_open_clip_state_dict(weights_path), clip)
         strict_load(
             visual, visual_state, f"open_clip checkpoint {weights_path} (expected architecture {clip_arch!r})"
         )

@@ -40,6 +40,9 @@ over the built model, textbook 28.8 s and +1.03 GB (two 0.47 GB score/softmax ma
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -48,6 +51,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, sincos_table, validate_video
+from retrieval.models.model_dir import CheckpointError
 from retrieval.models.registry import register_arch
 
 # width, depth, heads of the published sizes
@@ -305,3 +309,118 @@ def build(
         clip_output_dim=clip_output_dim,
         clip_return_layers=clip_return_layers,
     )
+
+
+# --------------------------------------------------------------------------- official UMT checkpoints
+
+# UMT's frame count is not stored in its weights (its position table is computed, not learned);
+# the official zero-shot retrieval evaluation of UMT-B/16 and UMT-L/16 uses 4 frames.
+UMT_DEFAULT_FRAMES = 4
+UMT_IMG_SIZE = 224
+# UMT (OpenGVLab/unmasked_teacher, multi_modality/models/backbones/vit/vit.py, the model under
+# ``vision_encoder.``) -> joint_vit. q_bias/v_bias are merged in checkpoint_filter_fn.
+_UMT_RENAMES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^encoder\.patch_embed\.proj\.(weight|bias)$"), r"patch_embed.\1"),
+    (re.compile(r"^encoder\.blocks\.(\d+)\.(norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$"),
+     r"blocks.\1.\2.\3"),
+    (re.compile(r"^encoder\.blocks\.(\d+)\.attn\.qkv\.weight$"), r"blocks.\1.attn.qkv.weight"),
+    (re.compile(r"^encoder\.norm\.(weight|bias)$"), r"norm.\1"),
+    (re.compile(r"^pool_norm\.(weight|bias)$"), r"pool_norm.\1"),
+)
+_UMT_QV_BIAS = re.compile(r"^encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
+# the student's distillation decoder, a training-only part (the converted model has no UTA head)
+UMT_DECODER_REASON = "UMT distillation decoder"
+_UMT_DECODER = re.compile(r"^clip_decoder\.")
+
+
+def umt_key_mapping() -> list[tuple[str, str]]:
+    """The UMT -> joint_vit key mapping as (UMT pattern, joint_vit name) pairs, for documentation."""
+    rows = [(p.pattern, r) for p, r in _UMT_RENAMES]
+    rows.append((_UMT_QV_BIAS.pattern, r"blocks.\1.attn.qkv.bias = cat(q_bias, 0, v_bias)"))
+    return rows
+
+
+def infer_config_from_state(state_dict: dict[str, torch.Tensor], num_frames: int | None = None,
+                            num_heads: int | None = None, img_size: int = UMT_IMG_SIZE) -> dict[str, Any]:
+    """joint_vit builder config of an official UMT ViT state dict (the keys under ``vision_encoder.``).
+
+    Facts used (UMT's ``PretrainVisionTransformer``): Conv3d patch embedding with kernel
+    ``(tubelet, p, p)``; no cls token; a fixed sinusoidal table over all ``T'·N`` positions
+    (not in the checkpoint); pre-norm blocks with LayerNorm eps 1e-6, ``qkv`` without bias plus
+    separate ``q_bias``/``v_bias`` (the key bias is zero), GELU MLP; final ``encoder.norm``;
+    ``pool_norm`` over the per-frame mean of the patch tokens (``keep_temporal`` for retrieval).
+    What the weights do not hold: ``num_frames`` (default 4), ``num_heads`` (default width / 64).
+    """
+    vision = state_dict
+    if "encoder.patch_embed.proj.weight" not in vision:
+        raise CheckpointError("not a UMT vision encoder: missing encoder.patch_embed.proj.weight "
+                              f"(first keys seen: {', '.join(list(vision)[:5])}); "
+                              "for VideoMamba checkpoints use --format videomamba")
+    w = vision["encoder.patch_embed.proj.weight"]
+    if w.dim() != 5:
+        raise CheckpointError(f"encoder.patch_embed.proj.weight has shape {tuple(w.shape)}; UMT uses a Conv3d "
+                              "[D, 3, tubelet, p, p]")
+    dim, in_chans, tubelet, patch, _ = (int(s) for s in w.shape)
+    if in_chans != 3:
+        raise CheckpointError(f"UMT patch embedding reads {in_chans} channels; vtr's joint_vit reads RGB (3)")
+    blocks = sorted({int(m.group(1)) for k in vision if (m := re.match(r"encoder\.blocks\.(\d+)\.", k))})
+    if not blocks:
+        raise CheckpointError("not a UMT vision encoder: no encoder.blocks.* keys")
+    fc1 = vision.get("encoder.blocks.0.mlp.fc1.weight")
+    if fc1 is None:
+        raise CheckpointError("UMT vision encoder: missing encoder.blocks.0.mlp.fc1.weight")
+    if num_heads is None:
+        if dim % 64:
+            raise CheckpointError(f"UMT width {dim} is not a multiple of 64, so the number of attention heads "
+                                  "(not stored in the weights) cannot be assumed; pass num_heads")
+        num_heads = dim // 64  # UMT-B: 768/12, UMT-L: 1024/16 (head width 64)
+    frames = num_frames or UMT_DEFAULT_FRAMES
+    if frames % tubelet:
+        raise CheckpointError(f"num_frames {frames} is not a multiple of the checkpoint's tubelet size {tubelet}")
+    return {
+        "arch": "joint_vit", "size": None, "embed_dim": dim, "depth": blocks[-1] + 1, "num_heads": num_heads,
+        "mlp_ratio": int(fc1.shape[0]) / dim, "patch_size": patch, "tubelet_size": tubelet,
+        "num_frames": frames, "img_size": img_size, "pool": "avg", "cls_token": False, "pos_embed": "sincos",
+        "keep_temporal": True, "pool_norm": "pool_norm.weight" in vision,
+    }
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], dropped: dict[str, list[str]] | None = None,
+                         unmapped: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """An official UMT ViT state dict (keys under ``vision_encoder.``, prefix stripped) in joint_vit naming.
+
+    Renames as :func:`umt_key_mapping`; ``q_bias``/``v_bias`` become ``qkv.bias`` with a zero key
+    bias. The distillation decoder (``clip_decoder.*``) is dropped, recorded in ``dropped``
+    (reason -> keys) when given. Keys with no place in joint_vit are appended to ``unmapped`` when
+    given, else they are an error.
+    """
+    out: dict[str, torch.Tensor] = {}
+    left: list[str] = []
+    qv: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if _UMT_DECODER.match(key):
+            if dropped is not None:
+                dropped.setdefault(UMT_DECODER_REASON, []).append(key)
+            continue
+        if m := _UMT_QV_BIAS.match(key):
+            qv.setdefault(int(m.group(1)), {})[m.group(2)] = value
+            continue
+        for pattern, repl in _UMT_RENAMES:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = value
+                break
+        else:
+            left.append(key)
+    for i, parts in sorted(qv.items()):
+        if set(parts) != {"q", "v"}:
+            lack = "v_bias" if "q" in parts else "q_bias"
+            raise CheckpointError(f"UMT vision encoder: encoder.blocks.{i}.attn.{lack} is missing "
+                                  "(q_bias and v_bias come in pairs)")
+        q, v = parts["q"], parts["v"]
+        out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    if unmapped is not None:
+        unmapped.extend(left)
+    elif left:
+        raise CheckpointError(f"vision keys with no place in vtr's joint_vit: {', '.join(sorted(left)[:20])}"
+                              + (f", ... ({len(left)} in all)" if len(left) > 20 else ""))
+    return out

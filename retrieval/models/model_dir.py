@@ -31,6 +31,11 @@ class ModelDirError(ValueError):
     pass
 
 
+class CheckpointError(ValueError):
+    """An official or foreign checkpoint that does not map onto a vtr model (raised by the models'
+    ``checkpoint_filter_fn`` / ``infer_config_from_state`` and by ``retrieval.models.convert``)."""
+
+
 def register_kind(kind: str):
     def deco(fn):
         _KINDS[kind] = fn

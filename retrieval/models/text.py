@@ -16,6 +16,10 @@ Parameter names follow the official checkpoints (``embeddings.*``, ``encoder.lay
 official ``text_encoder.bert.*`` state dict loads strictly once the prefix is stripped; MLMHead's
 keys are ``predictions.*`` (the official ``text_encoder.cls.predictions.*``).
 
+The text towers of official retrieval checkpoints (``text_encoder.*``) map onto TextEncoder with
+:func:`checkpoint_filter_fn`, their sizes read from the shapes with :func:`infer_config_from_state`
+(``retrieval.models.convert`` calls both).
+
 ``load_text_encoder`` builds the tower from a local BERT directory (bert-base-uncased for the
 official recipe, all-MiniLM-L6-v2 for the demo), refusing silently mismatched weights: the official
 code only logs key mismatches, which users report as 0% retrieval accuracy.
@@ -45,6 +49,7 @@ from transformers.models.bert.modeling_bert import (
 )
 
 from ..data.corpora import clean_text  # one cleaning rule for corpus captions and queries
+from .model_dir import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,15 @@ _DROPPABLE_PREFIXES = ("pooler.", "cls.")
 _DROPPABLE_KEYS = frozenset({"embeddings.position_ids"})
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.")
+# Training-only parts of an official text tower (keys relative to ``text_encoder.``), dropped by
+# name with the reason recorded. Both official namings: pretraining checkpoints
+# (BertForMaskedLM: ``bert.*`` + ``cls.*``) and fine-tuned ones (BertModel: no prefix).
+_CHECKPOINT_DROP_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("MLM head", re.compile(r"^cls\.")),
+    ("BERT pooler (NSP)", re.compile(r"^(bert\.)?pooler\.")),
+    ("BERT id buffers", re.compile(r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$")),
+)
+_EXTRAS_REASON = "BERT pretraining extras"
 
 
 # --------------------------------------------------------------------------- modules
@@ -542,6 +556,89 @@ def _to_encoder_key(key: str) -> str:
         key = key.replace(".LayerNorm.gamma", ".LayerNorm.weight")
         key = key.replace(".LayerNorm.beta", ".LayerNorm.bias")
     return key
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor],
+                         dropped: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """An official retrieval checkpoint's text tower (``text_encoder.*`` with the prefix stripped)
+    in TextEncoder naming.
+
+    The training-only parts (MLM head, NSP pooler, id buffers, and whatever :func:`droppable_keys`
+    names after renaming) are dropped, recorded in ``dropped`` (reason -> checkpoint keys) when
+    given (the extras under their TextEncoder names); every other key is renamed by
+    :func:`_to_encoder_key` (``bert.`` prefix, TF LayerNorm names).
+    """
+    def drop(reason: str, key: str) -> None:
+        if dropped is not None:
+            dropped.setdefault(reason, []).append(key)
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        reason = next((r for r, pattern in _CHECKPOINT_DROP_RULES if pattern.search(key)), None)
+        if reason is not None:
+            drop(reason, key)
+        else:
+            out[_to_encoder_key(key)] = value
+    for key in droppable_keys(list(out)):  # anything TextEncoder itself declares droppable
+        drop(_EXTRAS_REASON, key)
+        del out[key]
+    return out
+
+
+def infer_config_from_state(text: dict[str, torch.Tensor],
+                            tokenizer_dir: Path | None = None) -> tuple[BertConfig, int, int]:
+    """(BertConfig, fusion_layer, encoder_width) of a text state dict in TextEncoder naming.
+
+    Sizes come from the tensor shapes; what shapes cannot tell (attention heads, activation,
+    LayerNorm eps, dropout) comes from ``tokenizer_dir/config.json`` when it is a BERT config,
+    else BERT's defaults with 64-wide heads. ``fusion_layer`` is the first layer with
+    cross-attention; ``encoder_width`` the width its key projection reads (the vision width).
+    """
+    need = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+            "embeddings.token_type_embeddings.weight", "encoder.layer.0.intermediate.dense.weight")
+    absent = [k for k in need if k not in text]
+    if absent:
+        raise CheckpointError("the text encoder is incomplete: missing " + ", ".join(f"text_encoder.bert.{k}" for k in absent))
+    vocab, hidden = (int(s) for s in text["embeddings.word_embeddings.weight"].shape)
+    layers = sorted({int(m.group(1)) for k in text if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+    cross = sorted({int(m.group(1)) for k in text if (m := re.match(r"encoder\.layer\.(\d+)\.crossattention\.", k))})
+    if not cross:
+        raise CheckpointError("the text encoder has no cross-attention (crossattention.*) layers, so it cannot "
+                              "score video-text matches; is this a retrieval checkpoint?")
+    fusion_layer = cross[0]
+    width_key = f"encoder.layer.{fusion_layer}.crossattention.self.key.weight"
+    if width_key not in text:
+        raise CheckpointError(f"the text encoder is incomplete: missing text_encoder.bert.{width_key}")
+    shapes = {
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers[-1] + 1,
+        "max_position_embeddings": int(text["embeddings.position_embeddings.weight"].shape[0]),
+        "type_vocab_size": int(text["embeddings.token_type_embeddings.weight"].shape[0]),
+        "intermediate_size": int(text["encoder.layer.0.intermediate.dense.weight"].shape[0]),
+    }
+    config_file = tokenizer_dir / "config.json" if tokenizer_dir is not None else None
+    if config_file is not None and config_file.is_file():
+        raw = json.loads(config_file.read_text())
+        if raw.get("model_type") not in (None, "bert"):
+            raise ValueError(f"{config_file} has model_type {raw.get('model_type')!r}; the official text encoder "
+                             "is BERT: pass a BERT folder such as bert-base-uncased")
+        config = BertConfig.from_dict(raw)
+        differ = {k: (getattr(config, k), v) for k, v in shapes.items() if getattr(config, k) != v}
+        if differ:
+            log.info("%s describes another size than the checkpoint; the checkpoint's shapes win: %s", config_file,
+                     ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items()))
+        for k, v in shapes.items():
+            setattr(config, k, v)
+    else:
+        if hidden % 64:
+            raise CheckpointError(f"text width {hidden} is not a multiple of 64 and no config.json gives the number "
+                                  f"of attention heads; put the BERT config.json in the tokenizer directory")
+        config = BertConfig(**shapes, num_attention_heads=hidden // 64)
+        log.info("no BERT config.json beside the tokenizer: BERT defaults with %d attention heads",
+                 config.num_attention_heads)
+    if hidden % config.num_attention_heads:
+        raise CheckpointError(f"text width {hidden} is not divisible by {config.num_attention_heads} attention heads "
+                              f"({config_file}); fix num_attention_heads there")
+    return config, fusion_layer, int(text[width_key].shape[1])
 
 
 def _expected_files_message(directory: Path) -> str:

@@ -14,7 +14,7 @@ What this wrapper adds:
   frames. We reject it up front.
 * :func:`load_timesformer_hf` reads a local Hugging Face directory *including* the classification
   head and ``config.id2label`` (``classify`` / ``id2label``): the K400 head later provides
-  supervised action labels.
+  supervised action labels. The key mapping is :func:`checkpoint_filter_fn`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from transformers import TimesformerConfig, TimesformerModel
 from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
 
 from retrieval.models.layers import validate_video
-from retrieval.models.model_dir import register_kind, save_model_dir, strict_load
+from retrieval.models.model_dir import register_kind, strict_load
 from retrieval.models.registry import register_arch
 
 TIMESFORMER_MEAN = (0.45, 0.45, 0.45)
@@ -200,30 +200,41 @@ def load_timesformer_hf(model_dir: str | Path, num_frames: int | None = None) ->
         )
     config = TimesformerConfig.from_pretrained(str(model_dir), local_files_only=True)
 
-    state = _read_hf_state_dict(model_dir)
-    has_head = "classifier.weight" in state
-    backbone_state = {
-        k.removeprefix("timesformer."): v for k, v in state.items() if not k.startswith("classifier.")
-    }
-
-    if num_frames is not None and num_frames != config.num_frames:
+    state = checkpoint_filter_fn(_read_hf_state_dict(model_dir), num_frames=num_frames)
+    if num_frames is not None:
         config.num_frames = num_frames
-        time_embed = backbone_state["embeddings.time_embeddings"]  # [1, T, D]
-        backbone_state["embeddings.time_embeddings"] = F.interpolate(
-            time_embed.transpose(1, 2), size=num_frames, mode="linear", align_corners=True
-        ).transpose(1, 2)
-
     classifier = None
     id2label: list[str] = []
-    if has_head:
+    if "classifier.weight" in state:
         weight = state["classifier.weight"]
         classifier = nn.Linear(weight.shape[1], weight.shape[0])
-        classifier.load_state_dict({"weight": weight, "bias": state["classifier.bias"]})
         id2label = [config.id2label[i] for i in range(weight.shape[0])]
 
     encoder = TimeSformerEncoder(config, classifier=classifier, id2label=id2label)
-    strict_load(encoder.backbone, backbone_state, f"TimeSformer checkpoint {model_dir}")
+    strict_load(encoder, state, f"TimeSformer checkpoint {model_dir}")
     return encoder
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], num_frames: int | None = None) -> dict[str, torch.Tensor]:
+    """A Hugging Face TimeSformer state dict in :class:`TimeSformerEncoder` naming.
+
+    ``TimesformerForVideoClassification`` keys ``timesformer.*`` and bare ``TimesformerModel``
+    keys both become ``backbone.*``; the head ``classifier.*`` keeps its name. ``num_frames``
+    other than the checkpoint's resizes the learned time embedding ``[1, T, D]`` by linear
+    interpolation along time (endpoints kept).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith("classifier."):
+            out[key] = value
+        else:
+            out["backbone." + key.removeprefix("timesformer.")] = value
+    time_key = "backbone.embeddings.time_embeddings"
+    if num_frames is not None and time_key in out and out[time_key].shape[1] != num_frames:
+        out[time_key] = F.interpolate(
+            out[time_key].transpose(1, 2), size=num_frames, mode="linear", align_corners=True
+        ).transpose(1, 2)
+    return out
 
 
 @register_arch("timesformer")
@@ -286,19 +297,3 @@ def build(
 def _load_hf_dir(path: Path, cfg: dict) -> TimeSformerEncoder:
     """A local Hugging Face TimeSformer directory used wherever a model directory is."""
     return load_timesformer_hf(path)
-
-
-def convert_timesformer(hf_dir: str | Path, out: str | Path, num_frames: int | None = None,
-                        name: str | None = None) -> Path:
-    """A local Hugging Face TimeSformer directory (``TimesformerModel`` or
-    ``TimesformerForVideoClassification``) -> a vtr model directory, head and labels kept."""
-    hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise FileNotFoundError(f"--format timesformer takes a Hugging Face model directory; not a directory: {hf_dir}")
-    encoder = load_timesformer_hf(hf_dir, num_frames=num_frames)
-    hf_config = encoder.config.to_dict()
-    keep = set(TimesformerConfig().to_dict()) - {"id2label", "label2id", "transformers_version", "architectures"}
-    cfg = {"arch": "timesformer", "name": name or hf_dir.resolve().name,
-           "hf_config": {k: v for k, v in hf_config.items() if k in keep}, "id2label": list(encoder.id2label)}
-    return save_model_dir(encoder, out, "video_encoder", cfg, encoder.preprocess,
-                          source={"checkpoint": str(hf_dir.resolve()), "format": "timesformer"})

@@ -22,7 +22,8 @@ a multiple of 32; ``num_frames``/``img_size`` are the nominal clip shape.
 
 Norm layers are passed explicitly with the official epsilons (patch-embedding LayerNorms 1e-5,
 the global blocks' LayerNorms 1e-6, BatchNorm3d 1e-5), never a library default. Official weights
-(Sense-X/UniFormer ``video_classification``) convert with :func:`convert_uniformer`; their
+(Sense-X/UniFormer ``video_classification``) map onto this module with :func:`checkpoint_filter_fn`
+and :func:`infer_config_from_state` (``vtr convert --format uniformer``); their
 pipelines normalise frames with mean 0.45 / std 0.225, which a converted model carries.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +40,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, validate_video
-from retrieval.models.model_dir import ModelDirError, save_model_dir, strict_load
-from retrieval.models.registry import build_from_config, register_arch
+from retrieval.models.model_dir import CheckpointError
+from retrieval.models.registry import register_arch
 
 UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {
     "s": (3, 4, 8, 3),
@@ -287,7 +287,7 @@ def uniformer_key_mapping() -> list[tuple[str, str]]:
     return [(p.pattern, r) for p, r in _UNIFORMER_RENAMES]
 
 
-def _rename_uniformer(key: str) -> str | None:
+def _rename(key: str) -> str | None:
     for pattern, repl in _UNIFORMER_RENAMES:
         m = pattern.match(key)
         if m:
@@ -296,20 +296,21 @@ def _rename_uniformer(key: str) -> str | None:
     return None
 
 
-def uniformer_config(sd: dict[str, torch.Tensor], head_dim: int = 64) -> dict[str, Any]:
-    """Builder config from the shapes of an official UniFormer video state dict."""
+def infer_config_from_state(sd: dict[str, torch.Tensor], head_dim: int = 64) -> dict[str, Any]:
+    """Builder config from the shapes of an official UniFormer video state dict (head widths are
+    not stored: ``head_dim``, 64 in every published model)."""
     need = [f"patch_embed{i}.proj.weight" for i in range(1, 5)] + ["norm.weight"]
     absent = [k for k in need if k not in sd]
     if absent:
-        raise ValueError("not a UniFormer video checkpoint: missing " + ", ".join(absent)
-                         + f" (first keys seen: {', '.join(list(sd)[:5])})")
+        raise CheckpointError("not a UniFormer video checkpoint: missing " + ", ".join(absent)
+                              + f" (first keys seen: {', '.join(list(sd)[:5])})")
     if any(".t_attn." in k for k in sd):
-        raise ValueError("this UniFormer uses split space-time attention (SPLIT: True, t_attn.*), which no "
-                         "published video model does and vtr does not implement")
+        raise CheckpointError("this UniFormer uses split space-time attention (SPLIT: True, t_attn.*), which no "
+                              "published video model does and vtr does not implement")
     w1 = sd["patch_embed1.proj.weight"]
     if w1.dim() != 5:
-        raise ValueError(f"patch_embed1.proj.weight has shape {tuple(w1.shape)}: this is UniFormer's image model, "
-                         "not the video one (Conv3d)")
+        raise CheckpointError(f"patch_embed1.proj.weight has shape {tuple(w1.shape)}: this is UniFormer's image model, "
+                              "not the video one (Conv3d)")
     dims = [int(sd[f"patch_embed{i}.proj.weight"].shape[0]) for i in range(1, 5)]
     depths = []
     for i in range(1, 5):
@@ -317,8 +318,8 @@ def uniformer_config(sd: dict[str, torch.Tensor], head_dim: int = 64) -> dict[st
         depths.append(max(idx) + 1 if idx else 0)
     bad = [d for d in dims[2:] if d % head_dim]
     if bad:
-        raise ValueError(f"widths {bad} of the attention stages are not multiples of --head-dim {head_dim} "
-                         "(heads are not stored in the weights; 64 in every published model)")
+        raise CheckpointError(f"widths {bad} of the attention stages are not multiples of --head-dim {head_dim} "
+                              "(heads are not stored in the weights; 64 in every published model)")
     hidden = int(sd["blocks1.0.mlp.fc1.weight"].shape[0]) if "blocks1.0.mlp.fc1.weight" in sd else 4 * dims[0]
     kt = int(sd["patch_embed2.proj.weight"].shape[2])
     cfg: dict[str, Any] = {
@@ -332,36 +333,22 @@ def uniformer_config(sd: dict[str, torch.Tensor], head_dim: int = 64) -> dict[st
     return cfg
 
 
-def convert_uniformer(checkpoint: str | Path, out: str | Path, num_frames: int | None = None, head_dim: int = 64,
-                      name: str | None = None, img_size: int = 224) -> Path:
-    """An official UniFormer video checkpoint (bare, or under ``model_state`` / ``model``) -> a model dir.
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], unmapped: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """An official UniFormer video state dict in this module's naming (:func:`uniformer_key_mapping`).
 
-    Strict: every key is renamed or it is an error (listing the keys); the classification ``head``
-    is kept for ``classify``. ``num_frames`` is the clip length to record (the weights are frame
-    count agnostic; default 16, the published 16x4 models).
+    Nothing is dropped (the classification ``head`` is kept for ``classify``). Keys that are not
+    part of the video model are appended to ``unmapped`` when given, else they are an error.
     """
-    from retrieval.models.convert import CheckpointError, load_checkpoint  # noqa: PLC0415
-
-    state = load_checkpoint(checkpoint)
-    try:
-        cfg = uniformer_config(state, head_dim)
-    except ValueError as exc:
-        raise CheckpointError(f"{checkpoint}: {exc}") from exc
-    cfg.update(num_frames=num_frames or 16, img_size=img_size, name=name or Path(checkpoint).stem)
-    renamed, unknown = {}, []
-    for k, v in state.items():
-        new = _rename_uniformer(k)
+    out, left = {}, []
+    for k, v in state_dict.items():
+        new = _rename(k)
         if new is None:
-            unknown.append(k)
+            left.append(k)
         else:
-            renamed[new] = v
-    if unknown:
-        raise CheckpointError(f"{checkpoint}: keys that are not part of UniFormer's video model: "
-                              + ", ".join(unknown[:20]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 20 else ""))
-    model = build_from_config(cfg)
-    try:
-        strict_load(model, renamed, f"{checkpoint} (as UniFormer dims={cfg['dims']} depths={cfg['depths']})")
-    except ModelDirError as exc:
-        raise CheckpointError(str(exc)) from exc
-    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
-                          source={"checkpoint": str(Path(checkpoint).resolve()), "format": "uniformer"})
+            out[new] = v
+    if unmapped is not None:
+        unmapped.extend(left)
+    elif left:
+        raise CheckpointError("keys that are not part of UniFormer's video model: " + ", ".join(left[:20])
+                              + (f", ... ({len(left)} in all)" if len(left) > 20 else ""))
+    return out

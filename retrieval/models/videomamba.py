@@ -2,7 +2,8 @@
 
 Parameter names and shapes follow the official multi-modality VideoMamba vision encoder
 (``PretrainVideoMamba`` in OpenGVLab/VideoMamba ``video_mm``), so its checkpoints load strictly
-(see ``retrieval.models.convert``). The layout, from the spec in ``shared/specs``:
+(the key mapping is :func:`checkpoint_filter_fn` below, the architecture read from the shapes
+:func:`infer_config_from_state`; ``retrieval.models.convert`` calls both). The layout, from the spec in ``shared/specs``:
 
 * tokens: Conv3d (1, p, p) patches per frame; cls + spatial ``pos_embed`` per frame; the
   ``temporal_pos_embedding`` on patch tokens only; sequence = [cls, frame-major patches].
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath
+from .model_dir import CheckpointError
 from .registry import register_arch
 from .ssm import fused_mixer_available, selective_scan
 
@@ -584,3 +587,92 @@ def resize_temporal_pos(pos: torch.Tensor, t: int) -> torch.Tensor:
 @register_arch("videomamba")
 def build_videomamba(**cfg: Any) -> VideoMamba:
     return VideoMamba(**cfg)
+
+
+# --------------------------------------------------------------------------- official checkpoints
+
+# aliases used by other official VideoMamba folders (video_sm: norm_f, K400 head)
+_ALIASES = {"norm_f.weight": "norm.weight"}
+VARIANTS = ("videomamba", "pro")
+
+
+def bimamba_layout_of(sd: dict[str, torch.Tensor]) -> str:
+    """"v2" when the backward branch has its own conv1d_b/x_proj_b/dt_proj_b/D_b (VideoMamba, Vim,
+    VideoMambaPro v2), "v1" when only A_b_log is separate (VideoMambaPro's masked model)."""
+    mixer = "layers.0.mixer."
+    if f"{mixer}conv1d_b.weight" in sd:
+        return "v2"
+    if f"{mixer}A_b_log" in sd:
+        return "v1"
+    raise CheckpointError(f"not a bidirectional Mamba: {mixer}A_b_log is missing")
+
+
+def pro_config(layout: str) -> dict[str, Any]:
+    """What VideoMambaPro's code computes for weights of one layout (hotfinda/VideoMambaPro,
+    mamba_simple.py + selective_scan_interface.py): the scan, the D skip and the start state read
+    in_proj's x before the conv; both directions start from their first input; the masked
+    backward scan belongs to the v1 layout only (``bimamba_inner_ref``)."""
+    return {"bimamba_layout": layout, "scan_input": "raw", "elemental_residual": True,
+            "mask_backward": layout == "v1"}
+
+
+def infer_config_from_state(state_dict: dict[str, torch.Tensor], num_frames: int | None = None,
+                            variant: str = "videomamba") -> dict[str, Any]:
+    """Builder config of an official VideoMamba vision state dict, read from the tensor shapes.
+
+    ``variant="pro"`` adds VideoMambaPro's options for the layout the keys show (see
+    :func:`pro_config`); plain VideoMamba must have the v2 layout. ``num_frames`` overrides the
+    clip length of the temporal table (:func:`checkpoint_filter_fn` re-samples it to match).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be 'videomamba' or 'pro', got {variant!r}")
+    sd = {_ALIASES.get(k, k): v for k, v in state_dict.items()}
+    need = ("patch_embed.proj.weight", "pos_embed", "temporal_pos_embedding", "layers.0.mixer.A_log")
+    absent = [k for k in need if k not in sd]
+    if absent:
+        hint = "; it looks like UMT's ViT: use --format umt" if "encoder.patch_embed.proj.weight" in sd else ""
+        raise CheckpointError("not a VideoMamba vision encoder: missing " + ", ".join(absent)
+                              + f" (first keys seen: {', '.join(list(sd)[:5])}){hint}")
+    w = sd["patch_embed.proj.weight"]
+    if w.dim() != 5:
+        raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; VideoMamba uses a Conv3d [D,3,1,p,p]")
+    dim, in_chans, _, patch, _ = w.shape
+    n_patches = sd["pos_embed"].shape[1] - 1
+    grid = int(round(n_patches ** 0.5))
+    if grid * grid != n_patches:
+        raise CheckpointError(f"pos_embed has {n_patches} patch slots, not a square grid")
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    e, n = sd["layers.0.mixer.A_log"].shape
+    in_rows = sd["layers.0.mixer.in_proj.weight"].shape[0]
+    cfg: dict[str, Any] = {
+        "arch": "videomamba", "embed_dim": int(dim), "depth": depth, "img_size": int(grid * patch),
+        "patch_size": int(patch), "num_frames": int(sd["temporal_pos_embedding"].shape[1]), "in_chans": int(in_chans),
+        "d_state": int(n), "expand": int(e // dim), "dt_rank": int(sd["layers.0.mixer.dt_proj.weight"].shape[1]),
+        "d_conv": int(sd["layers.0.mixer.conv1d.weight"].shape[-1]), "gate": in_rows == 2 * e,
+        "clip_output_dim": int(sd["clip_decoder.0.head.weight"].shape[0]) if "clip_decoder.0.head.weight" in sd else None,
+        "pool_norm": "pool_norm.weight" in sd,
+        "keep_temporal": True,
+    }
+    if "head.weight" in sd:
+        cfg["num_classes"] = int(sd["head.weight"].shape[0])
+    layout = bimamba_layout_of(sd)
+    if variant == "pro":
+        cfg.update(pro_config(layout))
+    elif layout != "v2":
+        raise CheckpointError("these weights share conv1d/x_proj/dt_proj between the two scan directions "
+                              "(bimamba v1): that is VideoMambaPro's masked model; convert with --variant pro")
+    if num_frames:
+        cfg["num_frames"] = num_frames
+    return cfg
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], num_frames: int | None = None) -> dict[str, torch.Tensor]:
+    """An official VideoMamba vision state dict in vtr naming: the other folders' aliases renamed
+    (``norm_f`` -> ``norm``) and, with ``num_frames``, the temporal table re-sampled to that many
+    frames. Every other key already has vtr's name; the distillation head ``clip_decoder`` is kept
+    (vtr's VideoMamba has the same module, UTA)."""
+    sd = {_ALIASES.get(k, k): v for k, v in state_dict.items()}
+    pos = sd.get("temporal_pos_embedding")
+    if num_frames and pos is not None and num_frames != pos.shape[1]:
+        sd["temporal_pos_embedding"] = resize_temporal_pos(pos, num_frames)
+    return sd

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retrieval.models.convert import CheckpointError
+from retrieval.models.convert_seeds import convert_vim
 from retrieval.models.model_dir import load_model, read_model_config
 from retrieval.models.ssm import fused_mixer_available
-from retrieval.models.vim import convert_vim, vim_config
+from retrieval.models.vim import infer_config_from_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vim_official.safetensors"
 TOL = 1e-4
@@ -61,15 +62,15 @@ def test_averaging_the_directions_matters(tmp_path):
 
 def test_published_grids_are_read_from_the_position_table():
     d, p = 8, 16
-    def sd(grid):  # the keys vim_config reads, with a published model's shapes
+    def sd(grid):  # the keys infer_config_from_state reads, with a published model's shapes
         return {"patch_embed.proj.weight": torch.zeros(d, 3, p, p), "pos_embed": torch.zeros(1, grid * grid + 1, d),
                 "cls_token": torch.zeros(1, 1, d), "layers.0.mixer.A_log": torch.zeros(2 * d, 16),
                 "layers.0.mixer.conv1d_b.weight": torch.zeros(2 * d, 1, 4), "layers.0.mixer.conv1d.weight":
                 torch.zeros(2 * d, 1, 4), "layers.0.mixer.dt_proj.weight": torch.zeros(2 * d, 1),
                 "norm_f.weight": torch.zeros(d)}
-    assert (vim_config(sd(14))["img_size"], vim_config(sd(14))["patch_stride"]) == (224, 16)   # Vim-T/S/B
-    assert (vim_config(sd(27))["img_size"], vim_config(sd(27))["patch_stride"]) == (224, 8)    # Vim-T+/S+
-    assert (vim_config(sd(24))["img_size"], vim_config(sd(24))["patch_stride"]) == (384, 16)   # 384 px fine-tune
+    assert (infer_config_from_state(sd(14))["img_size"], infer_config_from_state(sd(14))["patch_stride"]) == (224, 16)   # Vim-T/S/B
+    assert (infer_config_from_state(sd(27))["img_size"], infer_config_from_state(sd(27))["patch_stride"]) == (224, 8)    # Vim-T+/S+
+    assert (infer_config_from_state(sd(24))["img_size"], infer_config_from_state(sd(24))["patch_stride"]) == (384, 16)   # 384 px fine-tune
 
 
 def test_cli_convert_format_vim_and_bad_checkpoint(tmp_path):
