@@ -4,6 +4,10 @@
 "preprocess": {...}, "source": {...}}``. ``kind`` says which loader rebuilds the module:
 ``"video_encoder"`` (a registered backbone) here; later kinds register themselves with
 :func:`register_kind`. Nothing is unpickled: weights come from safetensors only.
+
+Tied weights (the MLM decoder shares the word embeddings) are stored once: safetensors'
+``save_model`` drops the other names of a shared tensor and ``load_model`` fills them through the
+module's own tie, so a loaded model trains with the tie intact.
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
 
 from ..atomic import atomic_path, atomic_write_text
 from .registry import build_from_config
@@ -44,6 +50,16 @@ def register_kind(kind: str):
     return deco
 
 
+def _raise_mismatch(what: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> None:
+    if missing or unexpected or bad_shape:
+        lines = [f"{what}: the weights do not match the architecture"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                lines.append(f"  {title} keys: {shown}")
+        raise ModelDirError("\n".join(lines))
+
+
 def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str,
                 allowed_missing: tuple[str, ...] = ()) -> None:
     """load_state_dict that fails loudly: every missing/unexpected key and shape mismatch listed."""
@@ -52,13 +68,7 @@ def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: s
     unexpected = [k for k in state if k not in own]
     bad_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or bad_shape:
-        lines = [f"{what}: the weights do not match the architecture"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
-                lines.append(f"  {title} keys: {shown}")
-        raise ModelDirError("\n".join(lines))
+    _raise_mismatch(what, missing, unexpected, bad_shape)
     module.load_state_dict(state, strict=False)
 
 
@@ -76,19 +86,10 @@ def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cf
     """Write config.json + model.safetensors (weights first, config last: config marks it complete)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state, tied = {}, {}
-    seen: dict[tuple[int, int, tuple], str] = {}
-    for k, v in module.state_dict().items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:  # a tied weight (e.g. the MLM decoder = word embeddings): stored once
-            tied[k] = seen[key]
-            continue
-        seen[key] = k
-        state[k] = v.detach().contiguous().cpu()
     with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp))
+        save_safetensors_model(module, str(tmp))  # a tied weight is stored once, under one of its names
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
-           "preprocess": preprocess, "source": source or {}, "tied": tied}
+           "preprocess": preprocess, "source": source or {}}
     if extra:
         cfg.update(extra)
     atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=False))
@@ -144,7 +145,7 @@ def _hf_model_config(path: Path, hf: dict[str, Any]) -> dict[str, Any]:
                   "interpolation": "bilinear"}
     return {"format": FORMAT, "version": VERSION, "kind": kind,
             "model": {"arch": hf["model_type"], "name": path.resolve().name, "hf_dir": str(path)},
-            "preprocess": preprocess, "source": {"hf_dir": str(path.resolve())}, "tied": {}}
+            "preprocess": preprocess, "source": {"hf_dir": str(path.resolve())}}
 
 
 def weights_file(path: str | Path) -> Path:
@@ -156,22 +157,58 @@ def weights_file(path: str | Path) -> Path:
     raise ModelDirError(f"{path}: model.safetensors is missing")
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a model directory, tied weights filled in from their source."""
+def _shared_names(module: torch.nn.Module) -> dict[str, set[str]]:
+    """Each state-dict name of ``module`` -> every name sharing its storage (itself included)."""
+    groups: dict[tuple, set[str]] = {}
+    for name, tensor in module.state_dict().items():
+        if tensor.device.type != "meta" and tensor.untyped_storage().data_ptr() != 0:
+            groups.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), set()).add(name)
+    return {name: group for group in groups.values() for name in group}
+
+
+def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | None = None) -> None:
+    """Load a model directory's weights into ``module``, strictly.
+
+    The file's names and shapes (its header) are checked against the module first, so a mismatch
+    is a :class:`ModelDirError` listing every missing/unexpected key and wrong shape (as
+    :func:`strict_load`); a name the file lacks is fine when the module ties it to one the file
+    holds. The weights are then read with safetensors' ``load_model``, which fills tied weights
+    through the module's own tie.
+    """
     f = Path(path) / "model.safetensors"
+    what = what or str(path)
     if not f.is_file():
         raise ModelDirError(f"{path}: model.safetensors is missing")
     if f.stat().st_size == 0:
         raise ModelDirError(f"{f} is empty (0 bytes); copy the model directory again or re-create it "
                             "with `vtr convert` / `vtr train`")
+    damaged = (f"{f} is damaged or truncated ({{}}); copy the model directory again or re-create it "
+               "with `vtr convert` / `vtr train`")
     try:
-        state = load_file(str(f))
+        with safe_open(str(f), framework="pt") as fh:
+            names = fh.keys()  # a safe_open handle: keys() is its only listing
+            stored = {name: tuple(fh.get_slice(name).get_shape()) for name in names}
     except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError for bad files)
-        raise ModelDirError(f"{f} is damaged or truncated ({type(exc).__name__}: {exc}); copy the model "
-                            "directory again or re-create it with `vtr convert` / `vtr train`") from None
-    for dst, src in read_model_config(path).get("tied", {}).items():
-        state[dst] = state[src]
-    return state
+        raise ModelDirError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
+    # Compatibility: directories written before safetensors' shared-tensor handling list their
+    # tied weights in config.json, "tied": {name not stored: stored name it equals}. Such a name
+    # counts as present when its source is stored; the module's own tie fills it. Nothing writes
+    # this map any more.
+    legacy_tied = {dst for dst, src in (read_model_config(path).get("tied") or {}).items() if src in stored}
+    own = module.state_dict()
+    shared = _shared_names(module)
+    missing = [k for k in own if k not in stored and k not in legacy_tied
+               and not any(other in stored for other in shared.get(k, ()))]
+    unexpected = [k for k in stored if k not in own]
+    bad_shape = [f"{k}: checkpoint {stored[k]} vs model {tuple(own[k].shape)}"
+                 for k in stored if k in own and stored[k] != tuple(own[k].shape)]
+    _raise_mismatch(what, missing, unexpected, bad_shape)
+    try:
+        load_safetensors_model(module, str(f), strict=True)
+    except SafetensorError as exc:
+        raise ModelDirError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
+    except RuntimeError as exc:  # a name the check above let through is not filled after all
+        raise ModelDirError(f"{what}: the weights do not match the architecture: {exc}") from None
 
 
 def model_identity(path: str | Path) -> dict[str, Any]:
@@ -186,7 +223,7 @@ def model_identity(path: str | Path) -> dict[str, Any]:
 @register_kind("video_encoder")
 def _load_video_encoder(path: Path, cfg: dict[str, Any]):
     model = build_from_config(cfg["model"])
-    strict_load(model, load_weights(path), f"{path}")
+    load_weights_into(model, path)
     return model
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model_dir import load_weights, register_kind, save_model_dir, strict_load
+from .model_dir import load_weights_into, register_kind, save_model_dir
 from .registry import build_from_config
 from .text import MLMHead, TextEncoder, tokenize
 
@@ -208,7 +208,7 @@ def _load_retrieval(path: Path, cfg: dict[str, Any]) -> RetrievalModel:
     model = RetrievalModel(video, text, m["embed_dim"], tok, m.get("max_text_len", DEFAULT_MAX_TEXT_LEN),
                            with_mlm=m.get("with_mlm", False), text_pooling=m.get("text_pooling", "cls"),
                            action_labels=m.get("action_labels") or None)
-    strict_load(model, load_weights(path), str(path))
+    load_weights_into(model, path)
     model.matching_trained = bool(m.get("matching_trained", True))
     return model
 

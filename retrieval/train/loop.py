@@ -35,7 +35,7 @@ from ..data.corpora import load_corpus, load_image_captions
 from ..data.dataset import ClipTextDataset, ImageTextDataset, collate
 from ..data.video import Preprocess
 from ..models.device import autocast, local_rank_device, resolve_precision
-from ..models.model_dir import load_model, load_weights, strict_load
+from ..models.model_dir import load_model, load_weights_into
 from ..models.retrieval_model import RetrievalModel, build_retrieval_model
 from ..models.text import SpecialTokenIds
 from .actions import ActionTargets, action_label_set
@@ -417,7 +417,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         opt, [lambda s, g=g: g["lr_scale"] * lr_factor(s, o.warmup_steps, o.steps) for g in groups])
     start = 0
     if state is not None:
-        strict_load(model, load_weights(out / "checkpoint"), f"{out}/checkpoint")
+        load_weights_into(model, out / "checkpoint", f"{out}/checkpoint")
         opt.load_state_dict(state["optimizer"])   # its state follows the parameters' device
         sched.load_state_dict(state["scheduler"])
         if "scaler" in state:
