@@ -2,8 +2,8 @@
 
 The matching head of the official recipe: BERT-base fusion layers (768 wide, 12 heads, MLP
 3072; the top 3 layers of bert-base-uncased with cross-attention) over VideoMamba-M's patch tokens
-(1 + 8 x 196 = 1569 tokens of width 576), captions of 20 tokens, fp32, random weights (BERT's
-initialisation). Text layers below the fusion layers take no part in re-ranking and are not built.
+(1 + 8 x 196 = 1569 tokens of width 576), captions of 20 tokens, fp32 (``--precision bf16``: under
+bf16 autocast, as ``vtr eval --precision bf16`` runs), random weights (BERT's initialisation). Text layers below the fusion layers take no part in re-ranking and are not built.
 
 Two paths, timed alternately in one process (warm-up first, median of ``--repeats``):
 
@@ -23,7 +23,7 @@ to itself), and the speedup is reported both ways.
 
 Equality: the first ``--ref-pairs`` pairs are scored by both paths; ``max_abs_diff`` is reported.
 
-    python bench/rerank.py [--captions 128 --videos 8 --ref-pairs 64 --repeats 3]
+    python bench/rerank.py [--captions 128 --videos 8 --ref-pairs 64 --repeats 3] [--precision bf16]
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from retrieval.eval.rerank import PairScorer, match_scores_reference
+from retrieval.models.device import cpu_has_native_bf16
 from retrieval.models.retrieval_model import RetrievalModel
 from retrieval.models.text import TextEncoder
 
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--ref-pairs", type=int, default=64, help="pairs per reference timing (batches of 32)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: both paths under CPU bf16 autocast (vtr eval --precision bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -92,7 +95,8 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"reference": [], "shared": []}
     cpu: dict[str, list[float]] = {"reference": [], "shared": []}
-    with torch.inference_mode():
+    bf16 = args.precision == "bf16"
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         ref_scores = reference()  # warm-up
         all_scores = shared()
         index = {(int(v), int(t)): i for i, (v, t) in enumerate(zip(videos, texts, strict=True))}
@@ -111,7 +115,8 @@ def main() -> None:
     diff = (fast_scores - ref_scores).abs().max().item()
     for name in ("reference", "shared"):
         print(json.dumps({
-            "bench": "rerank", "path": name, "threads": args.threads, "dtype": "float32",
+            "bench": "rerank", "path": name, "threads": args.threads,
+            "dtype": "bfloat16 (autocast)" if bf16 else "float32", "cpu_native_bf16": cpu_has_native_bf16(),
             "video_tokens": VIDEO_TOKENS, "video_width": VIDEO_WIDTH, "text_tokens": TEXT_TOKENS,
             "fusion_layers": FUSION_LAYERS, "pairs_timed": pairs[name],
             "captions_per_video": args.captions if name == "shared" else 1,
@@ -122,7 +127,7 @@ def main() -> None:
             "cpu_ms_per_pair_per_thread": round(1e3 * per_pair_cpu[name], 3),
             "projected_t2v_min_from_cpu": round(per_pair_cpu[name] * MSRVTT_CAPTIONS * args.k / 60, 2),
         }))
-    print(json.dumps({"bench": "rerank", "summary": True, "k": args.k,
+    print(json.dumps({"bench": "rerank", "summary": True, "k": args.k, "precision": args.precision,
                       "speedup": round(per_pair["reference"] / per_pair["shared"], 2),
                       "speedup_cpu": round(per_pair_cpu["reference"] / per_pair_cpu["shared"], 2),
                       "max_abs_diff": diff, "score_scale": round(ref_scores.abs().max().item(), 4),

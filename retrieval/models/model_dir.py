@@ -87,7 +87,7 @@ def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cf
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp:
-        save_safetensors_model(module, str(tmp))  # a tied weight is stored once, under one of its names
+        save_safetensors_model(module, str(tmp), force_contiguous=True)  # a tied weight is stored once, under one of its names
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
            "preprocess": preprocess, "source": source or {}}
     if extra:

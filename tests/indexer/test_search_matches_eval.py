@@ -6,6 +6,10 @@ whose inner product with the text vector is that same score. The untrained tiny 
 would be nearly parallel, which hides the difference between the two, so its temporal position
 table and projection are redrawn larger: frames then disagree and renormalising the stored
 vector would reorder clips (checked, so the test can tell the two apart).
+
+Every command runs in fp32: "exactly" holds for one precision. Under bf16 (``auto`` on CPUs with
+native bf16) a clip's features depend on the batch it was encoded in by bf16 rounding, and indexing
+and evaluation batch clips differently.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def _invoke(args: list[str]) -> str:
 def index(corpus_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("index") / "idx"
     _invoke(["index", "--model", str(model_dir), "--videos", str(corpus_dir / "videos"), "--ann",
-             str(corpus_dir / "test.json"), "--out", str(out), "--workers", "0", "--no-progress"])
+             str(corpus_dir / "test.json"), "--out", str(out), "--workers", "0", "--no-progress",
+             "--precision", "fp32"])
     return out
 
 
@@ -69,7 +74,8 @@ def index(corpus_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFa
 def eval_ranks(corpus_dir: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("eval")
     _invoke(["eval", "--model", str(model_dir), "--dataset", "generic", "--ann", str(corpus_dir / "test.json"),
-             "--videos", str(corpus_dir / "videos"), "--rerank-k", "0", "--out", str(out), "--no-progress"])
+             "--videos", str(corpus_dir / "videos"), "--rerank-k", "0", "--out", str(out), "--no-progress",
+             "--precision", "fp32"])
     with (out / "ranks_t2v.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
 
@@ -79,7 +85,8 @@ def test_search_order_equals_eval_ranks(index: Path, corpus_dir: Path, eval_rank
     videos = (corpus_dir / "videos").resolve()
     ranks = []
     for row in eval_ranks:
-        lines = _invoke(["search", "--index", str(index), row["text"], "-k", str(N_TEST), "--json"])
+        lines = _invoke(["search", "--index", str(index), row["text"], "-k", str(N_TEST), "--json",
+                         "--precision", "fp32"])
         hits = [json.loads(line) for line in lines.strip().splitlines()]
         order = [Path(hit["path"]).resolve().relative_to(videos).as_posix() for hit in hits]
         assert sorted(order) == sorted({r["gt"] for r in eval_ranks})  # every clip, once
