@@ -66,7 +66,7 @@ from retrieval.data.loader import iter_clip_batches
 from retrieval.data.video import Preprocess, VideoReadError, video_duration
 from retrieval.labels import load_labels
 from retrieval.models.actions import ActionClassifier
-from retrieval.models.device import model_autocast, model_device
+from retrieval.models.device import model_autocast, model_device, resolve_device, resolve_precision
 from retrieval.models.model_dir import load_model, model_identity, read_model_config
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ TIME_DECIMALS = 3
 #: Options that may differ between the workers and runs of one job: where the model and the
 #: corpus are mounted (the model's weights hash and the source list are compared instead).
 _LOCATION_KEYS = ("model_dir", "videos_root", "ann_file")
+# keys that job records written by earlier versions lack, with the value those jobs ran with
+_RECORD_DEFAULTS = {"precision": "fp32"}
 
 
 class JobError(ValueError):
@@ -374,13 +376,15 @@ class JobSummary:
 
 
 def _job_record(
-    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem]
+    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32"
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
     return {
         "format": JOB_FORMAT,
         "version": JOB_VERSION,
         "model": identity,
+        # the resolved inference precision: a resumed job must not mix fp32 and bf16 vectors
+        "precision": precision,
         "model_dir": str(spec.model_dir.resolve()),
         "videos_root": str(spec.videos.resolve()),
         "ann_file": str(spec.ann_file.resolve()) if spec.ann_file else None,
@@ -405,6 +409,7 @@ def _check_same_job(found: dict[str, Any], wanted: dict[str, Any], work_dir: Pat
             f"{work_dir} holds a job of another format ({found.get('format')!r} "
             f"v{found.get('version')}); delete it to start over"
         )
+    found = {**_RECORD_DEFAULTS, **found}
     differ = [key for key in wanted if key not in _LOCATION_KEYS and found.get(key) != wanted[key]]
     if differ:
         details = "; ".join(
@@ -636,7 +641,8 @@ def _run_locked(
     if select is not None:
         sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
-    record = _job_record(spec, identity, load_labels(spec.labels), sources)
+    record = _job_record(spec, identity, load_labels(spec.labels), sources,
+                         resolve_precision(precision, resolve_device(device)))
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
     _check_same_job(_create_once(work.job_file, record), record, work.root)

@@ -160,6 +160,20 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def full_precision(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` in fp32 even inside autocast.
+
+    For the small layers whose outputs are compared across clips and captions: the projections
+    into the shared embedding space and the action head. Retrieval ranks by differences between
+    cosines (a clip and its time-reversed twin differ by little), so bf16 rounding in these last
+    products reorders near-ties; in fp32 they cost nothing next to the towers. The towers' own
+    matrix products still run in the autocast precision.
+    """
+    kind = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
+    with torch.autocast(kind, enabled=False):
+        return layer(x.float())
+
+
 def set_runtime(model: torch.nn.Module, device: str | torch.device | None = "cpu",
                 precision: str | None = "fp32") -> torch.nn.Module:
     """Move ``model`` to ``device`` and record the inference precision its callers autocast to
@@ -204,6 +218,7 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 __all__ = [
     "DEVICES",
+    "full_precision",
     "PRECISIONS",
     "DeviceError",
     "autocast",

@@ -6,7 +6,8 @@ CLS for matching, and an optional MLM head. The clip-text score is cosine; when 
 keeps frames (``pooled`` [B, T, D]) it is the mean over frames of the per-frame cosine, as in the
 official evaluation. The vector an index stores is :meth:`RetrievalModel.clip_vector`: the mean of
 the normalised per-frame vectors, NOT renormalised, so that its inner product with a unit text
-vector is exactly that score and search ranks clips as evaluation does.
+vector is exactly that score and search ranks clips as evaluation does. The projections (and the
+action head) run in fp32 under autocast too (:func:`~retrieval.models.device.full_precision`).
 
 An optional action head (``action_head`` with its ``action_labels``) is a linear classifier on
 that same clip vector, trained with the corpus's action labels (recipe key ``loss.action``): it
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .device import full_precision
 from .model_dir import load_weights_into, register_kind, save_model_dir
 from .registry import build_from_config
 from .text import MLMHead, TextEncoder, tokenize
@@ -81,7 +83,7 @@ class RetrievalModel(nn.Module):
         if self.action_head is None:
             raise ValueError("this model has no action head (train it with loss.action > 0)")
         vector = self.clip_vector(feat) * self.embed_dim ** 0.5
-        return self.action_head(vector.to(self.action_head.weight.dtype))
+        return full_precision(self.action_head, vector)
 
     @property
     def keep_temporal(self) -> bool:
@@ -101,7 +103,7 @@ class RetrievalModel(nn.Module):
         if return_distill:
             kwargs["return_distill"] = True
         out = self.video(video, **kwargs)
-        feat = F.normalize(self.vision_proj(out["pooled"]), dim=-1)
+        feat = F.normalize(full_precision(self.vision_proj, out["pooled"]), dim=-1)
         tokens = out["tokens"]
         has_cls = getattr(self.video, "has_cls_token", True)
         res = {"feat": feat, "tokens": tokens[:, 1:] if has_cls and tokens.shape[1] > 1 else tokens}
@@ -140,12 +142,13 @@ class RetrievalModel(nn.Module):
         else:
             hidden = self.text(attention_mask=attention_mask, mode="text", hidden_states=hidden,
                                start_layer=start_layer)
-        if self.text_pooling == "mean":
-            w = attention_mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1)
+        if self.text_pooling == "mean":  # summed in fp32 (the hidden states may be bf16 under autocast)
+            w = attention_mask.float().unsqueeze(-1)
+            pooled = (hidden.float() * w).sum(1) / w.sum(1).clamp_min(1)
         else:
             pooled = hidden[:, 0]
-        return {"feat": F.normalize(self.text_proj(pooled), dim=-1), "hidden": hidden, "mask": attention_mask}
+        return {"feat": F.normalize(full_precision(self.text_proj, pooled), dim=-1), "hidden": hidden,
+                "mask": attention_mask}
 
     def encode_texts(self, texts: Sequence[str], max_len: int | None = None) -> dict[str, torch.Tensor]:
         ids, mask = self.tokenize(texts, max_len)

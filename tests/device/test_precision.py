@@ -51,3 +51,34 @@ def test_bf16_vs_fp32_is_measurable_at_all():
     clips = torch.randn(1, 3, 4, 32, 32)
     result = feature_cosine(video_features(net, clips), "bf16")
     assert result["max_abs_diff"] > 0
+
+
+def test_embedding_projections_and_action_head_stay_fp32_under_bf16():
+    """The shared-space projections and the action head run in fp32 inside autocast: bf16 rounding
+    in them would reorder near-tied clips; the towers beneath still run in bf16."""
+    torch.manual_seed(0)
+    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).eval()
+    model.set_action_head(["a", "b", "c"])
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (args[0].dtype, output.dtype)
+        return hook
+
+    for name in ("vision_proj", "text_proj", "action_head"):
+        getattr(model, name).register_forward_hook(record(name))
+    inner = next(m for m in model.video.modules() if isinstance(m, torch.nn.Linear))
+    inner.register_forward_hook(lambda m, a, out: seen.__setitem__("tower", out.dtype))
+    clips = torch.randn(2, 3, 4, 32, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        video = model.encode_video(clips)
+        text = model.encode_texts(["a red circle", "two green squares growing"])
+        logits = model.action_logits(video["feat"])
+    assert seen["tower"] == torch.bfloat16                  # the tower's own products ran in bf16
+    for name in ("vision_proj", "text_proj", "action_head"):
+        assert seen[name] == (torch.float32, torch.float32), (name, seen[name])
+    assert video["feat"].dtype == text["feat"].dtype == logits.dtype == torch.float32
+    vector = model.clip_vector(video["feat"]) * model.embed_dim ** 0.5
+    with torch.inference_mode():                             # the same product as the plain fp32 layer
+        torch.testing.assert_close(logits, model.action_head(vector), rtol=0, atol=0)

@@ -269,6 +269,8 @@ def test_crash_after_first_part_then_resume_gives_the_reference(
         run_index_job(spec, workers=0, progress=False)
     with pytest.raises(JobError, match="different job.*window"):
         run_index_job(replace(spec, window=5.0), resume=True, workers=0, progress=False)
+    with pytest.raises(JobError, match="different job.*precision: job has \"fp32\", now \"bf16\""):
+        run_index_job(spec, resume=True, workers=0, progress=False, precision="bf16")  # no fp32/bf16 mix
     summary = run_index_job(spec, resume=True, workers=0, batch_size=5, progress=False)
 
     assert (summary.skipped, summary.indexed, summary.parts_written) == (PART_SIZE, 14 - PART_SIZE, 4)
@@ -295,6 +297,8 @@ def test_kill_9_mid_job_then_resume_gives_the_reference(
         "1",
         "--batch-size",
         "1",
+        "--precision",  # the reference and the resume below run the library's default, fp32
+        "fp32",
         "--workers",
         "0",
         "--no-progress",

@@ -99,7 +99,7 @@ def test_ray_job_killed_mid_way_resumes_to_the_same_index(
     address = ray_cluster.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "app.cli", "index", "--engine", "ray", "--ray-address", address,
                "--model", str(model_dir), "--videos", str(videos), "--out", str(out), "--window", str(WINDOW),
-               "--part-size", "1", "--batch-size", "1", "--no-progress"]
+               "--part-size", "1", "--batch-size", "1", "--no-progress", "--precision", "fp32"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     # part 0 is the broken file (committed at once, no clips); wait for one that held clips
