@@ -9,6 +9,10 @@ One process, ``torch.set_num_threads(2)``:
   bf16 autocast, alternating; the forward's matmul FLOPs (``torch.utils.flop_counter``) divided by
   the matmul rate of the same dtype gives the floor, and ``*_vs_floor`` says how far above it the
   whole forward runs (the target: bf16 within 2x of its floor on CPUs with native bf16).
+  ``bf16_in_region_*``: the same bf16 forward inside one long autocast region, as ``vtr eval`` and
+  ``vtr index`` run their batches (each weight is cast to bf16 once per region, not per forward),
+  alternating with fp32 forwards in that region. ``bf16_share``: where a bf16 forward's time goes
+  (the scan and conv kernels, matrix products, dtype conversions, the rest; torch.profiler).
 * ``fidelity`` lines: cosine of bf16 against fp32 features (pooled clip features for the video
   encoders at full size, 8x224, random weights; the text tower's hidden states, MiniLM weights) on
   a photo pan and synthetic-corpus clips (retrieval/eval/precision.py).
@@ -95,6 +99,19 @@ def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
             t0 = time.perf_counter()
             fn()
             t[k].append(time.perf_counter() - t0)
+    # vtr eval / index enter autocast once around all their batches: autocast then casts each
+    # weight to bf16 once (its cache lives as long as the outermost region), so only the first
+    # forward pays for it. Timed alternating with fp32 forwards inside the same region (autocast
+    # switched off for those; an inner region does not clear the outer one's cache).
+    region = {"fp32": [], "bf16": []}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(video)                                     # the region's first forward casts the weights
+        for _ in range(repeats):
+            for k in ("fp32", "bf16"):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", enabled=k == "bf16", dtype=torch.bfloat16):
+                    model(video)
+                region[k].append(time.perf_counter() - t0)
     row = {"bench": "precision_speed", "model": name, "frames": frames, "img_size": size, "batch": 1,
            "threads": torch.get_num_threads(), "repeats": repeats, "matmul_gflop": round(mm_flops / 1e9, 2)}
     for k in ("fp32", "bf16"):
@@ -103,8 +120,32 @@ def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
         row.update({f"{k}_s": round(med, 4), f"{k}_min_s": round(min(t[k]), 4), f"{k}_max_s": round(max(t[k]), 4),
                     f"{k}_floor_s": round(floor, 4), f"{k}_vs_floor": round(med / floor, 2)})
     row["bf16_speedup"] = round(row["fp32_s"] / row["bf16_s"], 3)
+    in_region = statistics.median(region["bf16"])
+    row.update({"bf16_in_region_s": round(in_region, 4),
+                "bf16_in_region_vs_floor": round(in_region / (mm_flops / (rates["bf16"] * 1e9)), 2),
+                "bf16_in_region_speedup": round(statistics.median(region["fp32"]) / in_region, 3)})
+    row["bf16_share"] = _profile_shares(lambda: bf16())
     row["load_avg_1min"] = round(os.getloadavg()[0], 2)
     return row
+
+
+def _profile_shares(fn) -> dict:
+    """Where one forward spends its time (self CPU time): the scan and conv kernels, matrix
+    products, dtype conversions, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    self_us: dict[str, float] = {}
+    for ev in prof.key_averages():
+        self_us[ev.key] = self_us.get(ev.key, 0.0) + ev.self_cpu_time_total
+    total = sum(self_us.values()) or 1.0
+    groups = {"scan_kernel": ("_ScanFn",), "conv_kernel": ("_ConvFn",),
+              "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution"),
+              "conversions": ("aten::copy_",)}
+    shares = {name: round(sum(self_us.get(k, 0.0) for k in keys) / total, 3) for name, keys in groups.items()}
+    shares["other"] = round(1 - sum(shares.values()), 3)
+    return shares
 
 
 def fidelity(names: list[str], frames: int, size: int) -> list[dict]:

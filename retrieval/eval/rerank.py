@@ -120,7 +120,7 @@ def match_scores_reference(model: torch.nn.Module, tokens: np.ndarray | torch.Te
     device = next(model.parameters()).device
     for start in range(0, len(videos), batch):
         vs, ts = list(videos[start:start + batch]), list(texts[start:start + batch])
-        clip = torch.stack([torch.as_tensor(np.array(tokens[v])) for v in vs]).to(device, torch.float32)
+        clip = torch.stack([torch.as_tensor(np.array(tokens[v])).float() for v in vs]).to(device)  # fp32 before stack: CPU autocast refuses fp16
         hidden, mask = pad_rows([text_hidden[t] for t in ts])
         scores.append(model.match_score(clip, hidden.to(device), mask.to(device)).float().cpu())
     return torch.cat(scores)

@@ -58,6 +58,23 @@ def test_pair_scorer_equals_match_score(data, fusion_layers: int, chunk: int) ->
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
 
 
+def test_both_paths_run_under_bf16_autocast_and_track_fp32(data) -> None:
+    """``vtr eval --precision bf16`` scores pairs inside CPU bf16 autocast, from float16 tokens."""
+    tokens, hidden = data
+    model = matching_model(2)
+    rng = np.random.default_rng(5)
+    videos, texts = rng.integers(0, N_VIDEOS, 24), rng.integers(0, N_TEXTS, 24)
+    with torch.inference_mode():
+        exact = match_scores_reference(model, tokens.numpy(), hidden, videos, texts, batch=6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = PairScorer(model, tokens.numpy(), hidden).score(videos, texts)
+            reference = match_scores_reference(model, tokens.numpy(), hidden, videos, texts, batch=6)
+    assert fast.dtype == reference.dtype == torch.float32
+    assert not torch.equal(fast, exact)                  # bf16 really ran
+    for scores in (fast, reference):
+        torch.testing.assert_close(scores, exact, rtol=0, atol=0.05 * float(exact.abs().max()))
+
+
 def test_several_videos_per_call_equal_match_score(data) -> None:
     """G videos' states against G blocks of caption rows (the search path: one row per video)."""
     tokens, hidden = data
