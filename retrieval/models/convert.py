@@ -210,12 +210,16 @@ def list_keys(keys: list[str]) -> str:
 
 
 def save_video_encoder(cfg: dict[str, Any], sd: dict[str, torch.Tensor], checkpoint: str | Path, out: str | Path,
-                       name: str | None, arch_label: str, source: dict[str, Any]) -> Path:
-    """Build ``cfg``, load ``sd`` strictly (a mismatch is a :class:`CheckpointError`), save a model dir."""
+                       name: str | None, arch_label: str, source: dict[str, Any], sizes: str | None = None) -> Path:
+    """Build ``cfg``, load ``sd`` strictly (a mismatch is a :class:`CheckpointError`), save a model dir.
+
+    ``sizes`` describes the architecture in the error (default: ``D=<embed_dim> depth=<depth>``).
+    """
     cfg["name"] = name or Path(checkpoint).stem
     model = build_from_config(cfg)
+    sizes = sizes or f"D={cfg['embed_dim']} depth={cfg['depth']}"
     try:
-        strict_load(model, sd, f"{checkpoint} (as {arch_label} D={cfg['embed_dim']} depth={cfg['depth']})")
+        strict_load(model, sd, f"{checkpoint} (as {arch_label} {sizes})")
     except ModelDirError as exc:
         raise CheckpointError(str(exc)) from exc
     return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .convert import CheckpointError, list_keys, load_checkpoint, save_video_encoder
-from .model_dir import ModelDirError, save_model_dir, strict_load
-from .registry import build_from_config
+from .model_dir import save_model_dir
 
 FORMATS = ("timesformer", "uniformer", "vim")
 
@@ -76,18 +75,13 @@ def convert_uniformer(checkpoint: str | Path, out: str | Path, num_frames: int |
         cfg = uniformer.infer_config_from_state(state, head_dim)
     except CheckpointError as exc:
         raise CheckpointError(f"{checkpoint}: {exc}") from exc
-    cfg.update(num_frames=num_frames or 16, img_size=img_size, name=name or Path(checkpoint).stem)
+    cfg.update(num_frames=num_frames or 16, img_size=img_size)
     unknown: list[str] = []
     renamed = uniformer.checkpoint_filter_fn(state, unmapped=unknown)
     if unknown:
         raise CheckpointError(f"{checkpoint}: keys that are not part of UniFormer's video model: {list_keys(unknown)}")
-    model = build_from_config(cfg)
-    try:
-        strict_load(model, renamed, f"{checkpoint} (as UniFormer dims={cfg['dims']} depths={cfg['depths']})")
-    except ModelDirError as exc:
-        raise CheckpointError(str(exc)) from exc
-    return save_model_dir(model, out, "video_encoder", cfg, model.preprocess,
-                          source={"checkpoint": str(Path(checkpoint).resolve()), "format": "uniformer"})
+    return save_video_encoder(cfg, renamed, checkpoint, out, name, "UniFormer", {"format": "uniformer"},
+                              sizes=f"dims={cfg['dims']} depths={cfg['depths']}")
 
 
 def convert_vim(checkpoint: str | Path, out: str | Path, name: str | None = None, *, img_size: int | None = None,
