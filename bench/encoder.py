@@ -114,15 +114,10 @@ def child(frames: int, mode: str, repeats: int) -> dict:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    from torch.profiler import ProfilerActivity, profile
+    from bench.profiling import self_time_shares
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fused_forward()
-    self_us = {}
-    for ev in prof.key_averages():
-        self_us[ev.key] = self_us.get(ev.key, 0.0) + ev.self_cpu_time_total
-    total = sum(self_us.values()) or 1.0
-    share = lambda *keys: round(sum(self_us.get(k, 0.0) for k in keys) / total, 3)  # noqa: E731
+    share = self_time_shares(fused_forward, {"scan_kernel": ("_ScanFn",), "conv_kernel": ("_ConvFn",),
+                                             "matmul": ("aten::mm",)})
     row["fused_s"] = round(statistics.median(alone), 4)
     row["fused_min_s"] = round(min(alone), 4)
     row["fused_max_s"] = round(max(alone), 4)
@@ -139,8 +134,7 @@ def child(frames: int, mode: str, repeats: int) -> dict:
     row["cpu_native_bf16"] = cpu_has_native_bf16()
     row["seconds_per_frame"] = round(row["fused_s"] / frames, 4)
     row["load_avg_1min"] = round(os.getloadavg()[0], 2)
-    row["share"] = {"scan_kernel": share("_ScanFn"), "conv_kernel": share("_ConvFn"), "matmul": share("aten::mm"),
-                    "other": round(1 - share("_ScanFn", "_ConvFn", "aten::mm"), 3)}
+    row["share"] = share
     row["repeats"] = repeats
     return row
 

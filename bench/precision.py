@@ -36,6 +36,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
+from bench.profiling import self_time_shares
 from retrieval.models.device import cpu_flags, cpu_has_native_bf16
 
 THREADS = 2
@@ -124,28 +125,12 @@ def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
     row.update({"bf16_in_region_s": round(in_region, 4),
                 "bf16_in_region_vs_floor": round(in_region / (mm_flops / (rates["bf16"] * 1e9)), 2),
                 "bf16_in_region_speedup": round(statistics.median(region["fp32"]) / in_region, 3)})
-    row["bf16_share"] = _profile_shares(lambda: bf16())
+    row["bf16_share"] = self_time_shares(bf16, {
+        "scan_kernel": ("_ScanFn",), "conv_kernel": ("_ConvFn",),
+        "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution"),
+        "conversions": ("aten::copy_",)})
     row["load_avg_1min"] = round(os.getloadavg()[0], 2)
     return row
-
-
-def _profile_shares(fn) -> dict:
-    """Where one forward spends its time (self CPU time): the scan and conv kernels, matrix
-    products, dtype conversions, the rest."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    self_us: dict[str, float] = {}
-    for ev in prof.key_averages():
-        self_us[ev.key] = self_us.get(ev.key, 0.0) + ev.self_cpu_time_total
-    total = sum(self_us.values()) or 1.0
-    groups = {"scan_kernel": ("_ScanFn",), "conv_kernel": ("_ConvFn",),
-              "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution"),
-              "conversions": ("aten::copy_",)}
-    shares = {name: round(sum(self_us.get(k, 0.0) for k in keys) / total, 3) for name, keys in groups.items()}
-    shares["other"] = round(1 - sum(shares.values()), 3)
-    return shares
 
 
 def fidelity(names: list[str], frames: int, size: int) -> list[dict]:
