@@ -218,12 +218,12 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 __all__ = [
     "DEVICES",
-    "full_precision",
     "PRECISIONS",
     "DeviceError",
     "autocast",
     "cpu_has_native_bf16",
     "evaluating",
+    "full_precision",
     "local_rank_device",
     "model_autocast",
     "model_device",
