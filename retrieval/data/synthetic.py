@@ -13,6 +13,9 @@ The corpus is built to make retrieval *measurable*:
   combination the model never saw;
 * no test caption also describes another test clip (object sets are unique and none is a
   subset of another), so R@1 has one right answer;
+* a clip's action ``label`` is what its pixels show: a two-object clip shows a large shape (the
+  primary, whose action is the label) and a small one, so the labelled action is the one that
+  fills most of the frame;
 * a share of the test clips comes in *direction pairs* whose frames are exactly the
   time-reverse of each other (left/right, up/down, clockwise/counter-clockwise,
   growing/shrinking): a model that ignores frame order cannot tell them apart. Exactness comes
@@ -35,6 +38,7 @@ import math
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -155,7 +159,7 @@ _PAIR_SHARE = 0.4  # target share of test clips that belong to a direction pair
 _STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED = range(5)
 
 _FORMAT = "vtr-synthetic"
-_FORMAT_VERSION = 2  # 2: train entries carry caption_reversed
+_FORMAT_VERSION = 3  # 2: train entries carry caption_reversed; 3: two-object clips are large + small
 _MANIFEST = "corpus.json"
 #: The generator's own record in its output folder: the files it wrote (relative paths). Only
 #: those are ever replaced or removed, and a non-empty folder without it is refused.
@@ -215,7 +219,8 @@ class Background:
 
 @dataclass(frozen=True)
 class Scene:
-    """What one clip (or one segment of a long clip) shows; the first object is the primary."""
+    """What one clip (or one segment of a long clip) shows; the first object is the primary, whose
+    action is the clip's label (of two objects, the large one)."""
 
     background: Background
     objects: tuple[ShapeObject, ...]
@@ -497,6 +502,13 @@ def _pick(rng: np.random.Generator, items: list[Any]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
+def _pick_where(rng: np.random.Generator, items: list[Any], ok: Callable[[Any], bool]) -> Any:
+    """A uniform pick among the items for which ``ok`` holds (by rejection: draw until one does)."""
+    while not ok(item := _pick(rng, items)):
+        pass
+    return item
+
+
 # ----------------------------------------------------------------------------------------------
 # captions
 
@@ -612,14 +624,18 @@ def _held_out_triples(seed: int) -> tuple[Triple, ...]:
 def _plan_train(n_train: int, held_out: tuple[Triple, ...], rng: np.random.Generator) -> list[Scene]:
     held = set(held_out)
     seen_keys = [key for key in _keys_of(VALID_TRIPLES) if _triple(key) not in held]
+    large_keys = [key for key in seen_keys if key[2] == "large"]
     scenes = []
     for _ in range(n_train):
-        keys = [_pick(rng, seen_keys)]
+        alone = _pick(rng, seen_keys)
         if rng.random() < _TWO_OBJECT_SHARE:
-            second = _pick(rng, seen_keys)
-            while second[:2] == keys[0][:2]:  # two same-looking shapes would make captions vague
-                second = _pick(rng, seen_keys)
-            keys.append(second)
+            # two objects: the labelled primary is large and the other small (and looks different:
+            # two same-looking shapes would make captions vague)
+            primary = _pick(rng, large_keys)
+            second = _pick_where(rng, seen_keys, lambda k, p=primary: k[2] == "small" and k[:2] != p[:2])
+            keys = [primary, second]
+        else:
+            keys = [alone]
         scenes.append(_scene(keys, rng))
     return scenes
 
@@ -632,7 +648,7 @@ def _plan_test(
     Unambiguity rule: object sets are unique, and an object shown alone appears in no other
     test clip (otherwise its caption would also describe the clip that shows it with another
     object). Direction pairs come first, then single-object clips, then two-object clips whose
-    first object is held out. Pairs need held-out forward objects (32 of them), so their 40%
+    first (large) object is held out and whose second is small. Pairs need held-out forward objects (32 of them), so their 40%
     share holds up to n_test = 160 and shrinks beyond.
     """
     all_held_keys = _keys_of(held_out)
@@ -660,7 +676,7 @@ def _plan_test(
     object_sets: set[frozenset[ObjectKey]] = set()
     firsts = [key for key in held_keys if key not in used]
     seconds = [key for key in _keys_of(VALID_TRIPLES) if key not in used]
-    candidates = [(a, b) for a in firsts for b in seconds if a[:2] != b[:2]]
+    candidates = [(a, b) for a in firsts for b in seconds if a[2] == "large" and b[2] == "small" and a[:2] != b[:2]]
     for index in rng.permutation(len(candidates)):
         if len(planned) == n_test:
             break

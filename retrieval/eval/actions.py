@@ -29,7 +29,7 @@ def evaluate_actions(model: torch.nn.Module, corpus: Corpus, labels: str | Seque
     Items without a label are skipped; clips that cannot be decoded are skipped with a warning
     and counted in ``failed``. Zero-shot evaluation reuses :func:`embed_corpus` (and its cache).
     ``top1_any`` counts a clip's top label as right when any object of the clip does that action
-    (:func:`item_actions`; the annotation's ``label`` names only the first of two objects).
+    (:func:`item_actions`; the annotation's ``label`` names the primary object's).
     Returns ``{"top1", "top5", "top1_any", "n", "failed", "unlabelled", "source"}``.
 
     Raises:

@@ -1,11 +1,11 @@
 """Action-label targets for the supervised action head (recipe key ``loss.action``).
 
-A clip's actions come from its annotation: every object's ``action`` under
-``attributes.objects`` when the annotation lists them (the synthetic corpus does), else its
-``label``. A clip showing two actions gets half the target mass on each: the head then ranks
-both on top, and neither is "wrong". A time-reversed copy (``data.reversed_share``) shows each
-action backwards, so its targets are the reversed actions (moving left <-> moving right,
-growing <-> shrinking, ...; blinking and bouncing read the same both ways).
+A clip's target is its annotation's ``label`` (in the synthetic corpus, the action of the
+primary object: of two, the large one). An annotation without a ``label`` that lists its
+objects' actions (``attributes.objects[*].action``) gets an equal share of the target on each.
+A time-reversed copy (``data.reversed_share``) shows the action backwards, so its target is the
+reversed action (moving left <-> moving right, growing <-> shrinking, ...; blinking and
+bouncing read the same both ways).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class ActionTargets:
         self.forward = torch.zeros(len(items), len(labels))
         self.backward = torch.zeros(len(items), len(labels))
         for row, item in enumerate(items):
-            actions = item_actions(item)
+            actions = [item.label] if item.label is not None else item_actions(item)
             for action in actions:
                 self.forward[row, index[action]] += 1 / len(actions)
                 back = REVERSE_ACTION.get(action, action)

@@ -12,12 +12,10 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # Guards below what the recipe reaches (docs/demo.md, "Measured"): they catch a pipeline that
-# stops learning (chance is 1 % and 10 %), not run-to-run noise. Label top-1 counts the top label
-# as right when the clip shows that action (either object of a two-object clip); the strict
-# figure (the annotation's first object only) tops out near 87 % and gets the lower guard.
+# stops learning (chance is 1 % and 10 %), not run-to-run noise. Label top-1 is against the
+# annotation's label (of a two-object clip, the large shape's action).
 MIN_T2V_R1 = 50.0
 MIN_LABEL_TOP1 = 70.0
-MIN_LABEL_TOP1_STRICT = 60.0
 
 
 def test_demo_builds_trains_indexes_and_evaluates(tmp_path):
@@ -34,8 +32,8 @@ def test_demo_builds_trains_indexes_and_evaluates(tmp_path):
     # the labels the page shows come from the trained action head, and are mostly right
     actions = metrics["actions"]
     assert actions["source"] == "head", actions
-    assert actions["top1_any"] >= MIN_LABEL_TOP1, actions
-    assert actions["top1"] >= MIN_LABEL_TOP1_STRICT, actions
+    assert actions["top1"] >= MIN_LABEL_TOP1, actions
+    assert actions["top1_any"] >= actions["top1"], actions
     assert metrics["actions_zero_shot"]["source"] == "zero-shot"
     assert (work / "index" / "manifest.json").is_file()
     assert (work / "train" / "model" / "model.safetensors").is_file()

@@ -108,12 +108,16 @@ def test_annotation_schema(corpus: tuple[Path, dict[str, Any]]) -> None:
         objects = entry["attributes"]["objects"]
         assert entry["label"] == objects[0]["action"] and entry["label"] in ACTIONS
         assert 1 <= len(objects) <= 2
+        if len(objects) == 2:  # the labelled primary is the large shape, the other small and different
+            assert [o["size"] for o in objects] == ["large", "small"]
+            assert (objects[0]["colour"], objects[0]["shape"]) != (objects[1]["colour"], objects[1]["shape"])
         captions = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         for caption in captions:
             assert caption == caption.lower()
             for obj in objects:  # every caption names every object's colour
                 assert obj["colour"] in caption
     assert any(len(e["attributes"]["objects"]) == 2 for e in train)
+    assert any(len(e["attributes"]["objects"]) == 2 for e in test)
 
 
 def test_reversed_captions_describe_the_clip_played_backwards(corpus: tuple[Path, dict[str, Any]]) -> None:

@@ -221,24 +221,32 @@ def test_clip_cache_decodes_in_parallel_in_order_and_skips_broken_clips(tmp_path
     assert index == broken + 1 and video.shape[1] == 4
 
 
-def test_action_targets_split_two_objects_and_reverse_with_the_clip(tiny_corpus):
+def test_action_targets_follow_the_label_and_reverse_with_the_clip(tiny_corpus):
+    from dataclasses import replace
+
     from retrieval.data.corpora import load_corpus
     from retrieval.data.synthetic import ACTIONS, REVERSE_ACTION
     from retrieval.labels import item_actions
     from retrieval.train.actions import ActionTargets
 
     items = load_corpus("generic", tiny_corpus / "train.json", tiny_corpus / "videos").items
-    targets = ActionTargets(items, list(ACTIONS))
-    n = len(items)
+    # a two-object clip whose objects do different actions is trained on its label (the primary's)
+    assert any(len(item_actions(item)) == 2 for item in items)
+    # an annotation without a label but with its objects' actions: an equal share on each
+    unlabelled = [replace(item, label=None) for item in items if len(item_actions(item)) == 2]
+    everything = [*items, *unlabelled]
+    targets = ActionTargets(everything, list(ACTIONS))
+    n = len(everything)
     rows = targets(torch.arange(2 * n))
     torch.testing.assert_close(rows.sum(1), torch.ones(2 * n))
-    for i, item in enumerate(items):
-        actions = item_actions(item)
+    for i, item in enumerate(everything):
+        actions = [item.label] if item.label is not None else item_actions(item)
         want = {ACTIONS.index(a): 1 / len(actions) for a in actions}
         assert {j: round(float(p), 6) for j, p in enumerate(rows[i]) if p} == pytest.approx(want)
         back = {ACTIONS.index(REVERSE_ACTION.get(a, a)) for a in actions}
         assert {j for j, p in enumerate(rows[n + i]) if p} == back   # the reversed copy's actions
-    assert any(len(item_actions(item)) == 2 for item in items)
+    assert len(unlabelled) and all(len([p for p in rows[len(items) + k] if p]) == 2
+                                   for k in range(len(unlabelled)))
 
 
 def test_action_loss_leaves_out_unlabelled_rows():
