@@ -9,7 +9,7 @@ multi-scene clips for moment search.
 The corpus is built to make retrieval *measurable*:
 
 * the test split holds out whole (colour, shape, action) combinations: no object of a train
-  clip ever matches one, and every test clip's first object does, so a test query describes a
+  clip ever matches one, and every test clip shows one, so a test query describes a
   combination the model never saw;
 * no test caption also describes another test clip (object sets are unique and none is a
   subset of another), so R@1 has one right answer;
@@ -647,8 +647,8 @@ def _plan_test(
 
     Unambiguity rule: object sets are unique, and an object shown alone appears in no other
     test clip (otherwise its caption would also describe the clip that shows it with another
-    object). Direction pairs come first, then single-object clips, then two-object clips whose
-    first (large) object is held out and whose second is small. Pairs need held-out forward objects (32 of them), so their 40%
+    object). Direction pairs come first, then single-object clips, then two-object clips of a
+    large and a small object, at least one of them held out. Pairs need held-out forward objects (32 of them), so their 40%
     share holds up to n_test = 160 and shrinks beyond.
     """
     all_held_keys = _keys_of(held_out)
@@ -673,18 +673,21 @@ def _plan_test(
         planned.append((_scene([key], rng), None))
         used.add(key)
 
+    # two-object clips: a free held-out object of either size, with a free object of the other
+    # size that looks different; the large one comes first (it carries the label)
     object_sets: set[frozenset[ObjectKey]] = set()
-    firsts = [key for key in held_keys if key not in used]
-    seconds = [key for key in _keys_of(VALID_TRIPLES) if key not in used]
-    candidates = [(a, b) for a in firsts for b in seconds if a[2] == "large" and b[2] == "small" and a[:2] != b[:2]]
+    leads = [key for key in held_keys if key not in used]
+    partners = [key for key in _keys_of(VALID_TRIPLES) if key not in used]
+    candidates = [(a, b) if a[2] == "large" else (b, a)
+                  for a in leads for b in partners if a[2] != b[2] and a[:2] != b[:2]]
     for index in rng.permutation(len(candidates)):
         if len(planned) == n_test:
             break
-        first, second = candidates[index]
-        if frozenset((first, second)) in object_sets:
+        large, small = candidates[index]
+        if frozenset((large, small)) in object_sets:
             continue
-        object_sets.add(frozenset((first, second)))
-        planned.append((_scene([first, second], rng), None))
+        object_sets.add(frozenset((large, small)))
+        planned.append((_scene([large, small], rng), None))
     if len(planned) < n_test:
         raise ValueError(
             f"n_test={n_test} is too many: only {len(planned)} test clips with distinct, unambiguous "
