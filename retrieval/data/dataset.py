@@ -107,7 +107,9 @@ class ClipTextDataset(Dataset):
         if not captions or (self._cache is not None and self._cache[index] is None):
             return None
         video = (sample if sample is not None else self[index])[0]
-        caption = random.Random(hash((self.seed, self.epoch, index, "reversed")) & 0xFFFFFFFF).choice(captions)
+        # seeded by a string (hashed with SHA-512 by random.Random), not by hash() of a tuple holding
+        # one: str hashes change from process to process, and so would the caption
+        caption = random.Random(f"reversed/{self.seed}/{self.epoch}/{index}").choice(captions)
         return video.flip(1), caption, index
 
 

@@ -186,6 +186,41 @@ def test_time_reversed_samples_join_the_batch(tmp_path, tiny_corpus):
         load_recipe(None, ["data.train=x.json", "data.reversed_share=2"])
 
 
+_SAMPLE_CHOICES = """
+import json, sys
+from retrieval.data.corpora import load_corpus
+from retrieval.data.dataset import ClipTextDataset
+from retrieval.data.video import Preprocess
+root = sys.argv[1]
+corpus = load_corpus("generic", root + "/train.json", root + "/videos")
+pre = Preprocess.from_dict({"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                            "num_frames": 4})
+ds = ClipTextDataset(corpus, pre, seed=3, cache=False, progress=False)
+choices = []
+for epoch in (0, 1):
+    ds.set_epoch(epoch)
+    for i in range(len(ds)):
+        video, caption, _ = ds[i]
+        rev = ds.reversed_sample(i, (video, caption, i))
+        choices.append([caption, float(video.sum()), rev[1] if rev else None])
+print(json.dumps(choices))
+"""
+
+
+def test_sample_choices_do_not_depend_on_the_process(tiny_corpus):
+    """Two processes with different string-hash seeds draw the same frames and captions (plain and
+    time-reversed), so a training run is repeated exactly by another process with the same seed."""
+    runs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        res = subprocess.run([sys.executable, "-c", _SAMPLE_CHOICES, str(tiny_corpus)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(json.loads(res.stdout))
+    assert runs[0] == runs[1]
+    assert any(rev is not None for _, _, rev in runs[0])
+
+
 def test_clip_cache_decodes_in_parallel_in_order_and_skips_broken_clips(tmp_path, tiny_corpus, caplog):
     import shutil
 
