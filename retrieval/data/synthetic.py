@@ -627,6 +627,8 @@ def _plan_train(n_train: int, held_out: tuple[Triple, ...], rng: np.random.Gener
     large_keys = [key for key in seen_keys if key[2] == "large"]
     scenes = []
     for _ in range(n_train):
+        # every clip draws a single-object key first, used or not: the train stream's order is
+        # part of the corpus format (changing it changes every corpus built from a seed)
         alone = _pick(rng, seen_keys)
         if rng.random() < _TWO_OBJECT_SHARE:
             # two objects: the labelled primary is large and the other small (and looks different:
@@ -648,8 +650,8 @@ def _plan_test(
     Unambiguity rule: object sets are unique, and an object shown alone appears in no other
     test clip (otherwise its caption would also describe the clip that shows it with another
     object). Direction pairs come first, then single-object clips, then two-object clips of a
-    large and a small object, at least one of them held out. Pairs need held-out forward objects (32 of them), so their 40%
-    share holds up to n_test = 160 and shrinks beyond.
+    large and a small object, at least one of them held out. Pairs need held-out forward
+    objects (32 of them), so their 40% share holds up to n_test = 160 and shrinks beyond.
     """
     all_held_keys = _keys_of(held_out)
     held_keys = [all_held_keys[i] for i in rng.permutation(len(all_held_keys))]
