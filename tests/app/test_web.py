@@ -580,8 +580,13 @@ def test_large_uploads_are_scaled_while_decoding_one_at_a_time(demo, tmp_path: P
 def _gone(name: str, timeout: float = 10.0) -> bool:
     from gradio.utils import get_upload_folder
 
+    def present() -> bool:
+        # os.walk skips a directory that disappears while it is being listed; the janitor
+        # deletes upload directories concurrently, which makes Path.rglob raise.
+        return any(name in files for _root, _dirs, files in os.walk(get_upload_folder()))
+
     deadline = time.monotonic() + timeout
-    while list(Path(get_upload_folder()).rglob(name)):
+    while present():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
