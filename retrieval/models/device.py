@@ -169,9 +169,14 @@ def full_precision(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     products reorders near-ties; in fp32 they cost nothing next to the towers. The towers' own
     matrix products still run in the autocast precision.
     """
-    kind = x.device.type if x.device.type in ("cpu", "cuda") else "cpu"
-    with torch.autocast(kind, enabled=False):
+    with no_autocast(x.device):
         return layer(x.float())
+
+
+def no_autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A region where autocast is off for ``device``'s kind (meta and others: the CPU's)."""
+    kind = torch.device(device).type
+    return torch.autocast(kind if kind in ("cpu", "cuda") else "cpu", enabled=False)
 
 
 def set_runtime(model: torch.nn.Module, device: str | torch.device | None = "cpu",

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .device import full_precision
+from .device import full_precision, no_autocast
 from .model_dir import load_weights_into, register_kind, save_model_dir
 from .registry import build_from_config
 from .text import MLMHead, TextEncoder, tokenize
@@ -158,17 +158,24 @@ class RetrievalModel(nn.Module):
     # -- scoring ----------------------------------------------------------------------------
     @staticmethod
     def similarity(text_feat: torch.Tensor, video_feat: torch.Tensor) -> torch.Tensor:
-        """Cosine [n_text, n_video]; per-frame video features are scored per frame then averaged."""
-        if video_feat.dim() == 3:
-            return torch.einsum("qd,vtd->qvt", text_feat, video_feat).mean(-1)
-        return text_feat @ video_feat.t()
+        """Cosine [n_text, n_video]; per-frame video features are scored per frame then averaged.
+
+        Always fp32, also under autocast: ranking compares these scores with each other (a clip
+        and its time-reversed twin score within a few thousandths of each other), and bf16 keeps
+        only about three significant digits, so bf16 scores would turn near-ties into ties.
+        """
+        with no_autocast(text_feat.device):
+            text_feat, video_feat = text_feat.float(), video_feat.float()
+            if video_feat.dim() == 3:
+                return torch.einsum("qd,vtd->qvt", text_feat, video_feat).mean(-1)
+            return text_feat @ video_feat.t()
 
     def match_score(self, video_tokens: torch.Tensor, text_hidden: torch.Tensor,
                     text_mask: torch.Tensor) -> torch.Tensor:
         """ITM logit of "match" for aligned pairs (row i of each argument)."""
         fused = self.text(attention_mask=text_mask, mode="fusion", hidden_states=text_hidden,
                           encoder_hidden_states=video_tokens)
-        return self.itm_head(fused[:, 0])[:, 1]
+        return full_precision(self.itm_head, fused[:, 0])[:, 1]
 
     # The same logit split for re-ranking (tested equal to match_score): compute the video part
     # once per video and the caption part once per caption, then only the pair part per pair.
@@ -183,7 +190,7 @@ class RetrievalModel(nn.Module):
     def match_score_cached(self, video_state: list[tuple[torch.Tensor, torch.Tensor]],
                            text_state: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """ITM logits [B] of B caption rows against G videos' states (rows in G blocks of B/G)."""
-        return self.itm_head(self.text.fusion_cls(text_state, text_mask, video_state))[:, 1]
+        return full_precision(self.itm_head, self.text.fusion_cls(text_state, text_mask, video_state))[:, 1]
 
     # -- persistence ------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

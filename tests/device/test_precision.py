@@ -53,9 +53,10 @@ def test_bf16_vs_fp32_is_measurable_at_all():
     assert result["max_abs_diff"] > 0
 
 
-def test_embedding_projections_and_action_head_stay_fp32_under_bf16():
-    """The shared-space projections and the action head run in fp32 inside autocast: bf16 rounding
-    in them would reorder near-tied clips; the towers beneath still run in bf16."""
+def test_embedding_projections_and_heads_stay_fp32_under_bf16():
+    """The shared-space projections, the action head and the matching head run in fp32 inside
+    autocast: bf16 rounding in them would reorder near-tied clips; the towers beneath still run
+    in bf16."""
     torch.manual_seed(0)
     model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).eval()
     model.set_action_head(["a", "b", "c"])
@@ -66,7 +67,7 @@ def test_embedding_projections_and_action_head_stay_fp32_under_bf16():
             seen[name] = (args[0].dtype, output.dtype)
         return hook
 
-    for name in ("vision_proj", "text_proj", "action_head"):
+    for name in ("vision_proj", "text_proj", "action_head", "itm_head"):
         getattr(model, name).register_forward_hook(record(name))
     inner = next(m for m in model.video.modules() if isinstance(m, torch.nn.Linear))
     inner.register_forward_hook(lambda m, a, out: seen.__setitem__("tower", out.dtype))
@@ -75,10 +76,33 @@ def test_embedding_projections_and_action_head_stay_fp32_under_bf16():
         video = model.encode_video(clips)
         text = model.encode_texts(["a red circle", "two green squares growing"])
         logits = model.action_logits(video["feat"])
+        match = model.match_score(video["tokens"], text["hidden"], text["mask"])
     assert seen["tower"] == torch.bfloat16                  # the tower's own products ran in bf16
-    for name in ("vision_proj", "text_proj", "action_head"):
+    assert match.dtype == torch.float32                     # ITM logits re-rank near-ties too
+    for name in ("vision_proj", "text_proj", "action_head", "itm_head"):
         assert seen[name] == (torch.float32, torch.float32), (name, seen[name])
     assert video["feat"].dtype == text["feat"].dtype == logits.dtype == torch.float32
     vector = model.clip_vector(video["feat"]) * model.embed_dim ** 0.5
     with torch.inference_mode():                             # the same product as the plain fp32 layer
         torch.testing.assert_close(logits, model.action_head(vector), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frames", [None, 4])
+def test_similarity_scores_are_fp32_under_bf16(frames):
+    """Scores are compared with each other to rank: a clip and its time-reversed twin can score
+    within 1e-3 of each other, which bf16 (8 significant bits) rounds to one value."""
+    from retrieval.models.retrieval_model import RetrievalModel
+
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    shape = (5, 64) if frames is None else (5, frames, 64)
+    video = torch.nn.functional.normalize(torch.randn(*shape), dim=-1)
+    video[1] = video[0] + 1e-3 * torch.nn.functional.normalize(torch.randn(*shape[1:]), dim=-1)
+    reference = RetrievalModel.similarity(text, video)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = RetrievalModel.similarity(text.bfloat16(), video)
+    assert scores.dtype == torch.float32
+    # bf16 inputs widen exactly: the scores are those of the widened inputs, not bf16 products
+    torch.testing.assert_close(scores, RetrievalModel.similarity(text.bfloat16().float(), video), rtol=0, atol=0)
+    assert torch.equal(scores[:, 0] > scores[:, 1], reference[:, 0] > reference[:, 1])
+    assert (scores[:, 0] != scores[:, 1]).all()
