@@ -164,10 +164,10 @@ def full_precision(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` in fp32 even inside autocast.
 
     For the small layers whose outputs are compared across clips and captions: the projections
-    into the shared embedding space and the action head. Retrieval ranks by differences between
-    cosines (a clip and its time-reversed twin differ by little), so bf16 rounding in these last
-    products reorders near-ties; in fp32 they cost nothing next to the towers. The towers' own
-    matrix products still run in the autocast precision.
+    into the shared embedding space, the action head and the matching head. Retrieval ranks by
+    differences between scores (a clip and its time-reversed twin differ by little), so bf16
+    rounding in these last products reorders near-ties; in fp32 they cost nothing next to the
+    towers. The towers' own matrix products still run in the autocast precision.
     """
     with no_autocast(x.device):
         return layer(x.float())
