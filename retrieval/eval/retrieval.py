@@ -454,7 +454,7 @@ def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 1
     with evaluating(model):
         text_started = time.perf_counter()
         captions = encode_captions(model, texts, corpus.max_text_len, keep_hidden=rerank)
-        itc = torch.cat([model.similarity(chunk, clips["feat"]).float().cpu()
+        itc = torch.cat([model.similarity(chunk, clips["feat"]).cpu()
                          for chunk in captions.feat.split(_SIMILARITY_CHUNK)])
         itc[:, failed] = FAILED_SCORE
         timing["text_s"] = time.perf_counter() - text_started

@@ -198,7 +198,7 @@ class ActionClassifier:
         label_feat = self.label_features.to(video_feat.device, video_feat.dtype)
         with torch.no_grad():
             sim = self.model.similarity(label_feat, video_feat).t()
-        return torch.softmax(sim.float() / self.temperature, dim=-1).cpu()
+        return torch.softmax(sim / self.temperature, dim=-1).cpu()
 
     # -- rankings -----------------------------------------------------------------------------
     def probabilities(self, videos: torch.Tensor) -> torch.Tensor:
