@@ -23,13 +23,15 @@ import json
 import logging
 import os
 import unicodedata
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from indexer.channels import TextIndex, fuse, index_channels
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.corpora import clean_text
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
@@ -46,6 +48,8 @@ RERANK_BATCH = 8
 
 #: A grouped search reads this many items per wanted video at first (more if they fall short).
 GROUP_POOL_FACTOR = 4
+#: Items each channel contributes to a fused search (at least ``k`` times the group factor).
+FUSION_POOL = 100
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,11 @@ class Hit:
     ``label_source`` says where they come from: ``"head"`` (the model's trained action head),
     ``"zero-shot"`` (label prompts through the text tower) or ``"supervised"`` (the video
     encoder's own classifier). ``moments``: in a grouped search, the video's other matching
-    windows, best first.
+    windows, best first. In a search over several channels (:meth:`Searcher.search` with
+    ``channels``), ``score`` is the fused score, ``channels`` gives each channel's ``rank`` and
+    ``score`` for this item (absent: the channel did not rank it), and ``text`` the on-screen line
+    that matched (:class:`indexer.channels.TextMatch` as a dict: ``text``, ``start``/``end`` seconds,
+    ``spans``, ``snippet``).
     """
 
     item_id: int
@@ -80,6 +88,8 @@ class Hit:
     captions: list[str]
     label_source: str | None = None
     moments: tuple[Moment, ...] = ()
+    channels: dict[str, dict[str, float]] = field(default_factory=dict)
+    text: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -187,6 +197,9 @@ class Searcher:
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
+        self.channels = index_channels(self.reader.manifest)
+        # the lexical index of on-screen text, built in memory from the items (SQLite FTS5)
+        self.text_index = TextIndex(self.reader.items) if "text" in self.channels else None
 
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
@@ -229,25 +242,40 @@ class Searcher:
         return bool(getattr(self.model, "matching_trained", True))
 
     @torch.inference_mode()
-    def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False) -> list[Hit]:
+    def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False,
+               channels: Sequence[str] | None = None, weights: Mapping[str, float] | None = None) -> list[Hit]:
         """The ``k`` best clips for ``text``, best first; with ``group``, the ``k`` best videos,
         each with its other matching windows as ``moments``.
+
+        ``channels`` (default: every channel the index has) are searched and their rankings
+        fused (:func:`indexer.channels.fuse`, per-channel ``weights``); a channel that matches
+        nothing abstains, so a query about the picture ranks as the visual channel ranks it.
+        ``rerank`` re-scores the visual channel's candidates alone.
 
         Queries longer than the model's text limit are truncated by the tokenizer; control
         characters are dropped.
 
         Raises:
             EmptyQuery: the query has no words.
+            ValueError: a channel the index does not have.
         """
         query = clean_query(text)
         if query.blank:
             raise EmptyQuery()
+        wanted = self.channels if channels is None else tuple(channels)
+        missing = [name for name in wanted if name not in self.channels]
+        if missing:
+            raise ValueError(f"the index has no {missing[0]} channel (it has {', '.join(self.channels)})")
+        if not wanted:
+            raise ValueError("search needs at least one channel")
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
         with model_autocast(self.model):
             encoded = self.model.encode_texts([query.text])
         vector = encoded["feat"].float().cpu().numpy()
+        if not rerank and wanted != ("visual",):
+            return self._fused(query.text, vector, k, group, wanted, weights)
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
             hits = self._rerank(self.reader.search(vector, pool)[0], encoded["hidden"], encoded["mask"])
@@ -267,6 +295,34 @@ class Searcher:
             if len(grouped) >= k or pool >= total:
                 return grouped[:k]
             pool = min(total, pool * GROUP_POOL_FACTOR)
+
+    def _fused(self, query: str, vector: np.ndarray, k: int, group: bool, channels: Sequence[str],
+               weights: Mapping[str, float] | None) -> list[Hit]:
+        """Each channel's best :data:`FUSION_POOL` items, fused by confidence-aware rank fusion."""
+        pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
+        rankings: dict[str, list[int]] = {}
+        scores: dict[str, dict[int, float]] = {}
+        if "visual" in channels:
+            found = self.reader.search(vector, pool)[0]
+            rankings["visual"] = [item["id"] for item, _ in found]
+            scores["visual"] = {item["id"]: score for item, score in found}
+        if "text" in channels and self.text_index is not None:
+            found_text = self.text_index.search(query, pool)
+            rankings["text"] = [item_id for item_id, _ in found_text]
+            scores["text"] = dict(found_text)
+        if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
+            return self._lookup(vector, k, group)  # every other channel abstained: the visual search as is
+        hits = []
+        for item_id, fused, ranks in fuse(rankings, weights):
+            item = self.reader.items[item_id]
+            per_channel = {name: {"rank": rank, "score": scores[name][item_id]} for name, rank in ranks.items()}
+            if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
+                cosine = float(np.asarray(self.reader.vectors[item_id], np.float32) @ vector[0])
+                per_channel["visual"] = {"rank": None, "score": cosine}
+            match = self.text_index.match(item_id, query) if "text" in ranks and self.text_index else None
+            hits.append(replace(self._hit(item, fused), channels=per_channel,
+                                text=None if match is None else asdict(match)))
+        return group_hits(hits, k) if group else hits[:k]
 
     @torch.inference_mode()
     def search_video(
