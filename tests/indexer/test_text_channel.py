@@ -204,3 +204,23 @@ def test_cli_refuses_bad_channel_options_before_work(model_dir: Path, videos: Pa
     assert missing.exit_code == 2 and "vtr[ocr]" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
     assert not (tmp_path / "i").exists() and not work_dir_for(tmp_path / "i").exists()
+
+
+def test_index_add_reads_the_new_videos_text(model_dir: Path, videos: Path, tmp_path: Path) -> None:
+    from indexer.update import add_to_index, remove_from_index
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(videos, corpus)
+    index = tmp_path / "index"
+    run_index_job(JobSpec(model_dir=model_dir, out=index, videos=corpus, part_size=2, channels=("visual", "text")),
+                  workers=0, progress=False)
+    _write_video(corpus / "sale.mp4", "SALE 50")
+    add_to_index(index, corpus, workers=0, progress=False)
+    reader = open_index(index)
+    assert set(reader.manifest["extra"]["channels"]) == {"visual", "text"}
+    added = next(item for item in reader.items if item["path"].endswith("sale.mp4"))
+    assert [line["text"].replace(" ", "") for line in added["extra"]["text"]["lines"]] == ["SALE50"]
+    remove_from_index(index, [str(corpus / "title.mp4")])
+    left = {Path(item["path"]).name for item in open_index(index).items}
+    assert left == {"sign.mp4", "plain.mp4", "sale.mp4"}
+    assert Searcher(index).search("sale 50", k=1)[0].path.endswith("sale.mp4")
