@@ -8,7 +8,8 @@ checksummed ``items.jsonl``. The manifest's ``extra["channels"]`` names the chan
 made them.
 
 Lexical search (:class:`TextIndex`) runs on SQLite FTS5 (Python's own sqlite3, in memory, built
-when an index is opened) with BM25 ranking. Each item's text is stored *folded*
+when an index is opened): FTS5 finds the candidates (BM25), and an item scores the summed idf of
+the query terms its text holds, so rare words outweigh common ones. Each item's text is stored *folded*
 (:func:`retrieval.ocr.fold`: no spaces, no punctuation, look-alike characters merged) under the
 trigram tokenizer, so a query word matches as a substring: "valencia" finds the recogniser's
 "FloodinValencia", "breaking" finds "BREAKlNG". Adjacent query words are also searched glued
@@ -24,6 +25,7 @@ ranks exactly as the visual channel alone ranks it.
 
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +37,10 @@ from retrieval.ocr import DEFAULT_EVERY_S, fold, folded_with_positions, ocr_avai
 
 #: Every channel an index can have, in display order.
 CHANNELS = ("visual", "text")
+#: A lexical match ranks only when it scores at least this share of the query's best match.
+RELATIVE_FLOOR = 0.5
+#: Items the FTS5 query hands to the term scoring, best BM25 first.
+CANDIDATES = 1000
 #: The RRF constant (Cormack et al. 2009): flattens the gap between the first ranks.
 RRF_K = 60
 #: Words that say how the text appears rather than what it says; never searched on screen.
@@ -161,30 +167,47 @@ class TextIndex:
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute("CREATE VIRTUAL TABLE docs USING fts5(body, tokenize='trigram')")
         self._lines: dict[int, list[dict[str, Any]]] = {}
-        rows = []
+        self._docs: dict[int, str] = {}  # item id -> its folded text, as indexed
         for item in items:
             lines = item_lines(item)
             if lines:
                 self._lines[int(item["id"])] = lines
-                rows.append((int(item["id"]), " ".join(fold(line["text"]) for line in lines)))
+                self._docs[int(item["id"])] = " ".join(fold(line["text"]) for line in lines)
         with self._db:
-            self._db.executemany("INSERT INTO docs(rowid, body) VALUES (?, ?)", rows)
+            self._db.executemany("INSERT INTO docs(rowid, body) VALUES (?, ?)", self._docs.items())
 
     def __len__(self) -> int:
         """Items that carry any text."""
-        return len(self._lines)
+        return len(self._docs)
 
-    def search(self, query: str, k: int | None = None, min_score: float = 0.0) -> list[tuple[int, float]]:
-        """Items whose text matches ``query``, best first, as ``(item id, score)`` with the score
-        ``-bm25`` (higher is better); only items scoring above ``min_score``. ``[]`` when nothing
-        matches: the channel abstains."""
+    def search(self, query: str, k: int | None = None,
+               relative_floor: float = RELATIVE_FLOOR) -> list[tuple[int, float]]:
+        """Items whose text matches ``query``, best first, as ``(item id, score)``.
+
+        An item's score is the summed BM25 idf of the query terms (:func:`query_terms`) its text
+        contains, so rare words and glued pairs ("chapter3") outweigh common ones; BM25 over the
+        trigrams breaks ties. Only items scoring at least ``relative_floor`` times the best are
+        ranked: a partial match ("Chapter 7" for "chapter 3") is not evidence. ``[]`` when nothing
+        matches: the channel abstains.
+        """
         terms = query_terms(query)
-        if not terms or not self._lines:
+        if not terms or not self._docs:
             return []
-        expression = " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
-        sql = "SELECT rowid, -bm25(docs) FROM docs WHERE docs MATCH ? ORDER BY bm25(docs)"
-        rows = self._db.execute(sql + ("" if k is None else f" LIMIT {int(k)}"), (expression,)).fetchall()
-        return [(int(rowid), float(score)) for rowid, score in rows if score > min_score]
+        weights = {}
+        for term in terms:
+            (found,) = self._db.execute("SELECT count(*) FROM docs WHERE docs MATCH ?", (_phrase(term),)).fetchone()
+            if found:
+                weights[term] = math.log(1.0 + (len(self._docs) - found + 0.5) / (found + 0.5))
+        if not weights:
+            return []
+        expression = " OR ".join(_phrase(term) for term in weights)
+        rows = self._db.execute(f"SELECT rowid, -bm25(docs) FROM docs WHERE docs MATCH ? ORDER BY bm25(docs) "
+                                f"LIMIT {CANDIDATES}", (expression,)).fetchall()
+        scored = [(sum(w for term, w in weights.items() if term in self._docs[rowid]), bm25, int(rowid))
+                  for rowid, bm25 in rows]
+        best = max(score for score, _, _ in scored)
+        kept = sorted((row for row in scored if row[0] >= relative_floor * best), key=lambda row: (-row[0], -row[1]))
+        return [(rowid, score) for score, _, rowid in kept[:k]]
 
     def match(self, item_id: int, query: str) -> TextMatch | None:
         """The item's line that holds the most of the query's terms (earliest on ties)."""
@@ -200,6 +223,11 @@ class TextIndex:
         line, found = best
         spans, snippet = highlight(line["text"], found)
         return TextMatch(line["text"], float(line["start"]), float(line["end"]), spans, snippet, tuple(found))
+
+
+def _phrase(term: str) -> str:
+    """An FTS5 string literal (with the trigram tokenizer: a substring match)."""
+    return '"' + term.replace('"', '""') + '"'
 
 
 def fuse(rankings: Mapping[str, Sequence[int]], weights: Mapping[str, float] | None = None,

@@ -53,7 +53,7 @@ MIN_LINE_SCORE = 0.5
 MAX_FRAMES_PER_ITEM = 64
 
 # look-alike characters a recogniser swaps; folded to one representative on both sides
-_LOOK_ALIKES = str.maketrans({"0": "o", "1": "l", "i": "l", "|": "l", "!": "l", "5": "s", "$": "s"})
+_LOOK_ALIKES = str.maketrans({"0": "o", "1": "l", "i": "l", "|": "l", "!": "l", "5": "s", "$": "s", "6": "g", "8": "b"})
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -83,7 +83,7 @@ def normalise_line(text: str) -> str:
 
 def fold(text: str) -> str:
     """The form text is matched in: lower case, accents, spaces and punctuation removed,
-    look-alike characters (0/o, 1/l/i, 5/s) made one. ``fold("BREAKlNG NEWS") == fold("breaking news")``."""
+    look-alike characters (0/o, 1/l/i, 5/s, 6/g, 8/b) made one. ``fold("BREAKlNG NEWS") == fold("breaking news")``."""
     text = unicodedata.normalize("NFKD", normalise_line(text).lower())
     text = "".join(ch for ch in text if not unicodedata.combining(ch))
     return _NOT_WORD.sub("", text).translate(_LOOK_ALIKES)

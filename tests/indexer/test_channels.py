@@ -54,10 +54,12 @@ def test_glued_recogniser_output_is_found_by_its_words() -> None:
 
 
 def test_numbers_count_through_glued_pairs() -> None:
-    found = TextIndex(ITEMS).search("the title reads Chapter 3")
-    assert found[0][0] == 1, "Chapter 3 beats Chapter 7"
-    assert {item for item, _ in found} == {1, 2}
-    assert found[0][1] > found[1][1]
+    index = TextIndex(ITEMS)
+    assert [item for item, _ in index.search("the title reads Chapter 3")] == [1], \
+        "Chapter 7 shares only a common word: below the confidence floor"
+    both = index.search("the title reads Chapter 3", relative_floor=0.0)
+    assert [item for item, _ in both] == [1, 2] and both[0][1] > both[1][1]
+    assert {item for item, _ in index.search("chapter")} == {1, 2}, "equal evidence: both rank"
 
 
 def test_no_match_means_the_channel_abstains() -> None:

@@ -224,3 +224,23 @@ def test_index_add_reads_the_new_videos_text(model_dir: Path, videos: Path, tmp_
     left = {Path(item["path"]).name for item in open_index(index).items}
     assert left == {"sign.mp4", "plain.mp4", "sale.mp4"}
     assert Searcher(index).search("sale 50", k=1)[0].path.endswith("sale.mp4")
+
+
+def test_eval_reports_each_channel_and_the_fusion_per_query_kind(model_dir: Path, tmp_path: Path) -> None:
+    from retrieval.data.synthetic import generate_corpus
+
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, n_train=1, n_test=6, size=128, long_videos=0, progress=False, written_share=0.5)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", "generic", "--ann",
+                                      str(corpus / "test.json"), "--videos", str(corpus / "videos"), "--channels",
+                                      "visual,text", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "text_mentioning" in result.output and "plain_fusion" in result.output
+    metrics = json.loads((out / "channels.json").read_text())
+    assert metrics["queries"] == {"all": 6, "picture_only": 3, "text_mentioning": 3}
+    mentioning, picture = metrics["text_mentioning"], metrics["picture_only"]
+    assert mentioning["text"]["R@1"] >= 66.0, "the untrained model cannot see; the text channel reads"
+    assert mentioning["fused"]["R@1"] >= mentioning["visual"]["R@1"]
+    assert picture["fused"] == picture["visual"], "no on-screen match: fusion is the visual ranking"
+    assert open_index(out / "index").manifest["extra"]["channels"].keys() == {"visual", "text"}
