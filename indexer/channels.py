@@ -41,6 +41,10 @@ CHANNELS = ("visual", "text")
 RELATIVE_FLOOR = 0.5
 #: Items the FTS5 query hands to the term scoring, best BM25 first.
 CANDIDATES = 1000
+#: Default fusion weights. The text channel weighs a little more than the visual one: it only
+#: ranks items that pass its confidence floor, so its first item (a match of the words typed)
+#: should beat the visual channel's first (a nearest neighbour), not tie with it.
+DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5}
 #: The RRF constant (Cormack et al. 2009): flattens the gap between the first ranks.
 RRF_K = 60
 #: Words that say how the text appears rather than what it says; never searched on screen.
@@ -234,11 +238,12 @@ def fuse(rankings: Mapping[str, Sequence[int]], weights: Mapping[str, float] | N
          k: int = RRF_K) -> list[tuple[int, float, dict[str, int]]]:
     """Reciprocal rank fusion of each channel's ranked item ids (best first).
 
-    A channel with an empty ranking has abstained and adds nothing. Returns ``(item id, fused
+    ``weights`` override :data:`DEFAULT_WEIGHTS` per channel. A channel with an empty ranking
+    has abstained and adds nothing. Returns ``(item id, fused
     score, {channel: 1-based rank})`` best first; ties keep the order of the first channel
     that ranked the item (so a lone channel's order is kept exactly).
     """
-    weights = weights or {}
+    weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     scores: dict[int, float] = {}
     ranks: dict[int, dict[str, int]] = {}
     for channel, ranking in rankings.items():

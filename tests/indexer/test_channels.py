@@ -161,3 +161,11 @@ def test_fused_scores_are_ordered() -> None:
     scores = np.array([score for _, score, _ in fused])
     assert (np.diff(scores) <= 0).all()
     assert fused[0][0] in (2, 3)
+
+
+def test_a_confident_text_match_beats_the_visual_nearest_neighbour() -> None:
+    """An item only the text channel ranks (first) comes before the visual channel's first item
+    by default, instead of tying with it."""
+    fused = fuse({"visual": [0, 1, 2], "text": [9]})
+    assert [item for item, _, _ in fused][:2] == [9, 0]
+    assert [item for item, _, _ in fuse({"visual": [0, 1, 2], "text": [9]}, {"text": 1.0})][0] == 0
