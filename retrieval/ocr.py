@@ -4,9 +4,9 @@ The recogniser is behind one small interface, :meth:`OcrReader.read` (an RGB fra
 with boxes out). The embedded default is PP-OCRv4 (detection + recognition, Chinese and English)
 with the v2.0 angle classifier, as ONNX models that ship inside the ``rapidocr-onnxruntime``
 wheel (the ``ocr`` extra): nothing is downloaded. ``OcrReader(model_dir=DIR)`` takes other local
-PP-OCR ONNX files instead (e.g. a Latin-script recogniser): ``*det*.onnx``, ``*rec*.onnx``,
-optionally ``*cls*.onnx`` and a character list ``*.txt`` for a recogniser that does not carry
-its own.
+PP-OCR ONNX files instead (e.g. a Latin-script recogniser): ``*det*.onnx``, ``*rec*.onnx`` and
+a character list ``*.txt`` for a recogniser that does not carry its own (an angle classifier
+``*cls*.onnx`` is accepted but, as for the embedded models, not run: on-screen text is upright).
 
 :func:`read_span` samples frames of an item's span (about one every :data:`DEFAULT_EVERY_S`
 seconds, at least one), reads them, merges a line that stays on screen over consecutive samples
@@ -49,6 +49,13 @@ DEFAULT_EVERY_S = 2.0
 MAX_SIDE = 1280
 #: Lines the recogniser is less sure of than this are dropped (PP-OCR's own default).
 MIN_LINE_SCORE = 0.5
+#: The detector scales a frame so that its short side is at least this many pixels. PP-OCR's own
+#: default (736) quadruples the work on small frames and reads no more of the synthetic corpus's
+#: titles (bench/channels.py); frames above it are read at their own size (up to MAX_SIDE).
+DET_MIN_SIDE = 320
+#: Two sampled frames whose 32x32 grey thumbnails differ by less than this mean absolute value
+#: (0-255) show the same thing: the second reuses the first one's lines instead of being read.
+SAME_FRAME = 1.0
 #: Upper bound on frames read per item, so one hour-long unwindowed video cannot stall a job.
 MAX_FRAMES_PER_ITEM = 64
 
@@ -170,8 +177,9 @@ class OcrReader:
 
         threads = max(1, int(threads or torch.get_num_threads()))
         cv2.setNumThreads(threads)
+        # no angle classifier: on-screen text is upright, and it costs a third of the recognition
         options: dict[str, Any] = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
-                                   "text_score": min_score}
+                                   "text_score": min_score, "use_cls": False, "det_limit_side_len": DET_MIN_SIDE}
         if files is not None:
             options["det_model_path"] = str(files["det"])
             options["rec_model_path"] = str(files["rec"])
@@ -187,9 +195,9 @@ class OcrReader:
     def _identity(self, files: dict[str, Path | None] | None) -> dict[str, Any]:
         """What made the text: the package and the models (names and hashes), for the manifest."""
         out: dict[str, Any] = {"engine": f"{OCR_PACKAGE} {importlib.metadata.version(OCR_PACKAGE)}",
-                               "min_score": self.min_score}
+                               "min_score": self.min_score, "det_min_side": DET_MIN_SIDE}
         if files is None:
-            out["models"] = "embedded (PP-OCRv4 det + rec, v2.0 cls)"
+            out["models"] = "embedded (PP-OCRv4 det + rec)"
         else:
             out["models"] = {role: {"file": path.name, "sha256": _sha256(path)}
                              for role, path in files.items() if path is not None}
@@ -259,6 +267,14 @@ def merge_repeats(frames: list[tuple[float, list[tuple[str, Any, float]]]]) -> l
     return merged
 
 
+def thumbnail(frame: np.ndarray, side: int = 32) -> np.ndarray:
+    """A ``side`` x ``side`` grey float thumbnail (block means) of an RGB frame, for comparing frames."""
+    grey = frame.astype(np.float32).mean(axis=2)
+    rows = np.array_split(np.arange(grey.shape[0]), min(side, grey.shape[0]))
+    cols = np.array_split(np.arange(grey.shape[1]), min(side, grey.shape[1]))
+    return np.array([[grey[r[0] : r[-1] + 1, c[0] : c[-1] + 1].mean() for c in cols] for r in rows])
+
+
 def read_span(reader: OcrReader, path: str | os.PathLike[str], start: float | None = None,
               end: float | None = None, every_s: float = DEFAULT_EVERY_S) -> dict[str, Any]:
     """The on-screen text of a video (or its span ``[start, end]`` in seconds).
@@ -274,15 +290,23 @@ def read_span(reader: OcrReader, path: str | os.PathLike[str], start: float | No
         frames, info = read_frames(path, num_frames=count, sample="middle", window=(start, end))
     except (VideoReadError, ValueError) as exc:
         return {"lines": [], "frames": 0, "notes": [f"cannot decode frames: {exc}"]}
-    # the same frame index twice (a span shorter than the sampling) is read once
+    # the same frame index twice (a span shorter than the sampling) is read once, and a frame
+    # that looks like the last one read (a slide, a still) takes its lines
     read: list[tuple[float, list[tuple[str, Any, float]]]] = []
     seen: set[int] = set()
+    last: tuple[np.ndarray, list[tuple[str, Any, float]]] | None = None
     for frame, index, time in zip(frames.numpy(), info["indices"], info["times"], strict=True):
         if index in seen:
             continue
         seen.add(index)
+        thumb = thumbnail(frame)
+        if last is not None and float(np.abs(thumb - last[0]).mean()) < SAME_FRAME:
+            read.append((round(float(time), 3), last[1]))
+            continue
         try:
-            read.append((round(float(time), 3), reader.read(frame)))
+            lines = reader.read(frame)
+            read.append((round(float(time), 3), lines))
+            last = (thumb, lines)
         except Exception as exc:  # noqa: BLE001  (one unreadable frame never fails the item)
             notes.append(f"frame at {float(time):.2f} s: {type(exc).__name__}: {exc}")
             logger.warning("text channel: %s frame at %.2f s: %s", path, float(time), exc)

@@ -244,3 +244,15 @@ def test_eval_reports_each_channel_and_the_fusion_per_query_kind(model_dir: Path
     assert mentioning["fused"]["R@1"] >= mentioning["visual"]["R@1"]
     assert picture["fused"] == picture["visual"], "no on-screen match: fusion is the visual ranking"
     assert open_index(out / "index").manifest["extra"]["channels"].keys() == {"visual", "text"}
+
+
+def test_a_still_is_read_once_and_its_line_spans_the_samples(reader: OcrReader, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    still = _write_video(tmp_path / "still.mp4", "CHAPTER 3", seconds=4.0)
+    calls = []
+    real = reader.read
+    monkeypatch.setattr(reader, "read", lambda frame: calls.append(1) or real(frame))
+    text = read_span(reader, still, every_s=1.0)
+    assert text["frames"] == 4 and len(calls) == 1
+    (line,) = text["lines"]
+    assert line["start"] < 1.0 and line["end"] > 3.0
