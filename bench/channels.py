@@ -6,8 +6,8 @@ Parts (``--parts``, default all):
   (:mod:`retrieval.data.written`, every font, size, position and colour it draws, some
   scrolling). ``word_recall``: share of the rendered words found in the frame's text after
   :func:`retrieval.ocr.fold` (target >= 0.9); ``ms_per_frame`` median (min, max).
-* ``fusion`` (needs ``--model`` and ``--corpus``: a trained model and a corpus written with
-  ``vtr data synth --written``): indexes the test split visual-only and visual+text, alternating,
+* ``fusion`` (``--model``: a trained model, ``--corpus``: a corpus written with
+  ``vtr data synth --written``; see :func:`bench_fusion` for the defaults): indexes the test split visual-only and visual+text, alternating,
   (``index_cost_ratio``: text / visual embed seconds, target <= 1.5) and ranks every test caption
   (:mod:`indexer.channel_eval`): t2v R@1 on text-mentioning queries fused vs visual-only (target
   +25 points) and on picture-only ones (target within 1 point), and plain rank fusion over all
@@ -46,7 +46,7 @@ from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
 from indexer.store import write_index
 from retrieval.data.corpora import load_corpus
-from retrieval.data.synthetic import plan_corpus, render_job
+from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
 from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
@@ -110,9 +110,20 @@ def _index(model: Path, corpus: Path, out: Path, channels: tuple[str, ...]) -> f
     return run_index_job(spec, workers=1, progress=False, overwrite=True).embed_seconds
 
 
-def bench_fusion(model: Path, corpus: Path, repeats: int) -> dict:
-    """Fused vs visual-only retrieval on the written corpus, and what the text channel costs."""
+def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: int) -> dict:
+    """Fused vs visual-only retrieval on the written corpus, and what the text channel costs.
+
+    Without ``model``: the demo architecture with random weights (it encodes exactly as fast as
+    the trained one, so the cost ratio holds; its visual ranking is chance). Without ``corpus``:
+    ``clips`` test clips, 40 % of them written."""
     with tempfile.TemporaryDirectory(prefix="vtr-bench-channels-") as scratch:
+        trained = model is not None
+        if model is None:
+            model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
+                                          text_pooling="mean").save(Path(scratch) / "model")
+        if corpus is None:
+            corpus = Path(scratch) / "corpus"
+            generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, written_share=0.4)
         visual_s, text_s = [], []
         for _ in range(repeats):
             visual_s.append(_index(model, corpus, Path(scratch) / "visual", ("visual",)))
@@ -136,7 +147,8 @@ def bench_fusion(model: Path, corpus: Path, repeats: int) -> dict:
     gain = by["text_mentioning"]["fused"] - by["text_mentioning"]["visual"]
     picture_gap = by["picture_only"]["fused"] - by["picture_only"]["visual"]
     ratio = statistics.median(text_s) / statistics.median(visual_s)
-    return {"bench": "channels", "part": "fusion", "queries": result["queries"], "t2v_R@1": by,
+    return {"bench": "channels", "part": "fusion", "visual_model": "trained" if trained else
+            "videomamba_demo, random weights (visual ranks are chance)", "queries": result["queries"], "t2v_R@1": by,
             "R@5": {s: {w: round(m["R@5"], 1) for w, m in result[s].items()} for s in by},
             "fused_gain_text_mentioning": round(gain, 1), "fused_gap_picture_only": round(picture_gap, 1),
             "lexical_R@1_text_mentioning": {"trigram_folded": round(trigram_r1, 1),
@@ -211,9 +223,11 @@ def bench_scale(n: int, queries: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale (comma-separated)")
-    parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips")
+    parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
+                        "--corpus is given")
     parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
-    parser.add_argument("--model", type=Path, help="fusion: a trained model directory")
+    parser.add_argument("--model", type=Path, help="fusion: a trained model directory (default: the demo "
+                        "architecture with random weights)")
     parser.add_argument("--corpus", type=Path, help="fusion: a corpus from `vtr data synth --written`")
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
@@ -227,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if part == "ocr":
             rows.append(bench_ocr(args.clips, args.size))
         elif part == "fusion":
-            if args.model is None or args.corpus is None:
-                parser.error("--parts fusion needs --model and --corpus")
-            rows.append(bench_fusion(args.model, args.corpus, args.repeats))
+            rows.append(bench_fusion(args.model, args.corpus, args.repeats, args.clips))
         elif part == "scale":
             rows.append(bench_scale(args.items, args.queries))
         else:
