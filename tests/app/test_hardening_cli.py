@@ -57,11 +57,34 @@ def test_malformed_yaml_in_a_recipe_or_an_override(tmp_path: Path, no_training) 
         ("optim.lr=0", "optim.lr must be a positive number"),
         ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
         ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("loss.vtc=.nan", "loss.vtc must be a finite number"),
+        ("loss.mlm=.inf", "loss.mlm must be a finite number"),
+        ("optim.grad_clip=.nan", "optim.grad_clip must be a finite number"),
+        ("optim.lr=.inf", "optim.lr must be a finite number"),
+        ("optim.lr=1e999", "optim.lr must be a finite number"),
+        ("model.video_overrides={drop_path_rate: .nan}", "model.video_overrides.drop_path_rate must be a finite"),
+        ("model.embed_dim=-5", "model.embed_dim must be >= 1"),
+        ("model.embed_dim=0", "model.embed_dim must be >= 1"),
+        ("model.max_text_len=0", "model.max_text_len must be >= 3"),
+        ("model.num_fusion_layers=-1", "model.num_fusion_layers must be >= 0"),
+        ("data.frames_per_segment=0", "data.frames_per_segment must be >= 1"),
+        ("data.workers=-2", "data.workers must be >= 0"),
+        ("model.text_dropout=1.5", "model.text_dropout must be in [0, 1)"),
+        ("loss.mlm_prob=1.5", "loss.mlm_prob (the share of caption tokens masked) must be in"),
     ],
 )
 def test_recipe_values_that_cannot_train(override: str, message: str, no_training) -> None:
     result = CliRunner().invoke(app, ["train", str(REPO / "configs/train/demo.yaml"), override])
     _one_line_error(result, message)
+
+
+def test_a_deeply_nested_recipe_is_one_line(tmp_path: Path, no_training) -> None:
+    recipe = tmp_path / "deep.yaml"
+    recipe.write_text("model:\n  video_overrides: " + "[" * 100_000 + "\n")
+    _one_line_error(CliRunner().invoke(app, ["train", str(recipe)]), "deep.yaml is nested too deeply")
+    demo = str(REPO / "configs/train/demo.yaml")
+    _one_line_error(CliRunner().invoke(app, ["train", demo, "model.video_overrides=" + "[" * 100_000]),
+                    "'model.video_overrides': the value is nested too deeply")
 
 
 @pytest.fixture(scope="module")
