@@ -626,3 +626,52 @@ def test_identical_uploads_queued_together_are_all_answered(demo, videos_root: P
     while upload.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not upload.exists() and not folder.exists()
+
+
+def _post_upload(url: str, name: str, data: bytes) -> tuple[int, str]:
+    import httpx
+
+    response = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": (name, data, "video/mp4")},
+                          timeout=30)
+    return response.status_code, response.text
+
+
+def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Path, videos_root: Path) -> None:
+    from app.uploads import UploadLimits
+
+    clip = (videos_root / "test" / "0005.mp4").read_bytes()
+    # a page of its own: the shared one's earlier uploads would count against the space
+    demo = build_app(open_searcher(index), upload_limits=UploadLimits(space=2 * len(clip) + 2000))
+    janitor = demo.vtr_page.janitor
+    janitor.lifetime_s = 0.5
+    url = launch(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True)
+    try:
+        name = f"never-searched-{os.getpid()}-{time.time_ns()}.mp4"
+        code, body = _post_upload(url, name, clip)
+        assert code == 200, body
+        stored = Path(json.loads(body)[0])
+        assert stored.name == name and stored.read_bytes() == clip
+        assert _gone(name)                      # deleted after its lifetime, never searched
+        assert janitor.used() == 0
+
+        # the uploads on disk together may take `space` bytes: one more is refused with a reason
+        janitor.lifetime_s = 2.0
+        first, second = f"a-{name}", f"b-{name}"
+        assert _post_upload(url, first, clip)[0] == 200
+        assert _post_upload(url, second, clip + b"\0")[0] == 200
+        code, body = _post_upload(url, f"c-{name}", clip + b"\0\0")
+        assert code == 507 and "space for uploads" in body and "is full" in body
+        assert _gone(f"c-{name}", timeout=0) and not _gone(first, timeout=0)
+        # space comes back as uploads expire
+        assert _gone(first) and _gone(second)
+        assert janitor.used() == 0
+        code, body = _post_upload(url, f"d-{name}", clip)
+        assert code == 200, body
+    finally:
+        demo.close()
+
+
+def test_the_clip_route_answers_404_for_any_non_ascii_number(url: str) -> None:
+    for raw in ("/vtr/clip/%C2%B2", "/vtr/clip/%D9%A3", "/vtr/clip/%EF%BC%91", "/vtr/clip/1%C2%B2"):
+        code, body = _get(url, raw)
+        assert code == 404, (raw, code, body)
