@@ -12,8 +12,10 @@ upload therefore goes through three steps:
    (:func:`retrieval.data.video.load_clip`, the same pixels the index was built from); large
    ones are scaled while decoding: each wanted frame is converted straight to the model's
    ``size x size`` by the decoder's scaler, so no full-size RGB frame or float copy ever exists.
-   The decoder runs without frame threading (no extra full-size frame per thread), and frames
-   larger than the probe said are refused.
+   The decoder runs without frame threading (no extra full-size frame per thread). Either way
+   every decoded frame is held to the size the container stated: FFmpeg refuses a larger one
+   before allocating it, so a stream that switches to 8192x8192 after a 320x320 header is
+   refused, not decoded.
 3. :class:`UploadJanitor` deletes every uploaded file after a short grace period, counted from
    its arrival on the upload route or from the answer to the last request using it (Gradio
    stores identical uploads under one path, so a second request for the same content may still
@@ -32,7 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrieval.data.video import Preprocess, VideoReadError, load_clip, sample_frame_indices
+from retrieval.data.video import (
+    FrameTooLarge,
+    Preprocess,
+    VideoReadError,
+    decode_frames,
+    limit_frame_size,
+    load_clip,
+    sample_frame_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +159,9 @@ def probe(path: str | os.PathLike[str], limits: UploadLimits) -> VideoProbe:
     return found
 
 
-def _decode_scaled(path: Path, preprocess: Preprocess, found: VideoProbe, limits: UploadLimits) -> torch.Tensor:
-    """The clip with every wanted frame scaled to ``size x size`` by the decoder's scaler."""
+def _decode_scaled(path: Path, preprocess: Preprocess, found: VideoProbe, max_pixels: int) -> torch.Tensor:
+    """The clip with every wanted frame scaled to ``size x size`` by the decoder's scaler; every
+    decoded frame is held to ``max_pixels`` (:class:`FrameTooLarge`)."""
     import av
 
     indices = sample_frame_indices(0, found.frames, preprocess.num_frames, "middle")
@@ -161,12 +172,8 @@ def _decode_scaled(path: Path, preprocess: Preprocess, found: VideoProbe, limits
         with _open(path) as container:
             stream = container.streams.video[0]
             stream.thread_type = "SLICE"  # frame threading keeps one full-size frame per thread
-            for position, frame in enumerate(container.decode(stream)):
-                if frame.width * frame.height > limits.max_pixels:
-                    raise UploadRefused(
-                        f"a frame is {frame.width}x{frame.height}, more than the container stated and more than "
-                        f"the {limits.max_pixels / 1e6:.1f} megapixels this page accepts"
-                    )
+            limit_frame_size(stream, max_pixels)
+            for position, frame in enumerate(decode_frames(container, stream, path, max_pixels)):
                 if position in wanted:
                     decoded[position] = frame.to_ndarray(format="rgb24", width=size, height=size,
                                                          interpolation="BICUBIC")
@@ -190,10 +197,21 @@ def decode_upload(path: str | os.PathLike[str], preprocess: Preprocess, limits: 
     """
     path = Path(path)
     found = probe(path, limits)
+    # every decoded frame is held to the size the container stated (itself within the cap): a
+    # stream that switches to larger frames after its header is refused as the first one arrives
+    stated = found.width * found.height
     with limits._slots:
-        if found.width * found.height <= DIRECT_DECODE_PIXELS:
-            return load_clip(path, preprocess)
-        return _decode_scaled(path, preprocess, found, limits)
+        try:
+            if stated <= DIRECT_DECODE_PIXELS:
+                return load_clip(path, preprocess, max_pixels=stated)
+            return _decode_scaled(path, preprocess, found, stated)
+        except FrameTooLarge as exc:
+            seen = f" to {exc.size[0]}x{exc.size[1]}" if exc.size else ""
+            raise UploadRefused(
+                f"the video changes its frame size{seen} after its first frames (the container states "
+                f"{found.width}x{found.height}); this page accepts only clips that keep their size within "
+                f"{limits.max_pixels / 1e6:.1f} megapixels"
+            ) from None
 
 
 class UploadSpaceFull(UploadRefused):
