@@ -127,3 +127,61 @@ def test_synth_only_removes_files_it_wrote(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "videos/train").iterdir()) == ["0000.mp4", "0001.mp4", "mine.mp4"]
     record = json.loads((tmp_path / ".vtr-synthetic").read_text())
     assert "videos/train/0002.mp4" not in record["files"] and "videos/train/mine.mp4" not in record["files"]
+
+
+TINY_SYNTH = {"seed": 1, "size": 32, "num_frames": 4, "long_videos": 0, "progress": False}
+
+
+def test_synth_never_overwrites_a_users_clip_under_a_planned_name(tmp_path: Path) -> None:
+    from retrieval.data.synthetic import generate_corpus
+
+    generate_corpus(tmp_path, n_train=3, n_test=2, **TINY_SYNTH)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    mine = tmp_path / "videos/train/0007.mp4"
+    mine.write_bytes(b"my own clip, saved where the next corpus would put one")
+    result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path), "--n-train", "8", "--n-test", "2",
+                                      "--long", "0", "--size", "32", "--seed", "1"])
+    _one_line_error(result, "videos/train/0007.mp4 was not written by the synthetic corpus generator")
+    assert mine.read_bytes() == b"my own clip, saved where the next corpus would put one"
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != mine} == before
+
+
+def test_synth_keeps_a_users_clip_saved_under_a_generated_name_and_their_temporaries(tmp_path: Path) -> None:
+    from retrieval.data.synthetic import generate_corpus
+
+    generate_corpus(tmp_path, n_train=3, n_test=2, **TINY_SYNTH)
+    replaced = tmp_path / "videos/train/0002.mp4"          # listed in the record, but now the user's
+    replaced.write_bytes(b"the user's clip under a name the generator once used")
+    temporaries = [tmp_path / "videos/train/.x.mp4.tmp-1234-abcd", tmp_path / "videos/test/.0000.mp4.tmp-9-ff"]
+    for temporary in temporaries:
+        temporary.write_bytes(b"the user's half-copied file")
+    generate_corpus(tmp_path, n_train=2, n_test=2, **TINY_SYNTH)   # 0002 is no longer planned
+    assert replaced.read_bytes() == b"the user's clip under a name the generator once used"
+    assert all(t.read_bytes() == b"the user's half-copied file" for t in temporaries)
+    record = json.loads((tmp_path / ".vtr-synthetic").read_text())["files"]
+    assert "videos/train/0002.mp4" not in record and "videos/train/0001.mp4" in record
+    # its own stale clip, unchanged since it wrote it, is removed as before
+    generate_corpus(tmp_path, n_train=1, n_test=2, **TINY_SYNTH)
+    assert not (tmp_path / "videos/train/0001.mp4").exists() and replaced.exists()
+
+
+def test_synth_resumes_its_own_files_after_an_interruption(tmp_path: Path, monkeypatch) -> None:
+    from retrieval.data import synthetic
+
+    real, calls = synthetic._write_mp4, []
+
+    def killed_on_the_fourth_clip(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(synthetic, "_write_mp4", killed_on_the_fourth_clip)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.generate_corpus(tmp_path, n_train=4, n_test=2, **TINY_SYNTH)
+    monkeypatch.setattr(synthetic, "_write_mp4", real)
+    # the three clips it wrote are proven its own by their receipts: the run goes on over them
+    synthetic.generate_corpus(tmp_path, n_train=4, n_test=2, **TINY_SYNTH)
+    record = json.loads((tmp_path / ".vtr-synthetic").read_text())["files"]
+    assert len([name for name in record if name.startswith("videos/")]) == 6
+    assert not (tmp_path / ".vtr-synthetic.work").exists()
