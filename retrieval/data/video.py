@@ -367,7 +367,8 @@ def read_frames(
             logger.debug("decord failed on %s (%s); falling back to PyAV", path, decord_failure)
     suffix = f" (decord: {decord_failure})" if decord_failure else ""
     try:
-        result = _read_with_pyav(path, choose_indices, max_pixels)
+        capped = () if max_pixels is None else (max_pixels,)
+        result = _read_with_pyav(path, choose_indices, *capped)
         try:
             _check_frames(result[0], len(result[3]), "PyAV")
         except RuntimeError as exc:
