@@ -16,15 +16,6 @@ from retrieval.models.retrieval_model import build_retrieval_model
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], result.output
-
-
 @pytest.fixture()
 def no_training(monkeypatch):
     """Training must never start for a recipe that is refused."""
@@ -36,16 +27,16 @@ def no_training(monkeypatch):
     monkeypatch.setattr(loop, "train", refuse)
 
 
-def test_malformed_yaml_in_a_recipe_or_an_override(tmp_path: Path, no_training) -> None:
+def test_malformed_yaml_in_a_recipe_or_an_override(tmp_path: Path, no_training, one_line_error) -> None:
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("model:\n  video: videomamba_demo\n optim:\n   lr: [1e-3\n")
-    _one_line_error(CliRunner().invoke(app, ["train", str(recipe)]), "bad.yaml is not valid YAML", "line ")
+    one_line_error(CliRunner().invoke(app, ["train", str(recipe)]), "bad.yaml is not valid YAML", "line ")
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00garbage")
-    _one_line_error(CliRunner().invoke(app, ["train", str(binary)]), "not a text file")
+    one_line_error(CliRunner().invoke(app, ["train", str(binary)]), "not a text file")
     demo = str(REPO / "configs/train/demo.yaml")
-    _one_line_error(CliRunner().invoke(app, ["train", demo, "optim.lr=[1e-3"]), "override", "not valid YAML")
-    _one_line_error(CliRunner().invoke(app, ["train", demo, "optim.lr={"]), "not valid YAML")
+    one_line_error(CliRunner().invoke(app, ["train", demo, "optim.lr=[1e-3"]), "override", "not valid YAML")
+    one_line_error(CliRunner().invoke(app, ["train", demo, "optim.lr={"]), "not valid YAML")
 
 
 @pytest.mark.parametrize(
@@ -73,17 +64,17 @@ def test_malformed_yaml_in_a_recipe_or_an_override(tmp_path: Path, no_training) 
         ("loss.mlm_prob=1.5", "loss.mlm_prob (the share of caption tokens masked) must be in"),
     ],
 )
-def test_recipe_values_that_cannot_train(override: str, message: str, no_training) -> None:
+def test_recipe_values_that_cannot_train(override: str, message: str, no_training, one_line_error) -> None:
     result = CliRunner().invoke(app, ["train", str(REPO / "configs/train/demo.yaml"), override])
-    _one_line_error(result, message)
+    one_line_error(result, message)
 
 
-def test_a_deeply_nested_recipe_is_one_line(tmp_path: Path, no_training) -> None:
+def test_a_deeply_nested_recipe_is_one_line(tmp_path: Path, no_training, one_line_error) -> None:
     recipe = tmp_path / "deep.yaml"
     recipe.write_text("model:\n  video_overrides: " + "[" * 100_000 + "\n")
-    _one_line_error(CliRunner().invoke(app, ["train", str(recipe)]), "deep.yaml is nested too deeply")
+    one_line_error(CliRunner().invoke(app, ["train", str(recipe)]), "deep.yaml is nested too deeply")
     demo = str(REPO / "configs/train/demo.yaml")
-    _one_line_error(CliRunner().invoke(app, ["train", demo, "model.video_overrides=" + "[" * 100_000]),
+    one_line_error(CliRunner().invoke(app, ["train", demo, "model.video_overrides=" + "[" * 100_000]),
                     "'model.video_overrides': the value is nested too deeply")
 
 
@@ -93,24 +84,24 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
-def test_truncated_or_empty_weights_are_one_line(model_dir: Path, tmp_path: Path) -> None:
+def test_truncated_or_empty_weights_are_one_line(model_dir: Path, tmp_path: Path, one_line_error) -> None:
     assert CliRunner().invoke(app, ["info", str(model_dir)]).exit_code == 0
     broken = shutil.copytree(model_dir, tmp_path / "broken")
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _one_line_error(CliRunner().invoke(app, ["info", str(broken)]), "model.safetensors is damaged or truncated")
+    one_line_error(CliRunner().invoke(app, ["info", str(broken)]), "model.safetensors is damaged or truncated")
     weights.write_bytes(b"")
-    _one_line_error(CliRunner().invoke(app, ["info", str(broken)]), "model.safetensors is empty (0 bytes)")
+    one_line_error(CliRunner().invoke(app, ["info", str(broken)]), "model.safetensors is empty (0 bytes)")
 
 
-def test_synth_refuses_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
+def test_synth_refuses_a_folder_that_is_not_its_own(tmp_path: Path, one_line_error) -> None:
     target = tmp_path / "holiday"
     (target / "videos" / "train").mkdir(parents=True)
     (target / "videos" / "train" / "beach.mp4").write_bytes(b"precious")
     (target / "train.json").write_text("my own annotations")
     result = CliRunner().invoke(app, ["data", "synth", "--out", str(target), "--n-train", "2", "--n-test", "2",
                                       "--long", "0", "--size", "32"])
-    _one_line_error(result, "not empty and was not written by the synthetic corpus generator")
+    one_line_error(result, "not empty and was not written by the synthetic corpus generator")
     assert (target / "videos" / "train" / "beach.mp4").read_bytes() == b"precious"
     assert (target / "train.json").read_text() == "my own annotations"
     assert sorted(p.name for p in target.rglob("*")) == ["beach.mp4", "train", "train.json", "videos"]
@@ -132,7 +123,7 @@ def test_synth_only_removes_files_it_wrote(tmp_path: Path) -> None:
 TINY_SYNTH = {"seed": 1, "size": 32, "num_frames": 4, "long_videos": 0, "progress": False}
 
 
-def test_synth_never_overwrites_a_users_clip_under_a_planned_name(tmp_path: Path) -> None:
+def test_synth_never_overwrites_a_users_clip_under_a_planned_name(tmp_path: Path, one_line_error) -> None:
     from retrieval.data.synthetic import generate_corpus
 
     generate_corpus(tmp_path, n_train=3, n_test=2, **TINY_SYNTH)
@@ -141,7 +132,7 @@ def test_synth_never_overwrites_a_users_clip_under_a_planned_name(tmp_path: Path
     mine.write_bytes(b"my own clip, saved where the next corpus would put one")
     result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path), "--n-train", "8", "--n-test", "2",
                                       "--long", "0", "--size", "32", "--seed", "1"])
-    _one_line_error(result, "videos/train/0007.mp4 was not written by the synthetic corpus generator")
+    one_line_error(result, "videos/train/0007.mp4 was not written by the synthetic corpus generator")
     assert mine.read_bytes() == b"my own clip, saved where the next corpus would put one"
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != mine} == before
 

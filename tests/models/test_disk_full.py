@@ -25,15 +25,6 @@ from .official_layout import official_checkpoint
 from .test_convert import TINY
 
 
-def _one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], result.output
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -50,27 +41,29 @@ def _full_disk_safetensors(real):
     return save
 
 
-def test_convert_on_a_full_disk_keeps_the_previous_model(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture()
+def converted(tmp_path: Path) -> tuple[Path, Path]:
+    """A model directory converted from one official checkpoint, and a second checkpoint."""
     torch.save(official_checkpoint(**TINY), tmp_path / "first.pth")
     torch.save(official_checkpoint(seed=1, **TINY), tmp_path / "second.pth")
     out = tmp_path / "model"
-    runner = CliRunner()
-    assert runner.invoke(app, ["convert", "-c", str(tmp_path / "first.pth"), "-o", str(out)]).exit_code == 0
-    before = _snapshot(out)
+    assert CliRunner().invoke(app, ["convert", "-c", str(tmp_path / "first.pth"), "-o", str(out)]).exit_code == 0
+    return out, tmp_path / "second.pth"
 
+
+def test_convert_on_a_full_disk_keeps_the_previous_model(converted, one_line_error, monkeypatch) -> None:
+    out, second = converted
+    before = _snapshot(out)
     monkeypatch.setattr(model_dir_module, "save_safetensors_model",
                         _full_disk_safetensors(model_dir_module.save_safetensors_model))
-    result = runner.invoke(app, ["convert", "-c", str(tmp_path / "second.pth"), "-o", str(out), "--overwrite"])
-    _one_line_error(result, "no space left on device", f"{out / 'model.safetensors'}")
+    result = CliRunner().invoke(app, ["convert", "-c", str(second), "-o", str(out), "--overwrite"])
+    one_line_error(result, "no space left on device", f"{out / 'model.safetensors'}")
     assert _snapshot(out) == before   # weights and config as they were, no temporaries left
 
 
-def test_a_full_disk_while_writing_a_config_leaves_the_weights_too(tmp_path: Path, monkeypatch) -> None:
-    torch.save(official_checkpoint(**TINY), tmp_path / "first.pth")
-    torch.save(official_checkpoint(seed=1, **TINY), tmp_path / "second.pth")
-    out = tmp_path / "model"
-    runner = CliRunner()
-    assert runner.invoke(app, ["convert", "-c", str(tmp_path / "first.pth"), "-o", str(out)]).exit_code == 0
+def test_a_full_disk_while_writing_a_config_leaves_the_weights_too(converted, one_line_error,
+                                                                   monkeypatch) -> None:
+    out, second = converted
     before = _snapshot(out)
     real_write_text = Path.write_text
 
@@ -80,8 +73,8 @@ def test_a_full_disk_while_writing_a_config_leaves_the_weights_too(tmp_path: Pat
         return real_write_text(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full)
-    result = runner.invoke(app, ["convert", "-c", str(tmp_path / "second.pth"), "-o", str(out), "--overwrite"])
-    _one_line_error(result, "no space left on device", f"{out / 'config.json'}")
+    result = CliRunner().invoke(app, ["convert", "-c", str(second), "-o", str(out), "--overwrite"])
+    one_line_error(result, "no space left on device", f"{out / 'config.json'}")
     assert _snapshot(out) == before   # the new weights never replaced the old ones
 
 
@@ -103,7 +96,7 @@ def _recipe_args(corpus: Path, out: Path) -> list[str]:
 
 
 def test_train_on_a_full_disk_keeps_the_previous_checkpoint_and_model(tmp_path: Path, tiny_corpus: Path,
-                                                                       monkeypatch) -> None:
+                                                                       one_line_error, monkeypatch) -> None:
     out = tmp_path / "run"
     args = _recipe_args(tiny_corpus, out)
     real_losses, calls = loop.compute_losses, []
@@ -135,7 +128,7 @@ def test_train_on_a_full_disk_keeps_the_previous_checkpoint_and_model(tmp_path: 
 
     monkeypatch.setattr(torch, "save", full)
     result = CliRunner().invoke(app, ["train", str(recipe), "--resume", *args])
-    _one_line_error(result, "no space left on device", loop.STATE_FILE)
+    one_line_error(result, "no space left on device", loop.STATE_FILE)
     assert (_snapshot(out / "checkpoint"), _snapshot(out / "model")) == before
     monkeypatch.setattr(torch, "save", real_save)
 
@@ -146,6 +139,6 @@ def test_train_on_a_full_disk_keeps_the_previous_checkpoint_and_model(tmp_path: 
                         lambda module, filename, **kw: (failing if Path(filename).parent.name == "model.tmp"
                                                         else real_weights)(module, filename, **kw))
     result = CliRunner().invoke(app, ["train", str(recipe), "--resume", *args])
-    _one_line_error(result, "no space left on device", "model.safetensors")
+    one_line_error(result, "no space left on device", "model.safetensors")
     assert _snapshot(out / "model") == before[1]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint", "model"]
