@@ -22,6 +22,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from ..atomic import atomic_path, atomic_write_text
+from ..data.corpora import DEFAULT_CAPTION_CLEANING
 from .registry import build_from_config
 
 FORMAT = "vtr-model"
@@ -214,10 +215,13 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
 def model_identity(path: str | Path) -> dict[str, Any]:
     """What an index records about the model that built it."""
     cfg = read_model_config(path)
-    return {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
-            "kind": cfg["kind"],
-            "weights_sha256": weights_hash(weights_file(path)),
-            "preprocess": cfg.get("preprocess", {})}
+    identity = {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
+                "kind": cfg["kind"],
+                "weights_sha256": weights_hash(weights_file(path)),
+                "preprocess": cfg.get("preprocess", {})}
+    if cfg["kind"] == "retrieval":  # text vectors depend on how queries and captions are cleaned
+        identity["text_cleaning"] = cfg.get("model", {}).get("text_cleaning", DEFAULT_CAPTION_CLEANING)
+    return identity
 
 
 @register_kind("video_encoder")
