@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from retrieval.data.corpora import clean_caption, clean_caption_umt, is_blank_caption
+from indexer.search import clean_query
 from retrieval.models.text import default_text_model_path, tokenize
 
 TABLE = json.loads((Path(__file__).parent / "fixtures" / "umt_captions.json").read_text(encoding="utf-8"))
@@ -58,3 +59,9 @@ def test_blank_captions() -> None:
     with pytest.raises(ValueError, match="text 0 .*empty after cleaning"):
         tokenize(AutoTokenizer.from_pretrained(str(default_text_model_path()), local_files_only=True),
                  ["\t"], 8)
+
+
+def test_queries_are_judged_blank_by_the_models_rule() -> None:
+    assert not clean_query("&").blank and clean_query("&").text == "&"
+    assert clean_query("&", cleaning="strip_punctuation").blank
+    assert clean_query(" ?! ").blank and clean_query(" ?! ", cleaning="strip_punctuation").blank
