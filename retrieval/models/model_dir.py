@@ -191,14 +191,9 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
             stored = {name: tuple(fh.get_slice(name).get_shape()) for name in names}
     except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError for bad files)
         raise ModelDirError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
-    # Compatibility: directories written before safetensors' shared-tensor handling list their
-    # tied weights in config.json, "tied": {name not stored: stored name it equals}. Such a name
-    # counts as present when its source is stored; the module's own tie fills it. Nothing writes
-    # this map any more.
-    legacy_tied = {dst for dst, src in (read_model_config(path).get("tied") or {}).items() if src in stored}
     own = module.state_dict()
     shared = _shared_names(module)
-    missing = [k for k in own if k not in stored and k not in legacy_tied
+    missing = [k for k in own if k not in stored
                and not any(other in stored for other in shared.get(k, ()))]
     unexpected = [k for k in stored if k not in own]
     bad_shape = [f"{k}: checkpoint {stored[k]} vs model {tuple(own[k].shape)}"

@@ -1,4 +1,4 @@
-"""Model directories: tied weights stored once, older directories with a "tied" map, strict loading."""
+"""Model directories: tied weights stored once, strict loading."""
 from __future__ import annotations
 
 import json
@@ -76,38 +76,6 @@ def _mlm_loss(m) -> torch.Tensor:
     ids, mask = m.tokenize(["a red circle moving left"])
     logits = m.mlm_head(m.text(ids, mask, mode="text"))
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
-
-
-def _write_older_directory(model, out: Path) -> Path:
-    """A directory as the earlier writer made it: each tie stored under the name that comes first in
-    the state dict, the others left out of the file and listed in config.json's "tied" map."""
-    model.save(out)  # config.json and tokenizer files
-    state = model.state_dict()
-    tied = {f"{DECODER}.weight": WORDS, f"{DECODER}.bias": "mlm_head.predictions.bias"}
-    for dst, src in tied.items():
-        assert state[dst].data_ptr() == state[src].data_ptr()
-    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(out / "model.safetensors"))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["tied"] = tied
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
-
-def test_an_older_directory_with_a_tied_map_still_loads(model, tmp_path):
-    out = _write_older_directory(model, tmp_path / "old")
-    assert f"{DECODER}.weight" not in _stored_names(out) and WORDS in _stored_names(out)
-    loaded = load_model(out)
-    _assert_same_model(model, loaded)
-    _assert_tied(loaded)
-
-
-def test_an_older_tied_map_whose_source_is_absent_is_an_error(model, tmp_path):
-    out = _write_older_directory(model, tmp_path / "old")
-    state = model.state_dict()
-    drop = {WORDS, f"{DECODER}.weight", f"{DECODER}.bias"}
-    save_file({k: v.contiguous() for k, v in state.items() if k not in drop}, str(out / "model.safetensors"))
-    with pytest.raises(ModelDirError, match=r"missing keys: .*text\.embeddings\.word_embeddings\.weight"):
-        load_model(out)
 
 
 def test_strict_loading_lists_missing_unexpected_and_wrong_shapes(model, tmp_path):
