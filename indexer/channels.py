@@ -25,6 +25,7 @@ ranks exactly as the visual channel alone ranks it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sqlite3
@@ -48,11 +49,12 @@ DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5}
 #: The RRF constant (Cormack et al. 2009): flattens the gap between the first ranks.
 RRF_K = 60
 #: Words that say how the text appears rather than what it says; never searched on screen.
-_STOPWORDS = frozenset(
-    "a an and are as at be by for from in into is it of on or over that the then this to under up was "
-    "were with while reads read reading says saying shows showing written title titled sign caption "
-    "captioned text words screen banner".split()
-)
+_STOPWORDS = frozenset((
+    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "in", "into", "is", "it", "of", "on",
+    "or", "over", "that", "the", "then", "this", "to", "under", "up", "was", "were", "with", "while",
+    "reads", "read", "reading", "says", "saying", "shows", "showing", "written", "title", "titled", "sign",
+    "caption", "captioned", "text", "words", "screen", "banner",
+))
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -116,7 +118,7 @@ def query_terms(query: str) -> list[str]:
     each pair of adjacent words glued (so "chapter 3" also looks for "chapter3")."""
     words = [word for word in _WORD.findall(query.lower()) if word not in _STOPWORDS]
     terms = [fold(word) for word in words if len(fold(word)) >= 3]
-    terms += [fold(a + b) for a, b in zip(words, words[1:], strict=False)]
+    terms += [fold(a + b) for a, b in itertools.pairwise(words)]
     return list(dict.fromkeys(term for term in terms if len(term) >= 3))
 
 

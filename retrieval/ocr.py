@@ -20,7 +20,6 @@ queries alike so that such text can still be found.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from retrieval.data.video import VideoReadError, read_frames, video_duration
+from retrieval.models.model_dir import weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +146,6 @@ def _model_files(model_dir: Path) -> dict[str, Path | None]:
     return found
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class OcrReader:
     """Reads the text in frames with PP-OCR models run by onnxruntime.
 
@@ -199,7 +191,7 @@ class OcrReader:
         if files is None:
             out["models"] = "embedded (PP-OCRv4 det + rec)"
         else:
-            out["models"] = {role: {"file": path.name, "sha256": _sha256(path)}
+            out["models"] = {role: {"file": path.name, "sha256": weights_hash(path)}
                              for role, path in files.items() if path is not None}
             out["model_dir"] = str(next(iter(files.values())).parent.resolve())
         return out
