@@ -160,12 +160,11 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
 
 def _scale_items(n: int, rng: np.random.Generator) -> tuple[list[dict], list[str]]:
     """``n`` items, a third with one or two lines of on-screen text; returns them and the texts."""
-    taken: set[str] = set()
     items, texts = [], []
     for i in range(n):
         extra: dict = {"key": f"v{i}.mp4"}
-        if i % 3 == 0:
-            text = plan_writing(rng, taken).text
+        if i % 3 == 0:  # the written layer's texts, made distinct by the item's number
+            text = f"{plan_writing(rng, set()).text} {i}"
             texts.append(text)
             extra["text"] = {"lines": [{"text": text, "start": 1.0, "end": 3.0, "box": [], "score": 0.9}],
                              "frames": 2, "notes": []}

@@ -39,6 +39,7 @@ _WORDS = (
     "station", "garden", "bakery", "museum", "theatre", "library", "stadium", "forest", "river", "castle",
 )
 _PATTERNS = ("Chapter {n}", "OPEN {n} HOURS", "{W} {n}", "{W} {V}", "Exit {n}", "Room {n}", "{W} SALE")
+_MAX_TRIES = 10_000  # the patterns give a few thousand distinct texts
 _INK = {"white": (250, 250, 250), "yellow": (250, 225, 40), "cyan": (60, 230, 240), "black": (10, 10, 10)}
 
 
@@ -83,8 +84,11 @@ def _text(rng: np.random.Generator) -> str:
 
 def plan_writing(rng: np.random.Generator, taken: set[str], fonts: tuple[str, ...] | None = None) -> Writing:
     """A random writing whose text is not in ``taken`` (which it joins), so no two clips share one."""
-    while (text := _text(rng)) in taken:
-        pass
+    for _ in range(_MAX_TRIES):
+        if (text := _text(rng)) not in taken:
+            break
+    else:
+        raise ValueError(f"cannot draw another distinct on-screen text after {len(taken)}: ask for fewer written clips")
     taken.add(text)
     fonts = fonts or available_fonts()
     kind = tuple(KINDS)[int(rng.integers(len(KINDS)))]
