@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer import guards
-from indexer.checksums import ChecksumMismatch, verify_file
+from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
 from indexer.store import open_index, write_index
 from retrieval.atomic import atomic_write, fsync_path, write_temp
@@ -269,14 +269,17 @@ class WorkDir:
             raise JobError(
                 f"no index job at {self.root} (missing {self.job_file.name}); start one with `vtr index`"
             )
-        return json.loads(self.job_file.read_text(encoding="utf-8"))
+        try:
+            return read_sealed_json(self.job_file, f"delete {self.root} and run the job again")
+        except ChecksumMismatch as error:
+            raise JobError(str(error)) from None
 
     def read_manifest(self, part: int) -> dict[str, Any]:
-        path = self.manifest_path(part)
+        """A committed part's manifest, checked against its own checksum (a damaged one is named)."""
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise JobError(f"{path} is damaged ({error}); {self.redo(part)}") from None
+            return read_sealed_json(self.manifest_path(part), self.redo(part))
+        except ChecksumMismatch as error:
+            raise JobError(str(error)) from None
 
     def redo(self, part: int) -> str:
         """What to do about a damaged part."""
@@ -288,7 +291,8 @@ class WorkDir:
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         data = buffer.getvalue()
-        manifest = {**manifest, "vectors_file": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+        manifest = seal_record(
+            {**manifest, "vectors_file": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}})
         with guards.disk_full_as(
             f"writing part {part} in {self.root}; the parts committed so far are kept: free space, "
             "then run the same command with --resume"
@@ -645,7 +649,7 @@ def _run_locked(
                          resolve_precision(precision, resolve_device(device)))
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_job(_create_once(work.job_file, record), record, work.root)
+    _check_same_job(_create_once(work.job_file, seal_record(record)), record, work.root)
     work.remove_temporaries(shard)
 
     mine = [part for part in range(record["num_parts"]) if shard.owns(part)]

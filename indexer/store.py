@@ -2,10 +2,12 @@
 
 Layout of an index called ``INDEX``::
 
-    INDEX -> .INDEX.v7          a symlink to the current version (swapped atomically)
-    .INDEX.v7/
-        manifest.json           format version, model identity, dim, metric, index type,
-                                FAISS search params, counts, corpus roots, created, code version
+    INDEX -> .INDEX.v7-<sha>    a symlink to the current version (swapped atomically); <sha> is
+                                the sha256 of that version's manifest.json
+    .INDEX.v7-<sha>/
+        manifest.json           format version, generation, model identity, dim, metric, index
+                                type, FAISS search params, counts, corpus roots, removed videos,
+                                created, code version, checksums of the other files
         index.faiss             the FAISS index (inner product; see indexer.faiss_index)
         vectors.f16.npy         exact clip vectors as float16, row i = item i
                                 (``np.load(path, mmap_mode="r")`` opens it without reading it)
@@ -38,14 +40,18 @@ whose process is gone and every version older than the one it publishes. The swa
 the index's exclusive lock (:mod:`indexer.locks`): a second publisher is refused, naming the
 process that holds it.
 
-The manifest records the sha256 and size of every data file (``files``); :func:`open_index`
-verifies them before parsing, so a damaged file is named instead of being searched.
+The manifest records the sha256 and size of every data file (``files``), and the pointer
+records the manifest's: :func:`open_index` verifies both before parsing, so a damaged file is
+named instead of being searched. ``generation`` counts publishes (read and incremented under
+the lock), so a long-running reader can tell that a newer version is out
+(:func:`published_version_dir`, :class:`indexer.search.Searcher`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -184,7 +190,18 @@ def _temp_pattern(name: str) -> re.Pattern[str]:
 
 
 def _version_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(name)}\.v(\d+)$")
+    return re.compile(rf"^\.{re.escape(name)}\.v(\d+)(?:-[0-9a-f]{{64}})?$")
+
+
+#: A published version's directory name carries its manifest's sha256: ``.INDEX.v7-<sha256>``.
+_POINTER_DIGEST = re.compile(r"^\..+\.v\d+-([0-9a-f]{64})$")
+
+
+def pointed_manifest_sha256(version_dir: str | os.PathLike[str]) -> str | None:
+    """The manifest sha256 recorded by the name of a published version directory (None for a
+    plain index directory, which no pointer publishes)."""
+    match = _POINTER_DIGEST.match(Path(version_dir).name)
+    return match.group(1) if match else None
 
 
 def _versions(parent: Path, name: str) -> dict[int, Path]:
@@ -228,8 +245,9 @@ def _remove_dead_temporaries(parent: Path, name: str) -> None:
         _remove(entry)
 
 
-def _publish(staged: Path, out: Path) -> Path:
-    """Make ``staged`` (a complete, fsynced index directory) what ``out`` resolves to."""
+def _publish(staged: Path, out: Path, manifest_sha256: str) -> Path:
+    """Make ``staged`` (a complete, fsynced index directory) what ``out`` resolves to; the
+    version's name records ``manifest_sha256``, the checksum of its manifest."""
     parent, name = out.parent, out.name
     legacy_dir = out.is_dir() and not out.is_symlink()
     if os.path.lexists(out) and not out.is_symlink() and not (out / MANIFEST_FILE).is_file():
@@ -237,7 +255,7 @@ def _publish(staged: Path, out: Path) -> Path:
 
     version = max(_versions(parent, name), default=0) + 1
     while True:
-        target = parent / f".{name}.v{version}"
+        target = parent / f".{name}.v{version}-{manifest_sha256}"
         try:
             os.rename(staged, target)
             break
@@ -343,18 +361,37 @@ def publish_version(out_dir: str | os.PathLike[str], fill: Callable[[Path], Mapp
         manifest = dict(fill(staged))
         data_files = [name for name in (*_DATA_FILES, IVF_DATA_FILE) if (staged / name).is_file()]
         manifest["files"] = describe_files(staged, data_files)
-        # The manifest goes last: a directory with a manifest is a finished one.
-        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        fsync_path(staged / MANIFEST_FILE)
-        fsync_path(staged)
         with index_lock(out):
-            return _publish(staged, out)
+            # The manifest goes last: a directory with a manifest is a finished one. Its
+            # generation is one more than the version it replaces, read under the lock.
+            manifest["generation"] = published_generation(out) + 1
+            data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+            (staged / MANIFEST_FILE).write_bytes(data)
+            fsync_path(staged / MANIFEST_FILE)
+            fsync_path(staged)
+            return _publish(staged, out, hashlib.sha256(data).hexdigest())
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
 
 # ---------------------------------------------------------------------------- reading
+
+
+def published_generation(path: str | os.PathLike[str]) -> int:
+    """The generation of the version published at ``path`` (0 when nothing is published, or
+    for an index written before generations were recorded). Every publish counts one up."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError):
+        return 0
+    generation = manifest.get("generation", 0) if isinstance(manifest, dict) else 0
+    return generation if isinstance(generation, int) else 0
+
+
+def published_version_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory ``path`` resolves to now: a new one after each publish (cheap to ask)."""
+    return Path(os.path.realpath(path))
 
 
 @dataclass
@@ -528,6 +565,9 @@ def _open_snapshot(path: Path) -> IndexReader:
             raise FileNotFoundError(f"corrupt vtr index {path}: missing {error.filename}") from None
         finally:
             os.close(dir_fd)
+        pointed = pointed_manifest_sha256(snapshot_dir)
+        if pointed is not None:
+            verify_handle(files[MANIFEST_FILE], {"sha256": pointed}, MANIFEST_FILE, str(path), _DAMAGED_REMEDY)
         manifest = _read_manifest(path, files[MANIFEST_FILE])
         _verify_files(path, manifest, {**files, IVF_DATA_FILE: ivf_data} if ivf_data else files)
         vectors = _memmap_npy(files[VECTORS_FILE])
