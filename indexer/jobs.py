@@ -59,7 +59,7 @@ from tqdm import tqdm
 from indexer import guards
 from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
-from indexer.store import open_index, write_index
+from indexer.store import open_index, same_model, write_index
 from retrieval.atomic import atomic_write, fsync_path, write_temp
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.loader import iter_clip_batches
@@ -159,6 +159,16 @@ def item_key(video: str, start: float | None = None, end: float | None = None) -
     if start is None or end is None:
         return video
     return f"{video}#t={start:.{TIME_DECIMALS}f},{end:.{TIME_DECIMALS}f}"
+
+
+def printable_name(name: str) -> str:
+    """``name`` as it can be written to JSON: a file name that is not valid UTF-8 (read by
+    Python with surrogate escapes) gets its undecodable bytes as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
 
 
 def plan_sources(corpus: Corpus) -> list[CorpusItem]:
@@ -414,7 +424,8 @@ def _check_same_job(found: dict[str, Any], wanted: dict[str, Any], work_dir: Pat
             f"v{found.get('version')}); delete it to start over"
         )
     found = {**_RECORD_DEFAULTS, **found}
-    differ = [key for key in wanted if key not in _LOCATION_KEYS and found.get(key) != wanted[key]]
+    differ = [key for key in wanted if key not in _LOCATION_KEYS and found.get(key) != wanted[key]
+              and not (key == "model" and same_model(found.get(key) or {}, wanted[key]))]
     if differ:
         details = "; ".join(
             f"{key}: job has {_short(found.get(key))}, now {_short(wanted[key])}" for key in differ
@@ -532,7 +543,11 @@ def _expand_parts(
     expanded = {part: _Part(part, [], []) for part in parts}
     for (part, source), (duration, reason) in zip(chosen, durations, strict=True):
         target = expanded[part]
-        if reason is not None:
+        shown = printable_name(source.video)
+        if shown != source.video:  # the index, its JSON records and the page need text names
+            reason = "the file name is not valid UTF-8 (its undecodable bytes are shown as \\xNN); rename it"
+            target.failures.append({"path": shown, "item": item_key(shown), "reason": reason})
+        elif reason is not None:
             target.failures.append({"path": source.video, "item": item_key(source.video), "reason": reason})
         elif duration is None:
             target.items.append(source)
@@ -645,6 +660,7 @@ def _run_locked(
     if select is not None:
         sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
+    guards.check_index_size(len(sources), embed_dim, spec.index_type, spec.window is not None)
     record = _job_record(spec, identity, load_labels(spec.labels), sources,
                          resolve_precision(precision, resolve_device(device)))
     _check_can_start(work, shard, record["num_parts"], resume)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import unicodedata
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.store import MANIFEST_FILE, IndexReader, open_index
+from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import clean_text
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
@@ -181,12 +182,46 @@ class Searcher:
         # on a CUDA device the FAISS index goes to the GPU too when faiss-gpu sees one (logged);
         # the index on disk stays a CPU index either way
         on_cuda = resolve_device(device).type == "cuda"
-        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir),
-                                              use_gpu=None if on_cuda else False)
+        self.index_path = index
+        self._identity = model_identity(model_dir)
+        self._use_gpu = None if on_cuda else False
+        self._refresh_lock = threading.Lock()
+        self._unusable: Path | None = None  # a newer version that failed to open (not retried)
+        self.reader: IndexReader = open_index(index, expect_model=self._identity, use_gpu=self._use_gpu)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
+
+    def refresh(self) -> bool:
+        """Switch to the version published at the index's path now, if it is not the one held
+        (``vtr index add`` / ``remove`` published since); True when it switched.
+
+        Asking costs one ``readlink``; every search asks first, so once an update is published
+        no search, listing or clip lookup uses the old version. The switch is one attribute
+        assignment: a search already running finishes on the version it started with. A newer
+        version that cannot be opened (damaged, another model) is logged once and the held one
+        kept.
+        """
+        now = published_version_dir(self.index_path)
+        if now == self.reader.snapshot_dir or now == self._unusable:
+            return False
+        with self._refresh_lock:
+            now = published_version_dir(self.index_path)
+            if now == self.reader.snapshot_dir or now == self._unusable:
+                return False
+            try:
+                reader = open_index(self.index_path, expect_model=self._identity, use_gpu=self._use_gpu)
+            except (OSError, ValueError) as exc:
+                self._unusable = now
+                logger.warning("index %s was republished but the new version cannot be opened (%s); still "
+                               "serving generation %s", self.index_path, exc,
+                               self.reader.manifest.get("generation", "?"))
+                return False
+            logger.info("index %s: switched to generation %s (%d items)", self.index_path,
+                        reader.manifest.get("generation", "?"), len(reader))
+            self.reader = reader
+            return True
 
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
@@ -212,6 +247,7 @@ class Searcher:
 
     def stats(self) -> dict[str, Any]:
         """What the index holds: items, model name, index type, vector width, creation time."""
+        self.refresh()
         manifest = self.reader.manifest
         return {
             "items": len(self.reader),
@@ -242,6 +278,7 @@ class Searcher:
         query = clean_query(text)
         if query.blank:
             raise EmptyQuery()
+        self.refresh()
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
@@ -257,12 +294,13 @@ class Searcher:
     def _lookup(self, vector: np.ndarray, k: int, group: bool) -> list[Hit]:
         """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
         until it holds ``k`` videos or the whole index."""
+        reader = self.reader  # one version for the whole lookup, whatever a refresh does meanwhile
         if not group:
-            return [self._hit(item, score) for item, score in self.reader.search(vector, k)[0]]
-        total = len(self.reader)
+            return [self._hit(item, score) for item, score in reader.search(vector, k)[0]]
+        total = len(reader)
         pool = min(total, k * GROUP_POOL_FACTOR)
         while True:
-            hits = [self._hit(item, score) for item, score in self.reader.search(vector, pool)[0]]
+            hits = [self._hit(item, score) for item, score in reader.search(vector, pool)[0]]
             grouped = group_hits(hits)
             if len(grouped) >= k or pool >= total:
                 return grouped[:k]
@@ -303,6 +341,7 @@ class Searcher:
         """The ``k`` clips (with ``group``: videos) most like the clip whose features
         (:meth:`encode_clip`) are ``feat``."""
         vector = self.model.clip_vector(feat)
+        self.refresh()
         return self._lookup(vector.float().cpu().numpy(), k, group)
 
     def _rerank(

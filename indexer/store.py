@@ -76,6 +76,7 @@ from indexer.faiss_index import (
     build_index,
     check_vectors,
     choose_index_type,
+    fitting_index_type,
     read_faiss_index,
     search_index,
     search_params,
@@ -317,7 +318,10 @@ def write_index(
     item_rows = [_normalise_item(row, item) for row, item in enumerate(items)]
     failure_rows = [_normalise_failure(failure) for failure in failures]
 
-    index_type = index_type or choose_index_type(n, dim, max_memory_bytes)
+    if index_type:
+        index_type = fitting_index_type(index_type, n, dim, max_memory_bytes)
+    else:
+        index_type = choose_index_type(n, dim, max_memory_bytes)
     index = to_cpu(build_index(vectors, index_type=index_type, use_gpu=use_gpu))
     manifest = {
         "format": FORMAT,
@@ -580,18 +584,23 @@ def _open_snapshot(path: Path) -> IndexReader:
 
 def _check_model(path: Path, manifest: dict, expect_model: Mapping[str, Any]) -> None:
     built = manifest["model"]
-    differing = [
-        key
-        for key in ("name", "weights_sha256")
-        if expect_model.get(key) is not None and expect_model.get(key) != built.get(key)
-    ]
-    if differing:
+    if not same_model(built, expect_model):
         raise IndexModelMismatch(
             f"index {path} was built with model {built.get('name')!r} "
             f"(weights_sha256 {built.get('weights_sha256')}) but is being queried with model "
             f"{expect_model.get('name')!r} (weights_sha256 {expect_model.get('weights_sha256')}); "
             "re-index with this model or load the model the index was built with"
         )
+
+
+def same_model(built: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether ``other`` is the model an index recorded as ``built``: its weights are (the
+    sha256 of the weights file is the identity, so a copy of a model folder under another name
+    is the same model); the names are compared only where a digest is missing. Keys of
+    ``other`` that are None are not compared."""
+    if other.get("weights_sha256") is not None and built.get("weights_sha256"):
+        return other["weights_sha256"] == built["weights_sha256"]
+    return other.get("name") is None or other.get("name") == built.get("name")
 
 
 def open_index(
