@@ -1,0 +1,282 @@
+"""Takedowns stay down and damaged records are refused: index updates as transactions on the
+latest version, tombstones, readers that follow new versions, checksummed JSON records, early
+option checks, odd file names and model identity by weights digest."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from app.cli import app
+from indexer import jobs, update
+from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
+from indexer.search import Searcher
+from indexer.store import open_index, published_generation
+from indexer.update import add_to_index, remove_from_index, staging_dir_for
+from retrieval.data.synthetic import generate_corpus
+from retrieval.data.video import Preprocess, load_clip
+from retrieval.models.model_dir import load_model
+
+FIRST = ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4"]
+NEW = ["test/0003.mp4", "test/0004.mp4"]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pool")
+    generate_corpus(root, n_train=1, n_test=5, size=32, long_videos=0, progress=False)
+    return root / "videos"
+
+
+def _corpus(tmp_path: Path, pool: Path, names: list[str]) -> Path:
+    root = tmp_path / "videos"
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pool / name, root / name)
+    return root
+
+
+def _build(model_dir: Path, videos: Path, out: Path, **options: Any) -> Path:
+    run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, part_size=2, **options), workers=0,
+                  batch_size=2, progress=False)
+    return out
+
+
+def _keys(index: Path) -> list[str]:
+    return [item["extra"]["key"] for item in open_index(index).items]
+
+
+def _one_line_error(result: Any, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+class _RemoveWhileEmbedding:
+    """An engine that runs ``vtr index remove`` while the add is embedding, then embeds."""
+
+    def __init__(self, index: Path, video: str) -> None:
+        self.index, self.video = index, video
+
+    def embed_parts(self, *args: Any, **kwargs: Any) -> tuple[int, int, float]:
+        remove_from_index(self.index, [self.video])
+        return jobs._embed_parts(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- 1. takedowns
+
+
+def test_a_remove_during_an_add_stays_removed(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    index = _build(model_dir, videos, tmp_path / "index")
+    _corpus(tmp_path, pool, NEW)
+
+    summary = add_to_index(index, videos, workers=0, progress=False, engine=_RemoveWhileEmbedding(index, FIRST[1]))
+
+    assert summary.added == 2
+    assert _keys(index) == [FIRST[0], FIRST[2], *NEW], "both updates are kept"
+    assert open_index(index).manifest["removed"] == [str(videos.resolve() / FIRST[1])]
+    assert not staging_dir_for(index).exists()
+
+
+def test_add_does_not_bring_removed_videos_back_unless_asked(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    index = _build(model_dir, videos, tmp_path / "index")
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", "remove", "--index", str(index), FIRST[0], FIRST[2]])
+    assert result.exit_code == 0, result.output
+    _corpus(tmp_path, pool, NEW[:1])
+
+    result = runner.invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos), "--workers", "0",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "2 removed earlier and left out" in result.output
+    assert _keys(index) == [FIRST[1], NEW[0]]
+
+    again = add_to_index(index, videos, workers=0, progress=False, include_removed=True)
+    assert (again.added, again.withheld) == (2, 0)
+    assert sorted(_keys(index)) == sorted([*FIRST, NEW[0]])
+    assert open_index(index).manifest["removed"] == [], "added back: no longer a tombstone"
+
+
+def test_a_searcher_switches_to_the_new_version_and_never_finds_a_removed_clip(
+    model_dir: Path, pool: Path, tmp_path: Path
+) -> None:
+    videos = _corpus(tmp_path, pool, [*FIRST, *NEW])
+    index = _build(model_dir, videos, tmp_path / "index")
+    searcher = Searcher(index)
+    generation = searcher.reader.manifest["generation"]
+    model = load_model(model_dir)
+    clip = load_clip(videos / FIRST[1], Preprocess.from_dict(model.preprocess))
+    assert searcher.search_clip(clip, k=1)[0].path == str(videos.resolve() / FIRST[1])
+
+    remove_from_index(index, [FIRST[1]])
+
+    hits = searcher.search_clip(clip, k=10)
+    assert searcher.reader.manifest["generation"] == generation + 1 == published_generation(index)
+    assert len(hits) == 4 and str(videos.resolve() / FIRST[1]) not in {hit.path for hit in hits}
+    assert all(FIRST[1] not in hit.path for hit in searcher.search("a red circle", k=10))
+    assert searcher.stats()["items"] == 4
+
+
+def test_a_damaged_new_version_keeps_the_searcher_on_the_old_one(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    index = _build(model_dir, videos, tmp_path / "index")
+    searcher = Searcher(index)
+    remove_from_index(index, [FIRST[0]])
+    manifest = Path(os.path.realpath(index)) / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"items": 2', b'"items": 3'))
+    assert not searcher.refresh()
+    assert len(searcher.reader) == 3 and searcher.refresh() is False  # the damaged one is not retried
+
+
+# ---------------------------------------------------------------------------------- 3. checksums
+
+
+def test_a_flipped_digit_in_a_part_record_is_refused_on_merge(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, [*FIRST, *NEW])
+    out = tmp_path / "index"
+    for shard in (Shard(0, 2), Shard(1, 2)):
+        run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, part_size=2), shard, workers=0,
+                      progress=False)
+    part = WorkDir(work_dir_for(out)).manifest_path(1)  # holds 0002 and 0003
+    text = part.read_text()
+    assert '"test/0002.mp4"' in text
+    part.write_text(text.replace('"test/0002.mp4"', '"test/0003.mp4"', 1))
+
+    with pytest.raises(JobError, match=r"part-000001.json is damaged .*sha256"):
+        publish_job(out)
+    _one_line_error(CliRunner().invoke(app, ["index", "merge", str(out)]), "part-000001.json", "damaged")
+    assert not os.path.lexists(out), "nothing was published from a damaged part"
+
+
+def test_a_damaged_job_record_is_refused(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    out = tmp_path / "index"
+    run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, part_size=2), Shard(0, 2), workers=0,
+                  progress=False)
+    job = WorkDir(work_dir_for(out)).job_file
+    job.write_text(job.read_text().replace(str(videos.resolve()), str(videos.resolve()) + "x", 1))
+    with pytest.raises(JobError, match=r"job.json is damaged"):
+        publish_job(out)
+
+
+def test_a_damaged_published_manifest_is_refused_on_open_and_add(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    index = _build(model_dir, videos, tmp_path / "index")
+    target = os.readlink(index)
+    manifest = index.parent / target / "manifest.json"
+    assert target.endswith(__import__("hashlib").sha256(manifest.read_bytes()).hexdigest())
+    text = manifest.read_text()
+    manifest.write_text(re.sub(r'"dim": (\d+)', lambda m: f'"dim": {int(m.group(1)) + 1}', text, count=1))
+
+    with pytest.raises(ValueError, match=r"manifest.json in .* is damaged"):
+        open_index(index)
+    _one_line_error(CliRunner().invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos)]),
+                    "manifest.json", "damaged")
+    assert not staging_dir_for(index).exists()
+
+
+# ---------------------------------------------------------------------------------- 7. index type
+
+
+def test_an_index_type_too_large_for_the_corpus_is_refused_before_embedding(
+    model_dir: Path, pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+
+    def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("embedded before refusing")
+
+    monkeypatch.setattr(jobs, "_embed_parts", never)
+    out = tmp_path / "index"
+    result = CliRunner().invoke(app, ["index", "--model", str(model_dir), "--videos", str(videos), "--out", str(out),
+                                      "--index-type", "IVF64,Flat", "--workers", "0", "--no-progress"])
+    _one_line_error(result, "IVF64,Flat", "needs at least 2496 clips", "has 3")
+    assert not work_dir_for(out).exists() and not os.path.lexists(out)
+
+
+def test_a_windowed_job_falls_back_to_an_index_type_it_can_train(model_dir: Path, pool: Path, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    with caplog.at_level("WARNING"):
+        index = _build(model_dir, videos, tmp_path / "index", window=100.0, index_type="IVF64,Flat")
+    assert open_index(index).manifest["index_type"] == "Flat"
+    assert "IVF64,Flat needs at least 2496 vectors" in caplog.text
+
+
+# ---------------------------------------------------------------------------------- 8. add's options
+
+
+def test_an_add_option_error_leaves_nothing_behind(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST[:1])
+    index = _build(model_dir, videos, tmp_path / "index")
+    _corpus(tmp_path, pool, NEW[:1])
+    runner = CliRunner()
+    for option in (["--batch-size", "0"], ["--workers", "-1"], ["--part-size", "0"]):
+        result = runner.invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos), *option])
+        _one_line_error(result, option[0])
+        assert not staging_dir_for(index).exists()
+    added = add_to_index(index, videos, workers=0, progress=False)  # the next add is not blocked
+    assert added.added == 1
+
+
+def test_an_add_of_the_file_system_root_is_refused_before_walking_it(
+    model_dir: Path, pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    videos = _corpus(tmp_path, pool, FIRST[:1])
+    index = _build(model_dir, videos, tmp_path / "index")
+
+    def walked(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("walked the folder before refusing it")
+
+    monkeypatch.setattr(update, "load_corpus", walked)
+    result = CliRunner().invoke(app, ["index", "add", "--index", str(index), "--videos", "/"])
+    _one_line_error(result, "--videos / is the file system root")
+    assert not staging_dir_for(index).exists()
+
+
+# ---------------------------------------------------------------------------------- 9. smaller
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_and_the_rest_indexed(model_dir: Path, pool: Path,
+                                                                       tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST)
+    odd = os.fsencode(videos / "test") + b"/\xff\xfe.mp4"
+    os.rename(videos / FIRST[1], odd)
+    index = _build(model_dir, videos, tmp_path / "index")
+    reader = open_index(index)
+    assert [item["extra"]["key"] for item in reader.items] == [FIRST[0], FIRST[2]]
+    assert len(reader.failures) == 1
+    assert reader.failures[0]["path"].endswith("test/\\xff\\xfe.mp4")
+    assert "not valid UTF-8" in reader.failures[0]["reason"]
+    again = add_to_index(index, videos, workers=0, progress=False)
+    assert (again.added, again.failed) == (0, 0), "the recorded name is not retried"
+
+
+def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, pool: Path, tmp_path: Path) -> None:
+    videos = _corpus(tmp_path, pool, FIRST[:1])
+    index = _build(model_dir, videos, tmp_path / "index")
+    copy = tmp_path / "renamed-copy"
+    shutil.copytree(model_dir, copy)
+    result = CliRunner().invoke(app, ["search", "a red circle", "--index", str(index), "--model", str(copy),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    assert FIRST[0] in result.output
+    torch.manual_seed(1)
+    from retrieval.models.retrieval_model import build_retrieval_model
+
+    other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).save(tmp_path / "tiny")
+    result = CliRunner().invoke(app, ["search", "a red circle", "--index", str(index), "--model", str(other)])
+    _one_line_error(result, "was built with model")
+    assert np.isfinite(open_index(index).vectors).all()
