@@ -18,6 +18,10 @@ Failures: a clip that cannot be decoded (:class:`retrieval.data.video.VideoReadE
 back as a failure row and lands in the part's failure records, like with the local engine; it
 is never retried. A task or actor whose process dies is retried by Ray.
 
+Workers exit with the driver: each worker process on the driver's machine watches the driver
+process (:func:`exit_with_driver`) and ends itself once the driver is gone, however it ended
+(``kill -9`` included), instead of waiting for Ray to notice.
+
 Ray is an optional dependency (``pip install 'vtr[ray]'``), imported only when this engine
 starts.
 """
@@ -27,7 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,14 +91,63 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# workers exit with the driver
+
+#: Seconds between a worker's checks that the driver still runs.
+WATCH_INTERVAL_S = 1.0
+_watched: set[int] = set()  # drivers this process already watches
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from /proc), None if it is gone;
+    with the pid it names one process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19].decode("ascii") if len(fields) > 19 else None
+
+
+def driver_identity() -> dict[str, Any]:
+    """What a worker needs to watch this process: host name, pid and start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+
+
+def _driver_running(driver: dict[str, Any]) -> bool:
+    started = _process_start(int(driver["pid"]))
+    return started is not None and (driver.get("started") is None or started == driver["started"])
+
+
+def _watch(driver: dict[str, Any]) -> None:
+    while _driver_running(driver):
+        time.sleep(WATCH_INTERVAL_S)
+    logger.warning("the indexing driver (process %s) is gone: this Ray worker exits", driver["pid"])
+    os._exit(1)
+
+
+def exit_with_driver(driver: dict[str, Any] | None) -> None:
+    """End this worker process soon after the driver ``driver`` (:func:`driver_identity`) is
+    gone. Only a worker on the driver's machine can see it; elsewhere Ray's own job clean-up
+    applies. Starts one watching thread per process and driver; later calls cost nothing."""
+    if not driver or driver.get("host") != socket.gethostname() or int(driver["pid"]) == os.getpid():
+        return
+    if int(driver["pid"]) in _watched or not os.path.isdir("/proc"):
+        return
+    _watched.add(int(driver["pid"]))
+    threading.Thread(target=_watch, args=(dict(driver),), name="vtr-driver-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------------
 # the two pipeline stages; they run in Ray worker processes
 
 
 def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], max_seconds: float | None,
-                  clip_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+                  clip_shape: tuple[int, ...], driver: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Decode and preprocess a batch of clips; an unreadable clip becomes an error row."""
     from retrieval.data.video import VideoReadError, load_clip
 
+    exit_with_driver(driver)
     pre = Preprocess.from_dict(preprocess)
     n = len(batch["path"])
     clips = np.zeros((n, *clip_shape), dtype=np.float32)
@@ -115,12 +170,13 @@ class _Encoder:
     """One model per actor: clip batches -> clip vectors and top-5 action labels."""
 
     def __init__(self, model_dir: str, labels: list[str], threads: int, device: str = "cpu",
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", driver: dict[str, Any] | None = None) -> None:
         import torch
 
         from retrieval.models.actions import ActionClassifier
         from retrieval.models.model_dir import load_model
 
+        exit_with_driver(driver)
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         # the job's device kind; Ray shows an actor only the GPUs it was given, so "cuda" is its own
@@ -280,16 +336,17 @@ class RayEngine:
         logger.info("ray engine: %d clips, %d encoder actor(s) (%.1f CPU, %.1f GPU each)", len(rows), actors, cpus,
                     gpus)
         clip_shape = (3, preprocess.num_frames, preprocess.size, preprocess.size)
+        driver = driver_identity()
         dataset = (
             ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
             .map_batches(_decode_batch, batch_size=batch_size, num_cpus=1,
                          fn_kwargs={"preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds,
-                                    "clip_shape": clip_shape})
+                                    "clip_shape": clip_shape, "driver": driver})
             .map_batches(_Encoder, batch_size=batch_size, num_cpus=cpus, num_gpus=gpus,
                          compute=ray.data.ActorPoolStrategy(size=actors),
                          fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "labels": labels,
                                                 "threads": max(1, int(cpus)), "device": str(device),
-                                                "precision": precision})
+                                                "precision": precision, "driver": driver})
             .select_columns(["part", "position", "error", "vector", "labels"])
         )
         with tqdm(total=len(rows), unit="clip", desc=description, disable=not progress) as bar:

@@ -7,6 +7,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.models.model_dir import load_model
 
+REPO = Path(__file__).resolve().parents[2]
 FIRST = ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4"]
 NEW = ["test/0003.mp4", "test/0004.mp4"]
 
@@ -280,3 +285,28 @@ def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, pool: Pa
     result = CliRunner().invoke(app, ["search", "a red circle", "--index", str(index), "--model", str(other)])
     _one_line_error(result, "was built with model")
     assert np.isfinite(open_index(index).vectors).all()
+
+
+def test_a_ray_worker_exits_once_its_driver_is_killed() -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-c", "import json, time\n"
+                               "from indexer.engines.ray import driver_identity\n"
+                               "print(json.dumps(driver_identity()), flush=True)\ntime.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    worker = None
+    try:
+        identity = driver.stdout.readline()
+        worker = subprocess.Popen([sys.executable, "-c", "import json, sys, time\n"
+                                   "from indexer.engines.ray import exit_with_driver\n"
+                                   "exit_with_driver(json.loads(sys.argv[1]))\ntime.sleep(600)", identity],
+                                  env=env, start_new_session=True)
+        time.sleep(2.5)
+        assert worker.poll() is None, "the worker must run while its driver does"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+        assert worker.wait(timeout=20) == 1, "the worker outlived its killed driver"
+    finally:
+        for process in (driver, worker):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
