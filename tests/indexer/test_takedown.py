@@ -4,6 +4,7 @@ option checks, odd file names and model identity by weights digest."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +27,14 @@ from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_ind
 from indexer.search import Searcher
 from indexer.store import open_index, published_generation
 from indexer.update import add_to_index, remove_from_index, staging_dir_for
-from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.models.model_dir import load_model
+from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
+CorpusOf = Callable[[list[str]], Path]  # the corpus_of fixture (conftest)
 FIRST = ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4"]
 NEW = ["test/0003.mp4", "test/0004.mp4"]
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pool")
-    generate_corpus(root, n_train=1, n_test=5, size=32, long_videos=0, progress=False)
-    return root / "videos"
-
-
-def _corpus(tmp_path: Path, pool: Path, names: list[str]) -> Path:
-    root = tmp_path / "videos"
-    for name in names:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(pool / name, root / name)
-    return root
 
 
 def _build(model_dir: Path, videos: Path, out: Path, **options: Any) -> Path:
@@ -81,10 +69,10 @@ class _RemoveWhileEmbedding:
 # ---------------------------------------------------------------------------------- 1. takedowns
 
 
-def test_a_remove_during_an_add_stays_removed(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+def test_a_remove_during_an_add_stays_removed(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
     index = _build(model_dir, videos, tmp_path / "index")
-    _corpus(tmp_path, pool, NEW)
+    corpus_of(NEW)
 
     summary = add_to_index(index, videos, workers=0, progress=False, engine=_RemoveWhileEmbedding(index, FIRST[1]))
 
@@ -94,13 +82,13 @@ def test_a_remove_during_an_add_stays_removed(model_dir: Path, pool: Path, tmp_p
     assert not staging_dir_for(index).exists()
 
 
-def test_add_does_not_bring_removed_videos_back_unless_asked(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+def test_add_does_not_bring_removed_videos_back_unless_asked(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
     index = _build(model_dir, videos, tmp_path / "index")
     runner = CliRunner()
     result = runner.invoke(app, ["index", "remove", "--index", str(index), FIRST[0], FIRST[2]])
     assert result.exit_code == 0, result.output
-    _corpus(tmp_path, pool, NEW[:1])
+    corpus_of(NEW[:1])
 
     result = runner.invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos), "--workers", "0",
                                  "--no-progress"])
@@ -115,9 +103,9 @@ def test_add_does_not_bring_removed_videos_back_unless_asked(model_dir: Path, po
 
 
 def test_a_searcher_switches_to_the_new_version_and_never_finds_a_removed_clip(
-    model_dir: Path, pool: Path, tmp_path: Path
+    model_dir: Path, corpus_of: CorpusOf, tmp_path: Path
 ) -> None:
-    videos = _corpus(tmp_path, pool, [*FIRST, *NEW])
+    videos = corpus_of([*FIRST, *NEW])
     index = _build(model_dir, videos, tmp_path / "index")
     searcher = Searcher(index)
     generation = searcher.reader.manifest["generation"]
@@ -134,8 +122,8 @@ def test_a_searcher_switches_to_the_new_version_and_never_finds_a_removed_clip(
     assert searcher.stats()["items"] == 4
 
 
-def test_a_damaged_new_version_keeps_the_searcher_on_the_old_one(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+def test_a_damaged_new_version_keeps_the_searcher_on_the_old_one(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
     index = _build(model_dir, videos, tmp_path / "index")
     searcher = Searcher(index)
     remove_from_index(index, [FIRST[0]])
@@ -148,8 +136,8 @@ def test_a_damaged_new_version_keeps_the_searcher_on_the_old_one(model_dir: Path
 # ---------------------------------------------------------------------------------- 3. checksums
 
 
-def test_a_flipped_digit_in_a_part_record_is_refused_on_merge(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, [*FIRST, *NEW])
+def test_a_flipped_digit_in_a_part_record_is_refused_on_merge(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of([*FIRST, *NEW])
     out = tmp_path / "index"
     for shard in (Shard(0, 2), Shard(1, 2)):
         run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, part_size=2), shard, workers=0,
@@ -165,8 +153,8 @@ def test_a_flipped_digit_in_a_part_record_is_refused_on_merge(model_dir: Path, p
     assert not os.path.lexists(out), "nothing was published from a damaged part"
 
 
-def test_a_damaged_job_record_is_refused(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+def test_a_damaged_job_record_is_refused(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
     out = tmp_path / "index"
     run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, part_size=2), Shard(0, 2), workers=0,
                   progress=False)
@@ -176,12 +164,12 @@ def test_a_damaged_job_record_is_refused(model_dir: Path, pool: Path, tmp_path: 
         publish_job(out)
 
 
-def test_a_damaged_published_manifest_is_refused_on_open_and_add(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+def test_a_damaged_published_manifest_is_refused_on_open_and_add(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
     index = _build(model_dir, videos, tmp_path / "index")
     target = os.readlink(index)
     manifest = index.parent / target / "manifest.json"
-    assert target.endswith(__import__("hashlib").sha256(manifest.read_bytes()).hexdigest())
+    assert target.endswith(hashlib.sha256(manifest.read_bytes()).hexdigest())
     text = manifest.read_text()
     manifest.write_text(re.sub(r'"dim": (\d+)', lambda m: f'"dim": {int(m.group(1)) + 1}', text, count=1))
 
@@ -196,9 +184,9 @@ def test_a_damaged_published_manifest_is_refused_on_open_and_add(model_dir: Path
 
 
 def test_an_index_type_too_large_for_the_corpus_is_refused_before_embedding(
-    model_dir: Path, pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, corpus_of: CorpusOf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+    videos = corpus_of(FIRST)
 
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("embedded before refusing")
@@ -211,9 +199,9 @@ def test_an_index_type_too_large_for_the_corpus_is_refused_before_embedding(
     assert not work_dir_for(out).exists() and not os.path.lexists(out)
 
 
-def test_a_windowed_job_falls_back_to_an_index_type_it_can_train(model_dir: Path, pool: Path, tmp_path: Path,
+def test_a_windowed_job_falls_back_to_an_index_type_it_can_train(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+    videos = corpus_of(FIRST)
     with caplog.at_level("WARNING"):
         index = _build(model_dir, videos, tmp_path / "index", window=100.0, index_type="IVF64,Flat")
     assert open_index(index).manifest["index_type"] == "Flat"
@@ -223,10 +211,10 @@ def test_a_windowed_job_falls_back_to_an_index_type_it_can_train(model_dir: Path
 # ---------------------------------------------------------------------------------- 8. add's options
 
 
-def test_an_add_option_error_leaves_nothing_behind(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST[:1])
+def test_an_add_option_error_leaves_nothing_behind(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST[:1])
     index = _build(model_dir, videos, tmp_path / "index")
-    _corpus(tmp_path, pool, NEW[:1])
+    corpus_of(NEW[:1])
     runner = CliRunner()
     for option in (["--batch-size", "0"], ["--workers", "-1"], ["--part-size", "0"]):
         result = runner.invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos), *option])
@@ -237,9 +225,9 @@ def test_an_add_option_error_leaves_nothing_behind(model_dir: Path, pool: Path, 
 
 
 def test_an_add_of_the_file_system_root_is_refused_before_walking_it(
-    model_dir: Path, pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, corpus_of: CorpusOf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    videos = _corpus(tmp_path, pool, FIRST[:1])
+    videos = corpus_of(FIRST[:1])
     index = _build(model_dir, videos, tmp_path / "index")
 
     def walked(*args: Any, **kwargs: Any) -> None:
@@ -254,9 +242,9 @@ def test_an_add_of_the_file_system_root_is_refused_before_walking_it(
 # ---------------------------------------------------------------------------------- 9. smaller
 
 
-def test_a_file_name_that_is_not_utf8_is_recorded_and_the_rest_indexed(model_dir: Path, pool: Path,
+def test_a_file_name_that_is_not_utf8_is_recorded_and_the_rest_indexed(model_dir: Path, corpus_of: CorpusOf,
                                                                        tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+    videos = corpus_of(FIRST)
     odd = os.fsencode(videos / "test") + b"/\xff\xfe.mp4"
     os.rename(videos / FIRST[1], odd)
     index = _build(model_dir, videos, tmp_path / "index")
@@ -269,8 +257,8 @@ def test_a_file_name_that_is_not_utf8_is_recorded_and_the_rest_indexed(model_dir
     assert (again.added, again.failed) == (0, 0), "the recorded name is not retried"
 
 
-def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST[:1])
+def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST[:1])
     index = _build(model_dir, videos, tmp_path / "index")
     copy = tmp_path / "renamed-copy"
     shutil.copytree(model_dir, copy)
@@ -279,8 +267,6 @@ def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, pool: Pa
     assert result.exit_code == 0, result.output
     assert FIRST[0] in result.output
     torch.manual_seed(1)
-    from retrieval.models.retrieval_model import build_retrieval_model
-
     other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).save(tmp_path / "tiny")
     result = CliRunner().invoke(app, ["search", "a red circle", "--index", str(index), "--model", str(other)])
     _one_line_error(result, "was built with model")
@@ -289,17 +275,15 @@ def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, pool: Pa
 
 def test_a_ray_worker_exits_once_its_driver_is_killed() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    driver = subprocess.Popen([sys.executable, "-c", "import json, time\n"
-                               "from indexer.engines.ray import driver_identity\n"
-                               "print(json.dumps(driver_identity()), flush=True)\ntime.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    driver_code = ("import json, time\nfrom indexer.engines.ray import driver_identity\n"
+                   "print(json.dumps(driver_identity()), flush=True)\ntime.sleep(600)")
+    worker_code = ("import json, sys, time\nfrom indexer.engines.ray import exit_with_driver\n"
+                   "exit_with_driver(json.loads(sys.argv[1]))\ntime.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", driver_code], stdout=subprocess.PIPE, text=True, env=env)
     worker = None
     try:
         identity = driver.stdout.readline()
-        worker = subprocess.Popen([sys.executable, "-c", "import json, sys, time\n"
-                                   "from indexer.engines.ray import exit_with_driver\n"
-                                   "exit_with_driver(json.loads(sys.argv[1]))\ntime.sleep(600)", identity],
-                                  env=env, start_new_session=True)
+        worker = subprocess.Popen([sys.executable, "-c", worker_code, identity], env=env, start_new_session=True)
         time.sleep(2.5)
         assert worker.poll() is None, "the worker must run while its driver does"
         driver.send_signal(signal.SIGKILL)
