@@ -206,7 +206,7 @@ def add_to_index(
                          index_type=None, max_memory_bytes=None, embed_dim=None)
     guards.check_corpus_root(Path(videos))  # before anything walks it
     staging = staging_dir_for(index)
-    with exclusive(lock_path(staging), f"an add to index {index}"):
+    with exclusive(lock_path(staging), f"adding to index {index}"):
         reader = open_index(index)
         model_dir = _index_model_dir(reader, model_dir)
         check_model(reader, model_dir)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from app.cli import app
 from indexer import jobs, update
 from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
+from indexer.locks import lock_path
 from indexer.search import Searcher
 from indexer.store import open_index, published_generation
 from indexer.update import add_to_index, remove_from_index, staging_dir_for
@@ -294,3 +295,25 @@ def test_a_ray_worker_exits_once_its_driver_is_killed() -> None:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_second_add_and_a_remove_that_cannot_get_the_lock_are_refused_in_one_line(
+    model_dir: Path, corpus_of: CorpusOf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    videos = corpus_of(FIRST)
+    index = _build(model_dir, videos, tmp_path / "index")
+    holder_code = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+                   "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(600)")
+    monkeypatch.setattr(update, "PUBLISH_WAIT_S", 0.5)
+    runner = CliRunner()
+    for held, command in ((lock_path(staging_dir_for(index)), ["index", "add", "--index", str(index), "--videos",
+                                                               str(videos)]),
+                          (lock_path(index), ["index", "remove", "--index", str(index), FIRST[0]])):
+        holder = subprocess.Popen([sys.executable, "-c", holder_code, str(held)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            _one_line_error(runner.invoke(app, command), "is in use by process")
+        finally:
+            holder.kill()
+            holder.wait()
+    assert _keys(index) == FIRST and not staging_dir_for(index).exists()
