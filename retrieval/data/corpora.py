@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
@@ -101,11 +102,36 @@ class Corpus:
         return (item.start, item.end)
 
 
-def clean_text(text: str) -> str:
-    """The official caption cleaning: lower-case, dashes and "/" to spaces, punctuation removed.
+# Caption cleanings a model directory can name (``text_cleaning`` in its config.json). The text
+# tower was trained on captions cleaned one way; queries and evaluation captions must be cleaned
+# the same way, so the rule belongs to the model, not to the corpus or the command.
+CAPTION_CLEANINGS = ("umt", "strip_punctuation")
+DEFAULT_CAPTION_CLEANING = "umt"
 
-    Any Unicode dash counts as "-" and any Unicode punctuation is stripped (not only ASCII), so
-    "don’t" and "don't" clean alike; whitespace runs collapse to one space.
+# The characters UMT/VideoMamba's caption preprocessing deletes (everything else reaches the
+# tokenizer: "&", "%", "—", "’" become tokens of their own or [UNK]).
+_UMT_DELETED = str.maketrans("", "", ",.'!?\"()*#:;~")
+_UMT_SPACED = str.maketrans({"-": " ", "/": " "})
+_WHITESPACE_RUNS = re.compile(r"\s{2,}")
+
+
+def clean_caption_umt(text: str) -> str:
+    """UMT/VideoMamba's caption preprocessing (``pre_text`` in their ``dataset/utils.py``).
+
+    Lower-cases; deletes ``, . ' ! ? " ( ) * # : ; ~`` (ASCII only); turns ``-`` and ``/`` into
+    spaces and ``<person>`` into ``person``; replaces each run of two or more whitespace
+    characters by one space (a single newline or tab is kept: the tokenizer splits on it anyway);
+    drops trailing newlines, then leading and trailing spaces. The order of the steps matters
+    (``"<per.son>"`` becomes ``"person"``) and is the authors'.
+    """
+    text = text.lower().translate(_UMT_DELETED).translate(_UMT_SPACED).replace("<person>", "person")
+    return _WHITESPACE_RUNS.sub(" ", text).rstrip("\n").strip(" ")
+
+
+def clean_caption_strip_punctuation(text: str) -> str:
+    """vtr's earlier rule, kept for model directories that name it: lower-case, every Unicode
+    dash and "/" to a space, every ASCII and Unicode punctuation mark removed, whitespace runs
+    collapsed. "don’t" and "don't" clean alike; it is not what the official checkpoints saw.
     """
     chars = []
     for ch in text.lower():
@@ -117,6 +143,26 @@ def clean_text(text: str) -> str:
         else:
             chars.append(ch)
     return " ".join("".join(chars).split())
+
+
+_CLEANERS = {"umt": clean_caption_umt, "strip_punctuation": clean_caption_strip_punctuation}
+
+
+def check_caption_cleaning(name: str) -> str:
+    """``name`` if it is a known caption cleaning, else a ValueError listing them."""
+    if name not in _CLEANERS:
+        raise ValueError(f"unknown caption cleaning {name!r} (known: {', '.join(CAPTION_CLEANINGS)})")
+    return name
+
+
+def clean_caption(text: str, cleaning: str = DEFAULT_CAPTION_CLEANING) -> str:
+    """``text`` cleaned by the named rule (:data:`CAPTION_CLEANINGS`), as the tokenizer receives it."""
+    return _CLEANERS[check_caption_cleaning(cleaning)](text)
+
+
+def is_blank_caption(text: str, cleaning: str = DEFAULT_CAPTION_CLEANING) -> bool:
+    """Whether nothing but whitespace is left of ``text`` after cleaning: it would match anything."""
+    return not clean_caption(text, cleaning).strip()
 
 
 # ----------------------------------------------------------------------------------------------

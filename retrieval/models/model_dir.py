@@ -22,6 +22,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from ..atomic import atomic_path, atomic_write_text
+from ..data.corpora import DEFAULT_CAPTION_CLEANING
 from .registry import build_from_config
 
 FORMAT = "vtr-model"
@@ -190,14 +191,9 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
             stored = {name: tuple(fh.get_slice(name).get_shape()) for name in names}
     except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError for bad files)
         raise ModelDirError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
-    # Compatibility: directories written before safetensors' shared-tensor handling list their
-    # tied weights in config.json, "tied": {name not stored: stored name it equals}. Such a name
-    # counts as present when its source is stored; the module's own tie fills it. Nothing writes
-    # this map any more.
-    legacy_tied = {dst for dst, src in (read_model_config(path).get("tied") or {}).items() if src in stored}
     own = module.state_dict()
     shared = _shared_names(module)
-    missing = [k for k in own if k not in stored and k not in legacy_tied
+    missing = [k for k in own if k not in stored
                and not any(other in stored for other in shared.get(k, ()))]
     unexpected = [k for k in stored if k not in own]
     bad_shape = [f"{k}: checkpoint {stored[k]} vs model {tuple(own[k].shape)}"
@@ -214,10 +210,13 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
 def model_identity(path: str | Path) -> dict[str, Any]:
     """What an index records about the model that built it."""
     cfg = read_model_config(path)
-    return {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
-            "kind": cfg["kind"],
-            "weights_sha256": weights_hash(weights_file(path)),
-            "preprocess": cfg.get("preprocess", {})}
+    identity = {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
+                "kind": cfg["kind"],
+                "weights_sha256": weights_hash(weights_file(path)),
+                "preprocess": cfg.get("preprocess", {})}
+    if cfg["kind"] == "retrieval":  # text vectors depend on how queries and captions are cleaned
+        identity["text_cleaning"] = cfg.get("model", {}).get("text_cleaning", DEFAULT_CAPTION_CLEANING)
+    return identity
 
 
 @register_kind("video_encoder")

@@ -105,9 +105,6 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += n
 
 
-def o_bf16(recipe: Recipe) -> bool:
-    """``optim.bf16: true`` (older recipes) means run.precision bf16."""
-    return bool(recipe.optim.bf16)
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -360,7 +357,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         raise RecipeError(f"{out} already holds a checkpoint: pass --resume to continue it, or set run.out")
     state = _read_resume_state(out, recipe) if resume else None
     device = local_rank_device(recipe.run.device)   # under torchrun + CUDA: this process's LOCAL_RANK GPU
-    precision = "bf16" if o_bf16(recipe) else resolve_precision(recipe.run.precision, device)
+    precision = resolve_precision(recipe.run.precision, device)
     rank, world = _dist_setup(device)
     o = recipe.optim
     if o.batch_size % world:

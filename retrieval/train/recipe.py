@@ -75,7 +75,6 @@ class OptimSection:
     steps: int = 300
     batch_size: int = 32                      # global batch (split over processes)
     grad_clip: float = 1.0
-    bf16: bool = False                        # the same as run.precision=bf16 (kept for older recipes)
     grad_checkpointing: bool = False
     freeze_text_embeddings: bool = False     # keep the (large) word-embedding table fixed: faster steps
     freeze_text_layers: int = 0              # also freeze text layers 0..k-1; their outputs are cached per caption
@@ -106,19 +105,17 @@ class Recipe:
     def fingerprint(self) -> str:
         """Hash of everything that determines the trajectory (not where it is written or logged)."""
         d = self.to_dict()
-        d["run"] = {"seed": d["run"]["seed"]}
-        if self.run.precision != "fp32":  # fp32 recipes keep the fingerprint they had before the key
-            d["run"]["precision"] = self.run.precision
+        d["run"] = {"seed": d["run"]["seed"], "precision": d["run"]["precision"]}
         d["data"].pop("workers")
-        if not self.data.images:  # recipes from before image training keep their fingerprint
-            for key in ("images", "image_root", "image_batch_size"):
+        # the options of a part that is off cannot change the trajectory
+        if not self.data.images:
+            for key in ("image_root", "image_batch_size"):
                 d["data"].pop(key)
-        if not self.loss.uta:  # nor do recipes without UTA, whatever its options say
+        if not self.loss.uta:
             for key in ("uta_teacher_arch", "uta_image_mask_ratio", "uta_mask"):
                 d["loss"].pop(key)
-        if not self.loss.action:  # nor do recipes from before the action head
-            for key in ("action", "action_labels"):
-                d["loss"].pop(key)
+        if not self.loss.action:
+            d["loss"].pop("action_labels")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,8 +219,6 @@ def _validate(r: Recipe) -> None:
 
     if r.run.precision not in PRECISIONS:
         raise RecipeError(f"run.precision must be one of {', '.join(PRECISIONS)}; got {r.run.precision!r}")
-    if r.optim.bf16 and r.run.precision not in ("fp32", "bf16"):
-        raise RecipeError(f"optim.bf16 and run.precision={r.run.precision} disagree; set run.precision alone")
     if r.optim.batch_size < 2 or r.optim.steps < 1:
         raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
     if not r.optim.lr > 0 or r.optim.lr == float("inf"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.data.corpora import PRESETS, Corpus, CorpusItem, clean_text, load_corpus
+from retrieval.data.corpora import PRESETS, Corpus, CorpusItem, clean_caption, load_corpus
 
 
 def touch_videos(root: Path, *names: str) -> None:
@@ -184,13 +184,17 @@ def test_missing_annotation_file_and_unknown_dataset(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "cleaned"),
+    ("raw", "umt", "strip_punctuation"),
     [
-        ("A Man, playing GUITAR!", "a man playing guitar"),
-        ("hand-held  camera/phone", "hand held camera phone"),
-        ('  the man\'s "best" (ever)...  \n', "the mans best ever"),
-        ("<person> walks in.", "person walks in"),
+        ("A Man, playing GUITAR!", "a man playing guitar", "a man playing guitar"),
+        ("hand-held  camera/phone", "hand held camera phone", "hand held camera phone"),
+        ('  the man\'s "best" (ever)...  \n', "the mans best ever", "the mans best ever"),
+        ("<person> walks in.", "person walks in", "person walks in"),
+        ("Don’t  stop — [now] & 5%", "don’t stop — [now] & 5%", "dont stop now 5"),
     ],
 )
-def test_clean_text(raw: str, cleaned: str) -> None:
-    assert clean_text(raw) == cleaned
+def test_clean_caption(raw: str, umt: str, strip_punctuation: str) -> None:
+    assert clean_caption(raw) == clean_caption(raw, "umt") == umt
+    assert clean_caption(raw, "strip_punctuation") == strip_punctuation
+    with pytest.raises(ValueError, match="unknown caption cleaning 'clip'"):
+        clean_caption(raw, "clip")
