@@ -59,7 +59,7 @@ from tqdm import tqdm
 from indexer import guards
 from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
-from indexer.store import open_index, same_model, write_index
+from indexer.store import open_index, read_published_manifest, same_model, write_index
 from retrieval.atomic import atomic_write, fsync_path, write_temp
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.loader import iter_clip_batches
@@ -86,7 +86,7 @@ TIME_DECIMALS = 3
 #: corpus are mounted (the model's weights hash and the source list are compared instead).
 _LOCATION_KEYS = ("model_dir", "videos_root", "ann_file")
 # keys that job records written by earlier versions lack, with the value those jobs ran with
-_RECORD_DEFAULTS = {"precision": "fp32"}
+_RECORD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "removed": []}
 
 
 class JobError(ValueError):
@@ -390,10 +390,13 @@ class JobSummary:
 
 
 def _job_record(
-    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32"
+    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32",
+    removed: list[str] | None = None,
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
     return {
+        # videos the index being rebuilt had removed: left out, and still listed in the new one
+        "removed": removed or [],
         "format": JOB_FORMAT,
         "version": JOB_VERSION,
         "model": identity,
@@ -657,12 +660,19 @@ def _run_locked(
 
     corpus = load_corpus(spec.dataset, spec.ann_file, spec.videos)
     sources = plan_sources(corpus)
+    # rebuilding an index in place keeps its takedowns: videos removed from it stay out
+    removed = set((read_published_manifest(spec.out) or {}).get("removed") or []) if own_index else set()
+    if removed:
+        root = spec.videos.resolve()
+        kept = [source for source in sources if str(root / printable_name(source.video)) not in removed]
+        logger.info("%d videos removed from %s earlier are left out", len(sources) - len(kept), spec.out)
+        sources = kept
     if select is not None:
         sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
     guards.check_index_size(len(sources), embed_dim, spec.index_type, spec.window is not None)
     record = _job_record(spec, identity, load_labels(spec.labels), sources,
-                         resolve_precision(precision, resolve_device(device)))
+                         resolve_precision(precision, resolve_device(device)), sorted(removed))
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
     _check_same_job(_create_once(work.job_file, seal_record(record)), record, work.root)
@@ -865,6 +875,7 @@ def _publish_locked(out: Path) -> Path:
             index_type=job["index_type"],
             max_memory_bytes=job["max_memory_bytes"],
             extra=extra,
+            removed=job.get("removed") or [],
         )
     shutil.rmtree(work.root)
     return out

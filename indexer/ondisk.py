@@ -341,6 +341,7 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "code_version": _code_version(),
             "extra": extra,
+            "removed": job.get("removed") or [],
         }
 
     publish_version(out, fill)

@@ -294,6 +294,7 @@ def write_index(
     *,
     skipped: int = 0,
     use_gpu: bool | None = None,
+    removed: Iterable[str] = (),
 ) -> Path:
     """Build and atomically publish an index directory at ``out_dir``; return its path.
 
@@ -303,8 +304,9 @@ def write_index(
     refuse queries from another model. ``skipped`` counts inputs deliberately left out
     (e.g. too short), as opposed to ``failures``. The FAISS index type is chosen by
     :func:`indexer.faiss_index.choose_index_type` unless given; ``use_gpu`` as in
-    :func:`indexer.faiss_index.build_index`. See the module docstring for how publishing keeps
-    readers safe.
+    :func:`indexer.faiss_index.build_index`. ``removed``: videos taken out of an earlier version
+    of this index, which ``vtr index add`` leaves out. See the module docstring for how
+    publishing keeps readers safe.
     """
     check_vectors(vectors)
     n, dim = vectors.shape
@@ -336,6 +338,7 @@ def write_index(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "code_version": _code_version(),
         "extra": dict(extra or {}),
+        "removed": sorted(removed),
     }
 
     def fill(staged: Path) -> dict[str, Any]:
@@ -382,14 +385,20 @@ def publish_version(out_dir: str | os.PathLike[str], fill: Callable[[Path], Mapp
 # ---------------------------------------------------------------------------- reading
 
 
-def published_generation(path: str | os.PathLike[str]) -> int:
-    """The generation of the version published at ``path`` (0 when nothing is published, or
-    for an index written before generations were recorded). Every publish counts one up."""
+def read_published_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest published at ``path`` as it is now, unverified (None when there is none or
+    it is not a JSON object): for small decisions before a full :func:`open_index`."""
     try:
         manifest = json.loads((Path(path) / MANIFEST_FILE).read_bytes())
     except (OSError, ValueError):
-        return 0
-    generation = manifest.get("generation", 0) if isinstance(manifest, dict) else 0
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def published_generation(path: str | os.PathLike[str]) -> int:
+    """The generation of the version published at ``path`` (0 when nothing is published, or
+    for an index written before generations were recorded). Every publish counts one up."""
+    generation = (read_published_manifest(path) or {}).get("generation", 0)
     return generation if isinstance(generation, int) else 0
 
 

@@ -103,6 +103,21 @@ def test_add_does_not_bring_removed_videos_back_unless_asked(model_dir: Path, co
     assert open_index(index).manifest["removed"] == [], "added back: no longer a tombstone"
 
 
+def test_rebuilding_the_index_in_place_keeps_its_removals(model_dir: Path, corpus_of: CorpusOf,
+                                                           tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
+    index = _build(model_dir, videos, tmp_path / "index")
+    remove_from_index(index, [FIRST[0]])
+    command = ["index", "--model", str(model_dir), "--videos", str(videos), "--out", str(index), "--workers", "0",
+               "--no-progress"]
+    result = CliRunner().invoke(app, command)  # the same job again: a refresh
+    assert result.exit_code == 0, result.output
+    assert _keys(index) == FIRST[1:]
+    assert open_index(index).manifest["removed"] == [str(videos.resolve() / FIRST[0])]
+    add_to_index(index, videos, workers=0, progress=False)
+    assert _keys(index) == FIRST[1:], "still removed after the rebuild"
+
+
 def test_a_searcher_switches_to_the_new_version_and_never_finds_a_removed_clip(
     model_dir: Path, corpus_of: CorpusOf, tmp_path: Path
 ) -> None:
