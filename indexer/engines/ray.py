@@ -18,9 +18,11 @@ Failures: a clip that cannot be decoded (:class:`retrieval.data.video.VideoReadE
 back as a failure row and lands in the part's failure records, like with the local engine; it
 is never retried. A task or actor whose process dies is retried by Ray.
 
-Workers exit with the driver: each worker process on the driver's machine watches the driver
-process (:func:`exit_with_driver`) and ends itself once the driver is gone, however it ended
-(``kill -9`` included), instead of waiting for Ray to notice.
+Nothing outlives the driver: a local cluster the engine starts is watched by a small process
+that kills what is left of it once the driver is gone, however it ended (``kill -9``
+included; :mod:`indexer.engines.reaper`), and each worker process on the driver's machine
+watches the driver itself (:func:`exit_with_driver`), which also covers a cluster joined with
+``--ray-address`` on this machine.
 
 Ray is an optional dependency (``pip install 'vtr[ray]'``), imported only when this engine
 starts.
@@ -33,6 +35,7 @@ import logging
 import math
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -41,6 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.engines.reaper import WATCH_INTERVAL_S, driver_identity, driver_running, start_reaper
 from indexer.jobs import TOP_LABELS, JobError, WorkDir, _Part, item_key
 from retrieval.data.corpora import Corpus
 from retrieval.data.video import Preprocess
@@ -93,34 +97,11 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 # ---------------------------------------------------------------------------------------------
 # workers exit with the driver
 
-#: Seconds between a worker's checks that the driver still runs.
-WATCH_INTERVAL_S = 1.0
 _watched: set[int] = set()  # drivers this process already watches
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, from /proc), None if it is gone;
-    with the pid it names one process even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[19].decode("ascii") if len(fields) > 19 else None
-
-
-def driver_identity() -> dict[str, Any]:
-    """What a worker needs to watch this process: host name, pid and start time."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
-
-
-def _driver_running(driver: dict[str, Any]) -> bool:
-    started = _process_start(int(driver["pid"]))
-    return started is not None and (driver.get("started") is None or started == driver["started"])
-
-
 def _watch(driver: dict[str, Any]) -> None:
-    while _driver_running(driver):
+    while driver_running(driver):
         time.sleep(WATCH_INTERVAL_S)
     logger.warning("the indexing driver (process %s) is gone: this Ray worker exits", driver["pid"])
     os._exit(1)
@@ -237,6 +218,7 @@ class RayEngine:
         self.num_cpus = num_cpus
         self._ray: Any = None
         self._owns_runtime = False
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle
 
@@ -255,6 +237,8 @@ class RayEngine:
             check_reachable(self.address)
         if ray.is_initialized():
             return
+        if self.address is None:
+            self._reaper = start_reaper()  # first: it must see the cluster's processes start
         try:
             if self.address is None:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
@@ -262,6 +246,7 @@ class RayEngine:
             else:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._stop_reaper()
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
             raise EngineError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         self._owns_runtime = True
@@ -270,6 +255,14 @@ class RayEngine:
         if self._owns_runtime and self._ray is not None:
             self._ray.shutdown()
         self._owns_runtime = False
+        self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        """The cluster ended normally: its watcher is not needed any more."""
+        if self._reaper is not None:
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
 
     def _pool(self) -> tuple[int, float, float]:
         """(actors, CPUs per actor, GPUs per actor) for the cluster at hand."""

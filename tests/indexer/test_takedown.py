@@ -291,7 +291,7 @@ def test_a_renamed_copy_of_the_model_is_the_same_model(model_dir: Path, corpus_o
 
 def test_a_ray_worker_exits_once_its_driver_is_killed() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    driver_code = ("import json, time\nfrom indexer.engines.ray import driver_identity\n"
+    driver_code = ("import json, time\nfrom indexer.engines.reaper import driver_identity\n"
                    "print(json.dumps(driver_identity()), flush=True)\ntime.sleep(600)")
     worker_code = ("import json, sys, time\nfrom indexer.engines.ray import exit_with_driver\n"
                    "exit_with_driver(json.loads(sys.argv[1]))\ntime.sleep(600)")
@@ -310,6 +310,48 @@ def test_a_ray_worker_exits_once_its_driver_is_killed() -> None:
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie no longer does)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_what_a_killed_driver_started_is_killed_after_it() -> None:
+    """A local Ray cluster's agents run in their own sessions, children of the raylet, itself
+    the driver's child: modelled by a child that starts a grandchild in a new session."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    grandchild_code = "import subprocess, sys, time\n" \
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n" \
+        "print(p.pid, flush=True)\ntime.sleep(600)"
+    driver_code = ("import subprocess, sys, time\nfrom indexer.engines.reaper import start_reaper\n"
+                   "start_reaper()\n"
+                   "child = subprocess.Popen([sys.executable, '-c', sys.argv[1]], stdout=subprocess.PIPE, text=True)\n"
+                   "print(child.pid, child.stdout.readline().strip(), flush=True)\ntime.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", driver_code, grandchild_code], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    started: list[int] = []
+    try:
+        started = [int(pid) for pid in driver.stdout.readline().split()]
+        assert len(started) == 2 and all(_running(pid) for pid in started)
+        time.sleep(3)  # the watcher looks once a second
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while any(_running(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in started), "a process the driver started outlived it"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for pid in started:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_second_add_and_a_remove_that_cannot_get_the_lock_are_refused_in_one_line(
