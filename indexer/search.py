@@ -15,6 +15,11 @@ the raw list of items.
 
 An index can only be searched with the model that built it: vectors of two models live in
 unrelated spaces, so a different model is refused (:class:`indexer.store.IndexModelMismatch`).
+A model is its weights: a copy of the model folder under another name is the same model.
+
+A :class:`Searcher` follows its index: before each search it checks whether a newer version
+has been published (``vtr index add`` / ``remove``) and switches to it
+(:meth:`Searcher.refresh`), so a removed clip is not found once its removal is published.
 """
 
 from __future__ import annotations

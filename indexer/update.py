@@ -337,7 +337,7 @@ def _merge_delta(latest: IndexReader, added: IndexReader, root: Path, include_re
 
 def _resolve_videos(reader: IndexReader, paths: Sequence[str | os.PathLike[str]]) -> set[str]:
     """The indexed paths meant by ``paths`` (absolute, or relative to the cwd or a corpus root)."""
-    indexed = {item["path"] for item in reader.items} | {failure["path"] for failure in reader.failures}
+    indexed = _indexed_videos(reader)
     roots = [Path(root) for root in reader.manifest.get("corpus_roots", [])]
     found, unknown = set(), []
     for path in paths:
