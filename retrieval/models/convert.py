@@ -14,8 +14,8 @@ Two conversions:
 
 The key mappings live beside each model, as ``checkpoint_filter_fn`` (renames, drops, reshapes)
 and ``infer_config_from_state`` (the architecture read from the shapes): VideoMamba/VideoMambaPro
-in ``videomamba``, UMT's ViT in ``joint_vit``, the BERT text tower in ``text`` (and the other seed
-families in ``vim``, ``uniformer``, ``timesformer``; see ``convert_seeds``). This module holds the
+in ``videomamba``, UMT's ViT in ``joint_vit``, the BERT text tower in ``text`` (and TimeSformer,
+UniFormer and Vim in theirs; ``convert_timesformer_uniformer_vim`` converts those). This module holds the
 generic parts: reading checkpoints safely, splitting vision and text, the strict loading, the
 report of what was dropped, and writing the model directory.
 

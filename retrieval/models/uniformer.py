@@ -154,10 +154,11 @@ class UniFormerVideo(nn.Module):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        """``dims``, ``mean`` and ``std`` default (``None``) to UniFormer's widths and ImageNet's statistics."""
+        """``dims``, ``mean`` and ``std`` left ``None`` are UniFormer's widths and ImageNet's statistics."""
         super().__init__()
         depths, dims = tuple(depths), tuple(UNIFORMER_DIMS if dims is None else dims)
-        mean, std = tuple(IMAGENET_MEAN if mean is None else mean), tuple(IMAGENET_STD if std is None else std)
+        mean = tuple(IMAGENET_MEAN if mean is None else mean)
+        std = tuple(IMAGENET_STD if std is None else std)
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"UniFormer has 4 stages; got depths {depths} and dims {dims}")
         bad = [d for d in dims[2:] if d % head_dim]
