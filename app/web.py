@@ -35,6 +35,7 @@ Everything user-visible that comes from the index or the query is HTML-escaped.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import threading
@@ -48,7 +49,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
-from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
+from app.uploads import UploadJanitor, UploadLimits, UploadRefused, UploadSpaceFull, decode_upload
 from indexer.search import Hit, Query, Searcher, clean_query
 
 logger = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ class SearchPage:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     label_names: list[str] = field(init=False)
     _classifier: Any = field(init=False, default=None)
-    janitor: UploadJanitor = field(init=False, default_factory=UploadJanitor)
+    janitor: UploadJanitor = field(init=False)
 
     def __post_init__(self) -> None:
         if self.roots is None:
@@ -290,6 +291,7 @@ class SearchPage:
         self.label_names = self._label_names()
         if self.upload_limits is None:
             self.upload_limits = UploadLimits()
+        self.janitor = UploadJanitor(max_bytes=self.upload_limits.space)
 
     def clip_file(self, item_id: int) -> Path | None:
         """The file the clip route plays for ``item_id``: the indexed item's video, if it is a file
@@ -527,6 +529,7 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     except OSError as exc:
         raise ValueError(f"cannot serve on {host}:{port}: {exc}") from exc
     add_clip_route(demo.app, page)
+    guard_upload_route(demo.app, page.janitor)
     if not prevent_thread_lock:
         demo.block_thread()
     return url
@@ -542,13 +545,89 @@ def add_clip_route(app: Any, page: SearchPage) -> None:
 
     async def clip(request: Any) -> Response:
         raw = request.path_params["item_id"]
-        path = page.clip_file(int(raw)) if raw.isdigit() and len(raw) < 19 else None
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses
+        path = page.clip_file(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
         if path is None:
             return Response("no such clip", status_code=404, media_type="text/plain")
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     route = Route("/" + CLIP_ROUTE + "{item_id}", clip, methods=["GET", "HEAD"])
+    app.router.routes.insert(0, route)
+
+
+#: Gradio's route that stores uploaded files (relative to the app's root).
+UPLOAD_ROUTE = "/gradio_api/upload"
+
+
+def guard_upload_route(app: Any, janitor: UploadJanitor) -> None:
+    """Put ``janitor`` in front of Gradio's upload route: an upload must state its size and fit in
+    the space left (else 411 / 507 with a one-line reason, before a byte is stored), and every
+    file it stores is deleted after the grace period, whether or not it is ever searched."""
+    from starlette.routing import Route
+
+    def find(routes: Iterable[Any]) -> Iterable[Any]:
+        for route in routes:
+            if getattr(route, "path", None) == UPLOAD_ROUTE and "POST" in (getattr(route, "methods", None) or ()):
+                yield route
+            included = getattr(route, "original_router", None)   # FastAPI's included routers
+            if included is not None:
+                yield from find(included.routes)
+
+    found = list(find(app.router.routes))
+    if len(found) != 1:
+        raise RuntimeError(f"found {len(found)} upload routes ({UPLOAD_ROUTE}) in the Gradio app; expected one")
+    gradio_upload = found[0].app
+
+    async def refuse(send: Any, status: int, message: str) -> None:
+        body = message.encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if not length.isdigit():
+            await refuse(send, 411, "an upload must state its size (Content-Length)")
+            return
+        size = int(length)
+        try:
+            janitor.reserve(size)
+        except UploadSpaceFull as exc:
+            await refuse(send, 507, f"Upload refused: {exc}")
+            return
+        start: dict[str, Any] = {}
+        body: list[bytes] = []
+
+        async def register_then_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            data = b"".join(body)
+            if start.get("status") == 200:
+                try:
+                    stored = [str(path) for path in json.loads(data)]
+                except (ValueError, TypeError):
+                    stored = []
+                for path in stored:
+                    janitor.add(path, size // max(1, len(stored)))
+            await send(start)
+            await send({"type": "http.response.body", "body": data})
+
+        try:
+            await gradio_upload(scope, receive, register_then_send)
+        finally:
+            janitor.unreserve(size)
+
+    route = Route(UPLOAD_ROUTE, lambda request: None, methods=["POST"])
+    route.app = guarded   # ahead of Gradio's own route, which it calls
     app.router.routes.insert(0, route)
 
 

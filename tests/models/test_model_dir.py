@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from retrieval import load_model
-from retrieval.models.model_dir import ModelDirError
+from retrieval.models.model_dir import ModelDirError, model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
 
 DECODER = "mlm_head.predictions.decoder"
@@ -92,3 +92,31 @@ def test_strict_loading_lists_missing_unexpected_and_wrong_shapes(model, tmp_pat
     assert "missing keys: itm_head.bias" in message          # the tied names the file lacks are not missing
     assert "unexpected keys: extra.weight" in message
     assert "wrong shape keys: vision_proj.weight: checkpoint (3, 3) vs model (24, 32)" in message
+
+
+def test_caption_cleaning_is_the_model_directorys_setting(model, tmp_path):
+    """Recorded in config.json, "umt" for directories written before the setting existed, and an
+    unknown rule is refused when the directory is read, not silently replaced."""
+    assert model.text_cleaning == "umt"
+    model.text_cleaning = "strip_punctuation"
+    try:
+        out = model.save(tmp_path / "legacy")
+    finally:
+        model.text_cleaning = "umt"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["text_cleaning"] == "strip_punctuation"
+    loaded = load_model(out)
+    assert loaded.text_cleaning == "strip_punctuation" and model_identity(out)["text_cleaning"] == "strip_punctuation"
+    ids, _ = loaded.tokenize(["A & B"])
+    assert ids.shape[1] == 4  # [CLS] a b [SEP]: the old rule dropped "&"
+
+    del cfg["model"]["text_cleaning"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    older = load_model(out)
+    assert older.text_cleaning == "umt" and model_identity(out)["text_cleaning"] == "umt"
+    assert older.tokenize(["A & B"])[0].shape[1] == 5  # "&" reaches the tokenizer, as in the official code
+
+    cfg["model"]["text_cleaning"] = "clip"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown caption cleaning 'clip'"):
+        load_model(out)
