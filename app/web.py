@@ -23,8 +23,10 @@ Safety
 * Responses and error messages name videos by their path relative to the corpus root, never by
   their absolute path on the server; unexpected errors are not shown in detail.
 * Uploaded clips are checked from their container (frame size, duration, frame count) before
-  any decoding, decoded a bounded number at a time and scaled while decoding, and deleted once
-  answered (:mod:`app.uploads`).
+  any decoding, held to that frame size on every decoded frame, decoded a bounded number at a
+  time and scaled while decoding (:mod:`app.uploads`); every uploaded file is deleted after its
+  lifetime whether or not it is searched, all of them together are capped in bytes, and the
+  upload answer names no server path (:mod:`app.upload_routes`).
 * The server binds to 127.0.0.1 unless told otherwise, and requests go through Gradio's queue
   with a concurrency limit.
 * Text tokenizers are not safe to call from several threads at once, so model calls take one
@@ -35,7 +37,6 @@ Everything user-visible that comes from the index or the query is HTML-escaped.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 import threading
@@ -49,7 +50,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
-from app.uploads import UploadJanitor, UploadLimits, UploadRefused, UploadSpaceFull, decode_upload
+from app import upload_routes
+from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
 from indexer.search import Hit, Query, Searcher, clean_query
 
 logger = logging.getLogger(__name__)
@@ -529,7 +531,7 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     except OSError as exc:
         raise ValueError(f"cannot serve on {host}:{port}: {exc}") from exc
     add_clip_route(demo.app, page)
-    guard_upload_route(demo.app, page.janitor)
+    upload_routes.install(demo.app, page.janitor)   # lifetimes, space, no server paths
     if not prevent_thread_lock:
         demo.block_thread()
     return url
@@ -553,81 +555,6 @@ def add_clip_route(app: Any, page: SearchPage) -> None:
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     route = Route("/" + CLIP_ROUTE + "{item_id}", clip, methods=["GET", "HEAD"])
-    app.router.routes.insert(0, route)
-
-
-#: Gradio's route that stores uploaded files (relative to the app's root).
-UPLOAD_ROUTE = "/gradio_api/upload"
-
-
-def guard_upload_route(app: Any, janitor: UploadJanitor) -> None:
-    """Put ``janitor`` in front of Gradio's upload route: an upload must state its size and fit in
-    the space left (else 411 / 507 with a one-line reason, before a byte is stored), and every
-    file it stores is deleted after the grace period, whether or not it is ever searched."""
-    from starlette.routing import Route
-
-    def find(routes: Iterable[Any]) -> Iterable[Any]:
-        for route in routes:
-            if getattr(route, "path", None) == UPLOAD_ROUTE and "POST" in (getattr(route, "methods", None) or ()):
-                yield route
-            included = getattr(route, "original_router", None)   # FastAPI's included routers
-            if included is not None:
-                yield from find(included.routes)
-
-    found = list(find(app.router.routes))
-    if len(found) != 1:
-        raise RuntimeError(f"found {len(found)} upload routes ({UPLOAD_ROUTE}) in the Gradio app; expected one")
-    gradio_upload = found[0].app
-
-    async def refuse(send: Any, status: int, message: str) -> None:
-        body = message.encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if not length.isdigit():
-            await refuse(send, 411, "an upload must state its size (Content-Length)")
-            return
-        size = int(length)
-        try:
-            janitor.reserve(size)
-        except UploadSpaceFull as exc:
-            await refuse(send, 507, f"Upload refused: {exc}")
-            return
-        start: dict[str, Any] = {}
-        body: list[bytes] = []
-
-        async def register_then_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            if message["type"] != "http.response.body":
-                await send(message)
-                return
-            body.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            data = b"".join(body)
-            if start.get("status") == 200:
-                try:
-                    stored = [str(path) for path in json.loads(data)]
-                except (ValueError, TypeError):
-                    stored = []
-                for path in stored:
-                    janitor.add(path, size // max(1, len(stored)))
-            await send(start)
-            await send({"type": "http.response.body", "body": data})
-
-        try:
-            await gradio_upload(scope, receive, register_then_send)
-        finally:
-            janitor.unreserve(size)
-
-    route = Route(UPLOAD_ROUTE, lambda request: None, methods=["POST"])
-    route.app = guarded   # ahead of Gradio's own route, which it calls
     app.router.routes.insert(0, route)
 
 

@@ -637,6 +637,8 @@ def _post_upload(url: str, name: str, data: bytes) -> tuple[int, str]:
 
 
 def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Path, videos_root: Path) -> None:
+    from gradio.utils import get_upload_folder
+
     from app.uploads import UploadLimits
 
     clip = (videos_root / "test" / "0005.mp4").read_bytes()
@@ -649,8 +651,14 @@ def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Pat
         name = f"never-searched-{os.getpid()}-{time.time_ns()}.mp4"
         code, body = _post_upload(url, name, clip)
         assert code == 200, body
-        stored = Path(json.loads(body)[0])
+        (answer,) = json.loads(body)
+        # the answer names the file inside the upload folder, not by the server's absolute path
+        assert not os.path.isabs(answer) and str(get_upload_folder()) not in body
+        stored = Path(get_upload_folder()) / answer
         assert stored.name == name and stored.read_bytes() == clip
+        # the page can still preview it by that name; nothing else is reachable by a relative name
+        assert _get(url, f"/gradio_api/file={answer}") == (200, clip)
+        assert _get(url, f"/gradio_api/file={answer}/../../{answer}")[0] != 200
         assert _gone(name)                      # deleted after its lifetime, never searched
         assert janitor.used() == 0
 
