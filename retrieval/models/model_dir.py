@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path
 from ..data.corpora import DEFAULT_CAPTION_CLEANING
 from .registry import build_from_config
 
@@ -84,16 +84,20 @@ def weights_hash(path: str | Path) -> str:
 def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cfg: dict[str, Any],
                    preprocess: dict[str, Any], source: dict[str, Any] | None = None,
                    extra: dict[str, Any] | None = None) -> Path:
-    """Write config.json + model.safetensors (weights first, config last: config marks it complete)."""
+    """Write config.json + model.safetensors (weights first, config last: config marks it complete).
+
+    Both are written whole under temporary names before either replaces a previous model's, so a
+    full disk (``OSError(ENOSPC)``) leaves the previous pair as it was."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_safetensors_model(module, str(tmp), force_contiguous=True)  # a tied weight is stored once, under one of its names
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
            "preprocess": preprocess, "source": source or {}}
     if extra:
         cfg.update(extra)
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=False))
+    # leaving the blocks renames the weights first, then the config
+    with atomic_path(out / "config.json") as config, atomic_path(out / "model.safetensors") as weights:
+        save_safetensors_model(module, str(weights), force_contiguous=True)  # a tied weight is stored once, under one of its names
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=False))
     return out
 
 

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..atomic import atomic_dir, atomic_write
 from ..data.corpora import load_corpus, load_image_captions
 from ..data.dataset import ClipTextDataset, ImageTextDataset, collate
 from ..data.video import Preprocess
 from ..models.device import autocast, local_rank_device, resolve_precision
 from ..models.model_dir import load_model, load_weights_into
 from ..models.retrieval_model import RetrievalModel, build_retrieval_model
-from ..models.text import SpecialTokenIds
 from .actions import ActionTargets, action_label_set
 from .batch_plan import IMAGE, VIDEO, step_source
 from .losses import (
+    SpecialTokenIds,
     action_loss,
     mlm_loss,
     teacher_guided_mask,
@@ -319,20 +319,16 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
 # -- checkpoints --------------------------------------------------------------------------------
 def _save_checkpoint(out: Path, model: RetrievalModel, opt, sched, step: int, recipe: Recipe,
                      scaler: torch.amp.GradScaler | None = None) -> None:
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, source={"recipe": recipe.to_dict(), "step": step})
     extra = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
     if model.temp.device.type == "cuda":  # dropout on the GPU draws from its own generator
         extra["cuda_rng"] = torch.cuda.get_rng_state(model.temp.device)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint(), **extra}, tmp / STATE_FILE)
-    old = out / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint(), **extra}
+    # the previous checkpoint stays whole until the new one is (a full disk leaves it in place)
+    with atomic_dir(out / "checkpoint") as tmp:
+        model.save(tmp, source={"recipe": recipe.to_dict(), "step": step})
+        # through a Python file: torch's own file writer reports a full disk without its errno
+        atomic_write(tmp / STATE_FILE, lambda handle: torch.save(state, handle))
 
 
 def _read_resume_state(out: Path, recipe: Recipe) -> dict[str, Any]:
@@ -487,8 +483,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     final = out / "model"
     if rank == 0:
         _save_checkpoint(out, model, opt, sched, o.steps, recipe, scaler)
-        shutil.rmtree(final, ignore_errors=True)
-        model.save(final, source={"recipe": recipe.to_dict(), "step": o.steps})
+        with atomic_dir(final) as tmp:   # a model from an earlier run stays until this one is whole
+            model.save(tmp, source={"recipe": recipe.to_dict(), "step": o.steps})
         plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     _barrier()
     return final
