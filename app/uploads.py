@@ -280,6 +280,21 @@ class UploadJanitor:
             stored.deadline = max(stored.deadline, time.monotonic() + self.lifetime_s)
             self._wake()
 
+    # -- names: the client sees a stored upload by its path inside Gradio's upload folder only
+    def name(self, path: str | os.PathLike[str]) -> str:
+        """What the upload route answers for the stored file ``path``: its path relative to the
+        upload folder (the server's absolute temporary path is not shown)."""
+        return os.path.relpath(os.fspath(path), _upload_folder())
+
+    def resolve(self, name: str) -> str | None:
+        """The stored upload a client names with :meth:`name`'s answer; None for anything that is
+        not a live upload (so no other file can be reached this way)."""
+        if not isinstance(name, str) or not name or os.path.isabs(name):
+            return None
+        key = os.path.join(_upload_folder(), name)
+        with self._changed:
+            return key if key in self._files else None
+
     def hold(self, path: str | os.PathLike[str]) -> None:
         """A request starts using ``path``: it is not deleted until released."""
         key = os.fspath(path)
@@ -345,14 +360,18 @@ def _size(path: str) -> int:
         return 0
 
 
+def _upload_folder() -> str:
+    from gradio.utils import get_upload_folder
+
+    return os.fspath(get_upload_folder())
+
+
 def discard(path: str | os.PathLike[str] | None) -> None:
     """Delete an uploaded file (and its folder, if that is now empty) when it lies in Gradio's
     upload folder; files anywhere else are never touched."""
     if not path:
         return
-    from gradio.utils import get_upload_folder
-
-    uploads = Path(os.path.realpath(get_upload_folder()))
+    uploads = Path(os.path.realpath(_upload_folder()))
     real = Path(os.path.realpath(path))
     if real == uploads or not real.is_relative_to(uploads) or not real.is_file():
         return

@@ -18,13 +18,19 @@ Safety
   nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
 * The page serves exactly the videos the index holds, by item id (``vtr/clip/<id>``): the
   route looks the id up in the opened index, and plays the file only when its real path
-  (symlinks and ``..`` resolved) is a file inside a corpus root (:class:`CorpusGuard`). Nothing
+  (symlinks and ``..`` resolved) is a file inside a corpus root with a single link
+  (:class:`CorpusGuard`: a hard link is how a file outside the root appears inside it). Nothing
   else under the corpus root is reachable, and Gradio's own file route gets no allowed paths.
+* The page follows the index: every search and every clip request first switches to the
+  version published now (:meth:`indexer.search.Searcher.refresh`), so a video taken out with
+  ``vtr index remove`` is neither listed, found nor played once its removal is published.
 * Responses and error messages name videos by their path relative to the corpus root, never by
   their absolute path on the server; unexpected errors are not shown in detail.
 * Uploaded clips are checked from their container (frame size, duration, frame count) before
-  any decoding, decoded a bounded number at a time and scaled while decoding, and deleted once
-  answered (:mod:`app.uploads`).
+  any decoding, held to that frame size on every decoded frame, decoded a bounded number at a
+  time and scaled while decoding (:mod:`app.uploads`); every uploaded file is deleted after its
+  lifetime whether or not it is searched, all of them together are capped in bytes, and the
+  upload answer names no server path (:mod:`app.upload_routes`).
 * The server binds to 127.0.0.1 unless told otherwise, and requests go through Gradio's queue
   with a concurrency limit.
 * Text tokenizers are not safe to call from several threads at once, so model calls take one
@@ -35,9 +41,9 @@ Everything user-visible that comes from the index or the query is HTML-escaped.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -49,7 +55,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
-from app.uploads import UploadJanitor, UploadLimits, UploadRefused, UploadSpaceFull, decode_upload
+from app import upload_routes
+from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
 from indexer.search import Hit, Query, Searcher, clean_query
 
 logger = logging.getLogger(__name__)
@@ -139,7 +146,18 @@ class CorpusGuard:
         real = Path(os.path.realpath(path))
         if not any(real == root or real.is_relative_to(root) for root in self.roots):
             return None
-        return real if real.is_file() else None
+        try:
+            info = real.stat()
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_nlink > 1:
+            # another name of the same file may lie outside every root: realpath cannot tell
+            logger.warning("not serving %s: it has %d hard links (a file outside the corpus may be linked in)",
+                           self.display_name(real), info.st_nlink)
+            return None
+        return real
 
     def display_name(self, path: str | os.PathLike[str]) -> str:
         """``path`` relative to its corpus root (e.g. ``test/0003.mp4``), else its file name."""
@@ -313,8 +331,10 @@ class SearchPage:
     label_names: list[str] = field(init=False)
     _classifier: Any = field(init=False, default=None)
     janitor: UploadJanitor = field(init=False)
+    _index_roots: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        self._index_roots = self.roots is None  # follow the index's roots as it is updated
         if self.roots is None:
             self.roots = list(self.searcher.reader.manifest.get("corpus_roots") or [])
         self.guard = CorpusGuard(self.roots)
@@ -323,9 +343,20 @@ class SearchPage:
             self.upload_limits = UploadLimits()
         self.janitor = UploadJanitor(max_bytes=self.upload_limits.space)
 
+    def follow_index(self) -> None:
+        """Switch to the version of the index published now, if newer (its corpus roots too,
+        unless the page was given its own)."""
+        self.searcher.refresh()
+        if self._index_roots:
+            roots = list(self.searcher.reader.manifest.get("corpus_roots") or [])
+            if roots != self.roots:
+                self.roots = roots
+                self.guard = CorpusGuard(roots)
+
     def clip_file(self, item_id: int) -> Path | None:
-        """The file the clip route plays for ``item_id``: the indexed item's video, if it is a file
-        inside a corpus root; None for anything else."""
+        """The file the clip route plays for ``item_id``: the indexed item's video in the version
+        published now, if it is a file inside a corpus root; None for anything else."""
+        self.follow_index()
         items = self.searcher.reader.items
         if not 0 <= item_id < len(items):
             return None
@@ -370,6 +401,7 @@ class SearchPage:
         k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
         started = time.perf_counter()
         with self._lock:
+            self.follow_index()
             hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
                                         group=self.group)
         return prepared, hits, time.perf_counter() - started
@@ -433,6 +465,7 @@ class SearchPage:
                 ranking = classifier.predict_clips(clip[None], top=UPLOAD_LABELS)[0]
             else:
                 ranking = classifier.predict(feat, top=UPLOAD_LABELS)[0]
+            self.follow_index()
             hits = self.searcher.search_features(feat, k=k, group=self.group)
         return {label: float(prob) for label, prob in ranking}, hits
 
@@ -559,7 +592,7 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     except OSError as exc:
         raise ValueError(f"cannot serve on {host}:{port}: {exc}") from exc
     add_clip_route(demo.app, page)
-    guard_upload_route(demo.app, page.janitor)
+    upload_routes.install(demo.app, page.janitor)   # lifetimes, space, no server paths
     if not prevent_thread_lock:
         demo.block_thread()
     return url
@@ -583,81 +616,6 @@ def add_clip_route(app: Any, page: SearchPage) -> None:
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     route = Route("/" + CLIP_ROUTE + "{item_id}", clip, methods=["GET", "HEAD"])
-    app.router.routes.insert(0, route)
-
-
-#: Gradio's route that stores uploaded files (relative to the app's root).
-UPLOAD_ROUTE = "/gradio_api/upload"
-
-
-def guard_upload_route(app: Any, janitor: UploadJanitor) -> None:
-    """Put ``janitor`` in front of Gradio's upload route: an upload must state its size and fit in
-    the space left (else 411 / 507 with a one-line reason, before a byte is stored), and every
-    file it stores is deleted after the grace period, whether or not it is ever searched."""
-    from starlette.routing import Route
-
-    def find(routes: Iterable[Any]) -> Iterable[Any]:
-        for route in routes:
-            if getattr(route, "path", None) == UPLOAD_ROUTE and "POST" in (getattr(route, "methods", None) or ()):
-                yield route
-            included = getattr(route, "original_router", None)   # FastAPI's included routers
-            if included is not None:
-                yield from find(included.routes)
-
-    found = list(find(app.router.routes))
-    if len(found) != 1:
-        raise RuntimeError(f"found {len(found)} upload routes ({UPLOAD_ROUTE}) in the Gradio app; expected one")
-    gradio_upload = found[0].app
-
-    async def refuse(send: Any, status: int, message: str) -> None:
-        body = message.encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if not length.isdigit():
-            await refuse(send, 411, "an upload must state its size (Content-Length)")
-            return
-        size = int(length)
-        try:
-            janitor.reserve(size)
-        except UploadSpaceFull as exc:
-            await refuse(send, 507, f"Upload refused: {exc}")
-            return
-        start: dict[str, Any] = {}
-        body: list[bytes] = []
-
-        async def register_then_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
-                return
-            if message["type"] != "http.response.body":
-                await send(message)
-                return
-            body.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            data = b"".join(body)
-            if start.get("status") == 200:
-                try:
-                    stored = [str(path) for path in json.loads(data)]
-                except (ValueError, TypeError):
-                    stored = []
-                for path in stored:
-                    janitor.add(path, size // max(1, len(stored)))
-            await send(start)
-            await send({"type": "http.response.body", "body": data})
-
-        try:
-            await gradio_upload(scope, receive, register_then_send)
-        finally:
-            janitor.unreserve(size)
-
-    route = Route(UPLOAD_ROUTE, lambda request: None, methods=["POST"])
-    route.app = guarded   # ahead of Gradio's own route, which it calls
     app.router.routes.insert(0, route)
 
 

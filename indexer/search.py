@@ -15,6 +15,11 @@ the raw list of items.
 
 An index can only be searched with the model that built it: vectors of two models live in
 unrelated spaces, so a different model is refused (:class:`indexer.store.IndexModelMismatch`).
+A model is its weights: a copy of the model folder under another name is the same model.
+
+A :class:`Searcher` follows its index: before each search it checks whether a newer version
+has been published (``vtr index add`` / ``remove``) and switches to it
+(:meth:`Searcher.refresh`), so a removed clip is not found once its removal is published.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +38,7 @@ import numpy as np
 import torch
 
 from indexer.channels import TextIndex, fuse, index_channels
-from indexer.store import MANIFEST_FILE, IndexReader, open_index
+from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
@@ -166,6 +172,13 @@ def _recorded_model_dir(index: Path) -> Path:
     return Path(model_dir)
 
 
+def _channel_state(reader: IndexReader) -> tuple[IndexReader, tuple[str, ...], TextIndex | None]:
+    """A version of an index with its channels and the in-memory lexical index of its on-screen
+    text (SQLite FTS5), built once per version."""
+    channels = index_channels(reader.manifest)
+    return reader, channels, TextIndex(reader.items) if "text" in channels else None
+
+
 class Searcher:
     """Text-to-video (and video-to-video) search over one published index.
 
@@ -191,15 +204,58 @@ class Searcher:
         # on a CUDA device the FAISS index goes to the GPU too when faiss-gpu sees one (logged);
         # the index on disk stays a CPU index either way
         on_cuda = resolve_device(device).type == "cuda"
-        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir),
-                                              use_gpu=None if on_cuda else False)
+        self.index_path = index
+        self._identity = model_identity(model_dir)
+        self._use_gpu = None if on_cuda else False
+        self._refresh_lock = threading.Lock()
+        self._unusable: Path | None = None  # a newer version that failed to open (not retried)
+        self.reader: IndexReader = open_index(index, expect_model=self._identity, use_gpu=self._use_gpu)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
-        self.channels = index_channels(self.reader.manifest)
-        # the lexical index of on-screen text, built in memory from the items (SQLite FTS5)
-        self.text_index = TextIndex(self.reader.items) if "text" in self.channels else None
+        self._held = _channel_state(self.reader)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels the held version of the index has (``visual``, ``text``)."""
+        return self._held[1]
+
+    @property
+    def text_index(self) -> TextIndex | None:
+        """The lexical index of the held version's on-screen text (None without a text channel)."""
+        return self._held[2]
+
+    def refresh(self) -> bool:
+        """Switch to the version published at the index's path now, if it is not the one held
+        (``vtr index add`` / ``remove`` published since); True when it switched.
+
+        Asking costs one ``readlink``; every search asks first, so once an update is published
+        no search, listing or clip lookup uses the old version. The switch is one attribute
+        assignment: a search already running finishes on the version it started with. A newer
+        version that cannot be opened (damaged, another model) is logged once and the held one
+        kept.
+        """
+        now = published_version_dir(self.index_path)
+        if now == self.reader.snapshot_dir or now == self._unusable:
+            return False
+        with self._refresh_lock:
+            now = published_version_dir(self.index_path)
+            if now == self.reader.snapshot_dir or now == self._unusable:
+                return False
+            try:
+                reader = open_index(self.index_path, expect_model=self._identity, use_gpu=self._use_gpu)
+            except (OSError, ValueError) as exc:
+                self._unusable = now
+                logger.warning("index %s was republished but the new version cannot be opened (%s); still "
+                               "serving generation %s", self.index_path, exc,
+                               self.reader.manifest.get("generation", "?"))
+                return False
+            logger.info("index %s: switched to generation %s (%d items)", self.index_path,
+                        reader.manifest.get("generation", "?"), len(reader))
+            self._held = _channel_state(reader)  # its lexical index is ready before searches see it
+            self.reader = reader
+            return True
 
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
@@ -225,6 +281,7 @@ class Searcher:
 
     def stats(self) -> dict[str, Any]:
         """What the index holds: items, model name, index type, vector width, creation time."""
+        self.refresh()
         manifest = self.reader.manifest
         return {
             "items": len(self.reader),
@@ -262,6 +319,7 @@ class Searcher:
         query = clean_query(text, cleaning=getattr(self.model, "text_cleaning", DEFAULT_CAPTION_CLEANING))
         if query.blank:
             raise EmptyQuery()
+        self.refresh()
         wanted = self.channels if channels is None else tuple(channels)
         missing = [name for name in wanted if name not in self.channels]
         if missing:
@@ -285,12 +343,13 @@ class Searcher:
     def _lookup(self, vector: np.ndarray, k: int, group: bool) -> list[Hit]:
         """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
         until it holds ``k`` videos or the whole index."""
+        reader = self.reader  # one version for the whole lookup, whatever a refresh does meanwhile
         if not group:
-            return [self._hit(item, score) for item, score in self.reader.search(vector, k)[0]]
-        total = len(self.reader)
+            return [self._hit(item, score) for item, score in reader.search(vector, k)[0]]
+        total = len(reader)
         pool = min(total, k * GROUP_POOL_FACTOR)
         while True:
-            hits = [self._hit(item, score) for item, score in self.reader.search(vector, pool)[0]]
+            hits = [self._hit(item, score) for item, score in reader.search(vector, pool)[0]]
             grouped = group_hits(hits)
             if len(grouped) >= k or pool >= total:
                 return grouped[:k]
@@ -300,26 +359,27 @@ class Searcher:
                weights: Mapping[str, float] | None) -> list[Hit]:
         """Each channel's best :data:`FUSION_POOL` items, fused by confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
+        reader, _, text_index = self._held  # one version throughout, even if a refresh switches meanwhile
         rankings: dict[str, list[int]] = {}
         scores: dict[str, dict[int, float]] = {}
         if "visual" in channels:
-            found = self.reader.search(vector, pool)[0]
+            found = reader.search(vector, pool)[0]
             rankings["visual"] = [item["id"] for item, _ in found]
             scores["visual"] = {item["id"]: score for item, score in found}
-        if "text" in channels and self.text_index is not None:
-            found_text = self.text_index.search(query, pool)
+        if "text" in channels and text_index is not None:
+            found_text = text_index.search(query, pool)
             rankings["text"] = [item_id for item_id, _ in found_text]
             scores["text"] = dict(found_text)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
             return self._lookup(vector, k, group)  # every other channel abstained: the visual search as is
         hits = []
         for item_id, fused, ranks in fuse(rankings, weights):
-            item = self.reader.items[item_id]
+            item = reader.items[item_id]
             per_channel = {name: {"rank": rank, "score": scores[name][item_id]} for name, rank in ranks.items()}
             if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
-                cosine = float(np.asarray(self.reader.vectors[item_id], np.float32) @ vector[0])
+                cosine = float(np.asarray(reader.vectors[item_id], np.float32) @ vector[0])
                 per_channel["visual"] = {"rank": None, "score": cosine}
-            match = self.text_index.match(item_id, query) if "text" in ranks and self.text_index else None
+            match = text_index.match(item_id, query) if "text" in ranks and text_index else None
             hits.append(replace(self._hit(item, fused), channels=per_channel,
                                 text=None if match is None else asdict(match)))
         return group_hits(hits, k) if group else hits[:k]
@@ -359,6 +419,7 @@ class Searcher:
         """The ``k`` clips (with ``group``: videos) most like the clip whose features
         (:meth:`encode_clip`) are ``feat``."""
         vector = self.model.clip_vector(feat)
+        self.refresh()
         return self._lookup(vector.float().cpu().numpy(), k, group)
 
     def _rerank(

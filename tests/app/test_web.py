@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from typer.testing import CliRunner
 
@@ -409,6 +410,7 @@ def test_missing_index_or_model_fails_before_serving(index: Path, tmp_path: Path
         serve(tmp_path / "empty", prevent_thread_lock=True)
     with pytest.raises(FileNotFoundError, match="model directory"):
         serve(index, model=tmp_path / "no_such_model", prevent_thread_lock=True)
+    torch.manual_seed(1)  # other weights: a model is its weights, not its folder's name
     other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1,
                                   ).save(tmp_path / "other")
     with pytest.raises(ValueError):
@@ -637,6 +639,8 @@ def _post_upload(url: str, name: str, data: bytes) -> tuple[int, str]:
 
 
 def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Path, videos_root: Path) -> None:
+    from gradio.utils import get_upload_folder
+
     from app.uploads import UploadLimits
 
     clip = (videos_root / "test" / "0005.mp4").read_bytes()
@@ -649,8 +653,14 @@ def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Pat
         name = f"never-searched-{os.getpid()}-{time.time_ns()}.mp4"
         code, body = _post_upload(url, name, clip)
         assert code == 200, body
-        stored = Path(json.loads(body)[0])
+        (answer,) = json.loads(body)
+        # the answer names the file inside the upload folder, not by the server's absolute path
+        assert not os.path.isabs(answer) and str(get_upload_folder()) not in body
+        stored = Path(get_upload_folder()) / answer
         assert stored.name == name and stored.read_bytes() == clip
+        # the page can still preview it by that name; nothing else is reachable by a relative name
+        assert _get(url, f"/gradio_api/file={answer}") == (200, clip)
+        assert _get(url, f"/gradio_api/file={answer}/../../{answer}")[0] != 200
         assert _gone(name)                      # deleted after its lifetime, never searched
         assert janitor.used() == 0
 
