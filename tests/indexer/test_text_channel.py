@@ -256,3 +256,14 @@ def test_a_still_is_read_once_and_its_line_spans_the_samples(reader: OcrReader, 
     assert text["frames"] == 4 and len(calls) == 1
     (line,) = text["lines"]
     assert line["start"] < 1.0 and line["end"] > 3.0
+
+
+def test_the_page_shows_the_matched_words_and_starts_the_preview_there(text_index: Path) -> None:
+    from app.web import SearchPage
+
+    page = SearchPage(Searcher(text_index))
+    html, _ = page.search("a sign saying open 24 hours", 3)
+    assert 'data-channel="text">text #1' in html and "<mark>" in html
+    first = page.search_json("a sign saying open 24 hours", 3)["hits"][0]
+    assert first["video_path"] == "sign.mp4" and first["channels"]["text"]["rank"] == 1
+    assert first["url"].endswith(f"#t={first['text']['start']:.2f}")
