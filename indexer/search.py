@@ -43,6 +43,7 @@ from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity
+from retrieval.speech import SpeechIndex
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class Hit:
     ``channels``), ``score`` is the fused score, ``channels`` gives each channel's ``rank`` and
     ``score`` for this item (absent: the channel did not rank it), and ``text`` the on-screen line
     that matched (:class:`indexer.channels.TextMatch` as a dict: ``text``, ``start``/``end`` seconds,
-    ``spans``, ``snippet``).
+    ``spans``, ``snippet``), ``speech`` the recognised words that matched
+    (:class:`retrieval.speech.SpeechMatch` as a dict: ``words`` as recognised, ``text``,
+    ``start``/``end`` seconds, ``confidence``, ``query_words``).
     """
 
     item_id: int
@@ -96,6 +99,7 @@ class Hit:
     moments: tuple[Moment, ...] = ()
     channels: dict[str, dict[str, float]] = field(default_factory=dict)
     text: dict[str, Any] | None = None
+    speech: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -172,11 +176,14 @@ def _recorded_model_dir(index: Path) -> Path:
     return Path(model_dir)
 
 
-def _channel_state(reader: IndexReader) -> tuple[IndexReader, tuple[str, ...], TextIndex | None]:
-    """A version of an index with its channels and the in-memory lexical index of its on-screen
-    text (SQLite FTS5), built once per version."""
+def _channel_state(
+    reader: IndexReader,
+) -> tuple[IndexReader, tuple[str, ...], TextIndex | None, SpeechIndex | None]:
+    """A version of an index with its channels, the in-memory lexical index of its on-screen
+    text (SQLite FTS5) and the phonetic index of its speech, built once per version."""
     channels = index_channels(reader.manifest)
-    return reader, channels, TextIndex(reader.items) if "text" in channels else None
+    return (reader, channels, TextIndex(reader.items) if "text" in channels else None,
+            SpeechIndex(reader.items) if "speech" in channels else None)
 
 
 class Searcher:
@@ -359,7 +366,7 @@ class Searcher:
                weights: Mapping[str, float] | None) -> list[Hit]:
         """Each channel's best :data:`FUSION_POOL` items, fused by confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
-        reader, _, text_index = self._held  # one version throughout, even if a refresh switches meanwhile
+        reader, _, text_index, speech_index = self._held  # one version throughout, even if a refresh switches meanwhile
         rankings: dict[str, list[int]] = {}
         scores: dict[str, dict[int, float]] = {}
         if "visual" in channels:
@@ -370,6 +377,10 @@ class Searcher:
             found_text = text_index.search(query, pool)
             rankings["text"] = [item_id for item_id, _ in found_text]
             scores["text"] = dict(found_text)
+        if "speech" in channels and speech_index is not None:
+            found_speech = speech_index.search(query, pool)
+            rankings["speech"] = [item_id for item_id, _ in found_speech]
+            scores["speech"] = dict(found_speech)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
             return self._lookup(vector, k, group)  # every other channel abstained: the visual search as is
         hits = []
@@ -380,8 +391,10 @@ class Searcher:
                 cosine = float(np.asarray(reader.vectors[item_id], np.float32) @ vector[0])
                 per_channel["visual"] = {"rank": None, "score": cosine}
             match = text_index.match(item_id, query) if "text" in ranks and text_index else None
+            spoken = speech_index.match(item_id, query) if "speech" in ranks and speech_index else None
             hits.append(replace(self._hit(item, fused), channels=per_channel,
-                                text=None if match is None else asdict(match)))
+                                text=None if match is None else asdict(match),
+                                speech=None if spoken is None else spoken.to_dict()))
         return group_hits(hits, k) if group else hits[:k]
 
     @torch.inference_mode()
