@@ -1,0 +1,31 @@
+"""vtr's indexer: embedding jobs, the on-disk index, FAISS, search and export.
+
+The stable names (see README, "Python API"); imported lazily so ``import indexer`` stays cheap:
+
+* ``Searcher(index, model=None, device, precision)``: ``search(text)``, ``search_video(path)``,
+  ``search_vector(vector)``, each with ``k``, ``group`` and a ``where`` filter; returns ``Hit`` s;
+* ``ItemFilter``: folders / path globs, duration bounds, annotation fields;
+* ``open_index(dir)``: the published index read-only (items, vectors, FAISS);
+* ``export_index(index, out, fmt)`` / ``read_export(out)``: vectors and metadata as Parquet or
+  clip-retrieval's npy layout.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Searcher": "indexer.search",
+    "Hit": "indexer.search",
+    "Moment": "indexer.search",
+    "ItemFilter": "indexer.filters",
+    "open_index": "indexer.store",
+    "export_index": "indexer.export",
+    "read_export": "indexer.export",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'indexer' has no attribute {name!r}")

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from indexer.faiss_index import subset_vectors
+from indexer.filters import ItemFilter
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.corpora import clean_text
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
@@ -46,6 +48,11 @@ RERANK_BATCH = 8
 
 #: A grouped search reads this many items per wanted video at first (more if they fall short).
 GROUP_POOL_FACTOR = 4
+#: Resolved filters kept per Searcher (resolving one reads every item's metadata).
+FILTER_CACHE_SIZE = 8
+#: A resolved filter this small also keeps its items' float32 vectors (16k x 512: 32 MB), so
+#: that repeated queries score it with one matrix product instead of gathering rows each time.
+FILTER_VECTORS_MAX = 16_384
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,33 @@ class Searcher:
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
+        self._selections: dict[ItemFilter, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
+        """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
+        read by :meth:`ItemFilter.parse`. Resolutions are cached per filter.
+
+        Raises:
+            ValueError: an unknown column or a malformed condition.
+        """
+        return self._subset(where)[0]
+
+    def _subset(self, where: ItemFilter | str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(ids, their float32 vectors when few enough to hold) of a filter; (None, None) for none."""
+        if where is None or isinstance(where, str):
+            where = ItemFilter.parse(where)
+        if where.empty:
+            return None, None
+        if where not in self._selections:
+            if len(self._selections) >= FILTER_CACHE_SIZE:
+                self._selections.pop(next(iter(self._selections)))
+            roots = self.reader.manifest.get("corpus_roots") or []
+            ids = where.select(self.reader.items, roots)
+            held = None
+            if 0 < len(ids) <= FILTER_VECTORS_MAX:
+                held = subset_vectors(self.reader.index, ids, self.reader.vectors)
+            self._selections[where] = (ids, held)
+        return self._selections[where]
 
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
@@ -229,9 +263,11 @@ class Searcher:
         return bool(getattr(self.model, "matching_trained", True))
 
     @torch.inference_mode()
-    def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False) -> list[Hit]:
+    def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False,
+               where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` best clips for ``text``, best first; with ``group``, the ``k`` best videos,
-        each with its other matching windows as ``moments``.
+        each with its other matching windows as ``moments``. ``where`` keeps only the items it
+        matches (:meth:`select`), before the top ``k`` is taken.
 
         Queries longer than the model's text limit are truncated by the tokenizer; control
         characters are dropped.
@@ -245,24 +281,43 @@ class Searcher:
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
+        subset = self._subset(where)
         with model_autocast(self.model):
             encoded = self.model.encode_texts([query.text])
         vector = encoded["feat"].float().cpu().numpy()
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
-            hits = self._rerank(self.reader.search(vector, pool)[0], encoded["hidden"], encoded["mask"])
+            ranked = self.reader.search(vector, pool, subset=subset[0], subset_vectors=subset[1])[0]
+            hits = self._rerank(ranked, encoded["hidden"],
+                                encoded["mask"])
             return group_hits(hits, k) if group else hits[:k]
-        return self._lookup(vector, k, group)
+        return self._lookup(vector, k, group, subset)
 
-    def _lookup(self, vector: np.ndarray, k: int, group: bool) -> list[Hit]:
+    def search_vector(self, vector: np.ndarray, k: int = 10, group: bool = False,
+                      where: ItemFilter | str | None = None) -> list[Hit]:
+        """The ``k`` items (with ``group``: videos) of highest inner product with ``vector``
+        (``[E]``, e.g. a row of :func:`retrieval.embed_texts`), as :meth:`search` ranks them."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        return self._lookup(vector, k, group, self._subset(where))
+
+    def _lookup(self, vector: np.ndarray, k: int, group: bool,
+                subset: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> list[Hit]:
         """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
-        until it holds ``k`` videos or the whole index."""
+        until it holds ``k`` videos or the whole index (or the whole filtered ``subset``)."""
+        ids, held = subset
+        if ids is not None and len(ids) == 0:
+            return []
+
+        def ranked(n: int) -> list[Hit]:
+            found = self.reader.search(vector, n, subset=ids, subset_vectors=held)[0]
+            return [self._hit(item, score) for item, score in found]
+
         if not group:
-            return [self._hit(item, score) for item, score in self.reader.search(vector, k)[0]]
-        total = len(self.reader)
+            return ranked(k)
+        total = len(self.reader) if ids is None else len(ids)
         pool = min(total, k * GROUP_POOL_FACTOR)
         while True:
-            hits = [self._hit(item, score) for item, score in self.reader.search(vector, pool)[0]]
+            hits = ranked(pool)
             grouped = group_hits(hits)
             if len(grouped) >= k or pool >= total:
                 return grouped[:k]
@@ -271,7 +326,7 @@ class Searcher:
     @torch.inference_mode()
     def search_video(
         self, path: str | os.PathLike[str], k: int = 10, window: tuple[float, float] | None = None,
-        group: bool = False,
+        group: bool = False, where: ItemFilter | str | None = None,
     ) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like the video at ``path`` (or its
         ``window`` in seconds).
@@ -284,13 +339,14 @@ class Searcher:
         Raises:
             VideoReadError: the example cannot be decoded.
         """
-        return self.search_clip(load_clip(path, self.preprocess, window=window), k, group)
+        return self.search_clip(load_clip(path, self.preprocess, window=window), k, group, where)
 
     @torch.inference_mode()
-    def search_clip(self, clip: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
+    def search_clip(self, clip: torch.Tensor, k: int = 10, group: bool = False,
+                    where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like ``clip``, a preprocessed float
         ``[C, T, H, W]`` tensor."""
-        return self.search_features(self.encode_clip(clip), k, group)
+        return self.search_features(self.encode_clip(clip), k, group, where)
 
     @torch.inference_mode()
     def encode_clip(self, clip: torch.Tensor) -> torch.Tensor:
@@ -299,11 +355,12 @@ class Searcher:
         with model_autocast(self.model):
             return self.model.encode_video(clip[None].to(self.device))["feat"]
 
-    def search_features(self, feat: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
+    def search_features(self, feat: torch.Tensor, k: int = 10, group: bool = False,
+                        where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like the clip whose features
         (:meth:`encode_clip`) are ``feat``."""
         vector = self.model.clip_vector(feat)
-        return self._lookup(vector.float().cpu().numpy(), k, group)
+        return self._lookup(vector.float().cpu().numpy(), k, group, self._subset(where))
 
     def _rerank(
         self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor, text_mask: torch.Tensor

@@ -377,21 +377,26 @@ class IndexReader:
         return len(self.items)
 
     def search(
-        self, query_vectors: np.ndarray, k: int = 10, candidates: int | None = None
+        self, query_vectors: np.ndarray, k: int = 10, candidates: int | None = None,
+        subset: np.ndarray | None = None, subset_vectors: np.ndarray | None = None,
     ) -> list[list[tuple[dict[str, Any], float]]]:
         """For each query ([q, d] or [d], L2-normalised) its best ``k`` (item, score) pairs; the
         score is the inner product, for a unit query the model's retrieval score.
 
         Approximate indexes re-score ``candidates`` hits exactly against the float16
         vectors (see :func:`indexer.faiss_index.search_index`); fewer than ``k`` pairs come
-        back only when the index holds fewer than ``k`` items.
+        back only when the index holds fewer than ``k`` items. ``subset`` (item ids, e.g. from
+        :meth:`indexer.filters.ItemFilter.select`) restricts the search to those items before
+        the top ``k`` is taken; ``subset_vectors`` are their float32 rows when the caller holds
+        them (:func:`indexer.faiss_index.subset_vectors`).
         """
         # never allocate result arrays beyond what the index holds (k <= 0 stays an error)
         k = min(int(k), max(1, len(self.items)))
         if candidates is not None:
             candidates = min(int(candidates), max(k, len(self.items)))
         scores, ids = search_index(
-            self.index, query_vectors, k, rescore_vectors=self.vectors, candidates=candidates
+            self.index, query_vectors, k, rescore_vectors=self.vectors, candidates=candidates, subset=subset,
+            subset_vectors=subset_vectors,
         )
         return [
             [(self.items[i], float(score)) for score, i in zip(score_row, id_row) if i >= 0]
