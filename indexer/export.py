@@ -139,7 +139,7 @@ def check_export_out(out: str | os.PathLike[str], overwrite: bool = False) -> Pa
     a file."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not an export folder; choose another --out")
     return out
@@ -150,8 +150,8 @@ def export_index(index: str | os.PathLike[str], out: str | os.PathLike[str], fmt
     """Write every item's vector and metadata of the index at ``index`` to the folder ``out``.
 
     Raises:
-        FileExistsError: ``out`` exists and ``overwrite`` is False.
-        FileNotFoundError / ValueError: ``index`` is not a readable vtr index; unknown ``fmt``.
+        ValueError: ``out`` exists and ``overwrite`` is False; unknown ``fmt``.
+        FileNotFoundError / ValueError: ``index`` is not a readable vtr index.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose {' or '.join(FORMATS)}")
