@@ -5,8 +5,7 @@ label of the one-object training clips of the synthetic corpus (cross-entropy, A
 schedule), then classifies the one-object *test* clips, whose colour-shape-action combinations
 never occur in training. Each variant of the backbone (JSON overrides of its config) gets its own
 run from the same seed; one JSON line per variant with train and held-out accuracy and the most
-frequent confusions. ``make bench`` (bench/run_all.py) saves the lines to
-``bench/results/action_probe.jsonl``.
+frequent confusions, saved to ``bench/results/action_probe.jsonl`` (``--output``).
 
 This isolates the video side of the retrieval problem: no text tower, no contrastive loss.
 
@@ -19,12 +18,18 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
 from retrieval.data.corpora import load_corpus
 from retrieval.data.dataset import ClipTextDataset
 from retrieval.data.synthetic import generate_corpus
@@ -113,7 +118,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    add_output_argument(parser, "action_probe")
     args = parser.parse_args()
+    results = Recorder(args.output, append=args.append)
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory() as tmp:
         corpus = args.corpus
@@ -123,7 +130,7 @@ def main() -> None:
         splits: dict = {}
         for overrides in args.variants or DEFAULT_VARIANTS:
             row = probe(corpus, overrides, args.steps, args.batch, args.lr, args.seed, Path(tmp), splits)
-            print(json.dumps(row), flush=True)
+            results.add(row)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.retrieval import embed_corpus
@@ -32,7 +38,6 @@ from retrieval.models.retrieval_model import RetrievalModel
 from retrieval.train.loop import train
 from retrieval.train.recipe import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
 
 
@@ -62,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, help="a synthetic corpus (default: generate the demo's)")
     parser.add_argument("--models", default="videomamba_demo,frame_clip_demo")
-    parser.add_argument("--recipe", type=Path, default=REPO / "configs" / "train" / "demo.yaml")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "direction_gap.jsonl")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "configs" / "train" / "demo.yaml")
+    add_output_argument(parser, "direction_gap")
     args = parser.parse_args(argv)
+    results = Recorder(args.output, append=args.append)
     torch.set_num_threads(THREADS)
-    lines = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         corpus = args.corpus
@@ -82,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = time.perf_counter() - started
             row = {"bench": "direction_gap", "video_model": name, "steps": recipe.optim.steps,
                    "train_s": round(seconds, 1), "threads": THREADS, **direction_scores(model, corpus)}
-            print(json.dumps(row), flush=True)
-            lines.append(json.dumps(row))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
+            results.add(row)
     return 0
 
 

@@ -39,8 +39,13 @@ import sys
 import time
 from pathlib import Path
 
-THREADS = 2
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
+
+THREADS = 2
 
 
 def _rss_mb() -> float:
@@ -152,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", default="8,16,32,64")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per path (fewer at 32+ frames)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "encoder.jsonl")
-    parser.add_argument("--append", action="store_true")
+    add_output_argument(parser, "encoder")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="time", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -162,44 +166,38 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     frames_list = [int(f) for f in args.frames.split(",") if f]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(args.output, "a" if args.append else "w") as fh:
-        for frames in frames_list:
-            reps = args.repeats if frames <= 16 else max(2, args.repeats // 2)
-            timing = run_child(frames, "time", reps)
-            tuned = run_child(frames, "time-tuned", reps)
-            memory = run_child(frames, "memory", 1)
-            row = {"bench": "encoder", "model": "videomamba_tiny", "size": 224, "batch": 1, "dtype": "float32",
-                   **timing, **{k: v for k, v in memory.items() if k not in timing or k == "error"},
-                   "malloc_tuned": {k: tuned.get(k) for k in ("fused_tuned_s", "fused_tuned_min_s",
-                                                              "page_faults_per_forward", "error") if k in tuned}}
-            rows.append(row)
-            line = json.dumps(row)
-            print(line, flush=True)
-            fh.write(line + "\n")
-            fh.flush()
-        ok = [r for r in rows if "fused_s" in r]
-        if len(ok) >= 2:
-            xs = [r["frames"] for r in ok]
-            ys = [r["fused_s"] for r in ok]
-            mx, my = statistics.fmean(xs), statistics.fmean(ys)
-            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-            a = my - b * mx
-            ss_tot = sum((y - my) ** 2 for y in ys) or 1e-12
-            r2 = 1 - sum((y - a - b * x) ** 2 for x, y in zip(xs, ys)) / ss_tot
-            lo, hi = min(ok, key=lambda r: r["frames"]), max(ok, key=lambda r: r["frames"])
-            ratio = hi["seconds_per_frame"] / lo["seconds_per_frame"]
-            summary = {"bench": "encoder", "linearity": {
-                "fit": f"seconds = {a:.4f} + {b:.4f} * frames", "intercept_s": round(a, 4),
-                "seconds_per_frame_slope": round(b, 4), "r2": round(r2, 4),
-                f"per_frame_ratio_{hi['frames']}_vs_{lo['frames']}": round(ratio, 3),
-                "statement": (f"time per frame at {hi['frames']} frames is {ratio:.2f}x that at {lo['frames']} "
-                              f"frames ({'linear within 15%' if 0.85 <= ratio <= 1.15 else 'not linear within 15%'})"),
-            }, "threads": THREADS}
-            line = json.dumps(summary)
-            print(line, flush=True)
-            fh.write(line + "\n")
+    results = Recorder(args.output, append=args.append)
+    for frames in frames_list:
+        reps = args.repeats if frames <= 16 else max(2, args.repeats // 2)
+        timing = run_child(frames, "time", reps)
+        tuned = run_child(frames, "time-tuned", reps)
+        memory = run_child(frames, "memory", 1)
+        row = {"bench": "encoder", "model": "videomamba_tiny", "size": 224, "batch": 1, "dtype": "float32",
+               **timing, **{k: v for k, v in memory.items() if k not in timing or k == "error"},
+               "malloc_tuned": {k: tuned.get(k) for k in ("fused_tuned_s", "fused_tuned_min_s",
+                                                          "page_faults_per_forward", "error") if k in tuned}}
+        rows.append(row)
+        results.add(row)
+    ok = [r for r in rows if "fused_s" in r]
+    if len(ok) >= 2:
+        xs = [r["frames"] for r in ok]
+        ys = [r["fused_s"] for r in ok]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        a = my - b * mx
+        ss_tot = sum((y - my) ** 2 for y in ys) or 1e-12
+        r2 = 1 - sum((y - a - b * x) ** 2 for x, y in zip(xs, ys)) / ss_tot
+        lo, hi = min(ok, key=lambda r: r["frames"]), max(ok, key=lambda r: r["frames"])
+        ratio = hi["seconds_per_frame"] / lo["seconds_per_frame"]
+        summary = {"bench": "encoder", "linearity": {
+            "fit": f"seconds = {a:.4f} + {b:.4f} * frames", "intercept_s": round(a, 4),
+            "seconds_per_frame_slope": round(b, 4), "r2": round(r2, 4),
+            f"per_frame_ratio_{hi['frames']}_vs_{lo['frames']}": round(ratio, 3),
+            "statement": (f"time per frame at {hi['frames']} frames is {ratio:.2f}x that at {lo['frames']} "
+                          f"frames ({'linear within 15%' if 0.85 <= ratio <= 1.15 else 'not linear within 15%'})"),
+        }, "threads": THREADS}
+        results.add(summary)
     return 0
 
 

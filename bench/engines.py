@@ -15,15 +15,20 @@ decoded clips, and one encoder actor instead of the main process.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
 from indexer.engines import make_engine
 from indexer.jobs import JobSpec, run_index_job
 from retrieval.data.synthetic import generate_corpus
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     parser.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "engines.jsonl")
+    add_output_argument(parser, "engines")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     import ray
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     local, on_ray = statistics.median(rates["local"]), statistics.median(rates["ray"])
-    line = json.dumps({
+    Recorder(args.output, append=args.append).add({
         "bench": "engines", "video_model": args.video_model, "clips": args.clips, "frame_size": args.size,
         "batch_size": args.batch_size, "threads": THREADS, "local_workers": args.workers, "ray_cpus": args.ray_cpus,
         "ray_cpus_per_actor": args.ray_cpus_per_actor, "reps": args.reps,
@@ -76,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
         "ray_clips_per_s": round(on_ray, 2), "ray_min_max": [round(min(rates["ray"]), 2), round(max(rates["ray"]), 2)],
         "ray_over_local": round(on_ray / local, 3), "ray_start_s": round(ray_start_s, 1),
     })
-    print(line, flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(line + "\n")
     return 0
 
 

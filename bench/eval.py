@@ -17,7 +17,6 @@ loader workers hide part of the decoding behind encoding. Prints one JSON object
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,11 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
 from retrieval.data.corpora import load_corpus
 from retrieval.data.loader import iter_clip_batches
 from retrieval.data.synthetic import generate_corpus
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="0,1", help="comma-separated loader worker counts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the machine has 2 cores)")
+    add_output_argument(parser, "eval")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -91,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         rates = {name: _summary(seconds, args.clips) for name, seconds in times.items()}
         serial = 1.0 / (1.0 / rates["decode"]["median"] + 1.0 / rates["encode"]["median"])
         embed_rates = {f"workers{w}": rates[f"embed_workers{w}"]["median"] for w in worker_counts}
-        print(json.dumps({"bench": "eval", "model": args.model, "clips": args.clips, "size": args.size,
+        Recorder(args.output, append=args.append).add({"bench": "eval", "model": args.model, "clips": args.clips, "size": args.size,
                           "frames": preprocess.num_frames, "input_px": preprocess.size,
                           "batch_size": args.batch_size, "threads": args.threads, "repeats": args.repeats,
                           "clips_per_s": rates, "serial_bound": round(serial, 2),
                           "embed_over_encode_only": {k: round(v / rates["encode"]["median"], 3)
                                                      for k, v in embed_rates.items()},
-                          "overlap": {k: round(v / serial, 3) for k, v in embed_rates.items()}}), flush=True)
+                          "overlap": {k: round(v / serial, 3) for k, v in embed_rates.items()}})
     return 0
 
 

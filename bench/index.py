@@ -18,14 +18,19 @@ corpus's test split (128x128 h264, 3 s; decord reads 128 px but fails on 96 px a
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
 from indexer.jobs import JobSpec, run_index_job
 from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
@@ -92,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions of each measurement")
     parser.add_argument("--video-models", default="videomamba_demo,videomamba_tiny",
                         help="comma-separated registered video architectures, one result line each")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "index.jsonl")
+    add_output_argument(parser, "index")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
-    lines = [json.dumps(_measure(name, args)) for name in args.video_models.split(",")]
-    for line in lines:
-        print(line, flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
+    results = Recorder(args.output, append=args.append)
+    for name in args.video_models.split(","):
+        results.add(_measure(name, args))
     return 0
 
 

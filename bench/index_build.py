@@ -42,6 +42,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from bench.record import Recorder, add_output_argument
 WARMUP_QUERIES = 20
 TARGETS = {"merge_peak_rss_mb": 512, "serve_peak_rss_mb": 300, "recall_at_10": 0.95, "p50_ms": 3.0}
 
@@ -132,9 +136,7 @@ def _run_child(args: list[str]) -> dict:
 def _write_job(out: Path, n: int, dim: int, part_rows: int, seed: int, queries: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Commit the parts of a finished job holding ``n`` vectors; return queries and exact top 10."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from search import Corpus
-
+    from bench.search import Corpus
     from indexer.jobs import WorkDir, work_dir_for
 
     corpus = Corpus("clustered", dim, seed=seed)
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         "temporary directory)")
     parser.add_argument("--reuse", type=Path, default=None, help="a folder with source.work, queries.npy and "
                         "truth.npy of an earlier run (with the same --n/--dim/--seed): skip writing the parts")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "index_build.jsonl")
+    add_output_argument(parser, "index_build")
     parser.add_argument("--child", choices=["build", "serve"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--in-ram", action="store_true", help=argparse.SUPPRESS)
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             write_s = round(time.perf_counter() - started, 1)
             np.save(scratch / "queries.npy", queries)
             np.save(scratch / "truth.npy", truth)
-        lines = []
+        results = Recorder(args.output, append=args.append)
         for mode in args.modes.split(","):
             out = scratch / mode
             # hard links: each build consumes (deletes) its own copy of the work directory
@@ -221,11 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                                     and row["serve_peak_anon_mb"] < TARGETS["serve_peak_rss_mb"]
                                     and row["recall_at_10"] >= TARGETS["recall_at_10"]
                                     and row["p50_ms"] <= TARGETS["p50_ms"])
-            print(json.dumps(row), flush=True)
-            lines.append(json.dumps(row))
+            results.add(row)
             shutil.rmtree(out.parent / f".{out.name}.v1", ignore_errors=True)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text("\n".join(lines) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -10,7 +10,6 @@ largest absolute difference per output, one JSON line per (model, backend).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -19,12 +18,15 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
 
-from retrieval.models.convert import convert_videomamba  # noqa: E402
-from retrieval.models.convert_seeds import convert_uniformer, convert_vim  # noqa: E402
-from retrieval.models.model_dir import load_model  # noqa: E402
-from retrieval.models.ssm import fused_mixer_available  # noqa: E402
+from bench.record import Recorder, add_output_argument
+
+from retrieval.models.convert import convert_videomamba
+from retrieval.models.convert_seeds import convert_uniformer, convert_vim
+from retrieval.models.model_dir import load_model
+from retrieval.models.ssm import fused_mixer_available
 
 FIX = ROOT / "tests" / "models" / "fixtures"
 
@@ -42,7 +44,7 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "parity.jsonl")
+    add_output_argument(ap, "parity")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     backends = ["ref"] + (["cpu"] if fused_mixer_available() else [])
@@ -76,12 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"model": "uniformer", "backend": "-", "tokens": _err(out["tokens"], ref["tokens"]),
                      "pooled": _err(out["pooled"], ref["pooled"]), "logits": _err(model.classify(ref["video"]),
                                                                                 ref["logits"])})
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w") as fh:
-        for row in rows:
-            line = json.dumps({"bench": "parity", **row})
-            print(line)
-            fh.write(line + "\n")
+    results = Recorder(args.output, append=args.append)
+    for row in rows:
+        results.add({"bench": "parity", **row})
     return 0
 
 

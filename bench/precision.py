@@ -23,11 +23,11 @@ One process, ``torch.set_num_threads(2)``:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +37,10 @@ if str(ROOT) not in sys.path:
 import torch
 
 from bench.profiling import self_time_shares
+from bench.record import Recorder, add_output_argument
 from retrieval.models.device import cpu_flags, cpu_has_native_bf16
 
 THREADS = 2
-RESULTS = ROOT / "bench" / "results"
 
 
 def _median_time(fn, repeats):
@@ -133,21 +133,19 @@ def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
     return row
 
 
-def fidelity(names: list[str], frames: int, size: int) -> list[dict]:
+def fidelity(names: list[str], frames: int, size: int) -> Iterator[dict]:
     from retrieval.eval.precision import feature_cosine, realistic_clips, text_features, video_features
     from retrieval.models.registry import create_model
     from retrieval.models.retrieval_model import build_retrieval_model
 
-    rows = []
     for name in names:
         torch.manual_seed(0)
         net = create_model(name, num_frames=frames, img_size=size).eval()
         clips = realistic_clips(net.preprocess, n=3)
         res = feature_cosine(video_features(net, clips), "bf16")
-        rows.append({"bench": "precision_fidelity", "model": name, "frames": frames, "img_size": size,
+        yield ({"bench": "precision_fidelity", "model": name, "frames": frames, "img_size": size,
                      "weights": "random (seed 0)", "inputs": "photo pan + 2 synthetic clips, normalised",
                      **{k: round(v, 6) for k, v in res.items()}})
-        print(json.dumps(rows[-1]), flush=True)
         del net
     torch.manual_seed(0)
     model = build_retrieval_model("videomamba_tiny_test", embed_dim=256, num_fusion_layers=2).eval()
@@ -155,11 +153,9 @@ def fidelity(names: list[str], frames: int, size: int) -> list[dict]:
                 "someone slices a tomato on a wooden board", "a dog catches a frisbee in the park",
                 "a man plays the guitar on a stage under blue lights", "waves break on a rocky shore at sunset"]
     res = feature_cosine(text_features(model, captions), "bf16")
-    rows.append({"bench": "precision_fidelity", "model": "text tower (all-MiniLM-L6-v2 + 2 fusion layers)",
+    yield ({"bench": "precision_fidelity", "model": "text tower (all-MiniLM-L6-v2 + 2 fusion layers)",
                  "weights": "MiniLM pretrained", "inputs": f"{len(captions)} captions",
                  **{k: round(v, 6) for k, v in res.items()}})
-    print(json.dumps(rows[-1]), flush=True)
-    return rows
 
 
 def main(argv=None) -> int:
@@ -171,22 +167,19 @@ def main(argv=None) -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-fidelity", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS / "precision.jsonl")
+    add_output_argument(parser, "precision")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
-    rows = []
+    results = Recorder(args.output, append=args.append)
     rates = matmul_rates()
-    rows.append({"bench": "precision_matmul", "n": 2048, "threads": torch.get_num_threads(),
+    results.add({"bench": "precision_matmul", "n": 2048, "threads": torch.get_num_threads(),
                  "fp32_gflops": round(rates["fp32"], 1), "bf16_gflops": round(rates["bf16"], 1),
-                 "bf16_vs_fp32": round(rates["bf16"] / rates["fp32"], 3), "cpu": _flags(), "torch": torch.__version__})
-    print(json.dumps(rows[-1]), flush=True)
+                 "bf16_vs_fp32": round(rates["bf16"] / rates["fp32"], 3), "cpu": _flags()})
     for name in args.speed_models:
-        rows.append(speed(name, args.frames, args.img_size, args.repeats, rates))
-        print(json.dumps(rows[-1]), flush=True)
+        results.add(speed(name, args.frames, args.img_size, args.repeats, rates))
     if not args.no_fidelity:
-        rows += fidelity(args.fidelity_models, args.frames, args.img_size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for row in fidelity(args.fidelity_models, args.frames, args.img_size):
+            results.add(row)
     return 0
 
 

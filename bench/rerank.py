@@ -28,7 +28,6 @@ Equality: the first ``--ref-pairs`` pairs are scored by both paths; ``max_abs_di
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.record import Recorder, add_output_argument
 from retrieval.eval.rerank import PairScorer, match_scores_reference
 from retrieval.models.device import cpu_has_native_bf16
 from retrieval.models.retrieval_model import RetrievalModel
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: both paths under CPU bf16 autocast (vtr eval --precision bf16)")
+    add_output_argument(parser, "rerank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -113,8 +114,9 @@ def main() -> None:
     # CPU seconds / threads: what the wall time would be with the cores to itself (the machine is shared)
     per_pair_cpu = {name: statistics.median(t) / pairs[name] / args.threads for name, t in cpu.items()}
     diff = (fast_scores - ref_scores).abs().max().item()
+    results = Recorder(args.output, append=args.append)
     for name in ("reference", "shared"):
-        print(json.dumps({
+        results.add({
             "bench": "rerank", "path": name, "threads": args.threads,
             "dtype": "bfloat16 (autocast)" if bf16 else "float32", "cpu_native_bf16": cpu_has_native_bf16(),
             "video_tokens": VIDEO_TOKENS, "video_width": VIDEO_WIDTH, "text_tokens": TEXT_TOKENS,
@@ -126,14 +128,14 @@ def main() -> None:
             "projected_t2v_min": round(per_pair[name] * MSRVTT_CAPTIONS * args.k / 60, 2),
             "cpu_ms_per_pair_per_thread": round(1e3 * per_pair_cpu[name], 3),
             "projected_t2v_min_from_cpu": round(per_pair_cpu[name] * MSRVTT_CAPTIONS * args.k / 60, 2),
-        }))
-    print(json.dumps({"bench": "rerank", "summary": True, "k": args.k, "precision": args.precision,
+        })
+    results.add({"bench": "rerank", "summary": True, "k": args.k, "precision": args.precision,
                       "speedup": round(per_pair["reference"] / per_pair["shared"], 2),
                       "speedup_cpu": round(per_pair_cpu["reference"] / per_pair_cpu["shared"], 2),
                       "max_abs_diff": diff, "score_scale": round(ref_scores.abs().max().item(), 4),
                       "target_t2v_min": 15.0,
                       "meets_target": per_pair["shared"] * MSRVTT_CAPTIONS * args.k / 60 <= 15.0,
-                      "meets_target_from_cpu": per_pair_cpu["shared"] * MSRVTT_CAPTIONS * args.k / 60 <= 15.0}))
+                      "meets_target_from_cpu": per_pair_cpu["shared"] * MSRVTT_CAPTIONS * args.k / 60 <= 15.0})
 
 
 if __name__ == "__main__":

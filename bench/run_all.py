@@ -1,6 +1,7 @@
-"""Run every benchmark; each prints JSON lines, saved to bench/results/<name>.jsonl.
+"""Run every benchmark in bench/ (``make bench``); each writes bench/results/<name>.jsonl itself.
 
-Usage: python bench/run_all.py [name ...]   (default: all, quick settings where a script has them)
+Usage: python bench/run_all.py [name ...]   (default: every script in bench/, quick settings where
+a script has them). Tools that need other hardware or a built demo (bench/tools/) are not run.
 """
 from __future__ import annotations
 
@@ -10,43 +11,40 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# modules of bench/ that are not benchmarks
+HELPERS = {"run_all", "record", "profiling"}
 # name -> extra arguments (kept short enough for one `make bench` on a 2-core machine)
-BENCHES = {
-    "scan": [],
-    "encoder": [],
+QUICK = {
     "scaling": ["--alternate", "timesformer_ti", "videomamba_tiny", "videomamba_small", "videomamba_middle"],
     "rerank": ["--repeats", "2"],
     "search": ["--sizes", "10000,100000,1000000"],
-    "index": [],
     "eval": ["--size", "128"],
-    "direction_gap": [],
-    "action_probe": [],
-    "train_step": [],
     "engines": ["--clips", "64", "--reps", "2"],
     "index_build": ["--n", "1000000", "--queries", "300"],
 }
 
 
+def benchmarks() -> list[str]:
+    return sorted(path.stem for path in HERE.glob("*.py") if path.stem not in HELPERS)
+
+
 def main(names: list[str]) -> int:
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
+    known = benchmarks()
     failed = []
-    for name in names or list(BENCHES):
-        script = HERE / f"{name}.py"
-        if not script.is_file():
-            print(f"[bench] no such benchmark: {name}", file=sys.stderr)
+    for name in names or known:
+        if name not in known:
+            print(f"[bench] no such benchmark: {name} (known: {', '.join(known)})", file=sys.stderr)
             failed.append(name)
             continue
-        t0 = time.perf_counter()
+        output = HERE / "results" / f"{name}.jsonl"
+        started = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
-        proc = subprocess.run([sys.executable, str(script), *BENCHES.get(name, [])], capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        (results / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        print(f"[bench] {name}: {len(lines)} lines, exit {proc.returncode}, {time.perf_counter() - t0:.0f} s", flush=True)
+        proc = subprocess.run([sys.executable, str(HERE / f"{name}.py"), *QUICK.get(name, []), "--output", str(output)])
+        print(f"[bench] {name}: exit {proc.returncode}, {time.perf_counter() - started:.0f} s -> {output}", flush=True)
         if proc.returncode:
-            print(proc.stderr[-2000:], file=sys.stderr)
             failed.append(name)
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -52,11 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere, not only after `pip install -e`
     sys.path.insert(0, str(ROOT))
 
+from bench.record import RESULTS, Recorder, add_output_argument
 from retrieval.models.registry import UnknownModelError, model_config
 
 DEFAULT_MODELS = ["videomamba_tiny", "videomambapro_tiny", "timesformer_ti", "joint_vit_ti", "uniformer_s"]
 DEFAULT_FRAMES = [8, 16, 32, 64]
-RESULTS = ROOT / "bench" / "results"
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -272,9 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=RESULTS / "scaling.jsonl")
+    add_output_argument(parser, "scaling")
     parser.add_argument("--plot", type=Path, default=RESULTS / "scaling.png")
-    parser.add_argument("--append", action="store_true", help="add to --out instead of overwriting it")
     parser.add_argument("--no-bf16", action="store_true", help="fp32 only (default: bf16 autocast timed "
                         "beside fp32 in the same process, alternating)")
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
@@ -288,42 +287,38 @@ def main(argv: list[str] | None = None) -> None:
                                  bf16=not args.no_bf16)))
         return
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a" if args.append else "w") as fh:
-        for spec in args.models:
-            try:
-                model_config(parse_spec(spec)[0])
-                missing = None
-            except UnknownModelError as err:
-                missing = f"model not available yet: {err}"
-            too_big = None
-            for frames in sorted(args.frames):
-                line = {
-                    "model": spec,
-                    "frames": frames,
-                    "img_size": args.img_size,
-                    "batch": 1,
-                    "threads": args.threads,
-                    "repeats": args.repeats,
-                }
-                if missing or too_big:
-                    line.update(status="skipped", note=missing or too_big)
-                else:
-                    line.update(run_child(spec, frames, args))
-                    if line["status"] == "timeout":
-                        too_big = f"{frames} frames already exceeded --timeout"
-                print(json.dumps(line), flush=True)
-                fh.write(json.dumps(line) + "\n")
-                fh.flush()
+    results = Recorder(args.output, append=args.append)
+    for spec in args.models:
+        try:
+            model_config(parse_spec(spec)[0])
+            missing = None
+        except UnknownModelError as err:
+            missing = f"model not available yet: {err}"
+        too_big = None
+        for frames in sorted(args.frames):
+            line = {
+                "model": spec,
+                "frames": frames,
+                "img_size": args.img_size,
+                "batch": 1,
+                "threads": args.threads,
+                "repeats": args.repeats,
+            }
+            if missing or too_big:
+                line.update(status="skipped", note=missing or too_big)
+            else:
+                line.update(run_child(spec, frames, args))
+                if line["status"] == "timeout":
+                    too_big = f"{frames} frames already exceeded --timeout"
+            results.add(line)
 
-        if args.alternate:
-            for line in alternate(args.alternate, args.alternate_frames, args.img_size, args.repeats,
-                                  args.threads):
-                print(json.dumps(line), flush=True)
-                fh.write(json.dumps(line) + "\n")
+    if args.alternate:
+        for line in alternate(args.alternate, args.alternate_frames, args.img_size, args.repeats,
+                              args.threads):
+            results.add(line)
 
-    with open(args.out) as fh:
-        plot([json.loads(row) for row in fh if row.strip() and "mode" not in json.loads(row)], args.plot)
+    rows = [json.loads(line) for line in results.lines]
+    plot([row for row in rows if "mode" not in row], args.plot)
 
 
 if __name__ == "__main__":

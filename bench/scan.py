@@ -35,7 +35,6 @@ on both layouts. ``vs_videomamba`` is the variant's fused time over VideoMamba's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,6 +44,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.record import Recorder, add_output_argument
 
 from retrieval.models.ssm import selective_scan, selective_scan_ref  # noqa: E402
 from retrieval.models.ssm.cpu import ScanDirection, kernel_available, scan_directions  # noqa: E402
@@ -220,43 +221,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="197,1569,3137,12545")
     parser.add_argument("--grad-lengths", default="197", help="lengths that also run forward+backward")
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "scan.jsonl")
-    parser.add_argument("--append", action="store_true")
+    add_output_argument(parser, "scan")
     parser.add_argument("--mixers", action="store_true",
                         help="benchmark the bidirectional mixer of each VideoMamba / VideoMambaPro variant")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     if not kernel_available():
-        print(json.dumps({"bench": "scan", "skipped": "the fused CPU kernel could not be built (no C compiler?)"}))
+        Recorder(args.output, append=args.append).add(
+            {"bench": "scan", "skipped": "the fused CPU kernel could not be built (no C compiler?)"})
         return 0
     lengths = [int(x) for x in args.lengths.split(",") if x]
     grad_lengths = {int(x) for x in args.grad_lengths.split(",") if x}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    if args.mixers:
-        with open(args.output, "a" if args.append else "w") as fh:
-            for L in lengths:
-                for pass_ in ("forward", "forward+backward"):
-                    if pass_ == "forward+backward" and L not in grad_lengths:
-                        continue
-                    reps = args.repeats if pass_ == "forward" else max(2, args.repeats // 2)
-                    for row in bench_mixers(L, pass_, reps):
-                        line = json.dumps(row)
-                        print(line, flush=True)
-                        fh.write(line + "\n")
-                        fh.flush()
-        return 0
-    with open(args.output, "a" if args.append else "w") as fh:
-        for L in lengths:
-            for pass_ in ("forward", "forward+backward"):
-                if pass_ == "forward+backward" and L not in grad_lengths:
-                    continue
-                for variant in ("fwd", "bwd_masked"):
-                    reps = args.repeats if pass_ == "forward" else max(2, args.repeats // 2)
-                    row = bench_one(L, variant, pass_, reps)
-                    line = json.dumps(row)
-                    print(line, flush=True)
-                    fh.write(line + "\n")
-                    fh.flush()
+    results = Recorder(args.output, append=args.append)
+    for L in lengths:
+        for pass_ in ("forward", "forward+backward"):
+            if pass_ == "forward+backward" and L not in grad_lengths:
+                continue
+            reps = args.repeats if pass_ == "forward" else max(2, args.repeats // 2)
+            if args.mixers:
+                rows = bench_mixers(L, pass_, reps)
+            else:
+                rows = [bench_one(L, variant, pass_, reps) for variant in ("fwd", "bwd_masked")]
+            for row in rows:
+                results.add(row)
     return 0
 
 

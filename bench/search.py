@@ -28,7 +28,6 @@ rows show that worst case, not a tuning target.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -39,6 +38,11 @@ import faiss
 import numpy as np
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument
 from indexer.faiss_index import (
     build_index,
     choose_index_type,
@@ -231,21 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, default=None, help="override the IVF default")
     parser.add_argument("--candidates", type=int, default=None, help="override the re-scoring pool")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "search.jsonl")
-    parser.add_argument("--append", action="store_true", help="append to --output instead of overwriting")
+    add_output_argument(parser, "search")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(THREADS)
     faiss.omp_set_num_threads(THREADS)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "a" if args.append else "w") as results, tempfile.TemporaryDirectory() as tmp:
+    results = Recorder(args.output, append=args.append)
+    with tempfile.TemporaryDirectory() as tmp:
         for dist in args.dist.split(","):
             for n in args.sizes:
                 for row in run_case(dist, n, args, Path(tmp)):
-                    line = json.dumps(row)
-                    print(line, flush=True)
-                    results.write(line + "\n")
-                    results.flush()
+                    results.add(row)
     return 0
 
 

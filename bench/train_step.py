@@ -12,7 +12,6 @@ random projection of the pooled features. Variants, timed alternately in one pro
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import Recorder, add_output_argument
+
 from retrieval.models.registry import create_model  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    add_output_argument(parser, "train_step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -53,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in models:
             times[name].append(step(name))
     med = {k: statistics.median(v) for k, v in times.items()}
+    results = Recorder(args.output, append=args.append)
     for name, ts in times.items():
-        print(json.dumps({"bench": "train_step", "variant": name, "batch": args.batch, "threads": args.threads,
+        results.add({"bench": "train_step", "variant": name, "batch": args.batch, "threads": args.threads,
                           "repeats": args.repeats, "median_s": round(med[name], 4),
                           "min_max_s": [round(min(ts), 4), round(max(ts), 4)],
                           "clips_per_s": round(args.batch / med[name], 1),
-                          "speedup_vs_demo": round(med["demo"] / med[name], 3)}))
+                     "speedup_vs_demo": round(med["demo"] / med[name], 3)})
     return 0
 
 

@@ -22,7 +22,6 @@ Prints one JSON object per configuration and appends them to ``bench/results/web
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
 
-from web_load import build_tiny_index, free_port, percentile, query_once
-
-RESULTS = REPO / "bench" / "results" / "web_abuse.jsonl"
+from bench.record import Recorder, add_output_argument
+from bench.web_load import build_tiny_index, free_port, percentile, query_once
 
 #: The child process that serves the page; argv: index, port, mode.
 SERVER = """
@@ -200,18 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uploads", type=int, default=4)
     parser.add_argument("--size", type=int, default=4096, help="frame width and height of the uploaded clip")
     parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_argument(parser, "web_abuse")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vtr-web-abuse-") as tmp:
         tmp = Path(tmp)
         index = build_tiny_index(tmp)
         clip = write_clip(tmp / f"{args.size}x{args.size}.mp4", args.size, args.frames)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        results = Recorder(args.output, append=args.append)
         for mode in args.modes:
             result = run_mode(mode, index, clip, args.uploads)
-            print(json.dumps(result), flush=True)
-            with open(args.out, "a") as results:
-                results.write(json.dumps(result) + "\n")
+            results.add(result)
     return 0
 
 

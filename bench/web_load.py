@@ -32,7 +32,11 @@ from typing import Any
 
 import httpx
 
-RESULTS = Path(__file__).resolve().parent / "results" / "web_load.json"
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.record import Recorder, add_output_argument, default_output
 DEFAULT_QUERIES = (
     "a red circle moving up",
     "a big green triangle sinking",
@@ -160,9 +164,8 @@ def build_tiny_index(workdir: Path) -> Path:
     return out
 
 
-def write_results(result: dict[str, Any], path: Path = RESULTS) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+def write_results(result: dict[str, Any], path: Path = default_output("web_load"), append: bool = False) -> None:
+    Recorder(path, append=append).add(result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -171,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=4, help="the served page's queue concurrency")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_output_argument(parser, "web_load")
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     demo = None
@@ -196,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if demo is not None:
                 demo.close()
-    print(json.dumps(result))
-    write_results(result, args.out)
+    write_results(result, args.output, args.append)
     return 0 if result["errors"] == 0 else 1
 
 

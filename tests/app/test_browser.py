@@ -4,7 +4,7 @@ Types a query, presses Search, waits for result cards whose videos the browser a
 (moments positioned at their start), checks the blank-query message, uploads a clip on the
 second tab and waits for its action labels and similar clips, screenshotting both views into
 the test's temporary folder (the README's screenshots come from the demo model:
-``bench/page_screenshots.py``).
+``bench/tools/page_screenshots.py``).
 
 Chromium comes from Debian (``make browser``); a missing browser fails the test rather than
 skipping it, so CI cannot pass without running it.

@@ -3,7 +3,7 @@
 Every query must come back with result cards (no errors, no dropped requests) through Gradio's
 queue with its concurrency limit. The p50/p99 latencies (queueing included) are printed and
 written as ``bench/web_load.py`` writes them (into the test's temporary folder; the bench itself
-records ``bench/results/web_load.json``).
+records ``bench/results/web_load.jsonl``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_fifty_clients_two_hundred_queries_no_errors(tmp_path: Path) -> None:
     result = {"server": "tiny synthetic index on 127.0.0.1", "items": searcher.stats()["items"],
               "model": "videomamba_tiny_test (D=24, random)", "concurrency": CONCURRENCY, **result}
     print("\nweb load:", json.dumps(result))
-    written_to = tmp_path / "web_load.json"
+    written_to = tmp_path / "web_load.jsonl"
     bench.write_results(result, written_to)
 
     assert result["errors"] == 0, result["error_samples"]

@@ -1,5 +1,5 @@
 """CUDA-only checks (marker ``cuda``): they run wherever a CUDA device is visible,
-e.g. ``pytest -m cuda tests/device`` on a GPU machine; bench/gpu_check.py measures the same paths."""
+e.g. ``pytest -m cuda tests/device`` on a GPU machine; bench/tools/gpu_check.py measures the same paths."""
 import pytest
 import torch
 

@@ -5,7 +5,7 @@ search tab, one clip on the upload tab; writes ``docs/screenshot.png`` and
 ``docs/screenshot-upload.png`` and prints one JSON line (the query, the top hits with their
 labels, and how long each view took to show).
 
-    python bench/page_screenshots.py --index runs/demo/index --query "a large red circle moving up"
+    python bench/tools/page_screenshots.py --index runs/demo/index --query "a large red circle moving up"
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--query", default="a large red circle moving up")
     parser.add_argument("--clip", type=Path, help="clip for the upload tab (default: the index's first test clip)")
     parser.add_argument("-k", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--output", type=Path, default=REPO / "docs", help="folder of the screenshots")
     args = parser.parse_args(argv)
     if not CHROMIUM.is_file():
         print(f"Chromium is not installed at {CHROMIUM}: run `make browser`", file=sys.stderr)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
               "top": [{"video": page_state.guard.display_name(h.path), "score": round(h.score, 4),
                        "labels": [label for label, _ in h.labels[:2]], "label_source": h.label_source}
                       for h in hits[:3]]}
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.output.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_function(VIDEOS_READY, arg="#vtr-results", timeout=TIMEOUT_MS)
             result["search_view_s"] = round(time.perf_counter() - started, 2)
             page.wait_for_timeout(3000)   # let the players draw their first frame
-            page.screenshot(path=str(args.out / "screenshot.png"), full_page=True)
+            page.screenshot(path=str(args.output / "screenshot.png"), full_page=True)
 
             page.get_by_role("tab", name="Upload a video").click()
             started = time.perf_counter()
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             result["upload_view_s"] = round(time.perf_counter() - started, 2)
             result["upload_clip"] = page_state.guard.display_name(clip)
             page.wait_for_timeout(3000)
-            page.screenshot(path=str(args.out / "screenshot-upload.png"), full_page=True)
+            page.screenshot(path=str(args.output / "screenshot-upload.png"), full_page=True)
             browser.close()
     finally:
         demo.close()

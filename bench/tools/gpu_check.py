@@ -2,7 +2,7 @@
 until this has run there).
 
     pip install -e '.[cuda,gpu]'         # mamba-ssm (+ causal-conv1d) and faiss-gpu, optional
-    python bench/gpu_check.py            # ~5-10 minutes on one GPU
+    python bench/tools/gpu_check.py            # ~5-10 minutes on one GPU
 
 Steps, each one JSON line (also written to ``bench/results/gpu_check.jsonl``); a failing step is
 reported with its error and the rest still run; exit status 1 if any step failed:
@@ -28,13 +28,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch
 
-RESULTS = ROOT / "bench" / "results"
+from bench.record import Recorder, add_output_argument
 
 
 def _sync():
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "gpu_check")
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.jsonl")
+    add_output_argument(parser, "gpu_check")
     args = parser.parse_args(argv)
     from retrieval.models.device import DeviceError, resolve_device
 
@@ -162,13 +162,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if dev.type != "cuda":
-        print("error: bench/gpu_check.py is for a CUDA machine (--device cuda[:N])", file=sys.stderr)
+        print("error: bench/tools/gpu_check.py is for a CUDA machine (--device cuda[:N])", file=sys.stderr)
         return 2
     args.work.mkdir(parents=True, exist_ok=True)
-    header = {"step": "machine", "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-              "cuda": torch.version.cuda}
-    rows, failed = [header], False
-    print(json.dumps(header), flush=True)
+    results, failed = Recorder(args.output, append=args.append), False
+    results.add({"step": "machine", "gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda})
     model_dir = None
 
     def run(name, fn):
@@ -180,8 +178,7 @@ def main(argv=None) -> int:
             result = [{"step": name, "error": f"{type(exc).__name__}: {exc}",
                        "traceback": traceback.format_exc()[-2000:]}]
         for row in result:
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            results.add(row)
 
     run("scan", lambda: step_scan(dev))
     run("encoder", lambda: step_encoder(dev))
@@ -195,8 +192,6 @@ def main(argv=None) -> int:
     if model_dir is not None:
         run("eval", lambda: step_eval(dev, args.work, model_dir))
         run("index", lambda: step_index(dev, args.work, model_dir))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 1 if failed else 0
 
 
