@@ -39,15 +39,24 @@ def eval_cmd(
     labels: str = typer.Option("synthetic", "--labels", help="for --task classify: kinetics400 | synthetic | FILE"),
     source: str = typer.Option("auto", "--source", help="for --task classify: auto | head | zero-shot | "
                                "supervised"),
+    storage: str = typer.Option("auto", "--storage",
+                                help="auto | fp32 | fp16: how patch tokens and caption states wait for the "
+                                     "re-rank (auto: fp32 unless --precision is reduced)"),
+    save_scores: bool = typer.Option(False, "--save-scores",
+                                     help="also write OUT/scores.npz: the ITC and re-ranked score matrices"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
     device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Zero-shot evaluation on a corpus: t2v/v2t retrieval (ITC + ITM re-rank) or action accuracy."""
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
+    from retrieval.eval.retrieval import STORAGE_CHOICES, evaluate_retrieval  # noqa: PLC0415
     from retrieval.models.model_dir import load_model  # noqa: PLC0415
 
     _check_choice(task, _TASKS, "--task")
     _check_choice(source, _SOURCES, "--source")
+    _check_choice(storage, STORAGE_CHOICES, "--storage")
+    if save_scores and (out is None or task != "retrieval"):
+        raise ValueError("--save-scores needs --out and --task retrieval")
     device, precision = runtime(device, precision)
     corpus = load_corpus(dataset, ann, videos)
     net = load_model(model, device, precision)
@@ -67,16 +76,16 @@ def eval_cmd(
             typer.echo(f"wrote {out / 'metrics.json'}")
         return
 
-    from retrieval.eval.retrieval import evaluate_retrieval  # noqa: PLC0415
-
     if not callable(getattr(net, "encode_texts", None)):
         raise ValueError(f"{model} holds a bare video encoder (no text tower): retrieval needs a retrieval "
                          "model directory (`vtr train` or `vtr convert` of a multi-modality checkpoint)")
     result = evaluate_retrieval(net, corpus, rerank_k=rerank_k, batch_size=batch_size, workers=workers,
-                                cache_dir=cache_dir, dual_softmax=dual_softmax, progress=progress)
+                                cache_dir=cache_dir, dual_softmax=dual_softmax, progress=progress, storage=storage)
     typer.echo(result.table())
     if out is not None:
         typer.echo(f"wrote {result.write(out)}")
+    if save_scores:
+        typer.echo(f"wrote {result.write_scores(out)}")
 
 
 def classify_cmd(

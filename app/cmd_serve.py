@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 
+from app.cmd_index import parse_bytes
 from app.common import device_option, friendly, precision_option, runtime
 
 
@@ -25,6 +26,8 @@ def serve_cmd(
     upload_max_seconds: float = typer.Option(600.0, "--upload-max-seconds", help="longest uploaded clip"),
     upload_max_frames: int = typer.Option(18_000, "--upload-max-frames", help="most frames in an uploaded clip"),
     upload_decoders: int = typer.Option(1, "--upload-decoders", help="uploaded clips decoded at once"),
+    upload_space: str = typer.Option("2gb", "--upload-space", help="disk space all uploads may take together; "
+                                     "each upload is deleted about a minute after it arrives or is answered"),
     device: str = device_option(), precision: str = precision_option(),
 ) -> None:
     """Serve the search page: text search with playable moments, and search by an uploaded clip."""
@@ -36,7 +39,8 @@ def serve_cmd(
     if concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {concurrency}")
     limits = UploadLimits(max_pixels=upload_max_pixels, max_seconds=upload_max_seconds,
-                          max_frames=upload_max_frames, decoders=upload_decoders)
+                          max_frames=upload_max_frames, decoders=upload_decoders,
+                          space=parse_bytes(upload_space))
     device, precision = runtime(device, precision)
     typer.echo(f"opening index {index} ...")
     serve(index, model, host=host, port=port, concurrency=concurrency, labels=labels, quiet=False,

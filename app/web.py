@@ -23,8 +23,10 @@ Safety
 * Responses and error messages name videos by their path relative to the corpus root, never by
   their absolute path on the server; unexpected errors are not shown in detail.
 * Uploaded clips are checked from their container (frame size, duration, frame count) before
-  any decoding, decoded a bounded number at a time and scaled while decoding, and deleted once
-  answered (:mod:`app.uploads`).
+  any decoding, held to that frame size on every decoded frame, decoded a bounded number at a
+  time and scaled while decoding (:mod:`app.uploads`); every uploaded file is deleted after its
+  lifetime whether or not it is searched, all of them together are capped in bytes, and the
+  upload answer names no server path (:mod:`app.upload_routes`).
 * The server binds to 127.0.0.1 unless told otherwise, and requests go through Gradio's queue
   with a concurrency limit.
 * Text tokenizers are not safe to call from several threads at once, so model calls take one
@@ -48,6 +50,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 
+from app import upload_routes
 from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
 from indexer.filters import ItemFilter
 from indexer.search import Hit, Query, Searcher, clean_query
@@ -286,7 +289,7 @@ class SearchPage:
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     label_names: list[str] = field(init=False)
     _classifier: Any = field(init=False, default=None)
-    janitor: UploadJanitor = field(init=False, default_factory=UploadJanitor)
+    janitor: UploadJanitor = field(init=False)
 
     def __post_init__(self) -> None:
         if self.roots is None:
@@ -295,6 +298,7 @@ class SearchPage:
         self.label_names = self._label_names()
         if self.upload_limits is None:
             self.upload_limits = UploadLimits()
+        self.janitor = UploadJanitor(max_bytes=self.upload_limits.space)
 
     def clip_file(self, item_id: int) -> Path | None:
         """The file the clip route plays for ``item_id``: the indexed item's video, if it is a file
@@ -556,6 +560,7 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
     except OSError as exc:
         raise ValueError(f"cannot serve on {host}:{port}: {exc}") from exc
     add_clip_route(demo.app, page)
+    upload_routes.install(demo.app, page.janitor)   # lifetimes, space, no server paths
     if not prevent_thread_lock:
         demo.block_thread()
     return url
@@ -571,7 +576,8 @@ def add_clip_route(app: Any, page: SearchPage) -> None:
 
     async def clip(request: Any) -> Response:
         raw = request.path_params["item_id"]
-        path = page.clip_file(int(raw)) if raw.isdigit() and len(raw) < 19 else None
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses
+        path = page.clip_file(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
         if path is None:
             return Response("no such clip", status_code=404, media_type="text/plain")
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -80,9 +80,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model()
     generator = torch.Generator().manual_seed(1)
-    # stored as vtr eval stores them: float16 tokens, float16 caption states trimmed to length
-    tokens = torch.randn(args.videos, VIDEO_TOKENS, VIDEO_WIDTH, generator=generator).half()
-    hidden = [torch.randn(TEXT_TOKENS, 768, generator=generator).half() for _ in range(args.captions)]
+    # stored as vtr eval stores them: tokens and caption states (trimmed to length) in the run's
+    # precision, float32 for fp32 and float16 under bf16 (both are scored in float32 or autocast)
+    store = torch.float16 if args.precision == "bf16" else torch.float32
+    tokens = torch.randn(args.videos, VIDEO_TOKENS, VIDEO_WIDTH, generator=generator).to(store)
+    hidden = [torch.randn(TEXT_TOKENS, 768, generator=generator).to(store) for _ in range(args.captions)]
     videos = torch.arange(args.videos).repeat_interleave(args.captions).numpy()  # video-major, 128 each
     texts = torch.arange(args.captions).repeat(args.videos).numpy()
     ref_v, ref_t = videos[::max(1, len(videos) // args.ref_pairs)][:args.ref_pairs], None

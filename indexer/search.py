@@ -33,7 +33,7 @@ import torch
 from indexer.faiss_index import subset_vectors
 from indexer.filters import ItemFilter
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
-from retrieval.data.corpora import clean_text
+from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity
@@ -128,12 +128,12 @@ class Query:
         return not self.text
 
 
-def clean_query(raw: str | None, limit: int | None = None) -> Query:
+def clean_query(raw: str | None, limit: int | None = None, cleaning: str = DEFAULT_CAPTION_CLEANING) -> Query:
     """The one cleaner of typed queries (CLI, page, library): control characters (and other
     invisible code points) become spaces, whitespace runs collapse, and text beyond ``limit``
-    characters is dropped, at a word boundary when one is near. A query the tokenizer's cleaning
-    (:func:`retrieval.data.corpora.clean_text`) leaves without a word comes back blank: it would
-    match everything."""
+    characters is dropped, at a word boundary when one is near. A query the model's caption
+    cleaning (``cleaning``, :func:`retrieval.data.corpora.clean_caption`) leaves blank comes back
+    blank: it would match everything."""
     notes: list[str] = []
     raw = "" if raw is None else str(raw)
     visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in raw)
@@ -147,7 +147,7 @@ def clean_query(raw: str | None, limit: int | None = None) -> Query:
         notes.append(f"The query was {len(text):,} characters long; searched its first {len(cut):,} "
                      f"(the limit is {limit:,}).")
         text = cut.rstrip()
-    if not clean_text(text):
+    if is_blank_caption(text, cleaning):
         text = ""
     return Query(text, tuple(notes))
 
@@ -275,7 +275,7 @@ class Searcher:
         Raises:
             EmptyQuery: the query has no words.
         """
-        query = clean_query(text)
+        query = clean_query(text, cleaning=getattr(self.model, "text_cleaning", DEFAULT_CAPTION_CLEANING))
         if query.blank:
             raise EmptyQuery()
         if rerank and not self.can_rerank:

@@ -4,11 +4,19 @@ A file is written under a temporary name beside its destination and renamed over
 reader sees the old file or the new one, never half of one. ``durable=True`` (the default) also
 fsyncs the file before the rename and the directory after it, so the new name survives a power
 loss: index parts, manifests and model weights need that; caches and scratch output do not.
+
+A full disk surfaces as ``OSError(ENOSPC)`` naming the destination, whoever did the writing:
+safetensors reports it as its own ``SafetensorError`` ("... (os error 28)"), which
+:func:`atomic_path` turns into the ``OSError`` every command already reports in one line. The
+previous file is untouched either way.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,10 +38,23 @@ def temp_name(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+#: errno values that mean "the disk (or the quota) is full", as Rust libraries spell them
+_FULL_MESSAGE = re.compile(r"\(os error (%d|%d)\)" % (errno.ENOSPC, errno.EDQUOT))
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk or the quota is full (an ``OSError`` or a library's own error
+    that carries the OS error number in its message)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return bool(_FULL_MESSAGE.search(str(exc)))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path``, on error it is removed
-    (a half-written file only takes space, e.g. on a full disk)."""
+    (a half-written file only takes space, e.g. on a full disk). A full disk is raised as
+    ``OSError(ENOSPC)`` naming ``path``, whatever library was writing."""
     path = Path(path)
     tmp = temp_name(path)
     try:
@@ -43,8 +64,35 @@ def atomic_path(path: str | os.PathLike[str], durable: bool = True) -> Iterator[
         os.replace(tmp, path)
         if durable:
             fsync_path(path.parent)
+    except Exception as exc:
+        named = isinstance(exc, OSError) and exc.filename not in (None, str(tmp))
+        if disk_full(exc) and not named:  # named by its destination, not by the temporary name
+            code = exc.errno if isinstance(exc, OSError) else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory to fill; on success it replaces the directory ``path`` (which
+    is kept whole until then), on error it is removed. The swap is two renames: a process killed
+    between them leaves the previous directory as ``<path>.old`` (a reader that finds no
+    ``path`` looks there)."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_temp(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
@@ -72,4 +120,5 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = T
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), durable)
 
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text", "fsync_path", "temp_name", "write_temp"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_text", "disk_full", "fsync_path", "temp_name",
+           "write_temp"]

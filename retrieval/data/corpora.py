@@ -9,6 +9,10 @@ sampling per corpus, so evaluation code never special-cases a dataset name.
 Missing video files are reported and dropped rather than fatal, because public copies of the
 benchmarks are routinely incomplete; an annotation file whose videos are *all* missing almost
 always means ``--videos`` points at the wrong folder, and that is an error.
+
+Captions are cut at :data:`MAX_CAPTION_CHARS` characters when read (a warning says how many, once
+per file): the text tower reads a few dozen tokens, and a caption of megabytes would otherwise
+travel into every index record, search answer and tokenizer call.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
@@ -27,6 +33,8 @@ logger = logging.getLogger(__name__)
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts"}
 )
+#: Longest caption kept, in characters (the longest preset reads 150 tokens, well under this).
+MAX_CAPTION_CHARS = 4000
 _EXPECTED_FIELDS = (
     'expected fields: "video" (path relative to the videos root), "caption" (string or list of '
     'strings), optional "label", "start", "end" (seconds)'
@@ -101,11 +109,36 @@ class Corpus:
         return (item.start, item.end)
 
 
-def clean_text(text: str) -> str:
-    """The official caption cleaning: lower-case, dashes and "/" to spaces, punctuation removed.
+# Caption cleanings a model directory can name (``text_cleaning`` in its config.json). The text
+# tower was trained on captions cleaned one way; queries and evaluation captions must be cleaned
+# the same way, so the rule belongs to the model, not to the corpus or the command.
+CAPTION_CLEANINGS = ("umt", "strip_punctuation")
+DEFAULT_CAPTION_CLEANING = "umt"
 
-    Any Unicode dash counts as "-" and any Unicode punctuation is stripped (not only ASCII), so
-    "don’t" and "don't" clean alike; whitespace runs collapse to one space.
+# The characters UMT/VideoMamba's caption preprocessing deletes (everything else reaches the
+# tokenizer: "&", "%", "—", "’" become tokens of their own or [UNK]).
+_UMT_DELETED = str.maketrans("", "", ",.'!?\"()*#:;~")
+_UMT_SPACED = str.maketrans({"-": " ", "/": " "})
+_WHITESPACE_RUNS = re.compile(r"\s{2,}")
+
+
+def clean_caption_umt(text: str) -> str:
+    """UMT/VideoMamba's caption preprocessing (``pre_text`` in their ``dataset/utils.py``).
+
+    Lower-cases; deletes ``, . ' ! ? " ( ) * # : ; ~`` (ASCII only); turns ``-`` and ``/`` into
+    spaces and ``<person>`` into ``person``; replaces each run of two or more whitespace
+    characters by one space (a single newline or tab is kept: the tokenizer splits on it anyway);
+    drops trailing newlines, then leading and trailing spaces. The order of the steps matters
+    (``"<per.son>"`` becomes ``"person"``) and is the authors'.
+    """
+    text = text.lower().translate(_UMT_DELETED).translate(_UMT_SPACED).replace("<person>", "person")
+    return _WHITESPACE_RUNS.sub(" ", text).rstrip("\n").strip(" ")
+
+
+def clean_caption_strip_punctuation(text: str) -> str:
+    """vtr's earlier rule, kept for model directories that name it: lower-case, every Unicode
+    dash and "/" to a space, every ASCII and Unicode punctuation mark removed, whitespace runs
+    collapsed. "don’t" and "don't" clean alike; it is not what the official checkpoints saw.
     """
     chars = []
     for ch in text.lower():
@@ -117,6 +150,26 @@ def clean_text(text: str) -> str:
         else:
             chars.append(ch)
     return " ".join("".join(chars).split())
+
+
+_CLEANERS = {"umt": clean_caption_umt, "strip_punctuation": clean_caption_strip_punctuation}
+
+
+def check_caption_cleaning(name: str) -> str:
+    """``name`` if it is a known caption cleaning, else a ValueError listing them."""
+    if name not in _CLEANERS:
+        raise ValueError(f"unknown caption cleaning {name!r} (known: {', '.join(CAPTION_CLEANINGS)})")
+    return name
+
+
+def clean_caption(text: str, cleaning: str = DEFAULT_CAPTION_CLEANING) -> str:
+    """``text`` cleaned by the named rule (:data:`CAPTION_CLEANINGS`), as the tokenizer receives it."""
+    return _CLEANERS[check_caption_cleaning(cleaning)](text)
+
+
+def is_blank_caption(text: str, cleaning: str = DEFAULT_CAPTION_CLEANING) -> bool:
+    """Whether nothing but whitespace is left of ``text`` after cleaning: it would match anything."""
+    return not clean_caption(text, cleaning).strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,48 +217,61 @@ def _read_csv(
 _READERS = {".json": _read_json_list, ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".csv": _read_csv}
 
 
+def _shown(entry: Any, limit: int = 200) -> str:
+    """An entry for an error message, cut short (an entry may hold megabytes of caption)."""
+    text = repr(entry)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _optional_seconds(entry: dict[str, Any], key: str, index: int) -> float | None:
     value = entry.get(key)
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except (TypeError, ValueError):
         raise ValueError(
-            f"entry {index}: {key!r} must be a number of seconds, got {value!r}: {entry}"
+            f"entry {index}: {key!r} must be a number of seconds, got {_shown(value)}: {_shown(entry)}"
         ) from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"entry {index}: {key!r} must be a finite number of seconds, got {value!r}: "
+                         f"{_shown(entry)}")
+    return seconds
 
 
-def _parse_entry(entry: Any, index: int, preset: CorpusPreset) -> CorpusItem:
-    """Validate one annotation entry and apply the preset's caption rule."""
+def _parse_entry(entry: Any, index: int, preset: CorpusPreset) -> tuple[CorpusItem, bool]:
+    """Validate one annotation entry and apply the preset's caption rule; also says whether a
+    caption was cut at :data:`MAX_CAPTION_CHARS`."""
     if not isinstance(entry, dict) or "video" not in entry or "caption" not in entry:
         raise ValueError(
-            f"entry {index} is not an object with 'video' and 'caption'; {_EXPECTED_FIELDS}: {entry!r}"
+            f"entry {index} is not an object with 'video' and 'caption'; {_EXPECTED_FIELDS}: {_shown(entry)}"
         )
     video = entry["video"]
     if not isinstance(video, str) or not video:
-        raise ValueError(f"entry {index}: 'video' must be a non-empty path string: {entry!r}")
+        raise ValueError(f"entry {index}: 'video' must be a non-empty path string: {_shown(entry)}")
     caption = entry["caption"]
     captions = [caption] if isinstance(caption, str) else caption
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
         raise ValueError(
-            f"entry {index}: 'caption' must be a string or a non-empty list of strings: {entry!r}"
+            f"entry {index}: 'caption' must be a string or a non-empty list of strings: {_shown(entry)}"
         )
     if any(not c.strip() for c in captions):
-        raise ValueError(f"entry {index} ({video}) has an empty caption: {entry!r}")
+        raise ValueError(f"entry {index} ({video[:200]}) has an empty caption: {_shown(entry)}")
     if preset.join_captions:
         captions = [" ".join(c.strip() for c in captions)]
+    cut = any(len(c) > MAX_CAPTION_CHARS for c in captions)
+    captions = [c[:MAX_CAPTION_CHARS] for c in captions]
     start = _optional_seconds(entry, "start", index)
     end = _optional_seconds(entry, "end", index)
     if (start is None) != (end is None) or (start is not None and not 0 <= start < end):
         raise ValueError(
-            f"entry {index}: 'start' and 'end' must both be given with 0 <= start < end: {entry!r}"
+            f"entry {index}: 'start' and 'end' must both be given with 0 <= start < end: {_shown(entry)}"
         )
     label = entry.get("label")
     extra = {
         key: value for key, value in entry.items() if key not in ("video", "caption", "label", "start", "end")
     }
-    return CorpusItem(
+    item = CorpusItem(
         video=video,
         captions=list(captions),
         label=None if label is None else str(label),
@@ -213,6 +279,24 @@ def _parse_entry(entry: Any, index: int, preset: CorpusPreset) -> CorpusItem:
         end=end,
         extra=extra,
     )
+    return item, cut
+
+
+def _parse_entries(entries: list[Any], preset: CorpusPreset, path: Path) -> list[CorpusItem]:
+    """Every entry of the annotation file ``path`` parsed; an invalid one is a ValueError that
+    names the file and the entry, and cut captions are reported in one warning."""
+    items, cut = [], 0
+    for index, entry in enumerate(entries):
+        try:
+            item, was_cut = _parse_entry(entry, index, preset)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        items.append(item)
+        cut += was_cut
+    if cut:
+        logger.warning("%d caption(s) in %s are longer than %d characters and were cut there", cut, path,
+                       MAX_CAPTION_CHARS)
+    return items
 
 
 def _folder_items(videos_root: Path) -> list[CorpusItem]:
@@ -268,7 +352,7 @@ def load_corpus(
         entries = reader(ann_path)
         if not entries:
             raise ValueError(f"{ann_path} contains no entries")
-        items = [_parse_entry(entry, index, preset) for index, entry in enumerate(entries)]
+        items = _parse_entries(entries, preset, ann_path)
 
     missing: list[str] = []
     if check_files and ann_file is not None:

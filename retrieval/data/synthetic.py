@@ -33,10 +33,12 @@ long clips), so changing ``n_train`` does not change the test split.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -46,7 +48,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from retrieval.atomic import atomic_path, atomic_write_text
+from retrieval.atomic import atomic_write_text
 
 __all__ = [
     "ACTIONS",
@@ -161,9 +163,14 @@ _STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED = 
 _FORMAT = "vtr-synthetic"
 _FORMAT_VERSION = 3  # 2: train entries carry caption_reversed; 3: two-object clips are large + small
 _MANIFEST = "corpus.json"
-#: The generator's own record in its output folder: the files it wrote (relative paths). Only
-#: those are ever replaced or removed, and a non-empty folder without it is refused.
+#: The generator's own record in its output folder: the files it wrote (relative paths) with the
+#: sha256 of what it wrote. Only a file whose content still has that digest is ever replaced or
+#: removed; a non-empty folder without the record is refused.
 _MARKER = ".vtr-synthetic"
+#: Its private folder beside the record: temporaries are written here and renamed into place, and
+#: a receipt (name, sha256) is left for each file before it is renamed, so the files of a run
+#: that was killed are still known as its own.
+_WORK = ".vtr-synthetic.work"
 _MAX_WORKERS = 2  # the target machines have two cores
 _POOL_MIN_JOBS = 32  # below this, starting worker processes costs more than it saves
 
@@ -800,16 +807,35 @@ def _validate_counts(n_train: int, n_test: int, num_frames: int, fps: int, long_
         raise ValueError(f"long_videos must be >= 0, got {long_videos}")
 
 
-def _write_text(path: Path, text: str) -> None:
-    """A reader never sees half a file (not fsynced: the corpus is regenerated, not recovered)."""
-    atomic_write_text(path, text, durable=False)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _publish(root: Path, name: str, write: Callable[[Path], None]) -> str:
+    """Write ``root/name`` through a temporary in the work folder, leave a receipt of its digest,
+    then rename it into place; returns the digest."""
+    work = root / _WORK
+    temporary = work / f"{name.replace('/', '__')}.tmp-{os.getpid()}"
+    write(temporary)
+    digest = _sha256(temporary)
+    receipt = json.dumps({"name": name, "sha256": digest})
+    atomic_write_text(work / "receipts" / f"{name.replace('/', '__')}.json", receipt, durable=False)
+    os.replace(temporary, root / name)
+    return digest
+
+
+def _write_text(root: Path, name: str, text: str) -> str:
+    return _publish(root, name, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     import av
 
-    with atomic_path(path, durable=False) as temporary, \
-            av.open(str(temporary), mode="w", format="mp4") as container:
+    with av.open(str(path), mode="w", format="mp4") as container:
         # one encoder thread: the pool already keeps every core busy, and it keeps output stable
         stream = container.add_stream(
             "libx264", rate=fps, options={"crf": "18", "preset": "superfast", "threads": "1"}
@@ -821,77 +847,83 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         container.mux(stream.encode(None))
 
 
-def _write_job(task: tuple[RenderJob, str, int, int]) -> str:
-    job, path, size, fps = task
-    _write_mp4(Path(path), render_job(job, size), fps)
-    return path
+def _write_job(task: tuple[RenderJob, str, int, int]) -> tuple[str, str]:
+    job, root, size, fps = task
+    name = f"videos/{job.video}"
+    return name, _publish(Path(root), name, lambda path: _write_mp4(path, render_job(job, size), fps))
 
 
-def _render_all(root: Path, jobs: list[RenderJob], size: int, fps: int, progress: bool) -> None:
+def _render_all(root: Path, jobs: list[RenderJob], size: int, fps: int, progress: bool) -> dict[str, str]:
+    """Write every clip; returns ``{relative name: sha256}``."""
     # longest first, so a multi-scene clip never ends up alone in the pool's last chunk
     ordered = sorted(jobs, key=lambda job: len(job.scenes) * job.frames_per_scene, reverse=True)
-    tasks = [(job, str(root / "videos" / job.video), size, fps) for job in ordered]
+    tasks = [(job, str(root), size, fps) for job in ordered]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(_MAX_WORKERS, cpus)
     if len(tasks) < _POOL_MIN_JOBS or workers < 2:
-        for task in tqdm(tasks, desc="synthetic corpus", unit="clip", disable=not progress):
-            _write_job(task)
-        return
+        return dict(_write_job(task) for task in tqdm(tasks, desc="synthetic corpus", unit="clip",
+                                                        disable=not progress))
     # fork (where available) starts workers instantly and, unlike spawn, does not re-import the
     # caller's __main__, so scripts without a main guard work. The pool is created before tqdm
     # starts its monitor thread.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers)
     bar = tqdm(total=len(tasks), desc="synthetic corpus", unit="clip", disable=not progress)
+    written: dict[str, str] = {}
     with pool, bar:
-        for _ in pool.imap_unordered(_write_job, tasks, chunksize=4):
+        for name, digest in pool.imap_unordered(_write_job, tasks, chunksize=4):
+            written[name] = digest
             bar.update()
+    return written
 
 
-def _remove_stale_videos(root: Path, jobs: list[RenderJob], written: set[str]) -> None:
-    """Delete videos a previous, different corpus of this generator left behind (only files it
-    recorded as written), and its interrupted temporaries, so folder-level tools never index
-    clips the annotations no longer mention. Files anyone else put there are left alone."""
-    expected = {f"videos/{job.video}" for job in jobs}
-    for split in ("train", "test", "long"):
-        for path in (root / "videos" / split).iterdir():
-            relative = f"videos/{split}/{path.name}"
-            stale = relative in written and relative not in expected
-            temporary = path.name.startswith(".") and ".mp4.tmp" in path.name
-            if path.is_file() and (stale or temporary):
-                path.unlink()
+def _ours(root: Path, name: str, proofs: dict[str, str]) -> bool:
+    """Whether ``root/name`` is a file this generator wrote and nobody changed since."""
+    path = root / name
+    return name in proofs and path.is_file() and not path.is_symlink() and _sha256(path) == proofs[name]
 
 
-def _claim(root: Path) -> set[str]:
-    """The files this generator wrote into ``root`` before (from its marker).
+def _claim(root: Path) -> dict[str, str]:
+    """The files this generator wrote into ``root`` before, with their digests (from its record
+    and the receipts of an interrupted run).
 
-    A missing or empty folder is claimed as new; a finished corpus written before the marker
-    existed is recognised by its manifest (its files are then never removed). Any other
+    A missing or empty folder is claimed as new; a finished corpus written before the record
+    existed is recognised by its manifest, but none of its files is proven ours. Any other
     non-empty folder is refused: the generator would overwrite its annotations.
     """
     marker = root / _MARKER
     if marker.is_file():
         try:
             record = json.loads(marker.read_text(encoding="utf-8"))
-            return {str(name) for name in record["files"]}
-        except (ValueError, KeyError, TypeError):
+            files = record["files"]
+            # a record of an older vtr lists names without digests: nothing in it is proven
+            proofs = {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ValueError(f"{marker} is damaged; delete the folder {root} to write the corpus again") from None
+        for receipt in sorted((root / _WORK / "receipts").glob("*.json")):
+            try:
+                entry = json.loads(receipt.read_text(encoding="utf-8"))
+                proofs.setdefault(str(entry["name"]), str(entry["sha256"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue   # a receipt cut short by the interruption proves nothing
+        return proofs
     if not root.is_dir() or not any(root.iterdir()):
-        return set()
+        return {}
     try:
         legacy = json.loads((root / _MANIFEST).read_text(encoding="utf-8")).get("format") == _FORMAT
     except (OSError, ValueError, AttributeError):
         legacy = False
     if legacy:
-        return set()
+        return {}
     raise ValueError(
         f"{root} is not empty and was not written by the synthetic corpus generator (no {_MARKER}); "
         "choose a new or empty folder"
     )
 
 
-def _record(root: Path, files: set[str]) -> None:
-    _write_text(root / _MARKER, json.dumps({"format": _FORMAT, "files": sorted(files)}, indent=1) + "\n")
+def _record(root: Path, proofs: dict[str, str]) -> None:
+    text = json.dumps({"format": _FORMAT, "files": dict(sorted(proofs.items()))}, indent=1) + "\n"
+    atomic_write_text(root / _MARKER, text, durable=False)
 
 
 def _is_complete(root: Path, params: dict[str, Any]) -> bool:
@@ -961,7 +993,7 @@ def generate_corpus(
             "seconds": time.perf_counter() - started,
         }
 
-    written = _claim(root)
+    proofs = _claim(root)
     if _is_complete(root, params):
         return summary()
 
@@ -969,18 +1001,31 @@ def generate_corpus(
     planned = {f"videos/{job.video}" for job in plan.jobs} | {
         _MANIFEST, "train.json", "test.json", "long.json", "labels.txt"
     }
+    # only files it can prove it wrote are replaced or removed: anything else stops the run here
+    ours = {name for name in proofs if _ours(root, name, proofs)}
+    for name in sorted(planned):
+        if (root / name).exists() and name not in ours:
+            raise ValueError(f"{root / name} was not written by the synthetic corpus generator (or was changed "
+                             "since); move it away or choose a new or empty folder")
     for split in ("train", "test", "long"):
         (root / "videos" / split).mkdir(parents=True, exist_ok=True)
-    _record(root, written | planned)  # before writing: an interrupted run's files are known as ours
-    (root / _MANIFEST).unlink(missing_ok=True)  # the corpus is incomplete until written again
-    _remove_stale_videos(root, plan.jobs, written)
-    _record(root, planned | {name for name in written if (root / name).exists()})
-    _render_all(root, plan.jobs, size, fps, progress)
+    shutil.rmtree(root / _WORK, ignore_errors=True)   # its own interrupted temporaries and receipts
+    (root / _WORK / "receipts").mkdir(parents=True)
+    kept = {name: proofs[name] for name in ours}
+    _record(root, kept)   # from here on, receipts name what this run writes
+    if _MANIFEST in kept:
+        (root / _MANIFEST).unlink()   # the corpus is incomplete until written again
+        del kept[_MANIFEST]
+    for name in sorted(set(kept) - planned):   # its own clips of a different, earlier corpus
+        (root / name).unlink()
+        del kept[name]
+    _record(root, kept)
+    written = _render_all(root, plan.jobs, size, fps, progress)
 
     labels = "".join(f"{label}\n" for label in ACTIONS)
     for name, content in (("train.json", plan.train), ("test.json", plan.test), ("long.json", plan.long)):
-        _write_text(root / name, json.dumps(content, indent=1) + "\n")
-    _write_text(root / "labels.txt", labels)
+        written[name] = _write_text(root, name, json.dumps(content, indent=1) + "\n")
+    written["labels.txt"] = _write_text(root, "labels.txt", labels)
     manifest = {
         "format": _FORMAT,
         "version": _FORMAT_VERSION,
@@ -989,5 +1034,7 @@ def generate_corpus(
         "labels": list(ACTIONS),
         "held_out": [list(triple) for triple in plan.held_out],
     }
-    _write_text(root / _MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    written[_MANIFEST] = _write_text(root, _MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    _record(root, written)
+    shutil.rmtree(root / _WORK, ignore_errors=True)
     return summary()

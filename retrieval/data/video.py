@@ -63,6 +63,31 @@ class VideoReadError(Exception):
         return f"cannot read video {self.path}: {self.reason}"
 
 
+class FrameTooLarge(VideoReadError):
+    """A frame is larger than the caller's pixel cap (e.g. a stream that switches to a larger
+    size after its header); ``size`` is ``(width, height)`` when the frame was seen, None when
+    FFmpeg refused it before allocating it."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, size: tuple[int, int] | None = None) -> None:
+        super().__init__(path, reason)
+        self.size = size
+
+
+def limit_frame_size(stream: Any, max_pixels: int) -> None:
+    """Have FFmpeg refuse any frame of ``stream`` far above ``max_pixels`` before allocating it (set
+    before the first packet is decoded). FFmpeg counts padded buffer sizes, so its limit has a
+    margin; it guards memory, and :func:`check_frame_size` holds each returned frame to the cap."""
+    guard = 2 * int(max_pixels) + (1 << 16)
+    stream.codec_context.options = {**dict(stream.codec_context.options or {}), "max_pixels": str(guard)}
+
+
+def check_frame_size(path: str | os.PathLike[str], frame: Any, max_pixels: int) -> None:
+    """Raise :class:`FrameTooLarge` when a decoded frame is above ``max_pixels``."""
+    if frame.width * frame.height > max_pixels:
+        raise FrameTooLarge(path, f"a frame is {frame.width}x{frame.height}, more than {max_pixels:,} pixels",
+                            (frame.width, frame.height))
+
+
 # ----------------------------------------------------------------------------------------------
 # frame index sampling
 
@@ -210,11 +235,12 @@ def _pyav_packet_times(path: Path) -> tuple[list[float], float | None]:
     return times, (float(rate) if rate else None)
 
 
-def _read_with_pyav(path: Path, choose_indices: IndexChooser) -> DecodeResult:
+def _read_with_pyav(path: Path, choose_indices: IndexChooser, max_pixels: int | None = None) -> DecodeResult:
     """Decode the chosen frames with PyAV: one demux pass to count, one sequential decode pass.
 
     Decoding is sequential from the start up to the last wanted frame (no seeking), which is
-    slower than decord on long videos but does not depend on a correct seek index.
+    slower than decord on long videos but does not depend on a correct seek index. With
+    ``max_pixels`` every decoded frame is held to that size (:class:`FrameTooLarge`).
     """
     times, rate = _pyav_packet_times(path)
     total = len(times)
@@ -229,7 +255,9 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser) -> DecodeResult:
     with _pyav_open(path) as container:
         stream = _pyav_video_stream(container, path)
         stream.thread_type = "AUTO"
-        for position, frame in enumerate(container.decode(stream)):
+        if max_pixels is not None:
+            limit_frame_size(stream, max_pixels)
+        for position, frame in enumerate(decode_frames(container, stream, path, max_pixels)):
             if position in wanted:
                 decoded[position] = frame.to_ndarray(format="rgb24")
             if position >= last_wanted:
@@ -242,6 +270,25 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser) -> DecodeResult:
     except ValueError as exc:
         raise VideoReadError(path, f"frames of differing shapes ({exc})") from None
     return frames, fps, total, indices, [times[i] for i in indices]
+
+
+def decode_frames(container: Any, stream: Any, path: str | os.PathLike[str], max_pixels: int | None = None) -> Any:
+    """The decoded frames of ``stream``; with ``max_pixels`` (after :func:`limit_frame_size`),
+    each is checked, and a frame FFmpeg refused to allocate is a :class:`FrameTooLarge`."""
+    frames = container.decode(stream)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except _pyav_error_types() as exc:
+            if max_pixels is None:
+                raise
+            raise FrameTooLarge(path, f"a frame could not be decoded within {max_pixels:,} pixels "
+                                      f"({type(exc).__name__}: the stream grows, or is damaged)") from None
+        if max_pixels is not None:
+            check_frame_size(path, frame, max_pixels)
+        yield frame
 
 
 def _pyav_error_types() -> tuple[type[BaseException], ...]:
@@ -263,6 +310,7 @@ def read_frames(
     max_seconds: float | None = None,
     rng: random.Random | None = None,
     backend: Backend = "auto",
+    max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode ``num_frames`` sampled frames of a video.
 
@@ -275,6 +323,9 @@ def read_frames(
         window: optional ``(start, end)`` in seconds to sample within.
         max_seconds: sample only the first ``max_seconds`` of the (windowed) range.
         backend: ``"auto"`` (decord, PyAV on any decord failure), or one decoder only.
+        max_pixels: refuse any decoded frame above this many pixels (:class:`FrameTooLarge`),
+            checked on every frame as it is decoded, so PyAV decodes (decord converts whole
+            frames before they can be checked).
 
     Returns:
         ``frames``: uint8 tensor ``[T, H, W, 3]`` (RGB), and ``info`` with ``fps``,
@@ -299,8 +350,10 @@ def read_frames(
         lo, hi = _frame_range(path, total, fps, window, max_seconds)
         return sample_frame_indices(lo, hi, num_frames, pick, rng)
 
+    if max_pixels is not None and backend == "decord":
+        raise ValueError("max_pixels needs the PyAV decoder (decord cannot check frames as it decodes)")
     decord_failure: str | None = None
-    if backend in ("auto", "decord"):
+    if backend in ("auto", "decord") and max_pixels is None:
         try:
             result = _read_with_decord(path, choose_indices)
             _check_frames(result[0], len(result[3]), "decord")
@@ -314,7 +367,8 @@ def read_frames(
             logger.debug("decord failed on %s (%s); falling back to PyAV", path, decord_failure)
     suffix = f" (decord: {decord_failure})" if decord_failure else ""
     try:
-        result = _read_with_pyav(path, choose_indices)
+        capped = () if max_pixels is None else (max_pixels,)
+        result = _read_with_pyav(path, choose_indices, *capped)
         try:
             _check_frames(result[0], len(result[3]), "PyAV")
         except RuntimeError as exc:
@@ -507,15 +561,18 @@ def load_clip(
     train: bool = False,
     max_seconds: float | None = None,
     rng: random.Random | None = None,
+    max_pixels: int | None = None,
 ) -> torch.Tensor:
     """Read and preprocess one clip: float ``[C, T, H, W]`` ready for a video encoder.
 
     ``train=True`` samples a random frame per segment; otherwise ``preprocess.sample`` decides.
     The 30 s limit of ``"uniform_first30"`` is a test-time setting; training keeps a corpus's
-    limit only through ``max_seconds`` (e.g. the DiDeMo preset's 30 s).
+    limit only through ``max_seconds`` (e.g. the DiDeMo preset's 30 s). ``max_pixels``: see
+    :func:`read_frames`.
     """
     sample = "rand" if train else preprocess.sample
     frames, _ = read_frames(
-        path, num_frames=preprocess.num_frames, sample=sample, window=window, max_seconds=max_seconds, rng=rng
+        path, num_frames=preprocess.num_frames, sample=sample, window=window, max_seconds=max_seconds, rng=rng,
+        max_pixels=max_pixels,
     )
     return preprocess(frames)

@@ -47,7 +47,7 @@ def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class PairScorer:
     """Matching-head logits for (video, caption) index pairs; the model must be in eval mode.
 
-    ``tokens``: ``[n_videos, Lv, D]`` patch tokens (any array or tensor, e.g. a float16 memmap);
+    ``tokens``: ``[n_videos, Lv, D]`` patch tokens (any array or tensor, e.g. a float32 or float16 memmap);
     ``text_hidden``: per caption, its text-mode output trimmed to its length ``[len_i, H]``;
     ``failed``: video indices that could not be decoded (their pairs score ``FAILED_SCORE``).
     """

@@ -18,11 +18,15 @@ processes while the main process encodes, and caches its output on disk keyed by
 weights, the clip list and the preprocessing: a second run with another ``rerank_k`` (or the
 dual-softmax variant) does not decode or encode again.
 
-Patch tokens for re-ranking (``[N, L, D]``, by far the largest output) are kept at float16:
-in memory without a cache directory, otherwise written straight into a ``.npy`` file that is
-then memory-mapped, so a 1000-clip VideoMamba-M corpus (about 1.8 GB of tokens) never has to
-fit in RAM. Caption hidden states for the matching head are kept per caption at float16 too,
-trimmed to the caption's length.
+Patch tokens for re-ranking (``[N, L, D]``, by far the largest output) and the caption hidden
+states the matching head reads are stored at the run's precision: float32 under fp32 (so an fp32
+evaluation re-ranks exactly what the model computed, as the official code does), float16 when
+the run's precision is reduced or ``storage="fp16"`` asks for it (half the disk and memory; its
+measured effect on the ITM scores is in docs/compatibility.md). Tokens go straight into a ``.npy``
+file that is then memory-mapped when a cache directory is given, or when they would not fit in
+half the available memory (a file in the temporary directory, unlinked once mapped), so a
+1000-clip VideoMamba-M corpus (about 3.6 GB of float32 tokens) never has to fit in RAM. Caption
+hidden states are kept per caption, trimmed to the caption's length.
 
 Clips that cannot be decoded are skipped with a warning, listed in the result, and rank last:
 a caption whose video failed counts as found at rank ``n_videos``, a failed video query at rank
@@ -37,6 +41,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,13 +52,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval.data.corpora import Corpus
+from retrieval.atomic import atomic_path
+from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, Corpus, is_blank_caption
 from retrieval.data.loader import iter_clip_batches
 from retrieval.data.video import Preprocess
 from retrieval.eval import metrics as M
 from retrieval.eval.rerank import FAILED_SCORE, PairScorer  # FAILED_SCORE: below the -100 re-rank fill
 from retrieval.models.device import evaluating, model_device, model_precision
-from retrieval.models.text import clean_text
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +72,12 @@ SCORE_SETS: dict[str, str] = {
 _TEXT_BATCH = 64
 # Captions per similarity block: per-frame scoring materialises [captions, clips, frames].
 _SIMILARITY_CHUNK = 1024
-_CACHE_FORMAT = "vtr-embeddings-v1"
+# v2: patch tokens stored at the run's precision (v1 entries hold float16 tokens whatever the run)
+_CACHE_FORMAT = "vtr-embeddings-v2"
+# How stored intermediates are kept: "auto" follows the run's precision (fp32 runs keep float32).
+STORAGE_CHOICES = ("auto", "fp32", "fp16")
+# Share of the available memory an in-memory token array may take before it spills to a file.
+_IN_MEMORY_SHARE = 0.5
 # Weights that do not take part in encode_video (a RetrievalModel's text side): left out of the
 # cache key so a text-only change keeps the cached clip embeddings.
 _TEXT_SIDE_PREFIXES = ("text.", "text_proj.", "itm_head.", "mlm_head.")
@@ -91,7 +101,21 @@ def _video_weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def embedding_cache_key(model: torch.nn.Module, corpus: Corpus, preprocess: Preprocess) -> str:
+def storage_dtype(model: torch.nn.Module, storage: str = "auto") -> torch.dtype:
+    """The dtype evaluation stores patch tokens and caption hidden states in.
+
+    ``auto``: float32 when the model runs in fp32, float16 when its precision is reduced (bf16
+    values fit float16's range at the magnitudes these features have, and numpy has no bf16).
+    """
+    if storage not in STORAGE_CHOICES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGE_CHOICES)}; got {storage!r}")
+    if storage == "auto":
+        storage = "fp32" if model_precision(model) == "fp32" else "fp16"
+    return torch.float32 if storage == "fp32" else torch.float16
+
+
+def embedding_cache_key(model: torch.nn.Module, corpus: Corpus, preprocess: Preprocess,
+                        token_dtype: torch.dtype = torch.float32) -> str:
     """Cache key: video weights + every clip (resolved path, window, file size and mtime) + pixels.
 
     Keying on the clips themselves rather than the annotation file's name means a re-encoded
@@ -107,8 +131,9 @@ def embedding_cache_key(model: torch.nn.Module, corpus: Corpus, preprocess: Prep
         clips.append([str(path.resolve()), corpus.window(index), *signature])
     key = {"format": _CACHE_FORMAT, "weights": _video_weights_digest(model),
            "preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds, "clips": clips}
-    if model_precision(model) != "fp32":  # bf16/fp16 features are not fp32 ones (fp32 keys unchanged)
+    if model_precision(model) != "fp32":  # bf16/fp16 features are not fp32 ones
         key["precision"] = model_precision(model)
+    key["tokens"] = str(token_dtype).removeprefix("torch.")
     description = json.dumps(key, sort_keys=True)
     return hashlib.sha256(description.encode()).hexdigest()[:32]
 
@@ -132,24 +157,52 @@ def _read_cache(entry: Path, need_tokens: bool) -> dict[str, Any] | None:
 # embedding
 
 
-class _TokenStore:
-    """Where patch tokens go while encoding: a float16 array in memory or a ``.npy`` on disk.
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux: MemAvailable), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
-    The array is allocated at the first decoded batch, when the token shape becomes known.
+
+class _TokenStore:
+    """Where patch tokens go while encoding: an array in memory or a ``.npy`` on disk.
+
+    The array is allocated at the first decoded batch, when the token shape becomes known. With
+    no ``path``, an array larger than half the available memory goes to a memory-mapped file in
+    the temporary directory, unlinked at once (the mapping keeps it until the array is dropped).
     """
 
-    def __init__(self, n: int, path: Path | None) -> None:
+    def __init__(self, n: int, path: Path | None, dtype: torch.dtype = torch.float32) -> None:
         self.n, self.path = n, path
+        self.dtype = np.dtype(str(dtype).removeprefix("torch."))
         self.array: np.ndarray | None = None
+
+    def _allocate(self, shape: tuple[int, ...]) -> np.ndarray:
+        if self.path is not None:
+            return np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=shape)
+        size = int(np.prod(shape)) * self.dtype.itemsize
+        available = _available_memory()
+        if available is None or size <= _IN_MEMORY_SHARE * available:
+            return np.zeros(shape, dtype=self.dtype)
+        handle, name = tempfile.mkstemp(prefix="vtr-tokens-", suffix=".npy")
+        os.close(handle)
+        logger.info("patch tokens (%.1f GB) kept in a memory-mapped temporary file", size / 1e9)
+        array = np.lib.format.open_memmap(name, mode="w+", dtype=self.dtype, shape=shape)
+        try:
+            os.unlink(name)  # POSIX: the mapping stays valid and the space is freed with it
+        except OSError:
+            logger.warning("could not remove %s; delete it after the run", name)
+        return array
 
     def put(self, indices: list[int], tokens: torch.Tensor) -> None:
         if self.array is None:
-            shape = (self.n, *tokens.shape[1:])
-            if self.path is None:
-                self.array = np.zeros(shape, dtype=np.float16)
-            else:
-                self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float16, shape=shape)
-        self.array[indices] = tokens.to(torch.float16).cpu().numpy()
+            self.array = self._allocate((self.n, *tokens.shape[1:]))
+        self.array[indices] = tokens.detach().to(torch.float32).cpu().numpy().astype(self.dtype, copy=False)
 
     def finish(self) -> np.ndarray:
         """The filled array; on disk: flushed, closed and reopened read-only as a memmap."""
@@ -199,14 +252,15 @@ def _encode_clips(model: torch.nn.Module, corpus: Corpus, preprocess: Preprocess
 
 def embed_corpus(model: torch.nn.Module, corpus: Corpus, batch_size: int = 8, workers: int = 0,
                  cache_dir: str | os.PathLike[str] | None = None, progress: bool = True,
-                 with_tokens: bool = True) -> dict[str, Any]:
+                 with_tokens: bool = True, storage: str = "auto") -> dict[str, Any]:
     """Encode every clip of ``corpus``; decoding runs in ``workers`` processes beside encoding.
 
     Returns a dict with
       * ``feat``: float32 ``[N, T, E]`` or ``[N, E]`` (what ``model.similarity`` takes); rows of
         failed clips are zero;
-      * ``tokens``: float16 ``np.ndarray [N, L, D]`` of patch tokens for the matching head
-        (memory-mapped from ``cache_dir`` when one is given), or None with ``with_tokens=False``;
+      * ``tokens``: ``np.ndarray [N, L, D]`` of patch tokens for the matching head, in
+        :func:`storage_dtype` (memory-mapped from ``cache_dir`` when one is given, or from a
+        temporary file when too large for memory), or None with ``with_tokens=False``;
       * ``failed``: corpus indices that could not be decoded, ``failures``: index -> reason;
       * ``timing``: ``decode_s`` (time spent waiting for decoded batches), ``encode_s``,
         ``total_s``, ``clips_per_s`` of the run that encoded; ``cached``: whether it came from
@@ -218,9 +272,10 @@ def embed_corpus(model: torch.nn.Module, corpus: Corpus, batch_size: int = 8, wo
     if not corpus.items:
         raise ValueError(f"corpus {corpus.name!r} has no videos to embed")
     preprocess = Preprocess.for_model(model, corpus)
+    token_dtype = storage_dtype(model, storage)
     entry: Path | None = None
     if cache_dir is not None:
-        entry = Path(cache_dir) / embedding_cache_key(model, corpus, preprocess)
+        entry = Path(cache_dir) / embedding_cache_key(model, corpus, preprocess, token_dtype)
         cached = _read_cache(entry, with_tokens)
         if cached is not None:
             logger.info("clip embeddings from cache %s", entry)
@@ -232,7 +287,7 @@ def embed_corpus(model: torch.nn.Module, corpus: Corpus, batch_size: int = 8, wo
         staging = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-    token_store = _TokenStore(n, staging / "tokens.npy" if staging else None) if with_tokens else None
+    token_store = _TokenStore(n, staging / "tokens.npy" if staging else None, token_dtype) if with_tokens else None
     started = time.perf_counter()
     try:
         feat, failures, decode_s, encode_s = _encode_clips(model, corpus, preprocess, batch_size, workers,
@@ -266,23 +321,27 @@ def embed_corpus(model: torch.nn.Module, corpus: Corpus, batch_size: int = 8, wo
 
 @dataclass
 class TextEmbeddings:
-    """Caption features for ITC and per-caption hidden states (float16, unpadded) for ITM."""
+    """Caption features for ITC and per-caption hidden states (unpadded, in the storage dtype) for ITM."""
 
     feat: torch.Tensor  # [n_texts, E]
     hidden: list[torch.Tensor] = field(default_factory=list)  # each [len_i, H]
 
 
-def _check_captions(texts: Sequence[str], corpus: Corpus, gt: Sequence[int]) -> None:
+def _check_captions(texts: Sequence[str], corpus: Corpus, gt: Sequence[int], cleaning: str) -> None:
     """An empty caption would match everything; name it rather than let the tokenizer fail vaguely."""
     for index, (text, video) in enumerate(zip(texts, gt, strict=True)):
-        if not clean_text(text):
+        if is_blank_caption(text, cleaning):
             raise ValueError(f"caption {index} of video {corpus.items[video].video!r} is empty after "
                              f"cleaning: {text!r}")
 
 
 def encode_captions(model: torch.nn.Module, texts: Sequence[str], max_len: int,
-                    keep_hidden: bool) -> TextEmbeddings:
-    """Encode captions in batches with the corpus's token limit; model must be in eval mode."""
+                    keep_hidden: bool, storage: str = "auto") -> TextEmbeddings:
+    """Encode captions in batches with the corpus's token limit; model must be in eval mode.
+
+    Hidden states are kept in :func:`storage_dtype` (float32 for an fp32 run).
+    """
+    dtype = storage_dtype(model, storage)
     feats: list[torch.Tensor] = []
     hidden: list[torch.Tensor] = []
     for start in range(0, len(texts), _TEXT_BATCH):
@@ -290,7 +349,7 @@ def encode_captions(model: torch.nn.Module, texts: Sequence[str], max_len: int,
         feats.append(out["feat"].float().cpu())
         if keep_hidden:
             lengths = out["mask"].sum(1).tolist()
-            rows = out["hidden"].to(torch.float16).cpu()
+            rows = out["hidden"].to(dtype).cpu()
             hidden.extend(row[:length].clone() for row, length in zip(rows, lengths, strict=True))
     return TextEmbeddings(torch.cat(feats), hidden)
 
@@ -344,6 +403,9 @@ class EvalResult:
 
     metrics: dict[str, Any]
     ranks: dict[str, list[dict[str, Any]]]
+    # float32 score matrices, all [n_texts, n_videos]: "itc", and with re-ranking "itm_t2v" and
+    # "itm_v2t" (the official layout: ITM logits at each query's top k, -100 elsewhere)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def score_sets(self) -> list[str]:
@@ -383,6 +445,14 @@ class EvalResult:
         self._plot_recall(out / "recall_at_k.png")
         return out
 
+    def write_scores(self, out_dir: str | os.PathLike[str]) -> Path:
+        """``scores.npz`` under ``out_dir``: :attr:`scores` (float32 [n_texts, n_videos] each)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "scores.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **self.scores)
+        return out / "scores.npz"
+
     def _plot_recall(self, path: Path) -> None:
         """Recall@K for K = 1..50 per score set, t2v and v2t side by side."""
         from matplotlib.figure import Figure  # noqa: PLC0415  (no pyplot: no global backend state)
@@ -419,11 +489,14 @@ def _set_metrics(t2v_ranks: np.ndarray, v2t_ranks: np.ndarray) -> dict[str, Any]
 
 def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 128, batch_size: int = 8,
                        workers: int = 0, cache_dir: str | os.PathLike[str] | None = None,
-                       dual_softmax: bool = False, progress: bool = True) -> EvalResult:
+                       dual_softmax: bool = False, progress: bool = True, storage: str = "auto") -> EvalResult:
     """Zero-shot t2v and v2t retrieval of ``corpus``'s captions and clips (official protocol).
 
     ``rerank_k`` = 0 reports ITC only; so does a model without a matching head (with a warning).
     ``dual_softmax`` adds the ``itc_dsl`` set, which is not part of the official protocol.
+    ``storage`` (:data:`STORAGE_CHOICES`) sets how patch tokens and caption hidden states are
+    kept between encoding and re-ranking (:func:`storage_dtype`). ``scores_out``: a directory
+    that receives the score matrices (:func:`save_scores`).
 
     Raises:
         ValueError: a caption is empty after cleaning, the corpus has no captions, or no clip
@@ -438,14 +511,15 @@ def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 1
     pairs = corpus.texts()
     texts = [text for text, _ in pairs]
     gt = np.array([video for _, video in pairs], dtype=np.int64)
-    _check_captions(texts, corpus, gt.tolist())
+    _check_captions(texts, corpus, gt.tolist(), getattr(model, "text_cleaning", DEFAULT_CAPTION_CLEANING))
     rerank = rerank_k > 0 and has_itm_head(model)
     if rerank_k > 0 and not rerank:
         logger.warning("%s has no trained matching (ITM) head (trained with loss.vtm = 0?): re-ranking "
                        "skipped, ITC results only", type(model).__name__)
     started = time.perf_counter()
 
-    clips = embed_corpus(model, corpus, batch_size, workers, cache_dir, progress, with_tokens=rerank)
+    clips = embed_corpus(model, corpus, batch_size, workers, cache_dir, progress, with_tokens=rerank,
+                         storage=storage)
     failed = clips["failed"]
     n_texts, n_videos = len(texts), len(corpus.items)
     timing: dict[str, Any] = {f"embed_{key}": value for key, value in clips["timing"].items()}
@@ -453,7 +527,7 @@ def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 1
 
     with evaluating(model):
         text_started = time.perf_counter()
-        captions = encode_captions(model, texts, corpus.max_text_len, keep_hidden=rerank)
+        captions = encode_captions(model, texts, corpus.max_text_len, keep_hidden=rerank, storage=storage)
         itc = torch.cat([model.similarity(chunk, clips["feat"]).cpu()
                          for chunk in captions.feat.split(_SIMILARITY_CHUNK)])
         itc[:, failed] = FAILED_SCORE
@@ -494,7 +568,10 @@ def evaluate_retrieval(model: torch.nn.Module, corpus: Corpus, rerank_k: int = 1
     for name, protocol in SCORE_SETS.items():
         if name in ranks:
             metrics[name] = {**_set_metrics(*ranks[name]), "protocol": protocol}
-    return EvalResult(metrics, _rank_rows(corpus, texts, gt, ranks))
+    scores = {"itc": itc.numpy()}
+    if "itm" in scored:
+        scores["itm_t2v"], scores["itm_v2t"] = (matrix.numpy() for matrix in scored["itm"])
+    return EvalResult(metrics, _rank_rows(corpus, texts, gt, ranks), scores)
 
 
 def _rank_rows(corpus: Corpus, texts: list[str], gt: np.ndarray,

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.data.video import Preprocess, load_clip
-from retrieval.labels import load_labels
 from retrieval.models.device import evaluating, model_device
+from retrieval.models.registry import load_labels
 
 Source = Literal["zero-shot", "head", "supervised", "auto"]
 SOURCES: tuple[str, ...] = ("auto", "head", "zero-shot", "supervised")

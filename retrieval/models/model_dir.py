@@ -21,7 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path
+from ..data.corpora import DEFAULT_CAPTION_CLEANING
 from .registry import build_from_config
 
 FORMAT = "vtr-model"
@@ -83,16 +84,20 @@ def weights_hash(path: str | Path) -> str:
 def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cfg: dict[str, Any],
                    preprocess: dict[str, Any], source: dict[str, Any] | None = None,
                    extra: dict[str, Any] | None = None) -> Path:
-    """Write config.json + model.safetensors (weights first, config last: config marks it complete)."""
+    """Write config.json + model.safetensors (weights first, config last: config marks it complete).
+
+    Both are written whole under temporary names before either replaces a previous model's, so a
+    full disk (``OSError(ENOSPC)``) leaves the previous pair as it was."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.safetensors") as tmp:
-        save_safetensors_model(module, str(tmp), force_contiguous=True)  # a tied weight is stored once, under one of its names
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
            "preprocess": preprocess, "source": source or {}}
     if extra:
         cfg.update(extra)
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2, sort_keys=False))
+    # leaving the blocks renames the weights first, then the config
+    with atomic_path(out / "config.json") as config, atomic_path(out / "model.safetensors") as weights:
+        save_safetensors_model(module, str(weights), force_contiguous=True)  # a tied weight is stored once, under one of its names
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=False))
     return out
 
 
@@ -190,14 +195,9 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
             stored = {name: tuple(fh.get_slice(name).get_shape()) for name in names}
     except Exception as exc:  # noqa: BLE001  (safetensors raises its own SafetensorError for bad files)
         raise ModelDirError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
-    # Compatibility: directories written before safetensors' shared-tensor handling list their
-    # tied weights in config.json, "tied": {name not stored: stored name it equals}. Such a name
-    # counts as present when its source is stored; the module's own tie fills it. Nothing writes
-    # this map any more.
-    legacy_tied = {dst for dst, src in (read_model_config(path).get("tied") or {}).items() if src in stored}
     own = module.state_dict()
     shared = _shared_names(module)
-    missing = [k for k in own if k not in stored and k not in legacy_tied
+    missing = [k for k in own if k not in stored
                and not any(other in stored for other in shared.get(k, ()))]
     unexpected = [k for k in stored if k not in own]
     bad_shape = [f"{k}: checkpoint {stored[k]} vs model {tuple(own[k].shape)}"
@@ -214,10 +214,13 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
 def model_identity(path: str | Path) -> dict[str, Any]:
     """What an index records about the model that built it."""
     cfg = read_model_config(path)
-    return {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
-            "kind": cfg["kind"],
-            "weights_sha256": weights_hash(weights_file(path)),
-            "preprocess": cfg.get("preprocess", {})}
+    identity = {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
+                "kind": cfg["kind"],
+                "weights_sha256": weights_hash(weights_file(path)),
+                "preprocess": cfg.get("preprocess", {})}
+    if cfg["kind"] == "retrieval":  # text vectors depend on how queries and captions are cleaned
+        identity["text_cleaning"] = cfg.get("model", {}).get("text_cleaning", DEFAULT_CAPTION_CLEANING)
+    return identity
 
 
 @register_kind("video_encoder")

@@ -1,4 +1,4 @@
-"""Model registry: architecture names -> YAML config files -> modules.
+"""Model registry: architecture names -> YAML config files -> modules; the named label sets beside them.
 
 Every named model is a YAML file under ``configs/models/`` (``$VTR_CONFIG_DIR`` overrides the
 root). Its ``arch`` key names a builder registered with :func:`register_arch`; the remaining keys
@@ -112,3 +112,35 @@ def create_model(name: str, **overrides):
     model = build_from_config(cfg)
     model.vtr_name = name
     return model
+
+
+# -- label sets: named ones ship beside the model configs (configs/labels/<name>.txt) -------------
+NAMED_LABEL_SETS: tuple[str, ...] = ("kinetics400", "synthetic")
+
+
+def label_sets_dir() -> Path:
+    """The named label sets: ``labels/`` under :func:`config_root`."""
+    return config_root() / "labels"
+
+
+def load_labels(spec: str | os.PathLike[str]) -> list[str]:
+    """A label list: a named set (``kinetics400``, ``synthetic``) or a text file, one label a line.
+
+    Blank lines and surrounding whitespace are ignored.
+
+    Raises:
+        FileNotFoundError: neither a named set nor an existing file.
+        ValueError: the file holds no labels, or a label twice.
+    """
+    name = str(spec)
+    path = label_sets_dir() / f"{name}.txt" if name in NAMED_LABEL_SETS else Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels {name!r}: not a named set ({', '.join(NAMED_LABEL_SETS)}) "
+                                f"nor a file (one label per line)")
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not labels:
+        raise ValueError(f"label file {path} has no labels (expected one label per line)")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"label file {path} lists some labels twice: {duplicates[:5]}")
+    return labels

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.corpora import DEFAULT_CAPTION_CLEANING, check_caption_cleaning
 from .device import full_precision, no_autocast
 from .model_dir import load_weights_into, register_kind, save_model_dir
 from .registry import build_from_config
@@ -44,8 +45,12 @@ def _check_action_labels(labels: Sequence[str]) -> list[str]:
 class RetrievalModel(nn.Module):
     def __init__(self, video: nn.Module, text: TextEncoder, embed_dim: int = 512, tokenizer=None,
                  max_text_len: int = DEFAULT_MAX_TEXT_LEN, temp: float = 0.07, with_mlm: bool = False,
-                 text_pooling: str = "cls", action_labels: Sequence[str] | None = None):
+                 text_pooling: str = "cls", action_labels: Sequence[str] | None = None,
+                 text_cleaning: str = DEFAULT_CAPTION_CLEANING):
         super().__init__()
+        # how captions and queries are cleaned before the tokenizer: the rule the text tower was
+        # trained with, recorded in the model directory (the official checkpoints: "umt")
+        self.text_cleaning = check_caption_cleaning(text_cleaning)
         if text_pooling not in TEXT_POOLING:
             raise ValueError(f"text_pooling must be one of {TEXT_POOLING}, got {text_pooling!r}")
         self.text_pooling = text_pooling
@@ -127,7 +132,7 @@ class RetrievalModel(nn.Module):
     def tokenize(self, texts: Sequence[str], max_len: int | None = None):
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; load it from a model directory")
-        return tokenize(self.tokenizer, list(texts), max_len or self.max_text_len)
+        return tokenize(self.tokenizer, list(texts), max_len or self.max_text_len, self.text_cleaning)
 
     def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
                     hidden: torch.Tensor | None = None, start_layer: int | None = None) -> dict[str, torch.Tensor]:
@@ -196,7 +201,8 @@ class RetrievalModel(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"video": self.video.vtr_config, "text": self.text.config_dict(), "embed_dim": self.embed_dim,
                 "max_text_len": self.max_text_len, "with_mlm": self.mlm_head is not None,
-                "text_pooling": self.text_pooling, "matching_trained": self.matching_trained,
+                "text_pooling": self.text_pooling, "text_cleaning": self.text_cleaning,
+                "matching_trained": self.matching_trained,
                 "action_labels": list(self.action_labels)}
 
     def save(self, out: str | Path, source: dict[str, Any] | None = None) -> Path:
@@ -217,7 +223,8 @@ def _load_retrieval(path: Path, cfg: dict[str, Any]) -> RetrievalModel:
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = RetrievalModel(video, text, m["embed_dim"], tok, m.get("max_text_len", DEFAULT_MAX_TEXT_LEN),
                            with_mlm=m.get("with_mlm", False), text_pooling=m.get("text_pooling", "cls"),
-                           action_labels=m.get("action_labels") or None)
+                           action_labels=m.get("action_labels") or None,
+                           text_cleaning=m.get("text_cleaning", DEFAULT_CAPTION_CLEANING))
     load_weights_into(model, path)
     model.matching_trained = bool(m.get("matching_trained", True))
     return model

@@ -48,7 +48,7 @@ from transformers.models.bert.modeling_bert import (
     BertSelfOutput,
 )
 
-from ..data.corpora import clean_text  # one cleaning rule for corpus captions and queries
+from ..data.corpora import DEFAULT_CAPTION_CLEANING, clean_caption, is_blank_caption
 from .model_dir import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -514,21 +514,24 @@ def mask_tokens(
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int,
+    cleaning: str = DEFAULT_CAPTION_CLEANING,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and tokenise ``texts`` into ``(input_ids, attention_mask)``, both [N, L] int64.
 
+    ``cleaning`` names the caption cleaning the model was trained with
+    (:data:`retrieval.data.corpora.CAPTION_CLEANINGS`; the model directory records it).
     Sequences are truncated to ``max_len`` tokens (CLS and SEP included; the per-corpus limits
     are in the spec) and padded to the longest in the batch: padded keys are masked, so padding
-    further would only cost time. A text that is empty after cleaning would encode as bare
+    further would only cost time. A text that is blank after cleaning would encode as bare
     CLS/SEP and silently match anything, so it is an error naming its index.
     """
     if not texts:
         raise ValueError("tokenize needs at least one text")
-    cleaned = [clean_text(text) for text in texts]
-    for index, text in enumerate(cleaned):
-        if not text:
-            raise ValueError(f"text {index} ({texts[index]!r}) is empty after cleaning")
+    for index, text in enumerate(texts):
+        if is_blank_caption(text, cleaning):
+            raise ValueError(f"text {index} ({text!r}) is empty after cleaning")
+    cleaned = [clean_caption(text, cleaning) for text in texts]
     encoded = tokenizer(cleaned, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
 

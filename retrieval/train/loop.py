@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..atomic import atomic_dir, atomic_write
 from ..data.corpora import load_corpus, load_image_captions
 from ..data.dataset import ClipTextDataset, ImageTextDataset, collate
 from ..data.video import Preprocess
@@ -105,9 +105,6 @@ def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         offset += n
 
 
-def o_bf16(recipe: Recipe) -> bool:
-    """``optim.bf16: true`` (older recipes) means run.precision bf16."""
-    return bool(recipe.optim.bf16)
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -322,20 +319,16 @@ def compute_losses(model: RetrievalModel, batch, recipe: Recipe, special: Specia
 # -- checkpoints --------------------------------------------------------------------------------
 def _save_checkpoint(out: Path, model: RetrievalModel, opt, sched, step: int, recipe: Recipe,
                      scaler: torch.amp.GradScaler | None = None) -> None:
-    tmp, final = out / "checkpoint.tmp", out / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, source={"recipe": recipe.to_dict(), "step": step})
     extra = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
     if model.temp.device.type == "cuda":  # dropout on the GPU draws from its own generator
         extra["cuda_rng"] = torch.cuda.get_rng_state(model.temp.device)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint(), **extra}, tmp / STATE_FILE)
-    old = out / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": torch.get_rng_state(), "fingerprint": recipe.fingerprint(), **extra}
+    # the previous checkpoint stays whole until the new one is (a full disk leaves it in place)
+    with atomic_dir(out / "checkpoint") as tmp:
+        model.save(tmp, source={"recipe": recipe.to_dict(), "step": step})
+        # through a Python file: torch's own file writer reports a full disk without its errno
+        atomic_write(tmp / STATE_FILE, lambda handle: torch.save(state, handle))
 
 
 def _read_resume_state(out: Path, recipe: Recipe) -> dict[str, Any]:
@@ -360,7 +353,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         raise RecipeError(f"{out} already holds a checkpoint: pass --resume to continue it, or set run.out")
     state = _read_resume_state(out, recipe) if resume else None
     device = local_rank_device(recipe.run.device)   # under torchrun + CUDA: this process's LOCAL_RANK GPU
-    precision = "bf16" if o_bf16(recipe) else resolve_precision(recipe.run.precision, device)
+    precision = resolve_precision(recipe.run.precision, device)
     rank, world = _dist_setup(device)
     o = recipe.optim
     if o.batch_size % world:
@@ -490,8 +483,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     final = out / "model"
     if rank == 0:
         _save_checkpoint(out, model, opt, sched, o.steps, recipe, scaler)
-        shutil.rmtree(final, ignore_errors=True)
-        model.save(final, source={"recipe": recipe.to_dict(), "step": o.steps})
+        with atomic_dir(final) as tmp:   # a model from an earlier run stays until this one is whole
+            model.save(tmp, source={"recipe": recipe.to_dict(), "step": o.steps})
         plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
     _barrier()
     return final

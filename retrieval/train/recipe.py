@@ -2,13 +2,16 @@
 
 A recipe has the sections ``model``, ``data``, ``loss``, ``optim`` and ``run``. Unknown keys and
 values of the wrong type are errors that name the key; ``key=value`` overrides on the command
-line use dotted paths (``optim.lr=1e-4``) and are parsed as YAML scalars.
+line use dotted paths (``optim.lr=1e-4``) and are parsed as YAML scalars. Every number must be
+finite (YAML's ``.nan`` and ``.inf`` are refused wherever they appear) and every size within
+its range, so a recipe that cannot train is refused before any data is read.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +78,6 @@ class OptimSection:
     steps: int = 300
     batch_size: int = 32                      # global batch (split over processes)
     grad_clip: float = 1.0
-    bf16: bool = False                        # the same as run.precision=bf16 (kept for older recipes)
     grad_checkpointing: bool = False
     freeze_text_embeddings: bool = False     # keep the (large) word-embedding table fixed: faster steps
     freeze_text_layers: int = 0              # also freeze text layers 0..k-1; their outputs are cached per caption
@@ -106,23 +108,34 @@ class Recipe:
     def fingerprint(self) -> str:
         """Hash of everything that determines the trajectory (not where it is written or logged)."""
         d = self.to_dict()
-        d["run"] = {"seed": d["run"]["seed"]}
-        if self.run.precision != "fp32":  # fp32 recipes keep the fingerprint they had before the key
-            d["run"]["precision"] = self.run.precision
+        d["run"] = {"seed": d["run"]["seed"], "precision": d["run"]["precision"]}
         d["data"].pop("workers")
-        if not self.data.images:  # recipes from before image training keep their fingerprint
-            for key in ("images", "image_root", "image_batch_size"):
+        # the options of a part that is off cannot change the trajectory
+        if not self.data.images:
+            for key in ("image_root", "image_batch_size"):
                 d["data"].pop(key)
-        if not self.loss.uta:  # nor do recipes without UTA, whatever its options say
+        if not self.loss.uta:
             for key in ("uta_teacher_arch", "uta_image_mask_ratio", "uta_mask"):
                 d["loss"].pop(key)
-        if not self.loss.action:  # nor do recipes from before the action head
-            for key in ("action", "action_labels"):
-                d["loss"].pop(key)
+        if not self.loss.action:
+            d["loss"].pop("action_labels")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and infinity anywhere in ``value`` (a loss weight of ``.nan`` trains a NaN model)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"recipe key {where} must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item, where)
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
+    _check_finite(value, where)
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -133,9 +146,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            _check_finite(number, where)
+            return number
     if tp is dict and isinstance(value, dict):
         return value
     if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -169,7 +185,9 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+        raise RecipeError(f"override {item[:80]!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+    except RecursionError:
+        raise RecipeError(f"override {key.strip()[:80]!r}: the value is nested too deeply") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -192,6 +210,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise RecipeError(f"{path} is not valid YAML ({_yaml_problem(exc)})") from None
         except UnicodeDecodeError:
             raise RecipeError(f"{path} is not a text file (a recipe is YAML)") from None
+        except RecursionError:
+            raise RecipeError(f"{path} is nested too deeply to be a recipe") from None
         if not isinstance(tree, dict):
             raise RecipeError(f"{path}: a recipe is a mapping of sections")
     for item in overrides:
@@ -209,6 +229,17 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _validate(r: Recipe) -> None:
     if not r.data.train:
         raise RecipeError("recipe key data.train (the training annotation file) is required")
+    for key, least in (("model.embed_dim", 1), ("model.max_text_len", 3), ("model.num_fusion_layers", 0),
+                       ("model.fusion_layer", 0), ("data.frames_per_segment", 1), ("data.workers", 0)):
+        section, name = key.split(".")
+        value = getattr(getattr(r, section), name)
+        if value is not None and value < least:
+            raise RecipeError(f"{key} must be >= {least}, got {value}")
+    if r.model.text_dropout is not None and not 0 <= r.model.text_dropout < 1:
+        raise RecipeError(f"model.text_dropout must be in [0, 1), got {r.model.text_dropout}")
+    if not (0 < r.loss.mlm_prob <= 1 if r.loss.mlm else 0 <= r.loss.mlm_prob <= 1):
+        raise RecipeError(f"loss.mlm_prob (the share of caption tokens masked) must be in (0, 1], "
+                          f"got {r.loss.mlm_prob}")
     for name in ("vtc", "vtm", "mlm", "uta", "action"):
         if getattr(r.loss, name) < 0:
             raise RecipeError(f"loss.{name} must be >= 0")
@@ -222,8 +253,6 @@ def _validate(r: Recipe) -> None:
 
     if r.run.precision not in PRECISIONS:
         raise RecipeError(f"run.precision must be one of {', '.join(PRECISIONS)}; got {r.run.precision!r}")
-    if r.optim.bf16 and r.run.precision not in ("fp32", "bf16"):
-        raise RecipeError(f"optim.bf16 and run.precision={r.run.precision} disagree; set run.precision alone")
     if r.optim.batch_size < 2 or r.optim.steps < 1:
         raise RecipeError("optim.batch_size must be >= 2 and optim.steps >= 1")
     if not r.optim.lr > 0 or r.optim.lr == float("inf"):

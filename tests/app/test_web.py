@@ -642,3 +642,123 @@ def test_identical_uploads_queued_together_are_all_answered(demo, videos_root: P
     while upload.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not upload.exists() and not folder.exists()
+
+
+def _post_upload(url: str, name: str, data: bytes) -> tuple[int, str]:
+    import httpx
+
+    response = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": (name, data, "video/mp4")},
+                          timeout=30)
+    return response.status_code, response.text
+
+
+def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Path, videos_root: Path) -> None:
+    from gradio.utils import get_upload_folder
+
+    from app.uploads import UploadLimits
+
+    clip = (videos_root / "test" / "0005.mp4").read_bytes()
+    # a page of its own: the shared one's earlier uploads would count against the space
+    demo = build_app(open_searcher(index), upload_limits=UploadLimits(space=2 * len(clip) + 2000))
+    janitor = demo.vtr_page.janitor
+    janitor.lifetime_s = 0.5
+    url = launch(demo, host="127.0.0.1", port=_free_port(), prevent_thread_lock=True)
+    try:
+        name = f"never-searched-{os.getpid()}-{time.time_ns()}.mp4"
+        code, body = _post_upload(url, name, clip)
+        assert code == 200, body
+        (answer,) = json.loads(body)
+        # the answer names the file inside the upload folder, not by the server's absolute path
+        assert not os.path.isabs(answer) and str(get_upload_folder()) not in body
+        stored = Path(get_upload_folder()) / answer
+        assert stored.name == name and stored.read_bytes() == clip
+        # the page can still preview it by that name; nothing else is reachable by a relative name
+        assert _get(url, f"/gradio_api/file={answer}") == (200, clip)
+        assert _get(url, f"/gradio_api/file={answer}/../../{answer}")[0] != 200
+        assert _gone(name)                      # deleted after its lifetime, never searched
+        assert janitor.used() == 0
+
+        # the uploads on disk together may take `space` bytes: one more is refused with a reason
+        janitor.lifetime_s = 2.0
+        first, second = f"a-{name}", f"b-{name}"
+        assert _post_upload(url, first, clip)[0] == 200
+        assert _post_upload(url, second, clip + b"\0")[0] == 200
+        code, body = _post_upload(url, f"c-{name}", clip + b"\0\0")
+        assert code == 507 and "space for uploads" in body and "is full" in body
+        assert _gone(f"c-{name}", timeout=0) and not _gone(first, timeout=0)
+        # space comes back as uploads expire
+        assert _gone(first) and _gone(second)
+        assert janitor.used() == 0
+        code, body = _post_upload(url, f"d-{name}", clip)
+        assert code == 200, body
+    finally:
+        demo.close()
+
+
+def test_the_clip_route_answers_404_for_any_non_ascii_number(url: str) -> None:
+    for raw in ("/vtr/clip/%C2%B2", "/vtr/clip/%D9%A3", "/vtr/clip/%EF%BC%91", "/vtr/clip/1%C2%B2"):
+        code, body = _get(url, raw)
+        assert code == 404, (raw, code, body)
+
+
+def _write_size_switching_ts(path: Path, first: int, then: int, frames_first: int = 60, frames_then: int = 40) -> Path:
+    """MPEG-TS whose header and first frames_first frames are first x first, then then x then
+    (two encodes back to back: a TS stream may change its size at any keyframe)."""
+    import io
+
+    import av
+    import numpy as np
+
+    def part(side: int, count: int, start: int) -> bytes:
+        buffer = io.BytesIO()
+        with av.open(buffer, mode="w", format="mpegts") as container:
+            stream = container.add_stream("libx264", rate=8, options={"preset": "ultrafast", "threads": "1"})
+            stream.width = stream.height = side
+            stream.pix_fmt = "yuv420p"
+            for index in range(count):
+                frame = av.VideoFrame.from_ndarray(np.full((side, side, 3), index * 3 % 256, np.uint8),
+                                                   format="rgb24")
+                frame.pts = start + index
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        return buffer.getvalue()
+
+    path.write_bytes(part(first, frames_first, 0) + part(then, frames_then, frames_first))
+    return path
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["corpus-decoding", "scaled-decoding"])
+def test_a_stream_that_grows_after_its_header_is_refused(demo, tmp_path: Path, monkeypatch, direct: bool) -> None:
+    import gradio as gr
+
+    from app import uploads
+
+    page = demo.vtr_page
+    monkeypatch.setattr(page, "upload_limits", uploads.UploadLimits(max_pixels=128 * 128))
+    if not direct:
+        monkeypatch.setattr(uploads, "DIRECT_DECODE_PIXELS", 0)
+    grows = _write_size_switching_ts(tmp_path / "grows.ts", 64, 160)   # 160x160 is over the 128x128 cap
+    assert uploads.probe(grows, page.upload_limits) == uploads.VideoProbe(64, 64, 100, pytest.approx(12.5, abs=1))
+    with pytest.raises(gr.Error, match=r"Video refused: the video changes its frame size( to 160x160)? after its "
+                                       r"first frames \(the container states 64x64\)"):
+        page.upload(str(grows), 4)
+    # the same stream within the cap still plays: only a size above the header's is refused
+    steady = _write_size_switching_ts(tmp_path / "steady.ts", 64, 64)
+    labels, html, _ = page.upload(str(steady), 4)
+    assert labels and len(_cards(html)) == 4
+
+
+def test_decoding_holds_every_frame_to_a_pixel_cap(tmp_path: Path) -> None:
+    from retrieval.data.video import FrameTooLarge, read_frames
+
+    steady = _write_size_switching_ts(tmp_path / "steady.ts", 64, 64)
+    frames, info = read_frames(steady, num_frames=4, max_pixels=64 * 64)
+    assert info["backend"] == "pyav" and tuple(frames.shape) == (4, 64, 64, 3)
+    # a little over the cap: the frame is decoded, then refused
+    with pytest.raises(FrameTooLarge) as caught:
+        read_frames(_write_size_switching_ts(tmp_path / "grows.ts", 64, 160), num_frames=4, max_pixels=64 * 64)
+    assert caught.value.size == (160, 160)
+    # far over it: FFmpeg refuses the frame before allocating it
+    with pytest.raises(FrameTooLarge, match="could not be decoded within 4,096 pixels") as caught:
+        read_frames(_write_size_switching_ts(tmp_path / "huge.ts", 64, 512), num_frames=4, max_pixels=64 * 64)
+    assert caught.value.size is None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.data.corpora import PRESETS, Corpus, CorpusItem, clean_text, load_corpus
+from retrieval.data.corpora import PRESETS, Corpus, CorpusItem, clean_caption, load_corpus
 
 
 def touch_videos(root: Path, *names: str) -> None:
@@ -184,13 +184,53 @@ def test_missing_annotation_file_and_unknown_dataset(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "cleaned"),
+    ("raw", "umt", "strip_punctuation"),
     [
-        ("A Man, playing GUITAR!", "a man playing guitar"),
-        ("hand-held  camera/phone", "hand held camera phone"),
-        ('  the man\'s "best" (ever)...  \n', "the mans best ever"),
-        ("<person> walks in.", "person walks in"),
+        ("A Man, playing GUITAR!", "a man playing guitar", "a man playing guitar"),
+        ("hand-held  camera/phone", "hand held camera phone", "hand held camera phone"),
+        ('  the man\'s "best" (ever)...  \n', "the mans best ever", "the mans best ever"),
+        ("<person> walks in.", "person walks in", "person walks in"),
+        ("Don’t  stop — [now] & 5%", "don’t stop — [now] & 5%", "dont stop now 5"),
     ],
 )
-def test_clean_text(raw: str, cleaned: str) -> None:
-    assert clean_text(raw) == cleaned
+def test_clean_caption(raw: str, umt: str, strip_punctuation: str) -> None:
+    assert clean_caption(raw) == clean_caption(raw, "umt") == umt
+    assert clean_caption(raw, "strip_punctuation") == strip_punctuation
+    with pytest.raises(ValueError, match="unknown caption cleaning 'clip'"):
+        clean_caption(raw, "clip")
+
+
+@pytest.mark.parametrize("end", ["Infinity", "NaN", "1e999"])
+def test_a_moment_that_never_ends_names_the_file_and_the_entry(tmp_path: Path, end: str) -> None:
+    touch_videos(tmp_path, "a.mp4")
+    ann = tmp_path / "moments.json"
+    ann.write_text('[{"video": "a.mp4", "caption": "x", "start": 0, "end": 2},'
+                   f' {{"video": "a.mp4", "caption": "y", "start": 0, "end": {end}}}]')
+    with pytest.raises(ValueError, match=r"moments\.json: entry 1: 'end' must be a finite number of seconds"):
+        load_corpus("generic", ann, tmp_path)
+    csv_file = tmp_path / "moments.csv"
+    csv_file.write_text("video,caption,start,end\na.mp4,x,0,inf\n")
+    with pytest.raises(ValueError, match=r"moments\.csv: entry 0: 'end' must be a finite number"):
+        load_corpus("generic", csv_file, tmp_path)
+
+
+def test_huge_captions_are_cut_when_read_with_one_warning(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from retrieval.data.corpora import MAX_CAPTION_CHARS
+
+    touch_videos(tmp_path, "a.mp4", "b.mp4")
+    huge = "a red circle moving up " * 400_000   # 9.2 MB
+    ann = write_json(tmp_path / "ann.json", [{"video": "a.mp4", "caption": [huge, "short"]},
+                                             {"video": "b.mp4", "caption": huge}])
+    with caplog.at_level(logging.WARNING):
+        corpus = load_corpus("msvd", ann, tmp_path)
+    assert [len(c) for c in corpus.items[0].captions] == [MAX_CAPTION_CHARS, 5]
+    assert corpus.items[0].captions[0] == huge[:MAX_CAPTION_CHARS]
+    assert len(corpus.items[1].captions[0]) == MAX_CAPTION_CHARS
+    warnings = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert warnings == [f"2 caption(s) in {ann} are longer than {MAX_CAPTION_CHARS} characters and were cut there"]
+    # an error message quotes a bad entry without its megabytes
+    bad = write_json(tmp_path / "bad.json", [{"video": "a.mp4", "caption": huge, "start": "soon", "end": 1}])
+    with pytest.raises(ValueError) as caught:
+        load_corpus("msvd", bad, tmp_path)
+    assert len(str(caught.value)) < 1000

@@ -280,9 +280,12 @@ def test_long_video_segments_tile_the_duration(corpus: tuple[Path, dict[str, Any
 def test_changed_parameters_regenerate_and_drop_stale_videos(tmp_path: Path) -> None:
     tiny = {"seed": 1, "size": 32, "num_frames": 4, "long_videos": 0, "progress": False}
     generate_corpus(tmp_path, n_train=3, n_test=2, **tiny)
-    (tmp_path / "videos/train/.0000.mp4.tmp").write_bytes(b"half a video")  # an interrupted write
+    work = tmp_path / ".vtr-synthetic.work"
+    work.mkdir()
+    (work / "videos__train__0000.mp4.tmp-1").write_bytes(b"half a video")  # an interrupted write
     generate_corpus(tmp_path, n_train=2, n_test=2, **tiny)
     assert sorted(p.name for p in (tmp_path / "videos/train").iterdir()) == ["0000.mp4", "0001.mp4"]
+    assert not work.exists()
     assert len(_load(tmp_path, "train.json")) == 2
     assert _load(tmp_path, "corpus.json")["params"]["n_train"] == 2
     # without the manifest (written last) the corpus counts as incomplete and is rebuilt

@@ -13,13 +13,24 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import retrieval.eval.retrieval as retrieval_eval
+
 from retrieval.data.corpora import load_corpus
 from retrieval.data.video import Preprocess
-from retrieval.eval.retrieval import EvalResult, embedding_cache_key, evaluate_retrieval
+from retrieval.eval.retrieval import (
+    EvalResult,
+    embed_corpus,
+    embedding_cache_key,
+    encode_captions,
+    evaluate_retrieval,
+    storage_dtype,
+)
+from retrieval.models.device import evaluating
 from retrieval.models.retrieval_model import RetrievalModel
 
 N_TEST = 12
@@ -152,6 +163,39 @@ def test_cache_key_follows_the_video_weights_only(model, corpus):
     assert embedding_cache_key(model, corpus, other_frames) != key
 
 
+def test_fp32_runs_store_float32_intermediates_and_fp16_only_on_request(model, corpus, tmp_path):
+    assert storage_dtype(model) == torch.float32 and storage_dtype(model, "fp16") == torch.float16
+    clips = embed_corpus(model, corpus, batch_size=4, cache_dir=tmp_path, progress=False)
+    assert clips["tokens"].dtype == np.float32 and isinstance(clips["tokens"], np.memmap)
+    half = embed_corpus(model, corpus, batch_size=4, cache_dir=tmp_path, progress=False, storage="fp16")
+    assert half["tokens"].dtype == np.float16 and not half["cached"], "an fp16 entry served an fp32 run"
+    assert len(list(tmp_path.iterdir())) == 2
+    np.testing.assert_array_equal(half["tokens"], clips["tokens"].astype(np.float16))
+    with evaluating(model):
+        captions = encode_captions(model, ["a red circle moves up"], 32, keep_hidden=True)
+        halved = encode_captions(model, ["a red circle moves up"], 32, keep_hidden=True, storage="fp16")
+    assert captions.hidden[0].dtype == torch.float32 and halved.hidden[0].dtype == torch.float16
+    model.vtr_precision = "bf16"  # a reduced-precision run stores float16 unless asked otherwise
+    try:
+        assert storage_dtype(model) == torch.float16 and storage_dtype(model, "fp32") == torch.float32
+    finally:
+        del model.vtr_precision
+    with pytest.raises(ValueError, match="storage must be one of"):
+        storage_dtype(model, "int8")
+
+
+def test_tokens_too_large_for_memory_go_to_an_unlinked_file(model, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(retrieval_eval, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(retrieval_eval.tempfile, "tempdir", str(tmp_path))
+    clips = embed_corpus(model, corpus, batch_size=4, progress=False)
+    assert isinstance(clips["tokens"], np.memmap) and clips["tokens"].dtype == np.float32
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, the mapping holds the data
+    monkeypatch.setattr(retrieval_eval, "_available_memory", lambda: None)
+    in_memory = embed_corpus(model, corpus, batch_size=4, progress=False)
+    assert not isinstance(in_memory["tokens"], np.memmap)
+    np.testing.assert_array_equal(np.asarray(clips["tokens"]), in_memory["tokens"])
+
+
 def test_undecodable_video_is_skipped_counted_and_ranked_last(corpus_dir, model, tmp_path, caplog):
     root = tmp_path / "videos"
     shutil.copytree(corpus_dir / "videos" / "test", root / "test")
@@ -272,6 +316,8 @@ def test_cli_eval_classify_task(model_dir, corpus_dir):
 @pytest.mark.parametrize(("change", "message"), [
     ({"--videos": "elsewhere"}, "none of the 12 videos"),
     ({"--task": "segment"}, "--task must be one of"),
+    ({"--storage": "int8"}, "--storage must be one of"),
+    ({"--save-scores": None}, "--save-scores needs --out"),
     ({"--dataset": "kinetics"}, "unknown dataset"),
 ])
 def test_cli_eval_user_errors_are_one_line(model_dir, corpus_dir, tmp_path, change, message):
@@ -280,6 +326,7 @@ def test_cli_eval_user_errors_are_one_line(model_dir, corpus_dir, tmp_path, chan
     options = {"--model": str(model_dir), "--dataset": "generic", "--ann": str(corpus_dir / "test.json"),
                "--videos": str(corpus_dir / "videos")}
     options.update({key: str(tmp_path / value) if key == "--videos" else value for key, value in change.items()})
-    result = CliRunner().invoke(app, ["eval", *[part for item in options.items() for part in item]])
+    args = [part for key, value in options.items() for part in ((key,) if value is None else (key, value))]
+    result = CliRunner().invoke(app, ["eval", *args])
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -76,3 +76,61 @@ def official_checkpoint(seed: int = 0, **sizes) -> dict[str, torch.Tensor]:
             value = 0.02 * torch.randn(shape, generator=g)
         out[key] = value
     return out
+
+
+def official_bert_checkpoint(seed: int, hidden: int, layers: int, fusion_layer: int, vision_width: int,
+                             intermediate: int, vocab: int = 30522, positions: int = 64,
+                             prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:
+    """The text tower of an official retrieval checkpoint (UMT's "xbert", a BERT whose layers from
+    ``fusion_layer`` on also cross-attend to ``vision_width`` tokens), every tensor drawn from one
+    generator with the scales of a BERT initialisation (weights N(0, 0.02), LayerNorms near 1).
+
+    The names are BERT's (``embeddings.*``, ``encoder.layer.{i}.attention|crossattention|
+    intermediate|output.*``); no other code's modules are involved, so the authors' model and
+    vtr's converter both read the same tensors.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return std * torch.randn(shape, generator=g)
+
+    def layer_norm(name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": 1 + normal(hidden, std=0.1), f"{name}.bias": normal(hidden, std=0.1)}
+
+    def linear(name: str, out: int, inp: int) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": normal(out, inp), f"{name}.bias": normal(out)}
+
+    sd = {"embeddings.word_embeddings.weight": normal(vocab, hidden),
+          "embeddings.position_embeddings.weight": normal(positions, hidden),
+          "embeddings.token_type_embeddings.weight": normal(2, hidden), **layer_norm("embeddings.LayerNorm")}
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        attentions = [("attention", hidden)] + ([("crossattention", vision_width)] if i >= fusion_layer else [])
+        for kind, width in attentions:
+            sd.update({**linear(p + f"{kind}.self.query", hidden, hidden),
+                       **linear(p + f"{kind}.self.key", hidden, width),
+                       **linear(p + f"{kind}.self.value", hidden, width),
+                       **linear(p + f"{kind}.output.dense", hidden, hidden),
+                       **layer_norm(p + f"{kind}.output.LayerNorm")})
+        sd.update({**linear(p + "intermediate.dense", intermediate, hidden),
+                   **linear(p + "output.dense", hidden, intermediate), **layer_norm(p + "output.LayerNorm")})
+    return {prefix + key: value for key, value in sd.items()}
+
+
+def official_umt_videomamba_checkpoint(seed: int = 0, embed_dim: int = 32, depth: int = 2, img_size: int = 32,
+                                       num_frames: int = 4, text_hidden: int = 32, text_layers: int = 4,
+                                       fusion_layer: int = 2, proj_dim: int = 24) -> dict[str, torch.Tensor]:
+    """A whole UMT_VIDEOMAMBA retrieval checkpoint (``vision_encoder.``, ``text_encoder.bert.``,
+    ``vision_proj``, ``text_proj``, ``temp``, ``itm_head``) at tiny sizes, from ``seed`` alone."""
+    vision = official_checkpoint(seed=seed, embed_dim=embed_dim, depth=depth, img_size=img_size,
+                                 num_frames=num_frames, clip_output_dim=16)
+    text = official_bert_checkpoint(seed + 1, text_hidden, text_layers, fusion_layer, embed_dim, 2 * text_hidden)
+    g = torch.Generator().manual_seed(seed + 2)
+    heads = {"vision_proj.weight": 0.2 * torch.randn(proj_dim, embed_dim, generator=g),
+             "vision_proj.bias": 0.02 * torch.randn(proj_dim, generator=g),
+             "text_proj.weight": 0.2 * torch.randn(proj_dim, text_hidden, generator=g),
+             "text_proj.bias": 0.02 * torch.randn(proj_dim, generator=g),
+             "temp": torch.tensor(0.07),
+             "itm_head.weight": 0.5 * torch.randn(2, text_hidden, generator=g),
+             "itm_head.bias": 0.02 * torch.randn(2, generator=g)}
+    return {**{f"vision_encoder.{k}": v for k, v in vision.items()}, **text, **heads}

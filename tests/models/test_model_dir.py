@@ -1,4 +1,4 @@
-"""Model directories: tied weights stored once, older directories with a "tied" map, strict loading."""
+"""Model directories: tied weights stored once, strict loading."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from retrieval import load_model
-from retrieval.models.model_dir import ModelDirError
+from retrieval.models.model_dir import ModelDirError, model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
 
 DECODER = "mlm_head.predictions.decoder"
@@ -78,38 +78,6 @@ def _mlm_loss(m) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
 
-def _write_older_directory(model, out: Path) -> Path:
-    """A directory as the earlier writer made it: each tie stored under the name that comes first in
-    the state dict, the others left out of the file and listed in config.json's "tied" map."""
-    model.save(out)  # config.json and tokenizer files
-    state = model.state_dict()
-    tied = {f"{DECODER}.weight": WORDS, f"{DECODER}.bias": "mlm_head.predictions.bias"}
-    for dst, src in tied.items():
-        assert state[dst].data_ptr() == state[src].data_ptr()
-    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(out / "model.safetensors"))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["tied"] = tied
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
-
-def test_an_older_directory_with_a_tied_map_still_loads(model, tmp_path):
-    out = _write_older_directory(model, tmp_path / "old")
-    assert f"{DECODER}.weight" not in _stored_names(out) and WORDS in _stored_names(out)
-    loaded = load_model(out)
-    _assert_same_model(model, loaded)
-    _assert_tied(loaded)
-
-
-def test_an_older_tied_map_whose_source_is_absent_is_an_error(model, tmp_path):
-    out = _write_older_directory(model, tmp_path / "old")
-    state = model.state_dict()
-    drop = {WORDS, f"{DECODER}.weight", f"{DECODER}.bias"}
-    save_file({k: v.contiguous() for k, v in state.items() if k not in drop}, str(out / "model.safetensors"))
-    with pytest.raises(ModelDirError, match=r"missing keys: .*text\.embeddings\.word_embeddings\.weight"):
-        load_model(out)
-
-
 def test_strict_loading_lists_missing_unexpected_and_wrong_shapes(model, tmp_path):
     out = model.save(tmp_path / "m")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in (WORDS, f"{DECODER}.bias")}
@@ -124,3 +92,31 @@ def test_strict_loading_lists_missing_unexpected_and_wrong_shapes(model, tmp_pat
     assert "missing keys: itm_head.bias" in message          # the tied names the file lacks are not missing
     assert "unexpected keys: extra.weight" in message
     assert "wrong shape keys: vision_proj.weight: checkpoint (3, 3) vs model (24, 32)" in message
+
+
+def test_caption_cleaning_is_the_model_directorys_setting(model, tmp_path):
+    """Recorded in config.json, "umt" for directories written before the setting existed, and an
+    unknown rule is refused when the directory is read, not silently replaced."""
+    assert model.text_cleaning == "umt"
+    model.text_cleaning = "strip_punctuation"
+    try:
+        out = model.save(tmp_path / "legacy")
+    finally:
+        model.text_cleaning = "umt"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["text_cleaning"] == "strip_punctuation"
+    loaded = load_model(out)
+    assert loaded.text_cleaning == "strip_punctuation" and model_identity(out)["text_cleaning"] == "strip_punctuation"
+    ids, _ = loaded.tokenize(["A & B"])
+    assert ids.shape[1] == 4  # [CLS] a b [SEP]: the old rule dropped "&"
+
+    del cfg["model"]["text_cleaning"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    older = load_model(out)
+    assert older.text_cleaning == "umt" and model_identity(out)["text_cleaning"] == "umt"
+    assert older.tokenize(["A & B"])[0].shape[1] == 5  # "&" reaches the tokenizer, as in the official code
+
+    cfg["model"]["text_cleaning"] = "clip"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown caption cleaning 'clip'"):
+        load_model(out)

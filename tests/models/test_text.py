@@ -15,7 +15,6 @@ from retrieval.models.text import (
     MLMHead,
     SpecialTokenIds,
     TextEncoder,
-    clean_text,
     default_text_model_path,
     droppable_keys,
     load_text_encoder,
@@ -393,12 +392,6 @@ def test_default_text_model_path_explains_missing_package(monkeypatch):
 
 
 # --------------------------------------------------------------------------- text preparation
-
-
-def test_clean_text():
-    assert clean_text("A Man, playing-guitar/singing!!  ") == "a man playing guitar singing"
-    assert clean_text("Don’t  stop — \"now\".") == "dont stop now"
-    assert clean_text("<person> waves") == "person waves"
 
 
 def test_tokenize_cleans_truncates_and_rejects_empty_texts(tmp_path):
