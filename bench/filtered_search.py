@@ -54,6 +54,8 @@ class SyntheticItems(Sequence):
     def __getitem__(self, row):
         if isinstance(row, slice):
             return [self[i] for i in range(*row.indices(self.n))]
+        if not 0 <= row < self.n:
+            raise IndexError(row)
         return {"id": row, "path": f"/data/folder{row % 100:02d}/video{row:07d}.mp4", "start": None, "end": None,
                 "captions": [], "labels": [], "extra": {"meta": {"source": f"source{row % self.sources}"}}}
 
