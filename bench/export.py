@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.record import Recorder, add_output_argument  # noqa: E402
-from indexer.store import FAILURES_FILE, INDEX_FILE, ITEMS_FILE, VECTORS_FILE, publish_version  # noqa: E402
+from bench.record import Recorder, add_output_argument
+from indexer.store import FAILURES_FILE, INDEX_FILE, ITEMS_FILE, VECTORS_FILE, publish_version
 
 CHUNK = 50_000
 LABELS = ("moving up", "moving down", "moving left", "moving right", "rotating", "growing", "shrinking")

@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.record import Recorder, add_output_argument  # noqa: E402
-from bench.search import Corpus, _float16_memmap  # noqa: E402
-from indexer.faiss_index import build_index, choose_index_type, search_index, subset_vectors  # noqa: E402
-from indexer.filters import ItemFilter  # noqa: E402
+from bench.record import Recorder, add_output_argument
+from bench.search import Corpus, _float16_memmap
+from indexer.faiss_index import build_index, choose_index_type, search_index, subset_vectors
+from indexer.filters import ItemFilter
 
 THREADS = 2
 WARMUP = 10

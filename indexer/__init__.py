@@ -11,7 +11,7 @@ The stable names (see README, "Python API"); imported lazily so ``import indexer
 """
 from __future__ import annotations
 
-import importlib
+from retrieval.lazy import lazy_attributes
 
 _EXPORTS = {
     "Searcher": "indexer.search",
@@ -22,10 +22,5 @@ _EXPORTS = {
     "export_index": "indexer.export",
     "read_export": "indexer.export",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'indexer' has no attribute {name!r}")
+__all__ = ["Hit", "ItemFilter", "Moment", "Searcher", "export_index", "open_index", "read_export"]
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -11,7 +11,7 @@ The stable names (see README, "Python API"); imported lazily so ``import retriev
 """
 from __future__ import annotations
 
-import importlib
+from retrieval.lazy import lazy_attributes
 
 _EXPORTS = {
     "create_model": "retrieval.models.registry",
@@ -22,10 +22,5 @@ _EXPORTS = {
     "load_corpus": "retrieval.data.corpora",
     "evaluate_retrieval": "retrieval.eval.retrieval",
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+__all__ = ["create_model", "embed_texts", "embed_videos", "evaluate_retrieval", "list_models", "load_corpus", "load_model"]
+__getattr__ = lazy_attributes(__name__, _EXPORTS)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import indexer.faiss_index as faiss_index
+from indexer import faiss_index
 from indexer.faiss_index import build_index, search_index
 from indexer.filters import ItemFilter, check_glob, parse_where
 from indexer.search import Searcher
@@ -89,7 +89,7 @@ def test_item_filter_matches_paths_durations_and_fields() -> None:
          "extra": {"meta": {"source": "web", "year": 2023}}},
         {"id": 2, "path": "/data/corpus/sport/c.mp4", "start": None, "end": None, "labels": [], "extra": {}},
     ]
-    select = lambda f: ItemFilter.parse(f).select(items, roots).tolist()  # noqa: E731
+    select = lambda f: ItemFilter.parse(f).select(items, roots).tolist()
     assert select("path=news") == [0, 1]                 # a folder keeps what lies below it
     assert select("path=news/*.mp4") == [0, 1]           # '*' crosses '/'
     assert select("path=*/c.mp4") == [2]

@@ -36,23 +36,19 @@ def searcher(annotated_index: Path) -> Searcher:
     return Searcher(annotated_index)
 
 
+def _run(*args: str):
+    return runner.invoke(app, list(args))
+
+
 def _cli_hits(*args: str) -> list[dict]:
     result = runner.invoke(app, ["search", *args, "--json", "--device", "cpu", "--precision", "fp32"])
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def _fail(*args: str) -> str:
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_readme_python_example_runs(annotated_index: Path, model_dir: Path, tmp_path: Path) -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert blocks, "README has no python example"
     corpus_root = Path(Searcher(annotated_index).reader.manifest["corpus_roots"][0])
     names = {"MODEL": str(model_dir), "INDEX": str(annotated_index), "VIDEO": str(corpus_root / "test/0001.mp4"),
@@ -148,15 +144,15 @@ def test_export_round_trip_ranks_as_vtr_search(fmt: str, annotated_index: Path, 
     assert [rows[i]["id"] for i in ids[0]] == [hit["item_id"] for hit in cli]
 
 
-def test_export_refuses_an_existing_folder_and_bad_input(annotated_index: Path, tmp_path: Path) -> None:
+def test_export_refuses_an_existing_folder_and_bad_input(annotated_index: Path, tmp_path: Path, one_line_error) -> None:
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert "--overwrite" in _fail("index", "export", str(annotated_index), "--out", str(out))
+    one_line_error(_run("index", "export", str(annotated_index), "--out", str(out)), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    assert "--format" in _fail("index", "export", str(annotated_index), "--out", str(tmp_path / "x"),
-                               "--format", "csv")
-    assert "not a vtr index" in _fail("index", "export", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
+    one_line_error(_run("index", "export", str(annotated_index), "--out", str(tmp_path / "x"),
+                               "--format", "csv"), "--format")
+    one_line_error(_run("index", "export", str(tmp_path / "nothing"), "--out", str(tmp_path / "y")), "not a vtr index")
     result = runner.invoke(app, ["index", "export", str(annotated_index), "--out", str(out), "--overwrite"])
     assert result.exit_code == 0 and not (out / "keep.txt").exists() and (out / "items.parquet").is_file()
 
@@ -188,18 +184,18 @@ def test_an_export_killed_midway_leaves_nothing_that_looks_complete(annotated_in
     assert read_export(out)[0].shape[0] == 14
 
 
-def test_search_filter_errors_are_one_line(annotated_index: Path) -> None:
-    assert "unknown filter column 'lang'" in _fail("search", QUERY, "--index", str(annotated_index),
-                                                   "--where", "lang=en")
-    assert "malformed glob" in _fail("search", QUERY, "--index", str(annotated_index), "--path", "test/[ab")
-    assert "COLUMN=VALUE" in _fail("search", QUERY, "--index", str(annotated_index), "--where", "source")
-    assert "exceeds" in _fail("search", QUERY, "--index", str(annotated_index), "--min-duration", "3",
-                              "--max-duration", "1")
+def test_search_filter_errors_are_one_line(annotated_index: Path, one_line_error) -> None:
+    one_line_error(_run("search", QUERY, "--index", str(annotated_index),
+                                                   "--where", "lang=en"), "unknown filter column 'lang'")
+    one_line_error(_run("search", QUERY, "--index", str(annotated_index), "--path", "test/[ab"), "malformed glob")
+    one_line_error(_run("search", QUERY, "--index", str(annotated_index), "--where", "source"), "COLUMN=VALUE")
+    one_line_error(_run("search", QUERY, "--index", str(annotated_index), "--min-duration", "3",
+                              "--max-duration", "1"), "exceeds")
     hits = _cli_hits(QUERY, "--index", str(annotated_index), "--max-duration", "1.5", "--no-group")
     assert len(hits) == 2 and all(hit["end"] - hit["start"] == 1.0 for hit in hits)
 
 
-def test_vtr_embed_writes_the_export_format(model_dir: Path, searcher: Searcher, tmp_path: Path) -> None:
+def test_vtr_embed_writes_the_export_format(model_dir: Path, searcher: Searcher, tmp_path: Path, one_line_error) -> None:
     root = Path(searcher.reader.manifest["corpus_roots"][0])
     files = [root / "test" / "0001.mp4", root / "train" / "0002.mp4"]
     out = tmp_path / "features"
@@ -213,6 +209,6 @@ def test_vtr_embed_writes_the_export_format(model_dir: Path, searcher: Searcher,
     expected = np.asarray(searcher.reader.vectors[[indexed[str(path)] for path in files]], dtype=np.float32)
     assert np.allclose(vectors, expected, atol=1e-6)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no scratch index is left behind"
-    assert "--overwrite" in _fail("embed", *map(str, files), "--model", str(model_dir), "--out", str(out))
-    assert "video not found" in _fail("embed", str(tmp_path / "missing.mp4"), "--model", str(model_dir),
-                                      "--out", str(tmp_path / "f2"))
+    one_line_error(_run("embed", *map(str, files), "--model", str(model_dir), "--out", str(out)), "--overwrite")
+    one_line_error(_run("embed", str(tmp_path / "missing.mp4"), "--model", str(model_dir),
+                                      "--out", str(tmp_path / "f2")), "video not found")
