@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--formats", default="parquet,npy")
     parser.add_argument("--scratch", type=Path, default=None, help="where the index and exports go (temporary)")
+    parser.add_argument("--index", type=Path, default=None, help="export this index (e.g. one an earlier run "
+                        "wrote, kept with cp -al) instead of writing a synthetic one")
     parser.add_argument("--note", default="", help="e.g. 'machine shared with other jobs'")
     add_output_argument(parser, "export")
     args = parser.parse_args(argv)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         scratch = Path(scratch)
         started = time.perf_counter()
-        index = write_synthetic_index(scratch / "index", args.n, args.dim)
+        index = args.index or write_synthetic_index(scratch / "index", args.n, args.dim)
         write_s = time.perf_counter() - started
         for fmt in args.formats.split(","):
             measured = export_in_child(index, scratch / f"export-{fmt}", fmt)

@@ -6,8 +6,9 @@ re-scoring) over clustered unit vectors (bench/search.py's distribution), picks 
 the items (scattered ids: no locality to help), and times single queries, interleaved:
 
 * ``unfiltered``: what ``Searcher.search`` runs without a filter;
-* ``filtered``: what it runs with one, the subset's float32 vectors held after the first query
-  (``Searcher`` keeps them for subsets up to ``FILTER_VECTORS_MAX`` items);
+* ``filtered``: what it runs with one, the subset held in memory after the first query
+  (``Searcher`` holds subsets up to ``FILTER_VECTORS_MAX`` items: float32 rows and an 8-bit
+  copy scanned first, its best candidates re-scored exactly);
 * ``filtered_cold``: the same subset gathered from the float16 memmap at every query.
 
 Recall@10 is against the exact top 10 of the subset under float32 vectors. ``resolve_ms`` is
@@ -35,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from bench.record import Recorder, add_output_argument
 from bench.search import Corpus, _float16_memmap
-from indexer.faiss_index import build_index, choose_index_type, search_index, subset_vectors
+from indexer.faiss_index import build_index, choose_index_type, hold_subset, search_index
 from indexer.filters import ItemFilter
 
 THREADS = 2
@@ -104,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         stored = _float16_memmap(vectors, Path(scratch))
         exact = vectors[subset]
-        held = subset_vectors(index, subset, stored)
+        held = hold_subset(index, subset, stored)
         runs = {
             "unfiltered": lambda q: search_index(index, q, args.k, rescore_vectors=stored),
             "filtered": lambda q: search_index(index, q, args.k, rescore_vectors=stored, subset=subset,
-                                               subset_vectors=held),
+                                               held=held),
             "filtered_cold": lambda q: search_index(index, q, args.k, rescore_vectors=stored, subset=subset),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}

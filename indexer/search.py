@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.faiss_index import subset_vectors
+from indexer.faiss_index import HeldSubset, hold_subset
 from indexer.filters import ItemFilter
 from indexer.store import MANIFEST_FILE, IndexReader, open_index
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
@@ -50,8 +50,8 @@ RERANK_BATCH = 8
 GROUP_POOL_FACTOR = 4
 #: Resolved filters kept per Searcher (resolving one reads every item's metadata).
 FILTER_CACHE_SIZE = 8
-#: A resolved filter this small also keeps its items' float32 vectors (16k x 512: 32 MB), so
-#: that repeated queries score it with one matrix product instead of gathering rows each time.
+#: A resolved filter this small is also held in memory (:func:`indexer.faiss_index.hold_subset`:
+#: 16k x 512 float32 plus an 8-bit copy, 40 MB), so repeated queries need not gather its rows.
 FILTER_VECTORS_MAX = 16_384
 
 
@@ -194,7 +194,7 @@ class Searcher:
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
-        self._selections: dict[ItemFilter, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._selections: dict[ItemFilter, tuple[np.ndarray, HeldSubset | None]] = {}
 
     def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
         """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
@@ -205,8 +205,8 @@ class Searcher:
         """
         return self._subset(where)[0]
 
-    def _subset(self, where: ItemFilter | str | None) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """(ids, their float32 vectors when few enough to hold) of a filter; (None, None) for none."""
+    def _subset(self, where: ItemFilter | str | None) -> tuple[np.ndarray | None, HeldSubset | None]:
+        """(ids, the subset held in memory when small enough) of a filter; (None, None) for none."""
         if where is None or isinstance(where, str):
             where = ItemFilter.parse(where)
         if where.empty:
@@ -218,7 +218,7 @@ class Searcher:
             ids = where.select(self.reader.items, roots)
             held = None
             if 0 < len(ids) <= FILTER_VECTORS_MAX:
-                held = subset_vectors(self.reader.index, ids, self.reader.vectors)
+                held = hold_subset(self.reader.index, ids, self.reader.vectors)
             self._selections[where] = (ids, held)
         return self._selections[where]
 
@@ -287,7 +287,7 @@ class Searcher:
         vector = encoded["feat"].float().cpu().numpy()
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
-            ranked = self.reader.search(vector, pool, subset=subset[0], subset_vectors=subset[1])[0]
+            ranked = self.reader.search(vector, pool, subset=subset[0], held=subset[1])[0]
             hits = self._rerank(ranked, encoded["hidden"],
                                 encoded["mask"])
             return group_hits(hits, k) if group else hits[:k]
@@ -301,7 +301,7 @@ class Searcher:
         return self._lookup(vector, k, group, self._subset(where))
 
     def _lookup(self, vector: np.ndarray, k: int, group: bool,
-                subset: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> list[Hit]:
+                subset: tuple[np.ndarray | None, HeldSubset | None] = (None, None)) -> list[Hit]:
         """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
         until it holds ``k`` videos or the whole index (or the whole filtered ``subset``)."""
         ids, held = subset
@@ -309,7 +309,7 @@ class Searcher:
             return []
 
         def ranked(n: int) -> list[Hit]:
-            found = self.reader.search(vector, n, subset=ids, subset_vectors=held)[0]
+            found = self.reader.search(vector, n, subset=ids, held=held)[0]
             return [self._hit(item, score) for item, score in found]
 
         if not group:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from indexer import faiss_index
-from indexer.faiss_index import build_index, search_index
+from indexer.faiss_index import build_index, hold_subset, search_index
 from indexer.filters import ItemFilter, check_glob, parse_where
 from indexer.search import Searcher
 from retrieval import embed_texts
@@ -32,7 +32,7 @@ def _brute_force(vectors: np.ndarray, queries: np.ndarray, subset: np.ndarray, k
 
 @pytest.mark.parametrize("index_type", ["Flat", "HNSW32,Flat", "IVF32,PQ8x8"])
 @pytest.mark.parametrize("share", [0.0, 0.001, 0.01, 0.3, 0.9])
-@pytest.mark.parametrize("path", ["exact", "selector"])
+@pytest.mark.parametrize("path", ["exact", "selector", "held"])
 def test_filtered_search_is_the_top_k_of_the_subset(index_type: str, share: float, path: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
@@ -44,7 +44,8 @@ def test_filtered_search_is_the_top_k_of_the_subset(index_type: str, share: floa
         monkeypatch.setattr(faiss_index, "EXACT_SUBSET_MAX", 10)
         monkeypatch.setattr(faiss_index, "SELECTOR_MIN_SHARE", 0.0)  # even for small shares: never short
     index = build_index(vectors, index_type)
-    scores, ids = search_index(index, queries, 10, rescore_vectors=stored, subset=subset)
+    held = hold_subset(index, subset, stored) if path == "held" else None  # as a Searcher keeps a filter
+    scores, ids = search_index(index, queries, 10, rescore_vectors=stored, subset=subset, held=held)
 
     assert np.isin(ids[ids >= 0], subset).all(), "a filtered search returned an item outside the filter"
     assert ((ids >= 0).sum(axis=1) == min(10, len(subset))).all(), "a filtered search came back short"
@@ -53,12 +54,14 @@ def test_filtered_search_is_the_top_k_of_the_subset(index_type: str, share: floa
     reference = stored.astype(np.float32) if index_type.endswith("PQ8x8") else vectors
     truth = _brute_force(reference, queries, subset, 10)
     recall = np.mean([len(set(found) & set(want)) / len(want) for found, want in zip(ids, truth, strict=True)])
-    if path == "exact":
+    if path == "exact" or (held is not None and held.coarse is None):
         assert recall == 1.0
         found = ids[:, : truth.shape[1]]
         assert np.array_equal(found, truth)
         assert np.allclose(scores[:, : truth.shape[1]], np.take_along_axis(queries @ reference.T, found, 1),
                            atol=1e-5)
+    elif path == "held":  # an 8-bit first pass, its best 400 re-scored exactly
+        assert held.coarse is not None and recall >= 0.99
     elif share >= SELECTOR_SHARE:  # the share the selector serves in earnest:
         assert recall >= 0.9                        # the same approximation as an unfiltered search
 
