@@ -72,16 +72,16 @@ def convert_cmd(
     retrieval model (`vtr eval --model OUT`); otherwise the vision encoder alone is converted.
     """
     from retrieval.models import convert as conv  # noqa: PLC0415
-    from retrieval.models import convert_seeds  # noqa: PLC0415
+    from retrieval.models import convert_timesformer_uniformer_vim as encoders  # noqa: PLC0415
     from retrieval.models.model_dir import check_model_out  # noqa: PLC0415
 
     check_model_out(out, overwrite)
-    if fmt in convert_seeds.FORMATS:
+    if fmt in encoders.FORMATS:
         if tokenizer is not None or vision_only or variant != "videomamba":
             raise ValueError(f"--format {fmt} converts a video encoder: it takes no --tokenizer, --vision-only "
                              "or --variant")
-        path = convert_seeds.convert(fmt, checkpoint, out, num_frames=num_frames, head_dim=head_dim)
-        typer.echo(f"wrote {path}: {convert_seeds.describe(path)}")
+        path = encoders.convert(fmt, checkpoint, out, num_frames=num_frames, head_dim=head_dim)
+        typer.echo(f"wrote {path}: {encoders.describe(path)}")
         return
     if fmt not in conv.FORMATS:
         raise ValueError(f"unknown --format {fmt!r}; supported: {', '.join(conv.FORMATS)}")

@@ -225,6 +225,8 @@ def _add_cmd(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="model directory (default: the index's; "
                                          "another model is refused)"),
     resume: bool = typer.Option(False, "--resume", help="finish an interrupted add"),
+    include_removed: bool = typer.Option(False, "--include-removed", help="also add back videos that `vtr index "
+                                         "remove` took out (they are left out otherwise)"),
     workers: int = typer.Option(2, "--workers", help="decoding processes (local engine)"),
     batch_size: int = typer.Option(16, "--batch-size", help="clips per encoder call"),
     part_size: int = typer.Option(256, "--part-size", help="videos per part (the unit of resume)"),
@@ -240,7 +242,7 @@ def _add_cmd(
     with make_engine(engine, **options) as runner:
         summary = add_to_index(index, videos, ann_file=ann, dataset=dataset, model_dir=model, resume=resume,
                                workers=workers, batch_size=batch_size, part_size=part_size,
-                               progress=not no_progress, engine=runner)
+                               progress=not no_progress, engine=runner, include_removed=include_removed)
     typer.echo(describe(summary))
 
 

@@ -18,8 +18,12 @@ Safety
   nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
 * The page serves exactly the videos the index holds, by item id (``vtr/clip/<id>``): the
   route looks the id up in the opened index, and plays the file only when its real path
-  (symlinks and ``..`` resolved) is a file inside a corpus root (:class:`CorpusGuard`). Nothing
+  (symlinks and ``..`` resolved) is a file inside a corpus root with a single link
+  (:class:`CorpusGuard`: a hard link is how a file outside the root appears inside it). Nothing
   else under the corpus root is reachable, and Gradio's own file route gets no allowed paths.
+* The page follows the index: every search and every clip request first switches to the
+  version published now (:meth:`indexer.search.Searcher.refresh`), so a video taken out with
+  ``vtr index remove`` is neither listed, found nor played once its removal is published.
 * Responses and error messages name videos by their path relative to the corpus root, never by
   their absolute path on the server; unexpected errors are not shown in detail.
 * Uploaded clips are checked from their container (frame size, duration, frame count) before
@@ -39,6 +43,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -141,7 +146,18 @@ class CorpusGuard:
         real = Path(os.path.realpath(path))
         if not any(real == root or real.is_relative_to(root) for root in self.roots):
             return None
-        return real if real.is_file() else None
+        try:
+            info = real.stat()
+        except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_nlink > 1:
+            # another name of the same file may lie outside every root: realpath cannot tell
+            logger.warning("not serving %s: it has %d hard links (a file outside the corpus may be linked in)",
+                           self.display_name(real), info.st_nlink)
+            return None
+        return real
 
     def display_name(self, path: str | os.PathLike[str]) -> str:
         """``path`` relative to its corpus root (e.g. ``test/0003.mp4``), else its file name."""
@@ -290,8 +306,10 @@ class SearchPage:
     label_names: list[str] = field(init=False)
     _classifier: Any = field(init=False, default=None)
     janitor: UploadJanitor = field(init=False)
+    _index_roots: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
+        self._index_roots = self.roots is None  # follow the index's roots as it is updated
         if self.roots is None:
             self.roots = list(self.searcher.reader.manifest.get("corpus_roots") or [])
         self.guard = CorpusGuard(self.roots)
@@ -300,9 +318,20 @@ class SearchPage:
             self.upload_limits = UploadLimits()
         self.janitor = UploadJanitor(max_bytes=self.upload_limits.space)
 
+    def follow_index(self) -> None:
+        """Switch to the version of the index published now, if newer (its corpus roots too,
+        unless the page was given its own)."""
+        self.searcher.refresh()
+        if self._index_roots:
+            roots = list(self.searcher.reader.manifest.get("corpus_roots") or [])
+            if roots != self.roots:
+                self.roots = roots
+                self.guard = CorpusGuard(roots)
+
     def clip_file(self, item_id: int) -> Path | None:
-        """The file the clip route plays for ``item_id``: the indexed item's video, if it is a file
-        inside a corpus root; None for anything else."""
+        """The file the clip route plays for ``item_id``: the indexed item's video in the version
+        published now, if it is a file inside a corpus root; None for anything else."""
+        self.follow_index()
         items = self.searcher.reader.items
         if not 0 <= item_id < len(items):
             return None
@@ -353,6 +382,7 @@ class SearchPage:
         k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
         started = time.perf_counter()
         with self._lock:
+            self.follow_index()
             try:
                 where = ItemFilter.parse(str(filters or "")[:QUERY_LIMIT])
                 self.searcher.select(where)
@@ -431,6 +461,7 @@ class SearchPage:
                 ranking = classifier.predict_clips(clip[None], top=UPLOAD_LABELS)[0]
             else:
                 ranking = classifier.predict(feat, top=UPLOAD_LABELS)[0]
+            self.follow_index()
             hits = self.searcher.search_features(feat, k=k, group=self.group)
         return {label: float(prob) for label, prob in ranking}, hits
 

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from bench.record import Recorder, add_output_argument
 
 from retrieval.models.convert import convert_videomamba
-from retrieval.models.convert_seeds import convert_uniformer, convert_vim
+from retrieval.models.convert_timesformer_uniformer_vim import convert_uniformer, convert_vim
 from retrieval.models.model_dir import load_model
 from retrieval.models.ssm import fused_mixer_available
 

@@ -158,6 +158,36 @@ def choose_index_type(n: int, dim: int, max_memory_bytes: int | None = None) -> 
     return ivf_pq_index_type(n, dim, max_memory_bytes)
 
 
+def training_points_needed(index_type: str, dim: int) -> int:
+    """The fewest vectors an index of ``index_type`` can be built over: 39 per IVF list
+    (FAISS's own minimum for a usable k-means), and one per PQ centroid; 0 for an index
+    that needs no training (Flat, HNSW-Flat)."""
+    index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return 0
+    needed = 1
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        needed = max(needed, ivf.nlist * MIN_TRAIN_POINTS_PER_CENTROID)
+    concrete = faiss.downcast_index(ivf if ivf is not None else index)
+    pq = getattr(concrete, "pq", None)
+    if pq is not None:
+        needed = max(needed, int(pq.ksub))
+    return needed
+
+
+def fitting_index_type(index_type: str, n: int, dim: int, max_memory_bytes: int | None = None) -> str:
+    """``index_type`` when ``n`` vectors can train it, else the automatic choice for ``n``
+    (logged): an index type picked for a larger corpus never fails a build at the very end."""
+    needed = training_points_needed(index_type, dim)
+    if n >= needed:
+        return index_type
+    chosen = choose_index_type(n, dim, max_memory_bytes)
+    logger.warning("%s needs at least %d vectors to train, this index has %d: building %s instead",
+                   index_type, needed, n, chosen)
+    return chosen
+
+
 def check_vectors(vectors: np.ndarray, dim: int | None = None, what: str = "vectors") -> None:
     """Reject arrays FAISS would misread; warn when rows are longer than unit length.
 

@@ -93,6 +93,23 @@ def check_memory_budget(num_sources: int, dim: int | None, max_memory_bytes: int
         raise _error(f"--max-memory is too small: {exc}") from None
 
 
+def check_index_size(num_sources: int, dim: int | None, index_type: str | None, windowed: bool) -> None:
+    """Refuse, before embedding, an ``--index-type`` the corpus is too small to train (e.g.
+    ``IVF64,Flat`` needs 64 x 39 clips). A windowed job may yield more items than sources, so it
+    is left to :func:`indexer.faiss_index.fitting_index_type`, which falls back (logged) when
+    publishing."""
+    if index_type is None or windowed or not dim:
+        return
+    from indexer.faiss_index import training_points_needed
+
+    needed = training_points_needed(index_type, dim)
+    if num_sources < needed:
+        raise _error(
+            f"--index-type {index_type} needs at least {needed} clips to train, this corpus has "
+            f"{num_sources}: use --index-type auto (or Flat), or a smaller IVF list count"
+        )
+
+
 def check_corpus_root(videos: Path) -> None:
     """Refuse ``/``, the home folder and the folders above it as a corpus root."""
     real = Path(os.path.realpath(videos))

@@ -57,9 +57,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer import guards
-from indexer.checksums import ChecksumMismatch, verify_file
+from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
-from indexer.store import open_index, write_index
+from indexer.store import open_index, read_published_manifest, same_model, write_index
 from retrieval.atomic import atomic_write, fsync_path, write_temp
 from retrieval.data.corpora import Corpus, CorpusItem, load_corpus
 from retrieval.data.loader import iter_clip_batches
@@ -86,7 +86,7 @@ TIME_DECIMALS = 3
 #: corpus are mounted (the model's weights hash and the source list are compared instead).
 _LOCATION_KEYS = ("model_dir", "videos_root", "ann_file")
 # keys that job records written by earlier versions lack, with the value those jobs ran with
-_RECORD_DEFAULTS = {"precision": "fp32"}
+_RECORD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "removed": []}
 
 
 class JobError(ValueError):
@@ -159,6 +159,16 @@ def item_key(video: str, start: float | None = None, end: float | None = None) -
     if start is None or end is None:
         return video
     return f"{video}#t={start:.{TIME_DECIMALS}f},{end:.{TIME_DECIMALS}f}"
+
+
+def printable_name(name: str) -> str:
+    """``name`` as it can be written to JSON: a file name that is not valid UTF-8 (read by
+    Python with surrogate escapes) gets its undecodable bytes as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name
 
 
 def plan_sources(corpus: Corpus) -> list[CorpusItem]:
@@ -274,14 +284,17 @@ class WorkDir:
             raise JobError(
                 f"no index job at {self.root} (missing {self.job_file.name}); start one with `vtr index`"
             )
-        return json.loads(self.job_file.read_text(encoding="utf-8"))
+        try:
+            return read_sealed_json(self.job_file, f"delete {self.root} and run the job again")
+        except ChecksumMismatch as error:
+            raise JobError(str(error)) from None
 
     def read_manifest(self, part: int) -> dict[str, Any]:
-        path = self.manifest_path(part)
+        """A committed part's manifest, checked against its own checksum (a damaged one is named)."""
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise JobError(f"{path} is damaged ({error}); {self.redo(part)}") from None
+            return read_sealed_json(self.manifest_path(part), self.redo(part))
+        except ChecksumMismatch as error:
+            raise JobError(str(error)) from None
 
     def redo(self, part: int) -> str:
         """What to do about a damaged part."""
@@ -293,7 +306,8 @@ class WorkDir:
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         data = buffer.getvalue()
-        manifest = {**manifest, "vectors_file": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+        manifest = seal_record(
+            {**manifest, "vectors_file": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}})
         with guards.disk_full_as(
             f"writing part {part} in {self.root}; the parts committed so far are kept: free space, "
             "then run the same command with --resume"
@@ -381,10 +395,13 @@ class JobSummary:
 
 
 def _job_record(
-    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32"
+    spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32",
+    removed: list[str] | None = None,
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
     return {
+        # videos the index being rebuilt had removed: left out, and still listed in the new one
+        "removed": removed or [],
         "format": JOB_FORMAT,
         "version": JOB_VERSION,
         "model": identity,
@@ -415,7 +432,8 @@ def _check_same_job(found: dict[str, Any], wanted: dict[str, Any], work_dir: Pat
             f"v{found.get('version')}); delete it to start over"
         )
     found = {**_RECORD_DEFAULTS, **found}
-    differ = [key for key in wanted if key not in _LOCATION_KEYS and found.get(key) != wanted[key]]
+    differ = [key for key in wanted if key not in _LOCATION_KEYS and found.get(key) != wanted[key]
+              and not (key == "model" and same_model(found.get(key) or {}, wanted[key]))]
     if differ:
         details = "; ".join(
             f"{key}: job has {_short(found.get(key))}, now {_short(wanted[key])}" for key in differ
@@ -547,7 +565,11 @@ def _expand_parts(
     expanded = {part: _Part(part, [], []) for part in parts}
     for (part, source), (duration, reason) in zip(chosen, durations, strict=True):
         target = expanded[part]
-        if reason is not None and spec.window is not None:
+        shown = printable_name(source.video)
+        if shown != source.video:  # the index, its JSON records and the page need text names
+            reason = "the file name is not valid UTF-8 (its undecodable bytes are shown as \\xNN); rename it"
+            target.failures.append({"path": shown, "item": item_key(shown), "reason": reason})
+        elif reason is not None and spec.window is not None:
             target.failures.append({"path": source.video, "item": item_key(source.video), "reason": reason})
         elif duration is None or spec.window is None:
             if duration is not None:
@@ -659,14 +681,22 @@ def _run_locked(
 
     corpus = load_corpus(spec.dataset, spec.ann_file, spec.videos)
     sources = plan_sources(corpus)
+    # rebuilding an index in place keeps its takedowns: videos removed from it stay out
+    removed = set((read_published_manifest(spec.out) or {}).get("removed") or []) if own_index else set()
+    if removed:
+        root = spec.videos.resolve()
+        kept = [source for source in sources if str(root / printable_name(source.video)) not in removed]
+        logger.info("%d videos removed from %s earlier are left out", len(sources) - len(kept), spec.out)
+        sources = kept
     if select is not None:
         sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
+    guards.check_index_size(len(sources), embed_dim, spec.index_type, spec.window is not None)
     record = _job_record(spec, identity, load_labels(spec.labels), sources,
-                         resolve_precision(precision, resolve_device(device)))
+                         resolve_precision(precision, resolve_device(device)), sorted(removed))
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_job(_create_once(work.job_file, record), record, work.root)
+    _check_same_job(_create_once(work.job_file, seal_record(record)), record, work.root)
     work.remove_temporaries(shard)
 
     mine = [part for part in range(record["num_parts"]) if shard.owns(part)]
@@ -866,6 +896,7 @@ def _publish_locked(out: Path) -> Path:
             index_type=job["index_type"],
             max_memory_bytes=job["max_memory_bytes"],
             extra=extra,
+            removed=job.get("removed") or [],
         )
     shutil.rmtree(work.root)
     return out

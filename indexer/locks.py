@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class LockBusy(ValueError):
 
 _held: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth)
 _guard = threading.Lock()
+_POLL_S = 0.05
 
 
 def lock_path(index_path: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Path:
@@ -48,9 +50,23 @@ def _owner(fd: int) -> str:
     return text or "?"
 
 
+def _lock(fd: int, wait_s: float) -> bool:
+    """Take the flock on ``fd``, polling up to ``wait_s`` seconds; False if it stayed busy."""
+    deadline = time.monotonic() + max(0.0, wait_s)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_S)
+
+
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike[str], what: str) -> Iterator[Path]:
-    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block.
+def exclusive(path: str | os.PathLike[str], what: str, wait_s: float = 0.0) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the ``with`` block, waiting up
+    to ``wait_s`` seconds for another holder to let go.
 
     Raises:
         LockBusy: another process holds it ("WHAT is in use by process N ...").
@@ -76,9 +92,7 @@ def exclusive(path: str | os.PathLike[str], what: str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock(fd, wait_s):
             raise LockBusy(
                 f"{what} is in use by process {_owner(fd)}; wait for it to finish or stop it "
                 f"(the lock is {path})"
@@ -96,9 +110,10 @@ def exclusive(path: str | os.PathLike[str], what: str) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def index_lock(index_path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
-    """The lock of the published index at ``index_path`` and of its single-worker job."""
-    return exclusive(lock_path(index_path), f"index {index_path}")
+def index_lock(index_path: str | os.PathLike[str], wait_s: float = 0.0) -> contextlib.AbstractContextManager[Path]:
+    """The lock of the published index at ``index_path`` and of its single-worker job (waiting
+    up to ``wait_s`` seconds for it)."""
+    return exclusive(lock_path(index_path), f"index {index_path}", wait_s)
 
 
 def shard_lock(index_path: str | os.PathLike[str], index: int, count: int) -> contextlib.AbstractContextManager[Path]:

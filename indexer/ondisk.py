@@ -36,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.checksums import verify_file
+from indexer.checksums import read_sealed_json, verify_file
 from indexer.faiss_index import (
     HNSW_MAX_ITEMS,
     IVF_DATA_FILE,
@@ -238,11 +238,7 @@ def _part_paths(root: Path, part: int) -> tuple[Path, Path]:
 def _read_part_manifest(root: Path, part: int) -> dict[str, Any]:
     """A committed part's manifest; a damaged one is named, with the remedy."""
     path = _part_paths(root, part)[0]
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is damaged ({error}); delete it and run the job again with --resume "
-                         f"to redo part {part}") from None
+    return read_sealed_json(path, f"delete it and run the job again with --resume to redo part {part}")
 
 
 def merge_job(out: str | os.PathLike[str]) -> Path:
@@ -255,7 +251,7 @@ def merge_job(out: str | os.PathLike[str]) -> Path:
     out = Path(out)
     job_file = _work_root(out) / "job.json"
     if job_file.is_file():
-        job = json.loads(job_file.read_text(encoding="utf-8"))
+        job = read_sealed_json(job_file, f"delete {job_file.parent} and run the job again")
         manifests = [_part_paths(_work_root(out), part)[0] for part in range(job["num_parts"])]
         if all(manifest.is_file() for manifest in manifests):
             total = sum(_read_part_manifest(_work_root(out), part)["num_vectors"] for part in range(job["num_parts"]))
@@ -286,7 +282,7 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
 
     out = Path(out)
     root_dir = _work_root(out)
-    job = json.loads((root_dir / "job.json").read_text(encoding="utf-8"))
+    job = read_sealed_json(root_dir / "job.json", f"delete {root_dir} and run the job again")
     root = Path(job["videos_root"])
 
     def read_manifest(part: int) -> dict[str, Any]:
@@ -345,6 +341,7 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "code_version": _code_version(),
             "extra": extra,
+            "removed": job.get("removed") or [],
         }
 
     publish_version(out, fill)

@@ -15,6 +15,11 @@ the raw list of items.
 
 An index can only be searched with the model that built it: vectors of two models live in
 unrelated spaces, so a different model is refused (:class:`indexer.store.IndexModelMismatch`).
+A model is its weights: a copy of the model folder under another name is the same model.
+
+A :class:`Searcher` follows its index: before each search it checks whether a newer version
+has been published (``vtr index add`` / ``remove``) and switches to it
+(:meth:`Searcher.refresh`), so a removed clip is not found once its removal is published.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import unicodedata
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,7 +38,7 @@ import torch
 
 from indexer.faiss_index import HeldSubset, hold_subset
 from indexer.filters import ItemFilter
-from indexer.store import MANIFEST_FILE, IndexReader, open_index
+from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
@@ -188,39 +194,77 @@ class Searcher:
         # on a CUDA device the FAISS index goes to the GPU too when faiss-gpu sees one (logged);
         # the index on disk stays a CPU index either way
         on_cuda = resolve_device(device).type == "cuda"
-        self.reader: IndexReader = open_index(index, expect_model=model_identity(model_dir),
-                                              use_gpu=None if on_cuda else False)
+        self.index_path = index
+        self._identity = model_identity(model_dir)
+        self._use_gpu = None if on_cuda else False
+        self._refresh_lock = threading.Lock()
+        self._unusable: Path | None = None  # a newer version that failed to open (not retried)
+        self.reader: IndexReader = open_index(index, expect_model=self._identity, use_gpu=self._use_gpu)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
-        self._selections: dict[ItemFilter, tuple[np.ndarray, HeldSubset | None]] = {}
+        # resolved filters of one index version: (version dir, filter) -> (ids, held subset)
+        self._selections: dict[tuple[Path, ItemFilter], tuple[np.ndarray, HeldSubset | None]] = {}
 
     def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
         """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
-        read by :meth:`ItemFilter.parse`. Resolutions are cached per filter.
+        read by :meth:`ItemFilter.parse`. Resolutions are cached per filter and index version.
 
         Raises:
             ValueError: an unknown column or a malformed condition.
         """
-        return self._subset(where)[0]
+        self.refresh()
+        return self._subset(where, self.reader)[0]
 
-    def _subset(self, where: ItemFilter | str | None) -> tuple[np.ndarray | None, HeldSubset | None]:
-        """(ids, the subset held in memory when small enough) of a filter; (None, None) for none."""
+    def _subset(self, where: ItemFilter | str | None, reader: IndexReader
+                ) -> tuple[np.ndarray | None, HeldSubset | None]:
+        """(ids, the subset held in memory when small enough) of a filter over ``reader``'s
+        version; (None, None) for no filter."""
         if where is None or isinstance(where, str):
             where = ItemFilter.parse(where)
         if where.empty:
             return None, None
-        if where not in self._selections:
-            if len(self._selections) >= FILTER_CACHE_SIZE:
+        key = (reader.snapshot_dir, where)
+        if key not in self._selections:
+            for old in [old for old in self._selections if old[0] != reader.snapshot_dir]:
+                self._selections.pop(old)  # ids of another version name other items
+            while len(self._selections) >= FILTER_CACHE_SIZE:
                 self._selections.pop(next(iter(self._selections)))
-            roots = self.reader.manifest.get("corpus_roots") or []
-            ids = where.select(self.reader.items, roots)
-            held = None
-            if 0 < len(ids) <= FILTER_VECTORS_MAX:
-                held = hold_subset(self.reader.index, ids, self.reader.vectors)
-            self._selections[where] = (ids, held)
-        return self._selections[where]
+            ids = where.select(reader.items, reader.manifest.get("corpus_roots") or [])
+            held = hold_subset(reader.index, ids, reader.vectors) if 0 < len(ids) <= FILTER_VECTORS_MAX else None
+            self._selections[key] = (ids, held)
+        return self._selections[key]
+
+    def refresh(self) -> bool:
+        """Switch to the version published at the index's path now, if it is not the one held
+        (``vtr index add`` / ``remove`` published since); True when it switched.
+
+        Asking costs one ``readlink``; every search asks first, so once an update is published
+        no search, listing or clip lookup uses the old version. The switch is one attribute
+        assignment: a search already running finishes on the version it started with. A newer
+        version that cannot be opened (damaged, another model) is logged once and the held one
+        kept.
+        """
+        now = published_version_dir(self.index_path)
+        if now == self.reader.snapshot_dir or now == self._unusable:
+            return False
+        with self._refresh_lock:
+            now = published_version_dir(self.index_path)
+            if now == self.reader.snapshot_dir or now == self._unusable:
+                return False
+            try:
+                reader = open_index(self.index_path, expect_model=self._identity, use_gpu=self._use_gpu)
+            except (OSError, ValueError) as exc:
+                self._unusable = now
+                logger.warning("index %s was republished but the new version cannot be opened (%s); still "
+                               "serving generation %s", self.index_path, exc,
+                               self.reader.manifest.get("generation", "?"))
+                return False
+            logger.info("index %s: switched to generation %s (%d items)", self.index_path,
+                        reader.manifest.get("generation", "?"), len(reader))
+            self.reader = reader
+            return True
 
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
@@ -246,6 +290,7 @@ class Searcher:
 
     def stats(self) -> dict[str, Any]:
         """What the index holds: items, model name, index type, vector width, creation time."""
+        self.refresh()
         manifest = self.reader.manifest
         return {
             "items": len(self.reader),
@@ -278,43 +323,44 @@ class Searcher:
         query = clean_query(text, cleaning=getattr(self.model, "text_cleaning", DEFAULT_CAPTION_CLEANING))
         if query.blank:
             raise EmptyQuery()
+        self.refresh()
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
-        subset = self._subset(where)
+        reader = self.reader  # one version for the filter and the lookup, whatever a refresh does
+        ids, held = self._subset(where, reader)  # a bad filter fails before the query is embedded
         with model_autocast(self.model):
             encoded = self.model.encode_texts([query.text])
         vector = encoded["feat"].float().cpu().numpy()
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
-            ranked = self.reader.search(vector, pool, subset=subset[0], held=subset[1])[0]
-            hits = self._rerank(ranked, encoded["hidden"],
-                                encoded["mask"])
+            ranked = reader.search(vector, pool, subset=ids, held=held)[0]
+            hits = self._rerank(ranked, encoded["hidden"], encoded["mask"])
             return group_hits(hits, k) if group else hits[:k]
-        return self._lookup(vector, k, group, subset)
+        return self._lookup(vector, k, group, where, reader)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, group: bool = False,
                       where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` items (with ``group``: videos) of highest inner product with ``vector``
         (``[E]``, e.g. a row of :func:`retrieval.embed_texts`), as :meth:`search` ranks them."""
-        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        return self._lookup(vector, k, group, self._subset(where))
+        self.refresh()
+        return self._lookup(np.asarray(vector, dtype=np.float32).reshape(1, -1), k, group, where)
 
-    def _lookup(self, vector: np.ndarray, k: int, group: bool,
-                subset: tuple[np.ndarray | None, HeldSubset | None] = (None, None)) -> list[Hit]:
+    def _lookup(self, vector: np.ndarray, k: int, group: bool, where: ItemFilter | str | None = None,
+                reader: IndexReader | None = None) -> list[Hit]:
         """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
-        until it holds ``k`` videos or the whole index (or the whole filtered ``subset``)."""
-        ids, held = subset
+        until it holds ``k`` videos or the whole index (or every item ``where`` keeps)."""
+        reader = reader or self.reader  # one version for the whole lookup, whatever a refresh does meanwhile
+        ids, held = self._subset(where, reader)
         if ids is not None and len(ids) == 0:
             return []
 
         def ranked(n: int) -> list[Hit]:
-            found = self.reader.search(vector, n, subset=ids, held=held)[0]
-            return [self._hit(item, score) for item, score in found]
+            return [self._hit(item, score) for item, score in reader.search(vector, n, subset=ids, held=held)[0]]
 
         if not group:
             return ranked(k)
-        total = len(self.reader) if ids is None else len(ids)
+        total = len(reader) if ids is None else len(ids)
         pool = min(total, k * GROUP_POOL_FACTOR)
         while True:
             hits = ranked(pool)
@@ -360,7 +406,8 @@ class Searcher:
         """The ``k`` clips (with ``group``: videos) most like the clip whose features
         (:meth:`encode_clip`) are ``feat``."""
         vector = self.model.clip_vector(feat)
-        return self._lookup(vector.float().cpu().numpy(), k, group, self._subset(where))
+        self.refresh()
+        return self._lookup(vector.float().cpu().numpy(), k, group, where)
 
     def _rerank(
         self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor, text_mask: torch.Tensor

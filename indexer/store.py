@@ -2,10 +2,12 @@
 
 Layout of an index called ``INDEX``::
 
-    INDEX -> .INDEX.v7          a symlink to the current version (swapped atomically)
-    .INDEX.v7/
-        manifest.json           format version, model identity, dim, metric, index type,
-                                FAISS search params, counts, corpus roots, created, code version
+    INDEX -> .INDEX.v7-<sha>    a symlink to the current version (swapped atomically); <sha> is
+                                the sha256 of that version's manifest.json
+    .INDEX.v7-<sha>/
+        manifest.json           format version, generation, model identity, dim, metric, index
+                                type, FAISS search params, counts, corpus roots, removed videos,
+                                created, code version, checksums of the other files
         index.faiss             the FAISS index (inner product; see indexer.faiss_index)
         vectors.f16.npy         exact clip vectors as float16, row i = item i
                                 (``np.load(path, mmap_mode="r")`` opens it without reading it)
@@ -38,14 +40,18 @@ whose process is gone and every version older than the one it publishes. The swa
 the index's exclusive lock (:mod:`indexer.locks`): a second publisher is refused, naming the
 process that holds it.
 
-The manifest records the sha256 and size of every data file (``files``); :func:`open_index`
-verifies them before parsing, so a damaged file is named instead of being searched.
+The manifest records the sha256 and size of every data file (``files``), and the pointer
+records the manifest's: :func:`open_index` verifies both before parsing, so a damaged file is
+named instead of being searched. ``generation`` counts publishes (read and incremented under
+the lock), so a long-running reader can tell that a newer version is out
+(:func:`published_version_dir`, :class:`indexer.search.Searcher`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -71,6 +77,7 @@ from indexer.faiss_index import (
     build_index,
     check_vectors,
     choose_index_type,
+    fitting_index_type,
     read_faiss_index,
     search_index,
     search_params,
@@ -185,7 +192,18 @@ def _temp_pattern(name: str) -> re.Pattern[str]:
 
 
 def _version_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(name)}\.v(\d+)$")
+    return re.compile(rf"^\.{re.escape(name)}\.v(\d+)(?:-[0-9a-f]{{64}})?$")
+
+
+#: A published version's directory name carries its manifest's sha256: ``.INDEX.v7-<sha256>``.
+_POINTER_DIGEST = re.compile(r"^\..+\.v\d+-([0-9a-f]{64})$")
+
+
+def pointed_manifest_sha256(version_dir: str | os.PathLike[str]) -> str | None:
+    """The manifest sha256 recorded by the name of a published version directory (None for a
+    plain index directory, which no pointer publishes)."""
+    match = _POINTER_DIGEST.match(Path(version_dir).name)
+    return match.group(1) if match else None
 
 
 def _versions(parent: Path, name: str) -> dict[int, Path]:
@@ -229,8 +247,9 @@ def _remove_dead_temporaries(parent: Path, name: str) -> None:
         _remove(entry)
 
 
-def _publish(staged: Path, out: Path) -> Path:
-    """Make ``staged`` (a complete, fsynced index directory) what ``out`` resolves to."""
+def _publish(staged: Path, out: Path, manifest_sha256: str) -> Path:
+    """Make ``staged`` (a complete, fsynced index directory) what ``out`` resolves to; the
+    version's name records ``manifest_sha256``, the checksum of its manifest."""
     parent, name = out.parent, out.name
     legacy_dir = out.is_dir() and not out.is_symlink()
     if os.path.lexists(out) and not out.is_symlink() and not (out / MANIFEST_FILE).is_file():
@@ -238,7 +257,7 @@ def _publish(staged: Path, out: Path) -> Path:
 
     version = max(_versions(parent, name), default=0) + 1
     while True:
-        target = parent / f".{name}.v{version}"
+        target = parent / f".{name}.v{version}-{manifest_sha256}"
         try:
             os.rename(staged, target)
             break
@@ -276,6 +295,7 @@ def write_index(
     *,
     skipped: int = 0,
     use_gpu: bool | None = None,
+    removed: Iterable[str] = (),
 ) -> Path:
     """Build and atomically publish an index directory at ``out_dir``; return its path.
 
@@ -285,8 +305,9 @@ def write_index(
     refuse queries from another model. ``skipped`` counts inputs deliberately left out
     (e.g. too short), as opposed to ``failures``. The FAISS index type is chosen by
     :func:`indexer.faiss_index.choose_index_type` unless given; ``use_gpu`` as in
-    :func:`indexer.faiss_index.build_index`. See the module docstring for how publishing keeps
-    readers safe.
+    :func:`indexer.faiss_index.build_index`. ``removed``: videos taken out of an earlier version
+    of this index, which ``vtr index add`` leaves out. See the module docstring for how
+    publishing keeps readers safe.
     """
     check_vectors(vectors)
     n, dim = vectors.shape
@@ -300,7 +321,10 @@ def write_index(
     item_rows = [_normalise_item(row, item) for row, item in enumerate(items)]
     failure_rows = [_normalise_failure(failure) for failure in failures]
 
-    index_type = index_type or choose_index_type(n, dim, max_memory_bytes)
+    if index_type:
+        index_type = fitting_index_type(index_type, n, dim, max_memory_bytes)
+    else:
+        index_type = choose_index_type(n, dim, max_memory_bytes)
     index = to_cpu(build_index(vectors, index_type=index_type, use_gpu=use_gpu))
     manifest = {
         "format": FORMAT,
@@ -315,6 +339,7 @@ def write_index(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "code_version": _code_version(),
         "extra": dict(extra or {}),
+        "removed": sorted(removed),
     }
 
     def fill(staged: Path) -> dict[str, Any]:
@@ -344,18 +369,43 @@ def publish_version(out_dir: str | os.PathLike[str], fill: Callable[[Path], Mapp
         manifest = dict(fill(staged))
         data_files = [name for name in (*_DATA_FILES, IVF_DATA_FILE) if (staged / name).is_file()]
         manifest["files"] = describe_files(staged, data_files)
-        # The manifest goes last: a directory with a manifest is a finished one.
-        (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        fsync_path(staged / MANIFEST_FILE)
-        fsync_path(staged)
         with index_lock(out):
-            return _publish(staged, out)
+            # The manifest goes last: a directory with a manifest is a finished one. Its
+            # generation is one more than the version it replaces, read under the lock.
+            manifest["generation"] = published_generation(out) + 1
+            data = (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+            (staged / MANIFEST_FILE).write_bytes(data)
+            fsync_path(staged / MANIFEST_FILE)
+            fsync_path(staged)
+            return _publish(staged, out, hashlib.sha256(data).hexdigest())
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
 
 # ---------------------------------------------------------------------------- reading
+
+
+def read_published_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest published at ``path`` as it is now, unverified (None when there is none or
+    it is not a JSON object): for small decisions before a full :func:`open_index`."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def published_generation(path: str | os.PathLike[str]) -> int:
+    """The generation of the version published at ``path`` (0 when nothing is published, or
+    for an index written before generations were recorded). Every publish counts one up."""
+    generation = (read_published_manifest(path) or {}).get("generation", 0)
+    return generation if isinstance(generation, int) else 0
+
+
+def published_version_dir(path: str | os.PathLike[str]) -> Path:
+    """The directory ``path`` resolves to now: a new one after each publish (cheap to ask)."""
+    return Path(os.path.realpath(path))
 
 
 @dataclass
@@ -534,6 +584,9 @@ def _open_snapshot(path: Path) -> IndexReader:
             raise FileNotFoundError(f"corrupt vtr index {path}: missing {error.filename}") from None
         finally:
             os.close(dir_fd)
+        pointed = pointed_manifest_sha256(snapshot_dir)
+        if pointed is not None:
+            verify_handle(files[MANIFEST_FILE], {"sha256": pointed}, MANIFEST_FILE, str(path), _DAMAGED_REMEDY)
         manifest = _read_manifest(path, files[MANIFEST_FILE])
         _verify_files(path, manifest, {**files, IVF_DATA_FILE: ivf_data} if ivf_data else files)
         vectors = _memmap_npy(files[VECTORS_FILE])
@@ -546,18 +599,23 @@ def _open_snapshot(path: Path) -> IndexReader:
 
 def _check_model(path: Path, manifest: dict, expect_model: Mapping[str, Any]) -> None:
     built = manifest["model"]
-    differing = [
-        key
-        for key in ("name", "weights_sha256")
-        if expect_model.get(key) is not None and expect_model.get(key) != built.get(key)
-    ]
-    if differing:
+    if not same_model(built, expect_model):
         raise IndexModelMismatch(
             f"index {path} was built with model {built.get('name')!r} "
             f"(weights_sha256 {built.get('weights_sha256')}) but is being queried with model "
             f"{expect_model.get('name')!r} (weights_sha256 {expect_model.get('weights_sha256')}); "
             "re-index with this model or load the model the index was built with"
         )
+
+
+def same_model(built: Mapping[str, Any], other: Mapping[str, Any]) -> bool:
+    """Whether ``other`` is the model an index recorded as ``built``: its weights are (the
+    sha256 of the weights file is the identity, so a copy of a model folder under another name
+    is the same model); the names are compared only where a digest is missing. Keys of
+    ``other`` that are None are not compared."""
+    if other.get("weights_sha256") is not None and built.get("weights_sha256"):
+        return other["weights_sha256"] == built["weights_sha256"]
+    return other.get("name") is None or other.get("name") == built.get("name")
 
 
 def open_index(

@@ -15,6 +15,15 @@ so the rows after a removed one move up: IVF inverted lists are copied with thei
 renumbered ids (no re-encoding), Flat and HNSW indexes are rebuilt from their exact float32
 vectors.
 
+**Transactions.** Both publish as a transaction on the latest version: under the index lock
+(:mod:`indexer.locks`) they re-open the index as published now and apply their change to it,
+so an add and a remove that overlap both take effect, whichever finishes first (a remove runs
+whole under the lock; an add embeds outside it and merges under it, waiting up to
+:data:`PUBLISH_WAIT_S` for another update's publish). Removed videos are remembered in the
+manifest (``removed``): ``add`` leaves them out unless asked to bring them back
+(``include_removed``). Two adds to one index at once: the second is refused (its lock names the
+first's process).
+
 Both refuse a model other than the one the index was built with.
 """
 
@@ -32,6 +41,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from indexer import guards
 from indexer.faiss_index import IVF_DATA_FILE, build_index, search_params
 from indexer.jobs import (
     DEFAULT_BATCH_SIZE,
@@ -39,9 +49,11 @@ from indexer.jobs import (
     JobError,
     JobSpec,
     plan_sources,
+    printable_name,
     run_index_job,
     work_dir_for,
 )
+from indexer.locks import exclusive, index_lock, lock_path
 from indexer.ondisk import empty_copy, is_ondisk, move_lists_ondisk, write_float16_rows
 from indexer.store import (
     FAILURES_FILE,
@@ -55,6 +67,7 @@ from indexer.store import (
     fsync_path,
     open_index,
     publish_version,
+    same_model,
 )
 from retrieval.data.corpora import CorpusItem, load_corpus
 from retrieval.models.model_dir import model_identity
@@ -62,6 +75,8 @@ from retrieval.models.model_dir import model_identity
 logger = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 65_536
+#: How long an update's publish step waits for another update's publish step to finish.
+PUBLISH_WAIT_S = 60.0
 
 
 @dataclass
@@ -75,6 +90,7 @@ class UpdateSummary:
     removed: int = 0
     failed: int = 0
     skipped: int = 0  # videos already in the index (add)
+    withheld: int = 0  # videos removed earlier, left out (add without include_removed)
 
     @property
     def changed(self) -> bool:
@@ -91,7 +107,7 @@ def check_model(reader: IndexReader, model_dir: str | os.PathLike[str]) -> dict[
     """The identity of ``model_dir``; raises :class:`IndexModelMismatch` unless it built the index."""
     identity = model_identity(model_dir)
     built = reader.manifest["model"]
-    if (identity["name"], identity["weights_sha256"]) != (built.get("name"), built.get("weights_sha256")):
+    if not same_model(built, identity):
         raise IndexModelMismatch(
             f"index {reader.path} was built with model {built.get('name')!r} (weights_sha256 "
             f"{str(built.get('weights_sha256'))[:12]}...) but {model_dir} is {identity['name']!r} (weights_sha256 "
@@ -129,9 +145,11 @@ def _now() -> str:
 
 def _republish(reader: IndexReader, index: faiss.Index | Callable[[Path], faiss.Index], items: list[dict[str, Any]],
                failures: list[dict[str, Any]], vector_chunks: Iterable[np.ndarray],
-               corpus_roots: list[str], update: dict[str, Any]) -> Path:
-    """Publish a new version of ``reader``'s index with these contents (manifest carried over)."""
+               corpus_roots: list[str], update: dict[str, Any], removed: list[str]) -> Path:
+    """Publish a new version of ``reader``'s index with these contents (manifest carried over;
+    ``removed``: the videos removed so far, which ``add`` leaves out)."""
     manifest = dict(reader.manifest)
+    manifest["removed"] = removed
     dim = int(manifest["dim"])
     for row, item in enumerate(items):
         item["id"] = row
@@ -169,86 +187,149 @@ def add_to_index(
     part_size: int = DEFAULT_PART_SIZE,
     progress: bool = True,
     engine: Any = None,
+    include_removed: bool = False,
 ) -> UpdateSummary:
     """Embed the videos under ``videos`` (or listed by ``ann_file``) that ``index`` lacks and
     republish it with them (see the module docstring).
 
     The windowing and label set are the index's own; ``model_dir`` defaults to the model the
-    index records and must be that model.
+    index records and must be that model. Videos removed from the index earlier stay out unless
+    ``include_removed``. Options are checked, and the corpus root judged, before anything is
+    read or written.
 
     Raises:
         IndexModelMismatch: ``model_dir`` is another model than the index's.
-        JobError: an earlier add was interrupted and ``resume`` is false (or the reverse).
+        JobError: an option is invalid; an earlier add was interrupted and ``resume`` is false.
+        LockBusy: another add to this index is running.
     """
-    reader = open_index(index)
-    model_dir = _index_model_dir(reader, model_dir)
-    check_model(reader, model_dir)
+    guards.check_options(window=None, stride=None, part_size=part_size, batch_size=batch_size, workers=workers,
+                         index_type=None, max_memory_bytes=None, embed_dim=None)
+    guards.check_corpus_root(Path(videos))  # before anything walks it
     staging = staging_dir_for(index)
+    with exclusive(lock_path(staging), f"adding to index {index}"):
+        reader = open_index(index)
+        model_dir = _index_model_dir(reader, model_dir)
+        check_model(reader, model_dir)
+        if staging.exists() and not resume:
+            raise JobError(f"an earlier add to {reader.path} was interrupted ({staging} exists); pass --resume to "
+                           "finish it, or delete that directory to start over")
+        created = not staging.exists()
+        try:
+            embedded = _embed_new(reader, staging, Path(videos).resolve(), ann_file, dataset, model_dir, resume,
+                                  workers, batch_size, part_size, progress, engine, include_removed)
+        except BaseException:
+            # an add that stops before committing anything leaves nothing to trip over
+            if created and staging.is_dir() and not any(staging.rglob("part-*.json")) \
+                    and not os.path.lexists(staging / "delta"):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        added, selection = embedded
+        if added is None:  # nothing new: no job, no new version
+            return UpdateSummary(reader.path, len(reader), len(reader), skipped=selection.old,
+                                 withheld=selection.withheld)
+        # The publish step is a transaction on the latest version: whatever another add or
+        # remove published while these clips were embedded is kept, and removals stay removed.
+        with index_lock(index, wait_s=PUBLISH_WAIT_S):
+            latest = open_index(index)
+            check_model(latest, model_dir)
+            summary = _merge_delta(latest, added, Path(videos).resolve(), include_removed, selection)
+        shutil.rmtree(staging)
+        return summary
+
+
+def removed_videos(reader: IndexReader) -> set[str]:
+    """The videos removed from the index (its tombstones): ``add`` leaves them out."""
+    return set(reader.manifest.get("removed") or [])
+
+
+def _indexed_videos(reader: IndexReader) -> set[str]:
+    return {item["path"] for item in reader.items} | {failure["path"] for failure in reader.failures}
+
+
+@dataclass
+class _Selection:
+    """What the add's source selection saw: videos already indexed, and removed ones held back."""
+
+    old: int = 0
+    withheld: int = 0
+
+
+def _embed_new(reader: IndexReader, staging: Path, root: Path, ann_file: str | os.PathLike[str] | None,
+               dataset: str, model_dir: Path, resume: bool, workers: int, batch_size: int, part_size: int,
+               progress: bool, engine: Any, include_removed: bool) -> tuple[IndexReader | None, _Selection]:
+    """Embed the sources ``reader`` lacks into the small exact index ``staging/delta`` (resuming
+    it): that index (None when there is nothing new) and what the selection saw."""
     delta = staging / "delta"
-    if staging.exists() and not resume:
-        raise JobError(f"an earlier add to {reader.path} was interrupted ({staging} exists); pass --resume to "
-                       "finish it, or delete that directory to start over")
-    root = Path(videos).resolve()
-    known = {item["path"] for item in reader.items} | {failure["path"] for failure in reader.failures}
-    before = len(reader)
+    selection = _Selection()
+    if os.path.lexists(delta) and not work_dir_for(delta).exists():
+        return open_index(delta), selection  # embedded and published before a kill: merge it now
+    known = _indexed_videos(reader)
+    removed = set() if include_removed else removed_videos(reader)
 
-    delta_published = os.path.lexists(delta) and not work_dir_for(delta).exists()
-    if delta_published:
-        added = open_index(delta)
-        if all(item["path"] in known for item in added.items) and all(
-            failure["path"] in known for failure in added.failures
-        ):
-            # killed after the republish, before the clean-up: the new version already has them
-            shutil.rmtree(staging)
-            return UpdateSummary(reader.path, before, before, skipped=len(added.items))
-        skipped = 0
-    else:
-        counted = {"old": 0}
+    def select(sources: list[CorpusItem]) -> list[CorpusItem]:
+        fresh = [source for source in sources if str(root / printable_name(source.video)) not in known]
+        kept = [source for source in fresh if str(root / printable_name(source.video)) not in removed]
+        selection.old, selection.withheld = len(sources) - len(fresh), len(fresh) - len(kept)
+        return kept
 
-        def select(sources: list[CorpusItem]) -> list[CorpusItem]:
-            fresh = [source for source in sources if str(root / source.video) not in known]
-            counted["old"] = len(sources) - len(fresh)
-            return fresh
+    extra = reader.manifest.get("extra", {})
+    spec = JobSpec(model_dir=model_dir, out=delta, videos=root, ann_file=Path(ann_file) if ann_file else None,
+                   dataset=dataset, window=extra.get("window"), stride=extra.get("stride"),
+                   part_size=part_size, labels=extra.get("label_set") or "synthetic", index_type="Flat")
+    if not staging.exists() and not select(plan_sources(load_corpus(dataset, spec.ann_file, root))):
+        return None, selection
+    staging.mkdir(exist_ok=True)
+    fsync_path(staging.parent)
+    run_index_job(spec, resume=resume, workers=workers, batch_size=batch_size, progress=progress,
+                  engine=engine, select=select)
+    return open_index(delta), selection
 
-        extra = reader.manifest.get("extra", {})
-        spec = JobSpec(model_dir=model_dir, out=delta, videos=root, ann_file=Path(ann_file) if ann_file else None,
-                       dataset=dataset, window=extra.get("window"), stride=extra.get("stride"),
-                       part_size=part_size, labels=extra.get("label_set") or "synthetic", index_type="Flat")
-        if not staging.exists() and not select(plan_sources(load_corpus(dataset, spec.ann_file, root))):
-            return UpdateSummary(reader.path, before, before, skipped=counted["old"])  # nothing new: no job
-        staging.mkdir(exist_ok=True)
-        fsync_path(staging.parent)
-        run_index_job(spec, resume=resume, workers=workers, batch_size=batch_size, progress=progress,
-                      engine=engine, select=select)
-        skipped = counted["old"]
-        added = open_index(delta)
 
-    # the exact float32 vectors of the new clips (the delta is a Flat index)
-    fresh = added.index.reconstruct_n(0, added.index.ntotal) if len(added) else np.zeros((0, reader.manifest["dim"]),
-                                                                                      np.float32)
-    merged: faiss.Index | Callable[[Path], faiss.Index] = reader.index
-    if is_ondisk(reader.index):
+def _merge_delta(latest: IndexReader, added: IndexReader, root: Path, include_removed: bool,
+                 selection: _Selection) -> UpdateSummary:
+    """Publish ``latest`` with the clips of ``added`` it still lacks (not indexed meanwhile, not
+    removed meanwhile unless ``include_removed``); call with the index lock held."""
+    known = _indexed_videos(latest)
+    removed = removed_videos(latest)
+    withheld = set() if include_removed else removed
+
+    def wanted(path: str) -> bool:
+        return path not in known and path not in withheld
+
+    rows = [row for row, item in enumerate(added.items) if wanted(item["path"])]
+    new_failures = [failure for failure in added.failures if wanted(failure["path"])]
+    before = len(latest)
+    late = len({item["path"] for item in added.items if item["path"] in removed and not include_removed})
+    if not rows and not new_failures:
+        # nothing left to add (e.g. killed after the republish, before the clean-up)
+        return UpdateSummary(latest.path, before, before, skipped=selection.old or len(added.items),
+                             withheld=selection.withheld + late)
+    dim = int(latest.manifest["dim"])
+    exact = added.index.reconstruct_n(0, added.index.ntotal) if len(added) else np.zeros((0, dim), np.float32)
+    fresh = np.ascontiguousarray(exact[rows], dtype=np.float32) if rows else np.zeros((0, dim), np.float32)
+    merged: faiss.Index | Callable[[Path], faiss.Index] = latest.index
+    if is_ondisk(latest.index):
         # the old lists stay as they are (memory-mapped); the new codes are merged beside them
-        base = empty_copy(reader.index, reader.snapshot_dir / INDEX_FILE)
+        base = empty_copy(latest.index, latest.snapshot_dir / INDEX_FILE)
         block = faiss.clone_index(base)
-        block.add_with_ids(np.ascontiguousarray(fresh, dtype=np.float32),
-                           np.arange(before, before + len(fresh), dtype=np.int64))
-        old_lists = faiss.extract_index_ivf(reader.index).invlists
+        block.add_with_ids(fresh, np.arange(before, before + len(fresh), dtype=np.int64))
+        old_lists = faiss.extract_index_ivf(latest.index).invlists
 
         def merged(staged: Path) -> faiss.Index:
             return move_lists_ondisk(base, [old_lists, faiss.extract_index_ivf(block).invlists],
                                      staged / IVF_DATA_FILE)
     elif len(fresh):
-        reader.index.add(np.ascontiguousarray(fresh, dtype=np.float32))
-    items = [dict(item) for item in reader.items] + [dict(item) for item in added.items]
-    failures = list(reader.failures) + list(added.failures)
-    roots = list(dict.fromkeys([*reader.manifest.get("corpus_roots", []), str(root)]))
-    _republish(reader, merged, items, failures,
-               (chunk for part in (_chunks(reader.vectors), _chunks(fresh)) for chunk in part), roots,
-               {"op": "add", "videos": str(root), "items": len(added), "failed": len(added.failures)})
-    shutil.rmtree(staging)
-    return UpdateSummary(reader.path, before, len(items), added=len(added), failed=len(added.failures),
-                         skipped=skipped)
+        latest.index.add(fresh)
+    items = [dict(item) for item in latest.items] + [dict(added.items[row]) for row in rows]
+    failures = list(latest.failures) + new_failures
+    back = {added.items[row]["path"] for row in rows} | {failure["path"] for failure in new_failures}
+    roots = list(dict.fromkeys([*latest.manifest.get("corpus_roots", []), str(root)]))
+    _republish(latest, merged, items, failures,
+               (chunk for part in (_chunks(latest.vectors), _chunks(fresh)) for chunk in part), roots,
+               {"op": "add", "videos": str(root), "items": len(rows), "failed": len(new_failures)},
+               removed=sorted(removed - back))
+    return UpdateSummary(latest.path, before, len(items), added=len(rows), failed=len(new_failures),
+                         skipped=selection.old, withheld=selection.withheld + late)
 
 
 # ---------------------------------------------------------------------------------- remove
@@ -256,7 +337,7 @@ def add_to_index(
 
 def _resolve_videos(reader: IndexReader, paths: Sequence[str | os.PathLike[str]]) -> set[str]:
     """The indexed paths meant by ``paths`` (absolute, or relative to the cwd or a corpus root)."""
-    indexed = {item["path"] for item in reader.items} | {failure["path"] for failure in reader.failures}
+    indexed = _indexed_videos(reader)
     roots = [Path(root) for root in reader.manifest.get("corpus_roots", [])]
     found, unknown = set(), []
     for path in paths:
@@ -311,11 +392,18 @@ def remove_from_index(index: str | os.PathLike[str], paths: Sequence[str | os.Pa
         JobError: a path is not in the index (nothing is changed).
         IndexModelMismatch: ``model_dir`` is given and is not the index's model.
     """
-    reader = open_index(index)
-    if model_dir is not None:
-        check_model(reader, model_dir)
     if not paths:
         raise JobError("name at least one video to remove")
+    # The whole remove is one transaction on the latest version, under the index lock: an add
+    # publishing meanwhile waits for it and then merges into the version without these videos.
+    with index_lock(index, wait_s=PUBLISH_WAIT_S):
+        return _remove_locked(open_index(index), paths, model_dir)
+
+
+def _remove_locked(reader: IndexReader, paths: Sequence[str | os.PathLike[str]],
+                   model_dir: str | os.PathLike[str] | None) -> UpdateSummary:
+    if model_dir is not None:
+        check_model(reader, model_dir)
     gone = _resolve_videos(reader, paths)
     keep = np.array([row for row, item in enumerate(reader.items) if item["path"] not in gone], dtype=np.int64)
     items = [dict(reader.items[row]) for row in keep]
@@ -330,7 +418,8 @@ def remove_from_index(index: str | os.PathLike[str], paths: Sequence[str | os.Pa
                                      staged / IVF_DATA_FILE)
     _republish(reader, smaller, items, failures, _chunks(reader.vectors, keep),
                list(reader.manifest.get("corpus_roots", [])),
-               {"op": "remove", "videos": sorted(gone), "items": len(reader) - len(keep)})
+               {"op": "remove", "videos": sorted(gone), "items": len(reader) - len(keep)},
+               removed=sorted(removed_videos(reader) | gone))
     return UpdateSummary(reader.path, len(reader), len(items), removed=len(reader) - len(keep))
 
 
@@ -341,6 +430,8 @@ def describe(summary: UpdateSummary) -> str:
         parts.append(f"added {summary.added}, failed {summary.failed}")
     if summary.skipped:
         parts.append(f"{summary.skipped} videos already indexed")
+    if summary.withheld:
+        parts.append(f"{summary.withheld} removed earlier and left out (--include-removed adds them back)")
     if summary.removed:
         parts.append(f"removed {summary.removed}")
     return f"{summary.index}: " + "; ".join(parts)

@@ -18,6 +18,12 @@ Failures: a clip that cannot be decoded (:class:`retrieval.data.video.VideoReadE
 back as a failure row and lands in the part's failure records, like with the local engine; it
 is never retried. A task or actor whose process dies is retried by Ray.
 
+Nothing outlives the driver: a local cluster the engine starts is watched by a small process
+that kills what is left of it once the driver is gone, however it ended (``kill -9``
+included; :mod:`indexer.engines.reaper`), and each worker process on the driver's machine
+watches the driver itself (:func:`exit_with_driver`), which also covers a cluster joined with
+``--ray-address`` on this machine.
+
 Ray is an optional dependency (``pip install 'vtr[ray]'``), imported only when this engine
 starts.
 """
@@ -27,7 +33,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from indexer.engines.reaper import WATCH_INTERVAL_S, driver_identity, driver_running, start_reaper
 from indexer.jobs import TOP_LABELS, JobError, WorkDir, _Part, item_key
 from retrieval.data.corpora import Corpus
 from retrieval.data.video import Preprocess
@@ -85,14 +95,40 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# workers exit with the driver
+
+_watched: set[int] = set()  # drivers this process already watches
+
+
+def _watch(driver: dict[str, Any]) -> None:
+    while driver_running(driver):
+        time.sleep(WATCH_INTERVAL_S)
+    logger.warning("the indexing driver (process %s) is gone: this Ray worker exits", driver["pid"])
+    os._exit(1)
+
+
+def exit_with_driver(driver: dict[str, Any] | None) -> None:
+    """End this worker process soon after the driver ``driver`` (:func:`driver_identity`) is
+    gone. Only a worker on the driver's machine can see it; elsewhere Ray's own job clean-up
+    applies. Starts one watching thread per process and driver; later calls cost nothing."""
+    if not driver or driver.get("host") != socket.gethostname() or int(driver["pid"]) == os.getpid():
+        return
+    if int(driver["pid"]) in _watched or not os.path.isdir("/proc"):
+        return
+    _watched.add(int(driver["pid"]))
+    threading.Thread(target=_watch, args=(dict(driver),), name="vtr-driver-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------------
 # the two pipeline stages; they run in Ray worker processes
 
 
 def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], max_seconds: float | None,
-                  clip_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+                  clip_shape: tuple[int, ...], driver: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Decode and preprocess a batch of clips; an unreadable clip becomes an error row."""
     from retrieval.data.video import VideoReadError, load_clip
 
+    exit_with_driver(driver)
     pre = Preprocess.from_dict(preprocess)
     n = len(batch["path"])
     clips = np.zeros((n, *clip_shape), dtype=np.float32)
@@ -115,12 +151,13 @@ class _Encoder:
     """One model per actor: clip batches -> clip vectors and top-5 action labels."""
 
     def __init__(self, model_dir: str, labels: list[str], threads: int, device: str = "cpu",
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", driver: dict[str, Any] | None = None) -> None:
         import torch
 
         from retrieval.models.actions import ActionClassifier
         from retrieval.models.model_dir import load_model
 
+        exit_with_driver(driver)
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         # the job's device kind; Ray shows an actor only the GPUs it was given, so "cuda" is its own
@@ -181,6 +218,7 @@ class RayEngine:
         self.num_cpus = num_cpus
         self._ray: Any = None
         self._owns_runtime = False
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle
 
@@ -199,6 +237,8 @@ class RayEngine:
             check_reachable(self.address)
         if ray.is_initialized():
             return
+        if self.address is None:
+            self._reaper = start_reaper()  # first: it must see the cluster's processes start
         try:
             if self.address is None:
                 ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
@@ -206,6 +246,7 @@ class RayEngine:
             else:
                 ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._stop_reaper()
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray cluster"
             raise EngineError(f"cannot start {where}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         self._owns_runtime = True
@@ -214,6 +255,14 @@ class RayEngine:
         if self._owns_runtime and self._ray is not None:
             self._ray.shutdown()
         self._owns_runtime = False
+        self._stop_reaper()
+
+    def _stop_reaper(self) -> None:
+        """The cluster ended normally: its watcher is not needed any more."""
+        if self._reaper is not None:
+            self._reaper.kill()
+            self._reaper.wait()
+            self._reaper = None
 
     def _pool(self) -> tuple[int, float, float]:
         """(actors, CPUs per actor, GPUs per actor) for the cluster at hand."""
@@ -280,16 +329,17 @@ class RayEngine:
         logger.info("ray engine: %d clips, %d encoder actor(s) (%.1f CPU, %.1f GPU each)", len(rows), actors, cpus,
                     gpus)
         clip_shape = (3, preprocess.num_frames, preprocess.size, preprocess.size)
+        driver = driver_identity()
         dataset = (
             ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
             .map_batches(_decode_batch, batch_size=batch_size, num_cpus=1,
                          fn_kwargs={"preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds,
-                                    "clip_shape": clip_shape})
+                                    "clip_shape": clip_shape, "driver": driver})
             .map_batches(_Encoder, batch_size=batch_size, num_cpus=cpus, num_gpus=gpus,
                          compute=ray.data.ActorPoolStrategy(size=actors),
                          fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "labels": labels,
                                                 "threads": max(1, int(cpus)), "device": str(device),
-                                                "precision": precision})
+                                                "precision": precision, "driver": driver})
             .select_columns(["part", "position", "error", "vector", "labels"])
         )
         with tqdm(total=len(rows), unit="clip", desc=description, disable=not progress) as bar:

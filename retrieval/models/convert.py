@@ -14,8 +14,8 @@ Two conversions:
 
 The key mappings live beside each model, as ``checkpoint_filter_fn`` (renames, drops, reshapes)
 and ``infer_config_from_state`` (the architecture read from the shapes): VideoMamba/VideoMambaPro
-in ``videomamba``, UMT's ViT in ``joint_vit``, the BERT text tower in ``text`` (and the other seed
-families in ``vim``, ``uniformer``, ``timesformer``; see ``convert_seeds``). This module holds the
+in ``videomamba``, UMT's ViT in ``joint_vit``, the BERT text tower in ``convert_bert`` (and TimeSformer,
+UniFormer and Vim in theirs; ``convert_timesformer_uniformer_vim`` converts those). This module holds the
 generic parts: reading checkpoints safely, splitting vision and text, the strict loading, the
 report of what was dropped, and writing the model directory.
 
@@ -316,8 +316,9 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
         max_text_len: tokens per caption when a caller does not say (default: RetrievalModel's).
         state: the checkpoint already read with :func:`load_checkpoint`.
     """
-    from . import text as text_tower  # noqa: PLC0415  (transformers: imported only when needed)
+    from . import convert_bert  # noqa: PLC0415  (transformers: imported only when needed)
     from .retrieval_model import DEFAULT_MAX_TEXT_LEN, RetrievalModel  # noqa: PLC0415
+    from .text import TextEncoder  # noqa: PLC0415
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
@@ -351,7 +352,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
 
     # 2. each tower's own mapping (training-only parts dropped there, recorded under full key names)
     tower_dropped: dict[str, list[str]] = {}
-    text = text_tower.checkpoint_filter_fn(text, dropped=tower_dropped)
+    text = convert_bert.checkpoint_filter_fn(text, dropped=tower_dropped)
     for reason, keys in tower_dropped.items():
         dropped.setdefault(reason, []).extend(TEXT_PREFIX + k for k in keys)
     if fmt == "videomamba":
@@ -368,7 +369,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
     video = build_from_config(vcfg)
 
     # 3. text encoder and heads
-    bert_config, fusion_layer, encoder_width = text_tower.infer_config_from_state(text, tokenizer_dir)
+    bert_config, fusion_layer, encoder_width = convert_bert.infer_config_from_state(text, tokenizer_dir)
     if encoder_width != video.embed_dim:
         raise CheckpointError(f"{checkpoint}: the text encoder's cross-attention reads {encoder_width}-wide vision "
                               f"tokens but the vision encoder is {video.embed_dim} wide")
@@ -379,7 +380,7 @@ def convert_retrieval(checkpoint: str | Path, out: str | Path, tokenizer_dir: st
     if "vision_proj.weight" not in heads:
         raise CheckpointError(f"{checkpoint}: missing keys: vision_proj.weight (the projection into the shared space)")
     embed_dim = int(heads["vision_proj.weight"].shape[0])
-    text_encoder = text_tower.TextEncoder.from_config(bert_config, fusion_layer, encoder_width)
+    text_encoder = TextEncoder.from_config(bert_config, fusion_layer, encoder_width)
     model = RetrievalModel(video, text_encoder, embed_dim, tokenizer, max_text_len or DEFAULT_MAX_TEXT_LEN,
                            with_mlm=False)
 

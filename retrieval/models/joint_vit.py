@@ -41,24 +41,26 @@ over the built model, textbook 28.8 s and +1.03 GB (two 0.47 GB score/softmax ma
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
+from timm.models import named_apply
+from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, sincos_table, validate_video
 from retrieval.models.model_dir import CheckpointError
-from retrieval.models.registry import register_arch
+from retrieval.models.registry import merge_size_preset, register_arch
 
-# width, depth, heads of the published sizes
-JOINT_VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "ti": (192, 12, 3),
-    "s": (384, 12, 6),
-    "base": (768, 12, 12),
+# the published sizes
+JOINT_VIT_SIZES: dict[str, dict[str, int]] = {
+    "ti": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "s": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
 }
 
 
@@ -157,21 +159,15 @@ class JointSpaceTimeViT(nn.Module):
                                               for _ in range(clip_return_layers))
         # teacher targets as UMT aligns its ViT: ln_post, no cls target, the teacher's last K blocks
         self.uta_layout = {"cls_target": False, "ln_post": True, "layers": clip_return_layers}
-        self._init_weights()
+        self.init_weights()
 
-    def _init_weights(self) -> None:
-        """ViT init: truncated-normal embeddings and linear weights, zero biases, unit LayerNorms."""
+    def init_weights(self) -> None:
+        """ViT init: truncated-normal embeddings, then timm's ViT rule (``init_weights_vit_timm``:
+        truncated-normal linear weights, zero biases; LayerNorms stay at one and zero)."""
         for param in (self.cls_token, self.spatial_pos_embed, self.temporal_pos_embed):
             if param is not None:
                 trunc_normal_(param, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Keep only each block's input in training and recompute the block in backward (less memory)."""
@@ -256,59 +252,10 @@ class _CLIPDecoder(nn.Module):
 
 
 @register_arch("joint_vit")
-def build(
-    size: str | None = "ti",
-    embed_dim: int | None = None,
-    depth: int | None = None,
-    num_heads: int | None = None,
-    mlp_ratio: float = 4.0,
-    patch_size: int = 16,
-    tubelet_size: int = 1,
-    num_frames: int = 8,
-    img_size: int = 224,
-    pool: str = "avg",
-    drop_path_rate: float = 0.0,
-    fused_attn: bool = True,
-    cls_token: bool = True,
-    pos_embed: str = "learned",
-    keep_temporal: bool = False,
-    pool_norm: bool = False,
-    clip_output_dim: int | None = None,
-    clip_return_layers: int = 6,
-) -> JointSpaceTimeViT:
-    """Build a joint space-time ViT of a named ``size`` (ti/s/base), any of whose dims can be overridden."""
-    if size is None:
-        preset: tuple[int | None, int | None, int | None] = (None, None, None)
-    elif size in JOINT_VIT_SIZES:
-        preset = JOINT_VIT_SIZES[size]
-    else:
-        raise ValueError(f"unknown joint_vit size {size!r}; known: {', '.join(JOINT_VIT_SIZES)} or None")
-    dims = [
-        given if given is not None else default
-        for given, default in zip((embed_dim, depth, num_heads), preset)
-    ]
-    if None in dims:
-        raise ValueError("joint_vit with size=None needs embed_dim, depth and num_heads")
-    width, layers, heads = dims
-    return JointSpaceTimeViT(
-        embed_dim=width,
-        depth=layers,
-        num_heads=heads,
-        mlp_ratio=mlp_ratio,
-        patch_size=patch_size,
-        tubelet_size=tubelet_size,
-        num_frames=num_frames,
-        img_size=img_size,
-        pool=pool,
-        drop_path_rate=drop_path_rate,
-        fused_attn=fused_attn,
-        cls_token=cls_token,
-        pos_embed=pos_embed,
-        keep_temporal=keep_temporal,
-        pool_norm=pool_norm,
-        clip_output_dim=clip_output_dim,
-        clip_return_layers=clip_return_layers,
-    )
+def build(size: str | None = "ti", **kwargs: Any) -> JointSpaceTimeViT:
+    """A joint space-time ViT of a named ``size`` (ti/s/base) merged with any constructor argument
+    (``size=None``: ``embed_dim``, ``depth`` and ``num_heads`` given)."""
+    return JointSpaceTimeViT(**merge_size_preset("joint_vit", JOINT_VIT_SIZES, size, kwargs))
 
 
 # --------------------------------------------------------------------------- official UMT checkpoints

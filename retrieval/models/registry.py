@@ -5,6 +5,10 @@ root). Its ``arch`` key names a builder registered with :func:`register_arch`; t
 are the builder's keyword arguments. ``create_model(name, **overrides)`` merges overrides into the
 file's values, so ``create_model("videomamba_tiny", num_frames=16)`` is one call.
 
+Families with published sizes (joint_vit, uniformer, timesformer) build as timm does: a builder
+takes ``size`` and keyword arguments and calls the module with ``dict(preset, **kwargs)``
+(:func:`merge_size_preset`), so the constructor's parameters are written once.
+
 Builder modules are imported lazily (``_ARCH_MODULES``) so that asking for VideoMamba does not
 import transformers or open_clip.
 
@@ -59,6 +63,27 @@ def register_arch(name: str):
         return fn
 
     return deco
+
+
+def merge_size_preset(family: str, sizes: dict[str, dict[str, Any]], size: str | None,
+                      kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``dict(preset, **kwargs)`` for a named ``size`` of ``sizes`` (timm's variant presets).
+
+    A keyword argument overrides the preset's value; ``None`` for a preset key keeps the preset's
+    value. ``size=None`` has no preset: then every preset key must be given.
+
+    Raises:
+        ValueError: an unknown size, or a preset key missing with ``size=None``.
+    """
+    if size is not None and size not in sizes:
+        raise ValueError(f"unknown {family} size {size!r}; known: {', '.join(sizes)} or None")
+    preset = sizes[size] if size is not None else {}
+    keys = list(next(iter(sizes.values())))
+    merged = dict(preset, **{k: v for k, v in kwargs.items() if not (k in keys and v is None)})
+    missing = [k for k in keys if merged.get(k) is None]
+    if missing:
+        raise ValueError(f"{family} with size=None needs {', '.join(missing)}")
+    return merged
 
 
 def _builder(arch: str):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.corpora import DEFAULT_CAPTION_CLEANING, check_caption_cleaning
+from .convert_bert import default_text_model_path, load_text_encoder
 from .device import full_precision, no_autocast
 from .model_dir import load_weights_into, register_kind, save_model_dir
 from .registry import build_from_config
@@ -242,7 +243,6 @@ def build_retrieval_model(video: str | dict[str, Any], text_path: str | Path | N
     k.. of the checkpoint into fusion layers, as the official BERT-base recipe does).
     """
     from .registry import create_model  # noqa: PLC0415
-    from .text import default_text_model_path, load_text_encoder  # noqa: PLC0415
 
     if isinstance(video, str):
         vnet = create_model(video, **(video_overrides or {}))

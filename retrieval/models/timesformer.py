@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,15 @@ from transformers.models.timesformer.modeling_timesformer import TimesformerDrop
 
 from retrieval.models.layers import validate_video
 from retrieval.models.model_dir import register_kind, strict_load
-from retrieval.models.registry import register_arch
+from retrieval.models.registry import merge_size_preset, register_arch
 
 TIMESFORMER_MEAN = (0.45, 0.45, 0.45)
 TIMESFORMER_STD = (0.225, 0.225, 0.225)
 
-# hidden size, layers, heads
-TIMESFORMER_SIZES: dict[str, tuple[int, int, int]] = {
-    "base": (768, 12, 12),
-    "ti": (192, 12, 3),
+# the published sizes
+TIMESFORMER_SIZES: dict[str, dict[str, int]] = {
+    "base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "ti": {"embed_dim": 192, "depth": 12, "num_heads": 3},
 }
 
 
@@ -122,38 +123,25 @@ class TimeSformerEncoder(nn.Module):
         return self.classifier(self(video)["pooled"])
 
 
-def _timesformer_config(
-    size: str | None,
-    embed_dim: int | None,
-    depth: int | None,
-    num_heads: int | None,
-    mlp_ratio: float,
-    patch_size: int,
-    num_frames: int,
-    img_size: int,
+def timesformer_config(
+    embed_dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    patch_size: int = 16,
+    num_frames: int = 8,
+    img_size: int = 224,
 ) -> TimesformerConfig:
-    """A ``TimesformerConfig`` from a named size with optional per-dimension overrides."""
-    if size is None:
-        preset: tuple[int | None, int | None, int | None] = (None, None, None)
-    elif size in TIMESFORMER_SIZES:
-        preset = TIMESFORMER_SIZES[size]
-    else:
-        raise ValueError(f"unknown TimeSformer size {size!r}; known: {', '.join(TIMESFORMER_SIZES)} or None")
-    dims = [
-        given if given is not None else default
-        for given, default in zip((embed_dim, depth, num_heads), preset)
-    ]
-    if None in dims:
-        raise ValueError("TimeSformer with size=None needs embed_dim, depth and num_heads")
-    width, layers, heads = dims
+    """A ``TimesformerConfig`` in vtr's names (those of joint_vit): the dimensions of a size preset
+    and the clip shape."""
     return TimesformerConfig(
         image_size=img_size,
         patch_size=patch_size,
         num_frames=num_frames,
-        hidden_size=width,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=int(width * mlp_ratio),
+        hidden_size=embed_dim,
+        num_hidden_layers=depth,
+        num_attention_heads=num_heads,
+        intermediate_size=int(embed_dim * mlp_ratio),
     )
 
 
@@ -240,17 +228,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], num_frames: int | 
 @register_arch("timesformer")
 def build(
     size: str | None = "base",
-    embed_dim: int | None = None,
-    depth: int | None = None,
-    num_heads: int | None = None,
-    mlp_ratio: float = 4.0,
-    patch_size: int = 16,
-    num_frames: int = 8,
-    img_size: int = 224,
     drop_path_rate: float = 0.0,
     hf_dir: str | None = None,
     hf_config: dict | None = None,
     id2label: list[str] | None = None,
+    **kwargs: Any,
 ) -> TimeSformerEncoder:
     """A TimeSformer of a named size (base/ti, dims overridable), or loaded from ``hf_dir``.
 
@@ -265,13 +247,11 @@ def build(
         encoder = TimeSformerEncoder(config, classifier=head, id2label=id2label)
         _set_stochastic_depth(encoder.backbone, drop_path_rate)
         return encoder
-    wanted = _timesformer_config(
-        size, embed_dim, depth, num_heads, mlp_ratio, patch_size, num_frames, img_size
-    )
+    wanted = timesformer_config(**merge_size_preset("TimeSformer", TIMESFORMER_SIZES, size, kwargs))
     if hf_dir is None:
         encoder = TimeSformerEncoder(wanted)
     else:
-        encoder = load_timesformer_hf(hf_dir, num_frames=num_frames)
+        encoder = load_timesformer_hf(hf_dir, num_frames=wanted.num_frames)
         found = encoder.config
         fields = (
             "hidden_size",

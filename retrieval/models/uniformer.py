@@ -30,22 +30,24 @@ pipelines normalise frames with mean 0.45 / std 0.225, which a converted model c
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
-from timm.layers import DropPath, trunc_normal_
-from timm.models.vision_transformer import Block
+from timm.layers import DropPath
+from timm.models import named_apply
+from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, validate_video
 from retrieval.models.model_dir import CheckpointError
-from retrieval.models.registry import register_arch
+from retrieval.models.registry import merge_size_preset, register_arch
 
-UNIFORMER_DEPTHS: dict[str, tuple[int, int, int, int]] = {
-    "s": (3, 4, 8, 3),
-    "b": (5, 8, 20, 7),
+UNIFORMER_SIZES: dict[str, dict[str, tuple[int, int, int, int]]] = {
+    "s": {"depths": (3, 4, 8, 3)},
+    "b": {"depths": (5, 8, 20, 7)},
 }
 UNIFORMER_DIMS = (64, 128, 320, 512)
 TOTAL_SPATIAL_STRIDE = 32
@@ -139,8 +141,8 @@ class UniFormerVideo(nn.Module):
 
     def __init__(
         self,
-        depths: tuple[int, int, int, int] = UNIFORMER_DEPTHS["s"],
-        dims: tuple[int, int, int, int] = UNIFORMER_DIMS,
+        depths: Sequence[int] = UNIFORMER_SIZES["s"]["depths"],
+        dims: Sequence[int] | None = None,
         head_dim: int = 64,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.1,
@@ -149,10 +151,14 @@ class UniFormerVideo(nn.Module):
         num_classes: int | None = None,
         qkv_bias: bool = True,
         patch_t_kernel: int = 1,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
+        """``dims``, ``mean`` and ``std`` left ``None`` are UniFormer's widths and ImageNet's statistics."""
         super().__init__()
+        depths, dims = tuple(depths), tuple(UNIFORMER_DIMS if dims is None else dims)
+        mean = tuple(IMAGENET_MEAN if mean is None else mean)
+        std = tuple(IMAGENET_STD if std is None else std)
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"UniFormer has 4 stages; got depths {depths} and dims {dims}")
         bad = [d for d in dims[2:] if d % head_dim]
@@ -191,18 +197,12 @@ class UniFormerVideo(nn.Module):
         self.norm = nn.BatchNorm3d(dims[-1], eps=BN_EPS)
         # the supervised classifier of official fine-tuned weights (mean of the normed tokens -> Linear)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes else None
-        self.apply(self._init_weights)
+        self.init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """Official init: truncated-normal linear layers, unit LayerNorms (convs keep PyTorch's default)."""
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    def init_weights(self) -> None:
+        """Official init, which is timm's ViT rule (``init_weights_vit_timm``): truncated-normal linear
+        weights, zero biases; LayerNorms stay at one and zero, convs and BatchNorms at PyTorch's default."""
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""
@@ -229,42 +229,10 @@ class UniFormerVideo(nn.Module):
 
 
 @register_arch("uniformer")
-def build(
-    size: str | None = "s",
-    depths: list[int] | None = None,
-    dims: list[int] | None = None,
-    head_dim: int = 64,
-    mlp_ratio: float = 4.0,
-    drop_path_rate: float = 0.1,
-    num_frames: int = 16,
-    img_size: int = 224,
-    num_classes: int | None = None,
-    qkv_bias: bool = True,
-    patch_t_kernel: int = 1,
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-) -> UniFormerVideo:
-    """UniFormer-S or -B (``size`` "s"/"b"), or custom ``depths``/``dims`` (e.g. the tiny test model)."""
-    if size is not None and size not in UNIFORMER_DEPTHS:
-        raise ValueError(f"unknown UniFormer size {size!r}; known: {', '.join(UNIFORMER_DEPTHS)} or None")
-    if depths is None:
-        if size is None:
-            raise ValueError("UniFormer with size=None needs depths")
-        depths = list(UNIFORMER_DEPTHS[size])
-    return UniFormerVideo(
-        depths=tuple(depths),
-        dims=tuple(dims) if dims is not None else UNIFORMER_DIMS,
-        head_dim=head_dim,
-        mlp_ratio=mlp_ratio,
-        drop_path_rate=drop_path_rate,
-        num_frames=num_frames,
-        img_size=img_size,
-        num_classes=num_classes,
-        qkv_bias=qkv_bias,
-        patch_t_kernel=patch_t_kernel,
-        mean=tuple(mean) if mean is not None else IMAGENET_MEAN,
-        std=tuple(std) if std is not None else IMAGENET_STD,
-    )
+def build(size: str | None = "s", **kwargs: Any) -> UniFormerVideo:
+    """UniFormer-S or -B (``size`` "s"/"b") merged with any constructor argument; ``size=None``
+    with ``depths`` given (e.g. the tiny test model)."""
+    return UniFormerVideo(**merge_size_preset("UniFormer", UNIFORMER_SIZES, size, kwargs))
 
 
 # --------------------------------------------------------------------------- official weights

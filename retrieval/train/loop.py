@@ -37,10 +37,10 @@ from ..data.video import Preprocess
 from ..models.device import autocast, local_rank_device, resolve_precision
 from ..models.model_dir import load_model, load_weights_into
 from ..models.retrieval_model import RetrievalModel, build_retrieval_model
-from ..models.text import SpecialTokenIds
 from .actions import ActionTargets, action_label_set
 from .batch_plan import IMAGE, VIDEO, step_source
 from .losses import (
+    SpecialTokenIds,
     action_loss,
     mlm_loss,
     teacher_guided_mask,

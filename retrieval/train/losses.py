@@ -1,12 +1,15 @@
-"""UMT-style pretraining losses: VTC, VTM, MLM and UTA (unmasked-teacher alignment)."""
+"""UMT-style pretraining losses: VTC, VTM, MLM (with its BERT-style token masking) and UTA
+(unmasked-teacher alignment)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
 
 from ..models.retrieval_model import RetrievalModel
-from ..models.text import SpecialTokenIds, mask_tokens
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -110,6 +113,59 @@ def action_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return logits.new_zeros(())
     logp = F.log_softmax(logits[labelled].float(), dim=-1)
     return -(logp * targets[labelled].to(logp)).sum(1).mean()
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """The token ids MLM masking needs: which ids are never masked and the [MASK] replacement."""
+
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokenIds:
+        ids = {
+            "pad": tokenizer.pad_token_id,
+            "cls": tokenizer.cls_token_id,
+            "sep": tokenizer.sep_token_id,
+            "mask": tokenizer.mask_token_id,
+        }
+        absent = [name for name, value in ids.items() if value is None]
+        if absent:
+            raise ValueError(f"tokenizer has no {', '.join(absent)} token; MLM masking needs all four")
+        return cls(**ids)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_ids: SpecialTokenIds,
+    vocab_size: int,
+    mask_prob: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-style masking for the MLM loss: returns ``(masked_ids, labels)``.
+
+    Each token other than PAD, CLS and SEP is selected with probability ``mask_prob`` (UMT uses
+    0.5); a selected token becomes [MASK] 80% of the time, a uniformly random id 10%, and stays
+    unchanged 10%. ``labels`` holds the original id at selected positions and -100 (ignored by
+    ``cross_entropy``) elsewhere. ``input_ids`` is not modified. ``generator`` (on the ids' device)
+    makes the draw reproducible.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    shape, device = input_ids.shape, input_ids.device
+    never = torch.tensor([special_ids.pad, special_ids.cls, special_ids.sep], device=device)
+    selected = (torch.rand(shape, generator=generator, device=device) < mask_prob) & ~torch.isin(
+        input_ids, never
+    )
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, -100))
+    action = torch.rand(shape, generator=generator, device=device)
+    random_ids = torch.randint(vocab_size, shape, generator=generator, device=device, dtype=input_ids.dtype)
+    masked = torch.where(selected & (action < 0.8), torch.full_like(input_ids, special_ids.mask), input_ids)
+    masked = torch.where(selected & (action >= 0.8) & (action < 0.9), random_ids, masked)
+    return masked, labels
 
 
 def mlm_loss(model: RetrievalModel, input_ids: torch.Tensor, text_mask: torch.Tensor, video_tokens: torch.Tensor,

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from typer.testing import CliRunner
 
@@ -425,6 +426,7 @@ def test_missing_index_or_model_fails_before_serving(index: Path, tmp_path: Path
         serve(tmp_path / "empty", prevent_thread_lock=True)
     with pytest.raises(FileNotFoundError, match="model directory"):
         serve(index, model=tmp_path / "no_such_model", prevent_thread_lock=True)
+    torch.manual_seed(1)  # other weights: a model is its weights, not its folder's name
     other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1,
                                   ).save(tmp_path / "other")
     with pytest.raises(ValueError):

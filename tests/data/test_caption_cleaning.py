@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from retrieval.data.corpora import clean_caption, clean_caption_umt, is_blank_caption
 from indexer.search import clean_query
-from retrieval.models.text import default_text_model_path, tokenize
+from retrieval.models.convert_bert import default_text_model_path
+from retrieval.models.text import tokenize
 
 TABLE = json.loads((Path(__file__).parent / "fixtures" / "umt_captions.json").read_text(encoding="utf-8"))
 ROWS = TABLE["rows"]

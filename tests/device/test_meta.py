@@ -9,9 +9,15 @@ import pytest
 import torch
 
 from retrieval.models.retrieval_model import build_retrieval_model
-from retrieval.models.text import SpecialTokenIds
 from retrieval.train import loop
-from retrieval.train.losses import teacher_guided_mask, uta_loss, visible_per_frame, visible_targets, vtc_loss
+from retrieval.train.losses import (
+    SpecialTokenIds,
+    teacher_guided_mask,
+    uta_loss,
+    visible_per_frame,
+    visible_targets,
+    vtc_loss,
+)
 from retrieval.train.recipe import load_recipe
 from retrieval.train.teacher import CLIPTeacher
 

@@ -23,7 +23,7 @@ from app.cli import app
 from retrieval.data.corpora import clean_caption, load_corpus
 from retrieval.eval.retrieval import evaluate_retrieval
 from retrieval.models.model_dir import load_model
-from retrieval.models.text import default_text_model_path
+from retrieval.models.convert_bert import default_text_model_path
 from tests.eval.official_eval_inputs import ANNOTATION, CHECKPOINT_SEED, write_videos
 from tests.models.official_layout import official_umt_videomamba_checkpoint
 from tests.models.test_convert_full import TINY_BERT, TOKENIZER_FILES

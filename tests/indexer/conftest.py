@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from retrieval.data.synthetic import generate_corpus
 from retrieval.models.retrieval_model import build_retrieval_model
 
 
@@ -18,6 +20,29 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     another model define their own)."""
     model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
     return model.save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six tiny synthetic test clips (``test/0000.mp4`` ... ``test/0005.mp4``) to copy corpora from."""
+    root = tmp_path_factory.mktemp("pool")
+    generate_corpus(root, n_train=1, n_test=6, size=32, long_videos=0, progress=False)
+    return root / "videos"
+
+
+@pytest.fixture()
+def corpus_of(tmp_path: Path, pool: Path) -> Callable[[list[str]], Path]:
+    """``corpus_of(names)``: copies those clips of the pool into ``tmp_path / "videos"`` (kept
+    across calls, so a second call adds to the folder) and returns that folder."""
+
+    def copy(names: list[str]) -> Path:
+        root = tmp_path / "videos"
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(pool / name, root / name)
+        return root
+
+    return copy
 
 
 @pytest.fixture(scope="session")

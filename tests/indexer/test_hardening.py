@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app
+from indexer.checksums import RECORD_SHA_KEY
 from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
 from indexer.store import open_index, write_index
 from retrieval.data.synthetic import generate_corpus
@@ -269,7 +270,7 @@ def test_damaged_parts_are_named_on_merge(model_dir: Path, videos: Path, tmp_pat
     with pytest.raises(JobError, match=r"part-000001.npy in .* is damaged .*delete .*part-000001.json.*--resume"):
         publish_job(out)
     # a part recorded before checksums existed: zero vectors are still caught
-    del manifest["vectors_file"]
+    del manifest["vectors_file"], manifest[RECORD_SHA_KEY]
     work.manifest_path(1).write_text(json.dumps(manifest))
     with pytest.raises(JobError, match="all-zero vectors"):
         publish_job(out)

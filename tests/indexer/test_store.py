@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,11 +131,13 @@ def test_ivf_pq_index_round_trip_reapplies_search_params(tmp_path):
     assert reader.manifest["faiss_params"] == {"nprobe": 16}
     assert reader.search(vectors[42], k=1)[0][0][0]["id"] == 42  # exact re-scoring finds itself
 
-    manifest_path = reader.snapshot_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    # a plain copy (no publishing pointer to check its manifest against) with other parameters
+    copy = tmp_path / "COPY"
+    shutil.copytree(reader.snapshot_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
     manifest["faiss_params"] = {"nprobe": 3}
-    manifest_path.write_text(json.dumps(manifest))
-    assert search_params(open_index(out).index) == {"nprobe": 3}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert search_params(open_index(copy).index) == {"nprobe": 3}
 
 
 def test_model_mismatch_names_both_models(tmp_path):
@@ -168,12 +171,15 @@ def test_inconsistent_files_are_rejected_on_open(tmp_path):
     items_path.write_text("".join(lines[:-1]))
     with pytest.raises(ValueError, match="items.jsonl in .* is damaged .truncated"):
         open_index(out)
-    # an index written before checksums were recorded still has its files cross-checked
-    manifest = json.loads((snapshot / "manifest.json").read_text())
+    # an index written before checksums were recorded (a plain directory, no pointer) still has
+    # its files cross-checked
+    copy = tmp_path / "OLD"
+    shutil.copytree(snapshot, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
     del manifest["files"]
-    (snapshot / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="counts disagree"):
-        open_index(out)
+        open_index(copy)
 
 
 def test_bad_write_arguments_raise(tmp_path):
@@ -187,10 +193,15 @@ def test_bad_write_arguments_raise(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+def _names(folder):
+    """The entries of ``folder``, published versions without the manifest digest their name carries."""
+    return sorted(re.sub(r"-[0-9a-f]{64}$", "", p.name) for p in folder.iterdir())
+
+
 def test_republishing_keeps_only_the_new_version_and_old_readers_work(tmp_path):
     first = open_index(publish(tmp_path / "INDEX", 30, version=1))
     second = open_index(publish(tmp_path / "INDEX", 50, version=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".INDEX.lock", ".INDEX.v2", "INDEX"]
+    assert _names(tmp_path) == [".INDEX.lock", ".INDEX.v2", "INDEX"]
     assert (len(first), len(second)) == (30, 50)
     # the first reader's version was deleted, but its files stay readable through its handles
     assert first.search(unit_vectors(30, seed=1)[7], k=1)[0][0][0]["id"] == 7
@@ -303,5 +314,5 @@ def test_a_crashed_writer_is_ignored_by_readers_and_cleaned_by_the_next_writer(t
     assert reader.manifest["extra"]["version"] == 1 and len(reader) == 15
 
     publish(tmp_path / "INDEX", 22, version=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".INDEX.lock", ".INDEX.v10", "INDEX"]
+    assert _names(tmp_path) == [".INDEX.lock", ".INDEX.v10", "INDEX"]
     assert open_index(out).manifest["extra"]["version"] == 3

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -22,29 +22,14 @@ from app.cli import app
 from indexer.jobs import JobError, JobSpec, run_index_job, work_dir_for
 from indexer.store import IndexModelMismatch, open_index, write_index
 from indexer.update import _without_rows, add_to_index, remove_from_index, staging_dir_for
-from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.models.model_dir import load_model
 from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
+CorpusOf = Callable[[list[str]], Path]  # the corpus_of fixture (conftest)
 FIRST = ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4"]
 NEW = ["test/0003.mp4", "test/0004.mp4", "test/0005.mp4"]
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pool")
-    generate_corpus(root, n_train=1, n_test=6, size=32, long_videos=0, progress=False)
-    return root / "videos"
-
-
-def _corpus(tmp_path: Path, pool: Path, names: list[str]) -> Path:
-    root = tmp_path / "videos"
-    for name in names:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(pool / name, root / name)
-    return root
 
 
 def _build(model_dir: Path, videos: Path, out: Path) -> Path:
@@ -64,12 +49,12 @@ def _clip_vector(model_dir: Path, path: Path) -> np.ndarray:
         return model.clip_vector(model.encode_video(clip[None])["feat"])[0].numpy()
 
 
-def test_add_embeds_only_new_videos_and_search_finds_them(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+def test_add_embeds_only_new_videos_and_search_finds_them(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST)
     index = _build(model_dir, videos, tmp_path / "index")
     before = open_index(index)
     old_vectors = np.asarray(before.vectors, np.float32).copy()
-    _corpus(tmp_path, pool, NEW)
+    corpus_of(NEW)
 
     result = CliRunner().invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos),
                                       "--workers", "0", "--no-progress"])
@@ -100,8 +85,8 @@ def test_add_embeds_only_new_videos_and_search_finds_them(model_dir: Path, pool:
     assert (again.added, again.after, again.skipped) == (0, 6, 6), "nothing new: nothing embedded"
 
 
-def test_add_and_remove_refuse_another_model(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST[:1])
+def test_add_and_remove_refuse_another_model(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST[:1])
     index = _build(model_dir, videos, tmp_path / "index")
     torch.manual_seed(1)
     other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).save(tmp_path / "other")
@@ -119,12 +104,12 @@ def test_add_and_remove_refuse_another_model(model_dir: Path, pool: Path, tmp_pa
 
 
 def test_add_killed_mid_way_leaves_the_index_as_it_was_and_resumes(
-    model_dir: Path, pool: Path, tmp_path: Path
+    model_dir: Path, corpus_of: CorpusOf, tmp_path: Path
 ) -> None:
-    videos = _corpus(tmp_path, pool, FIRST)
+    videos = corpus_of(FIRST)
     index = _build(model_dir, videos, tmp_path / "index")
     version = os.path.realpath(index)
-    _corpus(tmp_path, pool, NEW)
+    corpus_of(NEW)
     parts_dir = work_dir_for(staging_dir_for(index) / "delta") / "parts"
     command = [sys.executable, "-m", "app.cli", "index", "add", "--index", str(index), "--videos", str(videos),
                "--part-size", "1", "--batch-size", "1", "--workers", "0", "--no-progress"]
@@ -147,8 +132,8 @@ def test_add_killed_mid_way_leaves_the_index_as_it_was_and_resumes(
     assert _keys(index) == FIRST + NEW and not staging_dir_for(index).exists()
 
 
-def test_remove_drops_the_videos_and_keeps_the_rest(model_dir: Path, pool: Path, tmp_path: Path) -> None:
-    videos = _corpus(tmp_path, pool, FIRST + NEW)
+def test_remove_drops_the_videos_and_keeps_the_rest(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+    videos = corpus_of(FIRST + NEW)
     index = _build(model_dir, videos, tmp_path / "index")
     before = open_index(index)
     runner = CliRunner()
@@ -197,14 +182,14 @@ def test_removing_rows_renumbers_ids_and_keeps_the_trained_index(index_type: str
 
 
 def test_add_to_an_index_built_on_disk_keeps_its_lists_on_disk(
-    model_dir: Path, pool: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, corpus_of: CorpusOf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from indexer import ondisk
     from indexer.jobs import WorkDir
     from retrieval.models.model_dir import model_identity
 
     monkeypatch.setattr(ondisk, "ONDISK_MIN_VECTORS", 100)
-    videos = _corpus(tmp_path, pool, NEW)
+    videos = corpus_of(NEW)
     rng = np.random.default_rng(0)
     base = rng.standard_normal((400, 24)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)

@@ -24,7 +24,7 @@ from app.cli import app
 from retrieval import load_model
 from retrieval.models.convert import CheckpointError, convert_retrieval, dropped_summary, load_checkpoint
 from retrieval.models.retrieval_model import RetrievalModel
-from retrieval.models.text import default_text_model_path
+from retrieval.models.convert_bert import default_text_model_path
 
 from .official_layout import official_checkpoint
 

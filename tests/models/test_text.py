@@ -1,4 +1,4 @@
-"""Tests for the xbert-style text tower: layout, BERT equivalence, fusion, loading, masking, tokenising."""
+"""Tests for the xbert-style text tower: layout, BERT equivalence, fusion, loading, tokenising."""
 from __future__ import annotations
 
 import json
@@ -11,16 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from retrieval.models.text import (
-    MLMHead,
-    SpecialTokenIds,
-    TextEncoder,
-    default_text_model_path,
-    droppable_keys,
-    load_text_encoder,
-    mask_tokens,
-    tokenize,
-)
+from retrieval.models.convert_bert import default_text_model_path, droppable_keys, load_text_encoder
+from retrieval.models.text import MLMHead, TextEncoder, tokenize
 
 HIDDEN, LAYERS, VOCAB, VISION = 32, 4, 100, 24
 WORDS = ["a", "man", "is", "playing", "guitar", "dog", "runs", "on", "the", "beach", "cat", "sleeps"]
@@ -252,46 +244,12 @@ def test_mlm_head_keys_and_tied_decoder():
     assert head.predictions.bias.grad.abs().sum() > 0
 
 
-def test_mask_tokens_statistics():
-    special = SpecialTokenIds(pad=0, cls=2, sep=3, mask=4)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, VOCAB, (400, 50), generator=generator)
-    ids[:, 0], ids[:, 40], ids[:, 41:] = special.cls, special.sep, special.pad
-    masked, labels = mask_tokens(ids, special, VOCAB, mask_prob=0.5, generator=generator)
-
-    selected = labels != -100
-    assert not selected[:, 0].any() and not selected[:, 40:].any()  # never CLS, SEP, PAD
-    assert torch.equal(masked[:, 0], ids[:, 0]) and torch.equal(masked[:, 40:], ids[:, 40:])
-    torch.testing.assert_close(labels[selected], ids[selected])
-    assert torch.equal(masked[~selected], ids[~selected])
-
-    rate = selected[:, 1:40].float().mean().item()
-    assert abs(rate - 0.5) < 0.02
-    n = selected.sum().item()
-    as_mask = (masked[selected] == special.mask).sum().item() / n
-    kept = (masked[selected] == ids[selected]).sum().item() / n  # includes random draws of the same id
-    assert abs(as_mask - 0.8) < 0.02
-    assert abs(kept - 0.1) < 0.02
-    assert abs(1 - as_mask - kept - 0.1) < 0.02  # the rest: random ids
-    assert ids.max() < VOCAB and masked.max() < VOCAB
-
-
-def test_mask_tokens_is_reproducible_and_leaves_input_alone():
-    special = SpecialTokenIds(pad=0, cls=2, sep=3, mask=4)
-    ids, _ = text_batch()
-    original = ids.clone()
-    first = mask_tokens(ids, special, VOCAB, generator=torch.Generator().manual_seed(5))
-    second = mask_tokens(ids, special, VOCAB, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert torch.equal(ids, original)
-
-
 # --------------------------------------------------------------------------- loading
 
 
 def test_fusion_layer_adds_cross_attention_to_pretrained_layers(tmp_path, caplog):
     bert = save_tiny_bert_dir(tmp_path)
-    with caplog.at_level(logging.INFO, logger="retrieval.models.text"):
+    with caplog.at_level(logging.INFO, logger="retrieval.models.convert_bert"):
         encoder, tokenizer = load_text_encoder(tmp_path, fusion_layer=2, encoder_width=VISION)
     assert encoder.num_layers == LAYERS and encoder.fusion_layer == 2
     assert "encoder.layer.2.crossattention, encoder.layer.3.crossattention" in caplog.text
@@ -370,7 +328,7 @@ def test_minilm_with_appended_fusion_layers_keeps_its_text_features(caplog):
     from transformers import AutoModel
 
     path = default_text_model_path()
-    with caplog.at_level(logging.INFO, logger="retrieval.models.text"):
+    with caplog.at_level(logging.INFO, logger="retrieval.models.convert_bert"):
         encoder, tokenizer = load_text_encoder(path, num_fusion_layers=2, encoder_width=VISION)
     assert (encoder.num_layers, encoder.fusion_layer, encoder.hidden_size) == (8, 6, 384)
     assert "encoder.layer.6, encoder.layer.7" in caplog.text

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from retrieval.models.convert import CheckpointError
-from retrieval.models.convert_seeds import convert_uniformer
+from retrieval.models.convert_timesformer_uniformer_vim import convert_uniformer
 from retrieval.models.model_dir import load_model, read_model_config
 from retrieval.models.uniformer import BLOCK_NORM_EPS, UniFormerVideo
 

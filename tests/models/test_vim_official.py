@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from retrieval.models.convert import CheckpointError
-from retrieval.models.convert_seeds import convert_vim
+from retrieval.models.convert_timesformer_uniformer_vim import convert_vim
 from retrieval.models.model_dir import load_model, read_model_config
 from retrieval.models.ssm import fused_mixer_available
 from retrieval.models.vim import infer_config_from_state

@@ -1,4 +1,4 @@
-"""Conversions of the other seed families' official weights into vtr model directories.
+"""Official TimeSformer, UniFormer and Vim weights -> vtr ``video_encoder`` model directories.
 
 * ``timesformer``: a local Hugging Face directory (``TimesformerModel`` or
   ``TimesformerForVideoClassification``); such a directory also loads as it is wherever a model
@@ -18,8 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from transformers import TimesformerConfig
+
+from . import uniformer, vim
 from .convert import CheckpointError, list_keys, load_checkpoint, save_video_encoder
 from .model_dir import save_model_dir
+from .timesformer import load_timesformer_hf
 
 FORMATS = ("timesformer", "uniformer", "vim")
 
@@ -44,10 +48,6 @@ def convert_timesformer(hf_dir: str | Path, out: str | Path, num_frames: int | N
                         name: str | None = None) -> Path:
     """A local Hugging Face TimeSformer directory (``TimesformerModel`` or
     ``TimesformerForVideoClassification``) -> a vtr model directory, head and labels kept."""
-    from transformers import TimesformerConfig  # noqa: PLC0415
-
-    from .timesformer import load_timesformer_hf  # noqa: PLC0415
-
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"--format timesformer takes a Hugging Face model directory; not a directory: {hf_dir}")
@@ -68,8 +68,6 @@ def convert_uniformer(checkpoint: str | Path, out: str | Path, num_frames: int |
     is kept for ``classify``. ``num_frames`` is the clip length to record (the weights are frame
     count agnostic; default 16, the published 16x4 models).
     """
-    from . import uniformer  # noqa: PLC0415
-
     state = load_checkpoint(checkpoint)
     try:
         cfg = uniformer.infer_config_from_state(state, head_dim)
@@ -91,8 +89,6 @@ def convert_vim(checkpoint: str | Path, out: str | Path, name: str | None = None
     ``img_size`` / ``patch_stride`` are read from the position table's length (the published 224
     and 384 px models, "+" ones included); give them for other sizes.
     """
-    from . import vim  # noqa: PLC0415
-
     state = load_checkpoint(checkpoint)
     try:
         cfg = vim.infer_config_from_state(state, img_size, patch_stride)
