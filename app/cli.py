@@ -166,11 +166,14 @@ app.add_typer(data_app, name="data")
 def synth_cmd(out: Path = typer.Option(..., "--out", "-o", help="corpus directory"),
               n_train: int = typer.Option(600, "--n-train"), n_test: int = typer.Option(100, "--n-test"),
               seed: int = typer.Option(0, "--seed"), size: int = typer.Option(128, help="frame size in pixels (a multiple of 32 keeps decord on its fast path)"),
-              long_videos: int = typer.Option(4, "--long", help="long multi-scene videos for moment search")) -> None:
+              long_videos: int = typer.Option(4, "--long", help="long multi-scene videos for moment search"),
+              written: float = typer.Option(0.0, "--written", help="share of test clips showing a title, sign or "
+                                            "caption that their caption mentions (for the text channel)")) -> None:
     """Write the procedural moving-shapes corpus (mp4 + VindLU JSON + labels)."""
     from retrieval.data.synthetic import generate_corpus  # noqa: PLC0415
 
-    summary = generate_corpus(out, n_train=n_train, n_test=n_test, seed=seed, size=size, long_videos=long_videos)
+    summary = generate_corpus(out, n_train=n_train, n_test=n_test, seed=seed, size=size, long_videos=long_videos,
+                              written_share=written)
     typer.echo(f"{summary['n_train']} train / {summary['n_test']} test / {summary['n_long']} long clips in "
                f"{summary['out']} ({summary['seconds']:.1f} s)")
 

@@ -46,6 +46,11 @@ def eval_cmd(
                                      help="also write OUT/scores.npz: the ITC and re-ranked score matrices"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
     device: str = device_option(), precision: str = precision_option(),
+    channels: str | None = typer.Option(None, "--channels", help="index the corpus with these channels (e.g. "
+                                        "visual,text) and report t2v R@1/5/10 per channel and fused, on all, "
+                                        "picture-only and text-mentioning queries"),
+    weights: str | None = typer.Option(None, "--weights", help="with --channels: fusion weights, e.g. "
+                                       "visual=1,text=2"),
 ) -> None:
     """Zero-shot evaluation on a corpus: t2v/v2t retrieval (ITC + ITM re-rank) or action accuracy."""
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
@@ -59,6 +64,10 @@ def eval_cmd(
         raise ValueError("--save-scores needs --out and --task retrieval")
     device, precision = runtime(device, precision)
     corpus = load_corpus(dataset, ann, videos)
+    if channels is not None:
+        _eval_channels(model, dataset, ann, videos, corpus, channels, weights, out, workers, batch_size, progress,
+                       device, precision)
+        return
     net = load_model(model, device, precision)
     if cache_dir is None and out is not None:
         cache_dir = out / "embeddings"
@@ -86,6 +95,33 @@ def eval_cmd(
         typer.echo(f"wrote {result.write(out)}")
     if save_scores:
         typer.echo(f"wrote {result.write_scores(out)}")
+
+
+def _eval_channels(model: Path, dataset: str, ann: Path, videos: Path, corpus, channels: str, weights: str | None,
+                   out: Path | None, workers: int, batch_size: int, progress: bool, device: str,
+                   precision: str) -> None:
+    """``vtr eval --channels``: index the corpus with the channels (kept in OUT/index, so a second
+    run reuses it), then rank every caption per channel and fused."""
+    import tempfile  # noqa: PLC0415
+
+    from indexer.channel_eval import evaluate_channels, format_table  # noqa: PLC0415
+    from indexer.channels import parse_channels, parse_weights  # noqa: PLC0415
+    from indexer.jobs import JobSpec, run_index_job, work_dir_for  # noqa: PLC0415
+    from indexer.search import Searcher  # noqa: PLC0415
+
+    chosen = parse_channels(channels)
+    fusion_weights = parse_weights(weights)
+    with tempfile.TemporaryDirectory(prefix="vtr-eval-") as scratch:
+        index = (out if out is not None else Path(scratch)) / "index"
+        spec = JobSpec(model_dir=model, out=index, videos=videos, ann_file=ann, dataset=dataset, channels=chosen)
+        run_index_job(spec, resume=work_dir_for(index).exists() or index.exists(), workers=workers,
+                      batch_size=batch_size, progress=progress, device=device, precision=precision)
+        result = evaluate_channels(Searcher(index, model=model, device=device, precision=precision), corpus,
+                                   fusion_weights)
+    typer.echo(format_table(result))
+    if out is not None:
+        (out / "channels.json").write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {out / 'channels.json'}")
 
 
 def classify_cmd(

@@ -72,6 +72,13 @@ def _index_callback(
                                                        "per encoder actor (default 1)"),
     ray_gpus_per_actor: Optional[float] = typer.Option(None, "--ray-gpus-per-actor", help="GPUs per encoder actor "
                                                        "(default 1 on GPU clusters, else 0)"),
+    channels: Optional[str] = typer.Option(None, "--channels", help="what to index: visual, text (on-screen "
+                                           "text; the ocr extra), comma-separated (default: every channel "
+                                           "whose package is installed)"),
+    ocr: Optional[Path] = typer.Option(None, "--ocr", help="directory of local PP-OCR ONNX models for the text "
+                                       "channel (default: the ones inside rapidocr-onnxruntime)"),
+    text_every: float = typer.Option(2.0, "--text-every", help="text channel: read one frame every this many "
+                                     "seconds of each item (at least one per item)"),
 ) -> None:
     """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
 
@@ -83,7 +90,7 @@ def _index_callback(
                    "gpus_per_actor": ray_gpus_per_actor}
     _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
                part_size, labels, max_memory, index_type, not no_progress, overwrite, device, precision, engine,
-               ray_options)
+               ray_options, channels, ocr, text_every)
 
 
 @friendly
@@ -92,13 +99,18 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                resume: bool, workers: int, batch_size: int, part_size: int, labels: str,
                max_memory: Optional[str], index_type: str, progress: bool, overwrite: bool = False,
                device: str = "auto", precision: str = "auto", engine: str = "local",
-               ray_options: Optional[dict] = None) -> None:
+               ray_options: Optional[dict] = None, channels: Optional[str] = None, ocr: Optional[Path] = None,
+               text_every: float = 2.0) -> None:
+    from indexer.channels import parse_channels  # noqa: PLC0415
     from indexer.engines import make_engine  # noqa: PLC0415
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
                          "(see `vtr index --help`)")
+    chosen = parse_channels(channels)  # a missing extra is named here, before any work
+    if ocr is not None and "text" not in chosen:
+        raise ValueError("--ocr sets the text channel's recogniser, but --channels leaves the text channel out")
     device, precision = runtime(device, precision)   # a missing CUDA fails before the model is read
     from retrieval.models.model_dir import read_model_config  # noqa: PLC0415
 
@@ -110,7 +122,8 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     spec = JobSpec(model_dir=model, out=out, videos=videos, ann_file=ann, dataset=dataset, window=window,
                    stride=stride, part_size=part_size, labels=labels,
                    index_type=None if index_type == "auto" else index_type,
-                   max_memory_bytes=parse_bytes(max_memory) if max_memory else None)
+                   max_memory_bytes=parse_bytes(max_memory) if max_memory else None, channels=chosen, ocr_dir=ocr,
+                   text_every_s=text_every)
     worker = resolve_shard(shard)
     with make_engine(engine, **(ray_options or {})) as runner:  # joins or starts a Ray cluster: fails fast
         summary = run_index_job(spec, worker, resume=resume, workers=workers, batch_size=batch_size,
@@ -285,14 +298,21 @@ def _search_cmd(
                                                  "seconds long"),
     max_duration: Optional[float] = typer.Option(None, "--max-duration", help="only items at most this many "
                                                  "seconds long"),
+    channels: Optional[str] = typer.Option(None, "--channels", help="channels to search and fuse, e.g. "
+                                           "visual,text (default: every channel the index has)"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="per-channel fusion weights, e.g. "
+                                          "visual=1,text=2 (default 1 each)"),
 ) -> None:
     """Search an index by text (or by an example video with --video).
 
     Windows of one long video are grouped into one hit (best window first, the others as further
     moments); --no-group keeps the raw list. Each hit says where its labels come from: the
-    model's trained action head or zero-shot label prompts. --path, --where and the duration
-    bounds restrict the search before the top k is taken.
+    model's trained action head or zero-shot label prompts. An index with on-screen text is
+    searched on every channel and the rankings fused; hits show which channels matched and the
+    matched line with its time. --path, --where and the duration bounds restrict the search
+    before the top k is taken.
     """
+    from indexer.channels import channel_names, parse_weights  # noqa: PLC0415
     from indexer.filters import ItemFilter  # noqa: PLC0415
     from indexer.search import EmptyQuery, Searcher, clean_query  # noqa: PLC0415
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
@@ -305,11 +325,14 @@ def _search_cmd(
         if clean_query(query).blank:  # refuse an empty query before spending seconds loading the model
             raise EmptyQuery()
     item_filter = ItemFilter.build(paths, where, min_duration, max_duration)  # malformed: refused here
+    wanted = None if channels is None else channel_names(channels)
+    fusion_weights = parse_weights(weights)
     device, precision = runtime(device, precision)
     searcher = Searcher(index, model=model, device=device, precision=precision)
     searcher.select(item_filter)  # an unknown column is refused before the query is embedded
     if query is not None:
-        hits = searcher.search(query, k=k, rerank=rerank, group=group, where=item_filter)
+        hits = searcher.search(query, k=k, rerank=rerank, group=group, channels=wanted, weights=fusion_weights,
+                               where=item_filter)
     else:
         try:
             hits = searcher.search_video(video, k=k, group=group, where=item_filter)
@@ -325,6 +348,11 @@ def _search_cmd(
     for rank, hit in enumerate(hits, start=1):
         label = f"{hit.labels[0][0]} ({hit.labels[0][1]:.2f})" if hit.labels else "-"
         typer.echo(f"{rank:>4}  {hit.score:>7.3f}  {_format_span(hit.start, hit.end):>12}  {label:28}  {hit.path}")
+        if hit.channels:
+            matched = ", ".join(f"{name} #{info['rank']}" for name, info in hit.channels.items() if info["rank"])
+            typer.echo(f"{'':>4}  {'':>7}  channels: {matched}")
+        if hit.text:
+            typer.echo(f"{'':>4}  {'':>7}  on screen at {hit.text['start']:.1f}s: {hit.text['snippet']}")
         if hit.moments:
             more = ", ".join(f"{_format_span(m.start, m.end)} ({m.score:.3f})" for m in hit.moments)
             typer.echo(f"{'':>4}  {'':>7}  also at {more}")

@@ -119,6 +119,11 @@ PAGE_CSS = """
 .vtr-more a { margin-right: 6px; }
 .vtr-chip { display: inline-block; padding: 1px 8px; margin: 2px 4px 0 0; border-radius: 999px;
             background: var(--color-accent-soft); color: var(--body-text-color); font-size: 0.92em; }
+.vtr-channels { margin-top: 4px; font-size: 0.85em; color: var(--body-text-color-subdued); }
+.vtr-channel { margin-right: 6px; }
+.vtr-onscreen { margin-top: 4px; }
+.vtr-onscreen mark { background: var(--color-accent-soft); color: var(--body-text-color); padding: 0 2px;
+            border-radius: 3px; }
 .vtr-empty { padding: 28px; text-align: center; color: var(--body-text-color-subdued);
             border: 1px dashed var(--border-color-primary); border-radius: 10px; }
 """
@@ -206,13 +211,38 @@ def render_message(message: str) -> str:
     return f'<div class="vtr-empty">{_esc(message)}</div>'
 
 
+def preview_start(hit: Hit) -> float | None:
+    """Where a hit's preview starts: when its on-screen words first showed, else its moment's start."""
+    return float(hit.text["start"]) if hit.text else hit.start
+
+
+def render_channels(hit: Hit) -> str:
+    """Which channels ranked the hit (with their ranks) and the on-screen line that matched,
+    its matched words highlighted, for a search over several channels; empty otherwise."""
+    if not hit.channels:
+        return ""
+    ranked = "".join(f'<span class="vtr-channel" data-channel="{_esc(name)}">{_esc(name)} #{info["rank"]}</span>'
+                     for name, info in hit.channels.items() if info.get("rank"))
+    out = f'<div class="vtr-channels">matched: {ranked}</div>'
+    if hit.text:
+        text, pieces, last = hit.text["text"], [], 0
+        for lo, hi in hit.text["spans"]:
+            pieces += [_esc(text[last:lo]), f"<mark>{_esc(text[lo:hi])}</mark>"]
+            last = hi
+        pieces.append(_esc(text[last:]))
+        out += (f'<div class="vtr-onscreen" data-start="{float(hit.text["start"]):.2f}">on screen at '
+                f'{_esc(format_seconds(hit.text["start"]))}: {"".join(pieces)}</div>')
+    return out
+
+
 def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = CARD_LABELS) -> str:
-    """Result cards: a player starting at the matched moment, score, file, span, labels."""
+    """Result cards: a player starting at the matched moment (or where the matched on-screen words
+    show), score, file, span, the channels that matched, labels."""
     if not hits:
         return render_message("No results.")
     cards = []
     for rank, hit in enumerate(hits, 1):
-        url = guard.url(hit.item_id, hit.path, hit.start, hit.end)
+        url = guard.url(hit.item_id, hit.path, preview_start(hit), hit.end)
         name = guard.display_name(hit.path)
         if url is None:
             player = '<div class="vtr-noplay">this file is outside the corpus and is not served</div>'
@@ -236,7 +266,7 @@ def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = 
                 links.append(f'<a href="{_esc(link)}" target="_blank" rel="noopener">{label}</a>' if link
                              else f"<span>{label}</span>")
             more = f'<div class="vtr-more" data-moments="{len(hit.moments)}">also at {"".join(links)}</div>'
-        caption += more
+        caption += more + render_channels(hit)
         cards.append(
             f'<div class="vtr-card" data-rank="{rank}" data-score="{hit.score:.6f}" '
             f'data-item="{hit.item_id}">{player}<div class="vtr-meta">'
@@ -419,7 +449,7 @@ class SearchPage:
                     "seconds": 0.0, "label_source": self.searcher.label_source}
         rows = []
         for hit in hits:
-            url = self.guard.url(hit.item_id, hit.path, hit.start, hit.end)
+            url = self.guard.url(hit.item_id, hit.path, preview_start(hit), hit.end)
             if url is not None:
                 rows.append({**{key: value for key, value in hit.to_dict().items() if key != "path"},
                              "video_path": self.guard.display_name(hit.path), "url": url,

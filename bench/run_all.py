@@ -21,6 +21,7 @@ QUICK = {
     "eval": ["--size", "128"],
     "engines": ["--clips", "64", "--reps", "2"],
     "index_build": ["--n", "1000000", "--queries", "300"],
+    "channels": ["--parts", "ocr,fusion,scale"],
 }
 
 

@@ -11,8 +11,8 @@ Two layouts, same rows in the same order (row i = item i of the index):
 Metadata columns: ``id``, ``path`` (relative to the corpus root), ``start``, ``end``,
 ``duration`` (seconds; null when unknown), ``captions`` (list of strings), ``labels`` and
 ``label_probs`` (the top action labels, most probable first), one column per annotation field
-the corpus carried (``source``, ...), and one ``<channel>_text`` column per text channel the
-index holds (:func:`channel_text`). ``export.json`` describes the export: model, dim, rows,
+the corpus carried (``source``, ...), and ``screen_text`` (the on-screen text lines, one per
+line) when the index has a text channel (:func:`channel_text`). ``export.json`` describes the export: model, dim, rows,
 format, columns.
 
 The export is written into a private temporary sibling of ``--out`` and renamed into place when
@@ -46,29 +46,22 @@ ITEMS_FILE = "items.parquet"
 NPY_VECTORS = Path("embeddings") / "video_emb_0.npy"
 NPY_METADATA = Path("metadata") / "metadata_0.parquet"
 DESCRIPTION_FILE = "export.json"
-#: Item fields of the text channels (``extra[<channel>]``), exported as ``<channel>_text``.
-TEXT_CHANNELS = ("text", "speech")
+#: Exported column of each channel that carries words (``extra[<channel>]`` of an item).
+CHANNEL_COLUMNS = {"text": "screen_text", "speech": "speech_text"}
 
 
 def channel_text(item: Mapping[str, Any]) -> dict[str, str | None]:
-    """The words of each text channel an item carries (on-screen text, speech), one string per
-    channel: the one place where channel text joins an item's exported metadata. A channel is
-    stored under ``extra[<channel>]`` as a string, or a record whose ``text`` (or ``lines`` /
-    ``words``, joined) holds it."""
+    """The words of each channel an item carries (on-screen text; speech once indexed), one
+    string per channel, lines joined by newlines: the one place where channel text joins an
+    item's exported metadata."""
     extra = item.get("extra") or {}
     out: dict[str, str | None] = {}
-    for channel in TEXT_CHANNELS:
-        if channel not in extra:
-            continue
-        value = extra[channel]
-        if isinstance(value, Mapping):
-            parts = value.get("text")
-            if parts is None:
-                parts = value.get("lines") or value.get("words") or []
-            value = parts
-        if isinstance(value, (list, tuple)):
-            value = " ".join(str(v.get("text", "")) if isinstance(v, Mapping) else str(v) for v in value)
-        out[f"{channel}_text"] = None if value is None else str(value)
+    for channel, column in CHANNEL_COLUMNS.items():
+        if channel in extra:
+            # the record indexer.channels.item_lines reads; not imported, as it would bring torch
+            # into an export that otherwise stays small
+            lines = (extra[channel] or {}).get("lines") or []
+            out[column] = "\n".join(str(line.get("text", "")) for line in lines)
     return out
 
 

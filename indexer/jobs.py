@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer import guards
+from indexer.channels import parse_channels
 from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
 from indexer.store import open_index, read_published_manifest, same_model, write_index
@@ -68,6 +69,7 @@ from retrieval.labels import load_labels
 from retrieval.models.actions import ActionClassifier
 from retrieval.models.device import model_autocast, model_device, resolve_device, resolve_precision
 from retrieval.models.model_dir import load_model, model_identity, read_model_config
+from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, read_span
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ TIME_DECIMALS = 3
 #: corpus are mounted (the model's weights hash and the source list are compared instead).
 _LOCATION_KEYS = ("model_dir", "videos_root", "ann_file")
 # keys that job records written by earlier versions lack, with the value those jobs ran with
-_RECORD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "removed": []}
+_RECORD_DEFAULTS: dict[str, Any] = {"precision": "fp32", "removed": [], "channels": {"visual": {}}}
 
 
 class JobError(ValueError):
@@ -368,6 +370,9 @@ class JobSpec:
     labels: str = "synthetic"
     index_type: str | None = None
     max_memory_bytes: int | None = None
+    channels: tuple[str, ...] = ("visual",)
+    ocr_dir: Path | None = None
+    text_every_s: float = DEFAULT_EVERY_S
 
 
 @dataclass
@@ -397,8 +402,12 @@ class JobSummary:
 def _job_record(
     spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32",
     removed: list[str] | None = None,
+    reader: OcrReader | None = None,
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
+    channels: dict[str, Any] = {"visual": {}}
+    if reader is not None:
+        channels["text"] = {"every_s": spec.text_every_s, **reader.identity}
     return {
         # videos the index being rebuilt had removed: left out, and still listed in the new one
         "removed": removed or [],
@@ -421,6 +430,8 @@ def _job_record(
         "num_sources": len(sources),
         "num_parts": math.ceil(len(sources) / spec.part_size),
         "sources_sha256": sources_fingerprint(sources),
+        # what each channel is made by; the manifest publishes it as extra["channels"]
+        "channels": channels,
     }
 
 
@@ -518,6 +529,8 @@ class _Part:
         if position in self.durations:
             extra["duration"] = round(self.durations[position], 3)
         return extra
+    #: reads an item's on-screen text (the text channel) when the part is committed; None: no text channel
+    read_text: Callable[[CorpusItem], dict[str, Any]] | None = None
 
     def manifest_and_vectors(self, dim: int) -> tuple[dict[str, Any], np.ndarray]:
         rows, records = [], []
@@ -536,6 +549,8 @@ class _Part:
                     "extra": self.item_extra(position),
                 }
             )
+            if self.read_text is not None:
+                records[-1]["extra"]["text"] = self.read_text(item)
         vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
         manifest = {
             "part": self.number,
@@ -635,13 +650,21 @@ def run_index_job(
         embed_dim=embed_dim if isinstance(embed_dim, int) else None,
     )
     guards.check_corpus_root(spec.videos)
+    channels = parse_channels(spec.channels)
+    if "visual" not in channels:
+        raise JobError("--channels must include visual: an index is built around its clip vectors")
+    if spec.text_every_s <= 0:
+        raise JobError(f"the text channel's sampling interval must be positive, got {spec.text_every_s} s")
+    # the recogniser loads before any work: a bad --ocr directory fails here
+    reader = OcrReader(spec.ocr_dir) if "text" in channels else None
     lock = index_lock(spec.out) if shard.is_single else shard_lock(spec.out, shard.index, shard.count)
     with lock:
         work = WorkDir(work_dir_for(spec.out))
         created = not work.root.exists()
         try:
             return _run_locked(spec, shard, resume, workers, batch_size, progress, overwrite, work, started,
-                               embed_dim if isinstance(embed_dim, int) else None, device, precision, engine, select)
+                               embed_dim if isinstance(embed_dim, int) else None, device, precision, engine, select,
+                               reader)
         except BaseException:
             # a run that fails before committing anything leaves no work directory to trip over
             if created and shard.is_single and work.root.is_dir() and not any(work.parts_dir.glob("part-*.json")):
@@ -664,6 +687,7 @@ def _run_locked(
     precision: str = "fp32",
     engine: Any = None,
     select: Callable[[list[CorpusItem]], list[CorpusItem]] | None = None,
+    reader: OcrReader | None = None,
 ) -> JobSummary:
     identity = model_identity(spec.model_dir)
     has_work = work.root.exists()
@@ -693,7 +717,7 @@ def _run_locked(
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
     guards.check_index_size(len(sources), embed_dim, spec.index_type, spec.window is not None)
     record = _job_record(spec, identity, load_labels(spec.labels), sources,
-                         resolve_precision(precision, resolve_device(device)), sorted(removed))
+                         resolve_precision(precision, resolve_device(device)), sorted(removed), reader)
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
     _check_same_job(_create_once(work.job_file, seal_record(record)), record, work.root)
@@ -706,6 +730,12 @@ def _run_locked(
         logger.info("resuming: %d of this worker's %d parts are done", len(done), len(mine))
     root = spec.videos.resolve()
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
+    if reader is not None:
+        def read_text(item: CorpusItem) -> dict[str, Any]:
+            return read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
+
+        for part in parts:
+            part.read_text = read_text
     embed = _embed_parts if engine is None else engine.embed_parts
     indexed, failed, embed_seconds = embed(
         work,
@@ -881,6 +911,7 @@ def _publish_locked(out: Path) -> Path:
         items.extend({**item, "path": str(root / item["path"])} for item in manifest["items"])
         failures.extend({**failure, "path": str(root / failure["path"])} for failure in manifest["failures"])
     extra = {key: job[key] for key in ("model_dir", "dataset", "ann_file", "window", "stride", "label_set")}
+    extra["channels"] = job.get("channels") or _RECORD_DEFAULTS["channels"]
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         out.rmdir()  # an empty folder given as --out holds nothing to keep
     with guards.disk_full_as(

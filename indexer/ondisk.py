@@ -327,6 +327,7 @@ def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
                 os.fsync(handle.fileno())
         fsync_path(staged / IVF_DATA_FILE)
         extra = {key: job[key] for key in ("model_dir", "dataset", "ann_file", "window", "stride", "label_set")}
+        extra["channels"] = job.get("channels") or {"visual": {}}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -29,7 +29,8 @@ import logging
 import os
 import threading
 import unicodedata
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 
 from indexer.faiss_index import HeldSubset, hold_subset
 from indexer.filters import ItemFilter
+from indexer.channels import TextIndex, fuse, index_channels
 from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
@@ -59,6 +61,10 @@ FILTER_CACHE_SIZE = 8
 #: A resolved filter this small is also held in memory (:func:`indexer.faiss_index.hold_subset`:
 #: 16k x 512 float32 plus an 8-bit copy, 40 MB), so repeated queries need not gather its rows.
 FILTER_VECTORS_MAX = 16_384
+#: Items each channel contributes to a fused search (at least ``k`` times the group factor).
+FUSION_POOL = 100
+#: With a filter, the text channel's ranking is read this many times deeper before filtering.
+TEXT_FILTER_DEPTH = 20
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,11 @@ class Hit:
     ``label_source`` says where they come from: ``"head"`` (the model's trained action head),
     ``"zero-shot"`` (label prompts through the text tower) or ``"supervised"`` (the video
     encoder's own classifier). ``moments``: in a grouped search, the video's other matching
-    windows, best first.
+    windows, best first. In a search over several channels (:meth:`Searcher.search` with
+    ``channels``), ``score`` is the fused score, ``channels`` gives each channel's ``rank`` and
+    ``score`` for this item (absent: the channel did not rank it), and ``text`` the on-screen line
+    that matched (:class:`indexer.channels.TextMatch` as a dict: ``text``, ``start``/``end`` seconds,
+    ``spans``, ``snippet``).
     """
 
     item_id: int
@@ -93,6 +103,8 @@ class Hit:
     captions: list[str]
     label_source: str | None = None
     moments: tuple[Moment, ...] = ()
+    channels: dict[str, dict[str, float]] = field(default_factory=dict)
+    text: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -169,6 +181,13 @@ def _recorded_model_dir(index: Path) -> Path:
     return Path(model_dir)
 
 
+def _channel_state(reader: IndexReader) -> tuple[IndexReader, tuple[str, ...], TextIndex | None]:
+    """A version of an index with its channels and the in-memory lexical index of its on-screen
+    text (SQLite FTS5), built once per version."""
+    channels = index_channels(reader.manifest)
+    return reader, channels, TextIndex(reader.items) if "text" in channels else None
+
+
 class Searcher:
     """Text-to-video (and video-to-video) search over one published index.
 
@@ -204,8 +223,19 @@ class Searcher:
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
+        self._held = _channel_state(self.reader)
         # resolved filters of one index version: (version dir, filter) -> (ids, held subset)
         self._selections: dict[tuple[Path, ItemFilter], tuple[np.ndarray, HeldSubset | None]] = {}
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels the held version of the index has (``visual``, ``text``)."""
+        return self._held[1]
+
+    @property
+    def text_index(self) -> TextIndex | None:
+        """The lexical index of the held version's on-screen text (None without a text channel)."""
+        return self._held[2]
 
     def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
         """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
@@ -263,6 +293,7 @@ class Searcher:
                 return False
             logger.info("index %s: switched to generation %s (%d items)", self.index_path,
                         reader.manifest.get("generation", "?"), len(reader))
+            self._held = _channel_state(reader)  # its lexical index is ready before searches see it
             self.reader = reader
             return True
 
@@ -309,21 +340,34 @@ class Searcher:
 
     @torch.inference_mode()
     def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False,
+               channels: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
                where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` best clips for ``text``, best first; with ``group``, the ``k`` best videos,
         each with its other matching windows as ``moments``. ``where`` keeps only the items it
         matches (:meth:`select`), before the top ``k`` is taken.
+
+        ``channels`` (default: every channel the index has) are searched and their rankings
+        fused (:func:`indexer.channels.fuse`, per-channel ``weights``); a channel that matches
+        nothing abstains, so a query about the picture ranks as the visual channel ranks it.
+        ``rerank`` re-scores the visual channel's candidates alone.
 
         Queries longer than the model's text limit are truncated by the tokenizer; control
         characters are dropped.
 
         Raises:
             EmptyQuery: the query has no words.
+            ValueError: a channel the index does not have.
         """
         query = clean_query(text, cleaning=getattr(self.model, "text_cleaning", DEFAULT_CAPTION_CLEANING))
         if query.blank:
             raise EmptyQuery()
         self.refresh()
+        wanted = self.channels if channels is None else tuple(channels)
+        missing = [name for name in wanted if name not in self.channels]
+        if missing:
+            raise ValueError(f"the index has no {missing[0]} channel (it has {', '.join(self.channels)})")
+        if not wanted:
+            raise ValueError("search needs at least one channel")
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
@@ -332,6 +376,8 @@ class Searcher:
         with model_autocast(self.model):
             encoded = self.model.encode_texts([query.text])
         vector = encoded["feat"].float().cpu().numpy()
+        if not rerank and wanted != ("visual",):
+            return self._fused(query.text, vector, k, group, wanted, weights, where)
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
             ranked = reader.search(vector, pool, subset=ids, held=held)[0]
@@ -368,6 +414,43 @@ class Searcher:
             if len(grouped) >= k or pool >= total:
                 return grouped[:k]
             pool = min(total, pool * GROUP_POOL_FACTOR)
+
+    def _fused(self, query: str, vector: np.ndarray, k: int, group: bool, channels: Sequence[str],
+               weights: Mapping[str, float] | None, where: ItemFilter | str | None = None) -> list[Hit]:
+        """Each channel's best :data:`FUSION_POOL` items (of those ``where`` keeps), fused by
+        confidence-aware rank fusion."""
+        pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
+        reader, _, text_index = self._held  # one version throughout, even if a refresh switches meanwhile
+        ids, held = self._subset(where, reader)
+        if ids is not None and len(ids) == 0:
+            return []
+        rankings: dict[str, list[int]] = {}
+        scores: dict[str, dict[int, float]] = {}
+        if "visual" in channels:
+            found = reader.search(vector, pool, subset=ids, held=held)[0]
+            rankings["visual"] = [item["id"] for item, _ in found]
+            scores["visual"] = {item["id"]: score for item, score in found}
+        if "text" in channels and text_index is not None:
+            # the lexical index takes no id filter: its ranking is read deeper and then filtered
+            found_text = text_index.search(query, pool if ids is None else pool * TEXT_FILTER_DEPTH)
+            if ids is not None:
+                keep = set(ids.tolist())
+                found_text = [(item_id, score) for item_id, score in found_text if item_id in keep][:pool]
+            rankings["text"] = [item_id for item_id, _ in found_text]
+            scores["text"] = dict(found_text)
+        if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
+            return self._lookup(vector, k, group, where, reader)  # every other channel abstained: the visual search as is
+        hits = []
+        for item_id, fused, ranks in fuse(rankings, weights):
+            item = reader.items[item_id]
+            per_channel = {name: {"rank": rank, "score": scores[name][item_id]} for name, rank in ranks.items()}
+            if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
+                cosine = float(np.asarray(reader.vectors[item_id], np.float32) @ vector[0])
+                per_channel["visual"] = {"rank": None, "score": cosine}
+            match = text_index.match(item_id, query) if "text" in ranks and text_index else None
+            hits.append(replace(self._hit(item, fused), channels=per_channel,
+                                text=None if match is None else asdict(match)))
+        return group_hits(hits, k) if group else hits[:k]
 
     @torch.inference_mode()
     def search_video(

@@ -42,6 +42,7 @@ import faiss
 import numpy as np
 
 from indexer import guards
+from indexer.channels import channel_options
 from indexer.faiss_index import IVF_DATA_FILE, build_index, search_params
 from indexer.jobs import (
     DEFAULT_BATCH_SIZE,
@@ -275,7 +276,8 @@ def _embed_new(reader: IndexReader, staging: Path, root: Path, ann_file: str | o
     extra = reader.manifest.get("extra", {})
     spec = JobSpec(model_dir=model_dir, out=delta, videos=root, ann_file=Path(ann_file) if ann_file else None,
                    dataset=dataset, window=extra.get("window"), stride=extra.get("stride"),
-                   part_size=part_size, labels=extra.get("label_set") or "synthetic", index_type="Flat")
+                   part_size=part_size, labels=extra.get("label_set") or "synthetic", index_type="Flat",
+                   **channel_options(reader.manifest))
     if not staging.exists() and not select(plan_sources(load_corpus(dataset, spec.ann_file, root))):
         return None, selection
     staging.mkdir(exist_ok=True)

@@ -49,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval.atomic import atomic_write_text
+from retrieval.data.written import Writing, draw_writing, plan_writing
 
 __all__ = [
     "ACTIONS",
@@ -158,7 +159,7 @@ _HELD_OUT_UNPAIRED = 8
 _PAIR_SHARE = 0.4  # target share of test clips that belong to a direction pair
 
 # independent random streams, so one split's size never changes another split's content
-_STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED = range(5)
+_STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED, _STREAM_WRITTEN = range(6)
 
 _FORMAT = "vtr-synthetic"
 _FORMAT_VERSION = 3  # 2: train entries carry caption_reversed; 3: two-object clips are large + small
@@ -231,6 +232,7 @@ class Scene:
 
     background: Background
     objects: tuple[ShapeObject, ...]
+    writing: Writing | None = None  # text drawn over the clip (the written layer)
 
     @property
     def label(self) -> str:
@@ -407,6 +409,8 @@ def render_scene(scene: Scene, size: int, num_frames: int) -> np.ndarray:
             if _is_visible(obj, i):
                 _draw_object(canvas, obj, _pose_at(obj, i, last))
         frames[i] = np.rint(np.clip(canvas, 0, 255))
+        if scene.writing is not None:
+            frames[i] = draw_writing(frames[i], scene.writing, i, last)
     return frames
 
 
@@ -726,12 +730,18 @@ def plan_corpus(
     num_frames: int = 24,
     fps: int = 8,
     long_videos: int = 4,
+    written_share: float = 0.0,
 ) -> CorpusPlan:
     """Decide every clip, caption and annotation without drawing a pixel (fast, deterministic).
 
     ``generate_corpus`` renders this plan; tests use it to re-render a clip's exact frames.
+    ``written_share`` is the share of test clips that show a title, sign or caption
+    (:mod:`retrieval.data.written`) which their caption then mentions; it draws from its own
+    random stream, so everything else about the corpus stays the same.
     """
     _validate_counts(n_train, n_test, num_frames, fps, long_videos)
+    if not 0.0 <= written_share <= 1.0:
+        raise ValueError(f"written_share must be between 0 and 1, got {written_share}")
     held_out = _held_out_triples(seed)
     plan = CorpusPlan(held_out=held_out)
 
@@ -758,14 +768,23 @@ def plan_corpus(
     order = [int(i) for i in rng.permutation(len(planned))]
     position = {old: new for new, old in enumerate(order)}
     names = [f"test/{_video_name(i, n_test)}" for i in range(n_test)]
+    write_rng = np.random.default_rng([seed, _STREAM_WRITTEN])
+    with_writing = set(write_rng.permutation(n_test)[: round(written_share * n_test)].tolist())
+    texts: set[str] = set()
     for new, old in enumerate(order):
         scene, twin = planned[old]
         attributes = _attributes(scene)
         attributes["direction_twin"] = None if twin is None else names[position[twin]]
+        caption = _caption(scene, rng)
+        if new in with_writing:
+            scene = replace(scene, writing=plan_writing(write_rng, texts))
+            caption = f"{caption} {scene.writing.phrase()}"
+            attributes["written"] = {"text": scene.writing.text, "kind": scene.writing.kind,
+                                     "font": Path(scene.writing.font).stem, "moving": scene.writing.scroll > 0}
         plan.test.append(
             {
                 "video": names[new],
-                "caption": _caption(scene, rng),
+                "caption": caption,
                 "label": scene.label,
                 "attributes": attributes,
             }
@@ -958,13 +977,15 @@ def generate_corpus(
     fps: int = 8,
     long_videos: int = 4,
     progress: bool = True,
+    written_share: float = 0.0,
 ) -> dict[str, Any]:
     """Write the synthetic corpus to ``out_dir`` and return a summary.
 
     Layout: ``videos/{train,test,long}/NNNN.mp4``, ``train.json``, ``test.json``, ``long.json``,
     ``labels.txt`` and, written last, ``corpus.json`` (parameters, counts, held-out triples).
     A directory that already holds a complete corpus with the same parameters is returned as
-    is, so the demo can call this on every start. Returns ``{"out", "n_train", "n_test",
+    is, so the demo can call this on every start. ``written_share``: the share of test clips with
+    on-screen text (see :func:`plan_corpus`). Returns ``{"out", "n_train", "n_test",
     "n_long", "labels", "seconds"}``.
     """
     started = time.perf_counter()
@@ -982,6 +1003,8 @@ def generate_corpus(
         "fps": fps,
         "long_videos": long_videos,
     }
+    if written_share:  # recorded only when used: corpora written before the option stay complete
+        params["written_share"] = written_share
 
     def summary() -> dict[str, Any]:
         return {
@@ -997,7 +1020,7 @@ def generate_corpus(
     if _is_complete(root, params):
         return summary()
 
-    plan = plan_corpus(n_train, n_test, seed, num_frames, fps, long_videos)  # validates the counts
+    plan = plan_corpus(n_train, n_test, seed, num_frames, fps, long_videos, written_share)  # validates the counts
     planned = {f"videos/{job.video}" for job in plan.jobs} | {
         _MANIFEST, "train.json", "test.json", "long.json", "labels.txt"
     }

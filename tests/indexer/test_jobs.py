@@ -299,6 +299,8 @@ def test_kill_9_mid_job_then_resume_gives_the_reference(
         "1",
         "--precision",  # the reference and the resume below run the library's default, fp32
         "fp32",
+        "--channels",  # and its default channel set, the visual one
+        "visual",
         "--workers",
         "0",
         "--no-progress",

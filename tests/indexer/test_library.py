@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import indexer
 import retrieval
 from app.cli import app
-from indexer.export import NPY_METADATA, NPY_VECTORS, export_index, read_export
+from indexer.export import NPY_METADATA, NPY_VECTORS, channel_text, export_index, read_export
 from indexer.search import Searcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,3 +212,9 @@ def test_vtr_embed_writes_the_export_format(model_dir: Path, searcher: Searcher,
     one_line_error(_run("embed", *map(str, files), "--model", str(model_dir), "--out", str(out)), "--overwrite")
     one_line_error(_run("embed", str(tmp_path / "missing.mp4"), "--model", str(model_dir),
                                       "--out", str(tmp_path / "f2")), "video not found")
+
+
+def test_channel_text_joins_the_exported_row() -> None:
+    item = {"extra": {"text": {"lines": [{"text": "OPEN", "t": 1.0}, {"text": "24 HOURS", "t": 1.0}]}}}
+    assert channel_text(item) == {"screen_text": "OPEN\n24 HOURS"}
+    assert channel_text({"extra": {"key": "a.mp4"}}) == {}

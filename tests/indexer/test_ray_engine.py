@@ -99,7 +99,8 @@ def test_ray_job_killed_mid_way_resumes_to_the_same_index(
     address = ray_cluster.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "app.cli", "index", "--engine", "ray", "--ray-address", address,
                "--model", str(model_dir), "--videos", str(videos), "--out", str(out), "--window", str(WINDOW),
-               "--part-size", "1", "--batch-size", "1", "--no-progress", "--precision", "fp32"]
+               "--part-size", "1", "--batch-size", "1", "--no-progress", "--precision", "fp32",
+               "--channels", "visual"]  # the library default the reference and the resume below use
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     # part 0 is the broken file (committed at once, no clips); wait for one that held clips
@@ -129,6 +130,22 @@ def test_ray_job_killed_mid_way_resumes_to_the_same_index(
     assert summary.skipped > 0 and summary.parts_written == num_parts - len(committed)
     assert sorted(written) == sorted(set(range(num_parts)) - committed), "a part was written twice or skipped"
     _assert_same(out, local_index)
+
+
+@pytest.mark.ray
+def test_ray_engine_reads_on_screen_text_into_the_parts(ray_cluster, model_dir: Path, videos: Path,
+                                                        tmp_path: Path) -> None:
+    pytest.importorskip("rapidocr_onnxruntime", reason="the ocr extra (make install installs it)")
+    out = tmp_path / "index"
+    spec = JobSpec(model_dir=model_dir, out=out, videos=videos, window=WINDOW, part_size=3,
+                   channels=("visual", "text"))
+    with make_engine("ray") as engine:
+        summary = run_index_job(spec, batch_size=2, progress=False, engine=engine)
+    reader = open_index(out)
+    assert summary.failed == 1 and set(reader.manifest["extra"]["channels"]) == {"visual", "text"}
+    for item in reader.items:
+        text = item["extra"]["text"]
+        assert text["frames"] >= 1 and isinstance(text["lines"], list), item["extra"]["key"]
 
 
 def test_engine_errors_are_one_line_and_exit_2(

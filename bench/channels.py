@@ -1,0 +1,256 @@
+"""The text channel's targets: OCR recall and speed, fused retrieval, indexing cost, search at scale.
+
+Parts (``--parts``, default all):
+
+* ``ocr``: the embedded PP-OCR reads the middle frame of synthetic clips with written text
+  (:mod:`retrieval.data.written`, every font, size, position and colour it draws, some
+  scrolling). ``word_recall``: share of the rendered words found in the frame's text after
+  :func:`retrieval.ocr.fold` (target >= 0.9); ``ms_per_frame`` median (min, max).
+* ``fusion`` (``--model``: a trained model, ``--corpus``: a corpus written with
+  ``vtr data synth --written``; see :func:`bench_fusion` for the defaults): indexes the test split visual-only and visual+text, alternating,
+  (``index_cost_ratio``: text / visual embed seconds, target <= 1.5) and ranks every test caption
+  (:mod:`indexer.channel_eval`): t2v R@1 on text-mentioning queries fused vs visual-only (target
+  +25 points) and on picture-only ones (target within 1 point), and plain rank fusion over all
+  items for comparison. It also compares the trigram index of folded text with a plain FTS5
+  word index (unicode61 tokens, BM25) on the same OCR output: R@1 of the text channel alone.
+* ``scale``: fused search over 100k items (random clustered vectors, synthetic on-screen text on
+  a third of them) through :class:`indexer.search.Searcher`, text-mentioning and picture-only
+  queries alternating; ``p50_ms`` of the whole search (query encoding by the MiniLM text tower
+  included), of the encoding alone, and of the search with the encoding handed in
+  (``without_encoding``: FAISS, FTS5, fusion, hits; target: fused search p50 <= 15 ms).
+
+Prints one JSON object per part and writes them to ``bench/results/channels.jsonl``.
+The machine these numbers come from is shared with other work: the JSON says so (``note``).
+
+    python bench/channels.py --parts ocr,scale
+    python bench/channels.py --parts fusion --model runs/demo/train/model --corpus runs/written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from indexer.channel_eval import channel_ranks, evaluate_channels
+from indexer.jobs import JobSpec, run_index_job
+from indexer.search import Searcher
+from indexer.store import write_index
+from retrieval.data.corpora import load_corpus
+from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
+from retrieval.data.written import plan_writing
+from retrieval.eval.metrics import rank_metrics
+from retrieval.models.model_dir import model_identity
+from retrieval.models.retrieval_model import build_retrieval_model
+from retrieval.ocr import OcrReader, fold
+
+THREADS = 2
+NOTE = "2-core machine shared with other jobs (load average > 2 during the run): times are indicative"
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_ocr(clips: int, size: int) -> dict:
+    """Word recall and time per frame of the embedded recogniser on rendered synthetic text."""
+    plan = plan_corpus(n_train=20, n_test=clips, seed=11, long_videos=0, written_share=1.0)
+    reader = OcrReader(threads=THREADS)
+    found = total = exact = 0
+    times = []
+    reader.read(np.zeros((size, size, 3), np.uint8))  # warm-up
+    for entry in plan.test:
+        text = entry["attributes"]["written"]["text"]
+        frames = render_job(plan.job(entry["video"]), size)
+        frame = frames[len(frames) // 2]
+        started = time.perf_counter()
+        lines = reader.read(frame)
+        times.append(time.perf_counter() - started)
+        read = fold(" ".join(line for line, _, _ in lines))
+        words = [fold(word) for word in text.split()]
+        found += sum(word in read for word in words)
+        total += len(words)
+        exact += fold(text) in read
+    return {"bench": "channels", "part": "ocr", "clips": clips, "frame_px": size, "word_recall": round(found / total, 3),
+            "text_recall": round(exact / clips, 3), "ms_per_frame": round(1000 * statistics.median(times), 1),
+            "ms_min": round(1000 * min(times), 1), "ms_max": round(1000 * max(times), 1), "threads": THREADS,
+            "target_word_recall": 0.9, "load_avg": _load(), "note": NOTE}
+
+
+class WordIndex:
+    """The alternative lexical index: FTS5 word tokens (unicode61) over the lines as read, BM25."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.db = sqlite3.connect(":memory:")
+        self.db.execute("CREATE VIRTUAL TABLE docs USING fts5(body, tokenize='unicode61 remove_diacritics 2')")
+        rows = [(item["id"], " ".join(line["text"] for line in item["extra"].get("text", {}).get("lines", [])))
+                for item in items]
+        self.db.executemany("INSERT INTO docs(rowid, body) VALUES (?, ?)", [row for row in rows if row[1]])
+
+    def search(self, query: str) -> list[int]:
+        words = ['"' + word + '"' for word in query.lower().replace('"', " ").split() if word.isalnum()]
+        if not words:
+            return []
+        sql = "SELECT rowid FROM docs WHERE docs MATCH ? ORDER BY bm25(docs)"
+        return [row[0] for row in self.db.execute(sql, (" OR ".join(words),))]
+
+
+def _index(model: Path, corpus: Path, out: Path, channels: tuple[str, ...]) -> float:
+    spec = JobSpec(model_dir=model, out=out, videos=corpus / "videos", ann_file=corpus / "test.json",
+                   channels=channels)
+    return run_index_job(spec, workers=1, progress=False, overwrite=True).embed_seconds
+
+
+def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: int) -> dict:
+    """Fused vs visual-only retrieval on the written corpus, and what the text channel costs.
+
+    Without ``model``: the demo architecture with random weights (it encodes exactly as fast as
+    the trained one, so the cost ratio holds; its visual ranking is chance). Without ``corpus``:
+    ``clips`` test clips, 40 % of them written."""
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-channels-") as scratch:
+        trained = model is not None
+        if model is None:
+            model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
+                                          text_pooling="mean").save(Path(scratch) / "model")
+        if corpus is None:
+            corpus = Path(scratch) / "corpus"
+            generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, written_share=0.4)
+        visual_s, text_s = [], []
+        for _ in range(repeats):
+            visual_s.append(_index(model, corpus, Path(scratch) / "visual", ("visual",)))
+            text_s.append(_index(model, corpus, Path(scratch) / "text", ("visual", "text")))
+        searcher = Searcher(Path(scratch) / "text", model=model)
+        test = load_corpus("generic", corpus / "test.json", corpus / "videos")
+        result = evaluate_channels(searcher, test)
+        # the lexical alternatives on the same OCR output: text channel alone, text-mentioning queries
+        ranks = channel_ranks(searcher, test)
+        words = WordIndex(searcher.reader.items)
+        paths = [item["path"] for item in searcher.reader.items]
+        mentioning = [i for i, flag in enumerate(ranks["text_mentioning"]) if flag]
+        targets = [str(test.root / entry.video) for entry in test.items for _ in entry.captions]
+        word_ranks = []
+        for i in mentioning:
+            order = [paths[item] for item in words.search(ranks["captions"][i])]
+            word_ranks.append(order.index(targets[i]) + 1 if targets[i] in order else len(paths) + 1)
+        trigram_r1 = rank_metrics(np.asarray(ranks["text"])[mentioning])["R@1"]
+    by = {subset: {way: round(metrics["R@1"], 1) for way, metrics in result[subset].items()}
+          for subset in ("all", "picture_only", "text_mentioning") if subset in result}
+    gain = by["text_mentioning"]["fused"] - by["text_mentioning"]["visual"]
+    picture_gap = by["picture_only"]["fused"] - by["picture_only"]["visual"]
+    ratio = statistics.median(text_s) / statistics.median(visual_s)
+    return {"bench": "channels", "part": "fusion", "visual_model": "trained" if trained else
+            "videomamba_demo, random weights (visual ranks are chance)", "queries": result["queries"], "t2v_R@1": by,
+            "R@5": {s: {w: round(m["R@5"], 1) for w, m in result[s].items()} for s in by},
+            "fused_gain_text_mentioning": round(gain, 1), "fused_gap_picture_only": round(picture_gap, 1),
+            "lexical_R@1_text_mentioning": {"trigram_folded": round(trigram_r1, 1),
+                                            "word_unicode61": round(rank_metrics(word_ranks)["R@1"], 1)},
+            "index_embed_s": {"visual": [round(s, 1) for s in visual_s], "visual+text": [round(s, 1) for s in text_s]},
+            "index_cost_ratio": round(ratio, 2), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
+            "load_avg": _load(), "note": NOTE}
+
+
+def _scale_items(n: int, rng: np.random.Generator) -> tuple[list[dict], list[str]]:
+    """``n`` items, a third with one or two lines of on-screen text; returns them and the texts."""
+    items, texts = [], []
+    for i in range(n):
+        extra: dict = {"key": f"v{i}.mp4"}
+        if i % 3 == 0:  # the written layer's texts, made distinct by the item's number
+            text = f"{plan_writing(rng, set()).text} {i}"
+            texts.append(text)
+            extra["text"] = {"lines": [{"text": text, "start": 1.0, "end": 3.0, "box": [], "score": 0.9}],
+                             "frames": 2, "notes": []}
+        items.append({"path": f"/videos/v{i}.mp4", "start": None, "end": None, "extra": extra})
+    return items, texts
+
+
+def bench_scale(n: int, queries: int) -> dict:
+    """p50 of a fused search at ``n`` items, and of the query encoding it includes."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-scale-") as scratch:
+        model = build_retrieval_model("videomamba_tiny_test", embed_dim=64, num_fusion_layers=1)
+        model_dir = model.save(Path(scratch) / "model")
+        centres = rng.standard_normal((1000, 64)).astype(np.float32)
+        vectors = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, 64)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        items, texts = _scale_items(n, rng)
+        write_index(Path(scratch) / "index", vectors, items, model_identity(model_dir), "/videos",
+                    extra={"model_dir": str(model_dir), "channels": {"visual": {}, "text": {"every_s": 2.0}}})
+        started = time.perf_counter()
+        searcher = Searcher(Path(scratch) / "index")
+        open_s = time.perf_counter() - started
+        asks = [(f"a red circle moving left under a title that reads {texts[int(rng.integers(len(texts)))]}", True)
+                if q % 2 == 0 else ("a small blue square rotating clockwise on a gray background", False)
+                for q in range(queries)]
+        for text, _ in asks[:10]:
+            searcher.search(text, k=10)
+        full, encode, rest, text_hits = [], [], [], 0
+        encoder = searcher.model.encode_texts
+        with torch.inference_mode():
+            for text, mentions in asks:
+                started = time.perf_counter()
+                encoded = encoder([text])
+                encode.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                hits = searcher.search(text, k=10)
+                full.append(time.perf_counter() - started)
+                # the same search with the query's encoding handed back at once: FAISS, FTS5, fusion, hits
+                searcher.model.encode_texts = lambda texts, encoded=encoded: encoded
+                started = time.perf_counter()
+                searcher.search(text, k=10)
+                rest.append(time.perf_counter() - started)
+                searcher.model.encode_texts = encoder
+                text_hits += mentions and bool(hits[0].text)
+    def ms(values: list[float], q: float) -> float:
+        return round(1000 * float(np.quantile(values, q)), 2)
+
+    return {"bench": "channels", "part": "scale", "items": n, "items_with_text": math.ceil(n / 3),
+            "queries": queries, "p50_ms": ms(full, 0.5), "p90_ms": ms(full, 0.9), "encode_p50_ms": ms(encode, 0.5),
+            "without_encoding_p50_ms": ms(rest, 0.5), "without_encoding_p90_ms": ms(rest, 0.9),
+            "text_match_at_1": round(text_hits / (queries // 2 + queries % 2), 3), "open_s": round(open_s, 1),
+            "target_p50_ms": 15, "threads": THREADS, "load_avg": _load(), "note": NOTE}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale (comma-separated)")
+    parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
+                        "--corpus is given")
+    parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
+    parser.add_argument("--model", type=Path, help="fusion: a trained model directory (default: the demo "
+                        "architecture with random weights)")
+    parser.add_argument("--corpus", type=Path, help="fusion: a corpus from `vtr data synth --written`")
+    parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
+    parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
+    parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "channels.jsonl")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    rows = []
+    for part in parts:
+        if part == "ocr":
+            rows.append(bench_ocr(args.clips, args.size))
+        elif part == "fusion":
+            rows.append(bench_fusion(args.model, args.corpus, args.repeats, args.clips))
+        elif part == "scale":
+            rows.append(bench_scale(args.items, args.queries))
+        else:
+            parser.error(f"unknown part {part!r}")
+        print(json.dumps(rows[-1]), flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
