@@ -250,3 +250,14 @@ def test_cli_names_the_missing_extra_before_work(model_dir: Path, videos: Path, 
     assert len(missing.output.strip().splitlines()) == 1
     assert not out.exists() and not work_dir_for(out).exists()
 
+
+
+def test_export_and_the_python_api_carry_the_speech(speech_index: Path, tmp_path: Path) -> None:
+    import indexer
+
+    _, table = indexer.read_export(indexer.export_index(speech_index, tmp_path / "export"))
+    spoken = dict(zip([Path(p).name for p in table.column("path").to_pylist()],
+                      table.column("speech_text").to_pylist(), strict=True))
+    assert spoken["meeting.mp4"] and spoken["mute.mp4"] == ""
+    hit = indexer.Searcher(speech_index).search("a voice says the meeting starts at noon", k=1)[0]
+    assert hit.to_dict()["speech"]["text"] == hit.speech["text"] and Path(hit.path).name == "meeting.mp4"
