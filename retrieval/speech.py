@@ -491,8 +491,11 @@ class SpeechIndex:
                     first += 1
                 where[position].append((float(track.times[first, 0]), float(track.times[end, 1])))
         total /= sum(weights)
-        # chance: the better of the query against the item reversed, and the index's typical item
-        luck = np.maximum(luck / sum(weights), np.median(total))
+        # chance: the better of the query against the item reversed, and the index's median item
+        # (when there is another item to compare with)
+        luck /= sum(weights)
+        if items > 1:
+            luck = np.maximum(luck, np.median(total))
         return [(item_id, float(total[n]), float(total[n] - luck[n]), dict(zip(words, where[n], strict=True)))
                 for n, item_id in enumerate(self._ids)]
 

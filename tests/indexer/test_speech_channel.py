@@ -9,6 +9,7 @@ one without audio. espeak-ng comes from `make test` (the Makefile's espeak targe
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import wave
 from pathlib import Path
@@ -261,3 +262,28 @@ def test_export_and_the_python_api_carry_the_speech(speech_index: Path, tmp_path
     assert spoken["meeting.mp4"] and spoken["mute.mp4"] == ""
     hit = indexer.Searcher(speech_index).search("a voice says the meeting starts at noon", k=1)[0]
     assert hit.to_dict()["speech"]["text"] == hit.speech["text"] and Path(hit.path).name == "meeting.mp4"
+
+
+def test_index_add_recognises_the_new_videos_speech(model_dir: Path, videos: Path, tmp_path: Path) -> None:
+    from indexer.update import add_to_index
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(videos / "mute.mp4", corpus / "mute.mp4")
+    shutil.copy(videos / "garden.mp4", corpus / "garden.mp4")
+    index = tmp_path / "index"
+    run_index_job(JobSpec(model_dir=model_dir, out=index, videos=corpus, channels=("visual", "speech")),
+                  workers=0, progress=False)
+    shutil.copy(videos / "meeting.mp4", corpus / "meeting.mp4")
+    add_to_index(index, corpus, workers=0, progress=False)
+    reader = open_index(index)
+    assert set(reader.manifest["extra"]["channels"]) == {"visual", "speech"}
+    added = next(item for item in reader.items if item["path"].endswith("meeting.mp4"))
+    assert added["extra"]["speech"]["words"]
+    hit = Searcher(index).search("a voice says the meeting starts at noon", k=1)[0]
+    assert hit.path.endswith("meeting.mp4") and hit.channels["speech"]["rank"] == 1
+
+
+def test_a_lone_spoken_item_is_still_found() -> None:
+    index = SpeechIndex([_item(0, "the meeting starts at noon"), {"id": 1, "extra": {}}])
+    assert [item for item, _ in index.search("a voice says the meeting starts at noon")] == [0]
