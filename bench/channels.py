@@ -42,6 +42,7 @@ The machine these numbers come from is shared with other work: the JSON says so 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sqlite3
@@ -61,11 +62,11 @@ import numpy as np
 import torch
 
 from bench.record import Recorder, add_output_argument
-
 from indexer.channel_eval import channel_ranks, evaluate_channels
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
 from indexer.store import write_index
+from retrieval.atomic import atomic_write_text
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
 from retrieval.data.written import plan_writing
@@ -73,7 +74,14 @@ from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
 from retrieval.ocr import OcrReader, fold
-from retrieval.speech import MATCH_SOURCES, SAMPLE_RATE, SpeechIndex, SpeechRecognizer, read_speech, word_error_rate
+from retrieval.speech import (
+    MATCH_SOURCES,
+    SAMPLE_RATE,
+    SpeechIndex,
+    SpeechRecognizer,
+    read_speech,
+    word_error_rate,
+)
 
 THREADS = 2
 NOTE = "2-core machine shared with other jobs (load average > 2 during the run): times are indicative"
@@ -268,8 +276,14 @@ def _spoken(text: str, voice: str, speed: int, noise_snr_db: float | None, rng: 
     return np.clip(audio, -32768, 32767).astype(np.int16)
 
 
-def bench_speech(sentences: int) -> dict:
-    """Recognition error and speed, and each matching way's R@1, on espeak-ng sentences."""
+def bench_speech(sentences: int, keep: Path | None = None) -> dict:
+    """Recognition error and speed, and each matching way's R@1, on espeak-ng sentences.
+    ``keep``: a JSON file that keeps the recognised items (and their timing) between runs, so
+    that matching can be compared again without recognising again."""
+    if keep is not None and keep.is_file():
+        saved = json.loads(keep.read_text())
+        if saved["sentences"] == sentences:
+            return _speech_rows(saved)
     rng = np.random.default_rng(5)
     texts = [_TEMPLATES[n % len(_TEMPLATES)].format(_NOUNS[n % len(_NOUNS)]) for n in range(sentences)]
     recognizer = SpeechRecognizer()
@@ -297,6 +311,17 @@ def bench_speech(sentences: int) -> dict:
             items.append({"id": n, "extra": {"speech": speech}})
             errors += word_error_rate(text.split(), [w["word"] for w in speech["words"]]) * len(text.split())
             words += len(text.split())
+    saved = {"sentences": sentences, "texts": texts, "items": items, "audio_s": audio_s, "word_s": word_s,
+             "phone_s": phone_s, "errors": errors, "words": words,
+             "load_avg": _load()}
+    if keep is not None:
+        atomic_write_text(keep, json.dumps(saved), durable=False)
+    return _speech_rows(saved)
+
+
+def _speech_rows(saved: dict) -> dict:
+    sentences, texts, items = saved["sentences"], saved["texts"], saved["items"]
+    audio_s, word_s, phone_s = saved["audio_s"], saved["word_s"], saved["phone_s"]
     queries = [f'a voice says "{text}"' for text in texts]
     ways: dict[str, float] = {}
     transcripts = WordIndex([{"id": item["id"], "extra": {"text": {"lines": [
@@ -312,7 +337,7 @@ def bench_speech(sentences: int) -> dict:
     pictures = [entry["caption"] for entry in plan_corpus(n_train=1, n_test=60, seed=3, long_videos=0).test]
     silent = sum(not index.search(caption) for caption in pictures) / len(pictures)
     return {"bench": "channels", "part": "speech", "sentences": sentences, "audio_s": round(audio_s, 1),
-            "wer": round(errors / words, 3),
+            "wer": round(saved["errors"] / saved["words"], 3),
             "rtf": {"words": round(word_s / audio_s, 3), "phone_loop": round(phone_s / audio_s, 3),
                     "both": round((word_s + phone_s) / audio_s, 3)},
             "R@1_spoken_quoted": {way: round(value, 3) for way, value in ways.items()},
@@ -320,7 +345,8 @@ def bench_speech(sentences: int) -> dict:
             "answered_R@1": round(sum(bool(a) and a[0][0] == n for n, a in enumerate(answered)) / sentences, 3),
             "answered_share": round(sum(bool(a) for a in answered) / sentences, 3),
             "picture_abstained": round(silent, 3), "picture_queries": len(pictures),
-            "targets": {"R@1": 0.6, "rtf": 0.3}, "threads": 1, "load_avg": _load(), "note": NOTE}
+            "targets": {"R@1": 0.6, "rtf": 0.3}, "threads": 1, "load_avg": _load(),
+            "load_avg_while_recognising": saved.get("load_avg"), "note": NOTE}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--sentences", type=int, default=40, help="speech: spoken sentences")
+    parser.add_argument("--keep-speech", type=Path, help="speech: keep the recognised sentences in this JSON "
+                        "file and reuse them on the next run (to compare matching only)")
     add_output_argument(parser, "channels")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -349,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
         elif part == "speech":
-            results.add(bench_speech(args.sentences))
+            results.add(bench_speech(args.sentences, args.keep_speech))
         else:
             parser.error(f"unknown part {part!r}")
     return 0

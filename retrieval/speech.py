@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import os
 import re
 import threading
@@ -55,13 +56,15 @@ SPEECH_PACKAGE = "pocketsphinx"
 SAMPLE_RATE = 16000
 #: The speech channel ranks an item only when its match score (1.0: every query phone found in
 #: order) is at least this, ...
-MIN_SCORE = 0.5
+MIN_SCORE = 0.6
 #: ... its confidence (score less its chance score: the better of the same query against the
 #: item's phones reversed, and the median item's score) at least this, ...
-MIN_CONFIDENCE = 0.12
+MIN_CONFIDENCE = 0.15
 #: ... and it scores at least this share of the query's best item. Calibrated on espeak-ng
 #: speech (bench/channels.py): true matches of spoken sentences against captions of pictures.
 RELATIVE_FLOOR = 0.9
+#: A query word aligning at least this well with an item counts as heard there (for its weight).
+HEARD = 0.75
 #: Queries with fewer phones than this (in the words searched) are not searched in speech: two
 #: short words ("red car") align well enough with any speech.
 MIN_QUERY_PHONES = 7
@@ -471,12 +474,16 @@ class SpeechIndex:
         total = np.zeros(items)
         luck = np.zeros(items)
         where: list[list[tuple[float, float]]] = [[] for _ in range(items)]
-        weights = [len(self._pronouncer.phones(w)) for w in words]
-        for word, weight in zip(words, weights, strict=True):
+        weights = []
+        for word in words:
             query = [_PHONE_ID[p] for p in self._pronouncer.phones(word)]
             aligned = [track.align(query, items) for track in self._tracks]
             best = np.max([score for score, _ in aligned], axis=0)
             chance = np.max([track.align(query, items)[0] for track in self._chance], axis=0)
+            # a word heard in many items tells them apart less (BM25's idf over near-exact matches)
+            found = int(np.count_nonzero(best >= HEARD))
+            weight = len(query) * math.log(1.0 + (items - found + 0.5) / (found + 0.5))
+            weights.append(weight)
             total += weight * best
             luck += weight * chance
             for position in range(items):
