@@ -314,7 +314,7 @@ class Searcher:
     def _load_in_background(self) -> None:
         try:
             self._load_published()
-        except Exception:  # noqa: BLE001 - a thread has no caller to raise to: log, keep the held version
+        except Exception:  # a thread has no caller to raise to: log it, keep the held version
             self._unusable = published_version_dir(self.index_path)
             logger.exception("index %s: opening the newly published version failed; still serving generation %s",
                              self.index_path, self.reader.manifest.get("generation", "?"))

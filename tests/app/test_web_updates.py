@@ -22,7 +22,6 @@ from indexer.update import add_to_index, remove_from_index
 from retrieval.data.synthetic import generate_corpus
 from retrieval.models.retrieval_model import build_retrieval_model
 
-
 CARD_KEY = re.compile(r'<video src="vtr/clip/([0-9a-f]{16})')
 
 

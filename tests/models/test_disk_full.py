@@ -27,7 +27,7 @@ from retrieval.train.recipe import load_recipe
 
 from .official_layout import official_checkpoint
 from .test_convert import TINY
-from .test_convert_full import save, tokenizer_dir, videomamba_checkpoint  # noqa: F401  (tokenizer_dir: a fixture)
+from .test_convert_full import save, videomamba_checkpoint
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
