@@ -292,6 +292,11 @@ class Searcher:
         """The lexical index of the held version's on-screen text (None without a text channel)."""
         return self._held.text_index
 
+    @property
+    def speech_index(self) -> SpeechIndex | None:
+        """The phonetic index of the held version's speech (None without a speech channel)."""
+        return self._held.speech_index
+
     def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
         """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
         read by :meth:`ItemFilter.parse`. Resolutions are cached per filter and index version.

@@ -88,7 +88,7 @@ def speak(speech: Speech, seconds: float) -> np.ndarray:
             samples = np.frombuffer(said.readframes(said.getnframes()), np.int16).astype(np.float32)
     picks = np.arange(0, len(samples), rate / SAMPLE_RATE).astype(int)
     samples = samples[picks[picks < len(samples)]]
-    out = np.zeros(int(round(seconds * SAMPLE_RATE)), np.float32)
+    out = np.zeros(round(seconds * SAMPLE_RATE), np.float32)
     at = int(speech.start * SAMPLE_RATE)
     piece = samples[: max(0, len(out) - at)]
     out[at : at + len(piece)] = piece

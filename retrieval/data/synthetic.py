@@ -34,8 +34,8 @@ long clips), so changing ``n_train`` does not change the test split.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import math
 import multiprocessing
 import os

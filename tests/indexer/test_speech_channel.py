@@ -24,6 +24,8 @@ from app.web import CorpusGuard, preview_start, render_hits
 from indexer.jobs import JobSpec, run_index_job, work_dir_for
 from indexer.search import Hit, Searcher
 from indexer.store import open_index
+from retrieval.data import synthetic
+from retrieval.data.synthetic import generate_corpus, plan_corpus
 from retrieval.speech import (
     SAMPLE_RATE,
     AudioError,
@@ -287,3 +289,48 @@ def test_index_add_recognises_the_new_videos_speech(model_dir: Path, videos: Pat
 def test_a_lone_spoken_item_is_still_found() -> None:
     index = SpeechIndex([_item(0, "the meeting starts at noon"), {"id": 1, "extra": {}}])
     assert [item for item, _ in index.search("a voice says the meeting starts at noon")] == [0]
+
+
+def test_the_spoken_layer_says_what_the_caption_quotes(recognizer: SpeechRecognizer, tmp_path: Path) -> None:
+    quiet = plan_corpus(n_train=2, n_test=8, long_videos=0)
+    plan = plan_corpus(n_train=2, n_test=8, long_videos=0, spoken_share=0.5)
+    spoken = [entry for entry in plan.test if entry["attributes"].get("spoken")]
+    assert len(spoken) == 4 and plan.train == quiet.train, "the layer draws from its own random stream"
+    for entry in spoken:
+        assert entry["caption"].endswith(f"while a voice says {entry['attributes']['spoken']['text']}")
+    generate_corpus(tmp_path, n_train=2, n_test=8, long_videos=0, progress=False, spoken_share=0.5)
+    errors = []
+    for entry in json.loads((tmp_path / "test.json").read_text()):
+        said = entry["attributes"].get("spoken")
+        heard = read_speech(recognizer, tmp_path / "videos" / entry["video"])
+        if said is None:
+            assert heard["notes"], "a clip without the layer has no audio track"
+            continue
+        errors.append(word_error_rate(said["text"].split(), [word["word"] for word in heard["words"]]))
+    assert len(errors) == 4 and np.mean(errors) < 0.9, errors
+
+
+def test_synth_without_espeak_warns_once_and_skips_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(synthetic, "espeak_available", lambda: False)
+    synthetic.generate_corpus(tmp_path, n_train=1, n_test=4, long_videos=0, progress=False, spoken_share=1.0)
+    assert [r.getMessage() for r in caplog.records if "espeak-ng" in r.getMessage()] != []
+    assert not any(entry["attributes"].get("spoken") for entry in json.loads((tmp_path / "test.json").read_text()))
+
+
+def test_eval_reports_the_speech_channel_fusion_and_wer(model_dir: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    generate_corpus(corpus, n_train=1, n_test=6, long_videos=0, progress=False, spoken_share=0.5)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, ["eval", "--model", str(model_dir), "--dataset", "generic", "--ann",
+                                      str(corpus / "test.json"), "--videos", str(corpus / "videos"), "--channels",
+                                      "visual,speech", "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "speech_mentioning" in result.output and "WER" in result.output
+    metrics = json.loads((out / "channels.json").read_text())
+    assert metrics["queries"] == {"all": 6, "picture_only": 3, "text_mentioning": 0, "speech_mentioning": 3}
+    assert metrics["recognition"]["videos"] == 3 and 0.0 <= metrics["recognition"]["wer"] <= 1.5
+    mentioning, picture = metrics["speech_mentioning"], metrics["picture_only"]
+    assert {"visual", "speech", "fused"} <= mentioning.keys()
+    assert mentioning["fused"]["R@1"] >= mentioning["visual"]["R@1"]
+    assert picture["fused"] == picture["visual"], "no speech match on a picture caption: fusion is the visual ranking"

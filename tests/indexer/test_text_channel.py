@@ -252,7 +252,7 @@ def test_eval_reports_each_channel_and_the_fusion_per_query_kind(model_dir: Path
     assert result.exit_code == 0, result.output
     assert "text_mentioning" in result.output and "plain_fusion" in result.output
     metrics = json.loads((out / "channels.json").read_text())
-    assert metrics["queries"] == {"all": 6, "picture_only": 3, "text_mentioning": 3}
+    assert metrics["queries"] == {"all": 6, "picture_only": 3, "text_mentioning": 3, "speech_mentioning": 0}
     mentioning, picture = metrics["text_mentioning"], metrics["picture_only"]
     assert mentioning["text"]["R@1"] >= 66.0, "the untrained model cannot see; the text channel reads"
     assert mentioning["fused"]["R@1"] >= mentioning["visual"]["R@1"]
