@@ -13,6 +13,10 @@ Parts (``--parts``, default all):
   +25 points) and on picture-only ones (target within 1 point), and plain rank fusion over all
   items for comparison. It also compares the trigram index of folded text with a plain FTS5
   word index (unicode61 tokens, BM25) on the same OCR output: R@1 of the text channel alone.
+  The semantic side (sentence vectors of the text): R@1 on text-mentioning queries of lexical
+  alone vs lexical + semantic, on the captions as written (they quote the text) and on
+  *paraphrased* ones (:func:`paraphrase`: every word of the quoted text swapped for a synonym,
+  numbers kept), and the cosines its floor is calibrated on.
 * ``scale``: fused search over 100k items (random clustered vectors, synthetic on-screen text on
   a third of them) through :class:`indexer.search.Searcher`, text-mentioning and picture-only
   queries alternating; ``p50_ms`` of the whole search (query encoding by the MiniLM text tower
@@ -36,16 +40,18 @@ import sqlite3
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from indexer.channel_eval import channel_ranks, evaluate_channels
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
 from indexer.store import write_index
-from retrieval.data.corpora import load_corpus
+from retrieval.data.corpora import Corpus, load_corpus
 from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
 from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
@@ -104,6 +110,62 @@ class WordIndex:
         return [row[0] for row in self.db.execute(sql, (" OR ".join(words),))]
 
 
+#: Synonyms for the written layer's words (retrieval/data/written.py), for paraphrased queries.
+SYNONYMS = {
+    "harbor": "port", "lantern": "lamp", "meadow": "field", "summit": "peak", "falcon": "hawk",
+    "orchard": "fruit grove", "canyon": "gorge", "harvest": "crop", "glacier": "ice sheet", "market": "bazaar",
+    "station": "depot", "garden": "yard", "bakery": "bread shop", "museum": "gallery", "theatre": "playhouse",
+    "library": "bookstore", "stadium": "arena", "forest": "woods", "river": "stream", "castle": "fortress",
+    "chapter": "section", "open": "opened", "hours": "hrs", "exit": "way out", "room": "chamber",
+    "sale": "discount",
+}
+
+
+def paraphrase(text: str) -> str:
+    """``text`` with each word swapped for a synonym (numbers kept): "Harbor SALE" -> "port discount"."""
+    return " ".join(SYNONYMS.get(word.lower(), word.lower()) for word in text.split())
+
+
+def paraphrased(test: Corpus) -> Corpus:
+    """The corpus with each text-mentioning caption quoting a paraphrase of its text."""
+    items = []
+    for entry in test.items:
+        written = (entry.extra.get("attributes") or {}).get("written")
+        if written:
+            entry = replace(entry, captions=[caption.replace(written["text"], paraphrase(written["text"]))
+                                             for caption in entry.captions])
+        items.append(entry)
+    return replace(test, items=items)
+
+
+def semantic_cosines(searcher: Searcher, test: Corpus) -> dict:
+    """Where the semantic floor sits: the query's best cosine to any item's text on picture-only
+    queries (should stay below), and its cosine to its own video's text on text-mentioning ones,
+    quoted and paraphrased (should reach it); 5/50/95th percentiles."""
+    index = searcher.semantic_index
+    by_path = {item["path"]: item["id"] for item in searcher.reader.items}
+    quoted, para, picture = [], [], []
+    for source, bucket in ((test, quoted), (paraphrased(test), para)):
+        for entry in source.items:
+            written = bool((entry.extra.get("attributes") or {}).get("written"))
+            if source is not test and not written:
+                continue
+            vectors = searcher.sentence_vectors(entry.captions)
+            own = by_path.get(str(source.root / entry.video))
+            for vector in vectors:
+                found = index.search(vector, len(index), floor=-1.0, margin=2.0)
+                if written:
+                    bucket.append(next((score for item, score in found if item == own), -1.0))
+                elif source is test:
+                    picture.append(found[0][1] if found else -1.0)
+
+    def pct(values: list[float]) -> list[float]:
+        return [round(float(np.percentile(values, q)), 3) for q in (5, 50, 95)] if values else []
+
+    return {"floor": SEMANTIC_FLOOR, "margin": SEMANTIC_MARGIN, "picture_only_best": pct(picture),
+            "quoted_own": pct(quoted), "paraphrased_own": pct(para)}
+
+
 def _index(model: Path, corpus: Path, out: Path, channels: tuple[str, ...]) -> float:
     spec = JobSpec(model_dir=model, out=out, videos=corpus / "videos", ann_file=corpus / "test.json",
                    channels=channels)
@@ -142,6 +204,13 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             order = [paths[item] for item in words.search(ranks["captions"][i])]
             word_ranks.append(order.index(targets[i]) + 1 if targets[i] in order else len(paths) + 1)
         trigram_r1 = rank_metrics(np.asarray(ranks["text"])[mentioning])["R@1"]
+        semantic = {}
+        if searcher.semantic_index:
+            semantic["cosines"] = semantic_cosines(searcher, test)
+            for name, source in (("quoted", test), ("paraphrased", paraphrased(test))):
+                got = evaluate_channels(searcher, source)["text_mentioning"]
+                semantic[name] = {way: round(got[way]["R@1"], 1) for way in
+                                  ("visual", "text", "semantic", "text_semantic", "fused_lexical", "fused")}
     by = {subset: {way: round(metrics["R@1"], 1) for way, metrics in result[subset].items()}
           for subset in ("all", "picture_only", "text_mentioning") if subset in result}
     gain = by["text_mentioning"]["fused"] - by["text_mentioning"]["visual"]
@@ -153,6 +222,7 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             "fused_gain_text_mentioning": round(gain, 1), "fused_gap_picture_only": round(picture_gap, 1),
             "lexical_R@1_text_mentioning": {"trigram_folded": round(trigram_r1, 1),
                                             "word_unicode61": round(rank_metrics(word_ranks)["R@1"], 1)},
+            "semantic_R@1_text_mentioning": semantic,
             "index_embed_s": {"visual": [round(s, 1) for s in visual_s], "visual+text": [round(s, 1) for s in text_s]},
             "index_cost_ratio": round(ratio, 2), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
             "load_avg": _load(), "note": NOTE}

@@ -5,7 +5,10 @@ ground-truth video's rank is taken under: the visual channel alone (cosine over 
 text channel alone (items its lexical search matches; an unmatched video ranks last), the
 confidence-aware fusion :func:`indexer.channels.fuse` (what search does), and, for comparison,
 plain rank fusion in which the text channel ranks *every* item (its matches first, then the
-rest in index order), the variant that lets a meaningless ranking drown a strong match.
+rest in index order), the variant that lets a meaningless ranking drown a strong match. When the
+index holds sentence vectors of its text, also: the semantic side alone (``semantic``), lexical +
+semantic without the picture (``text_semantic``), and the fusion without the semantic side
+(``fused_lexical``), so that what the semantic side adds can be read off.
 
 Queries are split by what they mention: a corpus entry whose ``attributes`` record ``written``
 text (the synthetic corpus's written layer) is a text-mentioning query, any other a
@@ -57,23 +60,36 @@ def channel_ranks(searcher: Searcher, corpus: Corpus,
                for entry in corpus.items for caption in entry.captions]
     vectors = np.asarray(searcher.reader.vectors, np.float32)
     has_text = searcher.text_index is not None
+    semantic = has_text and bool(searcher.semantic_index)
     everyone = list(range(len(items)))
     out: dict[str, Any] = {"visual": [], "captions": [q[0] for q in queries], "text_mentioning": [q[2] for q in queries]}
     if has_text:
         out.update(text=[], fused=[], plain_fusion=[])
+    if semantic:
+        out.update(semantic=[], text_semantic=[], fused_lexical=[])
     for start in range(0, len(queries), _TEXT_BATCH):
         batch = queries[start : start + _TEXT_BATCH]
         with model_autocast(searcher.model):
             encoded = searcher.model.encode_texts([caption for caption, _, _ in batch])["feat"]
         scores = encoded.float().cpu().numpy() @ vectors.T
-        for (caption, target, _), row in zip(batch, scores, strict=True):
+        meanings = searcher.sentence_vectors([caption for caption, _, _ in batch]) if semantic else [None] * len(batch)
+        for (caption, target, _), row, meaning in zip(batch, scores, meanings, strict=True):
             visual = np.argsort(-row, kind="stable").tolist()
             out["visual"].append(_video_rank(visual, paths, target))
             if not has_text:
                 continue
             matched = [item for item, _ in searcher.text_index.search(caption)]
             out["text"].append(_video_rank(matched, paths, target))
-            fused = [item for item, _, _ in fuse({"visual": visual, "text": matched}, weights)]
+            rankings = {"visual": visual, "text": matched}
+            if semantic:
+                near = [item for item, _ in searcher.semantic_index.search(meaning, len(items))]
+                out["semantic"].append(_video_rank(near, paths, target))
+                both = [item for item, _, _ in fuse({"text": matched, "semantic": near}, weights)]
+                out["text_semantic"].append(_video_rank(both, paths, target))
+                lexical = [item for item, _, _ in fuse(rankings, weights)]
+                out["fused_lexical"].append(_video_rank(lexical, paths, target))
+                rankings["semantic"] = near
+            fused = [item for item, _, _ in fuse(rankings, weights)]
             out["fused"].append(_video_rank(fused, paths, target))
             known = set(matched)
             padded = matched + [item for item in everyone if item not in known]
@@ -89,7 +105,8 @@ def evaluate_channels(searcher: Searcher, corpus: Corpus,
     ranks = channel_ranks(searcher, corpus, weights)
     mentions = np.asarray(ranks["text_mentioning"], bool)
     masks = {"all": np.ones_like(mentions), "picture_only": ~mentions, "text_mentioning": mentions}
-    ways = [way for way in ("visual", "text", "fused", "plain_fusion") if way in ranks]
+    ways = [way for way in ("visual", "text", "semantic", "text_semantic", "fused_lexical", "fused", "plain_fusion")
+            if way in ranks]
     result: dict[str, Any] = {"queries": {name: int(mask.sum()) for name, mask in masks.items()}}
     for name, mask in masks.items():
         if mask.any():

@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.channels import TextIndex, fuse, index_channels
+from indexer.channels import DEFAULT_WEIGHTS, SemanticIndex, TextIndex, fuse, index_channels
 from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity
+from retrieval.sentence import SentenceEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -172,11 +173,15 @@ def _recorded_model_dir(index: Path) -> Path:
     return Path(model_dir)
 
 
-def _channel_state(reader: IndexReader) -> tuple[IndexReader, tuple[str, ...], TextIndex | None]:
-    """A version of an index with its channels and the in-memory lexical index of its on-screen
-    text (SQLite FTS5), built once per version."""
+def _channel_state(
+    reader: IndexReader,
+) -> tuple[IndexReader, tuple[str, ...], TextIndex | None, SemanticIndex | None]:
+    """A version of an index with its channels and the in-memory lexical (SQLite FTS5) and
+    semantic (FAISS) indexes of its on-screen text, built once per version."""
     channels = index_channels(reader.manifest)
-    return reader, channels, TextIndex(reader.items) if "text" in channels else None
+    if "text" not in channels:
+        return reader, channels, None, None
+    return reader, channels, TextIndex(reader.items), SemanticIndex(reader.items)
 
 
 class Searcher:
@@ -214,7 +219,16 @@ class Searcher:
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
-        self._held = _channel_state(self.reader)
+        self._sentences: SentenceEncoder | None = None  # loaded with the first version that has sentence vectors
+        self._held = self._channel_state(self.reader)
+
+    def _channel_state(
+        self, reader: IndexReader,
+    ) -> tuple[IndexReader, tuple[str, ...], TextIndex | None, SemanticIndex | None]:
+        held = _channel_state(reader)
+        if held[3] is not None and len(held[3]) and self._sentences is None:
+            self._sentences = SentenceEncoder()
+        return held
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -225,6 +239,16 @@ class Searcher:
     def text_index(self) -> TextIndex | None:
         """The lexical index of the held version's on-screen text (None without a text channel)."""
         return self._held[2]
+
+    @property
+    def semantic_index(self) -> SemanticIndex | None:
+        """The sentence vectors of the held version's on-screen text (None without a text
+        channel; empty for an index built before the semantic side)."""
+        return self._held[3]
+
+    def sentence_vectors(self, texts: Sequence[str]) -> np.ndarray | None:
+        """Queries as the semantic side searches them (None when no version held had sentence vectors)."""
+        return None if self._sentences is None else self._sentences.encode(texts)
 
     def refresh(self) -> bool:
         """Switch to the version published at the index's path now, if it is not the one held
@@ -253,7 +277,7 @@ class Searcher:
                 return False
             logger.info("index %s: switched to generation %s (%d items)", self.index_path,
                         reader.manifest.get("generation", "?"), len(reader))
-            self._held = _channel_state(reader)  # its lexical index is ready before searches see it
+            self._held = self._channel_state(reader)  # its lexical index is ready before searches see it
             self.reader = reader
             return True
 
@@ -359,7 +383,7 @@ class Searcher:
                weights: Mapping[str, float] | None) -> list[Hit]:
         """Each channel's best :data:`FUSION_POOL` items, fused by confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
-        reader, _, text_index = self._held  # one version throughout, even if a refresh switches meanwhile
+        reader, _, text_index, semantic_index = self._held  # one version throughout, even if a refresh switches
         rankings: dict[str, list[int]] = {}
         scores: dict[str, dict[int, float]] = {}
         if "visual" in channels:
@@ -370,6 +394,11 @@ class Searcher:
             found_text = text_index.search(query, pool)
             rankings["text"] = [item_id for item_id, _ in found_text]
             scores["text"] = dict(found_text)
+        semantic_weight = {**DEFAULT_WEIGHTS, **(weights or {})}["semantic"]
+        if "text" in channels and semantic_index and self._sentences is not None and semantic_weight > 0:
+            found_meaning = semantic_index.search(self.sentence_vectors([query])[0], pool)
+            rankings["semantic"] = [item_id for item_id, _ in found_meaning]
+            scores["semantic"] = dict(found_meaning)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
             return self._lookup(vector, k, group)  # every other channel abstained: the visual search as is
         hits = []
@@ -379,7 +408,10 @@ class Searcher:
             if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
                 cosine = float(np.asarray(reader.vectors[item_id], np.float32) @ vector[0])
                 per_channel["visual"] = {"rank": None, "score": cosine}
-            match = text_index.match(item_id, query) if "text" in ranks and text_index else None
+            match = None
+            if text_index is not None and ("text" in ranks or "semantic" in ranks):
+                # the line holding the query's words, else (a semantic match alone) the item's first line
+                match = text_index.match(item_id, query) or text_index.first_line(item_id)
             hits.append(replace(self._hit(item, fused), channels=per_channel,
                                 text=None if match is None else asdict(match)))
         return group_hits(hits, k) if group else hits[:k]
