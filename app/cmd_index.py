@@ -8,7 +8,10 @@ is given.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -139,6 +142,85 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
 
 
 @friendly
+def _export_cmd(
+    index: Path = typer.Argument(..., help="the published index"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write (created; see --overwrite)"),
+    fmt: str = typer.Option("parquet", "--format", help="parquet (items.parquet: metadata + embedding column) "
+                            "| npy (clip-retrieval layout: embeddings/*.npy + metadata/*.parquet)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the folder already at --out"),
+) -> None:
+    """Write every item's vector with its metadata (path, span, captions, labels, annotation
+    fields, channel text) to standard files; row i is item i."""
+    from indexer.export import FORMATS, check_export_out, export_index  # noqa: PLC0415
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    check_export_out(out, overwrite)
+    typer.echo(f"wrote {export_index(index, out, fmt, overwrite=overwrite)}")
+
+
+@friendly
+def _embed_cmd(
+    files: Optional[list[Path]] = typer.Argument(None, help="video files (or use --videos)"),
+    model: Path = typer.Option(..., "--model", "-m", help="retrieval model directory"),
+    videos: Optional[Path] = typer.Option(None, "--videos", help="folder of videos (the corpus root)"),
+    ann: Optional[Path] = typer.Option(None, "--ann", help="annotation file (paths relative to --videos); its "
+                                       "captions and other fields become metadata columns"),
+    dataset: str = typer.Option("generic", "--dataset", help="annotation preset (as for `vtr index`)"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to write"),
+    fmt: str = typer.Option("parquet", "--format", help="parquet | npy (as `vtr index export`)"),
+    window: Optional[float] = typer.Option(None, "--window", help="embed long videos as windows of this many "
+                                           "seconds"),
+    stride: Optional[float] = typer.Option(None, "--stride", help="seconds between window starts"),
+    workers: int = typer.Option(2, "--workers", help="decoding processes (0: decode in the main process)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="clips per encoder call"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the folder already at --out"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
+    device: str = device_option(), precision: str = precision_option(),
+) -> None:
+    """Embed videos without keeping an index: the vectors and metadata go to --out in the format
+    `vtr index export` writes (the same embedding job as `vtr index`, then the export)."""
+    from indexer.export import FORMATS, check_export_out, export_index  # noqa: PLC0415
+    from indexer.jobs import JobSpec, run_index_job  # noqa: PLC0415
+    from retrieval.data.corpora import CorpusItem  # noqa: PLC0415
+    from retrieval.models.model_dir import read_model_config  # noqa: PLC0415
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if bool(files) == (videos is not None):
+        raise ValueError("give either video files or --videos FOLDER")
+    if ann is not None and videos is None:
+        raise ValueError("--ann lists videos relative to --videos: pass --videos too")
+    check_export_out(out, overwrite)
+    select = None
+    if files:
+        paths = [path.resolve() for path in files]
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"video not found: {path}")
+        videos = Path(os.path.commonpath([path.parent for path in paths]))
+        wanted = {path.relative_to(videos).as_posix() for path in paths}
+
+        def select(sources: list[CorpusItem]) -> list[CorpusItem]:
+            return [source for source in sources if source.video in wanted]
+
+    if read_model_config(model)["kind"] != "retrieval":
+        raise ValueError(f"{model} is a bare video encoder: embeddings for search need a retrieval model directory")
+    device, precision = runtime(device, precision)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.embed-", dir=out.parent))
+    try:
+        spec = JobSpec(model_dir=model, out=scratch / "index", videos=videos, ann_file=ann, dataset=dataset,
+                       window=window, stride=stride, index_type="Flat")
+        summary = run_index_job(spec, workers=workers, batch_size=batch_size, progress=not no_progress,
+                                device=device, precision=precision, select=select)
+        export_index(scratch / "index", out, fmt, overwrite=overwrite)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    typer.echo(f"embedded {summary.indexed} items ({summary.failed} failed) into {out}")
+
+
+@friendly
 def _merge_cmd(index: Path = typer.Argument(..., help="the --out of the sharded job")) -> None:
     """Join the parts written by every shard worker into the published index."""
     from indexer.ondisk import merge_job  # noqa: PLC0415  (large jobs: bounded memory, no torch)
@@ -208,6 +290,14 @@ def _search_cmd(
     device: str = device_option(), precision: str = precision_option(),
     group: bool = typer.Option(True, "--group/--no-group", help="one hit per video, its other matching "
                                "windows listed as further moments (--no-group: every matching window)"),
+    paths: Optional[list[str]] = typer.Option(None, "--path", help="only items under this folder or matching "
+                                              "this glob, relative to the corpus root (repeatable: any)"),
+    where: Optional[list[str]] = typer.Option(None, "--where", help="only items whose annotation field has "
+                                              "this value: COLUMN=VALUE or COLUMN!=VALUE (repeatable: all)"),
+    min_duration: Optional[float] = typer.Option(None, "--min-duration", help="only items at least this many "
+                                                 "seconds long"),
+    max_duration: Optional[float] = typer.Option(None, "--max-duration", help="only items at most this many "
+                                                 "seconds long"),
     channels: Optional[str] = typer.Option(None, "--channels", help="channels to search and fuse, e.g. "
                                            "visual,text (default: every channel the index has)"),
     weights: Optional[str] = typer.Option(None, "--weights", help="per-channel fusion weights, e.g. "
@@ -219,9 +309,11 @@ def _search_cmd(
     moments); --no-group keeps the raw list. Each hit says where its labels come from: the
     model's trained action head or zero-shot label prompts. An index with on-screen text is
     searched on every channel and the rankings fused; hits show which channels matched and the
-    matched line with its time.
+    matched line with its time. --path, --where and the duration bounds restrict the search
+    before the top k is taken.
     """
     from indexer.channels import channel_names, parse_weights  # noqa: PLC0415
+    from indexer.filters import ItemFilter  # noqa: PLC0415
     from indexer.search import EmptyQuery, Searcher, clean_query  # noqa: PLC0415
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
 
@@ -232,15 +324,18 @@ def _search_cmd(
     if query is not None:
         if clean_query(query).blank:  # refuse an empty query before spending seconds loading the model
             raise EmptyQuery()
+    item_filter = ItemFilter.build(paths, where, min_duration, max_duration)  # malformed: refused here
     wanted = None if channels is None else channel_names(channels)
     fusion_weights = parse_weights(weights)
     device, precision = runtime(device, precision)
     searcher = Searcher(index, model=model, device=device, precision=precision)
+    searcher.select(item_filter)  # an unknown column is refused before the query is embedded
     if query is not None:
-        hits = searcher.search(query, k=k, rerank=rerank, group=group, channels=wanted, weights=fusion_weights)
+        hits = searcher.search(query, k=k, rerank=rerank, group=group, channels=wanted, weights=fusion_weights,
+                               where=item_filter)
     else:
         try:
-            hits = searcher.search_video(video, k=k, group=group)
+            hits = searcher.search_video(video, k=k, group=group, where=item_filter)
         except VideoReadError as exc:
             raise ValueError(str(exc)) from exc
     if as_json:
@@ -270,5 +365,7 @@ def register(app: typer.Typer) -> None:
     index_app.command("merge")(_merge_cmd)
     index_app.command("add")(_add_cmd)
     index_app.command("remove")(_remove_cmd)
+    index_app.command("export")(_export_cmd)
     app.add_typer(index_app, name="index")
     app.command("search")(_search_cmd)
+    app.command("embed")(_embed_cmd)

@@ -57,6 +57,7 @@ import gradio as gr
 
 from app import upload_routes
 from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
+from indexer.filters import ItemFilter
 from indexer.search import Hit, Query, Searcher, clean_query
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,10 @@ PAGE_CSS = """
 
 
 # ---------------------------------------------------------------------------------- file access
+
+
+class FilterError(ValueError):
+    """The filter box holds a malformed filter or names a column the index lacks."""
 
 
 class CorpusGuard:
@@ -393,8 +398,14 @@ class SearchPage:
 
     # -- text search
     def search_hits(self, query: str | None, k: float | None = DEFAULT_K,
-                    rerank: bool = False) -> tuple[Query, list[Hit], float]:
-        """The hits for a raw query (none when it is blank), and the seconds the search took."""
+                    rerank: bool = False, filters: str | None = None) -> tuple[Query, list[Hit], float]:
+        """The hits for a raw query (none when it is blank), and the seconds the search took.
+        ``filters``: the filter box (:meth:`indexer.filters.ItemFilter.parse`), applied before
+        the top k.
+
+        Raises:
+            FilterError: the filter is malformed or names a column the index lacks.
+        """
         prepared = clean_query(query, QUERY_LIMIT)
         if prepared.blank:
             return prepared, [], 0.0
@@ -402,13 +413,23 @@ class SearchPage:
         started = time.perf_counter()
         with self._lock:
             self.follow_index()
+            try:
+                where = ItemFilter.parse(str(filters or "")[:QUERY_LIMIT])
+                self.searcher.select(where)
+            except ValueError as exc:
+                raise FilterError(str(exc)) from None
             hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
-                                        group=self.group)
+                                        group=self.group, where=where)
         return prepared, hits, time.perf_counter() - started
 
-    def search(self, query: str | None, k: float | None = DEFAULT_K, rerank: bool = False) -> tuple[str, str]:
+    def search(self, query: str | None, k: float | None = DEFAULT_K, rerank: bool = False,
+               filters: str | None = None) -> tuple[str, str]:
         """The search tab's event: (result cards HTML, status line markdown)."""
-        prepared, hits, seconds = self.search_hits(query, k, rerank)
+        try:
+            prepared, hits, seconds = self.search_hits(query, k, rerank, filters)
+        except FilterError as exc:
+            message = f"Filter not applied: {exc}"
+            return render_message(message), _markdown_escape(message)
         notes = " ".join(prepared.notes)
         if prepared.blank:
             return render_message(BLANK_MESSAGE), f"{BLANK_MESSAGE} {notes}".strip()
@@ -417,10 +438,15 @@ class SearchPage:
         status = f"{len(hits)} results for “{shown}” in {seconds * 1000:.0f} ms{how}."
         return render_hits(hits, self.guard), f"{status} {notes}".strip()
 
-    def search_json(self, query: str, k: int = DEFAULT_K, rerank: bool = False) -> dict[str, Any]:
+    def search_json(self, query: str, k: int = DEFAULT_K, rerank: bool = False,
+                    filters: str | None = None) -> dict[str, Any]:
         """The same search for programs: the query as searched, notes, and the hits as dicts
         (paths resolved; hits outside the corpus roots are left out)."""
-        prepared, hits, seconds = self.search_hits(query, k, rerank)
+        try:
+            prepared, hits, seconds = self.search_hits(query, k, rerank, filters)
+        except FilterError as exc:
+            return {"query": str(query or ""), "notes": [], "message": f"Filter not applied: {exc}", "hits": [],
+                    "seconds": 0.0, "label_source": self.searcher.label_source}
         rows = []
         for hit in hits:
             url = self.guard.url(hit.item_id, hit.path, preview_start(hit), hit.end)
@@ -530,13 +556,15 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
                     rerank = gr.Checkbox(False, label="re-rank with the matching head (slower, better)"
                                          if can_rerank else "re-rank (this model's matching head is untrained)",
                                          interactive=can_rerank, scale=2, elem_id="vtr-rerank")
+                    filters = gr.Textbox(label="only items matching (optional)", lines=1, max_lines=1, scale=4,
+                                         placeholder="source=news path=clips/* duration<=60", elem_id="vtr-filter")
                 if examples:
                     gr.Examples([[e] for e in examples], inputs=[query], label="Try")
                 status = gr.Markdown("", elem_id="vtr-status")
                 results = gr.HTML(render_message("Results appear here."), elem_id="vtr-results")
-                button.click(page.search, inputs=[query, k, rerank], outputs=[results, status], api_name="search",
-                             concurrency_id=MODEL_QUEUE)
-                query.submit(page.search, inputs=[query, k, rerank], outputs=[results, status],
+                button.click(page.search, inputs=[query, k, rerank, filters], outputs=[results, status],
+                             api_name="search", concurrency_id=MODEL_QUEUE)
+                query.submit(page.search, inputs=[query, k, rerank, filters], outputs=[results, status],
                              api_visibility="private", concurrency_id=MODEL_QUEUE)
             with gr.Tab("Upload a video", id="upload"):
                 with gr.Row():
@@ -557,9 +585,10 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
                              api_visibility="private", concurrency_id=UPLOAD_QUEUE,
                              concurrency_limit=uploads_at_once)
 
-        def search_json(query: str, k: int = DEFAULT_K, rerank: bool = False) -> dict[str, Any]:
-            """Search the index; returns the query as searched, notes and the hits."""
-            return page.search_json(query, k, rerank)
+        def search_json(query: str, k: int = DEFAULT_K, rerank: bool = False, filters: str = "") -> dict[str, Any]:
+            """Search the index (``filters`` as in the page's filter box); returns the query as
+            searched, notes and the hits."""
+            return page.search_json(query, k, rerank, filters)
 
         gr.api(search_json, api_name="search_json", concurrency_id=MODEL_QUEUE)
 

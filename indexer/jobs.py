@@ -177,17 +177,22 @@ def printable_name(name: str) -> str:
 def plan_sources(corpus: Corpus) -> list[CorpusItem]:
     """The corpus as a sorted list of distinct ``(video, start, end)`` entries.
 
-    Captions of duplicate entries are joined. Videos the annotation lists but the disk lacks
-    are kept (without captions) so that they reach the failures record instead of vanishing.
+    Captions of duplicate entries are joined, and so are their other annotation fields (the
+    first entry's value wins). Videos the annotation lists but the disk lacks are kept (without
+    captions) so that they reach the failures record instead of vanishing.
     """
     captions: dict[tuple[str, float | None, float | None], list[str]] = {}
+    fields: dict[tuple[str, float | None, float | None], dict[str, Any]] = {}
     for entry in corpus.items:
-        known = captions.setdefault((entry.video, entry.start, entry.end), [])
+        key = (entry.video, entry.start, entry.end)
+        known = captions.setdefault(key, [])
         known.extend(caption for caption in entry.captions if caption not in known)
+        fields[key] = {**entry.extra, **fields.get(key, {})}
     for video in corpus.missing:
         captions.setdefault((video, None, None), [])
     ordered = sorted(captions.items(), key=lambda kv: (kv[0][0], kv[0][1] or -1.0, kv[0][2] or -1.0))
-    return [CorpusItem(video, caps, start=start, end=end) for (video, start, end), caps in ordered]
+    return [CorpusItem(video, caps, start=start, end=end, extra=fields.get((video, start, end), {}))
+            for (video, start, end), caps in ordered]
 
 
 def sources_fingerprint(sources: Sequence[CorpusItem]) -> str:
@@ -514,6 +519,20 @@ class _Part:
     failures: list[dict[str, Any]]
     results: dict[int, tuple[np.ndarray, list[tuple[str, float]]]] = field(default_factory=dict)
     pending: int = 0
+    #: item position -> the whole video's probed duration in seconds (windows know their span)
+    durations: dict[int, float] = field(default_factory=dict)
+
+    def item_extra(self, position: int) -> dict[str, Any]:
+        """What an index item keeps beside its path, span, captions and labels: its key, the
+        annotation's other fields (``meta``, what ``vtr search --where`` filters on) and the
+        whole video's duration (``vtr search --min-duration``)."""
+        item = self.items[position]
+        extra: dict[str, Any] = {"key": item_key(item.video, item.start, item.end)}
+        if item.extra:
+            extra["meta"] = dict(item.extra)
+        if position in self.durations:
+            extra["duration"] = round(self.durations[position], 3)
+        return extra
     #: reads an item's on-screen text (the text channel) when the part is committed; None: no text channel
     read_text: Callable[[CorpusItem], dict[str, Any]] | None = None
 
@@ -531,7 +550,7 @@ class _Part:
                     "end": item.end,
                     "captions": item.captions,
                     "labels": [[label, round(float(prob), 6)] for label, prob in labels],
-                    "extra": {"key": item_key(item.video, item.start, item.end)},
+                    "extra": self.item_extra(position),
                 }
             )
             if self.read_text is not None:
@@ -556,8 +575,8 @@ def _expand_parts(
         for source in sources[part * spec.part_size : (part + 1) * spec.part_size]
     ]
     durations: list[tuple[float | None, str | None]] = [(None, None)] * len(chosen)
-    if spec.window is not None:
-        whole = [i for i, (_, source) in enumerate(chosen) if source.start is None]
+    whole = [i for i, (_, source) in enumerate(chosen) if source.start is None]
+    if whole:  # windows need the duration; whole videos record it for duration filters
         for i, result in zip(
             whole, _measure_durations([root / chosen[i][1].video for i in whole], workers), strict=True
         ):
@@ -569,13 +588,15 @@ def _expand_parts(
         if shown != source.video:  # the index, its JSON records and the page need text names
             reason = "the file name is not valid UTF-8 (its undecodable bytes are shown as \\xNN); rename it"
             target.failures.append({"path": shown, "item": item_key(shown), "reason": reason})
-        elif reason is not None:
+        elif reason is not None and spec.window is not None:
             target.failures.append({"path": source.video, "item": item_key(source.video), "reason": reason})
-        elif duration is None:
-            target.items.append(source)
+        elif duration is None or spec.window is None:
+            if duration is not None:
+                target.durations[len(target.items)] = duration
+            target.items.append(source)  # unprobed: decoding records the failure as before
         else:
             target.items.extend(
-                CorpusItem(source.video, source.captions, start=start, end=end)
+                CorpusItem(source.video, source.captions, start=start, end=end, extra=source.extra)
                 for start, end in window_spans(duration, spec.window, spec.stride or spec.window)
             )
     for target in expanded.values():

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from indexer.channels import DEFAULT_WEIGHTS, SemanticIndex, TextIndex, fuse, index_channels
+from indexer.faiss_index import HeldSubset, hold_subset
+from indexer.filters import ItemFilter
 from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
@@ -55,8 +57,15 @@ RERANK_BATCH = 8
 
 #: A grouped search reads this many items per wanted video at first (more if they fall short).
 GROUP_POOL_FACTOR = 4
+#: Resolved filters kept per Searcher (resolving one reads every item's metadata).
+FILTER_CACHE_SIZE = 8
+#: A resolved filter this small is also held in memory (:func:`indexer.faiss_index.hold_subset`:
+#: 16k x 512 float32 plus an 8-bit copy, 40 MB), so repeated queries need not gather its rows.
+FILTER_VECTORS_MAX = 16_384
 #: Items each channel contributes to a fused search (at least ``k`` times the group factor).
 FUSION_POOL = 100
+#: With a filter, the text channel's ranking is read this many times deeper before filtering.
+TEXT_FILTER_DEPTH = 20
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,8 @@ class Searcher:
         self.label_source = self._label_source()
         self._sentences: SentenceEncoder | None = None  # loaded with the first version that has sentence vectors
         self._held = self._channel_state(self.reader)
+        # resolved filters of one index version: (version dir, filter) -> (ids, held subset)
+        self._selections: dict[tuple[Path, ItemFilter], tuple[np.ndarray, HeldSubset | None]] = {}
 
     def _channel_state(
         self, reader: IndexReader,
@@ -249,6 +260,35 @@ class Searcher:
     def sentence_vectors(self, texts: Sequence[str]) -> np.ndarray | None:
         """Queries as the semantic side searches them (None when no version held had sentence vectors)."""
         return None if self._sentences is None else self._sentences.encode(texts)
+
+    def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
+        """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
+        read by :meth:`ItemFilter.parse`. Resolutions are cached per filter and index version.
+
+        Raises:
+            ValueError: an unknown column or a malformed condition.
+        """
+        self.refresh()
+        return self._subset(where, self.reader)[0]
+
+    def _subset(self, where: ItemFilter | str | None, reader: IndexReader
+                ) -> tuple[np.ndarray | None, HeldSubset | None]:
+        """(ids, the subset held in memory when small enough) of a filter over ``reader``'s
+        version; (None, None) for no filter."""
+        if where is None or isinstance(where, str):
+            where = ItemFilter.parse(where)
+        if where.empty:
+            return None, None
+        key = (reader.snapshot_dir, where)
+        if key not in self._selections:
+            for old in [old for old in self._selections if old[0] != reader.snapshot_dir]:
+                self._selections.pop(old)  # ids of another version name other items
+            while len(self._selections) >= FILTER_CACHE_SIZE:
+                self._selections.pop(next(iter(self._selections)))
+            ids = where.select(reader.items, reader.manifest.get("corpus_roots") or [])
+            held = hold_subset(reader.index, ids, reader.vectors) if 0 < len(ids) <= FILTER_VECTORS_MAX else None
+            self._selections[key] = (ids, held)
+        return self._selections[key]
 
     def refresh(self) -> bool:
         """Switch to the version published at the index's path now, if it is not the one held
@@ -324,9 +364,11 @@ class Searcher:
 
     @torch.inference_mode()
     def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False,
-               channels: Sequence[str] | None = None, weights: Mapping[str, float] | None = None) -> list[Hit]:
+               channels: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
+               where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` best clips for ``text``, best first; with ``group``, the ``k`` best videos,
-        each with its other matching windows as ``moments``.
+        each with its other matching windows as ``moments``. ``where`` keeps only the items it
+        matches (:meth:`select`), before the top ``k`` is taken.
 
         ``channels`` (default: every channel the index has) are searched and their rankings
         fused (:func:`indexer.channels.fuse`, per-channel ``weights``); a channel that matches
@@ -353,54 +395,84 @@ class Searcher:
         if rerank and not self.can_rerank:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
+        reader = self.reader  # one version for the filter and the lookup, whatever a refresh does
+        ids, held = self._subset(where, reader)  # a bad filter fails before the query is embedded
         with model_autocast(self.model):
             encoded = self.model.encode_texts([query.text])
         vector = encoded["feat"].float().cpu().numpy()
         if not rerank and wanted != ("visual",):
-            return self._fused(query.text, vector, k, group, wanted, weights)
+            return self._fused(query.text, vector, k, group, wanted, weights, where)
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
-            hits = self._rerank(self.reader.search(vector, pool)[0], encoded["hidden"], encoded["mask"])
+            ranked = reader.search(vector, pool, subset=ids, held=held)[0]
+            hits = self._rerank(ranked, encoded["hidden"], encoded["mask"])
             return group_hits(hits, k) if group else hits[:k]
-        return self._lookup(vector, k, group)
+        return self._lookup(vector, k, group, where, reader)
 
-    def _lookup(self, vector: np.ndarray, k: int, group: bool) -> list[Hit]:
+    def search_vector(self, vector: np.ndarray, k: int = 10, group: bool = False,
+                      where: ItemFilter | str | None = None) -> list[Hit]:
+        """The ``k`` items (with ``group``: videos) of highest inner product with ``vector``
+        (``[E]``, e.g. a row of :func:`retrieval.embed_texts`), as :meth:`search` ranks them."""
+        self.refresh()
+        return self._lookup(np.asarray(vector, dtype=np.float32).reshape(1, -1), k, group, where)
+
+    def _lookup(self, vector: np.ndarray, k: int, group: bool, where: ItemFilter | str | None = None,
+                reader: IndexReader | None = None) -> list[Hit]:
         """Cosine top ``k`` items, or (``group``) top ``k`` videos: the pool of items read grows
-        until it holds ``k`` videos or the whole index."""
-        reader = self.reader  # one version for the whole lookup, whatever a refresh does meanwhile
+        until it holds ``k`` videos or the whole index (or every item ``where`` keeps)."""
+        reader = reader or self.reader  # one version for the whole lookup, whatever a refresh does meanwhile
+        ids, held = self._subset(where, reader)
+        if ids is not None and len(ids) == 0:
+            return []
+
+        def ranked(n: int) -> list[Hit]:
+            return [self._hit(item, score) for item, score in reader.search(vector, n, subset=ids, held=held)[0]]
+
         if not group:
-            return [self._hit(item, score) for item, score in reader.search(vector, k)[0]]
-        total = len(reader)
+            return ranked(k)
+        total = len(reader) if ids is None else len(ids)
         pool = min(total, k * GROUP_POOL_FACTOR)
         while True:
-            hits = [self._hit(item, score) for item, score in reader.search(vector, pool)[0]]
+            hits = ranked(pool)
             grouped = group_hits(hits)
             if len(grouped) >= k or pool >= total:
                 return grouped[:k]
             pool = min(total, pool * GROUP_POOL_FACTOR)
 
     def _fused(self, query: str, vector: np.ndarray, k: int, group: bool, channels: Sequence[str],
-               weights: Mapping[str, float] | None) -> list[Hit]:
-        """Each channel's best :data:`FUSION_POOL` items, fused by confidence-aware rank fusion."""
+               weights: Mapping[str, float] | None, where: ItemFilter | str | None = None) -> list[Hit]:
+        """Each channel's best :data:`FUSION_POOL` items (of those ``where`` keeps), fused by
+        confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
         reader, _, text_index, semantic_index = self._held  # one version throughout, even if a refresh switches
+        ids, held = self._subset(where, reader)
+        if ids is not None and len(ids) == 0:
+            return []
         rankings: dict[str, list[int]] = {}
         scores: dict[str, dict[int, float]] = {}
         if "visual" in channels:
-            found = reader.search(vector, pool)[0]
+            found = reader.search(vector, pool, subset=ids, held=held)[0]
             rankings["visual"] = [item["id"] for item, _ in found]
             scores["visual"] = {item["id"]: score for item, score in found}
         if "text" in channels and text_index is not None:
-            found_text = text_index.search(query, pool)
+            # the lexical index takes no id filter: its ranking is read deeper and then filtered
+            found_text = text_index.search(query, pool if ids is None else pool * TEXT_FILTER_DEPTH)
+            if ids is not None:
+                keep = set(ids.tolist())
+                found_text = [(item_id, score) for item_id, score in found_text if item_id in keep][:pool]
             rankings["text"] = [item_id for item_id, _ in found_text]
             scores["text"] = dict(found_text)
         semantic_weight = {**DEFAULT_WEIGHTS, **(weights or {})}["semantic"]
         if "text" in channels and semantic_index and self._sentences is not None and semantic_weight > 0:
-            found_meaning = semantic_index.search(self.sentence_vectors([query])[0], pool)
+            found_meaning = semantic_index.search(self.sentence_vectors([query])[0],
+                                                  pool if ids is None else pool * TEXT_FILTER_DEPTH)
+            if ids is not None:
+                keep = set(ids.tolist())
+                found_meaning = [(item_id, score) for item_id, score in found_meaning if item_id in keep][:pool]
             rankings["semantic"] = [item_id for item_id, _ in found_meaning]
             scores["semantic"] = dict(found_meaning)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
-            return self._lookup(vector, k, group)  # every other channel abstained: the visual search as is
+            return self._lookup(vector, k, group, where, reader)  # every other channel abstained: the visual search as is
         hits = []
         for item_id, fused, ranks in fuse(rankings, weights):
             item = reader.items[item_id]
@@ -419,7 +491,7 @@ class Searcher:
     @torch.inference_mode()
     def search_video(
         self, path: str | os.PathLike[str], k: int = 10, window: tuple[float, float] | None = None,
-        group: bool = False,
+        group: bool = False, where: ItemFilter | str | None = None,
     ) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like the video at ``path`` (or its
         ``window`` in seconds).
@@ -432,13 +504,14 @@ class Searcher:
         Raises:
             VideoReadError: the example cannot be decoded.
         """
-        return self.search_clip(load_clip(path, self.preprocess, window=window), k, group)
+        return self.search_clip(load_clip(path, self.preprocess, window=window), k, group, where)
 
     @torch.inference_mode()
-    def search_clip(self, clip: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
+    def search_clip(self, clip: torch.Tensor, k: int = 10, group: bool = False,
+                    where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like ``clip``, a preprocessed float
         ``[C, T, H, W]`` tensor."""
-        return self.search_features(self.encode_clip(clip), k, group)
+        return self.search_features(self.encode_clip(clip), k, group, where)
 
     @torch.inference_mode()
     def encode_clip(self, clip: torch.Tensor) -> torch.Tensor:
@@ -447,12 +520,13 @@ class Searcher:
         with model_autocast(self.model):
             return self.model.encode_video(clip[None].to(self.device))["feat"]
 
-    def search_features(self, feat: torch.Tensor, k: int = 10, group: bool = False) -> list[Hit]:
+    def search_features(self, feat: torch.Tensor, k: int = 10, group: bool = False,
+                        where: ItemFilter | str | None = None) -> list[Hit]:
         """The ``k`` clips (with ``group``: videos) most like the clip whose features
         (:meth:`encode_clip`) are ``feat``."""
         vector = self.model.clip_vector(feat)
         self.refresh()
-        return self._lookup(vector.float().cpu().numpy(), k, group)
+        return self._lookup(vector.float().cpu().numpy(), k, group, where)
 
     def _rerank(
         self, ranked: list[tuple[dict[str, Any], float]], text_hidden: torch.Tensor, text_mask: torch.Tensor

@@ -72,6 +72,7 @@ import numpy as np
 from indexer.checksums import describe_files, verify_handle
 from indexer.faiss_index import (
     IVF_DATA_FILE,
+    HeldSubset,
     apply_search_params,
     build_index,
     check_vectors,
@@ -427,21 +428,26 @@ class IndexReader:
         return len(self.items)
 
     def search(
-        self, query_vectors: np.ndarray, k: int = 10, candidates: int | None = None
+        self, query_vectors: np.ndarray, k: int = 10, candidates: int | None = None,
+        subset: np.ndarray | None = None, held: HeldSubset | None = None,
     ) -> list[list[tuple[dict[str, Any], float]]]:
         """For each query ([q, d] or [d], L2-normalised) its best ``k`` (item, score) pairs; the
         score is the inner product, for a unit query the model's retrieval score.
 
         Approximate indexes re-score ``candidates`` hits exactly against the float16
         vectors (see :func:`indexer.faiss_index.search_index`); fewer than ``k`` pairs come
-        back only when the index holds fewer than ``k`` items.
+        back only when the index holds fewer than ``k`` items. ``subset`` (item ids, e.g. from
+        :meth:`indexer.filters.ItemFilter.select`) restricts the search to those items before
+        the top ``k`` is taken; ``held`` is that subset kept in memory by a caller that searches
+        it often (:func:`indexer.faiss_index.hold_subset`).
         """
         # never allocate result arrays beyond what the index holds (k <= 0 stays an error)
         k = min(int(k), max(1, len(self.items)))
         if candidates is not None:
             candidates = min(int(candidates), max(k, len(self.items)))
         scores, ids = search_index(
-            self.index, query_vectors, k, rescore_vectors=self.vectors, candidates=candidates
+            self.index, query_vectors, k, rescore_vectors=self.vectors, candidates=candidates, subset=subset,
+            held=held,
         )
         return [
             [(self.items[i], float(score)) for score, i in zip(score_row, id_row) if i >= 0]

@@ -181,6 +181,22 @@ def test_search_json_and_rerank(client: Client, videos_root: Path) -> None:
             assert len(hit["labels"]) == 5 and hit["captions"]
 
 
+def test_the_filter_box_restricts_results_before_the_top_k(client: Client, demo, videos_root: Path,
+                                                           index: Path) -> None:
+    html, status = client.predict("a red circle moving up", 5, False, "path=long", api_name="/search")
+    sources = VIDEO_SRC.findall(html)
+    assert sources and status.startswith("1 results for")       # one video, its moments grouped
+    assert all(_item_path(index, item_id).resolve().parent == videos_root / "long" for item_id, _ in sources)
+    result = client.predict("a red circle", 3, False, "duration<=4.5 path=long", api_name="/search_json")
+    assert result["message"] is None and len(result["hits"]) == 1 and result["hits"][0]["moments"]
+    raw = SearchPage(demo.vtr_page.searcher, group=False)
+    assert len(_cards(raw.search("shapes", 50, False, "path=test/*")[0])) == 8
+    for bad, why in (("lang=en", "unknown filter column"), ("path=test/[ab", "malformed glob")):
+        html, status = demo.vtr_page.search("shapes", 5, False, bad)
+        assert "Filter not applied" in status and why in html and not _cards(html)
+        assert client.predict("shapes", 3, False, bad, api_name="/search_json")["hits"] == []
+
+
 def test_k_is_honoured_and_clamped(demo) -> None:
     page = demo.vtr_page
     assert len(_cards(page.search("shapes", 1)[0])) == 1

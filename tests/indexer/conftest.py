@@ -57,3 +57,38 @@ def ray_cluster() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def write_annotated_corpus(root: Path) -> tuple[Path, Path]:
+    """A small synthetic corpus in two folders whose annotation carries a ``source`` field, two
+    moments (1 s) among whole clips: what filters and exports are tested on. Returns
+    ``(videos root, annotation file)``."""
+    import json
+
+    from retrieval.data.synthetic import generate_corpus
+
+    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=0, progress=False)
+    entries = []
+    for name in ("test", "train"):
+        for number, entry in enumerate(json.loads((root / f"{name}.json").read_text())):
+            entry.pop("attributes", None)
+            entry["source"] = "archive" if name == "train" else ("news" if number % 2 else "sport")
+            entry["rating"] = number
+            entries.append(entry)
+    for entry in entries[:2]:
+        entries.append({**entry, "start": 0.0, "end": 1.0, "source": "moment"})
+    ann = root / "annotated.json"
+    ann.write_text(json.dumps(entries))
+    return root / "videos", ann
+
+
+@pytest.fixture(scope="module")
+def annotated_index(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of :func:`write_annotated_corpus` (14 items) built with ``model_dir``."""
+    from indexer.jobs import JobSpec, run_index_job
+
+    videos, ann = write_annotated_corpus(tmp_path_factory.mktemp("annotated"))
+    out = tmp_path_factory.mktemp("annotated-index") / "index"
+    run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, ann_file=ann), workers=0, batch_size=8,
+                  progress=False)
+    return out

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 from typer.testing import CliRunner
 
 from app.cli import app
+from indexer.export import export_index, read_export
 from indexer.jobs import JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
 from indexer.search import Searcher
 from indexer.store import open_index
@@ -191,6 +192,21 @@ def test_semantic_side_finds_text_the_query_does_not_quote(text_index: Path) -> 
     off = searcher.search("section three", k=3, weights={"semantic": 0})
     assert [(h.item_id, h.score) for h in off] == [
         (h.item_id, h.score) for h in searcher.search("section three", k=3, channels=["visual"])]
+
+
+def test_a_filter_applies_to_every_fused_channel_and_exports_carry_the_text(text_index: Path,
+                                                                            tmp_path: Path) -> None:
+    searcher = Searcher(text_index)
+    query = "a blue frame under a title that reads chapter 3"
+    hits = searcher.search(query, k=3, where="path!=title.mp4")
+    assert hits and all(Path(hit.path).name != "title.mp4" for hit in hits)  # the text match is filtered out
+    assert [Path(h.path).name for h in searcher.search(query, k=3, where="path=title.mp4")] == ["title.mp4"]
+    # the semantic side is filtered too
+    assert all(Path(h.path).name != "title.mp4" for h in searcher.search("section three", k=3, where="path!=title.mp4"))
+    vectors, table = read_export(export_index(text_index, tmp_path / "export"))
+    texts = dict(zip(table.column("path").to_pylist(), table.column("screen_text").to_pylist(), strict=True))
+    assert texts["title.mp4"].replace(" ", "") == "CHAPTER3" and texts["plain.mp4"] == ""
+    assert len(vectors) == 3
 
 
 def test_cli_search_json_carries_channels_and_the_matched_text(text_index: Path) -> None:
