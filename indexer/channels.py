@@ -60,8 +60,9 @@ CANDIDATES = 1000
 #: should beat the visual channel's first (a nearest neighbour), not tie with it.
 DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5, "semantic": 1.0}
 #: The semantic side ranks an item only when the query's cosine to its text reaches this
-#: (calibrated on the written synthetic corpus, bench/channels.py: a caption quoting or
-#: paraphrasing an item's text scores 0.35-0.6 against it, a picture-only one below 0.25)...
+#: (calibrated on the written synthetic corpus, bench/channels.py: 95 % of picture-only captions
+#: score below 0.30 against every item's text; half of the captions quoting an item's text score
+#: above 0.44 against it, half of the paraphrasing ones above 0.29)...
 SEMANTIC_FLOOR = 0.3
 #: ... and is within this much of the query's best cosine.
 SEMANTIC_MARGIN = 0.05
