@@ -16,14 +16,18 @@ Safety
 * Queries are cleaned before they reach the model: control characters become spaces, a query
   longer than :data:`QUERY_LIMIT` characters is cut there (the page says so), and a query with
   nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
-* The page serves exactly the videos the index holds, by item id (``vtr/clip/<id>``): the
-  route looks the id up in the opened index, and plays the file only when its real path
-  (symlinks and ``..`` resolved) is a file inside a corpus root with a single link
+* The page serves exactly the videos the index holds, by item key (``vtr/clip/<key>``, the
+  item's :func:`indexer.search.clip_key`, which no index update gives to another item): the
+  route looks the key up in the version of the index held now, and plays the file only when its
+  real path (symlinks and ``..`` resolved) is a file inside a corpus root with a single link
   (:class:`CorpusGuard`: a hard link is how a file outside the root appears inside it). Nothing
-  else under the corpus root is reachable, and Gradio's own file route gets no allowed paths.
-* The page follows the index: every search and every clip request first switches to the
-  version published now (:meth:`indexer.search.Searcher.refresh`), so a video taken out with
-  ``vtr index remove`` is neither listed, found nor played once its removal is published.
+  else under the corpus root is reachable, and Gradio's own file route gets no allowed paths. A
+  card rendered before an update plays the clip it showed, or nothing once that clip is removed.
+* The page follows the index: every search, clip request and page opening asks whether a newer
+  version was published (:meth:`indexer.search.Searcher.refresh`); the new version is opened
+  and verified in a background thread while requests are answered from the old one, then
+  swapped in, so a video taken out with ``vtr index remove`` is neither listed, found, played
+  nor offered as an example query once the new version is ready.
 * Responses and error messages name videos by their path relative to the corpus root, never by
   their absolute path on the server; unexpected errors are not shown in detail.
 * Uploaded clips are checked from their container (frame size, duration, frame count) before
@@ -43,6 +47,7 @@ from __future__ import annotations
 import html
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -58,7 +63,7 @@ import gradio as gr
 from app import upload_routes
 from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
 from indexer.filters import ItemFilter
-from indexer.search import Hit, Query, Searcher, clean_query
+from indexer.search import CLIP_KEY_CHARS, Hit, Query, Searcher, clean_query, clip_key
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +91,8 @@ GENERIC_EXAMPLES = (
 #: The route that plays an indexed clip by item id, relative to the page so the app also works
 #: under a root path.
 CLIP_ROUTE = "vtr/clip/"
+#: What a clip route's key looks like (ASCII hex only: no other digits, no path characters).
+CLIP_KEY = re.compile(f"[0-9a-f]{{{CLIP_KEY_CHARS}}}")
 #: Every search event shares one queue slot group: ``concurrency`` bounds them all.
 MODEL_QUEUE = "vtr-model"
 #: Uploads queue separately (``UploadLimits.decoders`` at once), so they never hold up searches.
@@ -172,16 +179,19 @@ class CorpusGuard:
                 return real.relative_to(root).as_posix()
         return Path(path).name
 
-    def url(self, item_id: int, path: str | os.PathLike[str], start: float | None = None,
-            end: float | None = None) -> str | None:
-        """The page-relative URL that plays item ``item_id`` (whose file is ``path``) from
-        ``start`` to ``end``, or None if the file may not be served."""
+    def url(self, path: str | os.PathLike[str], start: float | None = None, end: float | None = None,
+            play_from: float | None = None) -> str | None:
+        """The page-relative URL of the indexed item whose video is ``path`` from ``start`` to
+        ``end`` (named by its :func:`indexer.search.clip_key`, which no update gives to another
+        item), playing from ``play_from`` (default ``start``) to ``end``; None if the file may
+        not be served."""
         real = self.resolve(path)
         if real is None:
             return None
-        url = f"{CLIP_ROUTE}{int(item_id)}"
-        if start is not None:
-            url += f"#t={max(0.0, float(start)):.2f}" + (f",{float(end):.2f}" if end is not None else "")
+        url = CLIP_ROUTE + clip_key(str(path), start, end)
+        play_from = start if play_from is None else play_from
+        if play_from is not None:
+            url += f"#t={max(0.0, float(play_from)):.2f}" + (f",{float(end):.2f}" if end is not None else "")
         return url
 
 
@@ -242,7 +252,7 @@ def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = 
         return render_message("No results.")
     cards = []
     for rank, hit in enumerate(hits, 1):
-        url = guard.url(hit.item_id, hit.path, preview_start(hit), hit.end)
+        url = guard.url(hit.path, hit.start, hit.end, preview_start(hit))
         name = guard.display_name(hit.path)
         if url is None:
             player = '<div class="vtr-noplay">this file is outside the corpus and is not served</div>'
@@ -261,7 +271,7 @@ def render_hits(hits: Sequence[Hit], guard: CorpusGuard, labels_per_card: int = 
             links = []
             for moment in hit.moments:
                 span = _esc(format_span(moment.start, moment.end))
-                link = guard.url(moment.item_id, hit.path, moment.start, moment.end)
+                link = guard.url(hit.path, moment.start, moment.end)
                 label = f"{span} ({moment.score:.3f})"
                 links.append(f'<a href="{_esc(link)}" target="_blank" rel="noopener">{label}</a>' if link
                              else f"<span>{label}</span>")
@@ -320,6 +330,7 @@ class SearchPage:
         searcher: the opened index and its model.
         labels: label set for the upload tab's action labels (a named set or a file; default:
             the set the index was labelled with, else ``synthetic``).
+        examples: the example queries shown (default: captions of the version held as a page opens).
         roots: directories whose files may be served (default: the index's corpus roots).
         upload_limits: caps on uploaded clips (default :class:`app.uploads.UploadLimits`).
         group: one card per video, its other matching windows as further moments (False: one
@@ -331,6 +342,7 @@ class SearchPage:
     roots: Sequence[str | os.PathLike[str]] | None = None
     upload_limits: UploadLimits | None = None
     group: bool = True
+    examples: Sequence[str] | None = None
     guard: CorpusGuard = field(init=False)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     label_names: list[str] = field(init=False)
@@ -358,14 +370,20 @@ class SearchPage:
                 self.roots = roots
                 self.guard = CorpusGuard(roots)
 
-    def clip_file(self, item_id: int) -> Path | None:
-        """The file the clip route plays for ``item_id``: the indexed item's video in the version
-        published now, if it is a file inside a corpus root; None for anything else."""
+    def clip_file(self, key: str) -> Path | None:
+        """The file the clip route plays for ``key`` (a :func:`indexer.search.clip_key`): the video
+        of the item so named in the version held now, if it is a file inside a corpus root; None
+        for anything else, an item removed since the key was handed out included."""
         self.follow_index()
-        items = self.searcher.reader.items
-        if not 0 <= item_id < len(items):
-            return None
-        return self.guard.resolve(items[item_id]["path"])
+        item = self.searcher.version.item(key)
+        return None if item is None else self.guard.resolve(item["path"])
+
+    def start_view(self) -> tuple[list[str], str]:
+        """What a page shows as it opens, from the version held now: the example queries and the
+        stats line."""
+        self.follow_index()
+        examples = list(self.examples) if self.examples is not None else example_queries(self.searcher)
+        return examples, stats_line(self.searcher.stats())
 
     def redact(self, text: str, *uploads: str | os.PathLike[str]) -> str:
         """``text`` with absolute server paths (corpus roots, uploaded files) made relative."""
@@ -449,7 +467,7 @@ class SearchPage:
                     "seconds": 0.0, "label_source": self.searcher.label_source}
         rows = []
         for hit in hits:
-            url = self.guard.url(hit.item_id, hit.path, preview_start(hit), hit.end)
+            url = self.guard.url(hit.path, hit.start, hit.end, preview_start(hit))
             if url is not None:
                 rows.append({**{key: value for key, value in hit.to_dict().items() if key != "path"},
                              "video_path": self.guard.display_name(hit.path), "url": url,
@@ -532,15 +550,16 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    page = SearchPage(searcher, labels=labels, roots=roots, upload_limits=upload_limits)
+    page = SearchPage(searcher, labels=labels, roots=roots, upload_limits=upload_limits,
+                      examples=None if examples is None else list(examples))
     uploads_at_once = page.upload_limits.decoders
-    examples = list(examples) if examples is not None else example_queries(searcher)
+    examples = page.examples if page.examples is not None else example_queries(searcher)
 
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {_markdown_escape(title)}", elem_id="vtr-header")
         gr.Markdown("Find moments in the indexed videos by describing them in words, or by an example clip. "
                     "Each result plays from the matched moment.", elem_id="vtr-intro")
-        gr.Markdown(stats_line(searcher.stats()), elem_id="vtr-stats")
+        stats = gr.Markdown(stats_line(searcher.stats()), elem_id="vtr-stats")
         with gr.Tabs():
             with gr.Tab("Search", id="search"):
                 with gr.Row(equal_height=False):
@@ -558,8 +577,12 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
                                          interactive=can_rerank, scale=2, elem_id="vtr-rerank")
                     filters = gr.Textbox(label="only items matching (optional)", lines=1, max_lines=1, scale=4,
                                          placeholder="source=news path=clips/* duration<=60", elem_id="vtr-filter")
-                if examples:
-                    gr.Examples([[e] for e in examples], inputs=[query], label="Try")
+                # re-read from the index as each page opens (demo.load below): an update may
+                # have removed the clip a caption came from
+                tries = gr.Dataset(components=[query], samples=[[e] for e in examples], label="Try",
+                                   type="values", elem_id="vtr-examples")
+                tries.click(lambda sample: sample[0], inputs=[tries], outputs=[query], api_visibility="private",
+                            queue=False)
                 status = gr.Markdown("", elem_id="vtr-status")
                 results = gr.HTML(render_message("Results appear here."), elem_id="vtr-results")
                 button.click(page.search, inputs=[query, k, rerank, filters], outputs=[results, status],
@@ -591,6 +614,13 @@ def build_app(searcher: Searcher, *, labels: str | os.PathLike[str] | Sequence[s
             return page.search_json(query, k, rerank, filters)
 
         gr.api(search_json, api_name="search_json", concurrency_id=MODEL_QUEUE)
+
+        def page_opened() -> tuple[Any, Any, str]:
+            shown, counts = page.start_view()
+            return (gr.Dataset(samples=[[e] for e in shown]), gr.Textbox(placeholder=shown[0] if shown else ""),
+                    counts)
+
+        demo.load(page_opened, outputs=[tries, query, stats], api_visibility="private", queue=False)
 
     demo.queue(default_concurrency_limit=concurrency)
     demo.vtr_page = page  # type: ignore[attr-defined]
@@ -628,23 +658,23 @@ def launch(demo: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = DEFAULT
 
 
 def add_clip_route(app: Any, page: SearchPage) -> None:
-    """Add ``GET/HEAD /vtr/clip/{item_id}`` to the running app, ahead of Gradio's routes: the
-    indexed video of that item (byte ranges supported, for seeking), else 404."""
+    """Add ``GET/HEAD /vtr/clip/{key}`` to the running app, ahead of Gradio's routes: the indexed
+    video of the item :func:`indexer.search.clip_key` names in the version held now (byte ranges
+    supported, for seeking), else 404."""
     import mimetypes
 
     from fastapi.responses import FileResponse, Response
     from starlette.routing import Route
 
     async def clip(request: Any) -> Response:
-        raw = request.path_params["item_id"]
-        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses
-        path = page.clip_file(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+        key = request.path_params["key"]
+        path = page.clip_file(key) if CLIP_KEY.fullmatch(key) else None
         if path is None:
             return Response("no such clip", status_code=404, media_type="text/plain")
         media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
-    route = Route("/" + CLIP_ROUTE + "{item_id}", clip, methods=["GET", "HEAD"])
+    route = Route("/" + CLIP_ROUTE + "{key}", clip, methods=["GET", "HEAD"])
     app.router.routes.insert(0, route)
 
 
@@ -662,7 +692,7 @@ def open_searcher(index: str | os.PathLike[str], model: str | os.PathLike[str] |
                                 f"--videos DIR --out {index}`")
     if model is not None and not Path(model).is_dir():
         raise FileNotFoundError(f"model directory {model} does not exist")
-    searcher = Searcher(index, model=model, device=device, precision=precision)
+    searcher = Searcher(index, model=model, device=device, precision=precision, refresh_in_background=True)
     if len(searcher.reader) == 0:
         raise ValueError(f"index {index} holds no clips")
     return searcher

@@ -19,11 +19,17 @@ A model is its weights: a copy of the model folder under another name is the sam
 
 A :class:`Searcher` follows its index: before each search it checks whether a newer version
 has been published (``vtr index add`` / ``remove``) and switches to it
-(:meth:`Searcher.refresh`), so a removed clip is not found once its removal is published.
+(:meth:`Searcher.refresh`), so a removed clip is not found once its removal is published. A
+server (``refresh_in_background=True``) opens and verifies the new version in a thread and
+keeps answering from the old one until the new one is ready, so no request waits for it.
+
+Items are named across versions by :func:`clip_key` (their video, start and end): an item's row
+number changes when an update republishes the index, its key does not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +70,8 @@ FILTER_CACHE_SIZE = 8
 FILTER_VECTORS_MAX = 16_384
 #: Items each channel contributes to a fused search (at least ``k`` times the group factor).
 FUSION_POOL = 100
+#: Hex digits of a :func:`clip_key` (64 bits).
+CLIP_KEY_CHARS = 16
 #: With a filter, the text channel's ranking is read this many times deeper before filtering.
 TEXT_FILTER_DEPTH = 20
 
@@ -182,15 +190,40 @@ def _recorded_model_dir(index: Path) -> Path:
     return Path(model_dir)
 
 
-def _channel_state(
-    reader: IndexReader,
-) -> tuple[IndexReader, tuple[str, ...], TextIndex | None, SemanticIndex | None]:
-    """A version of an index with its channels and the in-memory lexical (SQLite FTS5) and
-    semantic (FAISS) indexes of its on-screen text, built once per version."""
-    channels = index_channels(reader.manifest)
-    if "text" not in channels:
-        return reader, channels, None, None
-    return reader, channels, TextIndex(reader.items), SemanticIndex(reader.items)
+def clip_key(path: str, start: float | None, end: float | None) -> str:
+    """A short stable name of an indexed item (its video ``path`` and ``start``/``end`` seconds):
+    the same in every version of an index that holds the item, whatever its row there."""
+    text = json.dumps([str(path), None if start is None else float(start), None if end is None else float(end)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:CLIP_KEY_CHARS]
+
+
+@dataclass(frozen=True)
+class IndexVersion:
+    """One opened version of an index with what searching it needs, built once per version and
+    swapped in as a whole: the reader, its channels, the lexical (SQLite FTS5) and semantic
+    (FAISS over sentence vectors) indexes of its on-screen text (None without a text channel; the
+    semantic one empty for an index built before it) and its items by :func:`clip_key`."""
+
+    reader: IndexReader
+    channels: tuple[str, ...]
+    text_index: TextIndex | None
+    keys: Mapping[str, int]
+    semantic_index: SemanticIndex | None = None
+
+    @classmethod
+    def of(cls, reader: IndexReader) -> IndexVersion:
+        channels = index_channels(reader.manifest)
+        keys: dict[str, int] = {}
+        for row, item in enumerate(reader.items):
+            keys.setdefault(clip_key(item["path"], item["start"], item["end"]), row)
+        if "text" not in channels:
+            return cls(reader, channels, None, keys)
+        return cls(reader, channels, TextIndex(reader.items), keys, SemanticIndex(reader.items))
+
+    def item(self, key: str) -> dict[str, Any] | None:
+        """The item named ``key`` in this version, None if it holds no such item."""
+        row = self.keys.get(key)
+        return None if row is None else self.reader.items[row]
 
 
 class Searcher:
@@ -200,6 +233,8 @@ class Searcher:
         index: the index directory (what ``vtr index --out`` published).
         model: the model directory; default: the one recorded in the index's manifest.
         device: where the model runs.
+        refresh_in_background: open a newly published version in a thread and answer from the
+            held one meanwhile (a server); False: the search that notices it waits for it.
 
     Raises:
         IndexModelMismatch: ``model`` is not the model the index was built with.
@@ -212,6 +247,7 @@ class Searcher:
         model: str | os.PathLike[str] | None = None,
         device: str | torch.device = "cpu",
         precision: str = "fp32",
+        refresh_in_background: bool = False,
     ) -> None:
         index = Path(index)
         model_dir = Path(model) if model is not None else _recorded_model_dir(index)
@@ -221,41 +257,51 @@ class Searcher:
         self.index_path = index
         self._identity = model_identity(model_dir)
         self._use_gpu = None if on_cuda else False
-        self._refresh_lock = threading.Lock()
+        self.refresh_in_background = refresh_in_background
+        self._refresh_lock = threading.Lock()  # one version is opened at a time
+        self._loader_lock = threading.Lock()
+        self._loader: threading.Thread | None = None
         self._unusable: Path | None = None  # a newer version that failed to open (not retried)
-        self.reader: IndexReader = open_index(index, expect_model=self._identity, use_gpu=self._use_gpu)
+        self._held = IndexVersion.of(open_index(index, expect_model=self._identity, use_gpu=self._use_gpu))
+        self._sentences: SentenceEncoder | None = None
+        self._load_sentences(self._held)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
-        self._sentences: SentenceEncoder | None = None  # loaded with the first version that has sentence vectors
-        self._held = self._channel_state(self.reader)
         # resolved filters of one index version: (version dir, filter) -> (ids, held subset)
         self._selections: dict[tuple[Path, ItemFilter], tuple[np.ndarray, HeldSubset | None]] = {}
 
-    def _channel_state(
-        self, reader: IndexReader,
-    ) -> tuple[IndexReader, tuple[str, ...], TextIndex | None, SemanticIndex | None]:
-        held = _channel_state(reader)
-        if held[3] is not None and len(held[3]) and self._sentences is None:
+    def _load_sentences(self, version: IndexVersion) -> None:
+        """Load the sentence model with the first version whose text has sentence vectors."""
+        if version.semantic_index and self._sentences is None:
             self._sentences = SentenceEncoder()
-        return held
+
+    @property
+    def version(self) -> IndexVersion:
+        """The version of the index held now (searches started later use it)."""
+        return self._held
+
+    @property
+    def reader(self) -> IndexReader:
+        """The held version's reader."""
+        return self._held.reader
 
     @property
     def channels(self) -> tuple[str, ...]:
         """The channels the held version of the index has (``visual``, ``text``)."""
-        return self._held[1]
+        return self._held.channels
 
     @property
     def text_index(self) -> TextIndex | None:
         """The lexical index of the held version's on-screen text (None without a text channel)."""
-        return self._held[2]
+        return self._held.text_index
 
     @property
     def semantic_index(self) -> SemanticIndex | None:
         """The sentence vectors of the held version's on-screen text (None without a text
         channel; empty for an index built before the semantic side)."""
-        return self._held[3]
+        return self._held.semantic_index
 
     def sentence_vectors(self, texts: Sequence[str]) -> np.ndarray | None:
         """Queries as the semantic side searches them (None when no version held had sentence vectors)."""
@@ -290,25 +336,60 @@ class Searcher:
             self._selections[key] = (ids, held)
         return self._selections[key]
 
-    def refresh(self) -> bool:
+    def refresh(self, wait: bool | None = None) -> bool:
         """Switch to the version published at the index's path now, if it is not the one held
-        (``vtr index add`` / ``remove`` published since); True when it switched.
+        (``vtr index add`` / ``remove`` published since); True when this call switched.
 
-        Asking costs one ``readlink``; every search asks first, so once an update is published
-        no search, listing or clip lookup uses the old version. The switch is one attribute
-        assignment: a search already running finishes on the version it started with. A newer
-        version that cannot be opened (damaged, another model) is logged once and the held one
-        kept.
+        Asking costs one ``readlink``; every search asks first. With ``wait`` (default: not
+        :attr:`refresh_in_background`) the new version is opened, verified and built here, so no
+        search, listing or clip lookup after this call uses the old version. Without, that work
+        runs in a background thread (one at a time) and this call returns at once, still on the
+        held version; the thread swaps the new version in when it is ready. Either way the switch
+        is one attribute assignment: a search already running finishes on the version it started
+        with. A newer version that cannot be opened (damaged, another model) is logged once and
+        the held one kept.
         """
-        now = published_version_dir(self.index_path)
-        if now == self.reader.snapshot_dir or now == self._unusable:
+        if wait is None:
+            wait = not self.refresh_in_background
+        if not self._is_stale():
             return False
+        if wait:
+            return self._load_published()
+        with self._loader_lock:
+            if self._loader is None or not self._loader.is_alive():
+                self._loader = threading.Thread(target=self._load_in_background, name="vtr-index-refresh", daemon=True)
+                self._loader.start()
+        return False
+
+    def wait_for_refresh(self, timeout: float | None = None) -> bool:
+        """Wait until a background refresh started by :meth:`refresh` has finished; True if none
+        is running any more."""
+        loader = self._loader
+        if loader is not None:
+            loader.join(timeout)
+        return loader is None or not loader.is_alive()
+
+    def _is_stale(self) -> bool:
+        now = published_version_dir(self.index_path)
+        return now != self.reader.snapshot_dir and now != self._unusable
+
+    def _load_in_background(self) -> None:
+        try:
+            self._load_published()
+        except Exception:  # a thread has no caller to raise to: log it, keep the held version
+            self._unusable = published_version_dir(self.index_path)
+            logger.exception("index %s: opening the newly published version failed; still serving generation %s",
+                             self.index_path, self.reader.manifest.get("generation", "?"))
+
+    def _load_published(self) -> bool:
+        """Open the version published now and swap it in (in the caller's thread); True if switched."""
         with self._refresh_lock:
             now = published_version_dir(self.index_path)
             if now == self.reader.snapshot_dir or now == self._unusable:
                 return False
             try:
-                reader = open_index(self.index_path, expect_model=self._identity, use_gpu=self._use_gpu)
+                version = IndexVersion.of(open_index(self.index_path, expect_model=self._identity,
+                                                     use_gpu=self._use_gpu))
             except (OSError, ValueError) as exc:
                 self._unusable = now
                 logger.warning("index %s was republished but the new version cannot be opened (%s); still "
@@ -316,9 +397,9 @@ class Searcher:
                                self.reader.manifest.get("generation", "?"))
                 return False
             logger.info("index %s: switched to generation %s (%d items)", self.index_path,
-                        reader.manifest.get("generation", "?"), len(reader))
-            self._held = self._channel_state(reader)  # its lexical index is ready before searches see it
-            self.reader = reader
+                        version.reader.manifest.get("generation", "?"), len(version.reader))
+            self._load_sentences(version)
+            self._held = version  # its lexical index and keys are ready before searches see it
             return True
 
     def _label_source(self) -> str | None:
@@ -444,7 +525,8 @@ class Searcher:
         """Each channel's best :data:`FUSION_POOL` items (of those ``where`` keeps), fused by
         confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
-        reader, _, text_index, semantic_index = self._held  # one version throughout, even if a refresh switches
+        version = self._held  # one version throughout, even if a refresh switches meanwhile
+        reader, text_index, semantic_index = version.reader, version.text_index, version.semantic_index
         ids, held = self._subset(where, reader)
         if ids is not None and len(ids) == 0:
             return []

@@ -95,6 +95,42 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staging_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temporary folder inside the directory ``path`` (the same file system) to
+    write files that :func:`move_into` then renames into ``path``; removed on exit with whatever is
+    left in it. A full disk while filling it is raised as ``OSError(ENOSPC)`` naming ``path``."""
+    path = Path(path)
+    tmp = temp_name(path / "staged")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except Exception as exc:
+        inside = isinstance(exc, OSError) and exc.filename is not None and str(exc.filename).startswith(str(tmp))
+        named = isinstance(exc, OSError) and exc.filename is not None and not inside
+        if disk_full(exc) and not named:
+            code = exc.errno if isinstance(exc, OSError) else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(path)) from exc
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into(staged: str | os.PathLike[str], path: str | os.PathLike[str], durable: bool = True) -> list[str]:
+    """Rename every file of the folder ``staged`` (from :func:`staging_dir`) into ``path``, over
+    files of the same names; returns their names. Renames take no space, so once every file is
+    written whole in ``staged`` a full disk can no longer stop them halfway."""
+    staged, path = Path(staged), Path(path)
+    names = sorted(entry.name for entry in staged.iterdir() if entry.is_file())
+    for name in names:
+        if durable:
+            fsync_path(staged / name)
+        os.replace(staged / name, path / name)
+    if durable and names:
+        fsync_path(path)
+    return names
+
+
 def write_temp(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> Path:
     """Write a fsynced temporary file beside ``path`` with ``write(handle)`` and return its name
     (for callers that publish it themselves, e.g. with ``os.link``)."""
@@ -120,5 +156,5 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, durable: bool = T
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")), durable)
 
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_text", "disk_full", "fsync_path", "temp_name",
-           "write_temp"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_text", "disk_full", "fsync_path", "move_into",
+           "staging_dir", "temp_name", "write_temp"]

@@ -11,6 +11,7 @@ module's own tie, so a loaded model trains with the tie intact.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, move_into, staging_dir
 from ..data.corpora import DEFAULT_CAPTION_CLEANING
 from .registry import build_from_config
 
@@ -31,6 +32,9 @@ _KINDS: dict[str, Callable[[Path, dict], Any]] = {}
 _KIND_MODULES = {"retrieval": ("retrieval.models.retrieval_model",), "hf_timesformer": ("retrieval.models.timesformer",)}
 # Hugging Face model directories that load as they are (config.json "model_type" -> vtr kind)
 HF_KINDS = {"timesformer": "hf_timesformer"}
+#: The files a saved Hugging Face tokenizer may consist of (replaced together with the weights).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -83,21 +87,34 @@ def weights_hash(path: str | Path) -> str:
 
 def save_model_dir(module: torch.nn.Module, out: str | Path, kind: str, model_cfg: dict[str, Any],
                    preprocess: dict[str, Any], source: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> Path:
-    """Write config.json + model.safetensors (weights first, config last: config marks it complete).
+                   extra: dict[str, Any] | None = None,
+                   extra_files: Callable[[Path], Any] | None = None) -> Path:
+    """Write config.json + model.safetensors (weights first, config last: config marks it complete),
+    and the files ``extra_files(folder)`` writes into a folder (a tokenizer's), stale copies of
+    :data:`TOKENIZER_FILES` it no longer writes removed.
 
-    Both are written whole under temporary names before either replaces a previous model's, so a
-    full disk (``OSError(ENOSPC)``) leaves the previous pair as it was."""
+    Every file is written whole under a temporary name before any replaces a previous model's,
+    so a full disk (``OSError(ENOSPC)``) leaves the previous model, tokenizer included, as it was:
+    the new files then switch in by renames (extra files, weights, config)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"format": FORMAT, "version": VERSION, "kind": kind, "model": model_cfg,
            "preprocess": preprocess, "source": source or {}}
     if extra:
         cfg.update(extra)
-    # leaving the blocks renames the weights first, then the config
-    with atomic_path(out / "config.json") as config, atomic_path(out / "model.safetensors") as weights:
+    with contextlib.ExitStack() as stack:
+        staged = stack.enter_context(staging_dir(out)) if extra_files is not None else None
+        if staged is not None:
+            extra_files(staged)
+        # leaving the blocks renames the weights first, then the config
+        config = stack.enter_context(atomic_path(out / "config.json"))
+        weights = stack.enter_context(atomic_path(out / "model.safetensors"))
         save_safetensors_model(module, str(weights), force_contiguous=True)  # a tied weight is stored once, under one of its names
         config.write_text(json.dumps(cfg, indent=2, sort_keys=False))
+        if staged is not None:
+            written = move_into(staged, out)
+            for stale in set(TOKENIZER_FILES) - set(written):
+                (out / stale).unlink(missing_ok=True)
     return out
 
 

@@ -208,9 +208,11 @@ class RetrievalModel(nn.Module):
 
     def save(self, out: str | Path, source: dict[str, Any] | None = None) -> Path:
         out = Path(out)
-        save_model_dir(self, out, "retrieval", self.config_dict(), self.preprocess, source=source)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
+        # the tokenizer is written with the weights and switches in with them (never new weights
+        # beside an old tokenizer)
+        tokenizer = self.tokenizer
+        save_model_dir(self, out, "retrieval", self.config_dict(), self.preprocess, source=source,
+                       extra_files=None if tokenizer is None else lambda folder: tokenizer.save_pretrained(str(folder)))
         return out
 
 

@@ -81,6 +81,14 @@ def test_search_and_upload_in_chromium(server, browser, tmp_path: Path) -> None:
     page.get_by_text("clips indexed").wait_for()
     assert re.search(r"12\s+clips indexed", page.locator("#vtr-stats").inner_text())
 
+    # the example queries, read from the index as the page opened: one click puts one in the box
+    example = page.locator("#vtr-examples button").first
+    example.wait_for()
+    chosen = " ".join(example.inner_text().split())
+    assert chosen
+    example.click()
+    page.wait_for_function("t => document.querySelector('#vtr-query textarea').value.trim() === t", arg=chosen)
+
     # a blank query gets the message, not an error
     query = page.locator("#vtr-query textarea")
     query.fill("   ")

@@ -39,15 +39,15 @@ from app.web import (
     serve,
 )
 from indexer.jobs import JobSpec, run_index_job
-from indexer.search import Hit, Moment, clean_query
+from indexer.search import Hit, Moment, clean_query, clip_key
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
 from retrieval.labels import load_labels
 from retrieval.models.retrieval_model import build_retrieval_model
 
 CARD = re.compile(r'<div class="vtr-card" data-rank="(\d+)" data-score="([-0-9.e]+)"')
-VIDEO_SRC = re.compile(r'<video src="vtr/clip/(\d+)(#t=[^"]*)?"')
-MOMENT_LINK = re.compile(r'<a href="vtr/clip/(\d+)(#t=[^"]*)?"')
+VIDEO_SRC = re.compile(r'<video src="vtr/clip/([0-9a-f]{16})(#t=[^"]*)?"')
+MOMENT_LINK = re.compile(r'<a href="vtr/clip/([0-9a-f]{16})(#t=[^"]*)?"')
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -144,8 +144,11 @@ def test_queries_are_cleaned_and_limited() -> None:
     assert unbroken.text == "x" * QUERY_LIMIT
 
 
-def _item_path(index: Path, item_id: str) -> Path:
-    return Path(open_index(index).items[int(item_id)]["path"])
+def _item_path(index: Path, key: str) -> Path:
+    """The video of the item a clip URL's key names."""
+    (path,) = [item["path"] for item in open_index(index).items
+               if clip_key(item["path"], item["start"], item["end"]) == key]
+    return Path(path)
 
 
 def test_search_returns_sorted_playable_clips_inside_the_corpus(client: Client, url: str,
@@ -177,7 +180,8 @@ def test_search_json_and_rerank(client: Client, videos_root: Path) -> None:
         for hit in hits:
             # relative to the corpus root: the server's own folders are not shown
             assert not Path(hit["video_path"]).is_absolute() and (videos_root / hit["video_path"]).is_file()
-            assert hit["url"].startswith(f"vtr/clip/{hit['item_id']}")
+            assert hit["url"].startswith("vtr/clip/" + clip_key(str(videos_root / hit["video_path"]), hit["start"],
+                                                                hit["end"]))
             assert len(hit["labels"]) == 5 and hit["captions"]
 
 
@@ -227,7 +231,8 @@ def test_moments_play_from_their_start(demo, videos_root: Path) -> None:
     items = demo.vtr_page.searcher.reader.items
 
     def where(found):
-        return [(Path(items[int(i)]["path"]).relative_to(videos_root).as_posix(), t) for i, t in found]
+        by_key = {clip_key(item["path"], item["start"], item["end"]): item["path"] for item in items}
+        return [(Path(by_key[key]).relative_to(videos_root).as_posix(), t) for key, t in found]
 
     players, links = where(VIDEO_SRC.findall(html)), where(MOMENT_LINK.findall(html))
     # the long video is one card: its best moment plays, the other three are links to their moments
@@ -326,7 +331,8 @@ def test_upload_of_a_non_video_is_a_clear_error(client: Client, tmp_path: Path) 
 def test_only_the_indexed_clips_are_served(url: str, videos_root: Path, index: Path, tmp_path: Path) -> None:
     items = open_index(index).items
     clip = Path(items[1]["path"])
-    code, body = _get(url, "/vtr/clip/1")
+    key = clip_key(items[1]["path"], items[1]["start"], items[1]["end"])
+    code, body = _get(url, "/vtr/clip/" + key)
     assert code == 200 and body == clip.read_bytes()
     code, _ = _get(url, f"/gradio_api/file={clip}")  # not by its server path either
     assert code != 200
@@ -345,7 +351,11 @@ def test_only_the_indexed_clips_are_served(url: str, videos_root: Path, index: P
         refused = [
             f"/gradio_api/file={notes}",
             f"/gradio_api/file={unindexed}",
-            f"/vtr/clip/{len(items)}",
+            "/vtr/clip/1",                            # a row number names nothing
+            "/vtr/clip/" + clip_key(str(unindexed), None, None),   # the key an unindexed file would have
+            "/vtr/clip/" + key.upper(),
+            "/vtr/clip/" + key + "0",
+            "/vtr/clip/" + key[:-1],
             "/vtr/clip/-1",
             "/vtr/clip/1.0",
             "/vtr/clip/99999999999999999999999",
@@ -402,14 +412,14 @@ def test_hits_outside_the_corpus_are_not_linked(videos_root: Path, tmp_path: Pat
     html = render_hits(hits, guard)
     assert html.count("<video") == 1 and "not served" in html
     assert str(outside) not in html  # not even its full path is shown
-    assert 'src="vtr/clip/1#t=1.00,2.50"' in html and str(videos_root) not in html
+    assert f'src="vtr/clip/{clip_key(str(inside), 1.0, 2.5)}#t=1.00,2.50"' in html and str(videos_root) not in html
     assert "<script>" not in html and "${x}" not in html and "{{y}}" not in html
     assert "&lt;script&gt;" in html
     # further moments link into the corpus only; the label source is shown beside the labels
     grouped = Hit(1, str(inside), 1.0, 2.5, 0.8, [("growing", 0.9)], ["a clip"], label_source="head",
                   moments=(Moment(5, 3.0, 4.5, 0.7),))
     html = render_hits([grouped], guard)
-    assert '<a href="vtr/clip/5#t=3.00,4.50"' in html and 'data-source="head"' in html
+    assert f'<a href="vtr/clip/{clip_key(str(inside), 3.0, 4.5)}#t=3.00,4.50"' in html and 'data-source="head"' in html
     outside_moment = Hit(0, str(outside), None, None, 0.9, [], [], moments=(Moment(2, 0.0, 1.0, 0.5),))
     html = render_hits([outside_moment], guard)
     assert "<a " not in html and "also at" in html
@@ -697,8 +707,9 @@ def test_uploads_never_searched_are_deleted_and_their_space_is_capped(index: Pat
         demo.close()
 
 
-def test_the_clip_route_answers_404_for_any_non_ascii_number(url: str) -> None:
-    for raw in ("/vtr/clip/%C2%B2", "/vtr/clip/%D9%A3", "/vtr/clip/%EF%BC%91", "/vtr/clip/1%C2%B2"):
+def test_the_clip_route_answers_404_for_any_non_ascii_key(url: str) -> None:
+    for raw in ("/vtr/clip/%C2%B2", "/vtr/clip/%D9%A3", "/vtr/clip/%EF%BC%91", "/vtr/clip/1%C2%B2",
+                "/vtr/clip/" + "%D9%A3" * 16, "/vtr/clip/" + "%EF%BD%81" * 16):
         code, body = _get(url, raw)
         assert code == 404, (raw, code, body)
 

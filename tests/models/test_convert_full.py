@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from app.cli import app
 from retrieval import load_model
 from retrieval.models.convert import CheckpointError, convert_retrieval, dropped_summary, load_checkpoint
 from retrieval.models.retrieval_model import RetrievalModel
-from retrieval.models.convert_bert import default_text_model_path
 
 from .official_layout import official_checkpoint
 
@@ -37,17 +35,6 @@ EMBED = 24
 UMT_DIM, UMT_DEPTH, UMT_FRAMES, UMT_PATCH = 128, 2, 4, 16  # 2 heads of 64, as UMT-B/L
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CONVERT_LOG = "retrieval.models.convert"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """MiniLM's (bert-base-uncased vocabulary) tokenizer files beside a tiny BERT config.json."""
-    src, dst = default_text_model_path(), tmp_path_factory.mktemp("bert")
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
-    (dst / "config.json").write_text(json.dumps(TINY_BERT))
-    return dst
 
 
 def text_keys(width: int, prefix: str = "text_encoder.bert.") -> dict[str, torch.Tensor]:

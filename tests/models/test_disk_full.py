@@ -1,5 +1,6 @@
 """A full disk while `vtr convert` or `vtr train` writes a model or a checkpoint: one line, exit
-status 2, and the previous files exactly as they were.
+status 2, and the previous files exactly as they were (a whole model's tokenizer included: its
+files switch with the weights).
 
 The full disk is simulated where the bytes are written: safetensors' writer fails the way it does
 on a full file system (its own ``SafetensorError`` carrying "os error 28", as measured on a 64 KB
@@ -8,21 +9,25 @@ tmpfs), and a Python file write raises ``OSError(ENOSPC)`` part-way through.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import SafetensorError
+from transformers import PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
 from app.cli import app
+from retrieval import load_model
 from retrieval.models import model_dir as model_dir_module
 from retrieval.train import loop
 from retrieval.train.recipe import load_recipe
 
 from .official_layout import official_checkpoint
 from .test_convert import TINY
+from .test_convert_full import save, videomamba_checkpoint
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -142,3 +147,61 @@ def test_train_on_a_full_disk_keeps_the_previous_checkpoint_and_model(tmp_path: 
     one_line_error(result, "no space left on device", "model.safetensors")
     assert _snapshot(out / "model") == before[1]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint", "model"]
+
+
+# ---------------------------------------------------------------------------------- a whole model's tokenizer
+
+
+@pytest.fixture()
+def converted_whole(tmp_path: Path, tokenizer_dir: Path) -> tuple[Path, Path, Path]:
+    """A whole retrieval model converted with a tokenizer, its checkpoint, and a second tokenizer
+    folder whose files differ (another maximum length)."""
+    checkpoint = save(tmp_path, videomamba_checkpoint())
+    out = tmp_path / "whole"
+    result = CliRunner().invoke(app, ["convert", "-c", str(checkpoint), "-o", str(out), "--tokenizer",
+                                      str(tokenizer_dir)])
+    assert result.exit_code == 0, result.output
+    second = tmp_path / "bert-2"
+    shutil.copytree(tokenizer_dir, second)
+    settings = json.loads((second / "tokenizer_config.json").read_text())
+    (second / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 77}))
+    return out, checkpoint, second
+
+
+def test_a_full_disk_while_writing_the_tokenizer_keeps_the_whole_previous_model(converted_whole, one_line_error,
+                                                                               monkeypatch) -> None:
+    out, checkpoint, second = converted_whole
+    before = _snapshot(out)
+    real_save = PreTrainedTokenizerBase.save_pretrained
+
+    def full(self, folder, *args, **kwargs):
+        real_save(self, folder, *args, **kwargs)   # some files written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "vocab.txt"))
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    result = CliRunner().invoke(app, ["convert", "-c", str(checkpoint), "-o", str(out), "--tokenizer", str(second),
+                                      "--overwrite"])
+    one_line_error(result, "no space left on device", str(out))
+    assert _snapshot(out) == before   # no new weights beside the old tokenizer, no temporaries left
+
+
+def test_a_full_disk_while_writing_the_weights_keeps_the_previous_tokenizer(converted_whole, one_line_error,
+                                                                           monkeypatch) -> None:
+    out, checkpoint, second = converted_whole
+    before = _snapshot(out)
+    monkeypatch.setattr(model_dir_module, "save_safetensors_model",
+                        _full_disk_safetensors(model_dir_module.save_safetensors_model))
+    result = CliRunner().invoke(app, ["convert", "-c", str(checkpoint), "-o", str(out), "--tokenizer", str(second),
+                                      "--overwrite"])
+    one_line_error(result, "no space left on device", f"{out / 'model.safetensors'}")
+    assert _snapshot(out) == before   # the new tokenizer never replaced the old one
+
+
+def test_overwriting_a_whole_model_replaces_its_tokenizer_with_it(converted_whole) -> None:
+    out, checkpoint, second = converted_whole
+    result = CliRunner().invoke(app, ["convert", "-c", str(checkpoint), "-o", str(out), "--tokenizer", str(second),
+                                      "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    assert load_model(out).tokenizer.model_max_length == 77
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no temporaries left"
