@@ -46,9 +46,10 @@ import numpy as np
 
 from retrieval.ocr import DEFAULT_EVERY_S, fold, folded_with_positions, ocr_available, require_ocr
 from retrieval.sentence import unpack
+from retrieval.speech import require_speech
 
 #: Every channel an index can have, in display order.
-CHANNELS = ("visual", "text")
+CHANNELS = ("visual", "text", "speech")
 #: The rankings a search fuses: the index channels, and the text channel's semantic side.
 RANKINGS = (*CHANNELS, "semantic")
 #: A lexical match ranks only when it scores at least this share of the query's best match.
@@ -58,7 +59,7 @@ CANDIDATES = 1000
 #: Default fusion weights. The text channel weighs a little more than the visual one: it only
 #: ranks items that pass its confidence floor, so its first item (a match of the words typed)
 #: should beat the visual channel's first (a nearest neighbour), not tie with it.
-DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5, "semantic": 1.0}
+DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5, "speech": 1.5, "semantic": 1.0}
 #: The semantic side ranks an item only when the query's cosine to its text reaches this
 #: (calibrated on the written synthetic corpus, bench/channels.py: 95 % of picture-only captions
 #: score below 0.30 against every item's text, and at a floor of 0.30 the few above it cost
@@ -80,17 +81,21 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def parse_channels(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"visual,text"`` -> ``("visual", "text")``; None -> every channel whose package is installed.
+    """``"visual,text"`` -> ``("visual", "text")``; None -> ``visual``, and ``text`` when its
+    package is installed (``speech`` costs a third of the audio's duration: it is asked for by name).
 
     Raises:
         ValueError: an unknown channel name, or no channel at all.
         OcrUnavailable: ``text`` asked for without the ``ocr`` extra.
+        SpeechUnavailable: ``speech`` asked for without the ``speech`` extra.
     """
     if spec is None:
         return ("visual", "text") if ocr_available() else ("visual",)
     names = channel_names(spec)
     if "text" in names:
         require_ocr()
+    if "speech" in names:
+        require_speech()
     return names
 
 

@@ -52,6 +52,7 @@ from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity
 from retrieval.sentence import SentenceEncoder
+from retrieval.speech import SpeechIndex
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ class Hit:
     ``channels``), ``score`` is the fused score, ``channels`` gives each channel's ``rank`` and
     ``score`` for this item (absent: the channel did not rank it), and ``text`` the on-screen line
     that matched (:class:`indexer.channels.TextMatch` as a dict: ``text``, ``start``/``end`` seconds,
-    ``spans``, ``snippet``).
+    ``spans``, ``snippet``), ``speech`` the recognised words that matched
+    (:class:`retrieval.speech.SpeechMatch` as a dict: ``words`` as recognised, ``text``,
+    ``start``/``end`` seconds, ``confidence``, ``query_words``).
     """
 
     item_id: int
@@ -114,6 +117,7 @@ class Hit:
     moments: tuple[Moment, ...] = ()
     channels: dict[str, dict[str, float]] = field(default_factory=dict)
     text: dict[str, Any] | None = None
+    speech: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -202,12 +206,14 @@ class IndexVersion:
     """One opened version of an index with what searching it needs, built once per version and
     swapped in as a whole: the reader, its channels, the lexical (SQLite FTS5) and semantic
     (FAISS over sentence vectors) indexes of its on-screen text (None without a text channel; the
-    semantic one empty for an index built before it) and its items by :func:`clip_key`."""
+    semantic one empty for an index built before it), the phonetic index of its speech (None
+    without a speech channel) and its items by :func:`clip_key`."""
 
     reader: IndexReader
     channels: tuple[str, ...]
     text_index: TextIndex | None
     keys: Mapping[str, int]
+    speech_index: SpeechIndex | None = None
     semantic_index: SemanticIndex | None = None
 
     @classmethod
@@ -216,9 +222,10 @@ class IndexVersion:
         keys: dict[str, int] = {}
         for row, item in enumerate(reader.items):
             keys.setdefault(clip_key(item["path"], item["start"], item["end"]), row)
-        if "text" not in channels:
-            return cls(reader, channels, None, keys)
-        return cls(reader, channels, TextIndex(reader.items), keys, SemanticIndex(reader.items))
+        text = "text" in channels
+        return cls(reader, channels, TextIndex(reader.items) if text else None, keys,
+                   SpeechIndex(reader.items) if "speech" in channels else None,
+                   SemanticIndex(reader.items) if text else None)
 
     def item(self, key: str) -> dict[str, Any] | None:
         """The item named ``key`` in this version, None if it holds no such item."""
@@ -526,7 +533,8 @@ class Searcher:
         confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
         version = self._held  # one version throughout, even if a refresh switches meanwhile
-        reader, text_index, semantic_index = version.reader, version.text_index, version.semantic_index
+        reader, text_index, speech_index = version.reader, version.text_index, version.speech_index
+        semantic_index = version.semantic_index
         ids, held = self._subset(where, reader)
         if ids is not None and len(ids) == 0:
             return []
@@ -553,6 +561,14 @@ class Searcher:
                 found_meaning = [(item_id, score) for item_id, score in found_meaning if item_id in keep][:pool]
             rankings["semantic"] = [item_id for item_id, _ in found_meaning]
             scores["semantic"] = dict(found_meaning)
+        if "speech" in channels and speech_index is not None:
+            found_speech = speech_index.search(query)  # every confident item: the filter applies after
+            if ids is not None:
+                keep = set(ids.tolist())
+                found_speech = [(item_id, score) for item_id, score in found_speech if item_id in keep]
+            found_speech = found_speech[:pool]
+            rankings["speech"] = [item_id for item_id, _ in found_speech]
+            scores["speech"] = dict(found_speech)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
             return self._lookup(vector, k, group, where, reader)  # every other channel abstained: the visual search as is
         hits = []
@@ -566,8 +582,10 @@ class Searcher:
             if text_index is not None and ("text" in ranks or "semantic" in ranks):
                 # the line holding the query's words, else (a semantic match alone) the item's first line
                 match = text_index.match(item_id, query) or text_index.first_line(item_id)
+            spoken = speech_index.match(item_id, query) if "speech" in ranks and speech_index else None
             hits.append(replace(self._hit(item, fused), channels=per_channel,
-                                text=None if match is None else asdict(match)))
+                                text=None if match is None else asdict(match),
+                                speech=None if spoken is None else spoken.to_dict()))
         return group_hits(hits, k) if group else hits[:k]
 
     @torch.inference_mode()
