@@ -13,6 +13,10 @@ Parts (``--parts``, default all):
   +25 points) and on picture-only ones (target within 1 point), and plain rank fusion over all
   items for comparison. It also compares the trigram index of folded text with a plain FTS5
   word index (unicode61 tokens, BM25) on the same OCR output: R@1 of the text channel alone.
+  The semantic side (sentence vectors of the text): R@1 on text-mentioning queries of lexical
+  alone vs lexical + semantic, on the captions as written (they quote the text) and on
+  *paraphrased* ones (:func:`paraphrase`: every word of the quoted text swapped for a synonym,
+  numbers kept), and the cosines its floor is calibrated on.
 * ``scale``: fused search over 100k items (random clustered vectors, synthetic on-screen text on
   a third of them) through :class:`indexer.search.Searcher`, text-mentioning and picture-only
   queries alternating; ``p50_ms`` of the whole search (query encoding by the MiniLM text tower
@@ -52,6 +56,7 @@ import sys
 import tempfile
 import time
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +68,12 @@ import torch
 
 from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
-from indexer.store import write_index
+from indexer.store import open_index, write_index
 from retrieval.atomic import atomic_write_text
-from retrieval.data.corpora import load_corpus
+from retrieval.data.corpora import Corpus, load_corpus
 from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
 from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
@@ -134,30 +140,105 @@ class WordIndex:
         return [row[0] for row in self.db.execute(sql, (" OR ".join(words),))]
 
 
+#: Synonyms for the written layer's words (retrieval/data/written.py), for paraphrased queries.
+SYNONYMS = {
+    "harbor": "port", "lantern": "lamp", "meadow": "field", "summit": "peak", "falcon": "hawk",
+    "orchard": "fruit grove", "canyon": "gorge", "harvest": "crop", "glacier": "ice sheet", "market": "bazaar",
+    "station": "depot", "garden": "yard", "bakery": "bread shop", "museum": "gallery", "theatre": "playhouse",
+    "library": "bookstore", "stadium": "arena", "forest": "woods", "river": "stream", "castle": "fortress",
+    "chapter": "section", "open": "opened", "hours": "hrs", "exit": "way out", "room": "chamber",
+    "sale": "discount",
+}
+
+
+def paraphrase(text: str) -> str:
+    """``text`` with each word swapped for a synonym (numbers kept): "Harbor SALE" -> "port discount"."""
+    return " ".join(SYNONYMS.get(word.lower(), word.lower()) for word in text.split())
+
+
+def paraphrased(test: Corpus) -> Corpus:
+    """The corpus with each text-mentioning caption quoting a paraphrase of its text."""
+    items = []
+    for entry in test.items:
+        written = (entry.extra.get("attributes") or {}).get("written")
+        if written:
+            entry = replace(entry, captions=[caption.replace(written["text"], paraphrase(written["text"]))
+                                             for caption in entry.captions])
+        items.append(entry)
+    return replace(test, items=items)
+
+
+def semantic_cosines(searcher: Searcher, test: Corpus) -> dict:
+    """Where the semantic floor sits: the query's best cosine to any item's text on picture-only
+    queries (should stay below), and its cosine to its own video's text on text-mentioning ones,
+    quoted and paraphrased (should reach it); 5/50/95th percentiles."""
+    index = searcher.semantic_index
+    by_path = {item["path"]: item["id"] for item in searcher.reader.items}
+    quoted, para, picture = [], [], []
+    for source, bucket in ((test, quoted), (paraphrased(test), para)):
+        for entry in source.items:
+            written = bool((entry.extra.get("attributes") or {}).get("written"))
+            if source is not test and not written:
+                continue
+            vectors = searcher.sentence_vectors(entry.captions)
+            own = by_path.get(str(source.root / entry.video))
+            for vector in vectors:
+                found = index.search(vector, len(index), floor=-1.0, margin=2.0)
+                if written:
+                    bucket.append(next((score for item, score in found if item == own), -1.0))
+                elif source is test:
+                    picture.append(found[0][1] if found else -1.0)
+
+    def pct(values: list[float]) -> list[float]:
+        return [round(float(np.percentile(values, q)), 3) for q in (5, 50, 95)] if values else []
+
+    return {"floor": SEMANTIC_FLOOR, "margin": SEMANTIC_MARGIN, "picture_only_best": pct(picture),
+            "quoted_own": pct(quoted), "paraphrased_own": pct(para)}
+
+
 def _index(model: Path, corpus: Path, out: Path, channels: tuple[str, ...]) -> float:
     spec = JobSpec(model_dir=model, out=out, videos=corpus / "videos", ann_file=corpus / "test.json",
                    channels=channels)
     return run_index_job(spec, workers=1, progress=False, overwrite=True).embed_seconds
 
 
-def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: int) -> dict:
+def _with_text_of(visual: Path, text_from: Path, out: Path) -> None:
+    """``visual``'s index republished at ``out`` with the text channel (lines, sentence vectors)
+    of ``text_from``, an index of the same corpus: the OCR is model-independent, so a trained
+    model's fused figures need not read every frame again."""
+    source, donor = open_index(visual), open_index(text_from)
+    texts = {item["path"]: item["extra"]["text"] for item in donor.items}
+    items = [{**item, "extra": {**item["extra"], "text": texts[item["path"]]}} for item in source.items]
+    write_index(out, np.asarray(source.vectors, np.float32), items, source.manifest["model"],
+                source.manifest["corpus_roots"],
+                extra={**source.manifest["extra"], "channels": donor.manifest["extra"]["channels"]})
+
+
+def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: int,
+                 text_from: Path | None = None) -> dict:
     """Fused vs visual-only retrieval on the written corpus, and what the text channel costs.
 
     Without ``model``: the demo architecture with random weights (it encodes exactly as fast as
     the trained one, so the cost ratio holds; its visual ranking is chance). Without ``corpus``:
-    ``clips`` test clips, 40 % of them written."""
+    ``clips`` test clips, 40 % of them written. With ``text_from`` (an index of the same corpus
+    with the text channel), its text is reused instead of read again and the cost is not measured."""
     with tempfile.TemporaryDirectory(prefix="vtr-bench-channels-") as scratch:
         trained = model is not None
         if model is None:
             model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
                                           text_pooling="mean").save(Path(scratch) / "model")
-        if corpus is None:
+        if corpus is not None:
+            corpus = corpus.resolve()  # the index records absolute paths; the evaluation compares them
+        else:
             corpus = Path(scratch) / "corpus"
             generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, written_share=0.4)
         visual_s, text_s = [], []
-        for _ in range(repeats):
+        for _ in range(repeats if text_from is None else 1):
             visual_s.append(_index(model, corpus, Path(scratch) / "visual", ("visual",)))
-            text_s.append(_index(model, corpus, Path(scratch) / "text", ("visual", "text")))
+            if text_from is None:
+                text_s.append(_index(model, corpus, Path(scratch) / "text", ("visual", "text")))
+        if text_from is not None:
+            _with_text_of(Path(scratch) / "visual", text_from, Path(scratch) / "text")
         searcher = Searcher(Path(scratch) / "text", model=model)
         test = load_corpus("generic", corpus / "test.json", corpus / "videos")
         result = evaluate_channels(searcher, test)
@@ -172,19 +253,27 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             order = [paths[item] for item in words.search(ranks["captions"][i])]
             word_ranks.append(order.index(targets[i]) + 1 if targets[i] in order else len(paths) + 1)
         trigram_r1 = rank_metrics(np.asarray(ranks["text"])[mentioning])["R@1"]
+        semantic = {}
+        if searcher.semantic_index:
+            semantic["cosines"] = semantic_cosines(searcher, test)
+            for name, source in (("quoted", test), ("paraphrased", paraphrased(test))):
+                got = evaluate_channels(searcher, source)["text_mentioning"]
+                semantic[name] = {way: round(got[way]["R@1"], 1) for way in
+                                  ("visual", "text", "semantic", "text_semantic", "fused_lexical", "fused")}
     by = {subset: {way: round(metrics["R@1"], 1) for way, metrics in result[subset].items()}
           for subset in ("all", "picture_only", "text_mentioning") if subset in result}
     gain = by["text_mentioning"]["fused"] - by["text_mentioning"]["visual"]
     picture_gap = by["picture_only"]["fused"] - by["picture_only"]["visual"]
-    ratio = statistics.median(text_s) / statistics.median(visual_s)
+    ratio = statistics.median(text_s) / statistics.median(visual_s) if text_s else None
     return {"bench": "channels", "part": "fusion", "visual_model": "trained" if trained else
             "videomamba_demo, random weights (visual ranks are chance)", "queries": result["queries"], "t2v_R@1": by,
             "R@5": {s: {w: round(m["R@5"], 1) for w, m in result[s].items()} for s in by},
             "fused_gain_text_mentioning": round(gain, 1), "fused_gap_picture_only": round(picture_gap, 1),
             "lexical_R@1_text_mentioning": {"trigram_folded": round(trigram_r1, 1),
                                             "word_unicode61": round(rank_metrics(word_ranks)["R@1"], 1)},
+            "semantic_R@1_text_mentioning": semantic,
             "index_embed_s": {"visual": [round(s, 1) for s in visual_s], "visual+text": [round(s, 1) for s in text_s]},
-            "index_cost_ratio": round(ratio, 2), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
+            "index_cost_ratio": ratio and round(ratio, 2), "text_from": text_from and str(text_from), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
             "load_avg": _load(), "note": NOTE}
 
 
@@ -358,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="fusion: a trained model directory (default: the demo "
                         "architecture with random weights)")
     parser.add_argument("--corpus", type=Path, help="fusion: a corpus from `vtr data synth --written`")
+    parser.add_argument("--text-from", type=Path, help="fusion: reuse the on-screen text of this index of the "
+                        "same corpus (built with the text channel) instead of reading it again")
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
@@ -373,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         if part == "ocr":
             results.add(bench_ocr(args.clips, args.size))
         elif part == "fusion":
-            results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips))
+            results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips, args.text_from))
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
         elif part == "speech":

@@ -5,7 +5,10 @@ ground-truth video's rank is taken under: the visual channel alone (cosine over 
 text channel alone (items its lexical search matches; an unmatched video ranks last), the
 confidence-aware fusion :func:`indexer.channels.fuse` (what search does), and, for comparison,
 plain rank fusion in which the text channel ranks *every* item (its matches first, then the
-rest in index order), the variant that lets a meaningless ranking drown a strong match.
+rest in index order), the variant that lets a meaningless ranking drown a strong match. When the
+index holds sentence vectors of its text, also: the semantic side alone (``semantic``), lexical +
+semantic without the picture (``text_semantic``), and the fusion without the semantic side
+(``fused_lexical``), so that what the semantic side adds can be read off.
 
 With a speech channel the same is done for it (``speech``: items its phonetic search finds
 confidently; fusion of visual and every other channel), and the recogniser's word error rate is
@@ -33,7 +36,7 @@ from retrieval.speech import item_words, word_error_rate
 
 #: Query subsets reported beside the whole corpus.
 SUBSETS = ("all", "picture_only", "text_mentioning", "speech_mentioning")
-_WAYS = ("visual", "text", "speech", "fused", "plain_fusion")
+_WAYS = ("visual", "text", "speech", "semantic", "text_semantic", "fused_lexical", "fused", "plain_fusion")
 _TEXT_BATCH = 64
 
 
@@ -65,18 +68,22 @@ def channel_ranks(searcher: Searcher, corpus: Corpus,
     vectors = np.asarray(searcher.reader.vectors, np.float32)
     others = {name: index for name, index in (("text", searcher.text_index), ("speech", searcher.speech_index))
               if index is not None}
+    semantic = searcher.text_index is not None and bool(searcher.semantic_index)
     everyone = list(range(len(items)))
     out: dict[str, Any] = {"visual": [], "captions": [q[0] for q in queries],
                            "text_mentioning": [q[2][0] for q in queries],
                            "speech_mentioning": [q[2][1] for q in queries]}
     if others:
         out.update({name: [] for name in others}, fused=[], plain_fusion=[])
+    if semantic:
+        out.update(semantic=[], text_semantic=[], fused_lexical=[])
     for start in range(0, len(queries), _TEXT_BATCH):
         batch = queries[start : start + _TEXT_BATCH]
         with model_autocast(searcher.model):
             encoded = searcher.model.encode_texts([caption for caption, _, _ in batch])["feat"]
         scores = encoded.float().cpu().numpy() @ vectors.T
-        for (caption, target, _), row in zip(batch, scores, strict=True):
+        meanings = searcher.sentence_vectors([caption for caption, _, _ in batch]) if semantic else [None] * len(batch)
+        for (caption, target, _), row, meaning in zip(batch, scores, meanings, strict=True):
             visual = np.argsort(-row, kind="stable").tolist()
             out["visual"].append(_video_rank(visual, paths, target))
             if not others:
@@ -84,7 +91,16 @@ def channel_ranks(searcher: Searcher, corpus: Corpus,
             matched = {name: [item for item, *_ in index.search(caption)] for name, index in others.items()}
             for name, found in matched.items():
                 out[name].append(_video_rank(found, paths, target))
-            fused = [item for item, _, _ in fuse({"visual": visual, **matched}, weights)]
+            rankings = {"visual": visual, **matched}
+            if semantic:
+                near = [item for item, _ in searcher.semantic_index.search(meaning, len(items))]
+                out["semantic"].append(_video_rank(near, paths, target))
+                both = [item for item, _, _ in fuse({"text": matched["text"], "semantic": near}, weights)]
+                out["text_semantic"].append(_video_rank(both, paths, target))
+                lexical = [item for item, _, _ in fuse(rankings, weights)]
+                out["fused_lexical"].append(_video_rank(lexical, paths, target))
+                rankings["semantic"] = near
+            fused = [item for item, _, _ in fuse(rankings, weights)]
             out["fused"].append(_video_rank(fused, paths, target))
             padded = {name: found + [item for item in everyone if item not in set(found)]
                       for name, found in matched.items()}

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer import guards
-from indexer.channels import parse_channels
+from indexer.channels import parse_channels, text_of
 from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
 from indexer.store import open_index, read_published_manifest, same_model, write_index
@@ -70,6 +70,7 @@ from retrieval.models.actions import ActionClassifier
 from retrieval.models.device import model_autocast, model_device, resolve_device, resolve_precision
 from retrieval.models.model_dir import load_model, model_identity, read_model_config
 from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, read_span
+from retrieval.sentence import SentenceEncoder, pack
 from retrieval.speech import SpeechRecognizer, read_speech
 
 logger = logging.getLogger(__name__)
@@ -405,11 +406,14 @@ def _job_record(
     removed: list[str] | None = None,
     reader: OcrReader | None = None,
     recognizer: SpeechRecognizer | None = None,
+    sentences: SentenceEncoder | None = None,
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
     channels: dict[str, Any] = {"visual": {}}
     if reader is not None:
         channels["text"] = {"every_s": spec.text_every_s, **reader.identity}
+        if sentences is not None:
+            channels["text"]["semantic"] = sentences.identity
     if recognizer is not None:
         channels["speech"] = dict(recognizer.identity)
     return {
@@ -726,8 +730,11 @@ def _run_locked(
         sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
     guards.check_index_size(len(sources), embed_dim, spec.index_type, spec.window is not None)
+    # the text channel's semantic side: a sentence vector of each item's on-screen text
+    sentences = SentenceEncoder() if reader is not None else None
     record = _job_record(spec, identity, load_labels(spec.labels), sources,
-                         resolve_precision(precision, resolve_device(device)), sorted(removed), reader, recognizer)
+                         resolve_precision(precision, resolve_device(device)), sorted(removed), reader, recognizer,
+                         sentences)
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
     _check_same_job(_create_once(work.job_file, seal_record(record)), record, work.root)
@@ -742,7 +749,10 @@ def _run_locked(
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
     if reader is not None:
         def read_text(item: CorpusItem) -> dict[str, Any]:
-            return read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
+            text = read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
+            if text["lines"] and sentences is not None:
+                text["vector"] = pack(sentences.encode([text_of(text)])[0])
+            return text
 
         for part in parts:
             part.read_text = read_text
