@@ -33,6 +33,12 @@ Parts (``--parts``, default all):
   (:data:`retrieval.speech.MATCH_SOURCES`); then, with the channel's abstention on, the share of
   spoken queries it answers right (``answered_R@1``) and the share of picture captions of the
   synthetic corpus on which it stays silent (``picture_abstained``, should be 1.0).
+* ``spoken`` (``--model``, ``--corpus``: a corpus written with ``vtr data synth --spoken``;
+  without it ``--clips`` test clips, half of them spoken): indexes the test split visual-only and
+  visual+speech (``index_cost_ratio``: speech / visual embed seconds, target with text <= 2) and
+  ranks every caption (:mod:`indexer.channel_eval`): t2v R@1 of the speech channel alone and
+  fused vs visual-only on speech-mentioning queries (target: fused >= visual + 20 points) and on
+  picture-only ones (target within 1 point), and the recogniser's ``wer`` on the split.
 
 Prints one JSON object per part and writes them (with the run's environment,
 :class:`bench.record.Recorder`) to ``bench/results/channels.jsonl``.
@@ -41,6 +47,7 @@ The machine these numbers come from is shared with other work: the JSON says so 
     python bench/channels.py --parts ocr,scale
     python bench/channels.py --parts speech --append
     python bench/channels.py --parts fusion --model runs/demo/train/model --corpus runs/written
+    python bench/channels.py --parts spoken --clips 40 --append
 """
 
 from __future__ import annotations
@@ -277,6 +284,37 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             "load_avg": _load(), "note": NOTE}
 
 
+def bench_spoken(model: Path | None, corpus: Path | None, clips: int) -> dict:
+    """Speech-channel, fused and visual-only retrieval on the spoken corpus, the recogniser's WER,
+    and what the speech channel costs to index. Without ``model``: the demo architecture with
+    random weights (its visual ranking is chance; the speech figures do not depend on it)."""
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-spoken-") as scratch:
+        trained = model is not None
+        if model is None:
+            model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
+                                          text_pooling="mean").save(Path(scratch) / "model")
+        if corpus is not None:
+            corpus = corpus.resolve()
+        else:
+            corpus = Path(scratch) / "corpus"
+            generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, spoken_share=0.5)
+        visual_s = _index(model, corpus, Path(scratch) / "visual", ("visual",))
+        speech_s = _index(model, corpus, Path(scratch) / "speech", ("visual", "speech"))
+        result = evaluate_channels(Searcher(Path(scratch) / "speech", model=model),
+                                   load_corpus("generic", corpus / "test.json", corpus / "videos"))
+    by = {subset: {way: round(metrics["R@1"], 1) for way, metrics in result[subset].items()}
+          for subset in ("all", "picture_only", "speech_mentioning") if subset in result}
+    return {"bench": "channels", "part": "spoken", "visual_model": "trained" if trained else
+            "videomamba_demo, random weights (visual ranks are chance)", "queries": result["queries"],
+            "t2v_R@1": by, "R@5": {s: {w: round(m["R@5"], 1) for w, m in result[s].items()} for s in by},
+            "fused_gain_speech_mentioning": round(by["speech_mentioning"]["fused"] - by["speech_mentioning"]["visual"], 1),
+            "fused_gap_picture_only": round(by["picture_only"]["fused"] - by["picture_only"]["visual"], 1),
+            "wer": round(result["recognition"]["wer"], 3), "recognised_words": result["recognition"]["reference_words"],
+            "index_embed_s": {"visual": round(visual_s, 1), "visual+speech": round(speech_s, 1)},
+            "index_cost_ratio": round(speech_s / visual_s, 2), "targets": {"gain": 20, "picture_gap": 1},
+            "load_avg": _load(), "note": NOTE}
+
+
 def _scale_items(n: int, rng: np.random.Generator) -> tuple[list[dict], list[str]]:
     """``n`` items, a third with one or two lines of on-screen text; returns them and the texts."""
     items, texts = [], []
@@ -440,7 +478,7 @@ def _speech_rows(saved: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale, speech (comma-separated)")
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale, speech, spoken (comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
     parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
@@ -467,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips, args.text_from))
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
+        elif part == "spoken":
+            results.add(bench_spoken(args.model, args.corpus, args.clips))
         elif part == "speech":
             results.add(bench_speech(args.sentences, args.keep_speech))
         else:

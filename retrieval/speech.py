@@ -90,6 +90,7 @@ _STOPWORDS = frozenset((
     "saying", "say", "someone", "speaker", "speaks", "spoken", "speech", "talks", "talking", "tells", "announces",
 ))
 _WORD = re.compile(r"[a-z']+")
+_SAID = re.compile(r"\b(?:says|said|saying|say|tells|announces)\b\s+(.+)$")
 # letter-to-sound fallback for words the dictionary lacks: longest spelling first
 _SPELLINGS = {
     "tion": "SH AH N", "sion": "ZH AH N", "ough": "AO", "igh": "AY", "tch": "CH", "dge": "JH",
@@ -341,10 +342,12 @@ def _scores() -> np.ndarray:
 
 
 def query_words(query: str) -> list[str]:
-    """The words of a query searched in speech: a quoted part if there is one, else every word,
-    without function words and words that say that something is spoken ("a voice says ...")."""
+    """The words of a query searched in speech: a quoted part if there is one, else what follows
+    a word that says something is spoken ("... while a voice says the bridge is closed"), else
+    every word; without function words and words that say that something is spoken."""
     quoted = re.findall(r"[\"“”]([^\"“”]+)[\"“”]", query)
-    text = " ".join(quoted) if quoted else query
+    said = _SAID.search(query.lower())
+    text = " ".join(quoted) if quoted else said.group(1) if said else query
     words = [word.strip("'") for word in _WORD.findall(text.lower())]
     return list(dict.fromkeys(word for word in words if word and word not in _STOPWORDS))
 

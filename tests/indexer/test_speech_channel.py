@@ -126,6 +126,8 @@ def test_pronunciations_from_the_dictionary_and_from_spelling() -> None:
 def test_query_words_prefer_a_quote_and_drop_how_it_is_said() -> None:
     assert query_words('a street while a voice says "the bridge is closed"') == ["bridge", "closed"]
     assert query_words("a voice says the bridge is closed") == ["bridge", "closed"]
+    assert query_words("a green disc sinking while a voice says the bridge is closed") == ["bridge", "closed"]
+    assert query_words("bridge closed") == ["bridge", "closed"]
 
 
 def test_word_error_rate() -> None:
