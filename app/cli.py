@@ -168,12 +168,14 @@ def synth_cmd(out: Path = typer.Option(..., "--out", "-o", help="corpus director
               seed: int = typer.Option(0, "--seed"), size: int = typer.Option(128, help="frame size in pixels (a multiple of 32 keeps decord on its fast path)"),
               long_videos: int = typer.Option(4, "--long", help="long multi-scene videos for moment search"),
               written: float = typer.Option(0.0, "--written", help="share of test clips showing a title, sign or "
-                                            "caption that their caption mentions (for the text channel)")) -> None:
+                                            "caption that their caption mentions (for the text channel)"),
+              spoken: float = typer.Option(0.0, "--spoken", help="share of test clips over which espeak-ng says a "
+                                           "sentence that their caption mentions (for the speech channel)")) -> None:
     """Write the procedural moving-shapes corpus (mp4 + VindLU JSON + labels)."""
     from retrieval.data.synthetic import generate_corpus  # noqa: PLC0415
 
     summary = generate_corpus(out, n_train=n_train, n_test=n_test, seed=seed, size=size, long_videos=long_videos,
-                              written_share=written)
+                              written_share=written, spoken_share=spoken)
     typer.echo(f"{summary['n_train']} train / {summary['n_test']} test / {summary['n_long']} long clips in "
                f"{summary['out']} ({summary['seconds']:.1f} s)")
 

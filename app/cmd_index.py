@@ -353,6 +353,8 @@ def _search_cmd(
             typer.echo(f"{'':>4}  {'':>7}  channels: {matched}")
         if hit.text:
             typer.echo(f"{'':>4}  {'':>7}  on screen at {hit.text['start']:.1f}s: {hit.text['snippet']}")
+        if hit.speech:
+            typer.echo(f"{'':>4}  {'':>7}  said at {hit.speech['start']:.1f}s: «{hit.speech['text']}»")
         if hit.moments:
             more = ", ".join(f"{_format_span(m.start, m.end)} ({m.score:.3f})" for m in hit.moments)
             typer.echo(f"{'':>4}  {'':>7}  also at {more}")

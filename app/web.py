@@ -222,13 +222,17 @@ def render_message(message: str) -> str:
 
 
 def preview_start(hit: Hit) -> float | None:
-    """Where a hit's preview starts: when its on-screen words first showed, else its moment's start."""
-    return float(hit.text["start"]) if hit.text else hit.start
+    """Where a hit's preview starts: when its on-screen words first showed, else when its matched
+    spoken words were said, else its moment's start."""
+    if hit.text:
+        return float(hit.text["start"])
+    return float(hit.speech["start"]) if hit.speech else hit.start
 
 
 def render_channels(hit: Hit) -> str:
-    """Which channels ranked the hit (with their ranks) and the on-screen line that matched,
-    its matched words highlighted, for a search over several channels; empty otherwise."""
+    """Which channels ranked the hit (with their ranks), the on-screen line that matched, its
+    matched words highlighted, and the spoken words that matched (as recognised), for a search
+    over several channels; empty otherwise."""
     if not hit.channels:
         return ""
     ranked = "".join(f'<span class="vtr-channel" data-channel="{_esc(name)}">{_esc(name)} #{info["rank"]}</span>'
@@ -242,6 +246,9 @@ def render_channels(hit: Hit) -> str:
         pieces.append(_esc(text[last:]))
         out += (f'<div class="vtr-onscreen" data-start="{float(hit.text["start"]):.2f}">on screen at '
                 f'{_esc(format_seconds(hit.text["start"]))}: {"".join(pieces)}</div>')
+    if hit.speech:
+        out += (f'<div class="vtr-spoken" data-start="{float(hit.speech["start"]):.2f}">said at '
+                f'{_esc(format_seconds(hit.speech["start"]))}: <mark>{_esc(hit.speech["text"])}</mark></div>')
     return out
 
 

@@ -13,16 +13,33 @@ Parts (``--parts``, default all):
   +25 points) and on picture-only ones (target within 1 point), and plain rank fusion over all
   items for comparison. It also compares the trigram index of folded text with a plain FTS5
   word index (unicode61 tokens, BM25) on the same OCR output: R@1 of the text channel alone.
+  The semantic side (sentence vectors of the text): R@1 on text-mentioning queries of lexical
+  alone vs lexical + semantic, on the captions as written (they quote the text) and on
+  *paraphrased* ones (:func:`paraphrase`: every word of the quoted text swapped for a synonym,
+  numbers kept), and the cosines its floor is calibrated on.
 * ``scale``: fused search over 100k items (random clustered vectors, synthetic on-screen text on
   a third of them) through :class:`indexer.search.Searcher`, text-mentioning and picture-only
   queries alternating; ``p50_ms`` of the whole search (query encoding by the MiniLM text tower
   included), of the encoding alone, and of the search with the encoding handed in
   (``without_encoding``: FAISS, FTS5, fusion, hits; target: fused search p50 <= 15 ms).
 
-Prints one JSON object per part and writes them to ``bench/results/channels.jsonl``.
+* ``speech``: espeak-ng speaks ``--sentences`` sentences (five templates over distinct nouns, five
+  voices, 120-160 words a minute, white noise at 20 dB SNR on every third) with a second of
+  silence around each; PocketSphinx recognises them (:func:`retrieval.speech.read_speech`).
+  ``wer`` of the word recogniser; real-time factors of the word recogniser and of the phone loop
+  (``rtf``: recognition seconds per audio second, one thread); R@1 of each sentence quoted as a
+  query among all of them for each way to match: FTS5 words over the transcripts, and phonetic
+  alignment over the recognised words' pronunciations, the phone loop, or the better of the two
+  (:data:`retrieval.speech.MATCH_SOURCES`); then, with the channel's abstention on, the share of
+  spoken queries it answers right (``answered_R@1``) and the share of picture captions of the
+  synthetic corpus on which it stays silent (``picture_abstained``, should be 1.0).
+
+Prints one JSON object per part and writes them (with the run's environment,
+:class:`bench.record.Recorder`) to ``bench/results/channels.jsonl``.
 The machine these numbers come from is shared with other work: the JSON says so (``note``).
 
     python bench/channels.py --parts ocr,scale
+    python bench/channels.py --parts speech --append
     python bench/channels.py --parts fusion --model runs/demo/train/model --corpus runs/written
 """
 
@@ -34,24 +51,43 @@ import math
 import os
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+import wave
+from dataclasses import replace
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np
 import torch
 
+from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
-from indexer.store import write_index
-from retrieval.data.corpora import load_corpus
+from indexer.store import open_index, write_index
+from retrieval.atomic import atomic_write_text
+from retrieval.data.corpora import Corpus, load_corpus
 from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
 from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
 from retrieval.ocr import OcrReader, fold
+from retrieval.speech import (
+    MATCH_SOURCES,
+    SAMPLE_RATE,
+    SpeechIndex,
+    SpeechRecognizer,
+    read_speech,
+    word_error_rate,
+)
 
 THREADS = 2
 NOTE = "2-core machine shared with other jobs (load average > 2 during the run): times are indicative"
@@ -104,30 +140,105 @@ class WordIndex:
         return [row[0] for row in self.db.execute(sql, (" OR ".join(words),))]
 
 
+#: Synonyms for the written layer's words (retrieval/data/written.py), for paraphrased queries.
+SYNONYMS = {
+    "harbor": "port", "lantern": "lamp", "meadow": "field", "summit": "peak", "falcon": "hawk",
+    "orchard": "fruit grove", "canyon": "gorge", "harvest": "crop", "glacier": "ice sheet", "market": "bazaar",
+    "station": "depot", "garden": "yard", "bakery": "bread shop", "museum": "gallery", "theatre": "playhouse",
+    "library": "bookstore", "stadium": "arena", "forest": "woods", "river": "stream", "castle": "fortress",
+    "chapter": "section", "open": "opened", "hours": "hrs", "exit": "way out", "room": "chamber",
+    "sale": "discount",
+}
+
+
+def paraphrase(text: str) -> str:
+    """``text`` with each word swapped for a synonym (numbers kept): "Harbor SALE" -> "port discount"."""
+    return " ".join(SYNONYMS.get(word.lower(), word.lower()) for word in text.split())
+
+
+def paraphrased(test: Corpus) -> Corpus:
+    """The corpus with each text-mentioning caption quoting a paraphrase of its text."""
+    items = []
+    for entry in test.items:
+        written = (entry.extra.get("attributes") or {}).get("written")
+        if written:
+            entry = replace(entry, captions=[caption.replace(written["text"], paraphrase(written["text"]))
+                                             for caption in entry.captions])
+        items.append(entry)
+    return replace(test, items=items)
+
+
+def semantic_cosines(searcher: Searcher, test: Corpus) -> dict:
+    """Where the semantic floor sits: the query's best cosine to any item's text on picture-only
+    queries (should stay below), and its cosine to its own video's text on text-mentioning ones,
+    quoted and paraphrased (should reach it); 5/50/95th percentiles."""
+    index = searcher.semantic_index
+    by_path = {item["path"]: item["id"] for item in searcher.reader.items}
+    quoted, para, picture = [], [], []
+    for source, bucket in ((test, quoted), (paraphrased(test), para)):
+        for entry in source.items:
+            written = bool((entry.extra.get("attributes") or {}).get("written"))
+            if source is not test and not written:
+                continue
+            vectors = searcher.sentence_vectors(entry.captions)
+            own = by_path.get(str(source.root / entry.video))
+            for vector in vectors:
+                found = index.search(vector, len(index), floor=-1.0, margin=2.0)
+                if written:
+                    bucket.append(next((score for item, score in found if item == own), -1.0))
+                elif source is test:
+                    picture.append(found[0][1] if found else -1.0)
+
+    def pct(values: list[float]) -> list[float]:
+        return [round(float(np.percentile(values, q)), 3) for q in (5, 50, 95)] if values else []
+
+    return {"floor": SEMANTIC_FLOOR, "margin": SEMANTIC_MARGIN, "picture_only_best": pct(picture),
+            "quoted_own": pct(quoted), "paraphrased_own": pct(para)}
+
+
 def _index(model: Path, corpus: Path, out: Path, channels: tuple[str, ...]) -> float:
     spec = JobSpec(model_dir=model, out=out, videos=corpus / "videos", ann_file=corpus / "test.json",
                    channels=channels)
     return run_index_job(spec, workers=1, progress=False, overwrite=True).embed_seconds
 
 
-def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: int) -> dict:
+def _with_text_of(visual: Path, text_from: Path, out: Path) -> None:
+    """``visual``'s index republished at ``out`` with the text channel (lines, sentence vectors)
+    of ``text_from``, an index of the same corpus: the OCR is model-independent, so a trained
+    model's fused figures need not read every frame again."""
+    source, donor = open_index(visual), open_index(text_from)
+    texts = {item["path"]: item["extra"]["text"] for item in donor.items}
+    items = [{**item, "extra": {**item["extra"], "text": texts[item["path"]]}} for item in source.items]
+    write_index(out, np.asarray(source.vectors, np.float32), items, source.manifest["model"],
+                source.manifest["corpus_roots"],
+                extra={**source.manifest["extra"], "channels": donor.manifest["extra"]["channels"]})
+
+
+def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: int,
+                 text_from: Path | None = None) -> dict:
     """Fused vs visual-only retrieval on the written corpus, and what the text channel costs.
 
     Without ``model``: the demo architecture with random weights (it encodes exactly as fast as
     the trained one, so the cost ratio holds; its visual ranking is chance). Without ``corpus``:
-    ``clips`` test clips, 40 % of them written."""
+    ``clips`` test clips, 40 % of them written. With ``text_from`` (an index of the same corpus
+    with the text channel), its text is reused instead of read again and the cost is not measured."""
     with tempfile.TemporaryDirectory(prefix="vtr-bench-channels-") as scratch:
         trained = model is not None
         if model is None:
             model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
                                           text_pooling="mean").save(Path(scratch) / "model")
-        if corpus is None:
+        if corpus is not None:
+            corpus = corpus.resolve()  # the index records absolute paths; the evaluation compares them
+        else:
             corpus = Path(scratch) / "corpus"
             generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, written_share=0.4)
         visual_s, text_s = [], []
-        for _ in range(repeats):
+        for _ in range(repeats if text_from is None else 1):
             visual_s.append(_index(model, corpus, Path(scratch) / "visual", ("visual",)))
-            text_s.append(_index(model, corpus, Path(scratch) / "text", ("visual", "text")))
+            if text_from is None:
+                text_s.append(_index(model, corpus, Path(scratch) / "text", ("visual", "text")))
+        if text_from is not None:
+            _with_text_of(Path(scratch) / "visual", text_from, Path(scratch) / "text")
         searcher = Searcher(Path(scratch) / "text", model=model)
         test = load_corpus("generic", corpus / "test.json", corpus / "videos")
         result = evaluate_channels(searcher, test)
@@ -142,19 +253,27 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             order = [paths[item] for item in words.search(ranks["captions"][i])]
             word_ranks.append(order.index(targets[i]) + 1 if targets[i] in order else len(paths) + 1)
         trigram_r1 = rank_metrics(np.asarray(ranks["text"])[mentioning])["R@1"]
+        semantic = {}
+        if searcher.semantic_index:
+            semantic["cosines"] = semantic_cosines(searcher, test)
+            for name, source in (("quoted", test), ("paraphrased", paraphrased(test))):
+                got = evaluate_channels(searcher, source)["text_mentioning"]
+                semantic[name] = {way: round(got[way]["R@1"], 1) for way in
+                                  ("visual", "text", "semantic", "text_semantic", "fused_lexical", "fused")}
     by = {subset: {way: round(metrics["R@1"], 1) for way, metrics in result[subset].items()}
           for subset in ("all", "picture_only", "text_mentioning") if subset in result}
     gain = by["text_mentioning"]["fused"] - by["text_mentioning"]["visual"]
     picture_gap = by["picture_only"]["fused"] - by["picture_only"]["visual"]
-    ratio = statistics.median(text_s) / statistics.median(visual_s)
+    ratio = statistics.median(text_s) / statistics.median(visual_s) if text_s else None
     return {"bench": "channels", "part": "fusion", "visual_model": "trained" if trained else
             "videomamba_demo, random weights (visual ranks are chance)", "queries": result["queries"], "t2v_R@1": by,
             "R@5": {s: {w: round(m["R@5"], 1) for w, m in result[s].items()} for s in by},
             "fused_gain_text_mentioning": round(gain, 1), "fused_gap_picture_only": round(picture_gap, 1),
             "lexical_R@1_text_mentioning": {"trigram_folded": round(trigram_r1, 1),
                                             "word_unicode61": round(rank_metrics(word_ranks)["R@1"], 1)},
+            "semantic_R@1_text_mentioning": semantic,
             "index_embed_s": {"visual": [round(s, 1) for s in visual_s], "visual+text": [round(s, 1) for s in text_s]},
-            "index_cost_ratio": round(ratio, 2), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
+            "index_cost_ratio": ratio and round(ratio, 2), "text_from": text_from and str(text_from), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
             "load_avg": _load(), "note": NOTE}
 
 
@@ -219,36 +338,139 @@ def bench_scale(n: int, queries: int) -> dict:
             "target_p50_ms": 15, "threads": THREADS, "load_avg": _load(), "note": NOTE}
 
 
+_NOUNS = ("bridge", "library", "umbrella", "passport", "garden", "museum", "engineer", "hospital", "teacher",
+          "elephant", "computer", "telephone", "bicycle", "mountain", "kitchen", "airport", "restaurant", "captain",
+          "window", "newspaper", "doctor", "river", "camera", "festival", "chocolate", "piano", "harbor", "village",
+          "battery", "volcano", "dinosaur", "orchestra", "pharmacy", "satellite", "calendar", "tomato", "blanket",
+          "lighthouse", "factory", "penguin", "tractor", "magazine", "umpire", "carpet", "castle", "jacket",
+          "ticket", "parrot")
+_TEMPLATES = ("the {} is closed today", "please bring the {} to the office", "we found a {} near the station",
+              "the {} will arrive at noon", "nobody saw the {} yesterday")
+_VOICES = ("en-us", "en-us+m3", "en-us+f2", "en-us+f4", "en")
+
+
+def _spoken(text: str, voice: str, speed: int, noise_snr_db: float | None, rng: np.random.Generator,
+            scratch: Path) -> np.ndarray:
+    """espeak-ng's ``text`` at 16 kHz with a second of silence either side (and white noise)."""
+    path = scratch / "spoken.wav"
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True, timeout=60)
+    with wave.open(str(path)) as spoken:
+        rate = spoken.getframerate()
+        samples = np.frombuffer(spoken.readframes(spoken.getnframes()), np.int16).astype(np.float64)
+    samples = np.interp(np.arange(0, len(samples), rate / SAMPLE_RATE), np.arange(len(samples)), samples)
+    audio = np.concatenate([np.zeros(SAMPLE_RATE), samples, np.zeros(SAMPLE_RATE)])
+    if noise_snr_db is not None:
+        power = float(np.mean(samples ** 2))
+        audio += rng.normal(0.0, math.sqrt(power / 10 ** (noise_snr_db / 10)), audio.size)
+    return np.clip(audio, -32768, 32767).astype(np.int16)
+
+
+def bench_speech(sentences: int, keep: Path | None = None) -> dict:
+    """Recognition error and speed, and each matching way's R@1, on espeak-ng sentences.
+    ``keep``: a JSON file that keeps the recognised items (and their timing) between runs, so
+    that matching can be compared again without recognising again."""
+    if keep is not None and keep.is_file():
+        saved = json.loads(keep.read_text())
+        if saved["sentences"] == sentences:
+            return _speech_rows(saved)
+    rng = np.random.default_rng(5)
+    texts = [_TEMPLATES[n % len(_TEMPLATES)].format(_NOUNS[n % len(_NOUNS)]) for n in range(sentences)]
+    recognizer = SpeechRecognizer()
+    items, errors, words, audio_s, word_s, phone_s = [], 0.0, 0, 0.0, 0.0, 0.0
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-speech-") as scratch:
+        for n, text in enumerate(texts):
+            samples = _spoken(text, _VOICES[n % len(_VOICES)], 120 + 10 * (n % 5), 20.0 if n % 3 == 2 else None,
+                              rng, Path(scratch))
+            if n == 0:  # through the channel's own reader (a file, PyAV), as an index job reads it
+                path = Path(scratch) / "first.wav"
+                with wave.open(str(path), "wb") as out:
+                    out.setnchannels(1)
+                    out.setsampwidth(2)
+                    out.setframerate(SAMPLE_RATE)
+                    out.writeframes(samples.tobytes())
+                assert read_speech(recognizer, path)["seconds"] > 0
+            started = time.perf_counter()
+            heard = recognizer.recognize(samples)
+            word_s += time.perf_counter() - started
+            started = time.perf_counter()
+            phones = recognizer.recognize_phones(samples)
+            phone_s += time.perf_counter() - started
+            audio_s += samples.size / SAMPLE_RATE
+            speech = {"words": [w.to_dict() for w in heard], "phones": [p.to_dict() for p in phones]}
+            items.append({"id": n, "extra": {"speech": speech}})
+            errors += word_error_rate(text.split(), [w["word"] for w in speech["words"]]) * len(text.split())
+            words += len(text.split())
+    saved = {"sentences": sentences, "texts": texts, "items": items, "audio_s": audio_s, "word_s": word_s,
+             "phone_s": phone_s, "errors": errors, "words": words,
+             "load_avg": _load()}
+    if keep is not None:
+        atomic_write_text(keep, json.dumps(saved), durable=False)
+    return _speech_rows(saved)
+
+
+def _speech_rows(saved: dict) -> dict:
+    sentences, texts, items = saved["sentences"], saved["texts"], saved["items"]
+    audio_s, word_s, phone_s = saved["audio_s"], saved["word_s"], saved["phone_s"]
+    queries = [f'a voice says "{text}"' for text in texts]
+    ways: dict[str, float] = {}
+    transcripts = WordIndex([{"id": item["id"], "extra": {"text": {"lines": [
+        {"text": " ".join(w["word"] for w in item["extra"]["speech"]["words"])}]}}} for item in items])
+    ways["words_fts5"] = sum(bool(found) and found[0] == n
+                             for n, found in enumerate(transcripts.search(text) for text in texts)) / sentences
+    for source in MATCH_SOURCES:
+        index = SpeechIndex(items, source=source)
+        ways[f"phonetic_{source}"] = sum(max(index.scores(q), key=lambda row: row[1])[0] == n
+                                         for n, q in enumerate(queries)) / sentences
+    index = SpeechIndex(items)
+    answered = [index.search(q)[:1] for q in queries]
+    pictures = [entry["caption"] for entry in plan_corpus(n_train=1, n_test=60, seed=3, long_videos=0).test]
+    silent = sum(not index.search(caption) for caption in pictures) / len(pictures)
+    return {"bench": "channels", "part": "speech", "sentences": sentences, "audio_s": round(audio_s, 1),
+            "wer": round(saved["errors"] / saved["words"], 3),
+            "rtf": {"words": round(word_s / audio_s, 3), "phone_loop": round(phone_s / audio_s, 3),
+                    "both": round((word_s + phone_s) / audio_s, 3)},
+            "R@1_spoken_quoted": {way: round(value, 3) for way, value in ways.items()},
+            "default_source": "both",
+            "answered_R@1": round(sum(bool(a) and a[0][0] == n for n, a in enumerate(answered)) / sentences, 3),
+            "answered_share": round(sum(bool(a) for a in answered) / sentences, 3),
+            "picture_abstained": round(silent, 3), "picture_queries": len(pictures),
+            "targets": {"R@1": 0.6, "rtf": 0.3}, "threads": 1, "load_avg": _load(),
+            "load_avg_while_recognising": saved.get("load_avg"), "note": NOTE}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale (comma-separated)")
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale, speech (comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
     parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
     parser.add_argument("--model", type=Path, help="fusion: a trained model directory (default: the demo "
                         "architecture with random weights)")
     parser.add_argument("--corpus", type=Path, help="fusion: a corpus from `vtr data synth --written`")
+    parser.add_argument("--text-from", type=Path, help="fusion: reuse the on-screen text of this index of the "
+                        "same corpus (built with the text channel) instead of reading it again")
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "channels.jsonl")
+    parser.add_argument("--sentences", type=int, default=40, help="speech: spoken sentences")
+    parser.add_argument("--keep-speech", type=Path, help="speech: keep the recognised sentences in this JSON "
+                        "file and reuse them on the next run (to compare matching only)")
+    add_output_argument(parser, "channels")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]
-    rows = []
+    results = Recorder(args.output, append=args.append)
     for part in parts:
         if part == "ocr":
-            rows.append(bench_ocr(args.clips, args.size))
+            results.add(bench_ocr(args.clips, args.size))
         elif part == "fusion":
-            rows.append(bench_fusion(args.model, args.corpus, args.repeats, args.clips))
+            results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips, args.text_from))
         elif part == "scale":
-            rows.append(bench_scale(args.items, args.queries))
+            results.add(bench_scale(args.items, args.queries))
+        elif part == "speech":
+            results.add(bench_speech(args.sentences, args.keep_speech))
         else:
             parser.error(f"unknown part {part!r}")
-        print(json.dumps(rows[-1]), flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
     return 0
 
 

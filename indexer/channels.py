@@ -17,6 +17,13 @@ trigram tokenizer, so a query word matches as a substring: "valencia" finds the 
 cannot match a one-character word alone). bench/channels.py compares this with a plain word
 index.
 
+Semantic search (:class:`SemanticIndex`) finds text the query does not quote word for word: each
+item's on-screen text has a sentence vector (:mod:`retrieval.sentence`, all-MiniLM-L6-v2, stored in
+the item record at index time), searched by cosine in FAISS. It ranks as its own channel,
+``semantic``, under the same rule as the lexical one: only items above a calibrated cosine
+(:data:`SEMANTIC_FLOOR`) and near the query's best (:data:`SEMANTIC_MARGIN`) rank; otherwise it
+abstains.
+
 Fusion (:func:`fuse`) is reciprocal rank fusion, ``sum_c w_c / (K + rank_c)``, made
 confidence-aware: a lexical channel ranks only the items it matches; when it matches none it
 abstains instead of contributing an arbitrary order of every item, so a query about the picture
@@ -34,10 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
+import numpy as np
+
 from retrieval.ocr import DEFAULT_EVERY_S, fold, folded_with_positions, ocr_available, require_ocr
+from retrieval.sentence import unpack
+from retrieval.speech import require_speech
 
 #: Every channel an index can have, in display order.
-CHANNELS = ("visual", "text")
+CHANNELS = ("visual", "text", "speech")
+#: The rankings a search fuses: the index channels, and the text channel's semantic side.
+RANKINGS = (*CHANNELS, "semantic")
 #: A lexical match ranks only when it scores at least this share of the query's best match.
 RELATIVE_FLOOR = 0.5
 #: Items the FTS5 query hands to the term scoring, best BM25 first.
@@ -45,7 +59,15 @@ CANDIDATES = 1000
 #: Default fusion weights. The text channel weighs a little more than the visual one: it only
 #: ranks items that pass its confidence floor, so its first item (a match of the words typed)
 #: should beat the visual channel's first (a nearest neighbour), not tie with it.
-DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5}
+DEFAULT_WEIGHTS = {"visual": 1.0, "text": 1.5, "speech": 1.5, "semantic": 1.0}
+#: The semantic side ranks an item only when the query's cosine to its text reaches this
+#: (calibrated on the written synthetic corpus, bench/channels.py: 95 % of picture-only captions
+#: score below 0.30 against every item's text, and at a floor of 0.30 the few above it cost
+#: picture-only queries 3 points of fused R@5; half of the captions quoting an item's text score
+#: above 0.44 against it, half of the paraphrasing ones above 0.29)...
+SEMANTIC_FLOOR = 0.33
+#: ... and is within this much of the query's best cosine.
+SEMANTIC_MARGIN = 0.05
 #: The RRF constant (Cormack et al. 2009): flattens the gap between the first ranks.
 RRF_K = 60
 #: Words that say how the text appears rather than what it says; never searched on screen.
@@ -59,17 +81,21 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def parse_channels(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"visual,text"`` -> ``("visual", "text")``; None -> every channel whose package is installed.
+    """``"visual,text"`` -> ``("visual", "text")``; None -> ``visual``, and ``text`` when its
+    package is installed (``speech`` costs a third of the audio's duration: it is asked for by name).
 
     Raises:
         ValueError: an unknown channel name, or no channel at all.
         OcrUnavailable: ``text`` asked for without the ``ocr`` extra.
+        SpeechUnavailable: ``speech`` asked for without the ``speech`` extra.
     """
     if spec is None:
         return ("visual", "text") if ocr_available() else ("visual",)
     names = channel_names(spec)
     if "text" in names:
         require_ocr()
+    if "speech" in names:
+        require_speech()
     return names
 
 
@@ -111,6 +137,11 @@ def channel_options(manifest: Mapping[str, Any]) -> dict[str, Any]:
 def item_lines(item: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The on-screen text lines an index item carries (``[]`` when it has none)."""
     return list(((item.get("extra") or {}).get("text") or {}).get("lines") or [])
+
+
+def text_of(text: Mapping[str, Any]) -> str:
+    """An item's on-screen text (its ``extra["text"]``) as one string: the lines in order."""
+    return " ".join(line["text"] for line in text.get("lines") or [])
 
 
 def query_terms(query: str) -> list[str]:
@@ -230,6 +261,54 @@ class TextIndex:
         spans, snippet = highlight(line["text"], found)
         return TextMatch(line["text"], float(line["start"]), float(line["end"]), spans, snippet, tuple(found))
 
+    def first_line(self, item_id: int) -> TextMatch | None:
+        """The item's first on-screen line, nothing highlighted (None without text)."""
+        lines = self._lines.get(int(item_id))
+        if not lines:
+            return None
+        line = lines[0]
+        return TextMatch(line["text"], float(line["start"]), float(line["end"]), (), line["text"], ())
+
+
+class SemanticIndex:
+    """Cosine search over the sentence vectors of the items' on-screen text (FAISS, exact).
+
+    Args:
+        items: the index's item records; those whose ``extra["text"]`` holds a ``vector``
+            (indexes built before the semantic side have none: the channel then abstains).
+    """
+
+    def __init__(self, items: Iterable[Mapping[str, Any]]) -> None:
+        ids, rows = [], []
+        for item in items:
+            packed = ((item.get("extra") or {}).get("text") or {}).get("vector")
+            if packed:
+                ids.append(int(item["id"]))
+                rows.append(unpack(packed))
+        self._ids = np.asarray(ids, np.int64)
+        self._index = None
+        if rows:
+            self._index = faiss.IndexFlatIP(len(rows[0]))
+            self._index.add(np.stack(rows).astype(np.float32))
+
+    def __len__(self) -> int:
+        """Items with a sentence vector."""
+        return len(self._ids)
+
+    def search(self, vector: np.ndarray, k: int, floor: float = SEMANTIC_FLOOR,
+               margin: float = SEMANTIC_MARGIN) -> list[tuple[int, float]]:
+        """Items whose text is near the query's sentence ``vector`` (``[dim]``), best first, as
+        ``(item id, cosine)``: at least ``floor``, and within ``margin`` of the best. ``[]``: the
+        channel abstains."""
+        if self._index is None:
+            return []
+        scores, rows = self._index.search(np.asarray(vector, np.float32).reshape(1, -1), min(k, len(self._ids)))
+        found = [(int(self._ids[row]), float(score)) for score, row in zip(scores[0], rows[0], strict=True)
+                 if row >= 0]
+        if not found or found[0][1] < floor:
+            return []
+        return [(item, score) for item, score in found if score >= max(floor, found[0][1] - margin)]
+
 
 def _phrase(term: str) -> str:
     """An FTS5 string literal (with the trigram tokenizer: a substring match)."""
@@ -250,6 +329,8 @@ def fuse(rankings: Mapping[str, Sequence[int]], weights: Mapping[str, float] | N
     ranks: dict[int, dict[str, int]] = {}
     for channel, ranking in rankings.items():
         weight = float(weights.get(channel, 1.0))
+        if weight <= 0:  # a channel weighed 0 is left out, not appended at score 0
+            continue
         for rank, item in enumerate(ranking, start=1):
             if channel in ranks.get(item, {}):  # a repeated id keeps its first rank
                 continue
@@ -267,8 +348,8 @@ def parse_weights(spec: str | None) -> dict[str, float]:
             continue
         name, _, value = part.partition("=")
         name = name.strip().lower()
-        if name not in CHANNELS:
-            raise ValueError(f"--weights: unknown channel {name!r}; channels are {', '.join(CHANNELS)}")
+        if name not in RANKINGS:
+            raise ValueError(f"--weights: unknown channel {name!r}; channels are {', '.join(RANKINGS)}")
         try:
             weights[name] = float(value)
         except ValueError:

@@ -51,17 +51,20 @@ CHANNEL_COLUMNS = {"text": "screen_text", "speech": "speech_text"}
 
 
 def channel_text(item: Mapping[str, Any]) -> dict[str, str | None]:
-    """The words of each channel an item carries (on-screen text; speech once indexed), one
-    string per channel, lines joined by newlines: the one place where channel text joins an
-    item's exported metadata."""
+    """The words of each channel an item carries, one string per channel (on-screen lines joined
+    by newlines, recognised words by spaces): the one place where channel text joins an item's
+    exported metadata."""
     extra = item.get("extra") or {}
     out: dict[str, str | None] = {}
     for channel, column in CHANNEL_COLUMNS.items():
         if channel in extra:
-            # the record indexer.channels.item_lines reads; not imported, as it would bring torch
-            # into an export that otherwise stays small
-            lines = (extra[channel] or {}).get("lines") or []
-            out[column] = "\n".join(str(line.get("text", "")) for line in lines)
+            # the records indexer.channels.item_lines and retrieval.speech.item_words read; not
+            # imported, as they would bring torch into an export that otherwise stays small
+            record = extra[channel] or {}
+            if channel == "speech":
+                out[column] = " ".join(str(word.get("word", "")) for word in record.get("words") or [])
+            else:
+                out[column] = "\n".join(str(line.get("text", "")) for line in record.get("lines") or [])
     return out
 
 

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from indexer import guards
-from indexer.channels import parse_channels
+from indexer.channels import parse_channels, text_of
 from indexer.checksums import ChecksumMismatch, read_sealed_json, seal_record, verify_file
 from indexer.locks import index_lock, shard_lock
 from indexer.store import open_index, read_published_manifest, same_model, write_index
@@ -70,6 +70,8 @@ from retrieval.models.actions import ActionClassifier
 from retrieval.models.device import model_autocast, model_device, resolve_device, resolve_precision
 from retrieval.models.model_dir import load_model, model_identity, read_model_config
 from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, read_span
+from retrieval.sentence import SentenceEncoder, pack
+from retrieval.speech import SpeechRecognizer, read_speech
 
 logger = logging.getLogger(__name__)
 
@@ -403,11 +405,17 @@ def _job_record(
     spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32",
     removed: list[str] | None = None,
     reader: OcrReader | None = None,
+    recognizer: SpeechRecognizer | None = None,
+    sentences: SentenceEncoder | None = None,
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
     channels: dict[str, Any] = {"visual": {}}
     if reader is not None:
         channels["text"] = {"every_s": spec.text_every_s, **reader.identity}
+        if sentences is not None:
+            channels["text"]["semantic"] = sentences.identity
+    if recognizer is not None:
+        channels["speech"] = dict(recognizer.identity)
     return {
         # videos the index being rebuilt had removed: left out, and still listed in the new one
         "removed": removed or [],
@@ -531,6 +539,8 @@ class _Part:
         return extra
     #: reads an item's on-screen text (the text channel) when the part is committed; None: no text channel
     read_text: Callable[[CorpusItem], dict[str, Any]] | None = None
+    #: recognises an item's speech (the speech channel) when the part is committed; None: no speech channel
+    read_speech: Callable[[CorpusItem], dict[str, Any]] | None = None
 
     def manifest_and_vectors(self, dim: int) -> tuple[dict[str, Any], np.ndarray]:
         rows, records = [], []
@@ -551,6 +561,8 @@ class _Part:
             )
             if self.read_text is not None:
                 records[-1]["extra"]["text"] = self.read_text(item)
+            if self.read_speech is not None:
+                records[-1]["extra"]["speech"] = self.read_speech(item)
         vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
         manifest = {
             "part": self.number,
@@ -657,6 +669,7 @@ def run_index_job(
         raise JobError(f"the text channel's sampling interval must be positive, got {spec.text_every_s} s")
     # the recogniser loads before any work: a bad --ocr directory fails here
     reader = OcrReader(spec.ocr_dir) if "text" in channels else None
+    recognizer = SpeechRecognizer() if "speech" in channels else None
     lock = index_lock(spec.out) if shard.is_single else shard_lock(spec.out, shard.index, shard.count)
     with lock:
         work = WorkDir(work_dir_for(spec.out))
@@ -664,7 +677,7 @@ def run_index_job(
         try:
             return _run_locked(spec, shard, resume, workers, batch_size, progress, overwrite, work, started,
                                embed_dim if isinstance(embed_dim, int) else None, device, precision, engine, select,
-                               reader)
+                               reader, recognizer)
         except BaseException:
             # a run that fails before committing anything leaves no work directory to trip over
             if created and shard.is_single and work.root.is_dir() and not any(work.parts_dir.glob("part-*.json")):
@@ -688,6 +701,7 @@ def _run_locked(
     engine: Any = None,
     select: Callable[[list[CorpusItem]], list[CorpusItem]] | None = None,
     reader: OcrReader | None = None,
+    recognizer: SpeechRecognizer | None = None,
 ) -> JobSummary:
     identity = model_identity(spec.model_dir)
     has_work = work.root.exists()
@@ -716,8 +730,11 @@ def _run_locked(
         sources = select(sources)
     guards.check_memory_budget(len(sources), embed_dim, spec.max_memory_bytes, spec.index_type)
     guards.check_index_size(len(sources), embed_dim, spec.index_type, spec.window is not None)
+    # the text channel's semantic side: a sentence vector of each item's on-screen text
+    sentences = SentenceEncoder() if reader is not None else None
     record = _job_record(spec, identity, load_labels(spec.labels), sources,
-                         resolve_precision(precision, resolve_device(device)), sorted(removed), reader)
+                         resolve_precision(precision, resolve_device(device)), sorted(removed), reader, recognizer,
+                         sentences)
     _check_can_start(work, shard, record["num_parts"], resume)
     work.parts_dir.mkdir(parents=True, exist_ok=True)
     _check_same_job(_create_once(work.job_file, seal_record(record)), record, work.root)
@@ -732,10 +749,19 @@ def _run_locked(
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
     if reader is not None:
         def read_text(item: CorpusItem) -> dict[str, Any]:
-            return read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
+            text = read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
+            if text["lines"] and sentences is not None:
+                text["vector"] = pack(sentences.encode([text_of(text)])[0])
+            return text
 
         for part in parts:
             part.read_text = read_text
+    if recognizer is not None:
+        def speech_of(item: CorpusItem) -> dict[str, Any]:
+            return read_speech(recognizer, root / item.video, item.start, item.end)
+
+        for part in parts:
+            part.read_speech = speech_of
     embed = _embed_parts if engine is None else engine.embed_parts
     indexed, failed, embed_seconds = embed(
         work,

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.channels import TextIndex, fuse, index_channels
+from indexer.channels import DEFAULT_WEIGHTS, SemanticIndex, TextIndex, fuse, index_channels
 from indexer.faiss_index import HeldSubset, hold_subset
 from indexer.filters import ItemFilter
 from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
@@ -51,6 +51,8 @@ from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity
+from retrieval.sentence import SentenceEncoder
+from retrieval.speech import SpeechIndex
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,9 @@ class Hit:
     ``channels``), ``score`` is the fused score, ``channels`` gives each channel's ``rank`` and
     ``score`` for this item (absent: the channel did not rank it), and ``text`` the on-screen line
     that matched (:class:`indexer.channels.TextMatch` as a dict: ``text``, ``start``/``end`` seconds,
-    ``spans``, ``snippet``).
+    ``spans``, ``snippet``), ``speech`` the recognised words that matched
+    (:class:`retrieval.speech.SpeechMatch` as a dict: ``words`` as recognised, ``text``,
+    ``start``/``end`` seconds, ``confidence``, ``query_words``).
     """
 
     item_id: int
@@ -113,6 +117,7 @@ class Hit:
     moments: tuple[Moment, ...] = ()
     channels: dict[str, dict[str, float]] = field(default_factory=dict)
     text: dict[str, Any] | None = None
+    speech: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -199,13 +204,17 @@ def clip_key(path: str, start: float | None, end: float | None) -> str:
 @dataclass(frozen=True)
 class IndexVersion:
     """One opened version of an index with what searching it needs, built once per version and
-    swapped in as a whole: the reader, its channels, the lexical index of its on-screen text
-    (SQLite FTS5; None without a text channel) and its items by :func:`clip_key`."""
+    swapped in as a whole: the reader, its channels, the lexical (SQLite FTS5) and semantic
+    (FAISS over sentence vectors) indexes of its on-screen text (None without a text channel; the
+    semantic one empty for an index built before it), the phonetic index of its speech (None
+    without a speech channel) and its items by :func:`clip_key`."""
 
     reader: IndexReader
     channels: tuple[str, ...]
     text_index: TextIndex | None
     keys: Mapping[str, int]
+    speech_index: SpeechIndex | None = None
+    semantic_index: SemanticIndex | None = None
 
     @classmethod
     def of(cls, reader: IndexReader) -> IndexVersion:
@@ -213,7 +222,10 @@ class IndexVersion:
         keys: dict[str, int] = {}
         for row, item in enumerate(reader.items):
             keys.setdefault(clip_key(item["path"], item["start"], item["end"]), row)
-        return cls(reader, channels, TextIndex(reader.items) if "text" in channels else None, keys)
+        text = "text" in channels
+        return cls(reader, channels, TextIndex(reader.items) if text else None, keys,
+                   SpeechIndex(reader.items) if "speech" in channels else None,
+                   SemanticIndex(reader.items) if text else None)
 
     def item(self, key: str) -> dict[str, Any] | None:
         """The item named ``key`` in this version, None if it holds no such item."""
@@ -258,12 +270,19 @@ class Searcher:
         self._loader: threading.Thread | None = None
         self._unusable: Path | None = None  # a newer version that failed to open (not retried)
         self._held = IndexVersion.of(open_index(index, expect_model=self._identity, use_gpu=self._use_gpu))
+        self._sentences: SentenceEncoder | None = None
+        self._load_sentences(self._held)
         self.model = load_model(model_dir, device=device, precision=precision)
         self.device = model_device(self.model)
         self.preprocess = Preprocess.for_model(self.model)
         self.label_source = self._label_source()
         # resolved filters of one index version: (version dir, filter) -> (ids, held subset)
         self._selections: dict[tuple[Path, ItemFilter], tuple[np.ndarray, HeldSubset | None]] = {}
+
+    def _load_sentences(self, version: IndexVersion) -> None:
+        """Load the sentence model with the first version whose text has sentence vectors."""
+        if version.semantic_index and self._sentences is None:
+            self._sentences = SentenceEncoder()
 
     @property
     def version(self) -> IndexVersion:
@@ -284,6 +303,21 @@ class Searcher:
     def text_index(self) -> TextIndex | None:
         """The lexical index of the held version's on-screen text (None without a text channel)."""
         return self._held.text_index
+
+    @property
+    def speech_index(self) -> SpeechIndex | None:
+        """The phonetic index of the held version's speech (None without a speech channel)."""
+        return self._held.speech_index
+
+    @property
+    def semantic_index(self) -> SemanticIndex | None:
+        """The sentence vectors of the held version's on-screen text (None without a text
+        channel; empty for an index built before the semantic side)."""
+        return self._held.semantic_index
+
+    def sentence_vectors(self, texts: Sequence[str]) -> np.ndarray | None:
+        """Queries as the semantic side searches them (None when no version held had sentence vectors)."""
+        return None if self._sentences is None else self._sentences.encode(texts)
 
     def select(self, where: ItemFilter | str | None) -> np.ndarray | None:
         """The ids of the items ``where`` keeps (None: no filter, search everything). A string is
@@ -376,6 +410,7 @@ class Searcher:
                 return False
             logger.info("index %s: switched to generation %s (%d items)", self.index_path,
                         version.reader.manifest.get("generation", "?"), len(version.reader))
+            self._load_sentences(version)
             self._held = version  # its lexical index and keys are ready before searches see it
             return True
 
@@ -503,7 +538,8 @@ class Searcher:
         confidence-aware rank fusion."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
         version = self._held  # one version throughout, even if a refresh switches meanwhile
-        reader, text_index = version.reader, version.text_index
+        reader, text_index, speech_index = version.reader, version.text_index, version.speech_index
+        semantic_index = version.semantic_index
         ids, held = self._subset(where, reader)
         if ids is not None and len(ids) == 0:
             return []
@@ -521,6 +557,23 @@ class Searcher:
                 found_text = [(item_id, score) for item_id, score in found_text if item_id in keep][:pool]
             rankings["text"] = [item_id for item_id, _ in found_text]
             scores["text"] = dict(found_text)
+        semantic_weight = {**DEFAULT_WEIGHTS, **(weights or {})}["semantic"]
+        if "text" in channels and semantic_index and self._sentences is not None and semantic_weight > 0:
+            found_meaning = semantic_index.search(self.sentence_vectors([query])[0],
+                                                  pool if ids is None else pool * TEXT_FILTER_DEPTH)
+            if ids is not None:
+                keep = set(ids.tolist())
+                found_meaning = [(item_id, score) for item_id, score in found_meaning if item_id in keep][:pool]
+            rankings["semantic"] = [item_id for item_id, _ in found_meaning]
+            scores["semantic"] = dict(found_meaning)
+        if "speech" in channels and speech_index is not None:
+            found_speech = speech_index.search(query)  # every confident item: the filter applies after
+            if ids is not None:
+                keep = set(ids.tolist())
+                found_speech = [(item_id, score) for item_id, score in found_speech if item_id in keep]
+            found_speech = found_speech[:pool]
+            rankings["speech"] = [item_id for item_id, _ in found_speech]
+            scores["speech"] = dict(found_speech)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
             return self._lookup(vector, k, group, where, reader)  # every other channel abstained: the visual search as is
         hits = []
@@ -530,9 +583,14 @@ class Searcher:
             if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
                 cosine = float(np.asarray(reader.vectors[item_id], np.float32) @ vector[0])
                 per_channel["visual"] = {"rank": None, "score": cosine}
-            match = text_index.match(item_id, query) if "text" in ranks and text_index else None
+            match = None
+            if text_index is not None and ("text" in ranks or "semantic" in ranks):
+                # the line holding the query's words, else (a semantic match alone) the item's first line
+                match = text_index.match(item_id, query) or text_index.first_line(item_id)
+            spoken = speech_index.match(item_id, query) if "speech" in ranks and speech_index else None
             hits.append(replace(self._hit(item, fused), channels=per_channel,
-                                text=None if match is None else asdict(match)))
+                                text=None if match is None else asdict(match),
+                                speech=None if spoken is None else spoken.to_dict()))
         return group_hits(hits, k) if group else hits[:k]
 
     @torch.inference_mode()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -49,6 +50,8 @@ import numpy as np
 from tqdm import tqdm
 
 from retrieval.atomic import atomic_write_text
+from retrieval.data.spoken import SAMPLE_RATE as SPEECH_RATE
+from retrieval.data.spoken import Speech, espeak_available, plan_speech, speak
 from retrieval.data.written import Writing, draw_writing, plan_writing
 
 __all__ = [
@@ -159,7 +162,8 @@ _HELD_OUT_UNPAIRED = 8
 _PAIR_SHARE = 0.4  # target share of test clips that belong to a direction pair
 
 # independent random streams, so one split's size never changes another split's content
-_STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED, _STREAM_WRITTEN = range(6)
+_STREAM_HELD_OUT, _STREAM_TRAIN, _STREAM_TEST, _STREAM_LONG, _STREAM_REVERSED, _STREAM_WRITTEN, _STREAM_SPOKEN = range(7)
+_log = logging.getLogger(__name__)
 
 _FORMAT = "vtr-synthetic"
 _FORMAT_VERSION = 3  # 2: train entries carry caption_reversed; 3: two-object clips are large + small
@@ -174,6 +178,7 @@ _MARKER = ".vtr-synthetic"
 _WORK = ".vtr-synthetic.work"
 _MAX_WORKERS = 2  # the target machines have two cores
 _POOL_MIN_JOBS = 32  # below this, starting worker processes costs more than it saves
+_AUDIO_CHUNK = 1024  # samples per AAC frame
 
 # ----------------------------------------------------------------------------------------------
 # scene description
@@ -233,6 +238,7 @@ class Scene:
     background: Background
     objects: tuple[ShapeObject, ...]
     writing: Writing | None = None  # text drawn over the clip (the written layer)
+    speech: Speech | None = None  # a sentence said over the clip (the spoken layer)
 
     @property
     def label(self) -> str:
@@ -731,17 +737,20 @@ def plan_corpus(
     fps: int = 8,
     long_videos: int = 4,
     written_share: float = 0.0,
+    spoken_share: float = 0.0,
 ) -> CorpusPlan:
     """Decide every clip, caption and annotation without drawing a pixel (fast, deterministic).
 
     ``generate_corpus`` renders this plan; tests use it to re-render a clip's exact frames.
     ``written_share`` is the share of test clips that show a title, sign or caption
     (:mod:`retrieval.data.written`) which their caption then mentions; it draws from its own
-    random stream, so everything else about the corpus stays the same.
+    random stream, so everything else about the corpus stays the same. ``spoken_share`` likewise
+    picks test clips over which a sentence is said (:mod:`retrieval.data.spoken`).
     """
     _validate_counts(n_train, n_test, num_frames, fps, long_videos)
-    if not 0.0 <= written_share <= 1.0:
-        raise ValueError(f"written_share must be between 0 and 1, got {written_share}")
+    for name, share in (("written_share", written_share), ("spoken_share", spoken_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be between 0 and 1, got {share}")
     held_out = _held_out_triples(seed)
     plan = CorpusPlan(held_out=held_out)
 
@@ -771,6 +780,9 @@ def plan_corpus(
     write_rng = np.random.default_rng([seed, _STREAM_WRITTEN])
     with_writing = set(write_rng.permutation(n_test)[: round(written_share * n_test)].tolist())
     texts: set[str] = set()
+    speak_rng = np.random.default_rng([seed, _STREAM_SPOKEN])
+    with_speech = set(speak_rng.permutation(n_test)[: round(spoken_share * n_test)].tolist())
+    sentences: set[str] = set()
     for new, old in enumerate(order):
         scene, twin = planned[old]
         attributes = _attributes(scene)
@@ -781,6 +793,12 @@ def plan_corpus(
             caption = f"{caption} {scene.writing.phrase()}"
             attributes["written"] = {"text": scene.writing.text, "kind": scene.writing.kind,
                                      "font": Path(scene.writing.font).stem, "moving": scene.writing.scroll > 0}
+        if new in with_speech:
+            scene = replace(scene, speech=plan_speech(speak_rng, sentences))
+            caption = f"{caption} {scene.speech.phrase()}"
+            attributes["spoken"] = {"text": scene.speech.text, "voice": scene.speech.voice,
+                                    "speed": scene.speech.speed, "start": scene.speech.start,
+                                    "snr_db": scene.speech.snr_db}
         plan.test.append(
             {
                 "video": names[new],
@@ -851,7 +869,8 @@ def _write_text(root: Path, name: str, text: str) -> str:
     return _publish(root, name, lambda path: path.write_text(text, encoding="utf-8"))
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+def _write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None) -> None:
+    """An H.264 clip of ``frames``; with ``audio`` (16 kHz mono int16) also an AAC track."""
     import av
 
     with av.open(str(path), mode="w", format="mp4") as container:
@@ -861,15 +880,25 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         )
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
+        sound = container.add_stream("aac", rate=SPEECH_RATE, layout="mono") if audio is not None else None
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode(None))
+        if sound is not None:
+            for at in range(0, len(audio), _AUDIO_CHUNK):
+                piece = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[None, at : at + _AUDIO_CHUNK]),
+                                                   format="s16", layout="mono")
+                piece.rate, piece.pts = SPEECH_RATE, at
+                container.mux(sound.encode(piece))
+            container.mux(sound.encode(None))
 
 
 def _write_job(task: tuple[RenderJob, str, int, int]) -> tuple[str, str]:
     job, root, size, fps = task
     name = f"videos/{job.video}"
-    return name, _publish(Path(root), name, lambda path: _write_mp4(path, render_job(job, size), fps))
+    said = job.scenes[0].speech if len(job.scenes) == 1 else None
+    audio = None if said is None else speak(said, job.frames_per_scene / fps)
+    return name, _publish(Path(root), name, lambda path: _write_mp4(path, render_job(job, size), fps, audio))
 
 
 def _render_all(root: Path, jobs: list[RenderJob], size: int, fps: int, progress: bool) -> dict[str, str]:
@@ -978,6 +1007,7 @@ def generate_corpus(
     long_videos: int = 4,
     progress: bool = True,
     written_share: float = 0.0,
+    spoken_share: float = 0.0,
 ) -> dict[str, Any]:
     """Write the synthetic corpus to ``out_dir`` and return a summary.
 
@@ -985,7 +1015,8 @@ def generate_corpus(
     ``labels.txt`` and, written last, ``corpus.json`` (parameters, counts, held-out triples).
     A directory that already holds a complete corpus with the same parameters is returned as
     is, so the demo can call this on every start. ``written_share``: the share of test clips with
-    on-screen text (see :func:`plan_corpus`). Returns ``{"out", "n_train", "n_test",
+    on-screen text, ``spoken_share`` with a sentence said over them (see :func:`plan_corpus`;
+    without espeak-ng one warning and no spoken layer). Returns ``{"out", "n_train", "n_test",
     "n_long", "labels", "seconds"}``.
     """
     started = time.perf_counter()
@@ -1005,6 +1036,11 @@ def generate_corpus(
     }
     if written_share:  # recorded only when used: corpora written before the option stay complete
         params["written_share"] = written_share
+    if spoken_share and not espeak_available():
+        _log.warning("espeak-ng is not installed (make espeak): the corpus is written without its spoken layer")
+        spoken_share = 0.0
+    if spoken_share:
+        params["spoken_share"] = spoken_share
 
     def summary() -> dict[str, Any]:
         return {
@@ -1020,7 +1056,8 @@ def generate_corpus(
     if _is_complete(root, params):
         return summary()
 
-    plan = plan_corpus(n_train, n_test, seed, num_frames, fps, long_videos, written_share)  # validates the counts
+    plan = plan_corpus(n_train, n_test, seed, num_frames, fps, long_videos, written_share,
+                       spoken_share)  # validates the counts
     planned = {f"videos/{job.video}" for job in plan.jobs} | {
         _MANIFEST, "train.json", "test.json", "long.json", "labels.txt"
     }

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from indexer.channels import (
+    SEMANTIC_FLOOR,
+    SemanticIndex,
     TextIndex,
     channel_names,
     fuse,
@@ -18,8 +20,10 @@ from indexer.channels import (
     parse_channels,
     parse_weights,
     query_terms,
+    text_of,
 )
 from retrieval.ocr import OcrUnavailable, fold, merge_repeats, sample_count
+from retrieval.sentence import pack, unpack
 
 
 def _item(item_id: int, *lines: tuple[str, float, float]) -> dict:
@@ -169,3 +173,44 @@ def test_a_confident_text_match_beats_the_visual_nearest_neighbour() -> None:
     fused = fuse({"visual": [0, 1, 2], "text": [9]})
     assert [item for item, _, _ in fused][:2] == [9, 0]
     assert next(item for item, _, _ in fuse({"visual": [0, 1, 2], "text": [9]}, {"text": 1.0})) == 0
+
+
+def _unit(*values: float) -> np.ndarray:
+    vector = np.asarray(values, np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def _with_vector(item_id: int, text: str, vector: np.ndarray) -> dict:
+    return {"id": item_id, "extra": {"text": {"lines": [{"text": text, "start": 0.0, "end": 1.0}],
+                                              "vector": pack(vector)}}}
+
+
+def test_sentence_vectors_survive_their_json_form() -> None:
+    vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    packed = pack(vector)
+    assert isinstance(packed, str) and len(packed) == 1024  # float16, base64
+    assert np.abs(unpack(packed) - vector).max() < 1e-3
+
+
+def test_semantic_side_ranks_only_near_items_and_abstains_below_its_floor() -> None:
+    items = [_with_vector(0, "OPEN 24 HOURS", _unit(1, 0, 0)), _with_vector(1, "Chapter 3", _unit(0, 1, 0)),
+             _with_vector(2, "Chapter 7", _unit(0, 1, 0.1)), {"id": 3, "extra": {}}]
+    index = SemanticIndex(items)
+    assert len(index) == 3, "items without text have no vector"
+    assert index.search(_unit(1, 0.2, 0), k=10) == [(0, pytest.approx(float(_unit(1, 0.2, 0)[0]), abs=1e-3))]
+    # two items about as near: both rank, nearest first; a far third does not
+    near = index.search(_unit(0, 1, 0.05), k=10)
+    assert [item for item, _ in near] == [1, 2] or [item for item, _ in near] == [2, 1]
+    assert 0 not in [item for item, _ in near]
+    # nothing reaches the floor: the side abstains
+    assert index.search(_unit(0, 0, 1), k=10) == []
+    assert float(_unit(0.1, 0.1, 1) @ _unit(1, 0, 0)) < SEMANTIC_FLOOR
+    assert SemanticIndex([{"id": 0, "extra": {"text": {"lines": []}}}]).search(_unit(1, 0, 0), k=5) == []
+
+
+def test_a_channel_weighed_zero_is_left_out_of_the_fusion() -> None:
+    fused = fuse({"visual": [1, 2], "semantic": [3]}, {"semantic": 0.0})
+    assert [item for item, _, _ in fused] == [1, 2]
+    assert parse_weights("semantic=0.5") == {"semantic": 0.5}
+    assert text_of({"lines": [{"text": "Chapter 3"}, {"text": "OPEN"}]}) == "Chapter 3 OPEN"

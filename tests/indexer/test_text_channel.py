@@ -25,6 +25,7 @@ from indexer.jobs import JobSpec, Shard, WorkDir, publish_job, run_index_job, wo
 from indexer.search import Searcher
 from indexer.store import open_index
 from retrieval.ocr import OcrReader, read_span
+from retrieval.sentence import unpack
 
 pytest.importorskip("rapidocr_onnxruntime", reason="the ocr extra (make install installs it)")
 
@@ -142,6 +143,9 @@ def test_the_index_carries_text_lines_times_and_the_channels(text_index: Path) -
     assert line["text"].replace(" ", "") == "OPEN24HOURS" and 0.0 <= line["start"] <= line["end"] <= 2.0
     assert len(line["box"]) == 4
     assert by_name["plain.mp4"] == {"lines": [], "frames": 1, "notes": ["no text"]}
+    # the semantic side: a sentence vector of each item's text, and the model that made it
+    assert channels["text"]["semantic"] == {"model": "all-MiniLM-L6-v2", "dim": 384, "dtype": "float16"}
+    assert unpack(by_name["title.mp4"]["vector"]).shape == (384,)
 
 
 def test_sharded_parts_hold_the_text_and_merge_to_the_same_index(model_dir: Path, videos: Path,
@@ -176,6 +180,20 @@ def test_search_fuses_the_text_channel(model_dir: Path, text_index: Path) -> Non
         searcher.search("chapter 3", channels=["sound"])
 
 
+def test_semantic_side_finds_text_the_query_does_not_quote(text_index: Path) -> None:
+    searcher = Searcher(text_index)
+    assert len(searcher.semantic_index) == 2
+    assert searcher.text_index.search("section three") == [], "no word in common"
+    hit = searcher.search("section three", k=3)[0]
+    assert Path(hit.path).name == "title.mp4"
+    assert hit.channels["semantic"]["rank"] == 1 and "text" not in hit.channels
+    assert hit.text["text"].replace(" ", "") == "CHAPTER3" and hit.text["spans"] == ()
+    # weighed 0, the semantic side is off: nothing else matches, so the visual search comes back
+    off = searcher.search("section three", k=3, weights={"semantic": 0})
+    assert [(h.item_id, h.score) for h in off] == [
+        (h.item_id, h.score) for h in searcher.search("section three", k=3, channels=["visual"])]
+
+
 def test_a_filter_applies_to_every_fused_channel_and_exports_carry_the_text(text_index: Path,
                                                                             tmp_path: Path) -> None:
     searcher = Searcher(text_index)
@@ -183,6 +201,8 @@ def test_a_filter_applies_to_every_fused_channel_and_exports_carry_the_text(text
     hits = searcher.search(query, k=3, where="path!=title.mp4")
     assert hits and all(Path(hit.path).name != "title.mp4" for hit in hits)  # the text match is filtered out
     assert [Path(h.path).name for h in searcher.search(query, k=3, where="path=title.mp4")] == ["title.mp4"]
+    # the semantic side is filtered too
+    assert all(Path(h.path).name != "title.mp4" for h in searcher.search("section three", k=3, where="path!=title.mp4"))
     vectors, table = read_export(export_index(text_index, tmp_path / "export"))
     texts = dict(zip(table.column("path").to_pylist(), table.column("screen_text").to_pylist(), strict=True))
     assert texts["title.mp4"].replace(" ", "") == "CHAPTER3" and texts["plain.mp4"] == ""
@@ -234,6 +254,7 @@ def test_index_add_reads_the_new_videos_text(model_dir: Path, videos: Path, tmp_
     assert set(reader.manifest["extra"]["channels"]) == {"visual", "text"}
     added = next(item for item in reader.items if item["path"].endswith("sale.mp4"))
     assert [line["text"].replace(" ", "") for line in added["extra"]["text"]["lines"]] == ["SALE50"]
+    assert unpack(added["extra"]["text"]["vector"]).shape == (384,)
     remove_from_index(index, [str(corpus / "title.mp4")])
     left = {Path(item["path"]).name for item in open_index(index).items}
     assert left == {"sign.mp4", "plain.mp4", "sale.mp4"}
@@ -252,7 +273,7 @@ def test_eval_reports_each_channel_and_the_fusion_per_query_kind(model_dir: Path
     assert result.exit_code == 0, result.output
     assert "text_mentioning" in result.output and "plain_fusion" in result.output
     metrics = json.loads((out / "channels.json").read_text())
-    assert metrics["queries"] == {"all": 6, "picture_only": 3, "text_mentioning": 3}
+    assert metrics["queries"] == {"all": 6, "picture_only": 3, "text_mentioning": 3, "speech_mentioning": 0}
     mentioning, picture = metrics["text_mentioning"], metrics["picture_only"]
     assert mentioning["text"]["R@1"] >= 66.0, "the untrained model cannot see; the text channel reads"
     assert mentioning["fused"]["R@1"] >= mentioning["visual"]["R@1"]

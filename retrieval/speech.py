@@ -1,0 +1,555 @@
+"""What is said: recognise the speech in a video's audio (the index's ``speech`` channel) and
+find spoken words despite recognition errors.
+
+Audio: :func:`decode_audio` decodes an item's span with PyAV, resampled to 16 kHz mono 16-bit
+(any rate or channel layout in). A file without an audio stream, or whose audio cannot be
+decoded, gives a note on the item, never a failed job (:func:`read_speech`).
+
+Recognition: :class:`SpeechRecognizer` runs the embedded recogniser, PocketSphinx (the
+``pocketsphinx`` wheel of the ``speech`` extra ships a US-English acoustic model, the CMU
+pronouncing dictionary and a language model: nothing is downloaded). It gives words with start
+and end times and a posterior probability. PocketSphinx decodes on one thread, so the channel
+never uses more threads than a job is given.
+
+Each item is recognised twice: by the word recogniser (words with times, for showing and for
+their pronunciations) and by a phone loop (the same acoustic model with a phone bigram: the
+phones actually heard, whatever the words; a tenth of the word recogniser's cost).
+
+Matching: plain transcripts of a small recogniser are too noisy to search by exact words
+("the bridge is closed" comes out as "the bridges oh"). :class:`SpeechIndex` turns the query's
+words into phones (:class:`Pronouncer`: the bundled CMU dictionary, with a letter-to-sound
+fallback for words it lacks) and scores each query word by its best local alignment
+(Smith-Waterman, linear gaps, vowels and confusable consonants partly matching) anywhere in an
+item's phones: the phone loop's, and the recognised words' pronunciations, the better of the
+two (:data:`MATCH_SOURCES`; bench/channels.py compares them). An item's score is the
+phone-weighted mean of its query words' normalised scores (1.0: every phone found in order);
+its confidence is that less what the query scores by chance (against the item's phones
+reversed, or the index's median item). The channel ranks only confident items and abstains
+otherwise (:data:`MIN_SCORE`, :data:`MIN_CONFIDENCE`), so fusion lets a confident spoken match
+win and leaves queries about the picture alone. All items' phones are aligned at once with
+numpy (one pass per query phone), so a search over many thousands of items stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+#: The optional dependency group that brings the embedded recogniser.
+SPEECH_EXTRA = "speech"
+SPEECH_PACKAGE = "pocketsphinx"
+#: The rate and layout the recognisers take.
+SAMPLE_RATE = 16000
+#: The speech channel ranks an item only when its match score (1.0: every query phone found in
+#: order) is at least this, ...
+MIN_SCORE = 0.6
+#: ... its confidence (score less its chance score: the better of the same query against the
+#: item's phones reversed, and the median item's score) at least this, ...
+MIN_CONFIDENCE = 0.15
+#: ... and it scores at least this share of the query's best item. Calibrated on espeak-ng
+#: speech (bench/channels.py): true matches of spoken sentences against captions of pictures.
+RELATIVE_FLOOR = 0.9
+#: A query word aligning at least this well with an item counts as heard there (for its weight).
+HEARD = 0.75
+#: Queries with fewer phones than this (in the words searched) are not searched in speech: two
+#: short words ("red car") align well enough with any speech.
+MIN_QUERY_PHONES = 7
+#: Query words shorter than this many phones are not searched alone (they match everywhere).
+MIN_WORD_PHONES = 3
+#: Audio longer than this (seconds) is recognised in its first this-many seconds only.
+MAX_SPAN_S = 600.0
+
+# Smith-Waterman scores: match, vowel for vowel, other mismatch, gap
+_MATCH, _NEAR, _MISMATCH, _GAP = 2.0, 0.5, -1.0, 1.0
+_VOWELS = ("AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW")
+_CONSONANTS = ("B", "CH", "D", "DH", "F", "G", "HH", "JH", "K", "L", "M", "N", "NG", "P", "R", "S", "SH", "T",
+               "TH", "V", "W", "Y", "Z", "ZH")
+PHONES = _VOWELS + _CONSONANTS
+_PHONE_ID = {phone: number for number, phone in enumerate(PHONES)}
+# consonants a recogniser confuses (voicing pairs, nasals, sibilants): scored like vowel for vowel
+_NEAR_PAIRS = (("B", "P"), ("D", "T"), ("G", "K"), ("V", "F"), ("Z", "S"), ("DH", "TH"), ("ZH", "SH"),
+               ("JH", "CH"), ("M", "N"), ("N", "NG"), ("S", "SH"), ("DH", "D"), ("TH", "T"), ("L", "R"))
+# words a query uses to say that something is said, and function words: not searched in speech
+_STOPWORDS = frozenset((
+    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "in", "into", "is", "it", "of", "on", "or",
+    "that", "the", "then", "this", "to", "was", "were", "with", "while", "voice", "voices", "says", "said",
+    "saying", "say", "someone", "speaker", "speaks", "spoken", "speech", "talks", "talking", "tells", "announces",
+))
+_WORD = re.compile(r"[a-z']+")
+# letter-to-sound fallback for words the dictionary lacks: longest spelling first
+_SPELLINGS = {
+    "tion": "SH AH N", "sion": "ZH AH N", "ough": "AO", "igh": "AY", "tch": "CH", "dge": "JH",
+    "ch": "CH", "sh": "SH", "th": "TH", "ph": "F", "ng": "NG", "ck": "K", "qu": "K W", "wh": "W", "kn": "N",
+    "ee": "IY", "ea": "IY", "oo": "UW", "ai": "EY", "ay": "EY", "ou": "AW", "ow": "OW", "oa": "OW", "oi": "OY",
+    "oy": "OY", "au": "AO", "aw": "AO", "er": "ER", "ir": "ER", "ur": "ER", "ar": "AA R", "or": "AO R",
+    "a": "AE", "b": "B", "c": "K", "d": "D", "e": "EH", "f": "F", "g": "G", "h": "HH", "i": "IH", "j": "JH",
+    "k": "K", "l": "L", "m": "M", "n": "N", "o": "AA", "p": "P", "q": "K", "r": "R", "s": "S", "t": "T", "u": "AH",
+    "v": "V", "w": "W", "x": "K S", "y": "IY", "z": "Z",
+}
+
+
+class SpeechUnavailable(ValueError):
+    """The speech channel was asked for but its recogniser is not installed (a user error)."""
+
+
+class AudioError(Exception):
+    """An item's audio cannot be read: no audio stream, or a stream that does not decode."""
+
+
+def speech_available() -> bool:
+    """Whether the embedded recogniser's package is installed (imports nothing)."""
+    return importlib.util.find_spec("pocketsphinx") is not None
+
+
+def require_speech() -> None:
+    """Raise :class:`SpeechUnavailable`, naming the extra to install, unless the recogniser is there."""
+    if not speech_available():
+        raise SpeechUnavailable(f"the speech channel needs the {SPEECH_EXTRA} extra: pip install "
+                                f"'vtr[{SPEECH_EXTRA}]' (or `make install`), or leave speech out of --channels")
+
+
+def decode_audio(path: str | os.PathLike[str], start: float | None = None, end: float | None = None) -> np.ndarray:
+    """The audio of ``path`` (or its span ``[start, end]`` seconds) as 16 kHz mono int16 samples.
+
+    Raises:
+        AudioError: the file has no audio stream, or its audio cannot be decoded.
+    """
+    import av  # noqa: PLC0415  (PyAV: imported with the video readers only when audio is read)
+
+    start = max(0.0, float(start or 0.0))
+    stop = start + MAX_SPAN_S if end is None else min(float(end), start + MAX_SPAN_S)
+    try:
+        with av.open(os.fspath(path)) as container:
+            if not container.streams.audio:
+                raise AudioError("no audio stream")
+            stream = container.streams.audio[0]
+            if start > 0 and stream.time_base is not None:
+                container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+            chunks: list[np.ndarray] = []
+            first: float | None = None
+            for frame in container.decode(stream):
+                if frame.time is not None and first is None:
+                    first = float(frame.time)
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                if frame.time is not None and frame.time > stop:
+                    break
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except AudioError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (PyAV raises many kinds for a broken file)
+        raise AudioError(f"{type(exc).__name__}: {exc}") from exc
+    samples = np.concatenate(chunks).astype(np.int16) if chunks else np.zeros(0, np.int16)
+    offset = round((start - (first or 0.0)) * SAMPLE_RATE)
+    samples = samples[max(0, offset):]
+    return samples[: max(0, round((stop - start) * SAMPLE_RATE))]
+
+
+@dataclass(frozen=True)
+class SpokenWord:
+    """One recognised word, when it was said (seconds in the video) and how sure the recogniser is."""
+
+    word: str
+    start: float
+    end: float
+    prob: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SpeechRecognizer:
+    """Recognises speech with PocketSphinx (US English, its bundled models).
+
+    Raises:
+        SpeechUnavailable: the package is not installed.
+    """
+
+    def __init__(self) -> None:
+        require_speech()
+        import pocketsphinx  # noqa: PLC0415  (the speech extra: only imported when the channel runs)
+
+        self._decoder = pocketsphinx.Decoder(loglevel="FATAL")
+        # the phone loop: the same acoustic model with a phone bigram instead of words, for matching
+        phone_lm = Path(pocketsphinx.get_model_path()) / "en-us" / "en-us-phone.lm.bin"
+        self._phone_decoder = pocketsphinx.Decoder(loglevel="FATAL", allphone=str(phone_lm), lw=2.0,
+                                                   beam=1e-20, pbeam=1e-20)
+        self._frame_rate = int(self._decoder.config["frate"])
+        self._lock = threading.Lock()  # one decoder each: items recognised one at a time
+        self.threads = 1
+        self.identity = {"engine": f"{SPEECH_PACKAGE} {importlib.metadata.version(SPEECH_PACKAGE)}",
+                         "models": "embedded (en-us acoustic model, CMU dictionary, en-us LM, en-us phone LM)"}
+
+    def _segments(self, decoder: Any, samples: np.ndarray) -> list[Any]:
+        # half a second of silence either side: the recogniser's noise floor settles before speech
+        pad = np.zeros(SAMPLE_RATE // 2, np.int16)
+        audio = np.concatenate([pad, np.asarray(samples, dtype=np.int16), pad])
+        decoder.start_utt()
+        decoder.process_raw(audio.tobytes(), full_utt=True)
+        decoder.end_utt()
+        return list(decoder.seg())
+
+    def _time(self, frame: int, offset: float) -> float:
+        return round(max(0.0, offset + frame / self._frame_rate - 0.5), 3)
+
+    def recognize(self, samples: np.ndarray, offset: float = 0.0) -> list[SpokenWord]:
+        """The words in 16 kHz mono int16 ``samples``; times are seconds plus ``offset``."""
+        if samples.size < SAMPLE_RATE // 10:
+            return []
+        with self._lock:
+            segments = self._segments(self._decoder, samples)
+        words = []
+        for segment in segments:
+            word = _base_word(segment.word)
+            if word:
+                words.append(SpokenWord(word, self._time(segment.start_frame, offset),
+                                        self._time(segment.end_frame + 1, offset), round(float(segment.prob), 4)))
+        return words
+
+    def recognize_phones(self, samples: np.ndarray, offset: float = 0.0) -> list[SpokenWord]:
+        """The phones in ``samples`` (ARPAbet, silences left out), each a :class:`SpokenWord`."""
+        if samples.size < SAMPLE_RATE // 10:
+            return []
+        with self._lock:
+            segments = self._segments(self._phone_decoder, samples)
+        return [SpokenWord(segment.word, self._time(segment.start_frame, offset),
+                           self._time(segment.end_frame + 1, offset), round(float(segment.prob), 4))
+                for segment in segments if segment.word in _PHONE_ID]
+
+
+def _base_word(token: str) -> str:
+    """A recogniser token as a word: ``bridges(2)`` -> ``bridges``; silences and fillers -> ``""``."""
+    if token.startswith(("<", "[", "+")):
+        return ""
+    return token.split("(", 1)[0]
+
+
+def read_speech(recognizer: SpeechRecognizer, path: str | os.PathLike[str], start: float | None = None,
+                end: float | None = None) -> dict[str, Any]:
+    """The speech of a video (or its span ``[start, end]`` in seconds).
+
+    Returns ``{"words": [SpokenWord.to_dict()...], "phones": [...], "seconds": audio seconds read,
+    "notes": [...]}`` (``phones``: the phone loop's phones, each with ``word`` the phone);
+    a file without audio, or audio that cannot be decoded or recognised, is a note, never an exception.
+    """
+    try:
+        samples = decode_audio(path, start, end)
+    except AudioError as exc:
+        return {"words": [], "phones": [], "seconds": 0.0, "notes": [f"no speech read: {exc}"]}
+    seconds = round(samples.size / SAMPLE_RATE, 3)
+    try:
+        words = recognizer.recognize(samples, offset=float(start or 0.0))
+        phones = recognizer.recognize_phones(samples, offset=float(start or 0.0))
+    except Exception as exc:  # noqa: BLE001  (one item the recogniser fails on never fails the job)
+        logger.warning("speech channel: %s: %s", path, exc)
+        return {"words": [], "phones": [], "seconds": seconds,
+                "notes": [f"recognition failed: {type(exc).__name__}: {exc}"]}
+    notes = [] if words or phones else ["no speech"]
+    return {"words": [word.to_dict() for word in words], "phones": [phone.to_dict() for phone in phones],
+            "seconds": seconds, "notes": notes}
+
+
+def item_words(item: Mapping[str, Any], track: str = "words") -> list[dict[str, Any]]:
+    """The recognised words (``track="phones"``: phones) an index item carries (``[]`` when none)."""
+    return list(((item.get("extra") or {}).get("speech") or {}).get(track) or [])
+
+
+class Pronouncer:
+    """Words to ARPAbet phones (no stress marks): the CMU dictionary bundled with PocketSphinx,
+    and a letter-to-sound fallback for words it lacks."""
+
+    def __init__(self, dictionary: str | os.PathLike[str] | None = None) -> None:
+        self._entries: dict[str, tuple[str, ...]] = {}
+        path = Path(dictionary) if dictionary is not None else _bundled_dictionary()
+        if path is not None and path.is_file():
+            with path.open(encoding="utf-8", errors="replace") as lines:
+                for line in lines:
+                    word, _, phones = line.strip().partition(" ")
+                    if word and "(" not in word:  # the first pronunciation of each word
+                        self._entries[word] = tuple(phone.rstrip("012") for phone in phones.split())
+
+    def __contains__(self, word: str) -> bool:
+        return word.lower() in self._entries
+
+    def phones(self, word: str) -> tuple[str, ...]:
+        """The phones of ``word`` (lower-cased; letters only are spelled out when unknown)."""
+        word = word.lower()
+        if word in self._entries:
+            return self._entries[word]
+        return letter_to_sound(word)
+
+
+def letter_to_sound(word: str) -> tuple[str, ...]:
+    """A rough pronunciation from spelling alone (longest known spelling first; a final silent e dropped)."""
+    letters = "".join(ch for ch in word.lower() if "a" <= ch <= "z")
+    if len(letters) > 3 and letters.endswith("e") and letters[-2] not in "aeiou":
+        letters = letters[:-1]
+    phones: list[str] = []
+    at = 0
+    while at < len(letters):
+        for size in (4, 3, 2, 1):
+            sound = _SPELLINGS.get(letters[at : at + size])
+            if sound is not None:
+                if not phones or phones[-1] != sound.split()[0]:  # "ll", "ss": one phone
+                    phones += sound.split()
+                else:
+                    phones += sound.split()[1:]
+                at += size
+                break
+        else:
+            at += 1
+    return tuple(phones)
+
+
+@cache
+def _bundled_dictionary() -> Path | None:
+    spec = importlib.util.find_spec("pocketsphinx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model" / "en-us" / "cmudict-en-us.dict"
+    return path if path.is_file() else None
+
+
+@cache
+def _scores() -> np.ndarray:
+    """The substitution matrix over :data:`PHONES` plus a separator (last row/column)."""
+    size = len(PHONES) + 1
+    table = np.full((size, size), _MISMATCH, np.float32)
+    vowels = [_PHONE_ID[v] for v in _VOWELS]
+    table[np.ix_(vowels, vowels)] = _NEAR
+    for a, b in _NEAR_PAIRS:
+        table[_PHONE_ID[a], _PHONE_ID[b]] = table[_PHONE_ID[b], _PHONE_ID[a]] = _NEAR
+    np.fill_diagonal(table, _MATCH)
+    table[-1, :] = table[:, -1] = -1e6  # nothing aligns across the separator between items
+    return table
+
+
+def query_words(query: str) -> list[str]:
+    """The words of a query searched in speech: a quoted part if there is one, else every word,
+    without function words and words that say that something is spoken ("a voice says ...")."""
+    quoted = re.findall(r"[\"“”]([^\"“”]+)[\"“”]", query)
+    text = " ".join(quoted) if quoted else query
+    words = [word.strip("'") for word in _WORD.findall(text.lower())]
+    return list(dict.fromkeys(word for word in words if word and word not in _STOPWORDS))
+
+
+@dataclass(frozen=True)
+class SpeechMatch:
+    """The recognised words of an item that matched a query (as recognised), when they were
+    said, and the channel's confidence in the match (0..1)."""
+
+    words: tuple[str, ...]
+    start: float
+    end: float
+    confidence: float
+    query_words: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["words"] = list(self.words)
+        out["query_words"] = list(self.query_words)
+        out["text"] = " ".join(self.words)
+        return out
+
+
+#: How :class:`SpeechIndex` matches: over the phone loop's phones, over the pronunciations of
+#: the recognised words, or the better of the two per item (bench/channels.py compares them).
+MATCH_SOURCES = ("phones", "words", "both")
+DEFAULT_SOURCE = "both"
+
+
+class _PhoneTrack:
+    """Every item's phones in one flat array (items apart by a separator), each phone with its
+    item, and its time span in the video."""
+
+    def __init__(self, sequences: Sequence[tuple[int, Sequence[tuple[str, float, float]]]]) -> None:
+        phones: list[int] = []
+        owner: list[int] = []
+        times: list[tuple[float, float]] = []
+        for position, sequence in sequences:
+            for phone, start, end in sequence:
+                phones.append(_PHONE_ID[phone])
+                owner.append(position)
+                times.append((start, end))
+            phones.append(len(PHONES))
+            owner.append(-1)
+            times.append((0.0, 0.0))
+        self.phones = np.asarray(phones, np.int64)
+        self.owner = np.asarray(owner, np.int64)
+        self.times = np.asarray(times, np.float64).reshape(-1, 2)
+        # a big offset per item keeps the running maximum of one item from reaching the next
+        self.fence = np.cumsum(self.owner < 0).astype(np.float64) * 1e6
+        self.positions = np.arange(self.phones.size, dtype=np.float64) * _GAP
+
+    def align(self, query: Sequence[int], items: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per item, the best local alignment score of the ``query`` phones, normalised so that
+        1.0 means every phone matched in order (Smith-Waterman, all items at once), and the flat
+        position where that best alignment ends (-1: the item has no phones here)."""
+        table = _scores()
+        best = np.zeros(self.phones.size)
+        previous = np.zeros(self.phones.size)
+        for phone in query:
+            diagonal = np.concatenate([[0.0], previous[:-1]]) + table[phone][self.phones]
+            current = np.maximum(np.maximum(diagonal, previous - _GAP), 0.0)
+            # gaps in the recognised phones: a running maximum, exact for linear gaps
+            shifted = current + self.positions + self.fence
+            current = np.maximum(current, np.maximum.accumulate(shifted) - self.positions - self.fence)
+            current[self.owner < 0] = 0.0
+            best = np.maximum(best, current)
+            previous = current
+        best /= _MATCH * max(1, len(query))
+        per_item = np.zeros(items)
+        ends = np.full(items, -1)
+        inside = np.flatnonzero(self.owner >= 0)
+        if inside.size:
+            np.maximum.at(per_item, self.owner[inside], best[inside])
+            winners = inside[best[inside] == per_item[self.owner[inside]]][::-1]
+            ends[self.owner[winners]] = winners  # the first position reaching each item's best
+        return per_item, ends
+
+
+class SpeechIndex:
+    """Phonetic search over the recognised speech of an index's items.
+
+    Args:
+        items: the index's item records (``id`` and ``extra["speech"]``).
+        pronouncer: words to phones (default: the bundled CMU dictionary).
+        source: one of :data:`MATCH_SOURCES`.
+    """
+
+    def __init__(self, items: Iterable[Mapping[str, Any]], pronouncer: Pronouncer | None = None,
+                 source: str = DEFAULT_SOURCE) -> None:
+        if source not in MATCH_SOURCES:
+            raise ValueError(f"speech matching: unknown source {source!r}; sources are {', '.join(MATCH_SOURCES)}")
+        self._pronouncer = pronouncer or Pronouncer()
+        self._words: dict[int, list[dict[str, Any]]] = {}
+        self._ids: list[int] = []
+        from_words: list[tuple[int, list[tuple[str, float, float]]]] = []
+        from_phones: list[tuple[int, list[tuple[str, float, float]]]] = []
+        for item in items:
+            words, phones = item_words(item), item_words(item, "phones")
+            if not words and not phones:
+                continue
+            position = len(self._ids)
+            self._ids.append(int(item["id"]))
+            self._words[int(item["id"])] = words
+            from_words.append((position, [(phone, float(w["start"]), float(w["end"]))
+                                          for w in words for phone in self._pronouncer.phones(w["word"])]))
+            from_phones.append((position, [(p["word"], float(p["start"]), float(p["end"])) for p in phones]))
+        chosen = ([from_words] if source in ("words", "both") else []) + ([from_phones] if source != "words" else [])
+        self._tracks = [_PhoneTrack(sequences) for sequences in chosen]
+        # the same phones in reverse order: as many phones of the same kinds, none of the words, so
+        # how well a query aligns there is how well it aligns with this item by chance
+        self._chance = [_PhoneTrack([(n, sequence[::-1]) for n, sequence in sequences]) for sequences in chosen]
+
+    def __len__(self) -> int:
+        """Items that carry any recognised speech."""
+        return len(self._ids)
+
+    def scores(self, query: str) -> list[tuple[int, float, float, dict[str, tuple[float, float]]]]:
+        """Every item's match score and confidence for ``query`` with, per query word, when its
+        best match was said: ``[(item id, score, confidence, {word: (start, end)})]`` (unsorted;
+        ``[]``: nothing to match). ``score`` is the phone-weighted mean of the query words' best
+        alignments (1.0: all found), ``confidence`` that less the same with the item's phones reversed."""
+        words = [w for w in query_words(query) if len(self._pronouncer.phones(w)) >= MIN_WORD_PHONES]
+        if not words or not self._ids:
+            return []
+        items = len(self._ids)
+        total = np.zeros(items)
+        luck = np.zeros(items)
+        where: list[list[tuple[float, float]]] = [[] for _ in range(items)]
+        weights = []
+        for word in words:
+            query = [_PHONE_ID[p] for p in self._pronouncer.phones(word)]
+            aligned = [track.align(query, items) for track in self._tracks]
+            best = np.max([score for score, _ in aligned], axis=0)
+            chance = np.max([track.align(query, items)[0] for track in self._chance], axis=0)
+            # a word heard in many items tells them apart less (BM25's idf over near-exact matches)
+            found = int(np.count_nonzero(best >= HEARD))
+            weight = len(query) * math.log(1.0 + (items - found + 0.5) / (found + 0.5))
+            weights.append(weight)
+            total += weight * best
+            luck += weight * chance
+            for position in range(items):
+                track, (_, ends) = next((t, a) for t, a in zip(self._tracks, aligned, strict=True)
+                                            if a[0][position] == best[position])
+                end = int(ends[position])
+                if end < 0:
+                    where[position].append((-1.0, -1.0))
+                    continue
+                first = max(end - len(query) + 1, 0)
+                while track.owner[first] != position:  # the alignment's start, within the item
+                    first += 1
+                where[position].append((float(track.times[first, 0]), float(track.times[end, 1])))
+        total /= sum(weights)
+        # chance: the better of the query against the item reversed, and the index's median item
+        # (when there is another item to compare with)
+        luck /= sum(weights)
+        if items > 1:
+            luck = np.maximum(luck, np.median(total))
+        return [(item_id, float(total[n]), float(total[n] - luck[n]), dict(zip(words, where[n], strict=True)))
+                for n, item_id in enumerate(self._ids)]
+
+    def search(self, query: str, k: int | None = None, min_score: float = MIN_SCORE,
+               min_confidence: float = MIN_CONFIDENCE, relative_floor: float = RELATIVE_FLOOR) -> list[tuple[int, float]]:
+        """Items whose speech sounds like ``query``'s words, best first, as ``(item id, score)``.
+
+        Only items with a score at least ``min_score`` and ``relative_floor`` times the best, and
+        a confidence at least ``min_confidence``, are ranked; ``[]`` (the channel abstains) when
+        none is, or when the query's searched words have fewer than :data:`MIN_QUERY_PHONES` phones.
+        """
+        phones = sum(len(self._pronouncer.phones(w)) for w in query_words(query)
+                     if len(self._pronouncer.phones(w)) >= MIN_WORD_PHONES)
+        if phones < MIN_QUERY_PHONES:
+            return []
+        scored = [(item_id, score) for item_id, score, confidence, _ in self.scores(query)
+                  if score >= min_score and confidence >= min_confidence]
+        if not scored:
+            return []
+        best = max(score for _, score in scored)
+        kept = sorted((row for row in scored if row[1] >= relative_floor * best), key=lambda row: -row[1])
+        return kept[:k]
+
+    def match(self, item_id: int, query: str) -> SpeechMatch | None:
+        """The recognised words of ``item_id`` said where ``query`` matched best, with their times
+        (the words around the matched phones; when the recogniser put no word there, the phones)."""
+        for found, score, _, spans in self.scores(query):
+            if found != int(item_id):
+                continue
+            spans = {word: span for word, span in spans.items() if span[0] >= 0}
+            if not spans:
+                return None
+            start, end = min(s for s, _ in spans.values()), max(e for _, e in spans.values())
+            words = [w for w in self._words[found] if w["end"] > start and w["start"] < end]
+            shown = tuple(w["word"] for w in words) if words else ()
+            if words:
+                start, end = min(start, float(words[0]["start"])), max(end, float(words[-1]["end"]))
+            return SpeechMatch(shown, round(start, 3), round(end, 3), round(score, 4), tuple(spans))
+        return None
+
+
+def word_error_rate(reference: Sequence[str], hypothesis: Sequence[str]) -> float:
+    """Word error rate: word-level edit distance over the reference's length."""
+    reference, hypothesis = list(reference), list(hypothesis)
+    row = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, start=1):
+        previous, row[0] = row[0], i
+        for j, hyp in enumerate(hypothesis, start=1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ref != hyp))
+    return row[-1] / max(1, len(reference))
