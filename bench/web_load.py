@@ -64,7 +64,8 @@ def query_once(client: httpx.Client, base: str, text: str, k: int = 5, api: str 
     Raises:
         RuntimeError: the queue answered with an error or the stream ended without a result.
     """
-    response = client.post(f"{base}gradio_api/call/{api}", json={"data": [text, k, False]})
+    # the search event's inputs: query, k, re-rank, filter box
+    response = client.post(f"{base}gradio_api/call/{api}", json={"data": [text, k, False, ""]})
     response.raise_for_status()
     event_id = response.json()["event_id"]
     event = None
