@@ -203,6 +203,12 @@ def semantic_cosines(searcher: Searcher, test: Corpus) -> dict:
             "quoted_own": pct(quoted), "paraphrased_own": pct(para)}
 
 
+def _random_demo_model(out: Path) -> Path:
+    """The demo architecture with random weights: it encodes as fast as the trained one."""
+    return build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
+                                 text_pooling="mean").save(out)
+
+
 def _index(model: Path, corpus: Path, out: Path, channels: tuple[str, ...]) -> float:
     spec = JobSpec(model_dir=model, out=out, videos=corpus / "videos", ann_file=corpus / "test.json",
                    channels=channels)
@@ -232,8 +238,7 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
     with tempfile.TemporaryDirectory(prefix="vtr-bench-channels-") as scratch:
         trained = model is not None
         if model is None:
-            model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
-                                          text_pooling="mean").save(Path(scratch) / "model")
+            model = _random_demo_model(Path(scratch) / "model")
         if corpus is not None:
             corpus = corpus.resolve()  # the index records absolute paths; the evaluation compares them
         else:
@@ -291,8 +296,7 @@ def bench_spoken(model: Path | None, corpus: Path | None, clips: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="vtr-bench-spoken-") as scratch:
         trained = model is not None
         if model is None:
-            model = build_retrieval_model("videomamba_demo", embed_dim=256, num_fusion_layers=2,
-                                          text_pooling="mean").save(Path(scratch) / "model")
+            model = _random_demo_model(Path(scratch) / "model")
         if corpus is not None:
             corpus = corpus.resolve()
         else:
