@@ -106,7 +106,8 @@ def _eval_channels(model: Path, dataset: str, ann: Path, videos: Path, corpus, c
 
     from indexer.channel_eval import evaluate_channels, format_table  # noqa: PLC0415
     from indexer.channels import parse_channels, parse_weights  # noqa: PLC0415
-    from indexer.jobs import JobSpec, run_index_job, work_dir_for  # noqa: PLC0415
+    from indexer.jobs import JobSpec, run_index_job  # noqa: PLC0415
+    from indexer.parts import work_dir_for  # noqa: PLC0415
     from indexer.search import Searcher  # noqa: PLC0415
 
     chosen = parse_channels(channels)

@@ -103,7 +103,8 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                text_every: float = 2.0) -> None:
     from indexer.channels import parse_channels  # noqa: PLC0415
     from indexer.engines import make_engine  # noqa: PLC0415
-    from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
+    from indexer.jobs import JobSpec, run_index_job  # noqa: PLC0415
+    from indexer.plan import resolve_shard  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
@@ -223,9 +224,9 @@ def _embed_cmd(
 @friendly
 def _merge_cmd(index: Path = typer.Argument(..., help="the --out of the sharded job")) -> None:
     """Join the parts written by every shard worker into the published index."""
-    from indexer.ondisk import merge_job  # noqa: PLC0415  (large jobs: bounded memory, no torch)
+    from indexer.publish import publish_job  # noqa: PLC0415  (no torch: a merge stays small)
 
-    typer.echo(f"published {merge_job(index)}")
+    typer.echo(f"published {publish_job(index)}")
 
 
 @friendly

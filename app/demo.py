@@ -73,7 +73,8 @@ def index_annotation(corpus: Path) -> Path:
 
 
 def build_index(workdir: Path, corpus: Path, model: Path) -> Path:
-    from indexer.jobs import JobSpec, run_index_job, work_dir_for  # noqa: PLC0415
+    from indexer.jobs import JobSpec, run_index_job  # noqa: PLC0415
+    from indexer.parts import work_dir_for  # noqa: PLC0415
 
     out = workdir / "index"
     if (out / "manifest.json").is_file():

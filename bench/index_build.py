@@ -4,7 +4,7 @@ Writes ``--n`` clustered unit vectors of width ``--dim`` (the distribution of be
 1000 Gaussian clusters on the sphere) as the committed parts of an indexing job, as
 ``vtr index`` leaves them, then publishes that job twice, each in its own child process:
 
-* ``ondisk``: :func:`indexer.ondisk.publish_job_ondisk` (what ``vtr index merge`` does above
+* ``ondisk``: :func:`indexer.publish.publish_job` on disk (what ``vtr index merge`` does above
   200k vectors): IVF-PQ trained on samples, vectors encoded block by block, inverted lists
   merged into ``index.ivfdata`` on disk;
 * ``in_ram``: the path below the threshold, forced: every part's vectors joined in one array,
@@ -86,12 +86,12 @@ class _Memory:
 
 def _child_build(out: Path, in_ram: bool) -> dict:
     memory = _Memory()
-    from indexer import ondisk
+    from indexer import ondisk, publish
 
     # forced either way, so that sizes below the automatic threshold compare the two paths too
-    ondisk.ONDISK_MIN_VECTORS = 1 << 62 if in_ram else 0  # in RAM: today's indexer.jobs.publish_job
+    ondisk.ONDISK_MIN_VECTORS = 1 << 62 if in_ram else 0  # in RAM: the vectors joined in one array
     started = time.perf_counter()
-    ondisk.merge_job(out)  # what `vtr index merge` runs
+    publish.publish_job(out)  # what `vtr index merge` runs
     seconds = time.perf_counter() - started
     manifest = json.loads((out / "manifest.json").read_text())
     return {"build_s": round(seconds, 1), "index_type": manifest["index_type"],
@@ -137,7 +137,7 @@ def _write_job(out: Path, n: int, dim: int, part_rows: int, seed: int, queries: 
                ) -> tuple[np.ndarray, np.ndarray]:
     """Commit the parts of a finished job holding ``n`` vectors; return queries and exact top 10."""
     from bench.search import Corpus
-    from indexer.jobs import WorkDir, work_dir_for
+    from indexer.parts import WorkDir, work_dir_for
 
     corpus = Corpus("clustered", dim, seed=seed)
     query_vectors = corpus.sample(queries + WARMUP_QUERIES)
@@ -150,7 +150,8 @@ def _write_job(out: Path, n: int, dim: int, part_rows: int, seed: int, queries: 
     work.job_file.write_text(json.dumps({
         "num_parts": num_parts, "videos_root": "/corpus", "model": {"name": "bench", "weights_sha256": "0" * 64},
         "index_type": None, "max_memory_bytes": None, "model_dir": "/model", "dataset": "generic",
-        "ann_file": None, "window": None, "stride": None, "label_set": "synthetic"}))
+        "ann_file": None, "window": None, "stride": None, "label_set": "synthetic", "channels": {"visual": {}},
+        "removed": []}))
     for part in range(num_parts):
         first = part * part_rows
         vectors = corpus.sample(min(part_rows, n - first))

@@ -23,14 +23,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import faiss
+
+from indexer.errors import JobError
+from indexer.faiss_index import choose_index_type, training_points_needed
+
 #: errno values that mean the disk (or the user's quota) is full.
 _FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _error(message: str) -> Exception:
-    from indexer.jobs import JobError
-
-    return JobError(message)
 
 
 def check_options(
@@ -44,38 +43,36 @@ def check_options(
     max_memory_bytes: int | None,
     embed_dim: int | None,
 ) -> None:
-    """Refuse malformed job options (one :class:`indexer.jobs.JobError` naming the option)."""
+    """Refuse malformed job options (one :class:`indexer.errors.JobError` naming the option)."""
     if part_size < 1:
-        raise _error(f"--part-size must be >= 1, got {part_size}")
+        raise JobError(f"--part-size must be >= 1, got {part_size}")
     if batch_size < 1:
-        raise _error(f"--batch-size must be >= 1, got {batch_size}")
+        raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
-        raise _error(f"--workers must be >= 0, got {workers}")
+        raise JobError(f"--workers must be >= 0, got {workers}")
     if window is not None and not (window > 0 and window < float("inf")):
-        raise _error(f"--window must be a positive number of seconds, got {window}")
+        raise JobError(f"--window must be a positive number of seconds, got {window}")
     if stride is not None:
         if window is None:
-            raise _error("--stride needs --window")
+            raise JobError("--stride needs --window")
         if not (stride > 0 and stride < float("inf")):
-            raise _error(f"--stride must be a positive number of seconds, got {stride}")
+            raise JobError(f"--stride must be a positive number of seconds, got {stride}")
     if max_memory_bytes is not None and max_memory_bytes <= 0:
-        raise _error(f"--max-memory must be positive, got {max_memory_bytes} bytes")
+        raise JobError(f"--max-memory must be positive, got {max_memory_bytes} bytes")
     if index_type is not None:
         check_index_type(index_type, embed_dim)
 
 
 def check_index_type(index_type: str, dim: int | None) -> None:
     """Refuse a FAISS factory string FAISS cannot build for ``dim``-wide vectors."""
-    import faiss
-
     if not index_type.strip():
-        raise _error("--index-type is empty; give a FAISS factory string (Flat, HNSW32,Flat, ...) or auto")
+        raise JobError("--index-type is empty; give a FAISS factory string (Flat, HNSW32,Flat, ...) or auto")
     try:
         faiss.index_factory(dim or 64, index_type, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if "Error" in line or "error" in line), "")
         width = f" for {dim}-d vectors" if dim else ""
-        raise _error(
+        raise JobError(
             f"--index-type {index_type!r} is not a FAISS factory string FAISS can build{width} "
             f"(e.g. Flat, HNSW32,Flat, IVF1024,PQ8x8, or auto){': ' + detail if detail else ''}"
         ) from None
@@ -85,12 +82,10 @@ def check_memory_budget(num_sources: int, dim: int | None, max_memory_bytes: int
     """Refuse a memory budget that cannot hold even one item per source (known before embedding)."""
     if max_memory_bytes is None or index_type is not None or not dim:
         return
-    from indexer.faiss_index import choose_index_type
-
     try:
         choose_index_type(num_sources, dim, max_memory_bytes)
     except ValueError as exc:
-        raise _error(f"--max-memory is too small: {exc}") from None
+        raise JobError(f"--max-memory is too small: {exc}") from None
 
 
 def check_index_size(num_sources: int, dim: int | None, index_type: str | None, windowed: bool) -> None:
@@ -100,11 +95,9 @@ def check_index_size(num_sources: int, dim: int | None, index_type: str | None, 
     publishing."""
     if index_type is None or windowed or not dim:
         return
-    from indexer.faiss_index import training_points_needed
-
     needed = training_points_needed(index_type, dim)
     if num_sources < needed:
-        raise _error(
+        raise JobError(
             f"--index-type {index_type} needs at least {needed} clips to train, this corpus has "
             f"{num_sources}: use --index-type auto (or Flat), or a smaller IVF list count"
         )
@@ -115,7 +108,7 @@ def check_corpus_root(videos: Path) -> None:
     real = Path(os.path.realpath(videos))
     home = Path(os.path.realpath(Path.home()))
     if real == Path(real.anchor) or real == home or home.is_relative_to(real):
-        raise _error(
+        raise JobError(
             f"--videos {videos} is {'the file system root' if real == Path(real.anchor) else 'the home folder or above it'}: "
             "the index and the search page would cover every file below it; point --videos at the folder of videos"
         )
@@ -175,7 +168,7 @@ def check_output(
         what = "a file" if not out.is_dir() else "a folder that is not a vtr index"
         if manifest is not None:
             what = "a damaged or foreign index (its manifest.json is not a vtr index's)"
-        raise _error(f"--out {out} is {what}; vtr does not replace it: choose another --out or remove it yourself")
+        raise JobError(f"--out {out} is {what}; vtr does not replace it: choose another --out or remove it yourself")
     differ = _differences(manifest, weights_sha256, videos_root, ann_file)
     if not differ:
         return True
@@ -183,11 +176,11 @@ def check_output(
         return False
     why = "; ".join(differ)
     if resume and not has_work:
-        raise _error(
+        raise JobError(
             f"--resume: the index at {out} was published by another job (built with {why}), so there is "
             "nothing of this job to resume; pass --overwrite to rebuild it with these options"
         )
-    raise _error(
+    raise JobError(
         f"--out {out} holds an index built with {why}; pass --overwrite to replace it, or choose another --out"
     )
 
@@ -204,4 +197,4 @@ def disk_full_as(message: str) -> Iterator[None]:
     except OSError as error:
         if not is_disk_full(error):
             raise
-        raise _error(f"no space left on device: {message}") from error
+        raise JobError(f"no space left on device: {message}") from error

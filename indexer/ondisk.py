@@ -17,26 +17,22 @@ million 512-d vectors are 2 GB of float32 before FAISS copies any. Above
    read-only, so a reader's memory is what its queries touch. The float16 vectors used for
    exact re-scoring are written part by part and memory-mapped as for any index.
 
-Item metadata and failure records are streamed from the part manifests to their files, one
-part at a time.
+A finished job is published this way by :func:`indexer.publish.publish_job`, which streams the
+item and failure records from the part manifests to their files, one part at a time.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
-from indexer.checksums import read_sealed_json, verify_file
 from indexer.faiss_index import (
     HNSW_MAX_ITEMS,
     IVF_DATA_FILE,
@@ -45,7 +41,6 @@ from indexer.faiss_index import (
     apply_search_params,
     default_search_params,
     ivf_pq_index_type,
-    search_params,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,7 +74,7 @@ def _load(source: Source) -> np.ndarray:
     return source() if callable(source) else source
 
 
-class _Rows:
+class Rows:
     """Row access across a sequence of [n_i, d] arrays as one matrix.
 
     A source may be a function that opens its array (e.g. ``np.load(part, mmap_mode="r")``):
@@ -129,7 +124,7 @@ class _Rows:
             yield _load(source)
 
 
-def train_ivf(rows: _Rows, index_type: str) -> faiss.Index:
+def train_ivf(rows: Rows, index_type: str) -> faiss.Index:
     """An empty IVF index of ``index_type`` trained on seeded samples of ``rows``.
 
     The coarse quantizer sees ``nlist * 40`` rows; the product quantizer the residuals of
@@ -193,11 +188,11 @@ def build_ondisk_index(sources: Sequence[Source], staged: Path, index_type: str 
                        max_memory_bytes: int | None = None) -> tuple[faiss.Index, str]:
     """Build an IVF index over the rows of ``sources`` with its lists in ``staged/index.ivfdata``.
 
-    ``sources`` are [n_i, d] float32 arrays or functions opening them (see :class:`_Rows`).
+    ``sources`` are [n_i, d] float32 arrays or functions opening them (see :class:`Rows`).
     Row ``i`` of their concatenation gets id ``i``. Returns the index (to be written as
     ``index.faiss`` next to the list file) and its factory string.
     """
-    rows = sources if isinstance(sources, _Rows) else _Rows(sources)
+    rows = sources if isinstance(sources, Rows) else Rows(sources)
     n, dim = len(rows), rows.dim
     index_type = index_type or ivf_pq_index_type(n, dim, max_memory_bytes)
     if not index_type.startswith("IVF"):
@@ -221,137 +216,6 @@ def build_ondisk_index(sources: Sequence[Source], staged: Path, index_type: str 
     shutil.rmtree(blocks_dir)
     apply_search_params(index, default_search_params(index))
     return index, index_type
-
-
-# ---------------------------------------------------------------------------------- publishing a job
-
-
-def _work_root(out: Path) -> Path:
-    return out.with_name(out.name + ".work")  # indexer.jobs.work_dir_for, without importing torch
-
-
-def _part_paths(root: Path, part: int) -> tuple[Path, Path]:
-    """(manifest, vectors) of a committed part, in the layout of :mod:`indexer.jobs`."""
-    return root / "parts" / f"part-{part:06d}.json", root / "parts" / f"part-{part:06d}.npy"
-
-
-def _read_part_manifest(root: Path, part: int) -> dict[str, Any]:
-    """A committed part's manifest; a damaged one is named, with the remedy."""
-    path = _part_paths(root, part)[0]
-    return read_sealed_json(path, f"delete it and run the job again with --resume to redo part {part}")
-
-
-def merge_job(out: str | os.PathLike[str]) -> Path:
-    """``vtr index merge``: publish a finished job, on disk above :data:`ONDISK_MIN_VECTORS`.
-
-    A large job is published by this module alone, which does not import torch (a process that
-    only merges stays small); anything else, including the errors for missing parts, goes
-    through :func:`indexer.jobs.publish_job`.
-    """
-    out = Path(out)
-    job_file = _work_root(out) / "job.json"
-    if job_file.is_file():
-        job = read_sealed_json(job_file, f"delete {job_file.parent} and run the job again")
-        manifests = [_part_paths(_work_root(out), part)[0] for part in range(job["num_parts"])]
-        if all(manifest.is_file() for manifest in manifests):
-            total = sum(_read_part_manifest(_work_root(out), part)["num_vectors"] for part in range(job["num_parts"]))
-            if wants_ondisk(total, job["index_type"]):
-                return publish_job_ondisk(out)
-    from indexer.jobs import publish_job
-
-    return publish_job(out)
-
-
-def publish_job_ondisk(out: str | os.PathLike[str]) -> Path:
-    """:func:`indexer.jobs.publish_job` for a job too large to hold in memory (same result files,
-    the FAISS lists on disk); every part must be committed."""
-    from indexer.store import (
-        FAILURES_FILE,
-        FORMAT,
-        FORMAT_VERSION,
-        INDEX_FILE,
-        ITEMS_FILE,
-        VECTORS_FILE,
-        _code_version,
-        _normalise_failure,
-        _normalise_item,
-        _write_faiss,
-        fsync_path,
-        publish_version,
-    )
-
-    out = Path(out)
-    root_dir = _work_root(out)
-    job = read_sealed_json(root_dir / "job.json", f"delete {root_dir} and run the job again")
-    root = Path(job["videos_root"])
-
-    def read_manifest(part: int) -> dict[str, Any]:
-        return _read_part_manifest(root_dir, part)
-
-    arrays, counts = [], {"items": 0, "failed": 0}
-    for part in range(job["num_parts"]):
-        manifest = read_manifest(part)
-        manifest_path, path = _part_paths(root_dir, part)
-        if "vectors_file" in manifest:  # streamed: the check holds one read buffer, not the part
-            verify_file(path, manifest["vectors_file"], str(path.parent),
-                        f"delete {manifest_path} and resume to redo it")
-        vectors = np.load(path, mmap_mode="r")
-        if len(vectors) != manifest["num_vectors"] or len(manifest["items"]) != manifest["num_vectors"]:
-            raise ValueError(f"part {part} is corrupt ({len(vectors)} vectors, {len(manifest['items'])} items, "
-                             f"manifest says {manifest['num_vectors']}); delete {manifest_path} and resume to "
-                             "redo it")
-        if len(vectors):
-            arrays.append(functools.partial(np.load, path, mmap_mode="r"))
-        counts["items"] += len(vectors)
-        del vectors
-        counts["failed"] += len(manifest["failures"])
-    rows = _Rows(arrays)
-    dim = rows.dim
-
-    def fill(staged: Path) -> dict[str, Any]:
-        index, index_type = build_ondisk_index(rows, staged, job["index_type"], job["max_memory_bytes"])
-        _write_faiss(staged / INDEX_FILE, index)
-        write_float16_rows(staged / VECTORS_FILE, counts["items"], dim, rows.chunks())
-        with open(staged / ITEMS_FILE, "w", encoding="utf-8") as items, \
-                open(staged / FAILURES_FILE, "w", encoding="utf-8") as failures:
-            row = 0
-            for part in range(job["num_parts"]):
-                manifest = read_manifest(part)
-                for item in manifest["items"]:
-                    record = _normalise_item(row, {**item, "path": str(root / item["path"])})
-                    items.write(_json_line(record))
-                    row += 1
-                failures.writelines(_json_line(_normalise_failure({**failure, "path": str(root / failure["path"])})) for failure in manifest["failures"])
-            for handle in (items, failures):
-                handle.flush()
-                os.fsync(handle.fileno())
-        fsync_path(staged / IVF_DATA_FILE)
-        extra = {key: job[key] for key in ("model_dir", "dataset", "ann_file", "window", "stride", "label_set")}
-        extra["channels"] = job.get("channels") or {"visual": {}}
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": {"preprocess": {}, **dict(job["model"])},
-            "dim": dim,
-            "metric": "ip",
-            "index_type": index_type,
-            "faiss_params": search_params(index),
-            "storage": "ondisk",
-            "counts": {"items": counts["items"], "failed": counts["failed"], "skipped": 0},
-            "corpus_roots": [str(root)],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "code_version": _code_version(),
-            "extra": extra,
-            "removed": job.get("removed") or [],
-        }
-
-    publish_version(out, fill)
-    shutil.rmtree(root_dir)
-    return out
-
-
-def _json_line(row: Mapping[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 def write_float16_rows(path: Path, rows: int, dim: int, chunks: Iterable[np.ndarray]) -> None:

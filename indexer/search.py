@@ -49,6 +49,8 @@ from indexer.filters import ItemFilter
 from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
+from retrieval.labels import load_labels
+from retrieval.models.actions import label_source
 from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity
 from retrieval.sentence import SentenceEncoder
@@ -417,9 +419,6 @@ class Searcher:
     def _label_source(self) -> str | None:
         """Where the stored labels came from: the index was labelled by this model with the
         label set its manifest records, by the same rule (:func:`retrieval.models.actions.label_source`)."""
-        from retrieval.labels import load_labels  # noqa: PLC0415
-        from retrieval.models.actions import label_source  # noqa: PLC0415
-
         recorded = (self.reader.manifest.get("extra") or {}).get("label_set")
         try:
             names = load_labels(recorded) if recorded else None

@@ -123,14 +123,14 @@ class _SnapshotVanished(Exception):
 # ---------------------------------------------------------------------------- writing
 
 
-def _code_version() -> str:
+def code_version() -> str:
     try:
         return importlib.metadata.version("vtr")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 
-def _normalise_item(row: int, item: Mapping[str, Any]) -> dict[str, Any]:
+def normalise_item(row: int, item: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(item) - set(ITEM_KEYS)
     if unknown:
         raise ValueError(f"item {row} has unknown keys {sorted(unknown)}; put them under 'extra'")
@@ -150,13 +150,13 @@ def _normalise_item(row: int, item: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _normalise_failure(failure: Mapping[str, Any]) -> dict[str, Any]:
+def normalise_failure(failure: Mapping[str, Any]) -> dict[str, Any]:
     if "path" not in failure or "reason" not in failure:
         raise ValueError(f"a failure record needs 'path' and 'reason', got keys {sorted(failure)}")
     return {**failure, "path": os.fspath(failure["path"]), "reason": str(failure["reason"])}
 
 
-def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         f.flush()
@@ -180,7 +180,7 @@ def _write_float16_npy(path: Path, vectors: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _write_faiss(path: Path, index: faiss.Index) -> None:
+def write_faiss(path: Path, index: faiss.Index) -> None:
     with open(path, "wb") as f:
         faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
         f.flush()
@@ -318,15 +318,41 @@ def write_index(
         raise ValueError(f"model_identity lacks {missing}; readers need them to detect a model mismatch")
     if isinstance(corpus_roots, (str, os.PathLike)):
         corpus_roots = [corpus_roots]
-    item_rows = [_normalise_item(row, item) for row, item in enumerate(items)]
-    failure_rows = [_normalise_failure(failure) for failure in failures]
+    item_rows = [normalise_item(row, item) for row, item in enumerate(items)]
+    failure_rows = [normalise_failure(failure) for failure in failures]
 
     if index_type:
         index_type = fitting_index_type(index_type, n, dim, max_memory_bytes)
     else:
         index_type = choose_index_type(n, dim, max_memory_bytes)
     index = to_cpu(build_index(vectors, index_type=index_type, use_gpu=use_gpu))
-    manifest = {
+    manifest = index_manifest(index, model_identity, dim, index_type, corpus_roots,
+                              {"items": n, "failed": len(failure_rows), "skipped": int(skipped)}, extra, removed)
+
+    def fill(staged: Path) -> dict[str, Any]:
+        write_faiss(staged / INDEX_FILE, index)
+        _write_float16_npy(staged / VECTORS_FILE, vectors)
+        write_jsonl(staged / ITEMS_FILE, item_rows)
+        write_jsonl(staged / FAILURES_FILE, failure_rows)
+        return manifest
+
+    return publish_version(out_dir, fill)
+
+
+def index_manifest(
+    index: faiss.Index,
+    model_identity: Mapping[str, Any],
+    dim: int,
+    index_type: str,
+    corpus_roots: Iterable[str | os.PathLike[str]],
+    counts: Mapping[str, int],
+    extra: Mapping[str, Any] | None = None,
+    removed: Iterable[str] = (),
+    storage: str | None = None,
+) -> dict[str, Any]:
+    """The manifest of a new index version (without ``files`` and ``generation``, which
+    :func:`publish_version` adds); ``storage`` is "ondisk" for lists in ``index.ivfdata``."""
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": {"preprocess": {}, **dict(model_identity)},
@@ -334,22 +360,18 @@ def write_index(
         "metric": "ip",
         "index_type": index_type,
         "faiss_params": search_params(index),
-        "counts": {"items": n, "failed": len(failure_rows), "skipped": int(skipped)},
+    }
+    if storage is not None:
+        manifest["storage"] = storage
+    manifest.update({
+        "counts": dict(counts),
         "corpus_roots": [os.fspath(root) for root in corpus_roots],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "code_version": _code_version(),
+        "code_version": code_version(),
         "extra": dict(extra or {}),
         "removed": sorted(removed),
-    }
-
-    def fill(staged: Path) -> dict[str, Any]:
-        _write_faiss(staged / INDEX_FILE, index)
-        _write_float16_npy(staged / VECTORS_FILE, vectors)
-        _write_jsonl(staged / ITEMS_FILE, item_rows)
-        _write_jsonl(staged / FAILURES_FILE, failure_rows)
-        return manifest
-
-    return publish_version(out_dir, fill)
+    })
+    return manifest
 
 
 def publish_version(out_dir: str | os.PathLike[str], fill: Callable[[Path], Mapping[str, Any]]) -> Path:

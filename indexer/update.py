@@ -43,19 +43,13 @@ import numpy as np
 
 from indexer import guards
 from indexer.channels import channel_options
+from indexer.errors import JobError
 from indexer.faiss_index import IVF_DATA_FILE, build_index, search_params
-from indexer.jobs import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_PART_SIZE,
-    JobError,
-    JobSpec,
-    plan_sources,
-    printable_name,
-    run_index_job,
-    work_dir_for,
-)
+from indexer.jobs import DEFAULT_BATCH_SIZE, JobSpec, run_index_job
 from indexer.locks import exclusive, index_lock, lock_path
 from indexer.ondisk import empty_copy, is_ondisk, move_lists_ondisk, write_float16_rows
+from indexer.parts import work_dir_for
+from indexer.plan import DEFAULT_PART_SIZE, plan_sources, printable_name
 from indexer.store import (
     FAILURES_FILE,
     INDEX_FILE,
@@ -63,12 +57,12 @@ from indexer.store import (
     VECTORS_FILE,
     IndexModelMismatch,
     IndexReader,
-    _write_faiss,
-    _write_jsonl,
     fsync_path,
     open_index,
     publish_version,
     same_model,
+    write_faiss,
+    write_jsonl,
 )
 from retrieval.data.corpora import CorpusItem, load_corpus
 from retrieval.models.model_dir import model_identity
@@ -164,10 +158,10 @@ def _republish(reader: IndexReader, index: faiss.Index | Callable[[Path], faiss.
     def fill(staged: Path) -> dict[str, Any]:
         built = index(staged) if callable(index) else index
         manifest["faiss_params"] = search_params(built) or manifest.get("faiss_params", {})
-        _write_faiss(staged / INDEX_FILE, built)
+        write_faiss(staged / INDEX_FILE, built)
         write_float16_rows(staged / VECTORS_FILE, len(items), dim, vector_chunks)
-        _write_jsonl(staged / ITEMS_FILE, items)
-        _write_jsonl(staged / FAILURES_FILE, failures)
+        write_jsonl(staged / ITEMS_FILE, items)
+        write_jsonl(staged / FAILURES_FILE, failures)
         return manifest
 
     return publish_version(reader.path, fill)

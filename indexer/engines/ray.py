@@ -10,7 +10,7 @@
 
 Ray Data streams the rows and applies backpressure, so a slow encoder pool stops the decoders
 from filling the object store. Parts are committed by the driver exactly as the local engine
-commits them (:meth:`indexer.jobs.WorkDir.commit_part`: vectors, then the manifest that marks
+commits them (:class:`indexer.parts.PartCommitter`: vectors, then the manifest that marks
 the part done), so killing the driver or any worker at any point loses at most the parts in
 flight, and ``--resume`` redoes only those.
 
@@ -42,14 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from indexer.engines.reaper import WATCH_INTERVAL_S, driver_identity, driver_running, start_reaper
-from indexer.jobs import TOP_LABELS, JobError, WorkDir, _Part, item_key
-from retrieval.data.corpora import Corpus
-from retrieval.data.video import Preprocess
-from retrieval.models.device import model_autocast
-from retrieval.models.model_dir import read_model_config
+from indexer.errors import JobError
+from indexer.mapper import ChannelMapper, ClipMapper, EmbedTask
+from indexer.parts import PartCommitter, WorkDir
+from retrieval.data.video import Preprocess, VideoReadError, load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +126,6 @@ def exit_with_driver(driver: dict[str, Any] | None) -> None:
 def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], max_seconds: float | None,
                   clip_shape: tuple[int, ...], driver: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Decode and preprocess a batch of clips; an unreadable clip becomes an error row."""
-    from retrieval.data.video import VideoReadError, load_clip
-
     exit_with_driver(driver)
     pre = Preprocess.from_dict(preprocess)
     n = len(batch["path"])
@@ -148,35 +146,24 @@ def _decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any], max_
 
 
 class _Encoder:
-    """One model per actor: clip batches -> clip vectors and top-5 action labels."""
+    """One mapper per actor (:class:`indexer.mapper.ClipMapper`): clip batches -> clip vectors
+    and top-5 action labels."""
 
-    def __init__(self, model_dir: str, labels: list[str], threads: int, device: str = "cpu",
+    def __init__(self, model_dir: str, config: dict[str, Any], labels: list[str], threads: int, device: str = "cpu",
                  precision: str = "fp32", driver: dict[str, Any] | None = None) -> None:
-        import torch
-
-        from retrieval.models.actions import ActionClassifier
-        from retrieval.models.model_dir import load_model
-
         exit_with_driver(driver)
         torch.set_num_threads(max(1, threads))
-        self.torch = torch
         # the job's device kind; Ray shows an actor only the GPUs it was given, so "cuda" is its own
-        self.device = "cuda" if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_dir, device=self.device, precision=precision)
-        self.classifier = ActionClassifier(self.model, labels)
+        device = "cuda" if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
+        self.mapper = ClipMapper(model_dir, config, labels, device, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
         ok = np.array([error == "" for error in batch["error"]], dtype=bool)
         n = len(ok)
-        vectors = np.zeros((n, self.model.embed_dim), dtype=np.float32)
+        vectors = np.zeros((n, self.mapper.embed_dim), dtype=np.float32)
         labels = [""] * n
         if ok.any():
-            clips = torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])).to(self.device)
-            with torch.inference_mode(), model_autocast(self.model):
-                feat = self.model.encode_video(clips)["feat"]
-                vectors[ok] = self.model.clip_vector(feat).float().cpu().numpy()
-                predictions = self.classifier.predict(feat, top=TOP_LABELS)
+            vectors[ok], predictions = self.mapper(torch.from_numpy(np.ascontiguousarray(batch["clip"][ok])))
             for row, prediction in zip(np.flatnonzero(ok), predictions, strict=True):
                 labels[row] = json.dumps([[label, float(prob)] for label, prob in prediction])
         return {"part": batch["part"], "position": batch["position"], "error": batch["error"],
@@ -280,44 +267,24 @@ class RayEngine:
 
     # -- the work
 
-    def embed_parts(self, work: WorkDir, parts: list[_Part], corpus: Corpus, root: Path, model_dir: Path,
-                    labels: list[str], workers: int, batch_size: int, progress: bool,
-                    description: str, device: str = "cpu", precision: str = "fp32") -> tuple[int, int, float]:
-        """Same contract as :func:`indexer.jobs._embed_parts` (``workers`` is unused: Ray
-        schedules the decoding tasks over the cluster's CPUs)."""
+    def embed(self, task: EmbedTask, work: WorkDir, channels: ChannelMapper | None = None) -> tuple[int, int, float]:
+        """Same contract as :meth:`indexer.engines.local.LocalEngine.embed` (``task.workers`` is
+        unused: Ray schedules the decoding tasks over the cluster's CPUs)."""
         if self._ray is None:
             self.start()
         ray = self._ray
-        config = read_model_config(model_dir)
-        preprocess = Preprocess.for_model(config["preprocess"], corpus)
-        dim = int(config["model"].get("embed_dim") or 0)
-        counts = {"indexed": 0, "failed": 0}
-
-        decode_failures: dict[int, dict[int, dict[str, Any]]] = {part.number: {} for part in parts}
-
-        def commit(part: _Part) -> None:
-            # decode failures in item order, after the probing ones, as the local engine lists them
-            part.failures.extend(record for _, record in sorted(decode_failures.pop(part.number).items()))
-            manifest, vectors = part.manifest_and_vectors(dim)
-            work.commit_part(part.number, vectors, manifest)
-            counts["indexed"] += manifest["num_vectors"]
-            counts["failed"] += len(manifest["failures"])
-            for failure in manifest["failures"]:
-                logger.warning("cannot index %s: %s", failure["item"], failure["reason"])
-
-        by_number = {part.number: part for part in parts}
+        preprocess = Preprocess.for_model(task.config["preprocess"], task.corpus)
+        committer = PartCommitter(work, task.parts, task.embed_dim, channels)
+        committer.commit_empty()
         rows = [
-            {"part": part.number, "position": position, "path": str(root / item.video),
+            {"part": part.number, "position": position, "path": str(task.root / item.video),
              "start": math.nan if item.start is None else float(item.start),
              "end": math.nan if item.end is None else float(item.end)}
-            for part in parts for position, item in enumerate(part.items)
+            for part, position in committer.clips for item in (part.items[position],)
         ]
-        for part in parts:
-            if not part.items:
-                commit(part)
         started = time.perf_counter()
         if not rows:
-            return counts["indexed"], counts["failed"], 0.0
+            return committer.indexed, committer.failed, 0.0
 
         if not logger.isEnabledFor(logging.INFO):  # Ray Data reports every execution at INFO
             logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -331,36 +298,27 @@ class RayEngine:
         clip_shape = (3, preprocess.num_frames, preprocess.size, preprocess.size)
         driver = driver_identity()
         dataset = (
-            ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
-            .map_batches(_decode_batch, batch_size=batch_size, num_cpus=1,
-                         fn_kwargs={"preprocess": preprocess.to_dict(), "max_seconds": corpus.max_seconds,
+            ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / task.batch_size)))
+            .map_batches(_decode_batch, batch_size=task.batch_size, num_cpus=1,
+                         fn_kwargs={"preprocess": preprocess.to_dict(), "max_seconds": task.corpus.max_seconds,
                                     "clip_shape": clip_shape, "driver": driver})
-            .map_batches(_Encoder, batch_size=batch_size, num_cpus=cpus, num_gpus=gpus,
+            .map_batches(_Encoder, batch_size=task.batch_size, num_cpus=cpus, num_gpus=gpus,
                          compute=ray.data.ActorPoolStrategy(size=actors),
-                         fn_constructor_kwargs={"model_dir": str(Path(model_dir).resolve()), "labels": labels,
-                                                "threads": max(1, int(cpus)), "device": str(device),
-                                                "precision": precision, "driver": driver})
+                         fn_constructor_kwargs={"model_dir": str(Path(task.model_dir).resolve()),
+                                                "config": task.config, "labels": task.labels,
+                                                "threads": max(1, int(cpus)), "device": str(task.device),
+                                                "precision": task.precision, "driver": driver})
             .select_columns(["part", "position", "error", "vector", "labels"])
         )
-        with tqdm(total=len(rows), unit="clip", desc=description, disable=not progress) as bar:
+        with tqdm(total=len(rows), unit="clip", desc=task.description, disable=not task.progress) as bar:
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                finished = []
-                for part_no, position, error, vector, label_json in zip(
+                for part, position, error, vector, label_json in zip(
                     batch["part"], batch["position"], batch["error"], batch["vector"], batch["labels"], strict=True
                 ):
-                    part = by_number[int(part_no)]
-                    position = int(position)
-                    item = part.items[position]
                     if error:
-                        decode_failures[part.number][position] = {"path": item.video, "item": item_key(item.video, item.start, item.end),
-                                                                  "reason": str(error)}
+                        committer.fail(int(part), int(position), str(error))
                     else:
-                        part.results[position] = (np.asarray(vector, np.float32),
-                                                  [(label, prob) for label, prob in json.loads(label_json)])
-                    part.pending -= 1
-                    if part.pending == 0:
-                        finished.append(part)
-                for part in finished:
-                    commit(part)
+                        committer.add(int(part), int(position), np.asarray(vector, np.float32),
+                                      [(label, prob) for label, prob in json.loads(label_json)])
                 bar.update(len(batch["part"]))
-        return counts["indexed"], counts["failed"], time.perf_counter() - started
+        return committer.indexed, committer.failed, time.perf_counter() - started

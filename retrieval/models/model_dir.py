@@ -228,9 +228,10 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
         raise ModelDirError(f"{what}: the weights do not match the architecture: {exc}") from None
 
 
-def model_identity(path: str | Path) -> dict[str, Any]:
-    """What an index records about the model that built it."""
-    cfg = read_model_config(path)
+def model_identity(path: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an index records about the model that built it; ``config``: the directory's config
+    as :func:`read_model_config` gave it, when the caller has it already."""
+    cfg = read_model_config(path) if config is None else config
     identity = {"name": cfg.get("model", {}).get("name") or Path(path).resolve().name,
                 "kind": cfg["kind"],
                 "weights_sha256": weights_hash(weights_file(path)),
@@ -247,16 +248,18 @@ def _load_video_encoder(path: Path, cfg: dict[str, Any]):
     return model
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32"):
+def load_model(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
+               config: dict[str, Any] | None = None):
     """Load any vtr model directory; returns the module in eval mode on ``device`` (``auto``, ``cpu``,
     ``cuda``, ``cuda:N``), its inference precision (``auto``, ``fp32``, ``bf16``, ``fp16``) recorded
-    for the callers' autocast (:func:`retrieval.models.device.model_autocast`)."""
+    for the callers' autocast (:func:`retrieval.models.device.model_autocast`). ``config``: the
+    directory's config as :func:`read_model_config` gave it, when the caller has it already."""
     from .device import resolve_device, resolve_precision  # noqa: PLC0415
 
     dev = resolve_device(device)  # a missing CUDA fails here, before the weights are read
     prec = resolve_precision(precision, dev)
     path = Path(path)
-    cfg = read_model_config(path)
+    cfg = read_model_config(path) if config is None else config
     kind = cfg.get("kind")
     if kind not in _KINDS:
         import importlib  # noqa: PLC0415

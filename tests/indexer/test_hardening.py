@@ -22,7 +22,11 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from indexer.checksums import RECORD_SHA_KEY
-from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
+from indexer.errors import JobError
+from indexer.jobs import JobSpec, run_index_job
+from indexer.parts import WorkDir, work_dir_for
+from indexer.plan import Shard
+from indexer.publish import publish_job
 from indexer.store import open_index, write_index
 from retrieval.data.synthetic import generate_corpus
 from retrieval.models.retrieval_model import build_retrieval_model
@@ -316,9 +320,9 @@ def _disk_full(*args, **kwargs):
 
 def test_a_full_disk_while_writing_a_part_is_one_line(model_dir: Path, videos: Path, tmp_path: Path,
                                                      monkeypatch) -> None:
-    from indexer import jobs
+    from indexer import parts
 
-    monkeypatch.setattr(jobs, "atomic_write", _disk_full)
+    monkeypatch.setattr(parts, "atomic_write", _disk_full)
     out = tmp_path / "index"
     result = _index("--model", str(model_dir), "--videos", str(videos), "--out", str(out), "--workers", "0",
                     "--no-progress")
@@ -332,7 +336,7 @@ def test_a_full_disk_while_publishing_keeps_the_parts(model_dir: Path, videos: P
 
     out = _copy_index(built, tmp_path / "index")
     before = (out / "manifest.json").read_bytes()
-    monkeypatch.setattr(store, "_write_faiss", _disk_full)
+    monkeypatch.setattr(store, "write_faiss", _disk_full)
     result = _index("--model", str(model_dir), "--videos", str(videos), "--out", str(out), "--workers", "0",
                     "--no-progress")
     _one_line_error(result, "no space left on device", "publishing", "vtr index merge")

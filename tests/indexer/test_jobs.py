@@ -23,19 +23,11 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
-from indexer.jobs import (
-    JobError,
-    JobSpec,
-    Shard,
-    WorkDir,
-    item_key,
-    plan_sources,
-    publish_job,
-    resolve_shard,
-    run_index_job,
-    window_spans,
-    work_dir_for,
-)
+from indexer.errors import JobError
+from indexer.jobs import JobSpec, run_index_job
+from indexer.parts import WorkDir, work_dir_for
+from indexer.plan import Shard, item_key, plan_sources, resolve_shard, window_spans
+from indexer.publish import publish_job
 from indexer.store import open_index
 from retrieval.data.corpora import Corpus, CorpusItem
 from retrieval.data.synthetic import generate_corpus

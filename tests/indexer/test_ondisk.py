@@ -10,7 +10,8 @@ import pytest
 
 from indexer import ondisk
 from indexer.faiss_index import IVF_DATA_FILE, build_index, search_index
-from indexer.jobs import WorkDir, publish_job, work_dir_for
+from indexer.parts import WorkDir, work_dir_for
+from indexer.publish import publish_job
 from indexer.store import open_index, write_index
 from indexer.update import remove_from_index
 
@@ -33,7 +34,8 @@ def _job(tmp_path, vectors: np.ndarray, part_rows: int, index_type: str | None =
     num_parts = -(-len(vectors) // part_rows)
     job = {"num_parts": num_parts, "videos_root": "/corpus", "model": {"name": "m", "weights_sha256": "ab"},
            "index_type": index_type, "max_memory_bytes": None, "model_dir": "/model", "dataset": "generic",
-           "ann_file": None, "window": None, "stride": None, "label_set": "synthetic"}
+           "ann_file": None, "window": None, "stride": None, "label_set": "synthetic",
+           "channels": {"visual": {}}, "removed": []}
     work.job_file.write_text(json.dumps(job))
     for part in range(num_parts):
         rows = range(part * part_rows, min(len(vectors), (part + 1) * part_rows))

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from indexer.engines import make_engine
-from indexer.jobs import JobSpec, WorkDir, run_index_job, work_dir_for
+from indexer.jobs import JobSpec, run_index_job
+from indexer.parts import WorkDir, work_dir_for
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
 

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from app.web import CorpusGuard, preview_start, render_hits
-from indexer.jobs import JobSpec, run_index_job, work_dir_for
+from indexer.jobs import JobSpec, run_index_job
+from indexer.parts import work_dir_for
 from indexer.search import Hit, Searcher
 from indexer.store import open_index
 from retrieval.data import synthetic

@@ -292,7 +292,7 @@ def test_a_crashed_writer_is_ignored_by_readers_and_cleaned_by_the_next_writer(t
         def die(*args, **kwargs):
             os._exit(3)  # killed mid-write: no cleanup, no exception handlers
 
-        store._write_jsonl = die
+        store.write_jsonl = die
         vectors = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         items = [{{"path": f"v{{i}}.mp4"}} for i in range(40)]

@@ -22,9 +22,14 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
-from indexer import jobs, update
-from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
+from indexer import update
+from indexer.engines.local import LocalEngine
+from indexer.errors import JobError
+from indexer.jobs import JobSpec, run_index_job
 from indexer.locks import lock_path
+from indexer.parts import WorkDir, work_dir_for
+from indexer.plan import Shard
+from indexer.publish import publish_job
 from indexer.search import Searcher
 from indexer.store import open_index, published_generation
 from indexer.update import add_to_index, remove_from_index, staging_dir_for
@@ -62,9 +67,9 @@ class _RemoveWhileEmbedding:
     def __init__(self, index: Path, video: str) -> None:
         self.index, self.video = index, video
 
-    def embed_parts(self, *args: Any, **kwargs: Any) -> tuple[int, int, float]:
+    def embed(self, *args: Any, **kwargs: Any) -> tuple[int, int, float]:
         remove_from_index(self.index, [self.video])
-        return jobs._embed_parts(*args, **kwargs)
+        return LocalEngine().embed(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- 1. takedowns
@@ -207,7 +212,7 @@ def test_an_index_type_too_large_for_the_corpus_is_refused_before_embedding(
     def never(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("embedded before refusing")
 
-    monkeypatch.setattr(jobs, "_embed_parts", never)
+    monkeypatch.setattr(LocalEngine, "embed", never)
     out = tmp_path / "index"
     result = CliRunner().invoke(app, ["index", "--model", str(model_dir), "--videos", str(videos), "--out", str(out),
                                       "--index-type", "IVF64,Flat", "--workers", "0", "--no-progress"])

@@ -21,7 +21,10 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from indexer.export import export_index, read_export
-from indexer.jobs import JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
+from indexer.jobs import JobSpec, run_index_job
+from indexer.parts import WorkDir, work_dir_for
+from indexer.plan import Shard
+from indexer.publish import publish_job
 from indexer.search import Searcher
 from indexer.store import open_index
 from retrieval.ocr import OcrReader, read_span

@@ -19,7 +19,9 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
-from indexer.jobs import JobError, JobSpec, run_index_job, work_dir_for
+from indexer.errors import JobError
+from indexer.jobs import JobSpec, run_index_job
+from indexer.parts import work_dir_for
 from indexer.store import IndexModelMismatch, open_index, write_index
 from indexer.update import _without_rows, add_to_index, remove_from_index, staging_dir_for
 from retrieval.data.video import Preprocess, load_clip
@@ -185,7 +187,7 @@ def test_add_to_an_index_built_on_disk_keeps_its_lists_on_disk(
     model_dir: Path, corpus_of: CorpusOf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from indexer import ondisk
-    from indexer.jobs import WorkDir
+    from indexer.parts import WorkDir
     from retrieval.models.model_dir import model_identity
 
     monkeypatch.setattr(ondisk, "ONDISK_MIN_VECTORS", 100)
@@ -199,13 +201,14 @@ def test_add_to_an_index_built_on_disk_keeps_its_lists_on_disk(
     work.job_file.write_text(json.dumps({
         "num_parts": 2, "videos_root": str(videos.resolve()), "model": model_identity(model_dir),
         "index_type": "IVF8,PQ4x8", "max_memory_bytes": None, "model_dir": str(model_dir), "dataset": "generic",
-        "ann_file": None, "window": None, "stride": None, "label_set": "synthetic"}))
+        "ann_file": None, "window": None, "stride": None, "label_set": "synthetic",
+        "channels": {"visual": {}}, "removed": []}))
     for part in range(2):
         rows = range(part * 200, part * 200 + 200)
         items = [{"path": f"old/{row}.mp4", "extra": {"key": f"old/{row}.mp4"}} for row in rows]
         work.commit_part(part, base[rows.start:rows.stop], {"part": part, "items": items, "failures": [],
                                                           "num_vectors": 200})
-    from indexer.jobs import publish_job
+    from indexer.publish import publish_job
 
     publish_job(index)
     assert ondisk.is_ondisk(open_index(index).index)
