@@ -16,11 +16,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from app.cli import app
+from indexer.engines import make_engine
 from indexer.jobs import JobError, JobSpec, Shard, run_index_job, work_dir_for
 from indexer.ondisk import merge_job
 from indexer.search import Searcher
@@ -132,6 +134,14 @@ def test_loads_and_times_words_within_the_audio(whisper_dir: Path, corpus: Path)
     assert identity["model_dir"] == str(whisper_dir.resolve()) and identity["engine"].startswith("whisper")
 
 
+def test_audio_longer_than_whisper_window_is_recognised_through(whisper_dir: Path, corpus: Path) -> None:
+    speech = decode_audio(_spoken_clip(corpus))
+    long = np.concatenate([speech] * 14)  # ~42 s: past Whisper's 30-second window
+    words = WhisperRecognizer(whisper_dir).recognize(long, offset=100.0)
+    assert words and all(100.0 <= w.start <= w.end <= 100.0 + long.size / SAMPLE_RATE + 1e-6 for w in words)
+    assert max(w.start for w in words) > 130.0, "the second window's words come back, with their times"
+
+
 def test_recognition_uses_no_more_threads_than_given(whisper_dir: Path, corpus: Path) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -203,6 +213,24 @@ def test_index_add_recognises_new_videos_with_the_index_recogniser(model_dir: Pa
     added = next(item for item in reader.items if item["path"].endswith("spoken.mp4"))
     assert added["extra"]["speech"]["words"] and added["extra"]["speech"]["phones"] == []
     assert all(word["word"] in WORDS for word in added["extra"]["speech"]["words"])
+
+
+@pytest.mark.ray
+def test_the_ray_engine_recognises_with_the_same_recogniser(ray_cluster, model_dir: Path, corpus: Path,
+                                                           whisper_dir: Path, whisper_index: Path,
+                                                           tmp_path: Path) -> None:
+    spec = JobSpec(model_dir=model_dir, out=tmp_path / "index", videos=corpus / "videos", part_size=2,
+                   channels=("visual", "speech"), asr=f"whisper:{whisper_dir}")
+    with make_engine("ray") as engine:
+        summary = run_index_job(spec, batch_size=4, progress=False, engine=engine)
+    assert (summary.indexed, summary.failed) == (3, 0)
+
+    def speech(index: Path) -> dict:
+        reader = open_index(index)
+        return reader.manifest["extra"]["channels"]["speech"], {
+            Path(item["path"]).name: item["extra"]["speech"] for item in reader.items}
+
+    assert speech(tmp_path / "index") == speech(whisper_index)
 
 
 def _not_whisper(tmp: Path, model_dir: Path, whisper_dir: Path) -> Path:
