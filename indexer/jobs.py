@@ -53,6 +53,7 @@ from indexer.plan import (
 from indexer.publish import publish_job
 from indexer.reader import measure_durations
 from indexer.store import open_index, read_published_manifest, same_model
+from retrieval.asr import DEFAULT_ASR
 from retrieval.data.corpora import CorpusItem, load_corpus
 from retrieval.labels import load_labels
 from retrieval.models.device import resolve_device, resolve_precision
@@ -92,6 +93,8 @@ class JobSpec:
     channels: tuple[str, ...] = ("visual",)
     ocr_dir: Path | None = None
     text_every_s: float = DEFAULT_EVERY_S
+    #: the speech channel's recogniser: ``pocketsphinx`` or ``whisper:DIR`` (:mod:`retrieval.asr`)
+    asr: str = DEFAULT_ASR
 
 
 @dataclass
@@ -245,8 +248,9 @@ def run_index_job(
         embed_dim=embed_dim if isinstance(embed_dim, int) else None,
     )
     guards.check_corpus_root(spec.videos)
-    # the recognisers load before any work: a bad --ocr directory fails here
-    channels = ChannelMapper(parse_channels(spec.channels), spec.videos.resolve(), spec.ocr_dir, spec.text_every_s)
+    # the recognisers load before any work: a bad --ocr or --asr directory fails here
+    channels = ChannelMapper(parse_channels(spec.channels), spec.videos.resolve(), spec.ocr_dir, spec.text_every_s,
+                             spec.asr, device)
     lock = index_lock(spec.out) if shard.is_single else shard_lock(spec.out, shard.index, shard.count)
     with lock:
         work = WorkDir(work_dir_for(spec.out))

@@ -20,13 +20,14 @@ import torch
 from indexer.channels import text_of
 from indexer.errors import JobError
 from indexer.plan import Part
+from retrieval.asr import DEFAULT_ASR, Recognizer, load_recognizer
 from retrieval.data.corpora import Corpus, CorpusItem
 from retrieval.models.actions import ActionClassifier
 from retrieval.models.device import model_autocast, model_device
 from retrieval.models.model_dir import load_model
 from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, read_span
 from retrieval.sentence import SentenceEncoder, pack
-from retrieval.speech import SpeechRecognizer, read_speech
+from retrieval.speech import read_speech
 
 #: How many zero-shot action labels are stored per item.
 TOP_LABELS = 5
@@ -63,19 +64,21 @@ class ChannelMapper:
     """An item -> its channel records: ``text`` (timed on-screen lines and a sentence vector of
     them) and ``speech`` (recognised words and phones), for the channels asked for.
 
-    The recognisers load here, before any work: a bad ``--ocr`` directory fails at once.
+    The recognisers load here, before any work: a bad ``--ocr`` or ``--asr`` directory fails at once.
     """
 
     def __init__(self, channels: Sequence[str], root: Path, ocr_dir: Path | None = None,
-                 text_every_s: float = DEFAULT_EVERY_S) -> None:
+                 text_every_s: float = DEFAULT_EVERY_S, asr: str = DEFAULT_ASR, device: str = "cpu") -> None:
         if "visual" not in channels:
             raise JobError("--channels must include visual: an index is built around its clip vectors")
         if text_every_s <= 0:
             raise JobError(f"the text channel's sampling interval must be positive, got {text_every_s} s")
+        if asr != DEFAULT_ASR and "speech" not in channels:
+            raise JobError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
         self.root = root
         self.text_every_s = text_every_s
         self.reader = OcrReader(ocr_dir) if "text" in channels else None
-        self.recognizer = SpeechRecognizer() if "speech" in channels else None
+        self.recognizer: Recognizer | None = load_recognizer(asr, device=device) if "speech" in channels else None
         self.sentences: SentenceEncoder | None = None
 
     @property
