@@ -77,9 +77,16 @@ def write_annotated_corpus(corpus: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def annotated_index(synthetic_corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An index of :func:`write_annotated_corpus` (14 items) built with ``model_dir``."""
-    ann = write_annotated_corpus(synthetic_corpus, tmp_path_factory.mktemp("annotated") / "annotated.json")
+def annotated_ann(synthetic_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`write_annotated_corpus` of the session's corpus."""
+    return write_annotated_corpus(synthetic_corpus, tmp_path_factory.mktemp("annotated") / "annotated.json")
+
+
+@pytest.fixture(scope="session")
+def annotated_index(synthetic_corpus: Path, annotated_ann: Path, model_dir: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of :func:`annotated_ann` (14 items) built with ``model_dir``."""
+    ann = annotated_ann
     out = tmp_path_factory.mktemp("annotated-index") / "index"
     run_index_job(JobSpec(model_dir=model_dir, out=out, videos=synthetic_corpus / "videos", ann_file=ann),
                   workers=0, batch_size=8, progress=False)
