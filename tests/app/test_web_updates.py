@@ -5,6 +5,7 @@ into the corpus."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,11 +27,14 @@ CARD_KEY = re.compile(r'<video src="vtr/clip/([0-9a-f]{16})')
 
 @pytest.fixture()
 def videos(synthetic_corpus: Path, tmp_path: Path) -> Path:
-    """This test's own corpus (tests remove and add clips): 4 test clips and 1 train clip."""
+    """This test's own corpus (tests remove and add clips): 4 test clips (``test.json`` beside
+    ``videos``) and 1 train clip, copied from the session's corpus."""
     root = (tmp_path / "corpus" / "videos").resolve()
     for name in ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4", "test/0003.mp4", "train/0000.mp4"]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(synthetic_corpus / "videos" / name, root / name)
+    entries = json.loads((synthetic_corpus / "test.json").read_text())
+    (root.parent / "test.json").write_text(json.dumps([e for e in entries if (root / e["video"]).is_file()]))
     return root
 
 
