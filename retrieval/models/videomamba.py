@@ -43,7 +43,9 @@ from torch.utils.checkpoint import checkpoint
 from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath
 from .model_dir import CheckpointError
 from .registry import register_arch
+from .device import cpu_cache_bytes
 from .ssm import fused_mixer_available, selective_scan
+from .ssm.cpu import ScanDirection, conv_silu, scan_directions
 
 # how far position embeddings may be stretched before the input is refused
 MAX_TEMPORAL_STRETCH = 8
@@ -188,8 +190,6 @@ class BiMambaMixer(nn.Module):
         the forward direction, then the backward one from the end, sums them and applies the
         gate; dt_proj's rank-R product is computed inside the scan kernel. in_proj, x_proj and
         out_proj stay matmuls."""
-        from .ssm.cpu import ScanDirection, conv_silu, scan_directions  # noqa: PLC0415
-
         E, R, N = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(hidden)                                       # [B, L, (2)E]
         if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
@@ -223,34 +223,42 @@ class BiMambaMixer(nn.Module):
             y = y * 0.5
         return self.out_proj(y.to(hidden.dtype))
 
-    # Opt-in chunked inference (_forward_chunked) for long sequences: the bytes of in_proj output
-    # per chunk (e.g. 2 << 20: ~680 positions for VideoMamba-Ti), 0 = off. A chunk's in_proj
-    # output, convolutions and scan inputs then stay in cache instead of making full-length round
-    # trips through memory. Off by default because it did not pay where measured (2 shared cores:
-    # the one-pass path already costs the same per position at 8 and 64 frames on one thread, and
-    # the chunks' extra kernel calls cost more than the saved traffic; docs/long_clips_and_rerank.md).
-    # Set it per mixer (or on the class) where measurements say otherwise.
-    chunk_bytes = 0
+    # Sequence tiles for long sequences (_forward_chunked): the bytes of the mixer's activations
+    # per tile, 0 = off, "auto" = half the last-level cache (retrieval.models.device.cpu_cache_bytes).
+    # A tile's in_proj output, convolutions and scan inputs then stay in cache instead of making
+    # full-length round trips through memory. Off by default: where measured (docs/performance.md,
+    # docs/long_clips_and_rerank.md) the tiles' extra kernel calls cost more than the saved
+    # traffic. Set it per mixer (or on the class) where measurements say otherwise.
+    chunk_bytes: int | str = 0
+
+    def _position_bytes(self, hidden: torch.Tensor) -> int:
+        """Bytes of activations one position of one sample carries through pass 1 of the tiles:
+        in_proj's output, both conv outputs, both x_proj outputs and the forward branch's output."""
+        act = 2 if torch.is_autocast_enabled("cpu") or hidden.dtype == torch.bfloat16 else 4
+        e, rn = self.d_inner, self.dt_rank + 2 * self.d_state
+        return act * (2 * e + 2 * e + 2 * rn) + 4 * (2 * rn + e)
 
     def _chunk_len(self, hidden: torch.Tensor) -> int | None:
-        """Chunk length for this input, or None to run the whole sequence at once."""
-        if torch.is_grad_enabled() or self.mask_backward or self.elemental_residual or not self.chunk_bytes:
-            return None   # training keeps the one-pass path (its backward); Pro variants too
-        length = max(256, self.chunk_bytes // (hidden.shape[0] * 2 * self.d_inner * 4) // 64 * 64)
+        """Tile length for this input, or None to run the whole sequence at once."""
+        if self.mask_backward or self.elemental_residual or self.layout != "v2" or not self.chunk_bytes:
+            return None   # the VideoMambaPro options keep the one-pass path
+        budget = cpu_cache_bytes() // 2 if self.chunk_bytes == "auto" else int(self.chunk_bytes)
+        length = max(256, budget // (hidden.shape[0] * self._position_bytes(hidden)) // 64 * 64)
         return length if hidden.shape[1] > 2 * length else None
 
     def _forward_chunked(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
-        """:meth:`_forward_fused` over sequence chunks, inference only (no autograd graph).
+        """:meth:`_forward_fused` over sequence tiles of ``chunk`` positions, differentiable.
 
-        Pass 1 runs the chunks in order: in_proj (with the conv's d_conv - 1 halo positions on
-        each side), both convolutions, both x_proj, and the forward scan, which carries its state
-        from chunk to chunk through the kernel's initial/last state. It keeps the backward
-        branch's scan inputs, the gate and the forward output per chunk. Pass 2 runs the chunks
-        in reverse: the backward scan (state carried from the end), the sum, out_proj. Same
-        function as the one-pass path up to float rounding (tests/models/test_mixer_chunked.py).
+        Pass 1 runs the tiles in order: in_proj (with the conv's d_conv - 1 halo positions on each
+        side), both convolutions, both x_proj, and the forward scan, which carries its state from
+        tile to tile through the kernel's initial/last state. It keeps the backward branch's scan
+        inputs, the gate and the forward output per tile. Pass 2 runs the tiles in reverse: the
+        backward scan (state carried from the end), the sum, out_proj. Autograd runs back through
+        the carried states (the kernel's last-state gradient) and the overlapping halos (their
+        gradients add up in ``hidden``). Under bf16 autocast the kernels read in_proj's bf16
+        output in place, as on the one-pass path. Same function as the one-pass path up to float
+        rounding (tests/models/test_mixer_chunked.py).
         """
-        from .ssm.cpu import ScanDirection, conv_silu, scan_directions  # noqa: PLC0415
-
         E, R, N, K = self.d_inner, self.dt_rank, self.d_state, self.d_conv
         length = hidden.shape[1]
         bounds = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
@@ -270,23 +278,26 @@ class BiMambaMixer(nn.Module):
         for start, stop in bounds:
             lo, hi = max(0, start - (K - 1)), min(length, stop + K - 1)
             xz = self.in_proj(hidden[:, lo:hi])
-            if xz.dtype != torch.float32:
+            if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
                 xz = xz.float()
             x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
             xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
             inner = slice(start - lo, stop - lo)
-            xc_f, xc_b = xc_f[:, inner], xc_b[:, inner].contiguous()
-            z = z[:, inner].contiguous() if z is not None else None
+            xc_f, xc_b = xc_f[:, inner], xc_b[:, inner]
+            z = z[:, inner] if z is not None else None
             dbc_f = params[""][0](xc_f.to(params[""][0].weight.dtype)).float()
             dbc_b = params["_b"][0](xc_b.to(params["_b"][0].weight.dtype)).float()
             y_f, (state,) = scan_directions([direction("", xc_f, dbc_f, state)], z)
             kept.append((xc_b, dbc_b, z, y_f))
-        out = hidden.new_empty(hidden.shape[0], length, self.out_proj.out_features)
+        pieces = []
         state = None
-        for (start, stop), (xc_b, dbc_b, z, y_f) in zip(reversed(bounds), reversed(kept), strict=True):
+        for xc_b, dbc_b, z, y_f in reversed(kept):
             y_b, (state,) = scan_directions([direction("_b", xc_b, dbc_b, state)], z)
-            out[:, start:stop] = self.out_proj((y_f + y_b).to(hidden.dtype))
-        return out
+            y = y_f + y_b
+            if self.divide_out:  # Vim: the mean of the two directions
+                y = y * 0.5
+            pieces.append(self.out_proj(y.to(hidden.dtype)))
+        return torch.cat(pieces[::-1], dim=1)
 
     def _use_fused(self, hidden: torch.Tensor) -> bool:
         if hidden.device.type != "cpu" or self.scan_backend not in ("auto", "cpu"):
