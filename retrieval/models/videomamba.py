@@ -58,10 +58,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Normalised in fp32, returned in ``x``'s dtype or ``dtype`` (a block under autocast asks
+        for the autocast dtype: its in_proj reads that, so it is rounded once, here)."""
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return (out * self.weight.float()).to(dtype or x.dtype)
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives products on ``t``'s device, or None where autocast is off."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _product_input(t: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``t`` as ``linear`` should read it: under autocast as it is (autocast casts what it must,
+    and a bf16 tensor stays bf16), otherwise in the weight's dtype."""
+    return t if _autocast_dtype(t) is not None else t.to(linear.weight.dtype)
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` to add to the fp32 residual stream: a bf16/fp16 mixer output (autocast) as it is (the
+    add widens it by type promotion, without a converted copy first), anything else as fp32."""
+    return t if t.dtype in (torch.bfloat16, torch.float16) else t.float()
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -195,10 +215,15 @@ class BiMambaMixer(nn.Module):
         if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
             xz = xz.float()
         x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
+        # bf16 (autocast): the conv writes bf16, which x_proj and the scan read as they are; the
+        # scan reads x_proj's bf16 dt/B/C in place and writes out_proj's bf16 input (state and
+        # accumulation fp32): no conversion pass between in_proj and out_proj
+        act = xz.dtype
         if self.layout == "v2":
-            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias,
+                                   out_dtype=act)
         else:  # v1: one conv; the backward direction reads its output (and x_proj's) from the end
-            xc_f, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+            xc_f, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias, out_dtype=act)
             xc_b = xc_f
         dirs, dbc_f = [], None
         for backward, xc in ((False, xc_f), (True, xc_b)):
@@ -207,7 +232,9 @@ class BiMambaMixer(nn.Module):
             if backward and self.layout == "v1":
                 dbc = dbc_f
             else:
-                dbc = x_proj(xc.to(x_proj.weight.dtype)).float()        # [B, L, R+2N]
+                dbc = x_proj(_product_input(xc, x_proj))                 # [B, L, R+2N]
+                if dbc.dtype not in (torch.float32, torch.bfloat16):
+                    dbc = dbc.float()
             dbc_f = dbc
             A = -torch.exp((self.A_b_log if backward else self.A_log).float())
             u = x if self.scan_input == "raw" else xc
@@ -218,10 +245,10 @@ class BiMambaMixer(nn.Module):
                                       reverse=backward, mask_diag=backward and self.mask_backward,
                                       elemental=self.elemental_residual,
                                       dt=dbc[..., :R], dt_weight=dt_proj.weight.float()))
-        y, _ = scan_directions(dirs, z)
+        y, _ = scan_directions(dirs, z, out_dtype=act)
         if self.divide_out:  # Vim: the mean of the two directions
             y = y * 0.5
-        return self.out_proj(y.to(hidden.dtype))
+        return self.out_proj(_product_input(y, self.out_proj))
 
     # Sequence tiles for long sequences (_forward_chunked): the bytes of the mixer's activations
     # per tile, 0 = off, "auto" = half the last-level cache (retrieval.models.device.cpu_cache_bytes).
@@ -281,12 +308,15 @@ class BiMambaMixer(nn.Module):
             if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
                 xz = xz.float()
             x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
-            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias,
+                                   out_dtype=xz.dtype)
             inner = slice(start - lo, stop - lo)
             xc_f, xc_b = xc_f[:, inner], xc_b[:, inner]
             z = z[:, inner] if z is not None else None
-            dbc_f = params[""][0](xc_f.to(params[""][0].weight.dtype)).float()
-            dbc_b = params["_b"][0](xc_b.to(params["_b"][0].weight.dtype)).float()
+            dbc_f = params[""][0](_product_input(xc_f, params[""][0]))
+            dbc_b = params["_b"][0](_product_input(xc_b, params["_b"][0]))
+            if dbc_f.dtype not in (torch.float32, torch.bfloat16):
+                dbc_f, dbc_b = dbc_f.float(), dbc_b.float()
             y_f, (state,) = scan_directions([direction("", xc_f, dbc_f, state)], z)
             kept.append((xc_b, dbc_b, z, y_f))
         pieces = []
@@ -296,7 +326,7 @@ class BiMambaMixer(nn.Module):
             y = y_f + y_b
             if self.divide_out:  # Vim: the mean of the two directions
                 y = y * 0.5
-            pieces.append(self.out_proj(y.to(hidden.dtype)))
+            pieces.append(self.out_proj(_product_input(y, self.out_proj)))
         return torch.cat(pieces[::-1], dim=1)
 
     def _use_fused(self, hidden: torch.Tensor) -> bool:
@@ -325,8 +355,8 @@ class MambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None):
-        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        residual = hidden.float() if residual is None else residual + _widened(self.drop_path(hidden))
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype), _autocast_dtype(residual)))
         return hidden, residual
 
 
@@ -526,7 +556,7 @@ class VideoMamba(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual)
         distill_src = residual  # the stream before the last mixer output is added (official quirk)
-        residual = residual + self.drop_path(hidden).float()
+        residual = residual + _widened(self.drop_path(hidden))
         tokens = self.norm(residual.to(self.norm.weight.dtype))
         if mid:
             tokens = torch.cat([tokens[:, mid:mid + 1], tokens[:, :mid], tokens[:, mid + 1:]], dim=1)
