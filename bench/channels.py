@@ -75,7 +75,7 @@ import torch
 
 from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
-from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, text_of
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
 from indexer.store import open_index, write_index
@@ -86,7 +86,8 @@ from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
-from retrieval.ocr import OcrReader, fold
+from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, fold, read_span, sample_count
+from retrieval.sentence import SentenceEncoder
 from retrieval.speech import (
     MATCH_SOURCES,
     SAMPLE_RATE,
@@ -289,6 +290,69 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             "load_avg": _load(), "note": NOTE}
 
 
+#: The encoders the text channel's indexing cost is compared with: the demo's, and the main one
+#: (VideoMamba-Ti, official layout, 8 frames at 224 px), both with random weights (same cost).
+COST_ENCODERS = {"demo": ("videomamba_demo", 256), "videomamba_ti": ("videomamba_tiny", 512)}
+
+
+def _text_breakdown(corpus: Path, seconds: float) -> dict:
+    """Where the text channel's time goes on ``corpus``'s test clips: reading (decode, detect,
+    recognise, with the reuse counts) and sentence vectors one text at a time vs one batch."""
+    reader = OcrReader(threads=THREADS)
+    sentences = SentenceEncoder()
+    test = load_corpus("generic", corpus / "test.json", corpus / "videos")
+    started = time.perf_counter()
+    texts = [text_of(read_span(reader, test.root / entry.video)) for entry in test.items]
+    read_s = time.perf_counter() - started
+    texts = [text for text in texts if text]
+    sentences.encode(texts[:1])  # warm-up
+    started = time.perf_counter()
+    for text in texts:
+        sentences.encode([text])
+    single_s = time.perf_counter() - started
+    started = time.perf_counter()
+    sentences.encode(texts)
+    batch_s = time.perf_counter() - started
+    per_hour = 3600 / seconds
+    return {"read_s_per_hour": round(read_s * per_hour, 1), "counts": reader.counts, "items_with_text": len(texts),
+            "sentence_s_per_hour": {"one_by_one": round(single_s * per_hour, 1), "batched": round(batch_s * per_hour, 1)}}
+
+
+def bench_cost(clips: int, repeats: int, clip_s: float) -> dict:
+    """What indexing with the text channel costs against visual-only, per hour of video, for the
+    demo's encoder and VideoMamba-Ti: ``clips`` synthetic clips of ``clip_s`` seconds (40 % with
+    written text), each encoder indexing visual-only and visual+text alternately in this process."""
+    fps = 8
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-cost-") as scratch:
+        corpus = Path(scratch) / "corpus"
+        generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, written_share=0.4,
+                        num_frames=round(clip_s * fps), fps=fps)
+        seconds = clips * round(clip_s * fps) / fps
+        models = {name: build_retrieval_model(arch, embed_dim=dim, num_fusion_layers=2, text_pooling="mean")
+                  .save(Path(scratch) / name) for name, (arch, dim) in COST_ENCODERS.items()}
+        runs: dict[str, dict[str, list[float]]] = {name: {"visual": [], "visual+text": []} for name in models}
+        loads = [_load()]
+        for _ in range(repeats):
+            for name, model in models.items():
+                for channels in (("visual",), ("visual", "text")):
+                    embed_s = _index(model, corpus, Path(scratch) / "index", channels)
+                    runs[name]["+".join(channels)].append(embed_s * 3600 / seconds)
+                    loads.append(_load())
+        breakdown = _text_breakdown(corpus, seconds)
+    per_hour = {name: {way: [round(v, 1) for v in values] for way, values in ways.items()} for name, ways in runs.items()}
+    ratios = {name: round(statistics.median(ways["visual+text"]) / statistics.median(ways["visual"]), 2)
+              for name, ways in runs.items()}
+    # pairwise: each visual+text run over the visual-only run just before it (same load, nearly)
+    pairs = {name: [round(t / v, 2) for v, t in zip(ways["visual"], ways["visual+text"], strict=True)]
+             for name, ways in runs.items()}
+    return {"bench": "channels", "part": "cost", "clips": clips, "clip_s": clip_s, "video_s": seconds,
+            "sampling": f"one frame per {DEFAULT_EVERY_S:g} s ({sample_count(clip_s)} a clip)", "frame_px": 128,
+            "encoders": {name: arch for name, (arch, _) in COST_ENCODERS.items()},
+            "index_s_per_hour": per_hour, "cost_ratio": ratios, "cost_ratio_pairs": pairs,
+            "text_channel": breakdown, "target_cost_ratio": 1.5, "threads": THREADS,
+            "load_avg": {"min": min(loads), "max": max(loads)}, "note": NOTE}
+
+
 def bench_spoken(model: Path | None, corpus: Path | None, clips: int) -> dict:
     """Speech-channel, fused and visual-only retrieval on the spoken corpus, the recogniser's WER,
     and what the speech channel costs to index. Without ``model``: the demo architecture with
@@ -482,7 +546,8 @@ def _speech_rows(saved: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale, speech, spoken (comma-separated)")
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, speech, spoken "
+                        "(comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
     parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
@@ -492,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-from", type=Path, help="fusion: reuse the on-screen text of this index of the "
                         "same corpus (built with the text channel) instead of reading it again")
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
+    parser.add_argument("--clip-seconds", type=float, default=4.0, help="cost: length of each clip (4 s: two "
+                        "frames read at the default sampling)")
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--sentences", type=int, default=40, help="speech: spoken sentences")
@@ -507,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
             results.add(bench_ocr(args.clips, args.size))
         elif part == "fusion":
             results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips, args.text_from))
+        elif part == "cost":
+            results.add(bench_cost(args.clips, args.repeats, args.clip_seconds))
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
         elif part == "spoken":
