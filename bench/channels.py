@@ -5,7 +5,13 @@ Parts (``--parts``, default all):
 * ``ocr``: the embedded PP-OCR reads the middle frame of synthetic clips with written text
   (:mod:`retrieval.data.written`, every font, size, position and colour it draws, some
   scrolling). ``word_recall``: share of the rendered words found in the frame's text after
-  :func:`retrieval.ocr.fold` (target >= 0.9); ``ms_per_frame`` median (min, max).
+  :func:`retrieval.ocr.fold` (target >= 0.9); ``ms_per_frame`` median (min, max), ``detect_ms``
+  the detector's share; ``by_det_min_side``: the same for each ``--det-sides`` detector input.
+* ``cost``: indexing seconds per hour of video, visual-only and visual+text, for the demo's
+  encoder and VideoMamba-Ti (8 x 224 px), random weights, alternating in one process over
+  ``--clips`` synthetic clips of ``--clip-seconds`` (40 % with written text): ``cost_ratio``
+  (target <= 1.5), and where the text channel's time goes (reading, with the frames and boxes
+  reused; sentence vectors one by one vs batched).
 * ``fusion`` (``--model``: a trained model, ``--corpus``: a corpus written with
   ``vtr data synth --written``; see :func:`bench_fusion` for the defaults): indexes the test split visual-only and visual+text, alternating,
   (``index_cost_ratio``: text / visual embed seconds, target <= 1.5) and ranks every test caption
@@ -86,7 +92,7 @@ from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
-from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, fold, read_span, sample_count
+from retrieval.ocr import DEFAULT_EVERY_S, DET_MIN_SIDE, OcrReader, fold, read_span, sample_count
 from retrieval.sentence import SentenceEncoder
 from retrieval.speech import (
     MATCH_SOURCES,
@@ -105,28 +111,41 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def bench_ocr(clips: int, size: int) -> dict:
-    """Word recall and time per frame of the embedded recogniser on rendered synthetic text."""
+def bench_ocr(clips: int, size: int, det_sides: tuple[int, ...] = (DET_MIN_SIDE,)) -> dict:
+    """Word recall, time per frame and detection time of the embedded recogniser on rendered
+    synthetic text, for each detector input size in ``det_sides`` (frames alternate between them)."""
     plan = plan_corpus(n_train=20, n_test=clips, seed=11, long_videos=0, written_share=1.0)
-    reader = OcrReader(threads=THREADS)
-    found = total = exact = 0
-    times = []
-    reader.read(np.zeros((size, size, 3), np.uint8))  # warm-up
+    readers = {side: OcrReader(threads=THREADS, det_min_side=side) for side in det_sides}
+    stats = {side: {"found": 0, "total": 0, "exact": 0, "times": [], "detect": []} for side in det_sides}
+    for reader in readers.values():
+        reader.read(np.zeros((size, size, 3), np.uint8))  # warm-up
     for entry in plan.test:
         text = entry["attributes"]["written"]["text"]
         frames = render_job(plan.job(entry["video"]), size)
         frame = frames[len(frames) // 2]
-        started = time.perf_counter()
-        lines = reader.read(frame)
-        times.append(time.perf_counter() - started)
-        read = fold(" ".join(line for line, _, _ in lines))
         words = [fold(word) for word in text.split()]
-        found += sum(word in read for word in words)
-        total += len(words)
-        exact += fold(text) in read
-    return {"bench": "channels", "part": "ocr", "clips": clips, "frame_px": size, "word_recall": round(found / total, 3),
-            "text_recall": round(exact / clips, 3), "ms_per_frame": round(1000 * statistics.median(times), 1),
-            "ms_min": round(1000 * min(times), 1), "ms_max": round(1000 * max(times), 1), "threads": THREADS,
+        for side, reader in readers.items():
+            got = stats[side]
+            started = time.perf_counter()
+            boxes = reader.detect(frame)
+            got["detect"].append(time.perf_counter() - started)
+            lines = reader.lines(boxes, reader.recognise(frame, boxes))
+            got["times"].append(time.perf_counter() - started)
+            read = fold(" ".join(line for line, _, _ in lines))
+            got["found"] += sum(word in read for word in words)
+            got["total"] += len(words)
+            got["exact"] += fold(text) in read
+
+    def row(side: int) -> dict:
+        got = stats[side]
+        return {"word_recall": round(got["found"] / got["total"], 3), "text_recall": round(got["exact"] / clips, 3),
+                "ms_per_frame": round(1000 * statistics.median(got["times"]), 1),
+                "ms_min": round(1000 * min(got["times"]), 1), "ms_max": round(1000 * max(got["times"]), 1),
+                "detect_ms": round(1000 * statistics.median(got["detect"]), 1)}
+
+    return {"bench": "channels", "part": "ocr", "clips": clips, "frame_px": size, "det_min_side": DET_MIN_SIDE,
+            **(row(DET_MIN_SIDE) if DET_MIN_SIDE in stats else {}),
+            "by_det_min_side": {str(side): row(side) for side in det_sides}, "threads": THREADS,
             "target_word_recall": 0.9, "load_avg": _load(), "note": NOTE}
 
 
@@ -551,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
     parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
+    parser.add_argument("--det-sides", default=f"{DET_MIN_SIDE},320", help="ocr: detector input sizes to compare "
+                        "(the short side smaller frames are upscaled to; the channel's default first)")
     parser.add_argument("--model", type=Path, help="fusion: a trained model directory (default: the demo "
                         "architecture with random weights)")
     parser.add_argument("--corpus", type=Path, help="fusion: a corpus from `vtr data synth --written`")
@@ -571,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Recorder(args.output, append=args.append)
     for part in parts:
         if part == "ocr":
-            results.add(bench_ocr(args.clips, args.size))
+            results.add(bench_ocr(args.clips, args.size, tuple(int(x) for x in args.det_sides.split(","))))
         elif part == "fusion":
             results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips, args.text_from))
         elif part == "cost":

@@ -164,6 +164,7 @@ class OcrReader:
             models inside the ``rapidocr-onnxruntime`` wheel.
         threads: onnxruntime (and OpenCV) threads; default: torch's, i.e. what the job was given.
         min_score: lines recognised with less confidence are dropped.
+        det_min_side: the detector upscales frames whose short side is below this (pixels).
 
     Raises:
         OcrUnavailable: the package is not installed.
@@ -171,7 +172,7 @@ class OcrReader:
     """
 
     def __init__(self, model_dir: str | os.PathLike[str] | None = None, threads: int | None = None,
-                 min_score: float = MIN_LINE_SCORE) -> None:
+                 min_score: float = MIN_LINE_SCORE, det_min_side: int = DET_MIN_SIDE) -> None:
         require_ocr()
         files = _model_files(Path(model_dir)) if model_dir is not None else None
         import cv2  # noqa: PLC0415  (the ocr extra: only imported when the text channel runs)
@@ -181,7 +182,7 @@ class OcrReader:
         cv2.setNumThreads(threads)
         # no angle classifier: on-screen text is upright, and it costs a third of the recognition
         options: dict[str, Any] = {"intra_op_num_threads": threads, "inter_op_num_threads": 1,
-                                   "text_score": min_score, "use_cls": False, "det_limit_side_len": DET_MIN_SIDE}
+                                   "text_score": min_score, "use_cls": False, "det_limit_side_len": det_min_side}
         if files is not None:
             options["det_model_path"] = str(files["det"])
             options["rec_model_path"] = str(files["rec"])
@@ -192,6 +193,7 @@ class OcrReader:
         self._engine = RapidOCR(**options)
         self.threads = threads
         self.min_score = min_score
+        self.det_min_side = det_min_side
         self.identity = self._identity(files)
         #: work done and saved so far: frames the detector ran on, boxes recognised, sampled frames
         #: that took a look-alike frame's lines, boxes that took the last frame's reading
@@ -203,7 +205,7 @@ class OcrReader:
     def _identity(self, files: dict[str, Path | None] | None) -> dict[str, Any]:
         """What made the text: the package and the models (names and hashes), for the manifest."""
         out: dict[str, Any] = {"engine": f"{OCR_PACKAGE} {importlib.metadata.version(OCR_PACKAGE)}",
-                               "min_score": self.min_score, "det_min_side": DET_MIN_SIDE}
+                               "min_score": self.min_score, "det_min_side": self.det_min_side}
         if files is None:
             out["models"] = "embedded (PP-OCRv4 det + rec)"
         else:
