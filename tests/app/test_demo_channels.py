@@ -11,13 +11,12 @@ from indexer.channels import index_channels
 from indexer.search import Searcher
 from indexer.store import open_index
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
 from retrieval.speech import speech_available
 
 pytest.importorskip("rapidocr_onnxruntime", reason="the ocr extra (make install installs it)")
 
 
-def test_demo_indexes_written_and_spoken_clips_beside_the_test_split(tmp_path: Path) -> None:
+def test_demo_indexes_written_and_spoken_clips_beside_the_test_split(tmp_path: Path, model_dir: Path) -> None:
     corpus = tmp_path / "corpus"
     generate_corpus(corpus, n_train=1, n_test=3, size=128, long_videos=1, progress=False)
     before = (corpus / "test.json").read_text()
@@ -30,7 +29,7 @@ def test_demo_indexes_written_and_spoken_clips_beside_the_test_split(tmp_path: P
 
     channels = demo_channels()
     assert channels[:2] == ("visual", "text") and (("speech" in channels) == speech_available())
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).save(tmp_path / "m")
+    model = model_dir
     index = build_index(tmp_path / "work", corpus, model, channels)
     reader = open_index(index)
     assert index_channels(reader.manifest) == channels
