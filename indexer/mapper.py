@@ -31,6 +31,8 @@ from retrieval.speech import read_speech
 
 #: How many zero-shot action labels are stored per item.
 TOP_LABELS = 5
+#: On-screen texts embedded by the sentence model at once
+SENTENCE_BATCH = 64
 
 
 class ClipMapper:
@@ -104,16 +106,26 @@ class ChannelMapper:
         return channels
 
     def __call__(self, item: CorpusItem) -> dict[str, Any]:
+        """The item's channel records; the texts' sentence vectors come in :meth:`finish`."""
         records: dict[str, Any] = {}
         path = self.root / item.video
         if self.reader is not None:
-            text = read_span(self.reader, path, item.start, item.end, self.text_every_s)
-            if text["lines"] and self.sentences is not None:
-                text["vector"] = pack(self.sentences.encode([text_of(text)])[0])
-            records["text"] = text
+            records["text"] = read_span(self.reader, path, item.start, item.end, self.text_every_s)
         if self.recognizer is not None:
             records["speech"] = read_speech(self.recognizer, path, item.start, item.end)
         return records
+
+    def finish(self, records: Sequence[dict[str, Any]]) -> None:
+        """Add the sentence vectors to a part's texts that have lines (``records``: what
+        :meth:`__call__` gave its items), :data:`SENTENCE_BATCH` at a time: a batch is several
+        times cheaper than one text at a time (bench/channels.py --parts cost)."""
+        if self.sentences is None:
+            return
+        with_lines = [record["text"] for record in records if "text" in record and record["text"]["lines"]]
+        for at in range(0, len(with_lines), SENTENCE_BATCH):
+            batch = with_lines[at : at + SENTENCE_BATCH]
+            for text, vector in zip(batch, self.sentences.encode([text_of(text) for text in batch]), strict=True):
+                text["vector"] = pack(vector)
 
 
 @dataclass(frozen=True)

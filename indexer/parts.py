@@ -26,10 +26,10 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -42,8 +42,15 @@ from retrieval.data.corpora import CorpusItem
 
 logger = logging.getLogger(__name__)
 
-#: An item's channel records beside its vector (e.g. ``{"text": ..., "speech": ...}``).
-ChannelRecords = Callable[[CorpusItem], dict[str, Any]]
+class ChannelRecords(Protocol):
+    """What gives committed items their channel records beside the vectors
+    (:class:`indexer.mapper.ChannelMapper`)."""
+
+    def __call__(self, item: CorpusItem) -> dict[str, Any]:
+        """An item's records, e.g. ``{"text": ..., "speech": ...}``."""
+
+    def finish(self, records: Sequence[dict[str, Any]]) -> None:
+        """Complete a part's records in place, all at once (e.g. batched sentence vectors)."""
 
 
 def json_bytes(data: Any) -> bytes:
@@ -251,6 +258,8 @@ class PartCommitter:
             if self.channels is not None:
                 record["extra"].update(self.channels(item))
             records.append(record)
+        if self.channels is not None:
+            self.channels.finish([record["extra"] for record in records])
         # decode failures in item order, after the probing ones
         failures = [*part.failures, *(record for _, record in sorted(self.decode_failures.pop(part.number).items()))]
         vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
