@@ -32,7 +32,9 @@ from retrieval.speech import (
     Pronouncer,
     SpeechIndex,
     SpeechRecognizer,
+    SpokenWord,
     decode_audio,
+    differences,
     letter_to_sound,
     query_words,
     read_speech,
@@ -157,6 +159,42 @@ def test_phonetic_search_finds_misrecognised_words_and_abstains_otherwise() -> N
     assert index.search("the") == []
     with pytest.raises(ValueError, match="unknown source"):
         SpeechIndex(items, source="letters")
+
+
+def test_differences_time_an_alternative_within_the_words_it_replaces() -> None:
+    best = [SpokenWord(w, 1.0 + n, 1.8 + n, 0.9) for n, w in enumerate("the bridges oh today".split())]
+    runs = differences(best, "the bridge is closed today".split())
+    assert len(runs) == 1
+    run = runs[0]
+    assert [w.word for w in run] == ["the", "bridge", "is", "closed", "today"], "one agreeing word either side"
+    assert run[0] == best[0] and run[-1] == best[3]
+    new = run[1:-1]
+    assert new[0].start == best[1].start and new[-1].end == best[2].end, "within the words replaced"
+    assert all(a.end == b.start for a, b in zip(new, new[1:], strict=False)) and new[0].prob == 0.0
+    assert differences(best, [w.word for w in best]) == []
+    # words the best hypothesis lacks go between their neighbours; two separate runs stay apart
+    runs = differences(best, "the big bridges oh to day".split())
+    assert [[w.word for w in r] for r in runs] == [["the", "big", "bridges"], ["oh", "to", "day"]]
+    assert runs[0][1].start == best[0].end and runs[0][1].end == best[1].start
+    assert differences([], ["hello"])[0][0].word == "hello"
+
+
+def test_an_alternative_hypothesis_finds_a_word_the_best_one_missed() -> None:
+    items = [_item(n, words) for n, words in enumerate(("we found them in near the station",
+                                                        "we found a bottle near the station",
+                                                        "we found a ladder near the station"))]
+    query = 'a voice says "we found a umbrella near the station"'
+    assert SpeechIndex(items).search(query) == [], "nothing in the best words tells them apart"
+    best = [SpokenWord(**w) for w in items[0]["extra"]["speech"]["words"]]
+    items[0]["extra"]["speech"]["alternatives"] = [
+        [w.to_dict() for w in run] for run in differences(best, "we found umbrella near the station".split())]
+    index = SpeechIndex(items)
+    found = index.search(query)
+    assert found and found[0][0] == 0
+    match = index.match(0, query)
+    assert match.start >= best[1].start and match.end <= best[-1].end + 1e-9
+    # matching over the phone loop alone ignores the words and their alternatives
+    assert SpeechIndex(items, source="phones").search(query) == []
 
 
 def test_decodes_any_layout_and_rate_to_16k_mono(tmp_path: Path) -> None:
