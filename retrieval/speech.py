@@ -219,15 +219,21 @@ class SpeechRecognizer:
 
     def recognize_nbest(self, samples: np.ndarray, offset: float = 0.0, alternatives: int = ALTERNATIVES,
                         ) -> tuple[list[SpokenWord], list[list[SpokenWord]]]:
-        """The best words in ``samples`` (as :meth:`recognize`) and where the next ``alternatives``
-        distinct hypotheses of the recogniser's n-best list differ from them: each difference the
-        alternative's words there, with one agreeing word either side, timed within the span of
-        the best words they replace (:func:`differences`)."""
+        """The best words in ``samples`` (as :meth:`recognize`) and the runs where the next
+        ``alternatives`` distinct hypotheses of the n-best list differ from them
+        (:func:`alternative_runs`)."""
+        words, hypotheses = self.hypotheses(samples, offset, alternatives)
+        return words, alternative_runs(words, hypotheses)
+
+    def hypotheses(self, samples: np.ndarray, offset: float = 0.0, alternatives: int = ALTERNATIVES,
+                   ) -> tuple[list[SpokenWord], list[tuple[str, ...]]]:
+        """The best words in ``samples`` with their times, and the words of the next
+        ``alternatives`` distinct hypotheses of the recogniser's n-best list (best first)."""
         if samples.size < SAMPLE_RATE // 10:
             return [], []
         with self._lock:
             segments = self._segments(self._decoder, samples)
-            hypotheses = []
+            hypotheses: list[tuple[str, ...]] = []
             if alternatives > 0:
                 seen = set()
                 for hypothesis in self._decoder.nbest():
@@ -243,11 +249,8 @@ class SpeechRecognizer:
             if word:
                 words.append(SpokenWord(word, self._time(segment.start_frame, offset),
                                         self._time(segment.end_frame + 1, offset), round(float(segment.prob), 4)))
-        found: dict[tuple[str, ...], list[SpokenWord]] = {}
-        for hypothesis in hypotheses:
-            for difference in differences(words, hypothesis):
-                found.setdefault(tuple(w.word for w in difference) + (str(difference[0].start),), difference)
-        return words, list(found.values())
+        best = tuple(word.word for word in words)
+        return words, [hypothesis for hypothesis in hypotheses if hypothesis != best][:alternatives]
 
     def recognize_phones(self, samples: np.ndarray, offset: float = 0.0) -> list[SpokenWord]:
         """The phones in ``samples`` (ARPAbet, silences left out), each a :class:`SpokenWord`."""
@@ -258,6 +261,16 @@ class SpeechRecognizer:
         return [SpokenWord(segment.word, self._time(segment.start_frame, offset),
                            self._time(segment.end_frame + 1, offset), round(float(segment.prob), 4))
                 for segment in segments if segment.word in _PHONE_ID]
+
+
+def alternative_runs(best: Sequence[SpokenWord], hypotheses: Iterable[Sequence[str]]) -> list[list[SpokenWord]]:
+    """Every distinct run where one of ``hypotheses`` differs from the ``best`` words
+    (:func:`differences`), in the order first found."""
+    found: dict[tuple[Any, ...], list[SpokenWord]] = {}
+    for hypothesis in hypotheses:
+        for run in differences(best, hypothesis):
+            found.setdefault((*(word.word for word in run), run[0].start), run)
+    return list(found.values())
 
 
 def differences(best: Sequence[SpokenWord], alternative: Sequence[str]) -> list[list[SpokenWord]]:
