@@ -79,6 +79,8 @@ def _index_callback(
                                        "channel (default: the ones inside rapidocr-onnxruntime)"),
     text_every: float = typer.Option(2.0, "--text-every", help="text channel: read one frame every this many "
                                      "seconds of each item (at least one per item)"),
+    asr: Optional[str] = typer.Option(None, "--asr", help="speech channel's recogniser: pocketsphinx (default, "
+                                      "embedded) or whisper:DIR (a local Whisper model directory you bring)"),
 ) -> None:
     """Embed a corpus into a searchable index (resumable, shardable); `vtr index merge` joins shards.
 
@@ -90,7 +92,7 @@ def _index_callback(
                    "gpus_per_actor": ray_gpus_per_actor}
     _run_index(model, videos, ann, dataset, out, window, stride, shard, resume, workers, batch_size,
                part_size, labels, max_memory, index_type, not no_progress, overwrite, device, precision, engine,
-               ray_options, channels, ocr, text_every)
+               ray_options, channels, ocr, text_every, asr)
 
 
 @friendly
@@ -100,10 +102,11 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                max_memory: Optional[str], index_type: str, progress: bool, overwrite: bool = False,
                device: str = "auto", precision: str = "auto", engine: str = "local",
                ray_options: Optional[dict] = None, channels: Optional[str] = None, ocr: Optional[Path] = None,
-               text_every: float = 2.0) -> None:
+               text_every: float = 2.0, asr: Optional[str] = None) -> None:
     from indexer.channels import parse_channels  # noqa: PLC0415
     from indexer.engines import make_engine  # noqa: PLC0415
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
+    from retrieval.asr import DEFAULT_ASR, parse_asr  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
@@ -111,6 +114,9 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     chosen = parse_channels(channels)  # a missing extra is named here, before any work
     if ocr is not None and "text" not in chosen:
         raise ValueError("--ocr sets the text channel's recogniser, but --channels leaves the text channel out")
+    if asr is not None and "speech" not in chosen:
+        raise ValueError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
+    asr = parse_asr(asr) if "speech" in chosen else DEFAULT_ASR  # unknown name, bad directory: here, before work
     device, precision = runtime(device, precision)   # a missing CUDA fails before the model is read
     from retrieval.models.model_dir import read_model_config  # noqa: PLC0415
 
@@ -123,7 +129,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
                    stride=stride, part_size=part_size, labels=labels,
                    index_type=None if index_type == "auto" else index_type,
                    max_memory_bytes=parse_bytes(max_memory) if max_memory else None, channels=chosen, ocr_dir=ocr,
-                   text_every_s=text_every)
+                   text_every_s=text_every, asr=asr)
     worker = resolve_shard(shard)
     with make_engine(engine, **(ray_options or {})) as runner:  # joins or starts a Ray cluster: fails fast
         summary = run_index_job(spec, worker, resume=resume, workers=workers, batch_size=batch_size,

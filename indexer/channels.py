@@ -44,6 +44,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrieval.asr import asr_of
 from retrieval.ocr import DEFAULT_EVERY_S, fold, folded_with_positions, ocr_available, require_ocr
 from retrieval.sentence import unpack
 from retrieval.speech import require_speech
@@ -131,6 +132,8 @@ def channel_options(manifest: Mapping[str, Any]) -> dict[str, Any]:
         options["text_every_s"] = float(text.get("every_s", DEFAULT_EVERY_S))
         if text.get("model_dir"):
             options["ocr_dir"] = Path(text["model_dir"])
+    if recorded.get("speech"):
+        options["asr"] = asr_of(recorded["speech"])
     return options
 
 

@@ -71,7 +71,8 @@ from retrieval.models.device import model_autocast, model_device, resolve_device
 from retrieval.models.model_dir import load_model, model_identity, read_model_config
 from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, read_span
 from retrieval.sentence import SentenceEncoder, pack
-from retrieval.speech import SpeechRecognizer, read_speech
+from retrieval.asr import DEFAULT_ASR, Recognizer, load_recognizer
+from retrieval.speech import read_speech
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +376,8 @@ class JobSpec:
     channels: tuple[str, ...] = ("visual",)
     ocr_dir: Path | None = None
     text_every_s: float = DEFAULT_EVERY_S
+    #: the speech channel's recogniser: ``pocketsphinx`` or ``whisper:DIR`` (:mod:`retrieval.asr`)
+    asr: str = DEFAULT_ASR
 
 
 @dataclass
@@ -405,7 +408,7 @@ def _job_record(
     spec: JobSpec, identity: dict[str, Any], labels: list[str], sources: list[CorpusItem], precision: str = "fp32",
     removed: list[str] | None = None,
     reader: OcrReader | None = None,
-    recognizer: SpeechRecognizer | None = None,
+    recognizer: Recognizer | None = None,
     sentences: SentenceEncoder | None = None,
 ) -> dict[str, Any]:
     label_file = Path(spec.labels)
@@ -667,9 +670,11 @@ def run_index_job(
         raise JobError("--channels must include visual: an index is built around its clip vectors")
     if spec.text_every_s <= 0:
         raise JobError(f"the text channel's sampling interval must be positive, got {spec.text_every_s} s")
-    # the recogniser loads before any work: a bad --ocr directory fails here
+    if spec.asr != DEFAULT_ASR and "speech" not in channels:
+        raise JobError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
+    # the recognisers load before any work: a bad --ocr or --asr directory fails here
     reader = OcrReader(spec.ocr_dir) if "text" in channels else None
-    recognizer = SpeechRecognizer() if "speech" in channels else None
+    recognizer = load_recognizer(spec.asr, device=device) if "speech" in channels else None
     lock = index_lock(spec.out) if shard.is_single else shard_lock(spec.out, shard.index, shard.count)
     with lock:
         work = WorkDir(work_dir_for(spec.out))
@@ -701,7 +706,7 @@ def _run_locked(
     engine: Any = None,
     select: Callable[[list[CorpusItem]], list[CorpusItem]] | None = None,
     reader: OcrReader | None = None,
-    recognizer: SpeechRecognizer | None = None,
+    recognizer: Recognizer | None = None,
 ) -> JobSummary:
     identity = model_identity(spec.model_dir)
     has_work = work.root.exists()
