@@ -471,19 +471,44 @@ def _recognise_set(recognizer: SpeechRecognizer, name: str, sentences: int, scra
             "wall_s": wall, "errors": errors, "words": words, "load_avg": _load()}
 
 
-def bench_speech(sentences: int, keep: Path | None = None) -> dict:
+def _alternating_cost(recognizers: dict[str, SpeechRecognizer], sentences: int) -> dict:
+    """The word recognisers' CPU seconds per audio second, decoding the same test sentences in
+    turn (the order flipped every sentence), so the shared machine's load hits them alike."""
+    rng = np.random.default_rng(5)
+    seconds = dict.fromkeys(recognizers, 0.0)
+    audio_s = 0.0
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-speech-") as scratch:
+        for n, (text, voice, speed, snr) in enumerate(_speech_set("test", sentences)):
+            samples = _spoken(text, voice, speed, snr, rng, Path(scratch))
+            audio_s += samples.size / SAMPLE_RATE
+            for name in list(recognizers)[:: 1 if n % 2 else -1]:
+                ticked = time.thread_time()
+                recognizers[name].hypotheses(samples, alternatives=ALTERNATIVES)
+                seconds[name] += time.thread_time() - ticked
+    rtf = {name: round(value / audio_s, 3) for name, value in seconds.items()}
+    first, *others = recognizers
+    return {"sentences": sentences, "rtf_cpu_words": rtf,
+            "ratio": {name: round(seconds[name] / seconds[first], 3) for name in others}, "load_avg": _load()}
+
+
+def bench_speech(sentences: int, keep: Path | None = None, defaults: bool = False) -> dict:
     """Recognition error and speed, and each matching way's R@1, on espeak-ng sentences: the
     reported ``test`` set and the ``tune`` set the channel's choices were made on.
     ``keep``: a JSON file that keeps the recognised items (and their timing) between runs, so
-    that matching can be compared again without recognising again."""
+    that matching can be compared again without recognising again. ``defaults``: the word
+    recogniser searches with PocketSphinx's own defaults instead of the channel's
+    (:data:`retrieval.speech.WORD_SEARCH`); either way the two are timed against each other
+    (``alternating``)."""
     if keep is not None and keep.is_file():
         saved = json.loads(keep.read_text())
-        if saved.get("sentences") == sentences and "sets" in saved:
+        if saved.get("sentences") == sentences and "sets" in saved and saved.get("defaults") == defaults:
             return _speech_rows(saved)
-    recognizer = SpeechRecognizer()
+    channel, plain = SpeechRecognizer(), SpeechRecognizer(search={})
+    recognizer = plain if defaults else channel
     with tempfile.TemporaryDirectory(prefix="vtr-bench-speech-") as scratch:
-        saved = {"sentences": sentences, "engine": recognizer.identity,
+        saved = {"sentences": sentences, "engine": recognizer.identity, "defaults": defaults,
                  "sets": {name: _recognise_set(recognizer, name, sentences, Path(scratch)) for name in ("test", "tune")}}
+    saved["alternating"] = _alternating_cost({"channel": channel, "pocketsphinx_defaults": plain}, min(10, sentences))
     if keep is not None:
         atomic_write_text(keep, json.dumps(saved), durable=False)
     return _speech_rows(saved)
@@ -544,7 +569,7 @@ def _speech_rows(saved: dict) -> dict:
             "R@1_default": {name: row["R@1_spoken_quoted"][default] for name, row in rows.items()},
             "wer": {name: row["wer"] for name, row in rows.items()},
             "rtf_cpu_both": {name: row["rtf_cpu"]["both"] for name, row in rows.items()},
-            "sets": rows,
+            "sets": rows, "alternating": saved.get("alternating"),
             "answered_R@1": round(sum(bool(a) and a[0][0] == n for n, a in enumerate(answered)) / len(texts), 3),
             "answered_share": round(sum(bool(a) for a in answered) / len(texts), 3),
             "picture_abstained": round(silent, 3), "picture_queries": len(pictures),
@@ -568,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--sentences", type=int, default=40, help="speech: spoken sentences")
+    parser.add_argument("--speech-defaults", action="store_true", help="speech: the word recogniser searches "
+                        "with PocketSphinx's defaults instead of the channel's narrower search")
     parser.add_argument("--keep-speech", type=Path, help="speech: keep the recognised sentences in this JSON "
                         "file and reuse them on the next run (to compare matching only)")
     add_output_argument(parser, "channels")
@@ -585,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "spoken":
             results.add(bench_spoken(args.model, args.corpus, args.clips))
         elif part == "speech":
-            results.add(bench_speech(args.sentences, args.keep_speech))
+            results.add(bench_speech(args.sentences, args.keep_speech, args.speech_defaults))
         else:
             parser.error(f"unknown part {part!r}")
     return 0

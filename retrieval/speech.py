@@ -74,6 +74,10 @@ MIN_WORD_PHONES = 3
 #: differ from the best one): a misrecognised word is often right in one of them. Chosen on a
 #: tuning set of espeak-ng sentences apart from the reported ones (bench/channels.py).
 ALTERNATIVES = 10
+#: The word recogniser's search, narrower than PocketSphinx's defaults: at most 5000 active HMMs
+#: a frame (not 30000) costs 0.79x the recognition time at one tuning-set sentence's loss of R@1;
+#: narrower beams, topn 2 or no fwdflat pass cost more (bench/channels.py, docs/performance.md).
+WORD_SEARCH: dict[str, Any] = {"maxhmmpf": 5000}
 #: Audio longer than this (seconds) is recognised in its first this-many seconds only.
 MAX_SPAN_S = 600.0
 
@@ -184,13 +188,18 @@ class SpeechRecognizer:
 
     Raises:
         SpeechUnavailable: the package is not installed.
+
+    Args:
+        search: the word recogniser's search options (PocketSphinx's names; default
+            :data:`WORD_SEARCH`; ``{}``: PocketSphinx's own defaults).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, search: Mapping[str, Any] | None = None) -> None:
         require_speech()
         import pocketsphinx  # noqa: PLC0415  (the speech extra: only imported when the channel runs)
 
-        self._decoder = pocketsphinx.Decoder(loglevel="FATAL")
+        self.search = dict(WORD_SEARCH if search is None else search)
+        self._decoder = pocketsphinx.Decoder(loglevel="FATAL", **self.search)
         # the phone loop: the same acoustic model with a phone bigram instead of words, for matching
         phone_lm = Path(pocketsphinx.get_model_path()) / "en-us" / "en-us-phone.lm.bin"
         self._phone_decoder = pocketsphinx.Decoder(loglevel="FATAL", allphone=str(phone_lm), lw=2.0,
@@ -199,7 +208,8 @@ class SpeechRecognizer:
         self._lock = threading.Lock()  # one decoder each: items recognised one at a time
         self.threads = 1
         self.identity = {"engine": f"{SPEECH_PACKAGE} {importlib.metadata.version(SPEECH_PACKAGE)}",
-                         "models": "embedded (en-us acoustic model, CMU dictionary, en-us LM, en-us phone LM)"}
+                         "models": "embedded (en-us acoustic model, CMU dictionary, en-us LM, en-us phone LM)",
+                         "word_search": self.search, "alternatives": ALTERNATIVES}
 
     def _segments(self, decoder: Any, samples: np.ndarray) -> list[Any]:
         # half a second of silence either side: the recogniser's noise floor settles before speech
@@ -237,6 +247,8 @@ class SpeechRecognizer:
             if alternatives > 0:
                 seen = set()
                 for hypothesis in self._decoder.nbest():
+                    if hypothesis is None:  # PocketSphinx gives None for an entry without words
+                        continue
                     text = tuple(filter(None, map(_base_word, hypothesis.hypstr.split())))
                     if text not in seen:
                         seen.add(text)
