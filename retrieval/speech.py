@@ -12,7 +12,8 @@ and end times and a posterior probability. PocketSphinx decodes on one thread, s
 never uses more threads than a job is given.
 
 Each item is recognised twice: by the word recogniser (words with times, for showing and for
-their pronunciations) and by a phone loop (the same acoustic model with a phone bigram: the
+their pronunciations, and where its n-best list's next hypotheses differ from them,
+:func:`alternative_runs`) and by a phone loop (the same acoustic model with a phone bigram: the
 phones actually heard, whatever the words; a tenth of the word recogniser's cost).
 
 Matching: plain transcripts of a small recogniser are too noisy to search by exact words
@@ -20,8 +21,8 @@ Matching: plain transcripts of a small recogniser are too noisy to search by exa
 words into phones (:class:`Pronouncer`: the bundled CMU dictionary, with a letter-to-sound
 fallback for words it lacks) and scores each query word by its best local alignment
 (Smith-Waterman, linear gaps, vowels and confusable consonants partly matching) anywhere in an
-item's phones: the phone loop's, and the recognised words' pronunciations, the better of the
-two (:data:`MATCH_SOURCES`; bench/channels.py compares them). An item's score is the
+item's phones: the phone loop's, and the pronunciations of the recognised words and of their
+alternatives, the best of them (:data:`MATCH_SOURCES`; bench/channels.py compares them). An item's score is the
 phone-weighted mean of its query words' normalised scores (1.0: every phone found in order);
 its confidence is that less what the query scores by chance (against the item's phones
 reversed, or the index's median item). The channel ranks only confident items and abstains
