@@ -106,7 +106,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     from indexer.channels import parse_channels  # noqa: PLC0415
     from indexer.engines import make_engine  # noqa: PLC0415
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
-    from retrieval.asr import DEFAULT_ASR, parse_asr  # noqa: PLC0415
+    from retrieval.asr import choose_asr  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
@@ -114,9 +114,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     chosen = parse_channels(channels)  # a missing extra is named here, before any work
     if ocr is not None and "text" not in chosen:
         raise ValueError("--ocr sets the text channel's recogniser, but --channels leaves the text channel out")
-    if asr is not None and "speech" not in chosen:
-        raise ValueError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
-    asr = parse_asr(asr) if "speech" in chosen else DEFAULT_ASR  # unknown name, bad directory: here, before work
+    asr = choose_asr(asr, chosen)  # an unknown name, a bad directory: here, before any work
     device, precision = runtime(device, precision)   # a missing CUDA fails before the model is read
     from retrieval.models.model_dir import read_model_config  # noqa: PLC0415
 
@@ -320,25 +318,28 @@ def _search_cmd(
     """
     from indexer.channels import channel_names, parse_weights  # noqa: PLC0415
     from indexer.filters import ItemFilter  # noqa: PLC0415
-    from indexer.search import EmptyQuery, Searcher, clean_query  # noqa: PLC0415
+    from indexer.query import Query  # noqa: PLC0415
+    from indexer.search import Searcher, query_cleaning  # noqa: PLC0415
     from retrieval.data.video import VideoReadError  # noqa: PLC0415
 
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
     if (query is None) == (video is None):
         raise ValueError("give either a text query or --video PATH")
-    if query is not None:
-        if clean_query(query).blank:  # refuse an empty query before spending seconds loading the model
-            raise EmptyQuery()
     item_filter = ItemFilter.build(paths, where, min_duration, max_duration)  # malformed: refused here
+    prepared = None
+    if query is not None:  # cleaned and checked once, before seconds go to loading the model
+        prepared = Query.parse(query, query_cleaning(index, model), where=item_filter)
+        for note in prepared.notes:
+            typer.echo(f"note: {note}", err=True)
     wanted = None if channels is None else channel_names(channels)
     fusion_weights = parse_weights(weights)
     device, precision = runtime(device, precision)
     searcher = Searcher(index, model=model, device=device, precision=precision)
     searcher.select(item_filter)  # an unknown column is refused before the query is embedded
-    if query is not None:
-        hits = searcher.search(query, k=k, rerank=rerank, group=group, channels=wanted, weights=fusion_weights,
-                               where=item_filter)
+    if prepared is not None:
+        hits = searcher.search(prepared, k=k, rerank=rerank, group=group, channels=wanted,
+                               weights=fusion_weights)
     else:
         try:
             hits = searcher.search_video(video, k=k, group=group, where=item_filter)

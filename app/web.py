@@ -13,9 +13,10 @@ Two tabs:
 
 Safety
 ------
-* Queries are cleaned before they reach the model: control characters become spaces, a query
-  longer than :data:`QUERY_LIMIT` characters is cut there (the page says so), and a query with
-  nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
+* Queries are cleaned once, as every face cleans them (:class:`indexer.query.Query`), before
+  they reach the model: control characters become spaces, a query longer than
+  :data:`indexer.query.QUERY_LIMIT` characters is cut there (the page says so), and a query
+  with nothing to search for gets :data:`BLANK_MESSAGE` instead of results.
 * The page serves exactly the videos the index holds, by item key (``vtr/clip/<key>``, the
   item's :func:`indexer.search.clip_key`, which no index update gives to another item): the
   route looks the key up in the version of the index held now, and plays the file only when its
@@ -62,14 +63,12 @@ import gradio as gr
 
 from app import upload_routes
 from app.uploads import UploadJanitor, UploadLimits, UploadRefused, decode_upload
-from indexer.filters import ItemFilter
-from indexer.search import CLIP_KEY_CHARS, Hit, Query, Searcher, clean_query, clip_key
+from indexer.filters import FilterError
+from indexer.query import EmptyQuery, Query
+from indexer.search import CLIP_KEY_CHARS, Hit, Searcher, clip_key
 
 logger = logging.getLogger(__name__)
 
-#: Longest query searched, in characters; longer ones are cut (the text tower truncates far
-#: earlier anyway: ~32-40 tokens).
-QUERY_LIMIT = 500
 BLANK_MESSAGE = "Type something to search for."
 DEFAULT_K = 8
 MAX_K = 50
@@ -140,10 +139,6 @@ PAGE_CSS = """
 
 
 # ---------------------------------------------------------------------------------- file access
-
-
-class FilterError(ValueError):
-    """The filter box holds a malformed filter or names a column the index lacks."""
 
 
 class CorpusGuard:
@@ -424,27 +419,21 @@ class SearchPage:
     # -- text search
     def search_hits(self, query: str | None, k: float | None = DEFAULT_K,
                     rerank: bool = False, filters: str | None = None) -> tuple[Query, list[Hit], float]:
-        """The hits for a raw query (none when it is blank), and the seconds the search took.
-        ``filters``: the filter box (:meth:`indexer.filters.ItemFilter.parse`), applied before
-        the top k.
+        """The query as searched (:meth:`indexer.search.Searcher.query`), its hits, and the
+        seconds the search took. ``filters``: the filter box (:meth:`indexer.filters.ItemFilter.parse`),
+        applied before the top k.
 
         Raises:
+            EmptyQuery: nothing to search for (its ``notes`` say what cleaning removed).
             FilterError: the filter is malformed or names a column the index lacks.
         """
-        prepared = clean_query(query, QUERY_LIMIT)
-        if prepared.blank:
-            return prepared, [], 0.0
+        prepared = self.searcher.query(query, where=filters)
         k = max(1, min(MAX_K, DEFAULT_K if k is None else int(k)))
         started = time.perf_counter()
         with self._lock:
             self.follow_index()
-            try:
-                where = ItemFilter.parse(str(filters or "")[:QUERY_LIMIT])
-                self.searcher.select(where)
-            except ValueError as exc:
-                raise FilterError(str(exc)) from None
-            hits = self.searcher.search(prepared.text, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
-                                        group=self.group, where=where)
+            hits = self.searcher.search(prepared, k=k, rerank=bool(rerank) and self.searcher.can_rerank,
+                                        group=self.group)
         return prepared, hits, time.perf_counter() - started
 
     def search(self, query: str | None, k: float | None = DEFAULT_K, rerank: bool = False,
@@ -452,12 +441,12 @@ class SearchPage:
         """The search tab's event: (result cards HTML, status line markdown)."""
         try:
             prepared, hits, seconds = self.search_hits(query, k, rerank, filters)
+        except EmptyQuery as exc:
+            return render_message(BLANK_MESSAGE), " ".join((BLANK_MESSAGE, *exc.notes))
         except FilterError as exc:
             message = f"Filter not applied: {exc}"
             return render_message(message), _markdown_escape(message)
         notes = " ".join(prepared.notes)
-        if prepared.blank:
-            return render_message(BLANK_MESSAGE), f"{BLANK_MESSAGE} {notes}".strip()
         shown = _markdown_escape(prepared.text if len(prepared.text) <= 80 else prepared.text[:79] + "…")
         how = " (re-ranked by the matching head)" if rerank else ""
         status = f"{len(hits)} results for “{shown}” in {seconds * 1000:.0f} ms{how}."
@@ -469,6 +458,9 @@ class SearchPage:
         (paths resolved; hits outside the corpus roots are left out)."""
         try:
             prepared, hits, seconds = self.search_hits(query, k, rerank, filters)
+        except EmptyQuery as exc:
+            return {"query": "", "notes": list(exc.notes), "message": BLANK_MESSAGE, "hits": [],
+                    "seconds": 0.0, "label_source": self.searcher.label_source}
         except FilterError as exc:
             return {"query": str(query or ""), "notes": [], "message": f"Filter not applied: {exc}", "hits": [],
                     "seconds": 0.0, "label_source": self.searcher.label_source}
@@ -479,8 +471,7 @@ class SearchPage:
                 rows.append({**{key: value for key, value in hit.to_dict().items() if key != "path"},
                              "video_path": self.guard.display_name(hit.path), "url": url,
                              "labels": [[label, prob] for label, prob in hit.labels]})
-        message = BLANK_MESSAGE if prepared.blank else None
-        return {"query": prepared.text, "notes": list(prepared.notes), "message": message, "hits": rows,
+        return {"query": prepared.text, "notes": list(prepared.notes), "message": None, "hits": rows,
                 "seconds": seconds, "label_source": self.searcher.label_source}
 
     # -- video search

@@ -13,12 +13,20 @@ One process, ``torch.set_num_threads(2)``:
   ``vtr index`` run their batches (each weight is cast to bf16 once per region, not per forward),
   alternating with fp32 forwards in that region. ``bf16_share``: where a bf16 forward's time goes
   (the scan and conv kernels, matrix products, dtype conversions, the rest; torch.profiler).
+* ``floor`` lines (``--floor``, default VideoMamba-Ti/S/M at 8 frames, Ti at 64 and the joint
+  space-time ViT-Ti at 64, 224 px): every configuration timed in turns in this one process, each
+  against its own floor (``bench/floor.py``: the model's products timed at their own shapes with
+  ``torch.mm`` plus one ``torch.exp`` per scan state update or attention score, at the measured
+  ``torch.exp`` rate), in fp32 and, on a CPU with native bf16, under bf16 autocast (the bf16
+  floor keeps the exps in fp32, as the scan does). A ``floor_summary`` line gives VideoMamba-Ti's
+  per-frame time at 64 over 8 frames and the ViT-Ti / Ti time ratio at 64 frames.
 * ``fidelity`` lines: cosine of bf16 against fp32 features (pooled clip features for the video
   encoders at full size, 8x224, random weights; the text tower's hidden states, MiniLM weights) on
   a photo pan and synthetic-corpus clips (retrieval/eval/precision.py).
 
     python bench/precision.py                          # speed (Ti) + fidelity (Ti, S, M, TimeSformer-B, text)
     python bench/precision.py --speed-models videomamba_tiny videomamba_small --no-fidelity
+    python bench/precision.py --speed-models --no-fidelity --floor          # the floor report alone
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 import torch
 
+from bench.floor import exp_rate, floor, model_costs, product_seconds
 from bench.profiling import self_time_shares
 from bench.record import Recorder, add_output_argument
 from retrieval.models.device import cpu_flags, cpu_has_native_bf16
@@ -133,6 +142,76 @@ def speed(name: str, frames: int, size: int, repeats: int, rates: dict) -> dict:
     return row
 
 
+FLOOR_CONFIGS = ["videomamba_tiny:8", "videomamba_small:8", "videomamba_middle:8", "videomamba_tiny:64",
+                 "joint_vit_ti:64"]
+
+
+def floor_report(configs: list[str], size: int, repeats: int, bf16: bool) -> Iterator[dict]:
+    """``name:frames`` configurations timed in turns against their floors (module docstring)."""
+    from retrieval.models.registry import create_model
+    from retrieval.runtime import keep_freed_memory
+
+    keep_freed_memory()
+    dtypes = ["fp32", "bf16"] if bf16 else ["fp32"]
+    models, videos, costs = {}, {}, {}
+    for config in configs:
+        name, _, frames = config.partition(":")
+        frames = int(frames or 8)
+        torch.manual_seed(0)
+        models[config] = create_model(name, num_frames=frames, img_size=size).eval()
+        videos[config] = torch.randn(1, 3, frames, size, size)
+        costs[config] = model_costs(models[config], frames, size)
+    load_before = os.getloadavg()[0]
+    # the rates first, then the forwards in turns (round 0 is the warm-up)
+    exps_per_s = exp_rate()
+    seconds = {k: {} for k in dtypes}
+    for k in dtypes:
+        for config in configs:
+            seconds[k].update(product_seconds(costs[config].products, torch.float32 if k == "fp32" else torch.bfloat16))
+    times = {(c, k): [] for c in configs for k in dtypes}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):
+            for config in configs:
+                for k in dtypes:
+                    t0 = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k == "bf16"):
+                        models[config](videos[config])
+                    if round_:
+                        times[(config, k)].append(time.perf_counter() - t0)
+    load_after = os.getloadavg()[0]
+    med = {key: statistics.median(v) for key, v in times.items()}
+    for config in configs:
+        c = costs[config]
+        row = {"bench": "precision_floor", "model": config.partition(":")[0], "frames": int(config.partition(":")[2] or 8),
+               "img_size": size, "batch": 1, "tokens": c.tokens, "threads": torch.get_num_threads(), "repeats": repeats,
+               "product_gflop": round(c.product_flops / 1e9, 3), "exps_g": round(c.exps / 1e9, 4),
+               "exp_rate_g_per_s": round(exps_per_s / 1e9, 3)}
+        for k in dtypes:
+            f = floor(c, seconds[k], exps_per_s)
+            row.update({f"{k}_s": round(med[(config, k)], 4), f"{k}_all_s": [round(t, 4) for t in times[(config, k)]],
+                        f"{k}_floor_s": round(f["floor_s"], 4), f"{k}_products_s": round(f["products_s"], 4),
+                        f"{k}_exp_s": round(f["exp_s"], 4), f"{k}_products_gflops": round(f["products_gflops"], 1),
+                        f"{k}_vs_floor": round(med[(config, k)] / f["floor_s"], 3)})
+        if not bf16:
+            row["bf16"] = "not run: this CPU has no native bf16 (avx512_bf16/amx_bf16), its bf16 products are emulated"
+        row.update({"load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(load_after, 2)})
+        yield row
+    summary = {"bench": "precision_floor_summary", "repeats": repeats,
+               "load_avg_1min_before": round(load_before, 2), "load_avg_1min_after": round(load_after, 2)}
+    frames_of = {config: int(config.partition(":")[2] or 8) for config in configs}
+    for name in dict.fromkeys(config.partition(":")[0] for config in configs):
+        mine = sorted((frames_of[c], c) for c in configs if c.partition(":")[0] == name)
+        if len(mine) > 1:
+            (small, cs), (large, cl) = mine[0], mine[-1]
+            summary[f"{name}_per_frame_{large}_over_{small}"] = round(med[(cl, "fp32")] / large / (med[(cs, "fp32")] / small), 3)
+    for config in configs:
+        if config.startswith("joint_vit") and f"videomamba_tiny:{frames_of[config]}" in configs:
+            other = f"videomamba_tiny:{frames_of[config]}"
+            summary[f"{config.partition(':')[0]}_over_videomamba_tiny_at_{frames_of[config]}"] = round(
+                med[(config, "fp32")] / med[(other, "fp32")], 3)
+    yield summary
+
+
 def fidelity(names: list[str], frames: int, size: int) -> Iterator[dict]:
     from retrieval.eval.precision import feature_cosine, realistic_clips, text_features, video_features
     from retrieval.models.registry import create_model
@@ -167,16 +246,25 @@ def main(argv=None) -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-fidelity", action="store_true")
+    parser.add_argument("--floor", nargs="*", metavar="NAME:FRAMES", default=None,
+                        help=f"the floor report (no names: {' '.join(FLOOR_CONFIGS)})")
+    parser.add_argument("--floor-bf16", choices=("auto", "on", "off"), default="auto",
+                        help="time bf16 in the floor report: auto = only on a CPU with native bf16")
     add_output_argument(parser, "precision")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     results = Recorder(args.output, append=args.append)
-    rates = matmul_rates()
-    results.add({"bench": "precision_matmul", "n": 2048, "threads": torch.get_num_threads(),
-                 "fp32_gflops": round(rates["fp32"], 1), "bf16_gflops": round(rates["bf16"], 1),
-                 "bf16_vs_fp32": round(rates["bf16"] / rates["fp32"], 3), "cpu": _flags()})
+    if args.speed_models:   # the speed lines' floor (the floor report measures its own rates)
+        rates = matmul_rates()
+        results.add({"bench": "precision_matmul", "n": 2048, "threads": torch.get_num_threads(),
+                     "fp32_gflops": round(rates["fp32"], 1), "bf16_gflops": round(rates["bf16"], 1),
+                     "bf16_vs_fp32": round(rates["bf16"] / rates["fp32"], 3), "cpu": _flags()})
     for name in args.speed_models:
         results.add(speed(name, args.frames, args.img_size, args.repeats, rates))
+    if args.floor is not None:
+        bf16 = args.floor_bf16 == "on" or (args.floor_bf16 == "auto" and cpu_has_native_bf16())
+        for row in floor_report(args.floor or FLOOR_CONFIGS, args.img_size, args.repeats, bf16):
+            results.add(row)
     if not args.no_fidelity:
         for row in fidelity(args.fidelity_models, args.frames, args.img_size):
             results.add(row)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # modules of bench/ that are not benchmarks
-HELPERS = {"run_all", "record", "profiling"}
+HELPERS = {"run_all", "record", "profiling", "floor"}
 # name -> extra arguments (kept short enough for one `make bench` on a 2-core machine)
 QUICK = {
     "scaling": ["--alternate", "timesformer_ti", "videomamba_tiny", "videomamba_small", "videomamba_middle"],

@@ -30,7 +30,8 @@ Prints one JSON object per configuration and writes the lines to ``bench/results
 ``--alternate timesformer_ti videomamba_tiny`` then also times those models in turns in this one
 process at ``--alternate-frames`` (default 8 and 64) and prints the ratios (``mode: alternate``
 lines): the figures to compare on a shared machine. There a spec may also set
-``mixer_chunk_bytes=N`` (VideoMamba's opt-in chunked inference, ``BiMambaMixer.chunk_bytes``). ``--models`` with no names skips the
+``mixer_chunk_bytes=N`` (VideoMamba's opt-in sequence tiles, ``BiMambaMixer.chunk_bytes``; ``auto`` = half
+the last-level cache). ``--models`` with no names skips the
 per-configuration children.
 """
 
@@ -158,7 +159,7 @@ def alternate(specs: list[str], frames_list: list[int], img_size: int, repeats: 
             if chunk_bytes is not None:  # a runtime setting of VideoMamba's mixers, not a build option
                 for module in model.modules():
                     if hasattr(module, "chunk_bytes"):
-                        module.chunk_bytes = int(chunk_bytes)
+                        module.chunk_bytes = chunk_bytes if chunk_bytes == "auto" else int(chunk_bytes)
             models[(spec, frames)] = model
     wall: dict[tuple[str, int], list[float]] = {key: [] for key in models}
     cpu: dict[tuple[str, int], list[float]] = {key: [] for key in models}

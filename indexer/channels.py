@@ -220,9 +220,10 @@ class TextIndex:
         """Items that carry any text."""
         return len(self._docs)
 
-    def search(self, query: str, k: int | None = None,
+    def search(self, query: str | Sequence[str], k: int | None = None,
                relative_floor: float = RELATIVE_FLOOR) -> list[tuple[int, float]]:
-        """Items whose text matches ``query``, best first, as ``(item id, score)``.
+        """Items whose text matches ``query`` (a text, or its terms as :func:`query_terms` reads
+        them: :attr:`indexer.query.Query.written`), best first, as ``(item id, score)``.
 
         An item's score is the summed BM25 idf of the query terms (:func:`query_terms`) its text
         contains, so rare words and glued pairs ("chapter3") outweigh common ones; BM25 over the
@@ -230,7 +231,7 @@ class TextIndex:
         ranked: a partial match ("Chapter 7" for "chapter 3") is not evidence. ``[]`` when nothing
         matches: the channel abstains.
         """
-        terms = query_terms(query)
+        terms = query_terms(query) if isinstance(query, str) else list(query)
         if not terms or not self._docs:
             return []
         weights = {}
@@ -249,9 +250,10 @@ class TextIndex:
         kept = sorted((row for row in scored if row[0] >= relative_floor * best), key=lambda row: (-row[0], -row[1]))
         return [(rowid, score) for score, _, rowid in kept[:k]]
 
-    def match(self, item_id: int, query: str) -> TextMatch | None:
-        """The item's line that holds the most of the query's terms (earliest on ties)."""
-        terms = query_terms(query)
+    def match(self, item_id: int, query: str | Sequence[str]) -> TextMatch | None:
+        """The item's line that holds the most of the query's terms (earliest on ties); ``query``
+        as :meth:`search` takes it."""
+        terms = query_terms(query) if isinstance(query, str) else list(query)
         best, best_count = None, 0
         for line in self._lines.get(int(item_id), []):
             folded = fold(line["text"])

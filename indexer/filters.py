@@ -35,6 +35,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _WHERE = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(!=|=)\s*(.*?)\s*$")
 
 
+class FilterError(ValueError):
+    """A malformed filter, or one naming a column the index lacks (the message says which)."""
+
+
 def relative_path(path: str, roots: Sequence[str]) -> str:
     """``path`` relative to the first corpus root that holds it (as posix), else unchanged."""
     for root in roots:
@@ -66,12 +70,12 @@ def item_columns(items: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def check_glob(pattern: str) -> str:
-    """A usable path glob, or ValueError saying what is wrong with it."""
+    """A usable path glob, or :class:`FilterError` saying what is wrong with it."""
     if not pattern or not pattern.strip():
-        raise ValueError("empty path filter; give a folder or a glob such as 'news/*'")
+        raise FilterError("empty path filter; give a folder or a glob such as 'news/*'")
     opened = pattern.rfind("[")
     if opened >= 0 and "]" not in pattern[opened + 2:]:  # "[]...]" : a "]" right after "[" is literal
-        raise ValueError(f"malformed glob {pattern!r}: '[' without a closing ']'")
+        raise FilterError(f"malformed glob {pattern!r}: '[' without a closing ']'")
     return pattern.strip()
 
 
@@ -79,7 +83,8 @@ def parse_where(text: str) -> tuple[str, str, str]:
     """``"source=news"`` -> ``("source", "=", "news")``; ``!=`` negates."""
     match = _WHERE.match(text or "")
     if not match:
-        raise ValueError(f"cannot read filter {text!r}; write COLUMN=VALUE or COLUMN!=VALUE (e.g. source=news)")
+        raise FilterError(f"cannot read filter {text!r}; write COLUMN=VALUE or COLUMN!=VALUE "
+                          "(e.g. source=news)")
     return match.group(1), match.group(2), match.group(3)
 
 
@@ -115,14 +120,14 @@ class ItemFilter:
         min_seconds: float | None = None,
         max_seconds: float | None = None,
     ) -> ItemFilter:
-        """Check and assemble a filter from user input (ValueError names what is wrong)."""
+        """Check and assemble a filter from user input (:class:`FilterError` names what is wrong)."""
         paths = [paths] if isinstance(paths, str) else list(paths or [])
         where = [where] if isinstance(where, str) else list(where or [])
         for bound, name in ((min_seconds, "minimum"), (max_seconds, "maximum")):
             if bound is not None and not (np.isfinite(bound) and bound >= 0):
-                raise ValueError(f"the {name} duration must be a number of seconds >= 0, got {bound}")
+                raise FilterError(f"the {name} duration must be a number of seconds >= 0, got {bound}")
         if min_seconds is not None and max_seconds is not None and min_seconds > max_seconds:
-            raise ValueError(f"the minimum duration {min_seconds} s exceeds the maximum {max_seconds} s")
+            raise FilterError(f"the minimum duration {min_seconds} s exceeds the maximum {max_seconds} s")
         return cls(tuple(check_glob(p) for p in paths), min_seconds, max_seconds,
                    tuple(parse_where(w) for w in where))
 
@@ -136,7 +141,11 @@ class ItemFilter:
                 continue
             bound = re.match(r"^duration\s*(>=|<=)\s*([0-9.]+)$", token)
             if bound:
-                seconds = float(bound.group(2))
+                try:
+                    seconds = float(bound.group(2))
+                except ValueError:
+                    raise FilterError(f"cannot read filter {token!r}: {bound.group(2)!r} is not a number "
+                                      "of seconds") from None
                 low, high = (seconds, high) if bound.group(1) == ">=" else (low, seconds)
             elif token.startswith("path="):
                 paths.append(token[len("path="):])
@@ -151,7 +160,7 @@ class ItemFilter:
     def check_columns(self, columns: Sequence[str]) -> None:
         for column, _, _ in self.where:
             if column not in columns:
-                raise ValueError(f"unknown filter column {column!r}; this index has: {', '.join(columns)}")
+                raise FilterError(f"unknown filter column {column!r}; this index has: {', '.join(columns)}")
 
     def _path_ok(self, rel: str) -> bool:
         for pattern in self.paths:
@@ -186,7 +195,7 @@ class ItemFilter:
 
     def select(self, items: Sequence[Mapping[str, Any]], roots: Sequence[str] = ()) -> np.ndarray:
         """The sorted int64 ids (row numbers) of the items that pass; an unknown ``where``
-        column is a ValueError naming the columns the items have."""
+        column is a :class:`FilterError` naming the columns the items have."""
         keep, columns = [], dict.fromkeys(BUILTIN_COLUMNS)
         for row, item in enumerate(items):  # one pass: a large items file is parsed row by row
             if self.where:

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import threading
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,11 +45,12 @@ import torch
 from indexer.channels import DEFAULT_WEIGHTS, SemanticIndex, TextIndex, fuse, index_channels
 from indexer.faiss_index import HeldSubset, hold_subset
 from indexer.filters import ItemFilter
+from indexer.query import Query
 from indexer.store import MANIFEST_FILE, IndexReader, open_index, published_version_dir
-from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, is_blank_caption
+from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING
 from retrieval.data.video import Preprocess, VideoReadError, load_clip
 from retrieval.models.device import model_autocast, model_device, resolve_device
-from retrieval.models.model_dir import load_model, model_identity
+from retrieval.models.model_dir import load_model, model_identity, read_model_config, text_cleaning_of
 from retrieval.sentence import SentenceEncoder
 from retrieval.speech import SpeechIndex
 
@@ -139,50 +139,6 @@ def group_hits(hits: list[Hit], k: int | None = None) -> list[Hit]:
     return grouped if k is None else grouped[:k]
 
 
-class EmptyQuery(ValueError):
-    """A query with nothing to search: blank, or only control characters and punctuation."""
-
-    def __init__(self) -> None:
-        super().__init__("empty query")
-
-
-@dataclass(frozen=True)
-class Query:
-    """A typed query as searched (``text``; empty when nothing searchable is left) and what
-    cleaning did to it on the way (``notes``, for the page)."""
-
-    text: str
-    notes: tuple[str, ...] = ()
-
-    @property
-    def blank(self) -> bool:
-        return not self.text
-
-
-def clean_query(raw: str | None, limit: int | None = None, cleaning: str = DEFAULT_CAPTION_CLEANING) -> Query:
-    """The one cleaner of typed queries (CLI, page, library): control characters (and other
-    invisible code points) become spaces, whitespace runs collapse, and text beyond ``limit``
-    characters is dropped, at a word boundary when one is near. A query the model's caption
-    cleaning (``cleaning``, :func:`retrieval.data.corpora.clean_caption`) leaves blank comes back
-    blank: it would match everything."""
-    notes: list[str] = []
-    raw = "" if raw is None else str(raw)
-    visible = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in raw)
-    if any(unicodedata.category(ch).startswith("C") and not ch.isspace() for ch in raw):
-        notes.append("Removed control characters from the query.")
-    text = " ".join(visible.split())
-    if limit is not None and len(text) > limit:
-        cut = text[:limit]
-        if not text[limit].isspace() and " " in cut[limit // 2:]:
-            cut = cut[:cut.rindex(" ")]
-        notes.append(f"The query was {len(text):,} characters long; searched its first {len(cut):,} "
-                     f"(the limit is {limit:,}).")
-        text = cut.rstrip()
-    if is_blank_caption(text, cleaning):
-        text = ""
-    return Query(text, tuple(notes))
-
-
 def _recorded_model_dir(index: Path) -> Path:
     """The model directory the index's manifest records (``vtr index`` writes it)."""
     manifest_path = index / MANIFEST_FILE
@@ -192,6 +148,18 @@ def _recorded_model_dir(index: Path) -> Path:
     if not model_dir:
         raise ValueError(f"index {index} does not record the model that built it; pass --model DIR")
     return Path(model_dir)
+
+
+def query_cleaning(index: str | os.PathLike[str], model: str | os.PathLike[str] | None = None) -> str:
+    """The caption cleaning of the model that searches ``index`` (``model``, default: the one its
+    manifest records), read from its config without loading it: what :meth:`Query.parse` needs
+    to refuse an empty query before the model is loaded.
+
+    Raises:
+        FileNotFoundError, ValueError: as :class:`Searcher` does for the same index and model.
+    """
+    model_dir = Path(model) if model is not None else _recorded_model_dir(Path(index))
+    return text_cleaning_of(read_model_config(model_dir))
 
 
 def clip_key(path: str, start: float | None, end: float | None) -> str:
@@ -455,29 +423,52 @@ class Searcher:
         """Whether the model has a trained matching head to re-rank with."""
         return bool(getattr(self.model, "matching_trained", True))
 
+    @property
+    def text_cleaning(self) -> str:
+        """The caption cleaning of the model's text tower (its ``config.json``)."""
+        return getattr(self.model, "text_cleaning", DEFAULT_CAPTION_CLEANING)
+
+    def query(self, text: str, where: ItemFilter | str | None = None) -> Query:
+        """``text`` (and the filter ``where``) as this model's searches take it (:meth:`Query.parse`).
+
+        Raises:
+            EmptyQuery: the query has no words.
+            ValueError: a malformed filter.
+        """
+        return Query.parse(text, self.text_cleaning, where=where)
+
     @torch.inference_mode()
-    def search(self, text: str, k: int = 10, rerank: bool = False, group: bool = False,
+    def search(self, query: Query | str, k: int = 10, rerank: bool = False, group: bool = False,
                channels: Sequence[str] | None = None, weights: Mapping[str, float] | None = None,
                where: ItemFilter | str | None = None) -> list[Hit]:
-        """The ``k`` best clips for ``text``, best first; with ``group``, the ``k`` best videos,
-        each with its other matching windows as ``moments``. ``where`` keeps only the items it
-        matches (:meth:`select`), before the top ``k`` is taken.
+        """The ``k`` best clips for ``query``, best first; with ``group``, the ``k`` best videos,
+        each with its other matching windows as ``moments``. The query's filter keeps only the
+        items it matches (:meth:`select`), before the top ``k`` is taken.
+
+        ``query`` is a :class:`indexer.query.Query`, or a text that is made one here
+        (:meth:`query`, with the filter ``where``), cleaned and checked once: control characters
+        are dropped and a query beyond :data:`indexer.query.QUERY_LIMIT` characters is cut
+        (the tokenizer truncates far earlier anyway).
 
         ``channels`` (default: every channel the index has) are searched and their rankings
         fused (:func:`indexer.channels.fuse`, per-channel ``weights``); a channel that matches
         nothing abstains, so a query about the picture ranks as the visual channel ranks it.
         ``rerank`` re-scores the visual channel's candidates alone.
 
-        Queries longer than the model's text limit are truncated by the tokenizer; control
-        characters are dropped.
-
         Raises:
             EmptyQuery: the query has no words.
-            ValueError: a channel the index does not have.
+            ValueError: a channel the index does not have; a malformed filter or one naming a
+                column the index lacks; a :class:`Query` with a filter and ``where`` too, or one
+                cleaned for another model.
         """
-        query = clean_query(text, cleaning=getattr(self.model, "text_cleaning", DEFAULT_CAPTION_CLEANING))
-        if query.blank:
-            raise EmptyQuery()
+        if isinstance(query, Query):
+            if where is not None:
+                raise ValueError("give the filter in the Query (Query.parse(..., where=...)), not beside it")
+            if query.cleaning != self.text_cleaning:
+                raise ValueError(f"the query was cleaned by the {query.cleaning!r} rule; this model's text "
+                                 f"tower reads {self.text_cleaning!r} (build it with Searcher.query)")
+        else:
+            query = self.query(query, where)
         self.refresh()
         wanted = self.channels if channels is None else tuple(channels)
         missing = [name for name in wanted if name not in self.channels]
@@ -489,18 +480,18 @@ class Searcher:
             raise ValueError("this model's matching head was never trained (its recipe had loss.vtm = 0): "
                              "search without re-ranking")
         reader = self.reader  # one version for the filter and the lookup, whatever a refresh does
-        ids, held = self._subset(where, reader)  # a bad filter fails before the query is embedded
+        ids, held = self._subset(query.where, reader)  # a bad filter fails before the query is embedded
         with model_autocast(self.model):
-            encoded = self.model.encode_texts([query.text])
+            encoded = self.model.encode_texts([query.caption], cleaned=True)
         vector = encoded["feat"].float().cpu().numpy()
         if not rerank and wanted != ("visual",):
-            return self._fused(query.text, vector, k, group, wanted, weights, where)
+            return self._fused(query, vector, k, group, wanted, weights)
         if rerank:
             pool = max(k * GROUP_POOL_FACTOR if group else k, RERANK_CANDIDATES)
             ranked = reader.search(vector, pool, subset=ids, held=held)[0]
             hits = self._rerank(ranked, encoded["hidden"], encoded["mask"])
             return group_hits(hits, k) if group else hits[:k]
-        return self._lookup(vector, k, group, where, reader)
+        return self._lookup(vector, k, group, query.where, reader)
 
     def search_vector(self, vector: np.ndarray, k: int = 10, group: bool = False,
                       where: ItemFilter | str | None = None) -> list[Hit]:
@@ -532,14 +523,15 @@ class Searcher:
                 return grouped[:k]
             pool = min(total, pool * GROUP_POOL_FACTOR)
 
-    def _fused(self, query: str, vector: np.ndarray, k: int, group: bool, channels: Sequence[str],
-               weights: Mapping[str, float] | None, where: ItemFilter | str | None = None) -> list[Hit]:
-        """Each channel's best :data:`FUSION_POOL` items (of those ``where`` keeps), fused by
-        confidence-aware rank fusion."""
+    def _fused(self, query: Query, vector: np.ndarray, k: int, group: bool, channels: Sequence[str],
+               weights: Mapping[str, float] | None) -> list[Hit]:
+        """Each channel's best :data:`FUSION_POOL` items (of those the query's filter keeps),
+        fused by confidence-aware rank fusion; each channel reads its own part of ``query``."""
         pool = max(FUSION_POOL, k * GROUP_POOL_FACTOR)
         version = self._held  # one version throughout, even if a refresh switches meanwhile
         reader, text_index, speech_index = version.reader, version.text_index, version.speech_index
         semantic_index = version.semantic_index
+        where = query.where
         ids, held = self._subset(where, reader)
         if ids is not None and len(ids) == 0:
             return []
@@ -551,7 +543,7 @@ class Searcher:
             scores["visual"] = {item["id"]: score for item, score in found}
         if "text" in channels and text_index is not None:
             # the lexical index takes no id filter: its ranking is read deeper and then filtered
-            found_text = text_index.search(query, pool if ids is None else pool * TEXT_FILTER_DEPTH)
+            found_text = text_index.search(query.written, pool if ids is None else pool * TEXT_FILTER_DEPTH)
             if ids is not None:
                 keep = set(ids.tolist())
                 found_text = [(item_id, score) for item_id, score in found_text if item_id in keep][:pool]
@@ -559,7 +551,7 @@ class Searcher:
             scores["text"] = dict(found_text)
         semantic_weight = {**DEFAULT_WEIGHTS, **(weights or {})}["semantic"]
         if "text" in channels and semantic_index and self._sentences is not None and semantic_weight > 0:
-            found_meaning = semantic_index.search(self.sentence_vectors([query])[0],
+            found_meaning = semantic_index.search(self.sentence_vectors([query.text])[0],
                                                   pool if ids is None else pool * TEXT_FILTER_DEPTH)
             if ids is not None:
                 keep = set(ids.tolist())
@@ -567,7 +559,7 @@ class Searcher:
             rankings["semantic"] = [item_id for item_id, _ in found_meaning]
             scores["semantic"] = dict(found_meaning)
         if "speech" in channels and speech_index is not None:
-            found_speech = speech_index.search(query)  # every confident item: the filter applies after
+            found_speech = speech_index.search(query.spoken)  # every confident item: the filter applies after
             if ids is not None:
                 keep = set(ids.tolist())
                 found_speech = [(item_id, score) for item_id, score in found_speech if item_id in keep]
@@ -586,8 +578,8 @@ class Searcher:
             match = None
             if text_index is not None and ("text" in ranks or "semantic" in ranks):
                 # the line holding the query's words, else (a semantic match alone) the item's first line
-                match = text_index.match(item_id, query) or text_index.first_line(item_id)
-            spoken = speech_index.match(item_id, query) if "speech" in ranks and speech_index else None
+                match = text_index.match(item_id, query.written) or text_index.first_line(item_id)
+            spoken = speech_index.match(item_id, query.spoken) if "speech" in ranks and speech_index else None
             hits.append(replace(self._hit(item, fused), channels=per_channel,
                                 text=None if match is None else asdict(match),
                                 speech=None if spoken is None else spoken.to_dict()))

@@ -59,6 +59,20 @@ def parse_asr(text: str | None) -> str:
     return f"whisper:{Path(argument.strip()).resolve()}"
 
 
+def choose_asr(asr: str | None, channels: tuple[str, ...]) -> str:
+    """The checked ``--asr`` of a command that indexes ``channels`` (see :func:`parse_asr`): the
+    default when the speech channel is not among them.
+
+    Raises:
+        ValueError: ``asr`` is given but ``channels`` leave the speech channel out, or :func:`parse_asr` refuses it.
+    """
+    if "speech" not in channels:
+        if asr is not None:
+            raise ValueError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
+        return DEFAULT_ASR
+    return parse_asr(asr)
+
+
 def load_recognizer(asr: str | None = None, device: str = "cpu") -> Recognizer:
     """The recogniser ``asr`` names (see :func:`parse_asr`), loaded; Whisper runs on ``device``."""
     chosen = parse_asr(asr)

@@ -473,6 +473,12 @@ def query_words(query: str) -> list[str]:
     return list(dict.fromkeys(word for word in words if word and word not in _STOPWORDS))
 
 
+def spoken_words(query: str | Sequence[str]) -> list[str]:
+    """The words searched in speech: :func:`query_words` of a text; a sequence is those words
+    already (:attr:`indexer.query.Query.spoken`)."""
+    return query_words(query) if isinstance(query, str) else list(query)
+
+
 @dataclass(frozen=True)
 class SpeechMatch:
     """The recognised words of an item that matched a query (as recognised), when they were
@@ -588,12 +594,14 @@ class SpeechIndex:
         """Items that carry any recognised speech."""
         return len(self._ids)
 
-    def scores(self, query: str) -> list[tuple[int, float, float, dict[str, tuple[float, float]]]]:
-        """Every item's match score and confidence for ``query`` with, per query word, when its
+    def scores(self, query: str | Sequence[str]
+               ) -> list[tuple[int, float, float, dict[str, tuple[float, float]]]]:
+        """Every item's match score and confidence for ``query`` (a text, or the words
+        :func:`query_words` reads from it) with, per query word, when its
         best match was said: ``[(item id, score, confidence, {word: (start, end)})]`` (unsorted;
         ``[]``: nothing to match). ``score`` is the phone-weighted mean of the query words' best
         alignments (1.0: all found), ``confidence`` that less the same with the item's phones reversed."""
-        words = [w for w in query_words(query) if len(self._pronouncer.phones(w)) >= MIN_WORD_PHONES]
+        words = [w for w in spoken_words(query) if len(self._pronouncer.phones(w)) >= MIN_WORD_PHONES]
         if not words or not self._ids:
             return []
         items = len(self._ids)
@@ -632,7 +640,7 @@ class SpeechIndex:
         return [(item_id, float(total[n]), float(total[n] - luck[n]), dict(zip(words, where[n], strict=True)))
                 for n, item_id in enumerate(self._ids)]
 
-    def search(self, query: str, k: int | None = None, min_score: float = MIN_SCORE,
+    def search(self, query: str | Sequence[str], k: int | None = None, min_score: float = MIN_SCORE,
                min_confidence: float = MIN_CONFIDENCE, relative_floor: float = RELATIVE_FLOOR) -> list[tuple[int, float]]:
         """Items whose speech sounds like ``query``'s words, best first, as ``(item id, score)``.
 
@@ -640,7 +648,7 @@ class SpeechIndex:
         a confidence at least ``min_confidence``, are ranked; ``[]`` (the channel abstains) when
         none is, or when the query's searched words have fewer than :data:`MIN_QUERY_PHONES` phones.
         """
-        phones = sum(len(self._pronouncer.phones(w)) for w in query_words(query)
+        phones = sum(len(self._pronouncer.phones(w)) for w in spoken_words(query)
                      if len(self._pronouncer.phones(w)) >= MIN_WORD_PHONES)
         if phones < MIN_QUERY_PHONES:
             return []
@@ -652,7 +660,7 @@ class SpeechIndex:
         kept = sorted((row for row in scored if row[1] >= relative_floor * best), key=lambda row: -row[1])
         return kept[:k]
 
-    def match(self, item_id: int, query: str) -> SpeechMatch | None:
+    def match(self, item_id: int, query: str | Sequence[str]) -> SpeechMatch | None:
         """The recognised words of ``item_id`` said where ``query`` matched best, with their times
         (the words around the matched phones; when the recogniser put no word there, the phones)."""
         for found, score, _, spans in self.scores(query):

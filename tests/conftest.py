@@ -1,11 +1,18 @@
 import os
-
-import pytest
-import torch
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+# set before anything imports transformers or gradio
+import pytest
+import torch
+
+from indexer.jobs import JobSpec, run_index_job
+from retrieval.data.synthetic import generate_corpus
+from retrieval.models.retrieval_model import build_retrieval_model
+
 # 2 = the reference machine's cores; VTR_TEST_THREADS=1 keeps the suite usable beside other work
 torch.set_num_threads(int(os.environ.get("VTR_TEST_THREADS", "2")))
 
@@ -29,3 +36,49 @@ def one_line_error():
             assert fragment in errors[0], result.output
 
     return check
+
+
+# ------------------------------------------------------------------ shared tiny objects
+# Built once per test session: tests read them and never write into them (a test that changes a
+# model directory, a corpus or an index works on its own copy, e.g. ``shutil.copytree``).
+
+
+def _tiny_model(seed: int):
+    """The suite's tiny untrained retrieval model (VideoMamba tiny, 24-d, one fusion layer) with
+    the weights ``seed`` draws."""
+    torch.manual_seed(seed)
+    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's tiny model saved as a model directory (read-only for the tests)."""
+    return _tiny_model(0).save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic corpus (read-only for the tests): 4 train and 8 test clips of 3 s
+    (``train.json``, ``test.json``, ``videos/{train,test}/NNNN.mp4``, 32 px) and 2 long
+    multi-scene videos (``long.json``, ``videos/long/``)."""
+    root = tmp_path_factory.mktemp("corpus")
+    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=2, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def search_index(synthetic_corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The index (read-only for the tests) of :func:`synthetic_corpus`'s 8 test clips, whole,
+    built with :func:`model_dir`."""
+    out = tmp_path_factory.mktemp("index") / "test"
+    spec = JobSpec(model_dir=model_dir, out=out, videos=synthetic_corpus / "videos",
+                   ann_file=synthetic_corpus / "test.json")
+    run_index_job(spec, workers=0, batch_size=8, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same architecture as :func:`model_dir` with other weights: another model (a model is
+    its weights, not its folder's name)."""
+    return _tiny_model(1).save(tmp_path_factory.mktemp("model") / "other")

@@ -106,6 +106,30 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_cache_bytes() -> int:
+    """Bytes of this CPU's last-level cache as the first core sees it (sysfs), 8 MiB where unknown."""
+    best = 0
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(root, entry, "type")) as fh:
+                if fh.read().strip() == "Instruction":
+                    continue
+            with open(os.path.join(root, entry, "size")) as fh:
+                text = fh.read().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text or 0)
+        best = max(best, size)
+    return best or 8 << 20
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX-BF16).
 

@@ -228,6 +228,12 @@ def load_weights_into(module: torch.nn.Module, path: str | Path, what: str | Non
         raise ModelDirError(f"{what}: the weights do not match the architecture: {exc}") from None
 
 
+def text_cleaning_of(cfg: dict[str, Any]) -> str:
+    """The caption cleaning a model's ``config.json`` (as :func:`read_model_config` reads it) names
+    for its text tower (the default for directories written before the setting existed)."""
+    return cfg.get("model", {}).get("text_cleaning", DEFAULT_CAPTION_CLEANING)
+
+
 def model_identity(path: str | Path) -> dict[str, Any]:
     """What an index records about the model that built it."""
     cfg = read_model_config(path)
@@ -236,7 +242,7 @@ def model_identity(path: str | Path) -> dict[str, Any]:
                 "weights_sha256": weights_hash(weights_file(path)),
                 "preprocess": cfg.get("preprocess", {})}
     if cfg["kind"] == "retrieval":  # text vectors depend on how queries and captions are cleaned
-        identity["text_cleaning"] = cfg.get("model", {}).get("text_cleaning", DEFAULT_CAPTION_CLEANING)
+        identity["text_cleaning"] = text_cleaning_of(cfg)
     return identity
 
 

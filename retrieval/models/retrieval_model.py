@@ -130,10 +130,13 @@ class RetrievalModel(nn.Module):
         return feat.mean(1) if feat.dim() == 3 else feat
 
     # -- text -------------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str], max_len: int | None = None):
+    def tokenize(self, texts: Sequence[str], max_len: int | None = None, cleaned: bool = False):
+        """Token ids and mask of ``texts``, cleaned by the model's rule unless ``cleaned`` says
+        they were (:func:`retrieval.models.text.tokenize`)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; load it from a model directory")
-        return tokenize(self.tokenizer, list(texts), max_len or self.max_text_len, self.text_cleaning)
+        return tokenize(self.tokenizer, list(texts), max_len or self.max_text_len, self.text_cleaning,
+                        cleaned=cleaned)
 
     def encode_text(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
                     hidden: torch.Tensor | None = None, start_layer: int | None = None) -> dict[str, torch.Tensor]:
@@ -156,8 +159,9 @@ class RetrievalModel(nn.Module):
         return {"feat": F.normalize(full_precision(self.text_proj, pooled), dim=-1), "hidden": hidden,
                 "mask": attention_mask}
 
-    def encode_texts(self, texts: Sequence[str], max_len: int | None = None) -> dict[str, torch.Tensor]:
-        ids, mask = self.tokenize(texts, max_len)
+    def encode_texts(self, texts: Sequence[str], max_len: int | None = None,
+                     cleaned: bool = False) -> dict[str, torch.Tensor]:
+        ids, mask = self.tokenize(texts, max_len, cleaned)
         dev = self.temp.device
         return self.encode_text(ids.to(dev), mask.to(dev))
 

@@ -429,7 +429,7 @@ class MLMHead(nn.Module):
 
 def tokenize(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int,
-    cleaning: str = DEFAULT_CAPTION_CLEANING,
+    cleaning: str = DEFAULT_CAPTION_CLEANING, cleaned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean and tokenise ``texts`` into ``(input_ids, attention_mask)``, both [N, L] int64.
 
@@ -438,13 +438,17 @@ def tokenize(
     Sequences are truncated to ``max_len`` tokens (CLS and SEP included; the per-corpus limits
     are in the spec) and padded to the longest in the batch: padded keys are masked, so padding
     further would only cost time. A text that is blank after cleaning would encode as bare
-    CLS/SEP and silently match anything, so it is an error naming its index.
+    CLS/SEP and silently match anything, so it is an error naming its index. ``cleaned``: the
+    texts were cleaned by ``cleaning`` and checked already (a search query is, once, when it is
+    read); cleaning twice is not always a no-op (``"<<person>>"``).
     """
     if not texts:
         raise ValueError("tokenize needs at least one text")
     for index, text in enumerate(texts):
-        if is_blank_caption(text, cleaning):
+        if (not text.strip()) if cleaned else is_blank_caption(text, cleaning):
             raise ValueError(f"text {index} ({text!r}) is empty after cleaning")
-    cleaned = [clean_caption(text, cleaning) for text in texts]
-    encoded = tokenizer(cleaned, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    if not cleaned:
+        texts = [clean_caption(text, cleaning) for text in texts]
+    encoded = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len,
+                        return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]

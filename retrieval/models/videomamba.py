@@ -43,7 +43,9 @@ from torch.utils.checkpoint import checkpoint
 from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath
 from .model_dir import CheckpointError
 from .registry import register_arch
+from .device import cpu_cache_bytes
 from .ssm import fused_mixer_available, selective_scan
+from .ssm.cpu import ScanDirection, conv_silu, scan_directions
 
 # how far position embeddings may be stretched before the input is refused
 MAX_TEMPORAL_STRETCH = 8
@@ -56,10 +58,30 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Normalised in fp32, returned in ``x``'s dtype or ``dtype`` (a block under autocast asks
+        for the autocast dtype: its in_proj reads that, so it is rounded once, here)."""
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return (out * self.weight.float()).to(dtype or x.dtype)
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives products on ``t``'s device, or None where autocast is off."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _product_input(t: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``t`` as ``linear`` should read it: under autocast as it is (autocast casts what it must,
+    and a bf16 tensor stays bf16), otherwise in the weight's dtype."""
+    return t if _autocast_dtype(t) is not None else t.to(linear.weight.dtype)
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """``t`` to add to the fp32 residual stream: a bf16/fp16 mixer output (autocast) as it is (the
+    add widens it by type promotion, without a converted copy first), anything else as fp32."""
+    return t if t.dtype in (torch.bfloat16, torch.float16) else t.float()
 
 
 def _plain(module: nn.Module, cls: type) -> bool:
@@ -188,17 +210,20 @@ class BiMambaMixer(nn.Module):
         the forward direction, then the backward one from the end, sums them and applies the
         gate; dt_proj's rank-R product is computed inside the scan kernel. in_proj, x_proj and
         out_proj stay matmuls."""
-        from .ssm.cpu import ScanDirection, conv_silu, scan_directions  # noqa: PLC0415
-
         E, R, N = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(hidden)                                       # [B, L, (2)E]
         if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
             xz = xz.float()
         x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
+        # bf16 (autocast): the conv writes bf16, which x_proj and the scan read as they are; the
+        # scan reads x_proj's bf16 dt/B/C in place and writes out_proj's bf16 input (state and
+        # accumulation fp32): no conversion pass between in_proj and out_proj
+        act = xz.dtype
         if self.layout == "v2":
-            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias,
+                                   out_dtype=act)
         else:  # v1: one conv; the backward direction reads its output (and x_proj's) from the end
-            xc_f, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias)
+            xc_f, _ = conv_silu(x, self.conv1d.weight, self.conv1d.bias, out_dtype=act)
             xc_b = xc_f
         dirs, dbc_f = [], None
         for backward, xc in ((False, xc_f), (True, xc_b)):
@@ -207,7 +232,9 @@ class BiMambaMixer(nn.Module):
             if backward and self.layout == "v1":
                 dbc = dbc_f
             else:
-                dbc = x_proj(xc.to(x_proj.weight.dtype)).float()        # [B, L, R+2N]
+                dbc = x_proj(_product_input(xc, x_proj))                 # [B, L, R+2N]
+                if dbc.dtype not in (torch.float32, torch.bfloat16):
+                    dbc = dbc.float()
             dbc_f = dbc
             A = -torch.exp((self.A_b_log if backward else self.A_log).float())
             u = x if self.scan_input == "raw" else xc
@@ -218,39 +245,47 @@ class BiMambaMixer(nn.Module):
                                       reverse=backward, mask_diag=backward and self.mask_backward,
                                       elemental=self.elemental_residual,
                                       dt=dbc[..., :R], dt_weight=dt_proj.weight.float()))
-        y, _ = scan_directions(dirs, z)
+        y, _ = scan_directions(dirs, z, out_dtype=act)
         if self.divide_out:  # Vim: the mean of the two directions
             y = y * 0.5
-        return self.out_proj(y.to(hidden.dtype))
+        return self.out_proj(_product_input(y, self.out_proj))
 
-    # Opt-in chunked inference (_forward_chunked) for long sequences: the bytes of in_proj output
-    # per chunk (e.g. 2 << 20: ~680 positions for VideoMamba-Ti), 0 = off. A chunk's in_proj
-    # output, convolutions and scan inputs then stay in cache instead of making full-length round
-    # trips through memory. Off by default because it did not pay where measured (2 shared cores:
-    # the one-pass path already costs the same per position at 8 and 64 frames on one thread, and
-    # the chunks' extra kernel calls cost more than the saved traffic; docs/long_clips_and_rerank.md).
-    # Set it per mixer (or on the class) where measurements say otherwise.
-    chunk_bytes = 0
+    # Sequence tiles for long sequences (_forward_chunked): the bytes of the mixer's activations
+    # per tile, 0 = off, "auto" = half the last-level cache (retrieval.models.device.cpu_cache_bytes).
+    # A tile's in_proj output, convolutions and scan inputs then stay in cache instead of making
+    # full-length round trips through memory. Off by default: where measured (docs/performance.md,
+    # docs/long_clips_and_rerank.md) the tiles' extra kernel calls cost more than the saved
+    # traffic. Set it per mixer (or on the class) where measurements say otherwise.
+    chunk_bytes: int | str = 0
+
+    def _position_bytes(self, hidden: torch.Tensor) -> int:
+        """Bytes of activations one position of one sample carries through pass 1 of the tiles:
+        in_proj's output, both conv outputs, both x_proj outputs and the forward branch's output."""
+        act = 2 if torch.is_autocast_enabled("cpu") or hidden.dtype == torch.bfloat16 else 4
+        e, rn = self.d_inner, self.dt_rank + 2 * self.d_state
+        return act * (2 * e + 2 * e + 2 * rn) + 4 * (2 * rn + e)
 
     def _chunk_len(self, hidden: torch.Tensor) -> int | None:
-        """Chunk length for this input, or None to run the whole sequence at once."""
-        if torch.is_grad_enabled() or self.mask_backward or self.elemental_residual or not self.chunk_bytes:
-            return None   # training keeps the one-pass path (its backward); Pro variants too
-        length = max(256, self.chunk_bytes // (hidden.shape[0] * 2 * self.d_inner * 4) // 64 * 64)
+        """Tile length for this input, or None to run the whole sequence at once."""
+        if self.mask_backward or self.elemental_residual or self.layout != "v2" or not self.chunk_bytes:
+            return None   # the VideoMambaPro options keep the one-pass path
+        budget = cpu_cache_bytes() // 2 if self.chunk_bytes == "auto" else int(self.chunk_bytes)
+        length = max(256, budget // (hidden.shape[0] * self._position_bytes(hidden)) // 64 * 64)
         return length if hidden.shape[1] > 2 * length else None
 
     def _forward_chunked(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
-        """:meth:`_forward_fused` over sequence chunks, inference only (no autograd graph).
+        """:meth:`_forward_fused` over sequence tiles of ``chunk`` positions, differentiable.
 
-        Pass 1 runs the chunks in order: in_proj (with the conv's d_conv - 1 halo positions on
-        each side), both convolutions, both x_proj, and the forward scan, which carries its state
-        from chunk to chunk through the kernel's initial/last state. It keeps the backward
-        branch's scan inputs, the gate and the forward output per chunk. Pass 2 runs the chunks
-        in reverse: the backward scan (state carried from the end), the sum, out_proj. Same
-        function as the one-pass path up to float rounding (tests/models/test_mixer_chunked.py).
+        Pass 1 runs the tiles in order: in_proj (with the conv's d_conv - 1 halo positions on each
+        side), both convolutions, both x_proj, and the forward scan, which carries its state from
+        tile to tile through the kernel's initial/last state. It keeps the backward branch's scan
+        inputs, the gate and the forward output per tile. Pass 2 runs the tiles in reverse: the
+        backward scan (state carried from the end), the sum, out_proj. Autograd runs back through
+        the carried states (the kernel's last-state gradient) and the overlapping halos (their
+        gradients add up in ``hidden``). Under bf16 autocast the kernels read in_proj's bf16
+        output in place, as on the one-pass path. Same function as the one-pass path up to float
+        rounding (tests/models/test_mixer_chunked.py).
         """
-        from .ssm.cpu import ScanDirection, conv_silu, scan_directions  # noqa: PLC0415
-
         E, R, N, K = self.d_inner, self.dt_rank, self.d_state, self.d_conv
         length = hidden.shape[1]
         bounds = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
@@ -270,23 +305,29 @@ class BiMambaMixer(nn.Module):
         for start, stop in bounds:
             lo, hi = max(0, start - (K - 1)), min(length, stop + K - 1)
             xz = self.in_proj(hidden[:, lo:hi])
-            if xz.dtype != torch.float32:
+            if xz.dtype not in (torch.float32, torch.bfloat16):   # the kernels read fp32 or bf16 in place
                 xz = xz.float()
             x, z = (xz[..., :E], xz[..., E:]) if self.gate else (xz, None)
-            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias)
+            xc_f, xc_b = conv_silu(x, self.conv1d.weight, self.conv1d.bias, self.conv1d_b.weight, self.conv1d_b.bias,
+                                   out_dtype=xz.dtype)
             inner = slice(start - lo, stop - lo)
-            xc_f, xc_b = xc_f[:, inner], xc_b[:, inner].contiguous()
-            z = z[:, inner].contiguous() if z is not None else None
-            dbc_f = params[""][0](xc_f.to(params[""][0].weight.dtype)).float()
-            dbc_b = params["_b"][0](xc_b.to(params["_b"][0].weight.dtype)).float()
+            xc_f, xc_b = xc_f[:, inner], xc_b[:, inner]
+            z = z[:, inner] if z is not None else None
+            dbc_f = params[""][0](_product_input(xc_f, params[""][0]))
+            dbc_b = params["_b"][0](_product_input(xc_b, params["_b"][0]))
+            if dbc_f.dtype not in (torch.float32, torch.bfloat16):
+                dbc_f, dbc_b = dbc_f.float(), dbc_b.float()
             y_f, (state,) = scan_directions([direction("", xc_f, dbc_f, state)], z)
             kept.append((xc_b, dbc_b, z, y_f))
-        out = hidden.new_empty(hidden.shape[0], length, self.out_proj.out_features)
+        pieces = []
         state = None
-        for (start, stop), (xc_b, dbc_b, z, y_f) in zip(reversed(bounds), reversed(kept), strict=True):
+        for xc_b, dbc_b, z, y_f in reversed(kept):
             y_b, (state,) = scan_directions([direction("_b", xc_b, dbc_b, state)], z)
-            out[:, start:stop] = self.out_proj((y_f + y_b).to(hidden.dtype))
-        return out
+            y = y_f + y_b
+            if self.divide_out:  # Vim: the mean of the two directions
+                y = y * 0.5
+            pieces.append(self.out_proj(_product_input(y, self.out_proj)))
+        return torch.cat(pieces[::-1], dim=1)
 
     def _use_fused(self, hidden: torch.Tensor) -> bool:
         if hidden.device.type != "cpu" or self.scan_backend not in ("auto", "cpu"):
@@ -314,8 +355,8 @@ class MambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None):
-        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
-        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype)))
+        residual = hidden.float() if residual is None else residual + _widened(self.drop_path(hidden))
+        hidden = self.mixer(self.norm(residual.to(self.norm.weight.dtype), _autocast_dtype(residual)))
         return hidden, residual
 
 
@@ -515,7 +556,7 @@ class VideoMamba(nn.Module):
             else:
                 hidden, residual = layer(hidden, residual)
         distill_src = residual  # the stream before the last mixer output is added (official quirk)
-        residual = residual + self.drop_path(hidden).float()
+        residual = residual + _widened(self.drop_path(hidden))
         tokens = self.norm(residual.to(self.norm.weight.dtype))
         if mid:
             tokens = torch.cat([tokens[:, mid:mid + 1], tokens[:, :mid], tokens[:, mid + 1:]], dim=1)

@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from app.cli import app
-from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,12 +75,6 @@ def test_a_deeply_nested_recipe_is_one_line(tmp_path: Path, no_training, one_lin
     demo = str(REPO / "configs/train/demo.yaml")
     one_line_error(CliRunner().invoke(app, ["train", demo, "model.video_overrides=" + "[" * 100_000]),
                     "'model.video_overrides': the value is nested too deeply")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def test_truncated_or_empty_weights_are_one_line(model_dir: Path, tmp_path: Path, one_line_error) -> None:

@@ -21,14 +21,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from typer.testing import CliRunner
 
 from app.cli import app as cli_app
 from app.web import (
     BLANK_MESSAGE,
-    QUERY_LIMIT,
     CorpusGuard,
     SearchPage,
     build_app,
@@ -39,11 +37,10 @@ from app.web import (
     serve,
 )
 from indexer.jobs import JobSpec, run_index_job
-from indexer.search import Hit, Moment, clean_query, clip_key
+from indexer.query import QUERY_LIMIT
+from indexer.search import Hit, Moment, clip_key
 from indexer.store import open_index
-from retrieval.data.synthetic import generate_corpus
 from retrieval.labels import load_labels
-from retrieval.models.retrieval_model import build_retrieval_model
 
 CARD = re.compile(r'<div class="vtr-card" data-rank="(\d+)" data-score="([-0-9.e]+)"')
 VIDEO_SRC = re.compile(r'<video src="vtr/clip/([0-9a-f]{16})(#t=[^"]*)?"')
@@ -54,12 +51,12 @@ MOMENT_LINK = re.compile(r'<a href="vtr/clip/([0-9a-f]{16})(#t=[^"]*)?"')
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=1, progress=False)
-    # the 8 test clips whole, plus the 4 captioned moments of the long video
+def corpus(synthetic_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shared corpus (tests here put files beside its clips) with ``ann.json``."""
+    root = shutil.copytree(synthetic_corpus, tmp_path_factory.mktemp("corpus") / "corpus")
+    # the 8 test clips whole, plus the 4 captioned moments of the first long video
     entries = json.loads((root / "test.json").read_text())
-    for video in json.loads((root / "long.json").read_text()):
+    for video in json.loads((root / "long.json").read_text())[:1]:
         entries += [{"video": video["video"], "caption": s["caption"], "start": s["start"], "end": s["end"]}
                     for s in video["segments"]]
     (root / "ann.json").write_text(json.dumps(entries))
@@ -69,12 +66,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def videos_root(corpus: Path) -> Path:
     return (corpus / "videos").resolve()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -125,23 +116,6 @@ def _cards(html: str) -> list[tuple[int, float]]:
 
 
 # ---------------------------------------------------------------------------------- queries
-
-
-def test_queries_are_cleaned_and_limited() -> None:
-    assert clean_query("  a  red\tcircle \n", QUERY_LIMIT).text == "a red circle"
-    assert all(clean_query(blank, QUERY_LIMIT).blank for blank in ("", None, " \t\r\n "))
-    assert clean_query("\x00\x07\x1b", QUERY_LIMIT).blank and clean_query("?! ...", QUERY_LIMIT).blank
-
-    cleaned = clean_query("red\x00circle\x1b[31m moving\u200b up", QUERY_LIMIT)
-    assert cleaned.text == "red circle [31m moving up"
-    assert any("control characters" in note for note in cleaned.notes)
-    assert not clean_query("red circle", QUERY_LIMIT).notes
-
-    long = clean_query("word " * 2000, QUERY_LIMIT)  # 10,000 characters
-    assert len(long.text) <= QUERY_LIMIT and long.text.endswith("word")
-    assert any(f"first {len(long.text)}" in note for note in long.notes)
-    unbroken = clean_query("x" * 10_000, QUERY_LIMIT)
-    assert unbroken.text == "x" * QUERY_LIMIT
 
 
 def _item_path(index: Path, key: str) -> Path:
@@ -428,7 +402,7 @@ def test_hits_outside_the_corpus_are_not_linked(videos_root: Path, tmp_path: Pat
 # ---------------------------------------------------------------------------------- start-up
 
 
-def test_missing_index_or_model_fails_before_serving(index: Path, tmp_path: Path) -> None:
+def test_missing_index_or_model_fails_before_serving(index: Path, other_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         serve(tmp_path / "no_such_index", prevent_thread_lock=True)
     (tmp_path / "empty").mkdir()
@@ -436,11 +410,8 @@ def test_missing_index_or_model_fails_before_serving(index: Path, tmp_path: Path
         serve(tmp_path / "empty", prevent_thread_lock=True)
     with pytest.raises(FileNotFoundError, match="model directory"):
         serve(index, model=tmp_path / "no_such_model", prevent_thread_lock=True)
-    torch.manual_seed(1)  # other weights: a model is its weights, not its folder's name
-    other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1,
-                                  ).save(tmp_path / "other")
-    with pytest.raises(ValueError):
-        serve(index, model=other, prevent_thread_lock=True)
+    with pytest.raises(ValueError):  # other weights: a model is its weights, not its folder's name
+        serve(index, model=other_model_dir, prevent_thread_lock=True)
 
 
 def test_label_set_is_checked_at_start_up(demo, index: Path, tmp_path: Path) -> None:

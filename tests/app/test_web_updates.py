@@ -5,8 +5,10 @@ into the corpus."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -19,22 +21,21 @@ from indexer.jobs import JobSpec, run_index_job
 from indexer.search import clip_key
 from indexer.store import published_generation
 from indexer.update import add_to_index, remove_from_index
-from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
 
 CARD_KEY = re.compile(r'<video src="vtr/clip/([0-9a-f]{16})')
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
-
-
 @pytest.fixture()
-def videos(tmp_path: Path) -> Path:
-    generate_corpus(tmp_path / "corpus", n_train=1, n_test=4, size=32, long_videos=0, progress=False)
-    return (tmp_path / "corpus" / "videos").resolve()
+def videos(synthetic_corpus: Path, tmp_path: Path) -> Path:
+    """This test's own corpus (tests remove and add clips): 4 test clips (``test.json`` beside
+    ``videos``) and 1 train clip, copied from the session's corpus."""
+    root = (tmp_path / "corpus" / "videos").resolve()
+    for name in ["test/0000.mp4", "test/0001.mp4", "test/0002.mp4", "test/0003.mp4", "train/0000.mp4"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthetic_corpus / "videos" / name, root / name)
+    entries = json.loads((synthetic_corpus / "test.json").read_text())
+    (root.parent / "test.json").write_text(json.dumps([e for e in entries if (root / e["video"]).is_file()]))
+    return root
 
 
 def _index(model_dir: Path, videos: Path, out: Path) -> Path:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from indexer.query import EmptyQuery, Query
 from retrieval.data.corpora import clean_caption, clean_caption_umt, is_blank_caption
-from indexer.search import clean_query
 from retrieval.models.convert_bert import default_text_model_path
 from retrieval.models.text import tokenize
 
@@ -63,6 +63,17 @@ def test_blank_captions() -> None:
 
 
 def test_queries_are_judged_blank_by_the_models_rule() -> None:
-    assert not clean_query("&").blank and clean_query("&").text == "&"
-    assert clean_query("&", cleaning="strip_punctuation").blank
-    assert clean_query(" ?! ").blank and clean_query(" ?! ", cleaning="strip_punctuation").blank
+    assert Query.parse("&").text == "&" and Query.parse("&").caption == "&"
+    for text, cleaning in (("&", "strip_punctuation"), (" ?! ", "umt"), (" ?! ", "strip_punctuation")):
+        with pytest.raises(EmptyQuery):
+            Query.parse(text, cleaning=cleaning)
+
+
+def test_a_cleaned_query_reaches_the_tokenizer_as_it_is(bert_uncased) -> None:
+    """A query is cleaned once, like a training caption: a second pass of UMT's rule would turn
+    the ``<person>`` left of ``<<person>>`` into ``person``."""
+    raw = "A <<person>> & the Red-Circle!"
+    query = Query.parse(raw)
+    once, _ = tokenize(bert_uncased, [raw], 32)
+    assert tokenize(bert_uncased, [query.caption], 32, cleaned=True)[0].tolist() == once.tolist()
+    assert tokenize(bert_uncased, [query.caption], 32)[0].tolist() != once.tolist()

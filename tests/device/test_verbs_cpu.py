@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.web import open_searcher
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +19,6 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root, n_train=8, n_test=6, size=32, long_videos=0, progress=False)
     return root
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def _ok(args: list[str]):

@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import faiss
 import pytest
 
-from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
+from indexer.jobs import JobSpec, run_index_job
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny untrained retrieval model directory (one per test module; modules that need
-    another model define their own)."""
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "tiny")
+@pytest.fixture(scope="session")
+def pool(synthetic_corpus: Path) -> Path:
+    """Tiny synthetic test clips (``test/0000.mp4`` ... ``test/0007.mp4``) to copy corpora from."""
+    return synthetic_corpus / "videos"
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six tiny synthetic test clips (``test/0000.mp4`` ... ``test/0005.mp4``) to copy corpora from."""
-    root = tmp_path_factory.mktemp("pool")
-    generate_corpus(root, n_train=1, n_test=6, size=32, long_videos=0, progress=False)
-    return root / "videos"
+@pytest.fixture()
+def one_faiss_thread() -> Iterator[None]:
+    """Tiny indexes: OpenMP threads only add contention on a shared machine (3x slower)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture()
@@ -59,36 +59,35 @@ def ray_cluster() -> Iterator[Any]:
         ray.shutdown()
 
 
-def write_annotated_corpus(root: Path) -> tuple[Path, Path]:
-    """A small synthetic corpus in two folders whose annotation carries a ``source`` field, two
-    moments (1 s) among whole clips: what filters and exports are tested on. Returns
-    ``(videos root, annotation file)``."""
-    import json
-
-    from retrieval.data.synthetic import generate_corpus
-
-    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=0, progress=False)
+def write_annotated_corpus(corpus: Path, out: Path) -> Path:
+    """An annotation of ``corpus``'s 4 train and 8 test clips (a :func:`synthetic_corpus`) whose
+    entries carry a ``source`` field, plus two moments (1 s) among whole clips: what filters and
+    exports are tested on. Written to ``out``; returns its path."""
     entries = []
     for name in ("test", "train"):
-        for number, entry in enumerate(json.loads((root / f"{name}.json").read_text())):
+        for number, entry in enumerate(json.loads((corpus / f"{name}.json").read_text())):
             entry.pop("attributes", None)
             entry["source"] = "archive" if name == "train" else ("news" if number % 2 else "sport")
             entry["rating"] = number
             entries.append(entry)
     for entry in entries[:2]:
         entries.append({**entry, "start": 0.0, "end": 1.0, "source": "moment"})
-    ann = root / "annotated.json"
-    ann.write_text(json.dumps(entries))
-    return root / "videos", ann
+    out.write_text(json.dumps(entries))
+    return out
 
 
-@pytest.fixture(scope="module")
-def annotated_index(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An index of :func:`write_annotated_corpus` (14 items) built with ``model_dir``."""
-    from indexer.jobs import JobSpec, run_index_job
+@pytest.fixture(scope="session")
+def annotated_ann(synthetic_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`write_annotated_corpus` of the session's corpus."""
+    return write_annotated_corpus(synthetic_corpus, tmp_path_factory.mktemp("annotated") / "annotated.json")
 
-    videos, ann = write_annotated_corpus(tmp_path_factory.mktemp("annotated"))
+
+@pytest.fixture(scope="session")
+def annotated_index(synthetic_corpus: Path, annotated_ann: Path, model_dir: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index of :func:`annotated_ann` (14 items) built with ``model_dir``."""
+    ann = annotated_ann
     out = tmp_path_factory.mktemp("annotated-index") / "index"
-    run_index_job(JobSpec(model_dir=model_dir, out=out, videos=videos, ann_file=ann), workers=0, batch_size=8,
-                  progress=False)
+    run_index_job(JobSpec(model_dir=model_dir, out=out, videos=synthetic_corpus / "videos", ann_file=ann),
+                  workers=0, batch_size=8, progress=False)
     return out

@@ -22,14 +22,7 @@ from indexer.faiss_index import (
     search_params,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """These indexes are tiny: OpenMP threads only add contention on a shared machine (3x slower)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes: one OpenMP thread
 
 
 def clustered(n: int, dim: int, seed: int = 0, clusters: int = 50) -> np.ndarray:

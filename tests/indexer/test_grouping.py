@@ -4,6 +4,7 @@ their labels come from (the model's action head or zero-shot prompts)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from app.cli import app
 from app.demo import index_annotation
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Hit, Moment, Searcher, group_hits
-from retrieval.data.synthetic import ACTIONS, generate_corpus
+from retrieval.data.synthetic import ACTIONS
 from retrieval.models.retrieval_model import build_retrieval_model
 
 QUERY = "a big red circle moving up"
@@ -40,10 +41,9 @@ def test_group_hits_keeps_the_best_window_first_and_the_rest_as_moments() -> Non
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    generate_corpus(root, n_train=4, n_test=6, size=32, long_videos=2, progress=False)
-    return root
+def corpus(synthetic_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shared corpus: the index's annotation is written beside its clips."""
+    return shutil.copytree(synthetic_corpus, tmp_path_factory.mktemp("corpus") / "corpus")
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,9 @@ from indexer.checksums import RECORD_SHA_KEY
 from indexer.jobs import JobError, JobSpec, Shard, WorkDir, publish_job, run_index_job, work_dir_for
 from indexer.store import open_index, write_index
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 PART_SIZE = 2
-
-
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    torch.manual_seed(1)
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
-    return model.save(tmp_path_factory.mktemp("model") / "other")
 
 
 @pytest.fixture(scope="module")

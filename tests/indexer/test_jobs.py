@@ -38,7 +38,6 @@ from indexer.jobs import (
 )
 from indexer.store import open_index
 from retrieval.data.corpora import Corpus, CorpusItem
-from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.labels import load_labels
 from retrieval.models.model_dir import load_model
@@ -48,11 +47,9 @@ PART_SIZE = 3
 
 
 @pytest.fixture(scope="module")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def videos(synthetic_corpus: Path) -> Path:
     """14 clips: 4 train + 8 test (3 s each) and 2 long multi-scene videos (12-16 s)."""
-    root = tmp_path_factory.mktemp("corpus")
-    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=2, progress=False)
-    return root / "videos"
+    return synthetic_corpus / "videos"
 
 
 def _spec(model_dir: Path, videos: Path, out: Path, **changes) -> JobSpec:

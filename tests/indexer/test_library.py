@@ -46,13 +46,14 @@ def _cli_hits(*args: str) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_readme_python_example_runs(annotated_index: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_readme_python_example_runs(annotated_index: Path, annotated_ann: Path, model_dir: Path,
+                                    tmp_path: Path) -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
     assert blocks, "README has no python example"
     corpus_root = Path(Searcher(annotated_index).reader.manifest["corpus_roots"][0])
     names = {"MODEL": str(model_dir), "INDEX": str(annotated_index), "VIDEO": str(corpus_root / "test/0001.mp4"),
-             "VIDEOS": str(corpus_root), "ANN": str(corpus_root.parent / "annotated.json"),
+             "VIDEOS": str(corpus_root), "ANN": str(annotated_ann),
              "EXPORT": str(tmp_path / "export")}
     code = blocks[0]
     for name, value in names.items():

@@ -18,37 +18,20 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from app.cli import app
-from indexer.jobs import JobSpec, run_index_job
 from indexer.search import RERANK_CANDIDATES, Hit, Searcher
 from indexer.store import IndexModelMismatch
-from retrieval.data.synthetic import generate_corpus
 from retrieval.data.video import load_clip
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=2, progress=False)
-    return root
+def searcher(search_index: Path) -> Searcher:
+    return Searcher(search_index)  # the model recorded in the manifest
 
 
 @pytest.fixture(scope="module")
-def index(corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("index") / "test"
-    spec = JobSpec(model_dir=model_dir, out=out, videos=corpus / "videos", ann_file=corpus / "test.json")
-    run_index_job(spec, workers=0, batch_size=8, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def searcher(index: Path) -> Searcher:
-    return Searcher(index)  # the model recorded in the manifest
-
-
-@pytest.fixture(scope="module")
-def captions(corpus: Path) -> dict[str, list[str]]:
+def captions(synthetic_corpus: Path) -> dict[str, list[str]]:
     """Relative video path -> its captions, from the annotation file."""
-    entries = json.loads((corpus / "test.json").read_text())
+    entries = json.loads((synthetic_corpus / "test.json").read_text())
     return {e["video"]: [e["caption"]] if isinstance(e["caption"], str) else e["caption"] for e in entries}
 
 
@@ -73,22 +56,22 @@ def test_stats_describe_the_index(searcher: Searcher, model_dir: Path) -> None:
 
 
 def test_caption_query_returns_k_sorted_hits_in_the_corpus(
-    searcher: Searcher, corpus: Path, captions: dict[str, list[str]]
+    searcher: Searcher, synthetic_corpus: Path, captions: dict[str, list[str]]
 ) -> None:
     query = next(iter(captions.values()))[0]
     hits = searcher.search(query, k=5)
-    _assert_well_formed(hits, 5, corpus, captions)
+    _assert_well_formed(hits, 5, synthetic_corpus, captions)
     assert len(searcher.search(query, k=50)) == 8, "k beyond the index size returns every item"
 
 
 def test_rerank_orders_top_candidates_by_the_matching_head(
-    searcher: Searcher, corpus: Path, captions: dict[str, list[str]]
+    searcher: Searcher, synthetic_corpus: Path, captions: dict[str, list[str]]
 ) -> None:
     query = "a small red circle moving to the left"
     cosine = searcher.search(query, k=RERANK_CANDIDATES)
     hits = searcher.search(query, k=3, rerank=True)
 
-    _assert_well_formed(hits, 3, corpus, captions)
+    _assert_well_formed(hits, 3, synthetic_corpus, captions)
     assert {hit.item_id for hit in hits} <= {hit.item_id for hit in cosine}
     model = searcher.model
     with torch.inference_mode():
@@ -107,8 +90,8 @@ def test_rerank_orders_top_candidates_by_the_matching_head(
         model.matching_trained = True
 
 
-def test_an_example_clip_finds_itself(searcher: Searcher, corpus: Path) -> None:
-    path = corpus / "videos" / "test" / "0005.mp4"
+def test_an_example_clip_finds_itself(searcher: Searcher, synthetic_corpus: Path) -> None:
+    path = synthetic_corpus / "videos" / "test" / "0005.mp4"
     hits = searcher.search_video(path, k=8)
     own = next(hit for hit in hits if Path(hit.path) == path.resolve())
     # a clip vector is the mean of unit per-frame features, not renormalised (clip_vector), so a
@@ -134,27 +117,27 @@ def test_control_characters_are_stripped_and_long_queries_truncated(searcher: Se
     assert len(searcher.search("a red circle " * 500, k=4)) == 4
 
 
-def test_another_model_is_refused(index: Path, model_dir: Path, tmp_path: Path) -> None:
+def test_another_model_is_refused(search_index: Path, model_dir: Path, tmp_path: Path) -> None:
     other = shutil.copytree(model_dir, tmp_path / "other")
     weights = load_file(other / "model.safetensors")
     name = next(iter(weights))
     weights[name] = weights[name] + 1.0
     save_file(weights, other / "model.safetensors")
     with pytest.raises(IndexModelMismatch, match="weights_sha256"):
-        Searcher(index, model=other)
+        Searcher(search_index, model=other)
 
 
-def test_cli_prints_a_table_or_json_lines(index: Path) -> None:
+def test_cli_prints_a_table_or_json_lines(search_index: Path) -> None:
     runner = CliRunner()
-    table = runner.invoke(app, ["search", "--index", str(index), "a green star", "-k", "3"])
+    table = runner.invoke(app, ["search", "--index", str(search_index), "a green star", "-k", "3"])
     assert table.exit_code == 0, table.output
     header, *rows = table.stdout.strip().splitlines()
     assert header.split()[:3] == ["rank", "score", "span"] and len(rows) == 3
     assert [row.split()[0] for row in rows] == ["1", "2", "3"]
 
-    lines = runner.invoke(app, ["search", "--index", str(index), "a green star", "-k", "2", "--json"])
+    lines = runner.invoke(app, ["search", "--index", str(search_index), "a green star", "-k", "2", "--json"])
     hits = [json.loads(line) for line in lines.stdout.strip().splitlines()]
     assert [sorted(hit) for hit in hits] == [sorted(Hit.__dataclass_fields__)] * 2
 
-    empty = runner.invoke(app, ["search", "--index", str(index), " "])
+    empty = runner.invoke(app, ["search", "--index", str(search_index), " "])
     assert empty.exit_code == 2 and "empty query" in empty.stderr

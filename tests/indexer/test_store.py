@@ -13,7 +13,6 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -28,13 +27,7 @@ from indexer.store import (
 MODEL = {"name": "videomamba-tiny", "weights_sha256": "ab" * 32, "preprocess": {"frames": 8, "size": 224}}
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    """These indexes are tiny: OpenMP threads only add contention on a shared machine (3x slower)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tiny indexes: one OpenMP thread
 
 
 def unit_vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:

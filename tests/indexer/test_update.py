@@ -24,7 +24,6 @@ from indexer.store import IndexModelMismatch, open_index, write_index
 from indexer.update import _without_rows, add_to_index, remove_from_index, staging_dir_for
 from retrieval.data.video import Preprocess, load_clip
 from retrieval.models.model_dir import load_model
-from retrieval.models.retrieval_model import build_retrieval_model
 
 REPO = Path(__file__).resolve().parents[2]
 CorpusOf = Callable[[list[str]], Path]  # the corpus_of fixture (conftest)
@@ -85,22 +84,22 @@ def test_add_embeds_only_new_videos_and_search_finds_them(model_dir: Path, corpu
     assert (again.added, again.after, again.skipped) == (0, 6, 6), "nothing new: nothing embedded"
 
 
-def test_add_and_remove_refuse_another_model(model_dir: Path, corpus_of: CorpusOf, tmp_path: Path) -> None:
+def test_add_and_remove_refuse_another_model(model_dir: Path, corpus_of: CorpusOf,
+                                             other_model_dir: Path, tmp_path: Path) -> None:
     videos = corpus_of(FIRST[:1])
     index = _build(model_dir, videos, tmp_path / "index")
-    torch.manual_seed(1)
-    other = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).save(tmp_path / "other")
     runner = CliRunner()
 
-    add = runner.invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos), "--model", str(other)])
-    remove = runner.invoke(app, ["index", "remove", "--index", str(index), "--model", str(other), FIRST[0]])
+    other = str(other_model_dir)
+    add = runner.invoke(app, ["index", "add", "--index", str(index), "--videos", str(videos), "--model", other])
+    remove = runner.invoke(app, ["index", "remove", "--index", str(index), "--model", other, FIRST[0]])
 
     for result in (add, remove):
         assert result.exit_code == 2
         assert "was built with model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert _keys(index) == FIRST[:1] and not staging_dir_for(index).exists()
     with pytest.raises(IndexModelMismatch):
-        add_to_index(index, videos, model_dir=other)
+        add_to_index(index, videos, model_dir=other_model_dir)
 
 
 def test_add_killed_mid_way_leaves_the_index_as_it_was_and_resumes(

@@ -39,7 +39,7 @@ SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>",
             "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
 
 
-def build_tiny_whisper(out: Path, max_length: int = 14) -> Path:
+def build_tiny_whisper(out: Path, max_length: int = 14, seed: int = 0) -> Path:
     """A randomly initialised Whisper model directory, as ``save_pretrained`` writes a real one."""
     from transformers import (
         GenerationConfig,
@@ -69,7 +69,7 @@ def build_tiny_whisper(out: Path, max_length: int = 14) -> Path:
                            decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                            encoder_ffn_dim=64, decoder_ffn_dim=64, max_target_positions=64, pad_token_id=end,
                            bos_token_id=end, eos_token_id=end, decoder_start_token_id=ids["<|startoftranscript|>"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
     whole_words = {vocab["Ġ" + word] for word in WORDS}
     model.generation_config = GenerationConfig(
@@ -183,19 +183,27 @@ def test_an_index_job_records_the_recogniser_and_search_finds_its_words(whisper_
 def test_shards_share_the_recogniser_and_refuse_another(model_dir: Path, corpus: Path, whisper_dir: Path,
                                                        tmp_path: Path, one_line_error) -> None:
     out = tmp_path / "index"
+    mine = Path(shutil.copytree(whisper_dir, tmp_path / "whisper"))
     whisper = JobSpec(model_dir=model_dir, out=out, videos=corpus / "videos", part_size=1,
-                      channels=("visual", "speech"), asr=f"whisper:{whisper_dir}")
+                      channels=("visual", "speech"), asr=f"whisper:{mine}")
     run_index_job(whisper, Shard(0, 2), workers=0, progress=False)
     embedded = replace(whisper, asr=DEFAULT_ASR)
     with pytest.raises(JobError, match="different job.*channels"):
         run_index_job(embedded, Shard(1, 2), workers=0, progress=False)
+    # the same directory with other weights is another recogniser too
+    build_tiny_whisper(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", mine / "model.safetensors")
+    assert weights_hash(mine / "model.safetensors") != weights_hash(whisper_dir / "model.safetensors")
+    with pytest.raises(JobError, match="different job.*channels"):
+        run_index_job(whisper, Shard(1, 2), workers=0, progress=False)
+    shutil.copy(whisper_dir / "model.safetensors", mine / "model.safetensors")
     refused = CliRunner().invoke(app, ["index", "--model", str(model_dir), "--videos", str(corpus / "videos"),
                                        "--out", str(out), "--channels", "visual,speech", "--part-size", "1",
                                        "--shard", "1/2", "--resume", "--workers", "0", "--device", "cpu"])
     one_line_error(refused, "different job")
     run_index_job(whisper, Shard(1, 2), workers=0, progress=False)
     merge_job(out)
-    assert open_index(out).manifest["extra"]["channels"]["speech"]["model_dir"] == str(whisper_dir.resolve())
+    assert open_index(out).manifest["extra"]["channels"]["speech"]["model_dir"] == str(mine.resolve())
 
 
 def test_index_add_recognises_new_videos_with_the_index_recogniser(model_dir: Path, corpus: Path,
@@ -232,6 +240,24 @@ def test_the_ray_engine_recognises_with_the_same_recogniser(ray_cluster, model_d
             Path(item["path"]).name: item["extra"]["speech"] for item in reader.items}
 
     assert speech(tmp_path / "index") == speech(whisper_index)
+
+
+def test_eval_reports_the_speech_channel_with_whisper(model_dir: Path, corpus: Path, whisper_dir: Path,
+                                                      tmp_path: Path, one_line_error) -> None:
+    out = tmp_path / "eval"
+    command = ["eval", "--model", str(model_dir), "--dataset", "generic", "--ann", str(corpus / "test.json"),
+               "--videos", str(corpus / "videos"), "--channels", "visual,speech", "--out", str(out),
+               "--no-progress", "--device", "cpu", "--workers", "0"]
+    result = CliRunner().invoke(app, [*command, "--asr", f"whisper:{whisper_dir}"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "channels.json").read_text())
+    assert metrics["recognition"]["videos"] == 1 and 0.0 <= metrics["recognition"]["wer"] <= 2.0
+    speech = open_index(out / "index").manifest["extra"]["channels"]["speech"]
+    assert speech["model_dir"] == str(whisper_dir.resolve())
+    # the index kept in OUT is reused by a second run, but never for another recogniser
+    one_line_error(CliRunner().invoke(app, command), "holds speech recognised with --asr whisper:")
+    without_channels = [arg for arg in command if arg not in ("--channels", "visual,speech")]
+    one_line_error(CliRunner().invoke(app, [*without_channels, "--asr", "pocketsphinx"]), "use it with --channels")
 
 
 def _not_whisper(tmp: Path, model_dir: Path, whisper_dir: Path) -> Path:

@@ -1,5 +1,6 @@
-"""Chunked inference of the mixer (opt-in ``chunk_bytes``) equals the one-pass path and the
-pure-torch reference; training (autograd on) and the VideoMambaPro options keep the one-pass path."""
+"""The mixer in sequence tiles (opt-in ``chunk_bytes``) equals the one-pass path and the pure-torch
+reference, forward and backward, in fp32 and under bf16 autocast; the VideoMambaPro options keep the
+one-pass path."""
 import pytest
 import torch
 
@@ -38,7 +39,50 @@ def test_chunked_equals_one_pass_and_reference(chunk: int, gate: bool) -> None:
     torch.testing.assert_close(chunked, reference, atol=2e-5, rtol=1e-4)
 
 
-def test_forward_uses_chunks_only_when_asked_and_only_for_inference(monkeypatch) -> None:
+def _grads(mixer: BiMambaMixer, hidden: torch.Tensor, run, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    mixer.zero_grad(set_to_none=True)
+    h = hidden.clone().requires_grad_(True)
+    (run(h).float() * weight).sum().backward()
+    return {"hidden": h.grad, **{name: p.grad for name, p in mixer.named_parameters()}}
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 299])
+def test_chunked_backward_equals_one_pass_and_reference(chunk: int) -> None:
+    """Gradients flow back through the carried scan states and the overlapping conv halos."""
+    mixer = _mixer()
+    hidden = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(3))
+    tiles = _grads(mixer, hidden, lambda h: mixer._forward_chunked(h, chunk), weight)
+    one_pass = _grads(mixer, hidden, mixer._forward_fused, weight)
+    mixer.scan_backend = "ref"
+    reference = _grads(mixer, hidden[:, :300], mixer, weight)
+    for name, grad in tiles.items():
+        assert grad is not None, name
+        torch.testing.assert_close(grad, one_pass[name], atol=5e-5, rtol=2e-4, msg=name)
+        torch.testing.assert_close(grad, reference[name], atol=5e-5, rtol=2e-4, msg=name)
+
+
+def test_chunked_under_bf16_autocast_tracks_one_pass_forward_and_backward() -> None:
+    mixer = _mixer()
+    hidden = torch.randn(1, 400, 32, generator=torch.Generator().manual_seed(4))
+    weight = torch.randn(1, 400, 32, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            tiles, one_pass = mixer._forward_chunked(hidden, 128), mixer._forward_fused(hidden)
+        g_tiles = _grads(mixer, hidden, lambda h: mixer._forward_chunked(h, 128), weight)
+        g_one = _grads(mixer, hidden, mixer._forward_fused, weight)
+    with torch.no_grad():
+        fp32 = mixer._forward_fused(hidden)
+    cos = torch.nn.functional.cosine_similarity
+    assert tiles.dtype == one_pass.dtype == torch.bfloat16
+    # the same bf16 products on the same values: the tiles change only the order of fp32 sums
+    assert float(cos(tiles.float().flatten(), one_pass.float().flatten(), dim=0)) > 0.99999
+    assert float(cos(tiles.float().flatten(), fp32.flatten(), dim=0)) > 0.9999
+    for name, grad in g_tiles.items():
+        assert float(cos(grad.float().flatten(), g_one[name].float().flatten(), dim=0)) > 0.9999, name
+
+
+def test_forward_uses_tiles_only_when_asked(monkeypatch) -> None:
     mixer = _mixer()
     hidden = torch.randn(1, 2000, 32)
     calls = []
@@ -47,13 +91,15 @@ def test_forward_uses_chunks_only_when_asked_and_only_for_inference(monkeypatch)
     with torch.no_grad():
         off = mixer(hidden)
     assert calls == []                                    # default: off
-    mixer.chunk_bytes = 256 * 2 * mixer.d_inner * 4       # 256 positions per chunk
+    mixer.chunk_bytes = 256 * mixer._position_bytes(hidden)   # 256 positions per tile
     with torch.no_grad():
         on = mixer(hidden)
     assert calls == [256]
     torch.testing.assert_close(on, off, atol=2e-5, rtol=1e-4)
-    out = mixer(hidden.requires_grad_(True))              # training: the one-pass path and its backward
-    assert calls == [256] and out.requires_grad
+    out = mixer(hidden.requires_grad_(True))              # training takes the tiles too
+    assert calls == [256, 256] and out.requires_grad
+    mixer.chunk_bytes = "auto"                            # half the last-level cache
+    assert mixer._chunk_len(torch.randn(1, 1 << 20, 32)) >= 256
     for option in ("mask_backward", "elemental_residual"):
         pro = _mixer(**{option: True})
         pro.chunk_bytes = mixer.chunk_bytes

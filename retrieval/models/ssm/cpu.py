@@ -129,7 +129,8 @@ class _Dir(ctypes.Structure):
                 ("Bm", P), ("b_bs", LONG), ("b_ls", LONG),
                 ("Cm", P), ("c_bs", LONG), ("c_ls", LONG),
                 ("A", P), ("D", P), ("bias", P), ("h0", P), ("hlast", P), ("ckpt", P),
-                ("reverse", INT), ("mask_diag", INT), ("elemental", INT), ("softplus", INT), ("z_bf16", INT)]
+                ("reverse", INT), ("mask_diag", INT), ("elemental", INT), ("softplus", INT), ("z_bf16", INT),
+                ("u_bf16", INT), ("bc_bf16", INT)]
 
 
 class _Grad(ctypes.Structure):
@@ -167,11 +168,11 @@ def load_kernel():
         DP = ctypes.POINTER(_Dir)
         GP = ctypes.POINTER(_Grad)
         lib.vtr_chunk.argtypes, lib.vtr_chunk.restype = [], INT
-        lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT]
+        lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT, P]
         lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
         lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
         lib.vtr_conv_fwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
-        lib.vtr_conv_fwd_bf16.argtypes = lib.vtr_conv_fwd.argtypes
+        lib.vtr_conv_fwd_bf16.argtypes = [*lib.vtr_conv_fwd.argtypes, INT]
         lib.vtr_conv_bwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
         lib.vtr_transpose.argtypes = [P, LONG, LONG, P, LONG, LONG, LONG, INT]
         for fn in (lib.vtr_scan_fwd, lib.vtr_scan_bwd, lib.vtr_gate_bwd, lib.vtr_conv_fwd, lib.vtr_conv_fwd_bf16,
@@ -223,6 +224,11 @@ def _rows_or_bf16(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bfloat16 and t.stride(-1) == 1:
         return t
     return _rows(t)
+
+
+def _bf16_rows(t: torch.Tensor | None) -> bool:
+    """Whether the forward kernel can read ``t`` as bf16 in place (unit last stride)."""
+    return t is not None and t.dtype == torch.bfloat16 and t.stride(-1) == 1
 
 
 def _vec(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -282,7 +288,7 @@ def _make_dir(u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, hlast, ckpt, flags, tim
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flags, time_major, z, *flat):
+    def forward(ctx, flags, time_major, out_bf16, z, *flat):
         lib = load_kernel()
         ndir = len(flags)
         if time_major:
@@ -298,16 +304,23 @@ class _ScanFn(torch.autograd.Function):
         hlasts = []
         for k in range(ndir):
             u, dpre, dt, W, Bm, Cm, A, D, bias, h0 = flat[k * _TENSORS:(k + 1) * _TENSORS]
-            u, Bm, Cm = _rows(u), _rows(Bm), _rows(Cm)
+            # row-major bf16 u, and bf16 dt/B/C (x_proj's output under autocast), are read in place;
+            # state and accumulation stay fp32
+            u16 = not time_major and _bf16_rows(u)
+            bc16 = (not time_major and dt is not None and dt.shape[-1] <= MAX_D_STATE
+                    and all(_bf16_rows(t) for t in (dt, Bm, Cm)))
+            u = u if u16 else _rows(u)
+            Bm, Cm = (Bm, Cm) if bc16 else (_rows(Bm), _rows(Cm))
             dpre = _rows(dpre) if dpre is not None else None
-            dt = _rows(dt) if dt is not None else None
+            dt = (dt if bc16 else _rows(dt)) if dt is not None else None
             Wt = W.detach().float().t().contiguous() if W is not None else None   # [R, E]
             At = A.detach().float().t().contiguous()                      # [N, E]
             D, bias = _vec(D), _vec(bias)
             h0t = h0.detach().float().transpose(1, 2).contiguous() if h0 is not None else None   # [B, N, E]
-            hlast = u.new_empty(Bt, N, E)
-            ckpt = u.new_empty(Bt, nck, N, E) if need_grad else None
+            hlast = u.new_empty(Bt, N, E, dtype=torch.float32)
+            ckpt = u.new_empty(Bt, nck, N, E, dtype=torch.float32) if need_grad else None
             dirs[k] = _make_dir(u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, hlast, ckpt, flags[k], time_major)
+            dirs[k].u_bf16, dirs[k].bc_bf16 = int(u16), int(bc16)
             saved += [u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, ckpt]
             hlasts.append(hlast)
         # a bf16 gate (in_proj's output under bf16 autocast) is read in place in the row-major layout
@@ -316,15 +329,20 @@ class _ScanFn(torch.autograd.Function):
             for k in range(ndir):
                 dirs[k].z_bf16 = 1
         out = flat[0].new_empty((Bt, E, L) if time_major else (Bt, L, E), dtype=torch.float32)
+        # out_bf16: the last direction writes the gated sum in bf16 (out_proj's input under autocast);
+        # with two directions the first one's fp32 output stays in `out`
+        out16 = out.new_empty(Bt, L, E, dtype=torch.bfloat16) if out_bf16 and not time_major else None
+        if out16 is not None and ndir == 1:
+            out = out.new_empty(0)
         S = out.new_empty(Bt, L, E) if (need_grad and zz is not None) else None
         z_str = _strides(zz, time_major) if zz is not None else (0, 0, 0)
         rc = lib.vtr_scan_fwd(dirs, ndir, _p(zz), *z_str, out.data_ptr(), int(time_major), _p(S), Bt, L, E, N,
-                              torch.get_num_threads())
+                              torch.get_num_threads(), _p(out16))
         _check(rc, "scan forward")
         if need_grad:
             ctx.save_for_backward(zz, S, *saved)
         ctx.flags, ctx.time_major, ctx.shape = flags, time_major, (Bt, L, E, N)
-        return (out, *[h.transpose(1, 2).contiguous() for h in hlasts])
+        return (out if out16 is None else out16, *[h.transpose(1, 2).contiguous() for h in hlasts])
 
     @staticmethod
     def backward(ctx, dout, *dhlasts):
@@ -340,7 +358,7 @@ class _ScanFn(torch.autograd.Function):
         if zz is not None and zz.dtype != torch.float32:  # a bf16 gate: the backward reads fp32
             zz = zz.float()
         if dout is None:
-            dout = saved[0].new_zeros(Bt, L, E)
+            dout = saved[0].new_zeros(Bt, L, E, dtype=torch.float32)
         else:
             dout = rm(dout.float()).contiguous()
         dz = None
@@ -355,7 +373,9 @@ class _ScanFn(torch.autograd.Function):
         results = []
         for k in range(ndir):
             u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, ckpt = saved[k * _SAVED:(k + 1) * _SAVED]
-            u, dpre = rm(u), rm(dpre)
+            u, dpre = _rows(rm(u)), rm(dpre)       # a bf16 u, dt, B or C: the backward reads fp32
+            Bm, Cm = _rows(Bm), _rows(Cm)
+            dt = _rows(dt) if dt is not None else None
             dirs[k] = _make_dir(u, dpre, dt, Wt, Bm, Cm, At, D, bias, h0t, None, ckpt, flags[k], False)
             du, ddpre = u.new_empty(Bt, L, E), u.new_empty(Bt, L, E)
             dB, dC = u.new_empty(Bt, L, N), u.new_empty(Bt, L, N)
@@ -370,10 +390,11 @@ class _ScanFn(torch.autograd.Function):
             back = (lambda t: t.transpose(1, 2)) if tm else (lambda t: t)  # noqa: E731
             results.append([back(du), back(ddpre) if dpre is not None else ddpre, dt, Wt, dB, dC, dAt.t(), dD,
                             dbias, dh0.transpose(1, 2) if dh0 is not None else None])
-            saved[k * _SAVED] = u  # keep the row-major copies alive until the kernel has run
+            saved[k * _SAVED] = u  # keep the row-major (and widened) copies alive until the kernel has run
             saved[k * _SAVED + 1] = dpre
+            saved[k * _SAVED + 4], saved[k * _SAVED + 5] = Bm, Cm
         _check(lib.vtr_scan_bwd(dirs, grads, ndir, ds.data_ptr(), Bt, L, E, N, nthreads), "scan backward")
-        out = [None, None, (dz.transpose(1, 2) if tm else dz) if dz is not None else None]
+        out = [None, None, None, (dz.transpose(1, 2) if tm else dz) if dz is not None else None]
         for du, ddpre, dt, Wt, *rest in results:
             if dt is None:
                 out += [du, ddpre, None, None, *rest]
@@ -422,14 +443,16 @@ def _check_directions(directions, z, time_major=False):
             _shape_error("z", z, seq)
 
 
-def scan_directions(directions, z=None, time_major=False):
+def scan_directions(directions, z=None, time_major=False, out_dtype=torch.float32):
     """Run one or two scan directions in the [B, L, E] layout and sum them, gated by SiLU(z).
 
     Returns ``(out [B, L, E] fp32, [last state [B, E, N] per direction])``; differentiable in every
     tensor (z [B, L, E] may be a strided view, e.g. half of in_proj's output). With
     ``time_major=True``, u, dpre, z and out are [B, E, L] instead (mamba-ssm's layout; B and C
     stay [B, L, N]): the forward kernel moves 16x16 tiles through registers instead of the caller
-    transposing whole tensors.
+    transposing whole tensors. Row-major bf16 u, dt, B, C and z are read in place (state and
+    accumulation in fp32); ``out_dtype=torch.bfloat16`` (row-major) writes the output in bf16, as
+    out_proj reads it under autocast, instead of an fp32 tensor to convert.
     """
     if not 1 <= len(directions) <= 2:
         raise ValueError("scan_directions takes one or two directions")
@@ -441,13 +464,15 @@ def scan_directions(directions, z=None, time_major=False):
     flat = []
     for d in directions:
         flat += [d.u, d.dpre, d.dt, d.dt_weight, d.B, d.C, d.A, d.D, d.bias, d.h0]
-    out, *last = _ScanFn.apply(flags, bool(time_major), z, *flat)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"scan_directions: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    out, *last = _ScanFn.apply(flags, bool(time_major), out_dtype == torch.bfloat16, z, *flat)
     return out, last
 
 
 class _ConvFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, wf, bf, wb, bb):
+    def forward(ctx, x, wf, bf, wb, bb, out_bf16):
         lib = load_kernel()
         x = _rows_or_bf16(x)   # bf16 is read in place
         Bt, L, E = x.shape
@@ -455,11 +480,15 @@ class _ConvFn(torch.autograd.Function):
         wfT = wf.detach().float().reshape(E, K).t().contiguous()
         wbT = wb.detach().float().reshape(E, K).t().contiguous() if wb is not None else None
         bf_, bb_ = _vec(bf), _vec(bb)
-        fwd = lib.vtr_conv_fwd_bf16 if x.dtype == torch.bfloat16 else lib.vtr_conv_fwd
-        yf = x.new_empty(Bt, L, E, dtype=torch.float32)
-        yb = x.new_empty(Bt, L, E, dtype=torch.float32) if wb is not None else None
-        _check(fwd(x.data_ptr(), x.stride(0), x.stride(1), wfT.data_ptr(), _p(bf_), _p(wbT), _p(bb_),
-                   yf.data_ptr(), _p(yb), Bt, L, E, K, torch.get_num_threads()), "conv forward")
+        # a bf16 x may give bf16 outputs (out_bf16: what x_proj and the scan read under autocast)
+        half = x.dtype == torch.bfloat16
+        ydt = torch.bfloat16 if half and out_bf16 else torch.float32
+        yf = x.new_empty(Bt, L, E, dtype=ydt)
+        yb = x.new_empty(Bt, L, E, dtype=ydt) if wb is not None else None
+        args = (x.data_ptr(), x.stride(0), x.stride(1), wfT.data_ptr(), _p(bf_), _p(wbT), _p(bb_),
+                yf.data_ptr(), _p(yb), Bt, L, E, K, torch.get_num_threads())
+        rc = lib.vtr_conv_fwd_bf16(*args, int(ydt == torch.bfloat16)) if half else lib.vtr_conv_fwd(*args)
+        _check(rc, "conv forward")
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, wfT, bf_, wbT, bb_)
         ctx.has = (bf is not None, wb is not None, bb is not None)
@@ -485,13 +514,14 @@ class _ConvFn(torch.autograd.Function):
         has_bf, has_wb, has_bb = ctx.has
         as_w = lambda g: g.t().reshape(E, 1, K)  # noqa: E731
         return (dx, as_w(dwf), dbf if has_bf else None, as_w(dwb) if has_wb else None,
-                dbb if has_bb else None)
+                dbb if has_bb else None, None)
 
 
-def conv_silu(x, weight, bias, weight_b=None, bias_b=None):
+def conv_silu(x, weight, bias, weight_b=None, bias_b=None, out_dtype=torch.float32):
     """SiLU(depthwise conv) in the [B, L, E] layout: causal with (weight, bias) and, if given,
     anti-causal with (weight_b, bias_b) (= the causal conv of the reversed sequence, read back
-    in place). weight: [E, 1, K] as in nn.Conv1d(groups=E). Returns (y_f, y_b or None)."""
+    in place). weight: [E, 1, K] as in nn.Conv1d(groups=E). Returns (y_f, y_b or None), fp32, or
+    bf16 when x is bf16 and ``out_dtype`` is bf16 (rounded once from the fp32 result)."""
     if x.dim() != 3 or x.device.type != "cpu":
         raise ValueError(f"conv_silu: x must be a CPU tensor [batch, L, channels], got {tuple(x.shape)} on {x.device}")
     E = x.shape[-1]
@@ -502,7 +532,9 @@ def conv_silu(x, weight, bias, weight_b=None, bias_b=None):
     K = weight.shape[-1]
     if K > MAX_D_CONV:
         raise KernelUnavailable(f"d_conv {K} > {MAX_D_CONV} is not supported by the fused CPU kernel")
-    return _ConvFn.apply(x, weight, bias, weight_b, bias_b)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"conv_silu: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    return _ConvFn.apply(x, weight, bias, weight_b, bias_b, out_dtype == torch.bfloat16)
 
 
 # -- layout change for selective_scan(backend="cpu") ([B, D, L] <-> the kernels' [B, L, D]) ----------

@@ -120,6 +120,23 @@ INLINE v16f ldh(const uint16_t *p, lmask w)
 }
 #endif
 
+/* fp32 -> 16 bf16 values, rounded to nearest even (NaN -> 0x7fc0, as torch), lane-masked like st() */
+typedef uint16_t v16h __attribute__((vector_size(32)));
+INLINE void sth(uint16_t *p, v16f v, lmask m)
+{
+    const v16u u = (v16u)v;
+    const v16u r = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
+    const v16i nan = (v16i)(u & 0x7fffffffu) > 0x7f800000;
+    const v16h h = __builtin_convertvector((v16u)((nan & 0x7fc0) | (~nan & (v16i)r)), v16h);
+#if defined(__AVX512F__)
+    if (m == 0xffff) { memcpy(p, &h, sizeof(h)); return; }
+    for (int i = 0; i < 16; i++) if ((m >> i) & 1) p[i] = h[i];
+#else
+    if (m >= 16) { memcpy(p, &h, sizeof(h)); return; }
+    for (long i = 0; i < m; i++) p[i] = h[i];
+#endif
+}
+
 INLINE v16f vabs(v16f x) { return (v16f)((v16u)x & 0x7fffffffu); }
 
 /*
@@ -269,6 +286,8 @@ typedef struct {
     float *ckpt;                             /* [B, ceil(L/CHUNK), N, E] or NULL */
     int reverse, mask_diag, elemental, softplus;
     int z_bf16;                              /* the gate z (passed to vtr_scan_fwd) is bf16, row-major */
+    int u_bf16;                              /* u is bf16 (row-major forward only) */
+    int bc_bf16;                             /* dt, B and C are bf16 (row-major forward only, R <= VTR_MAXN) */
 } vtr_dir;
 
 /* One direction's gradients; all contiguous. */
@@ -356,7 +375,7 @@ VTR_UNROLL
 INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long L, long E,
                       const int NN, const int MASK, const int TM, float *RESTRICT out, int acc,
                       const float *RESTRICT z, long z_bs, long z_ls, long z_cs, float *RESTRICT S, long i0,
-                      v16f *RESTRICT hs, v16f *RESTRICT a2, v16f *RESTRICT h)
+                      v16f *RESTRICT hs, v16f *RESTRICT a2, v16f *RESTRICT h, uint16_t *RESTRICT out16)
 {
     const long len = L - i0 < VTR_CHUNK ? L - i0 : VTR_CHUNK;
     for (int n = 0; n < NN; n++) {
@@ -365,14 +384,22 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
     }
     const v16f Dv = d->D ? ld(d->D + c0, m) : vb(0.0f);
     const v16f bias = d->bias ? ld(d->bias + c0, m) : vb(0.0f);
-    const float *u = d->u + b * d->u_bs + c0 * d->u_cs;
+    /* u may be bf16 (d->u_bf16), dt/B/C too (d->bc_bf16): read in place, widened in registers; the
+     * chunk's dt/B/C rows are widened once into scratch (they are shared by every channel block) */
+    const int u16 = d->u_bf16, bc16 = d->bc_bf16;
+    const float *u = u16 ? NULL : d->u + b * d->u_bs + c0 * d->u_cs;
+    const uint16_t *uh = u16 ? (const uint16_t *)(const void *)d->u + b * d->u_bs + c0 * d->u_cs : NULL;
+#define LDU(T) (u16 ? ldh(uh + (T) * d->u_ls, m) : ld(u + (T) * d->u_ls, m))
     const float *dp = d->dpre ? d->dpre + b * d->d_bs + c0 * d->d_cs : NULL;
-    const float *dtb = d->dt ? d->dt + b * d->t_bs : NULL, *Wt = d->dt ? d->Wt + c0 : NULL;
-    const float *Bb = d->Bm + b * d->b_bs, *Cb = d->Cm + b * d->c_bs;
+    const int has_dt = d->dt != NULL;
+    const float *dtb = has_dt && !bc16 ? d->dt + b * d->t_bs : NULL, *Wt = has_dt ? d->Wt + c0 : NULL;
+    const float *Bb = bc16 ? NULL : d->Bm + b * d->b_bs, *Cb = bc16 ? NULL : d->Cm + b * d->c_bs;
+    float sT[VTR_CHUNK * VTR_MAXN], sB[VTR_CHUNK * VTR_MAXN], sC[VTR_CHUNK * VTR_MAXN];
     const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
     const long nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
     const int softplus = d->softplus;
     float *o = out + b * L * E + (TM ? c0 * L : c0);
+    uint16_t *o16 = out16 ? out16 + b * L * E + c0 : NULL;
     /* z is fp32, or bf16 (d->z_bf16, row-major only): read in place, widened in registers */
     const float *zb = z && !d->z_bf16 ? z + b * z_bs + c0 * z_cs : NULL;
     const uint16_t *zh = z && d->z_bf16 ? (const uint16_t *)(const void *)z + b * z_bs + c0 * z_cs : NULL;
@@ -391,21 +418,38 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
      */
     v16f cdl[VTR_CHUNK], cdu[VTR_CHUNK], cy[VTR_CHUNK];
     long t = first + step * i0;
+    if (bc16) {
+        const uint16_t *Th = has_dt ? (const uint16_t *)(const void *)d->dt + b * d->t_bs : NULL;
+        const uint16_t *Bh = (const uint16_t *)(const void *)d->Bm + b * d->b_bs;
+        const uint16_t *Ch = (const uint16_t *)(const void *)d->Cm + b * d->c_bs;
+        for (long j = 0; j < len; j++, t += step) {
+            for (long q = 0; q < NN; q += 16) {
+                const lmask mq = lanes(NN - q);
+                st(sB + j * NN + q, ldh(Bh + t * d->b_ls + q, mq), mq);
+                st(sC + j * NN + q, ldh(Ch + t * d->c_ls + q, mq), mq);
+            }
+            for (long q = 0; Th && q < d->R; q += 16) {
+                const lmask mq = lanes(d->R - q);
+                st(sT + j * d->R + q, ldh(Th + t * d->t_ls + q, mq), mq);
+            }
+        }
+        t = first + step * i0;
+    }
     if (TM) {
         if (dp) tile_load(dp + tmin, d->d_cs, len, nch, tV);
         tile_load(u + tmin, d->u_cs, len, nch, tU);
     }
     for (long j = 0; j < len; j++, t += step) {
-        const v16f pre = (dtb ? dt_proj(dtb + t * d->t_ls, Wt, d->R, E, m)
-                              : TM ? tV[TIX(j)] : ld(dp + t * d->d_ls, m)) + bias;
+        const v16f pre = (has_dt ? dt_proj(bc16 ? sT + j * d->R : dtb + t * d->t_ls, Wt, d->R, E, m)
+                                 : TM ? tV[TIX(j)] : ld(dp + t * d->d_ls, m)) + bias;
         const v16f dl = softplus ? vsoftplus(pre) : pre;
         cdl[j] = dl;
-        cdu[j] = dl * (TM ? tU[TIX(j)] : ld(u + t * d->u_ls, m));
+        cdu[j] = dl * (TM ? tU[TIX(j)] : LDU(t));
     }
     t = first + step * i0;
     for (long j = 0; j < len; j++, t += step) {
         const v16f dl = cdl[j], du = cdu[j];
-        const float *bt = Bb + t * d->b_ls, *ct = Cb + t * d->c_ls;
+        const float *bt = bc16 ? sB + j * NN : Bb + t * d->b_ls, *ct = bc16 ? sC + j * NN : Cb + t * d->c_ls;
         v16f ya[4] = {vb(0.0f), vb(0.0f), vb(0.0f), vb(0.0f)};
 VTR_UNROLL
         for (int n = 0; n < NN; n++) {
@@ -441,45 +485,49 @@ VTR_UNROLL
         tile_store(o + tmin, L, len, nch, tV);
     } else {
         for (long j = 0; j < len; j++, t += step) {
-            v16f y = cy[j] + Dv * ld(u + t * d->u_ls, m);
+            v16f y = cy[j] + Dv * LDU(t);
             if (acc) y += ld(o + t * E, m);
             if (zb || zh) {
                 const v16f zv = zh ? ldh(zh + t * z_ls, m) : ld(zb + t * z_ls, m);
                 if (Sb) st(Sb + t * E, y, m);
                 y = y * (zv * vsigmoid(zv));
             }
-            st(o + t * E, y, m);
+            if (o16) sth(o16 + t * E, y, m);      /* the last direction writes out_proj's bf16 input */
+            else st(o + t * E, y, m);
         }
     }
 #undef TIX
+#undef LDU
     for (int n = 0; n < NN; n++) hs[n] = h[n];
     if (d->hlast && i0 + len == L)
         for (int n = 0; n < NN; n++) st(d->hlast + (b * NN + n) * E + c0, h[n], m);
 }
 
 static void fwd16(const vtr_dir *d, long b, long c0, lmask m, long L, long E, int tm, float *out, int acc,
-                  const float *z, long z_bs, long z_ls, long z_cs, float *S, long i0, v16f *hs)
+                  const float *z, long z_bs, long z_ls, long z_cs, float *S, long i0, v16f *hs,
+                  uint16_t *out16)
 {
     v16f a2[16], h[16];
     if (tm) {
-        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, 16, 1, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
-        else fwd_chunk(d, b, c0, m, L, E, 16, 0, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, 16, 1, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
+        else fwd_chunk(d, b, c0, m, L, E, 16, 0, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
     } else {
-        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, 16, 1, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
-        else fwd_chunk(d, b, c0, m, L, E, 16, 0, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, 16, 1, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
+        else fwd_chunk(d, b, c0, m, L, E, 16, 0, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
     }
 }
 
 static void fwdN(const vtr_dir *d, long b, long c0, lmask m, long L, long E, int N, int tm, float *out, int acc,
-                 const float *z, long z_bs, long z_ls, long z_cs, float *S, long i0, v16f *hs)
+                 const float *z, long z_bs, long z_ls, long z_cs, float *S, long i0, v16f *hs,
+                 uint16_t *out16)
 {
     v16f a2[VTR_MAXN], h[VTR_MAXN];
     if (tm) {
-        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, N, 1, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
-        else fwd_chunk(d, b, c0, m, L, E, N, 0, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, N, 1, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
+        else fwd_chunk(d, b, c0, m, L, E, N, 0, 1, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
     } else {
-        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, N, 1, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
-        else fwd_chunk(d, b, c0, m, L, E, N, 0, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h);
+        if (d->mask_diag) fwd_chunk(d, b, c0, m, L, E, N, 1, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
+        else fwd_chunk(d, b, c0, m, L, E, N, 0, 0, out, acc, z, z_bs, z_ls, z_cs, S, i0, hs, a2, h, out16);
     }
 }
 
@@ -492,8 +540,9 @@ static void init_state(const vtr_dir *d, long b, long c0, lmask m, long L, long 
         const long first = d->reverse ? L - 1 : 0;
         v16f h0 = vb(0.0f);
         if (d->elemental) {
-            const float *u0 = d->u + b * d->u_bs + first * d->u_ls + c0 * d->u_cs;
-            if (d->u_cs == 1) h0 = ld(u0, m);
+            const float *u0 = d->u_bf16 ? NULL : d->u + b * d->u_bs + first * d->u_ls + c0 * d->u_cs;
+            if (d->u_bf16) h0 = ldh((const uint16_t *)(const void *)d->u + b * d->u_bs + first * d->u_ls + c0, m);
+            else if (d->u_cs == 1) h0 = ld(u0, m);
             else for (long i = 0; i < 16 && c0 + i < E; i++) h0[i] = u0[i * d->u_cs];
         }
         for (int n = 0; n < N; n++) hs[n] = h0;
@@ -516,7 +565,7 @@ static void init_state(const vtr_dir *d, long b, long c0, lmask m, long L, long 
  * S (optional, with z) receives the sum before the gate, which the backward needs.
  */
 int vtr_scan_fwd(const vtr_dir *dirs, int ndir, const float *z, long z_bs, long z_ls, long z_cs, float *out,
-                 int out_tm, float *S, long B, long L, long E, int N, int nthreads)
+                 int out_tm, float *S, long B, long L, long E, int N, int nthreads, uint16_t *out16)
 {
     if (N < 1 || N > VTR_MAXN) return -1;
     if (nthreads < 1) nthreads = 1;
@@ -530,7 +579,10 @@ int vtr_scan_fwd(const vtr_dir *dirs, int ndir, const float *z, long z_bs, long 
     }
     if (z && (tm ? z_ls != 1 : z_cs != 1)) return -5;
     for (int k = 0; k < ndir; k++)
-        if (z && dirs[k].z_bf16 && tm) return -5;                 /* bf16 z: row-major only */
+        if ((z && dirs[k].z_bf16 && tm) || (tm && (dirs[k].u_bf16 || dirs[k].bc_bf16))) return -5;  /* bf16: row-major only */
+    for (int k = 0; k < ndir; k++)
+        if (dirs[k].bc_bf16 && dirs[k].R > VTR_MAXN) return -7;
+    if (out16 && tm) return -5;
     const long nblk = (E + 15) / 16, nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
     int fail = 0;
 #pragma omp parallel num_threads(nthreads)
@@ -559,10 +611,10 @@ int vtr_scan_fwd(const vtr_dir *dirs, int ndir, const float *z, long z_bs, long 
                             v16f *h = hs + (blk - sp.blk0) * N;
                             if (N == 16)
                                 fwd16(d, b, c0, lanes(E - c0), L, E, tm, out, k > 0, last ? z : NULL, z_bs, z_ls,
-                                      z_cs, last ? S : NULL, ck * VTR_CHUNK, h);
+                                      z_cs, last ? S : NULL, ck * VTR_CHUNK, h, last ? out16 : NULL);
                             else
                                 fwdN(d, b, c0, lanes(E - c0), L, E, N, tm, out, k > 0, last ? z : NULL, z_bs, z_ls,
-                                     z_cs, last ? S : NULL, ck * VTR_CHUNK, h);
+                                     z_cs, last ? S : NULL, ck * VTR_CHUNK, h, last ? out16 : NULL);
                         }
                 }
             }
@@ -880,9 +932,11 @@ INLINE v16f conv_pre_h(const uint16_t *xb, long x_ls, const float *w, const floa
     return acc;
 }
 
-/* vtr_conv_fwd for a bf16 x (e.g. in_proj's output under bf16 autocast); fp32 weights and outputs */
+/* vtr_conv_fwd for a bf16 x (e.g. in_proj's output under bf16 autocast); fp32 weights; the outputs
+ * are fp32, or bf16 with out_bf16 (what x_proj and the scan then read under autocast) */
 int vtr_conv_fwd_bf16(const uint16_t *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
-                      const float *bb, float *yf, float *yb, long B, long L, long E, int K, int nthreads)
+                      const float *bb, void *yf, void *yb, long B, long L, long E, int K, int nthreads,
+                      int out_bf16)
 {
     if (K < 1 || K > VTR_MAXK) return -1;
     if (nthreads < 1) nthreads = 1;
@@ -894,10 +948,12 @@ int vtr_conv_fwd_bf16(const uint16_t *x, long x_bs, long x_ls, const float *wf, 
         for (long c = 0; c < E; c += 16) {
             const lmask m = lanes(E - c);
             v16f p = conv_pre_h(xb, x_ls, wf, bf, t, L, E, c, K, 0, m);
-            st(yf + r * E + c, p * vsigmoid(p), m);
+            if (out_bf16) sth((uint16_t *)yf + r * E + c, p * vsigmoid(p), m);
+            else st((float *)yf + r * E + c, p * vsigmoid(p), m);
             if (wb) {
                 p = conv_pre_h(xb, x_ls, wb, bb, t, L, E, c, K, 1, m);
-                st(yb + r * E + c, p * vsigmoid(p), m);
+                if (out_bf16) sth((uint16_t *)yb + r * E + c, p * vsigmoid(p), m);
+                else st((float *)yb + r * E + c, p * vsigmoid(p), m);
             }
         }
     }
