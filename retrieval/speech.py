@@ -369,21 +369,27 @@ def read_speech(recognizer: SpeechRecognizer, path: str | os.PathLike[str], star
     except AudioError as exc:
         return {"words": [], "phones": [], "alternatives": [], "seconds": 0.0, "notes": [f"no speech read: {exc}"]}
     seconds = round(samples.size / SAMPLE_RATE, 3)
-    offset = float(start or 0.0)
     try:
-        if isinstance(recognizer, SpeechRecognizer):
-            words, alternatives = recognizer.recognize_nbest(samples, offset)
-        else:  # a recogniser without an n-best list
-            words, alternatives = recognizer.recognize(samples, offset), []
-        phones = recognizer.recognize_phones(samples, offset)
+        record = recognise_samples(recognizer, samples, float(start or 0.0))
     except Exception as exc:  # noqa: BLE001  (one item the recogniser fails on never fails the job)
         logger.warning("speech channel: %s: %s", path, exc)
         return {"words": [], "phones": [], "alternatives": [], "seconds": seconds,
                 "notes": [f"recognition failed: {type(exc).__name__}: {exc}"]}
-    notes = [] if words or phones else ["no speech"]
+    notes = [] if record["words"] or record["phones"] else ["no speech"]
+    return {**record, "seconds": seconds, "notes": notes}
+
+
+def recognise_samples(recognizer: SpeechRecognizer, samples: np.ndarray, offset: float = 0.0) -> dict[str, Any]:
+    """What the channel stores of 16 kHz mono ``samples`` (times plus ``offset``): ``words``,
+    ``phones`` and ``alternatives`` as :func:`read_speech` gives them. Only the embedded
+    recogniser has an n-best list; another (Whisper) gives no alternatives."""
+    if isinstance(recognizer, SpeechRecognizer):
+        words, alternatives = recognizer.recognize_nbest(samples, offset)
+    else:
+        words, alternatives = recognizer.recognize(samples, offset), []
+    phones = recognizer.recognize_phones(samples, offset)
     return {"words": [word.to_dict() for word in words], "phones": [phone.to_dict() for phone in phones],
-            "alternatives": [[word.to_dict() for word in run] for run in alternatives],
-            "seconds": seconds, "notes": notes}
+            "alternatives": [[word.to_dict() for word in run] for run in alternatives]}
 
 
 def item_words(item: Mapping[str, Any], track: str = "words") -> list[Any]:
