@@ -5,7 +5,13 @@ Parts (``--parts``, default all):
 * ``ocr``: the embedded PP-OCR reads the middle frame of synthetic clips with written text
   (:mod:`retrieval.data.written`, every font, size, position and colour it draws, some
   scrolling). ``word_recall``: share of the rendered words found in the frame's text after
-  :func:`retrieval.ocr.fold` (target >= 0.9); ``ms_per_frame`` median (min, max).
+  :func:`retrieval.ocr.fold` (target >= 0.9); ``ms_per_frame`` median (min, max), ``detect_ms``
+  the detector's share; ``by_det_min_side``: the same for each ``--det-sides`` detector input.
+* ``cost``: indexing seconds per hour of video, visual-only and visual+text, for the demo's
+  encoder and VideoMamba-Ti (8 x 224 px), random weights, alternating in one process over
+  ``--clips`` synthetic clips of ``--clip-seconds`` (40 % with written text): ``cost_ratio``
+  (target <= 1.5), and where the text channel's time goes (reading, with the frames and boxes
+  reused; sentence vectors one by one vs batched).
 * ``fusion`` (``--model``: a trained model, ``--corpus``: a corpus written with
   ``vtr data synth --written``; see :func:`bench_fusion` for the defaults): indexes the test split visual-only and visual+text, alternating,
   (``index_cost_ratio``: text / visual embed seconds, target <= 1.5) and ranks every test caption
@@ -79,7 +85,7 @@ import torch
 
 from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
-from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, text_of
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Searcher
 from indexer.store import open_index, write_index
@@ -90,7 +96,8 @@ from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
-from retrieval.ocr import OcrReader, fold
+from retrieval.ocr import DEFAULT_EVERY_S, DET_MIN_SIDE, OcrReader, fold, read_span, sample_count
+from retrieval.sentence import SentenceEncoder
 from retrieval.speech import (
     ALTERNATIVES,
     DEFAULT_SOURCE,
@@ -112,28 +119,41 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def bench_ocr(clips: int, size: int) -> dict:
-    """Word recall and time per frame of the embedded recogniser on rendered synthetic text."""
+def bench_ocr(clips: int, size: int, det_sides: tuple[int, ...] = (DET_MIN_SIDE,)) -> dict:
+    """Word recall, time per frame and detection time of the embedded recogniser on rendered
+    synthetic text, for each detector input size in ``det_sides`` (frames alternate between them)."""
     plan = plan_corpus(n_train=20, n_test=clips, seed=11, long_videos=0, written_share=1.0)
-    reader = OcrReader(threads=THREADS)
-    found = total = exact = 0
-    times = []
-    reader.read(np.zeros((size, size, 3), np.uint8))  # warm-up
+    readers = {side: OcrReader(threads=THREADS, det_min_side=side) for side in det_sides}
+    stats = {side: {"found": 0, "total": 0, "exact": 0, "times": [], "detect": []} for side in det_sides}
+    for reader in readers.values():
+        reader.read(np.zeros((size, size, 3), np.uint8))  # warm-up
     for entry in plan.test:
         text = entry["attributes"]["written"]["text"]
         frames = render_job(plan.job(entry["video"]), size)
         frame = frames[len(frames) // 2]
-        started = time.perf_counter()
-        lines = reader.read(frame)
-        times.append(time.perf_counter() - started)
-        read = fold(" ".join(line for line, _, _ in lines))
         words = [fold(word) for word in text.split()]
-        found += sum(word in read for word in words)
-        total += len(words)
-        exact += fold(text) in read
-    return {"bench": "channels", "part": "ocr", "clips": clips, "frame_px": size, "word_recall": round(found / total, 3),
-            "text_recall": round(exact / clips, 3), "ms_per_frame": round(1000 * statistics.median(times), 1),
-            "ms_min": round(1000 * min(times), 1), "ms_max": round(1000 * max(times), 1), "threads": THREADS,
+        for side, reader in readers.items():
+            got = stats[side]
+            started = time.perf_counter()
+            boxes = reader.detect(frame)
+            got["detect"].append(time.perf_counter() - started)
+            lines = reader.lines(boxes, reader.recognise(frame, boxes))
+            got["times"].append(time.perf_counter() - started)
+            read = fold(" ".join(line for line, _, _ in lines))
+            got["found"] += sum(word in read for word in words)
+            got["total"] += len(words)
+            got["exact"] += fold(text) in read
+
+    def row(side: int) -> dict:
+        got = stats[side]
+        return {"word_recall": round(got["found"] / got["total"], 3), "text_recall": round(got["exact"] / clips, 3),
+                "ms_per_frame": round(1000 * statistics.median(got["times"]), 1),
+                "ms_min": round(1000 * min(got["times"]), 1), "ms_max": round(1000 * max(got["times"]), 1),
+                "detect_ms": round(1000 * statistics.median(got["detect"]), 1)}
+
+    return {"bench": "channels", "part": "ocr", "clips": clips, "frame_px": size, "det_min_side": DET_MIN_SIDE,
+            **(row(DET_MIN_SIDE) if DET_MIN_SIDE in stats else {}),
+            "by_det_min_side": {str(side): row(side) for side in det_sides}, "threads": THREADS,
             "target_word_recall": 0.9, "load_avg": _load(), "note": NOTE}
 
 
@@ -295,6 +315,69 @@ def bench_fusion(model: Path | None, corpus: Path | None, repeats: int, clips: i
             "index_embed_s": {"visual": [round(s, 1) for s in visual_s], "visual+text": [round(s, 1) for s in text_s]},
             "index_cost_ratio": ratio and round(ratio, 2), "text_from": text_from and str(text_from), "targets": {"gain": 25, "picture_gap": 1, "cost_ratio": 1.5},
             "load_avg": _load(), "note": NOTE}
+
+
+#: The encoders the text channel's indexing cost is compared with: the demo's, and the main one
+#: (VideoMamba-Ti, official layout, 8 frames at 224 px), both with random weights (same cost).
+COST_ENCODERS = {"demo": ("videomamba_demo", 256), "videomamba_ti": ("videomamba_tiny", 512)}
+
+
+def _text_breakdown(corpus: Path, seconds: float) -> dict:
+    """Where the text channel's time goes on ``corpus``'s test clips: reading (decode, detect,
+    recognise, with the reuse counts) and sentence vectors one text at a time vs one batch."""
+    reader = OcrReader(threads=THREADS)
+    sentences = SentenceEncoder()
+    test = load_corpus("generic", corpus / "test.json", corpus / "videos")
+    started = time.perf_counter()
+    texts = [text_of(read_span(reader, test.root / entry.video)) for entry in test.items]
+    read_s = time.perf_counter() - started
+    texts = [text for text in texts if text]
+    sentences.encode(texts[:1])  # warm-up
+    started = time.perf_counter()
+    for text in texts:
+        sentences.encode([text])
+    single_s = time.perf_counter() - started
+    started = time.perf_counter()
+    sentences.encode(texts)
+    batch_s = time.perf_counter() - started
+    per_hour = 3600 / seconds
+    return {"read_s_per_hour": round(read_s * per_hour, 1), "counts": reader.counts, "items_with_text": len(texts),
+            "sentence_s_per_hour": {"one_by_one": round(single_s * per_hour, 1), "batched": round(batch_s * per_hour, 1)}}
+
+
+def bench_cost(clips: int, repeats: int, clip_s: float) -> dict:
+    """What indexing with the text channel costs against visual-only, per hour of video, for the
+    demo's encoder and VideoMamba-Ti: ``clips`` synthetic clips of ``clip_s`` seconds (40 % with
+    written text), each encoder indexing visual-only and visual+text alternately in this process."""
+    fps = 8
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-cost-") as scratch:
+        corpus = Path(scratch) / "corpus"
+        generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, written_share=0.4,
+                        num_frames=round(clip_s * fps), fps=fps)
+        seconds = clips * round(clip_s * fps) / fps
+        models = {name: build_retrieval_model(arch, embed_dim=dim, num_fusion_layers=2, text_pooling="mean")
+                  .save(Path(scratch) / name) for name, (arch, dim) in COST_ENCODERS.items()}
+        runs: dict[str, dict[str, list[float]]] = {name: {"visual": [], "visual+text": []} for name in models}
+        loads = [_load()]
+        for _ in range(repeats):
+            for name, model in models.items():
+                for channels in (("visual",), ("visual", "text")):
+                    embed_s = _index(model, corpus, Path(scratch) / "index", channels)
+                    runs[name]["+".join(channels)].append(embed_s * 3600 / seconds)
+                    loads.append(_load())
+        breakdown = _text_breakdown(corpus, seconds)
+    per_hour = {name: {way: [round(v, 1) for v in values] for way, values in ways.items()} for name, ways in runs.items()}
+    ratios = {name: round(statistics.median(ways["visual+text"]) / statistics.median(ways["visual"]), 2)
+              for name, ways in runs.items()}
+    # pairwise: each visual+text run over the visual-only run just before it (same load, nearly)
+    pairs = {name: [round(t / v, 2) for v, t in zip(ways["visual"], ways["visual+text"], strict=True)]
+             for name, ways in runs.items()}
+    return {"bench": "channels", "part": "cost", "clips": clips, "clip_s": clip_s, "video_s": seconds,
+            "sampling": f"one frame per {DEFAULT_EVERY_S:g} s ({sample_count(clip_s)} a clip)", "frame_px": 128,
+            "encoders": {name: arch for name, (arch, _) in COST_ENCODERS.items()},
+            "index_s_per_hour": per_hour, "cost_ratio": ratios, "cost_ratio_pairs": pairs,
+            "text_channel": breakdown, "target_cost_ratio": 1.5, "threads": THREADS,
+            "load_avg": {"min": min(loads), "max": max(loads)}, "note": NOTE}
 
 
 def bench_spoken(model: Path | None, corpus: Path | None, clips: int) -> dict:
@@ -580,16 +663,21 @@ def _speech_rows(saved: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, fusion, scale, speech, spoken (comma-separated)")
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, speech, spoken "
+                        "(comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
     parser.add_argument("--size", type=int, default=128, help="ocr: frame size (the synthetic corpus's default)")
+    parser.add_argument("--det-sides", default=f"{DET_MIN_SIDE},320", help="ocr: detector input sizes to compare "
+                        "(the short side smaller frames are upscaled to; the channel's default first)")
     parser.add_argument("--model", type=Path, help="fusion: a trained model directory (default: the demo "
                         "architecture with random weights)")
     parser.add_argument("--corpus", type=Path, help="fusion: a corpus from `vtr data synth --written`")
     parser.add_argument("--text-from", type=Path, help="fusion: reuse the on-screen text of this index of the "
                         "same corpus (built with the text channel) instead of reading it again")
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
+    parser.add_argument("--clip-seconds", type=float, default=4.0, help="cost: length of each clip (4 s: two "
+                        "frames read at the default sampling)")
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--sentences", type=int, default=40, help="speech: spoken sentences")
@@ -604,9 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     results = Recorder(args.output, append=args.append)
     for part in parts:
         if part == "ocr":
-            results.add(bench_ocr(args.clips, args.size))
+            results.add(bench_ocr(args.clips, args.size, tuple(int(x) for x in args.det_sides.split(","))))
         elif part == "fusion":
             results.add(bench_fusion(args.model, args.corpus, args.repeats, args.clips, args.text_from))
+        elif part == "cost":
+            results.add(bench_cost(args.clips, args.repeats, args.clip_seconds))
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
         elif part == "spoken":
