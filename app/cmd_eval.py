@@ -51,6 +51,8 @@ def eval_cmd(
                                         "picture-only and text-mentioning queries"),
     weights: str | None = typer.Option(None, "--weights", help="with --channels: fusion weights, e.g. "
                                        "visual=1,text=2"),
+    asr: str | None = typer.Option(None, "--asr", help="with --channels ...,speech: the recogniser, pocketsphinx "
+                                   "(default) or whisper:DIR (a local Whisper model directory)"),
 ) -> None:
     """Zero-shot evaluation on a corpus: t2v/v2t retrieval (ITC + ITM re-rank) or action accuracy."""
     from retrieval.data.corpora import load_corpus  # noqa: PLC0415
@@ -60,13 +62,15 @@ def eval_cmd(
     _check_choice(task, _TASKS, "--task")
     _check_choice(source, _SOURCES, "--source")
     _check_choice(storage, STORAGE_CHOICES, "--storage")
+    if asr is not None and channels is None:
+        raise ValueError("--asr sets the speech channel's recogniser: use it with --channels ...,speech")
     if save_scores and (out is None or task != "retrieval"):
         raise ValueError("--save-scores needs --out and --task retrieval")
     device, precision = runtime(device, precision)
     corpus = load_corpus(dataset, ann, videos)
     if channels is not None:
         _eval_channels(model, dataset, ann, videos, corpus, channels, weights, out, workers, batch_size, progress,
-                       device, precision)
+                       device, precision, asr)
         return
     net = load_model(model, device, precision)
     if cache_dir is None and out is not None:
@@ -99,21 +103,30 @@ def eval_cmd(
 
 def _eval_channels(model: Path, dataset: str, ann: Path, videos: Path, corpus, channels: str, weights: str | None,
                    out: Path | None, workers: int, batch_size: int, progress: bool, device: str,
-                   precision: str) -> None:
+                   precision: str, asr: str | None = None) -> None:
     """``vtr eval --channels``: index the corpus with the channels (kept in OUT/index, so a second
     run reuses it), then rank every caption per channel and fused."""
     import tempfile  # noqa: PLC0415
 
     from indexer.channel_eval import evaluate_channels, format_table  # noqa: PLC0415
-    from indexer.channels import parse_channels, parse_weights  # noqa: PLC0415
+    from indexer.channels import channel_options, parse_channels, parse_weights  # noqa: PLC0415
     from indexer.jobs import JobSpec, run_index_job, work_dir_for  # noqa: PLC0415
     from indexer.search import Searcher  # noqa: PLC0415
+    from indexer.store import read_published_manifest  # noqa: PLC0415
+    from retrieval.asr import choose_asr  # noqa: PLC0415
 
     chosen = parse_channels(channels)
     fusion_weights = parse_weights(weights)
+    asr = choose_asr(asr, chosen)
     with tempfile.TemporaryDirectory(prefix="vtr-eval-") as scratch:
         index = (out if out is not None else Path(scratch)) / "index"
-        spec = JobSpec(model_dir=model, out=index, videos=videos, ann_file=ann, dataset=dataset, channels=chosen)
+        # a second run reuses OUT/index: never one whose speech another recogniser made
+        built = channel_options(read_published_manifest(index) or {}).get("asr")
+        if "speech" in chosen and built not in (None, asr):
+            raise ValueError(f"{index} holds speech recognised with --asr {built}, not {asr}: evaluate into "
+                             "another --out, or delete it")
+        spec = JobSpec(model_dir=model, out=index, videos=videos, ann_file=ann, dataset=dataset, channels=chosen,
+                       asr=asr)
         run_index_job(spec, resume=work_dir_for(index).exists() or index.exists(), workers=workers,
                       batch_size=batch_size, progress=progress, device=device, precision=precision)
         result = evaluate_channels(Searcher(index, model=model, device=device, precision=precision), corpus,

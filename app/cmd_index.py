@@ -106,7 +106,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     from indexer.channels import parse_channels  # noqa: PLC0415
     from indexer.engines import make_engine  # noqa: PLC0415
     from indexer.jobs import JobSpec, resolve_shard, run_index_job  # noqa: PLC0415
-    from retrieval.asr import DEFAULT_ASR, parse_asr  # noqa: PLC0415
+    from retrieval.asr import choose_asr  # noqa: PLC0415
 
     if model is None or out is None or videos is None:
         raise ValueError("vtr index needs --model, --videos (the corpus root) and --out "
@@ -114,9 +114,7 @@ def _run_index(model: Optional[Path], videos: Optional[Path], ann: Optional[Path
     chosen = parse_channels(channels)  # a missing extra is named here, before any work
     if ocr is not None and "text" not in chosen:
         raise ValueError("--ocr sets the text channel's recogniser, but --channels leaves the text channel out")
-    if asr is not None and "speech" not in chosen:
-        raise ValueError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
-    asr = parse_asr(asr) if "speech" in chosen else DEFAULT_ASR  # unknown name, bad directory: here, before work
+    asr = choose_asr(asr, chosen)  # an unknown name, a bad directory: here, before any work
     device, precision = runtime(device, precision)   # a missing CUDA fails before the model is read
     from retrieval.models.model_dir import read_model_config  # noqa: PLC0415
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from retrieval.speech import SpeechRecognizer, SpokenWord, require_speech
-from retrieval.whisper_asr import WhisperRecognizer, require_whisper, whisper_files
+from retrieval.whisper_asr import WhisperRecognizer, require_whisper, weights_digest, whisper_files
 
 #: The recognisers ``--asr`` names (``whisper`` takes a directory: ``whisper:DIR``).
 ASR_NAMES = ("pocketsphinx", "whisper")
@@ -59,6 +59,20 @@ def parse_asr(text: str | None) -> str:
     return f"whisper:{Path(argument.strip()).resolve()}"
 
 
+def choose_asr(asr: str | None, channels: tuple[str, ...]) -> str:
+    """The checked ``--asr`` of a command that indexes ``channels`` (see :func:`parse_asr`): the
+    default when the speech channel is not among them.
+
+    Raises:
+        ValueError: ``asr`` is given but ``channels`` leave the speech channel out, or :func:`parse_asr` refuses it.
+    """
+    if "speech" not in channels:
+        if asr is not None:
+            raise ValueError("--asr sets the speech channel's recogniser, but --channels leaves the speech channel out")
+        return DEFAULT_ASR
+    return parse_asr(asr)
+
+
 def load_recognizer(asr: str | None = None, device: str = "cpu") -> Recognizer:
     """The recogniser ``asr`` names (see :func:`parse_asr`), loaded; Whisper runs on ``device``."""
     chosen = parse_asr(asr)
@@ -70,3 +84,20 @@ def load_recognizer(asr: str | None = None, device: str = "cpu") -> Recognizer:
 def asr_of(identity: dict[str, Any]) -> str:
     """The ``--asr`` value that made a speech channel, from the identity its index records."""
     return f"whisper:{identity['model_dir']}" if identity.get("model_dir") else DEFAULT_ASR
+
+
+def check_recorded(identity: dict[str, Any]) -> None:
+    """Check that the recogniser an index records (its ``extra.channels.speech``) is still what its
+    directory holds, before new items are recognised with it (``vtr index add``).
+
+    Raises:
+        FileNotFoundError, ValueError: the directory is gone, or holds other weights now.
+    """
+    if not identity.get("model_dir"):
+        return  # the embedded recogniser: its models are its package's
+    recorded = (identity.get("models") or {}).get("sha256")
+    found = weights_digest(whisper_files(identity["model_dir"]))
+    if found != recorded:
+        raise ValueError(f"the index's speech was recognised by the Whisper model in {identity['model_dir']} "
+                         f"(weights sha256 {str(recorded)[:12]}...), which now holds other weights ({found[:12]}...): "
+                         "restore them, or build a new index")

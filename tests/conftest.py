@@ -1,5 +1,7 @@
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,7 +13,7 @@ import torch
 
 from indexer.jobs import JobSpec, run_index_job
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
+from retrieval.models.retrieval_model import RetrievalModel, build_retrieval_model
 
 # 2 = the reference machine's cores; VTR_TEST_THREADS=1 keeps the suite usable beside other work
 torch.set_num_threads(int(os.environ.get("VTR_TEST_THREADS", "2")))
@@ -43,11 +45,18 @@ def one_line_error():
 # model directory, a corpus or an index works on its own copy, e.g. ``shutil.copytree``).
 
 
-def _tiny_model(seed: int):
+def _tiny_model(seed: int = 0, **changes: Any) -> RetrievalModel:
     """The suite's tiny untrained retrieval model (VideoMamba tiny, 24-d, one fusion layer) with
-    the weights ``seed`` draws."""
+    the weights ``seed`` draws; ``changes``: other :func:`build_retrieval_model` options."""
     torch.manual_seed(seed)
-    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    return build_retrieval_model("videomamba_tiny_test", **{"embed_dim": 24, "num_fusion_layers": 1, **changes})
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., RetrievalModel]:
+    """``tiny_model(seed=0, **changes)``: a new copy of the suite's tiny model (in memory, the
+    test's own: tests may change it), so every test that needs one builds the same."""
+    return _tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -53,12 +53,11 @@ def test_bf16_vs_fp32_is_measurable_at_all():
     assert result["max_abs_diff"] > 0
 
 
-def test_embedding_projections_and_heads_stay_fp32_under_bf16():
+def test_embedding_projections_and_heads_stay_fp32_under_bf16(tiny_model):
     """The shared-space projections, the action head and the matching head run in fp32 inside
     autocast: bf16 rounding in them would reorder near-tied clips; the towers beneath still run
     in bf16."""
-    torch.manual_seed(0)
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).eval()
+    model = tiny_model().eval()
     model.set_action_head(["a", "b", "c"])
     seen = {}
 

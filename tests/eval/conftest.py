@@ -9,7 +9,6 @@ import torch
 
 from retrieval.data.corpora import load_corpus
 from retrieval.data.synthetic import generate_corpus
-from retrieval.models.retrieval_model import build_retrieval_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,6 +34,5 @@ def corpus(corpus_dir):
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False).eval()
+def model(tiny_model):
+    return tiny_model(with_mlm=False).eval()

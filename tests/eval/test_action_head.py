@@ -14,16 +14,14 @@ from retrieval.eval.actions import evaluate_actions
 from retrieval.labels import item_actions
 from retrieval.models.actions import ActionClassifier, label_source
 from retrieval.models.model_dir import load_model
-from retrieval.models.retrieval_model import build_retrieval_model
 
 N_TEST = 12
 CORPUS_SEED = 2  # the synthetic corpus of tests/eval/conftest.py
 
 
 @pytest.fixture(scope="module")
-def headed():
-    torch.manual_seed(0)
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False)
+def headed(tiny_model):
+    model = tiny_model(with_mlm=False)
     model.set_action_head(list(ACTIONS))
     return model.eval()
 
@@ -46,8 +44,8 @@ def test_the_head_reads_the_clip_vector_and_survives_saving(headed, headed_dir):
     torch.testing.assert_close(loaded.action_logits(feat), logits)
 
 
-def test_a_model_without_a_head_loads_without_one(tmp_path):
-    plain = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False)
+def test_a_model_without_a_head_loads_without_one(tiny_model, tmp_path):
+    plain = tiny_model(with_mlm=False)
     loaded = load_model(plain.save(tmp_path / "plain"))
     assert loaded.action_head is None and loaded.action_labels == []
     with pytest.raises(ValueError, match="no action head"):

@@ -15,7 +15,6 @@ from retrieval.eval.actions import evaluate_actions
 from retrieval.labels import load_labels
 from retrieval.models.actions import ActionClassifier, classify_paths
 from retrieval.models.registry import create_model
-from retrieval.models.retrieval_model import build_retrieval_model
 
 N_TEST = 12
 CORPUS_SEED = 1  # the synthetic corpus of tests/eval/conftest.py
@@ -116,10 +115,8 @@ def test_supervised_head_of_a_bare_encoder():
         ActionClassifier(encoder, ["sit", "stand", "walk"], source="zero-shot")
 
 
-def test_auto_prefers_the_head_only_for_its_own_classes():
-    torch.manual_seed(0)
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False,
-                                  video_overrides={"num_classes": 3}).eval()
+def test_auto_prefers_the_head_only_for_its_own_classes(tiny_model):
+    model = tiny_model(with_mlm=False, video_overrides={"num_classes": 3}).eval()
     assert ActionClassifier(model, ["a", "b", "c"]).source == "supervised"
     assert ActionClassifier(model, list(ACTIONS)).source == "zero-shot"
     assert ActionClassifier(model, ["a", "b", "c"], source="zero-shot").source == "zero-shot"

@@ -15,7 +15,6 @@ from app.demo import index_annotation
 from indexer.jobs import JobSpec, run_index_job
 from indexer.search import Hit, Moment, Searcher, group_hits
 from retrieval.data.synthetic import ACTIONS
-from retrieval.models.retrieval_model import build_retrieval_model
 
 QUERY = "a big red circle moving up"
 
@@ -47,8 +46,8 @@ def corpus(synthetic_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+def model_dir(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_model()
     model.set_action_head(list(ACTIONS))  # untrained, but it is the source of the stored labels
     return model.save(tmp_path_factory.mktemp("model") / "headed")
 

@@ -31,7 +31,6 @@ from retrieval.data.synthetic import generate_corpus
 from retrieval.eval.metrics import ranks_t2v
 from retrieval.eval.retrieval import embed_corpus
 from retrieval.models.model_dir import load_model
-from retrieval.models.retrieval_model import build_retrieval_model
 
 N_TEST = 10
 
@@ -44,9 +43,8 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+def model_dir(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_model()
     assert model.keep_temporal
     with torch.no_grad():
         model.video.temporal_pos_embedding.normal_(0.0, 1.0)

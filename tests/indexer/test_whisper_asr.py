@@ -39,7 +39,7 @@ SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>",
             "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>")
 
 
-def build_tiny_whisper(out: Path, max_length: int = 14) -> Path:
+def build_tiny_whisper(out: Path, max_length: int = 14, seed: int = 0) -> Path:
     """A randomly initialised Whisper model directory, as ``save_pretrained`` writes a real one."""
     from transformers import (
         GenerationConfig,
@@ -69,7 +69,7 @@ def build_tiny_whisper(out: Path, max_length: int = 14) -> Path:
                            decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
                            encoder_ffn_dim=64, decoder_ffn_dim=64, max_target_positions=64, pad_token_id=end,
                            bos_token_id=end, eos_token_id=end, decoder_start_token_id=ids["<|startoftranscript|>"])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
     whole_words = {vocab["Ġ" + word] for word in WORDS}
     model.generation_config = GenerationConfig(
@@ -126,7 +126,8 @@ def test_loads_and_times_words_within_the_audio(whisper_dir: Path, corpus: Path)
     assert recognizer.recognize(samples[: SAMPLE_RATE // 20]) == [], "a twentieth of a second is no speech"
     # the same record the embedded recogniser gives, so matching, hits and JSON work unchanged
     read = read_speech(recognizer, _spoken_clip(corpus))
-    assert set(read) == {"words", "phones", "seconds", "notes"} and read["notes"] == []
+    assert set(read) == {"words", "phones", "alternatives", "seconds", "notes"} and read["notes"] == []
+    assert read["alternatives"] == [], "no n-best list from greedy decoding"
     assert [w["word"] for w in read["words"]] == [w.word for w in words]
     assert set(read["words"][0]) == {"word", "start", "end", "prob"}
     identity = recognizer.identity
@@ -182,37 +183,57 @@ def test_an_index_job_records_the_recogniser_and_search_finds_its_words(whisper_
 def test_shards_share_the_recogniser_and_refuse_another(model_dir: Path, corpus: Path, whisper_dir: Path,
                                                        tmp_path: Path, one_line_error) -> None:
     out = tmp_path / "index"
+    mine = Path(shutil.copytree(whisper_dir, tmp_path / "whisper"))
     whisper = JobSpec(model_dir=model_dir, out=out, videos=corpus / "videos", part_size=1,
-                      channels=("visual", "speech"), asr=f"whisper:{whisper_dir}")
+                      channels=("visual", "speech"), asr=f"whisper:{mine}")
     run_index_job(whisper, Shard(0, 2), workers=0, progress=False)
     embedded = replace(whisper, asr=DEFAULT_ASR)
     with pytest.raises(JobError, match="different job.*channels"):
         run_index_job(embedded, Shard(1, 2), workers=0, progress=False)
+    # the same directory with other weights is another recogniser too
+    build_tiny_whisper(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", mine / "model.safetensors")
+    assert weights_hash(mine / "model.safetensors") != weights_hash(whisper_dir / "model.safetensors")
+    with pytest.raises(JobError, match="different job.*channels"):
+        run_index_job(whisper, Shard(1, 2), workers=0, progress=False)
+    shutil.copy(whisper_dir / "model.safetensors", mine / "model.safetensors")
     refused = CliRunner().invoke(app, ["index", "--model", str(model_dir), "--videos", str(corpus / "videos"),
                                        "--out", str(out), "--channels", "visual,speech", "--part-size", "1",
                                        "--shard", "1/2", "--resume", "--workers", "0", "--device", "cpu"])
     one_line_error(refused, "different job")
     run_index_job(whisper, Shard(1, 2), workers=0, progress=False)
     merge_job(out)
-    assert open_index(out).manifest["extra"]["channels"]["speech"]["model_dir"] == str(whisper_dir.resolve())
+    assert open_index(out).manifest["extra"]["channels"]["speech"]["model_dir"] == str(mine.resolve())
 
 
 def test_index_add_recognises_new_videos_with_the_index_recogniser(model_dir: Path, corpus: Path,
-                                                                  whisper_dir: Path, tmp_path: Path) -> None:
+                                                                  whisper_dir: Path, tmp_path: Path,
+                                                                  one_line_error) -> None:
     videos = tmp_path / "videos"
+    mine = Path(shutil.copytree(whisper_dir, tmp_path / "whisper"))
     spoken = _spoken_clip(corpus)
     silent = next(p for p in (corpus / "videos").rglob("*.mp4") if p != spoken)
     videos.mkdir()
     shutil.copy(silent, videos / "silent.mp4")
     run_index_job(JobSpec(model_dir=model_dir, out=tmp_path / "index", videos=videos,
-                          channels=("visual", "speech"), asr=f"whisper:{whisper_dir}"), workers=0, progress=False)
+                          channels=("visual", "speech"), asr=f"whisper:{mine}"), workers=0, progress=False)
     shutil.copy(spoken, videos / "spoken.mp4")
     add_to_index(tmp_path / "index", videos, workers=0, progress=False)
     reader = open_index(tmp_path / "index")
-    assert reader.manifest["extra"]["channels"]["speech"]["model_dir"] == str(whisper_dir.resolve())
+    assert reader.manifest["extra"]["channels"]["speech"]["model_dir"] == str(mine.resolve())
     added = next(item for item in reader.items if item["path"].endswith("spoken.mp4"))
     assert added["extra"]["speech"]["words"] and added["extra"]["speech"]["phones"] == []
     assert all(word["word"] in WORDS for word in added["extra"]["speech"]["words"])
+    # other weights in the index's Whisper directory: new videos are not recognised by another model
+    build_tiny_whisper(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", mine / "model.safetensors")
+    shutil.copy(spoken, videos / "again.mp4")
+    with pytest.raises(ValueError, match="now holds other weights"):
+        add_to_index(tmp_path / "index", videos, workers=0, progress=False)
+    refused = CliRunner().invoke(app, ["index", "add", "--index", str(tmp_path / "index"), "--videos", str(videos),
+                                       "--workers", "0"])
+    one_line_error(refused, "now holds other weights")
+    assert len(open_index(tmp_path / "index").items) == 2
 
 
 @pytest.mark.ray
@@ -231,6 +252,24 @@ def test_the_ray_engine_recognises_with_the_same_recogniser(ray_cluster, model_d
             Path(item["path"]).name: item["extra"]["speech"] for item in reader.items}
 
     assert speech(tmp_path / "index") == speech(whisper_index)
+
+
+def test_eval_reports_the_speech_channel_with_whisper(model_dir: Path, corpus: Path, whisper_dir: Path,
+                                                      tmp_path: Path, one_line_error) -> None:
+    out = tmp_path / "eval"
+    command = ["eval", "--model", str(model_dir), "--dataset", "generic", "--ann", str(corpus / "test.json"),
+               "--videos", str(corpus / "videos"), "--channels", "visual,speech", "--out", str(out),
+               "--no-progress", "--device", "cpu", "--workers", "0"]
+    result = CliRunner().invoke(app, [*command, "--asr", f"whisper:{whisper_dir}"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "channels.json").read_text())
+    assert metrics["recognition"]["videos"] == 1 and 0.0 <= metrics["recognition"]["wer"] <= 2.0
+    speech = open_index(out / "index").manifest["extra"]["channels"]["speech"]
+    assert speech["model_dir"] == str(whisper_dir.resolve())
+    # the index kept in OUT is reused by a second run, but never for another recogniser
+    one_line_error(CliRunner().invoke(app, command), "holds speech recognised with --asr whisper:")
+    without_channels = [arg for arg in command if arg not in ("--channels", "visual,speech")]
+    one_line_error(CliRunner().invoke(app, [*without_channels, "--asr", "pocketsphinx"]), "use it with --channels")
 
 
 def _not_whisper(tmp: Path, model_dir: Path, whisper_dir: Path) -> Path:

@@ -3,13 +3,12 @@ import pytest
 import torch
 
 from retrieval import load_model
-from retrieval.models.retrieval_model import RetrievalModel, build_retrieval_model
+from retrieval.models.retrieval_model import RetrievalModel
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1).eval()
+def model(tiny_model):
+    return tiny_model().eval()
 
 
 def test_encode_and_similarity_shapes(model):
@@ -55,9 +54,8 @@ def test_empty_query_is_an_error(model):
         model.encode_texts(["   ...  "])
 
 
-def test_mean_text_pooling_is_the_masked_mean_and_survives_saving(tmp_path):
-    torch.manual_seed(0)
-    m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, text_pooling="mean").eval()
+def test_mean_text_pooling_is_the_masked_mean_and_survives_saving(tiny_model, tmp_path):
+    m = tiny_model(text_pooling="mean").eval()
     texts = ["a red circle", "one small green triangle moving up on a dark background"]
     with torch.no_grad():
         out = m.encode_texts(texts)
@@ -72,7 +70,7 @@ def test_mean_text_pooling_is_the_masked_mean_and_survives_saving(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_texts(texts)["feat"], out["feat"])
     with pytest.raises(ValueError, match="text_pooling"):
-        build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, text_pooling="max")
+        tiny_model(text_pooling="max")
 
 
 def test_text_can_resume_from_a_cached_layer(model):
@@ -91,10 +89,10 @@ def test_text_can_resume_from_a_cached_layer(model):
         model.text(ids, mask, mode="text", start_layer=1)
 
 
-def test_an_untrained_matching_head_is_recorded_and_not_used(tmp_path):
+def test_an_untrained_matching_head_is_recorded_and_not_used(tiny_model, tmp_path):
     from retrieval.eval.retrieval import has_itm_head
 
-    m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1)
+    m = tiny_model()
     assert m.matching_trained and has_itm_head(m)
     m.matching_trained = False
     m.save(tmp_path / "m")
@@ -102,13 +100,11 @@ def test_an_untrained_matching_head_is_recorded_and_not_used(tmp_path):
     assert loaded.matching_trained is False and not has_itm_head(loaded)
 
 
-def test_video_options_survive_saving(tmp_path):
+def test_video_options_survive_saving(tiny_model, tmp_path):
     """Non-official encoder options (the demo model's stem and max pooling) are part of the
     saved config: the loaded model has the same parameters and computes the same features."""
-    torch.manual_seed(0)
-    m = build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=False,
-                              video_overrides={"stem_channels": [8, 16], "stem_kernel_t": 3,
-                                               "patch_pool": "max", "tubelet_size": 2}).eval()
+    m = tiny_model(with_mlm=False, video_overrides={"stem_channels": [8, 16], "stem_kernel_t": 3,
+                                                    "patch_pool": "max", "tubelet_size": 2}).eval()
     m.save(tmp_path / "m")
     loaded = load_model(tmp_path / "m")
     assert loaded.video.patch_embed.stem is not None and loaded.video.patch_pool == "max"

@@ -11,16 +11,14 @@ from safetensors.torch import save_file
 
 from retrieval import load_model
 from retrieval.models.model_dir import ModelDirError, model_identity
-from retrieval.models.retrieval_model import build_retrieval_model
 
 DECODER = "mlm_head.predictions.decoder"
 WORDS = "text.embeddings.word_embeddings.weight"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_retrieval_model("videomamba_tiny_test", embed_dim=24, num_fusion_layers=1, with_mlm=True).eval()
+def model(tiny_model):
+    return tiny_model(with_mlm=True).eval()
 
 
 def _stored_names(directory: Path) -> set[str]:
