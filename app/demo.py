@@ -2,11 +2,13 @@
 
 Steps, each reused when its output already exists (a second run only serves):
 
-1. the synthetic corpus (``WORKDIR/corpus``);
+1. the synthetic corpus (``WORKDIR/corpus``), and a few clips with written titles or a spoken
+   sentence (``WORKDIR/corpus/channels``, :data:`CHANNEL_CLIPS`) for the text and speech channels;
 2. the demo model, trained with ``configs/train/demo.yaml`` (``WORKDIR/train/model``; an
    interrupted training resumes from its checkpoint);
-3. an index of the test split plus the long multi-scene videos cut into windows, so queries
-   land on moments (``WORKDIR/index``);
+3. an index of the test split, the channel clips and the long multi-scene videos cut into
+   windows, so queries land on moments (``WORKDIR/index``), with every channel whose package is
+   installed: what is seen, written on screen (``ocr`` extra) and said (``speech`` extra);
 4. evaluation on the held-out test split: retrieval metrics (ITC, and ITM re-ranked when the
    matching head is trained) and action top-1 of the model's action head, with zero-shot prompt
    labels beside it for comparison (``WORKDIR/eval``);
@@ -26,6 +28,10 @@ from retrieval.models.registry import config_root
 log = logging.getLogger(__name__)
 
 WINDOW_S, STRIDE_S = 4.0, 2.0
+#: Clips beside the test split that show a title, sign or caption (half) or have a sentence said
+#: over them (half): the channels' material. They are indexed but not evaluated, so the test
+#: split the demo's guards are calibrated on stays exactly as it was.
+CHANNEL_CLIPS = 8
 
 
 def _step(title: str) -> None:
@@ -39,6 +45,20 @@ def build_corpus(workdir: Path) -> Path:
     summary = generate_corpus(out, n_train=600, n_test=100, seed=0, size=128, long_videos=4)
     typer.echo(f"    {summary['n_train']} train / {summary['n_test']} test / {summary['n_long']} long clips "
                f"({summary['seconds']:.1f} s)")
+    return out
+
+
+def build_channel_clips(corpus: Path) -> Path:
+    """The written and spoken clips (:data:`CHANNEL_CLIPS`, their own seed) under ``corpus/channels``."""
+    from retrieval.data.synthetic import generate_corpus  # noqa: PLC0415
+
+    out = corpus / "channels"
+    summary = generate_corpus(out, n_train=1, n_test=CHANNEL_CLIPS, seed=1, size=128, long_videos=0,
+                              progress=False, written_share=0.5, spoken_share=0.5)
+    entries = json.loads((out / "test.json").read_text())
+    written = sum("written" in entry["attributes"] for entry in entries)
+    spoken = sum("spoken" in entry["attributes"] for entry in entries)
+    typer.echo(f"    {summary['n_test']} clips for the channels: {written} with on-screen text, {spoken} spoken")
     return out
 
 
@@ -61,30 +81,60 @@ def train_model(workdir: Path, corpus: Path, overrides: list[str] | tuple[str, .
 
 
 def index_annotation(corpus: Path) -> Path:
-    """One annotation file for the index: the test clips and the long videos (whole, to be windowed)."""
-    items = json.loads((corpus / "test.json").read_text())
+    """One annotation file for the index: the test clips, the channel clips (when built) and the
+    long videos (whole, to be windowed); paths relative to ``corpus``."""
+    items = [{**entry, "video": f"videos/{entry['video']}"} for entry in json.loads((corpus / "test.json").read_text())]
+    channel_file = corpus / "channels" / "test.json"
+    if channel_file.is_file():
+        items += [{**entry, "video": f"channels/videos/{entry['video']}"}
+                  for entry in json.loads(channel_file.read_text())]
     long_file = corpus / "long.json"
     if long_file.is_file():
         for entry in json.loads(long_file.read_text()):
-            items.append({"video": entry["video"], "caption": [s["caption"] for s in entry["segments"]]})
+            items.append({"video": f"videos/{entry['video']}", "caption": [s["caption"] for s in entry["segments"]]})
     path = corpus / "index.json"
     path.write_text(json.dumps(items, indent=1))
     return path
 
 
-def build_index(workdir: Path, corpus: Path, model: Path) -> Path:
+def demo_channels() -> tuple[str, ...]:
+    """``visual``, and ``text`` and ``speech`` where their packages are installed."""
+    from indexer.channels import parse_channels  # noqa: PLC0415
+    from retrieval.speech import speech_available  # noqa: PLC0415
+
+    return parse_channels(None) + (("speech",) if speech_available() else ())
+
+
+def build_index(workdir: Path, corpus: Path, model: Path, channels: tuple[str, ...] = ("visual",)) -> Path:
     from indexer.jobs import JobSpec, run_index_job, work_dir_for  # noqa: PLC0415
 
     out = workdir / "index"
     if (out / "manifest.json").is_file():
         typer.echo(f"    reusing {out}")
         return out
-    spec = JobSpec(model_dir=model, out=out, videos=corpus / "videos", ann_file=index_annotation(corpus),
-                   window=WINDOW_S, stride=STRIDE_S, labels="synthetic")
+    spec = JobSpec(model_dir=model, out=out, videos=corpus, ann_file=index_annotation(corpus),
+                   window=WINDOW_S, stride=STRIDE_S, labels="synthetic", channels=channels)
     summary = run_index_job(spec, resume=work_dir_for(out).exists(), workers=1)
     typer.echo(f"    {summary.indexed} items indexed, {summary.failed} failed "
-               f"({summary.clips_per_second:.1f} clips/s) -> {out}")
+               f"({summary.clips_per_second:.1f} clips/s, channels: {', '.join(channels)}) -> {out}")
     return out
+
+
+def channel_queries(corpus: Path) -> list[str]:
+    """Queries to try on the page that only the text and speech channels can answer."""
+    channel_file = corpus / "channels" / "test.json"
+    if not channel_file.is_file():
+        return []
+    queries = []
+    for entry in json.loads(channel_file.read_text()):
+        attributes = entry["attributes"]
+        if "written" in attributes:
+            queries.append(f'a title that reads "{attributes["written"]["text"]}"')
+        if "spoken" in attributes:
+            queries.append(f'a voice says "{attributes["spoken"]["text"]}"')
+    written = [q for q in queries if q.startswith("a title")][:1]
+    spoken = [q for q in queries if q.startswith("a voice")][:1]
+    return written + spoken
 
 
 def evaluate(workdir: Path, corpus: Path, model_dir: Path) -> dict:
@@ -124,10 +174,15 @@ def run_demo(workdir: Path, serve: bool = True, host: str = "127.0.0.1", port: i
     t0 = time.perf_counter()
     _step("1/5 synthetic corpus")
     corpus = build_corpus(workdir)
+    channels = demo_channels()
+    if len(channels) > 1:
+        build_channel_clips(corpus)
     _step("2/5 training the demo model (tiny VideoMamba + MiniLM)")
     model = train_model(workdir, corpus)
     _step("3/5 indexing the test split and the long videos (4 s windows)")
-    index = build_index(workdir, corpus, model)
+    index = build_index(workdir, corpus, model, channels)
+    for query in channel_queries(corpus):
+        typer.echo(f"    try: {query}")
     _step("4/5 evaluation on the held-out test split")
     metrics = evaluate(workdir, corpus, model)
     elapsed = time.perf_counter() - t0

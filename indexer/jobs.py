@@ -82,6 +82,8 @@ JOB_VERSION = 1
 #: time, large enough that a million-video corpus is a few thousand part files.
 DEFAULT_PART_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
+#: On-screen texts embedded by the sentence model at once
+SENTENCE_BATCH = 64
 #: How many zero-shot action labels are stored per item.
 TOP_LABELS = 5
 #: Window times are rounded to milliseconds: ids stay readable, and a duration that a re-probe
@@ -542,6 +544,8 @@ class _Part:
         return extra
     #: reads an item's on-screen text (the text channel) when the part is committed; None: no text channel
     read_text: Callable[[CorpusItem], dict[str, Any]] | None = None
+    #: adds the sentence vectors to the part's texts (``read_text``'s results), in one batch
+    embed_texts: Callable[[list[dict[str, Any]]], None] | None = None
     #: recognises an item's speech (the speech channel) when the part is committed; None: no speech channel
     read_speech: Callable[[CorpusItem], dict[str, Any]] | None = None
 
@@ -566,6 +570,8 @@ class _Part:
                 records[-1]["extra"]["text"] = self.read_text(item)
             if self.read_speech is not None:
                 records[-1]["extra"]["speech"] = self.read_speech(item)
+        if self.embed_texts is not None:
+            self.embed_texts([record["extra"]["text"] for record in records if "text" in record["extra"]])
         vectors = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
         manifest = {
             "part": self.number,
@@ -754,13 +760,20 @@ def _run_locked(
     parts = _expand_parts(sources, sorted(set(mine) - set(done)), spec, root, workers)
     if reader is not None:
         def read_text(item: CorpusItem) -> dict[str, Any]:
-            text = read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
-            if text["lines"] and sentences is not None:
-                text["vector"] = pack(sentences.encode([text_of(text)])[0])
-            return text
+            return read_span(reader, root / item.video, item.start, item.end, spec.text_every_s)
+
+        def embed_texts(texts: list[dict[str, Any]]) -> None:
+            """Sentence vectors of the texts that have lines (a batch is several times cheaper
+            than one text at a time: bench/channels.py --parts cost)."""
+            with_lines = [text for text in texts if text["lines"]]
+            for at in range(0, len(with_lines), SENTENCE_BATCH):
+                batch = with_lines[at : at + SENTENCE_BATCH]
+                for text, vector in zip(batch, sentences.encode([text_of(text) for text in batch]), strict=True):
+                    text["vector"] = pack(vector)
 
         for part in parts:
             part.read_text = read_text
+            part.embed_texts = embed_texts if sentences is not None else None
     if recognizer is not None:
         def speech_of(item: CorpusItem) -> dict[str, Any]:
             return read_speech(recognizer, root / item.video, item.start, item.end)

@@ -70,6 +70,7 @@ from indexer.store import (
     publish_version,
     same_model,
 )
+from retrieval.asr import check_recorded
 from retrieval.data.corpora import CorpusItem, load_corpus
 from retrieval.models.model_dir import model_identity
 
@@ -211,6 +212,7 @@ def add_to_index(
         reader = open_index(index)
         model_dir = _index_model_dir(reader, model_dir)
         check_model(reader, model_dir)
+        check_recorded(((reader.manifest.get("extra") or {}).get("channels") or {}).get("speech") or {})
         if staging.exists() and not resume:
             raise JobError(f"an earlier add to {reader.path} was interrupted ({staging} exists); pass --resume to "
                            "finish it, or delete that directory to start over")

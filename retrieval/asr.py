@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from retrieval.speech import SpeechRecognizer, SpokenWord, require_speech
-from retrieval.whisper_asr import WhisperRecognizer, require_whisper, whisper_files
+from retrieval.whisper_asr import WhisperRecognizer, require_whisper, weights_digest, whisper_files
 
 #: The recognisers ``--asr`` names (``whisper`` takes a directory: ``whisper:DIR``).
 ASR_NAMES = ("pocketsphinx", "whisper")
@@ -84,3 +84,20 @@ def load_recognizer(asr: str | None = None, device: str = "cpu") -> Recognizer:
 def asr_of(identity: dict[str, Any]) -> str:
     """The ``--asr`` value that made a speech channel, from the identity its index records."""
     return f"whisper:{identity['model_dir']}" if identity.get("model_dir") else DEFAULT_ASR
+
+
+def check_recorded(identity: dict[str, Any]) -> None:
+    """Check that the recogniser an index records (its ``extra.channels.speech``) is still what its
+    directory holds, before new items are recognised with it (``vtr index add``).
+
+    Raises:
+        FileNotFoundError, ValueError: the directory is gone, or holds other weights now.
+    """
+    if not identity.get("model_dir"):
+        return  # the embedded recogniser: its models are its package's
+    recorded = (identity.get("models") or {}).get("sha256")
+    found = weights_digest(whisper_files(identity["model_dir"]))
+    if found != recorded:
+        raise ValueError(f"the index's speech was recognised by the Whisper model in {identity['model_dir']} "
+                         f"(weights sha256 {str(recorded)[:12]}...), which now holds other weights ({found[:12]}...): "
+                         "restore them, or build a new index")

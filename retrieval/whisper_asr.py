@@ -129,9 +129,8 @@ class WhisperRecognizer:
                                   tokenizer=AutoTokenizer.from_pretrained(root, local_files_only=True),
                                   feature_extractor=WhisperFeatureExtractor.from_pretrained(root, local_files_only=True))
         self._lock = threading.Lock()  # one model: items recognised one at a time
-        digest = weights_hash(weights[0]) if len(weights) == 1 else _combined_hash(weights)
         self.identity = {"engine": f"whisper (transformers {importlib.metadata.version('transformers')})",
-                         "models": {"file": ", ".join(path.name for path in weights), "sha256": digest},
+                         "models": {"file": ", ".join(path.name for path in weights), "sha256": weights_digest(weights)},
                          "model_dir": str(root)}
 
     @contextlib.contextmanager
@@ -168,8 +167,10 @@ class WhisperRecognizer:
         return []
 
 
-def _combined_hash(paths: list[Path]) -> str:
-    """One digest of several weight shards: the sha256 of their names and sha256s in order."""
+def weights_digest(paths: list[Path]) -> str:
+    """The sha256 of a model's weights: of its one file, or of several shards' names and sha256s in order."""
+    if len(paths) == 1:
+        return weights_hash(paths[0])
     combined = hashlib.sha256()
     for path in paths:
         combined.update(f"{path.name} {weights_hash(path)}\n".encode())

@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.floor import Product, floor, model_costs  # noqa: E402
-from retrieval.models.registry import create_model  # noqa: E402
+from bench.floor import Product, floor, model_costs
+from retrieval.models.registry import create_model
 
 
 def _counted(model: torch.nn.Module, video: torch.Tensor) -> int:

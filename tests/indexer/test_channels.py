@@ -140,7 +140,8 @@ def test_missing_recogniser_is_named_by_its_extra(monkeypatch: pytest.MonkeyPatc
 
 def test_sampling_reads_one_frame_per_two_seconds_and_at_least_one() -> None:
     assert sample_count(0.4) == 1
-    assert sample_count(3.0) == 2
+    assert sample_count(3.0) == 1, "a 3 s clip: its middle frame"
+    assert sample_count(4.0) == 2
     assert sample_count(10.0) == 5
     assert sample_count(10.0, every_s=1.0) == 10
     with pytest.raises(ValueError):

@@ -40,12 +40,16 @@ def _frame(text: str | None, width: int = 320, height: int = 96) -> np.ndarray:
     return np.asarray(image)
 
 
-def _write_video(path: Path, text: str | None, seconds: float = 2.0, fps: int = 8) -> Path:
+def _write_video(path: Path, text: str | None, seconds: float = 2.0, fps: int = 8, moving: bool = False) -> Path:
     with av.open(str(path), "w") as container:
         stream = container.add_stream("h264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 320, 96, "yuv420p"
-        for _ in range(int(seconds * fps)):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_frame(text), format="rgb24")):
+        for n in range(int(seconds * fps)):
+            frame = _frame(text)
+            if moving:  # a square crossing the bottom of the frame, under the title
+                frame = frame.copy()
+                frame[72:92, 8 * n : 8 * n + 20] = (230, 120, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -106,7 +110,8 @@ def test_a_failing_frame_is_a_note_not_an_error(reader: OcrReader, videos: Path,
     def broken(frame: np.ndarray) -> list:
         raise RuntimeError("recogniser crashed")
 
-    monkeypatch.setattr(reader, "read", broken)
+    monkeypatch.setattr(reader, "detect", broken)
+    reader.recent.clear()
     text = read_span(reader, videos / "title.mp4")
     assert text["lines"] == [] and "recogniser crashed" in text["notes"][0]
     missing = read_span(reader, videos / "nowhere.mp4")
@@ -285,8 +290,8 @@ def test_a_still_is_read_once_and_its_line_spans_the_samples(reader: OcrReader, 
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     still = _write_video(tmp_path / "still.mp4", "CHAPTER 3", seconds=4.0)
     calls = []
-    real = reader.read
-    monkeypatch.setattr(reader, "read", lambda frame: calls.append(1) or real(frame))
+    real = reader.detect
+    monkeypatch.setattr(reader, "detect", lambda frame: calls.append(1) or real(frame))
     text = read_span(reader, still, every_s=1.0)
     assert text["frames"] == 4 and len(calls) == 1
     (line,) = text["lines"]
@@ -302,3 +307,28 @@ def test_the_page_shows_the_matched_words_and_starts_the_preview_there(text_inde
     first = page.search_json("a sign saying open 24 hours", 3)["hits"][0]
     assert first["video_path"] == "sign.mp4" and first["channels"]["text"]["rank"] == 1
     assert first["url"].endswith(f"#t={first['text']['start']:.2f}")
+
+
+def test_a_title_over_moving_pictures_is_detected_each_time_and_recognised_once(reader: OcrReader,
+                                                                                tmp_path: Path) -> None:
+    video = _write_video(tmp_path / "moving.mp4", "CHAPTER 3", seconds=4.0, moving=True)
+    before = dict(reader.counts)
+    text = read_span(reader, video, every_s=1.0)
+    done = {key: reader.counts[key] - before[key] for key in before}
+    assert text["frames"] == 4
+    assert done["detected"] == 4, "the square moves: every sampled frame is a new picture"
+    assert done["recognised"] == 1 and done["reused_boxes"] == 3, done
+    (line,) = text["lines"]
+    assert line["text"].replace(" ", "") == "CHAPTER3" and line["start"] < 1.0 and line["end"] > 3.0
+
+
+def test_overlapping_windows_read_a_shared_frame_once(reader: OcrReader, tmp_path: Path) -> None:
+    video = _write_video(tmp_path / "windows.mp4", "CHAPTER 3", seconds=6.0, moving=True)
+    reader.recent.clear()
+    first = read_span(reader, video, 0.0, 4.0)
+    before = dict(reader.counts)
+    second = read_span(reader, video, 2.0, 6.0)  # samples 3 s (read above) and 5 s
+    assert first["frames"] == second["frames"] == 2
+    assert reader.counts["detected"] - before["detected"] == 1
+    assert reader.counts["reused_frames"] - before["reused_frames"] == 1
+    assert second["lines"][0]["start"] == first["lines"][0]["end"], "the shared frame keeps its time"

@@ -126,7 +126,8 @@ def test_loads_and_times_words_within_the_audio(whisper_dir: Path, corpus: Path)
     assert recognizer.recognize(samples[: SAMPLE_RATE // 20]) == [], "a twentieth of a second is no speech"
     # the same record the embedded recogniser gives, so matching, hits and JSON work unchanged
     read = read_speech(recognizer, _spoken_clip(corpus))
-    assert set(read) == {"words", "phones", "seconds", "notes"} and read["notes"] == []
+    assert set(read) == {"words", "phones", "alternatives", "seconds", "notes"} and read["notes"] == []
+    assert read["alternatives"] == [], "no n-best list from greedy decoding"
     assert [w["word"] for w in read["words"]] == [w.word for w in words]
     assert set(read["words"][0]) == {"word", "start", "end", "prob"}
     identity = recognizer.identity
@@ -206,21 +207,33 @@ def test_shards_share_the_recogniser_and_refuse_another(model_dir: Path, corpus:
 
 
 def test_index_add_recognises_new_videos_with_the_index_recogniser(model_dir: Path, corpus: Path,
-                                                                  whisper_dir: Path, tmp_path: Path) -> None:
+                                                                  whisper_dir: Path, tmp_path: Path,
+                                                                  one_line_error) -> None:
     videos = tmp_path / "videos"
+    mine = Path(shutil.copytree(whisper_dir, tmp_path / "whisper"))
     spoken = _spoken_clip(corpus)
     silent = next(p for p in (corpus / "videos").rglob("*.mp4") if p != spoken)
     videos.mkdir()
     shutil.copy(silent, videos / "silent.mp4")
     run_index_job(JobSpec(model_dir=model_dir, out=tmp_path / "index", videos=videos,
-                          channels=("visual", "speech"), asr=f"whisper:{whisper_dir}"), workers=0, progress=False)
+                          channels=("visual", "speech"), asr=f"whisper:{mine}"), workers=0, progress=False)
     shutil.copy(spoken, videos / "spoken.mp4")
     add_to_index(tmp_path / "index", videos, workers=0, progress=False)
     reader = open_index(tmp_path / "index")
-    assert reader.manifest["extra"]["channels"]["speech"]["model_dir"] == str(whisper_dir.resolve())
+    assert reader.manifest["extra"]["channels"]["speech"]["model_dir"] == str(mine.resolve())
     added = next(item for item in reader.items if item["path"].endswith("spoken.mp4"))
     assert added["extra"]["speech"]["words"] and added["extra"]["speech"]["phones"] == []
     assert all(word["word"] in WORDS for word in added["extra"]["speech"]["words"])
+    # other weights in the index's Whisper directory: new videos are not recognised by another model
+    build_tiny_whisper(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "model.safetensors", mine / "model.safetensors")
+    shutil.copy(spoken, videos / "again.mp4")
+    with pytest.raises(ValueError, match="now holds other weights"):
+        add_to_index(tmp_path / "index", videos, workers=0, progress=False)
+    refused = CliRunner().invoke(app, ["index", "add", "--index", str(tmp_path / "index"), "--videos", str(videos),
+                                       "--workers", "0"])
+    one_line_error(refused, "now holds other weights")
+    assert len(open_index(tmp_path / "index").items) == 2
 
 
 @pytest.mark.ray
