@@ -37,7 +37,7 @@ import torch
 from bench.record import Recorder, add_output_argument
 from retrieval.asr import load_recognizer, parse_asr
 from retrieval.data.synthetic import generate_corpus
-from retrieval.speech import SAMPLE_RATE, SpeechIndex, decode_audio, word_error_rate
+from retrieval.speech import SAMPLE_RATE, SpeechIndex, decode_audio, recognise_samples, word_error_rate
 
 THREADS = 2
 LOADED = "machine shared with other jobs (load average above its 2 threads): compare rows of one run, not times"
@@ -172,15 +172,13 @@ def bench_asr(asr: str, clips: list[tuple[Path, str]]) -> dict:
     for n, (path, said) in enumerate(clips):
         samples = decode_audio(path)
         started = time.perf_counter()
-        heard = recognizer.recognize(samples)
-        phones = recognizer.recognize_phones(samples)  # as the channel does: [] for Whisper
+        speech = recognise_samples(recognizer, samples)  # as the channel does: no phones from Whisper
         busy_s += time.perf_counter() - started
         audio_s += samples.size / SAMPLE_RATE
-        errors += word_error_rate(said.split(), [word.word for word in heard]) * len(said.split())
+        errors += word_error_rate(said.split(), [word["word"] for word in speech["words"]]) * len(said.split())
         words += len(said.split())
         loads.append(_load())
-        items.append({"id": n, "extra": {"speech": {"words": [w.to_dict() for w in heard],
-                                                    "phones": [p.to_dict() for p in phones]}}})
+        items.append({"id": n, "extra": {"speech": speech}})
     # each sentence quoted as a query among all the clips, matched as the channel matches (by sound)
     index = SpeechIndex(items)
     queries = [f'a voice says "{said}"' for _, said in clips]

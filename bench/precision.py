@@ -50,6 +50,7 @@ from bench.record import Recorder, add_output_argument
 from retrieval.models.device import cpu_flags, cpu_has_native_bf16
 
 THREADS = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _median_time(fn, repeats):
@@ -162,15 +163,20 @@ def floor_report(configs: list[str], size: int, repeats: int, bf16: bool) -> Ite
         videos[config] = torch.randn(1, 3, frames, size, size)
         costs[config] = model_costs(models[config], frames, size)
     load_before = os.getloadavg()[0]
-    # the rates first, then the forwards in turns (round 0 is the warm-up)
-    exps_per_s = exp_rate()
-    seconds = {k: {} for k in dtypes}
-    for k in dtypes:
-        for config in configs:
-            seconds[k].update(product_seconds(costs[config].products, torch.float32 if k == "fp32" else torch.bfloat16))
+    # each round measures the rates, then runs every forward once (round 0 is the warm-up), so the
+    # floors see the same machine as the forwards; medians over rounds
+    rate_rounds: list[float] = []
+    second_rounds: dict[str, list[dict]] = {k: [] for k in dtypes}
     times = {(c, k): [] for c in configs for k in dtypes}
     with torch.inference_mode():
         for round_ in range(repeats + 1):
+            if round_:
+                rate_rounds.append(exp_rate())
+                for k in dtypes:
+                    measured = {}
+                    for config in configs:
+                        measured.update(product_seconds(costs[config].products, DTYPES[k], repeats=1))
+                    second_rounds[k].append(measured)
             for config in configs:
                 for k in dtypes:
                     t0 = time.perf_counter()
@@ -180,6 +186,9 @@ def floor_report(configs: list[str], size: int, repeats: int, bf16: bool) -> Ite
                         times[(config, k)].append(time.perf_counter() - t0)
     load_after = os.getloadavg()[0]
     med = {key: statistics.median(v) for key, v in times.items()}
+    exps_per_s = statistics.median(rate_rounds)
+    seconds = {k: {shape: statistics.median(r[shape] for r in rounds) for shape in rounds[0]}
+               for k, rounds in second_rounds.items()}
     for config in configs:
         c = costs[config]
         row = {"bench": "precision_floor", "model": config.partition(":")[0], "frames": int(config.partition(":")[2] or 8),

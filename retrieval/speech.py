@@ -12,7 +12,8 @@ and end times and a posterior probability. PocketSphinx decodes on one thread, s
 never uses more threads than a job is given.
 
 Each item is recognised twice: by the word recogniser (words with times, for showing and for
-their pronunciations) and by a phone loop (the same acoustic model with a phone bigram: the
+their pronunciations, and where its n-best list's next hypotheses differ from them,
+:func:`alternative_runs`) and by a phone loop (the same acoustic model with a phone bigram: the
 phones actually heard, whatever the words; a tenth of the word recogniser's cost).
 
 Matching: plain transcripts of a small recogniser are too noisy to search by exact words
@@ -20,13 +21,14 @@ Matching: plain transcripts of a small recogniser are too noisy to search by exa
 words into phones (:class:`Pronouncer`: the bundled CMU dictionary, with a letter-to-sound
 fallback for words it lacks) and scores each query word by its best local alignment
 (Smith-Waterman, linear gaps, vowels and confusable consonants partly matching) anywhere in an
-item's phones: the phone loop's, and the recognised words' pronunciations, the better of the
-two (:data:`MATCH_SOURCES`; bench/channels.py compares them). An item's score is the
+item's phones: the phone loop's, and the pronunciations of the recognised words and of their
+alternatives, the best of them (:data:`MATCH_SOURCES`; bench/channels.py compares them). An item's score is the
 phone-weighted mean of its query words' normalised scores (1.0: every phone found in order);
 its confidence is that less what the query scores by chance (against the item's phones
 reversed, or the index's median item). The channel ranks only confident items and abstains
-otherwise (:data:`MIN_SCORE`, :data:`MIN_CONFIDENCE`), so fusion lets a confident spoken match
-win and leaves queries about the picture alone. All items' phones are aligned at once with
+otherwise (:data:`MIN_SCORE`, :data:`MIN_CONFIDENCE`; lower bars for a query that says its words
+are spoken, :func:`says_spoken`), so fusion lets a confident spoken match win and leaves queries
+about the picture alone. All items' phones are aligned at once with
 numpy (one pass per query phone), so a search over many thousands of items stays fast.
 """
 
@@ -63,6 +65,13 @@ MIN_CONFIDENCE = 0.15
 #: ... and it scores at least this share of the query's best item. Calibrated on espeak-ng
 #: speech (bench/channels.py): true matches of spoken sentences against captions of pictures.
 RELATIVE_FLOOR = 0.9
+#: A query that says its words are spoken ("... a voice says the bridge is closed",
+#: :func:`says_spoken`) is sure to be about speech, so a weaker match is ranked: score and
+#: confidence at least these instead. Chosen on spoken corpora of other seeds than the reported
+#: one (bench/channels.py ``spoken``): there, 5 of the 31 right clips ranked first scored
+#: 0.55-0.6 or confidence 0.12-0.15; captions of pictures (no such word) keep the bars above.
+SAID_MIN_SCORE = 0.5
+SAID_MIN_CONFIDENCE = 0.12
 #: A query word aligning at least this well with an item counts as heard there (for its weight).
 HEARD = 0.75
 #: Queries with fewer phones than this (in the words searched) are not searched in speech: two
@@ -70,6 +79,14 @@ HEARD = 0.75
 MIN_QUERY_PHONES = 7
 #: Query words shorter than this many phones are not searched alone (they match everywhere).
 MIN_WORD_PHONES = 3
+#: How many of the word recogniser's next-best distinct hypotheses an item keeps (where they
+#: differ from the best one): a misrecognised word is often right in one of them. Chosen on a
+#: tuning set of espeak-ng sentences apart from the reported ones (bench/channels.py).
+ALTERNATIVES = 10
+#: The word recogniser's search, narrower than PocketSphinx's defaults: at most 5000 active HMMs
+#: a frame (not 30000) costs 0.79x the recognition time at one tuning-set sentence's loss of R@1;
+#: narrower beams, topn 2 or no fwdflat pass cost more (bench/channels.py, docs/performance.md).
+WORD_SEARCH: dict[str, Any] = {"maxhmmpf": 5000}
 #: Audio longer than this (seconds) is recognised in its first this-many seconds only.
 MAX_SPAN_S = 600.0
 
@@ -180,13 +197,18 @@ class SpeechRecognizer:
 
     Raises:
         SpeechUnavailable: the package is not installed.
+
+    Args:
+        search: the word recogniser's search options (PocketSphinx's names; default
+            :data:`WORD_SEARCH`; ``{}``: PocketSphinx's own defaults).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, search: Mapping[str, Any] | None = None) -> None:
         require_speech()
         import pocketsphinx  # noqa: PLC0415  (the speech extra: only imported when the channel runs)
 
-        self._decoder = pocketsphinx.Decoder(loglevel="FATAL")
+        self.search = dict(WORD_SEARCH if search is None else search)
+        self._decoder = pocketsphinx.Decoder(loglevel="FATAL", **self.search)
         # the phone loop: the same acoustic model with a phone bigram instead of words, for matching
         phone_lm = Path(pocketsphinx.get_model_path()) / "en-us" / "en-us-phone.lm.bin"
         self._phone_decoder = pocketsphinx.Decoder(loglevel="FATAL", allphone=str(phone_lm), lw=2.0,
@@ -195,7 +217,8 @@ class SpeechRecognizer:
         self._lock = threading.Lock()  # one decoder each: items recognised one at a time
         self.threads = 1
         self.identity = {"engine": f"{SPEECH_PACKAGE} {importlib.metadata.version(SPEECH_PACKAGE)}",
-                         "models": "embedded (en-us acoustic model, CMU dictionary, en-us LM, en-us phone LM)"}
+                         "models": "embedded (en-us acoustic model, CMU dictionary, en-us LM, en-us phone LM)",
+                         "word_search": self.search, "alternatives": ALTERNATIVES}
 
     def _segments(self, decoder: Any, samples: np.ndarray) -> list[Any]:
         # half a second of silence either side: the recogniser's noise floor settles before speech
@@ -211,17 +234,44 @@ class SpeechRecognizer:
 
     def recognize(self, samples: np.ndarray, offset: float = 0.0) -> list[SpokenWord]:
         """The words in 16 kHz mono int16 ``samples``; times are seconds plus ``offset``."""
+        return self.recognize_nbest(samples, offset, alternatives=0)[0]
+
+    def recognize_nbest(self, samples: np.ndarray, offset: float = 0.0, alternatives: int = ALTERNATIVES,
+                        ) -> tuple[list[SpokenWord], list[list[SpokenWord]]]:
+        """The best words in ``samples`` (as :meth:`recognize`) and the runs where the next
+        ``alternatives`` distinct hypotheses of the n-best list differ from them
+        (:func:`alternative_runs`)."""
+        words, hypotheses = self.hypotheses(samples, offset, alternatives)
+        return words, alternative_runs(words, hypotheses)
+
+    def hypotheses(self, samples: np.ndarray, offset: float = 0.0, alternatives: int = ALTERNATIVES,
+                   ) -> tuple[list[SpokenWord], list[tuple[str, ...]]]:
+        """The best words in ``samples`` with their times, and the words of the next
+        ``alternatives`` distinct hypotheses of the recogniser's n-best list (best first)."""
         if samples.size < SAMPLE_RATE // 10:
-            return []
+            return [], []
         with self._lock:
             segments = self._segments(self._decoder, samples)
+            hypotheses: list[tuple[str, ...]] = []
+            if alternatives > 0:
+                seen = set()
+                for hypothesis in self._decoder.nbest():
+                    if hypothesis is None:  # PocketSphinx gives None for an entry without words
+                        continue
+                    text = tuple(filter(None, map(_base_word, hypothesis.hypstr.split())))
+                    if text not in seen:
+                        seen.add(text)
+                        hypotheses.append(text)
+                    if len(seen) > alternatives:
+                        break
         words = []
         for segment in segments:
             word = _base_word(segment.word)
             if word:
                 words.append(SpokenWord(word, self._time(segment.start_frame, offset),
                                         self._time(segment.end_frame + 1, offset), round(float(segment.prob), 4)))
-        return words
+        best = tuple(word.word for word in words)
+        return words, [hypothesis for hypothesis in hypotheses if hypothesis != best][:alternatives]
 
     def recognize_phones(self, samples: np.ndarray, offset: float = 0.0) -> list[SpokenWord]:
         """The phones in ``samples`` (ARPAbet, silences left out), each a :class:`SpokenWord`."""
@@ -232,6 +282,77 @@ class SpeechRecognizer:
         return [SpokenWord(segment.word, self._time(segment.start_frame, offset),
                            self._time(segment.end_frame + 1, offset), round(float(segment.prob), 4))
                 for segment in segments if segment.word in _PHONE_ID]
+
+
+def alternative_runs(best: Sequence[SpokenWord], hypotheses: Iterable[Sequence[str]]) -> list[list[SpokenWord]]:
+    """Every distinct run where one of ``hypotheses`` differs from the ``best`` words
+    (:func:`differences`), in the order first found."""
+    found: dict[tuple[Any, ...], list[SpokenWord]] = {}
+    for hypothesis in hypotheses:
+        for run in differences(best, hypothesis):
+            found.setdefault((*(word.word for word in run), run[0].start), run)
+    return list(found.values())
+
+
+def differences(best: Sequence[SpokenWord], alternative: Sequence[str]) -> list[list[SpokenWord]]:
+    """Where ``alternative`` (words) differs from ``best`` (timed words), as timed word runs.
+
+    The two are aligned word by word (edit distance); each run of differing words becomes the
+    alternative's words there, with the agreeing word either side of the run (so a query word
+    that spans the edge still aligns), timed by sharing out, in proportion to their letters, the
+    time from the end of the best word before the run to the start of the best word after it.
+    The best words' probabilities are kept; the alternative's new words get 0.
+    """
+    rows, cols = len(best), len(alternative)
+    cost = np.zeros((rows + 1, cols + 1), np.int64)
+    cost[:, 0], cost[0, :] = np.arange(rows + 1), np.arange(cols + 1)
+    for i in range(1, rows + 1):
+        for j in range(1, cols + 1):
+            cost[i, j] = min(cost[i - 1, j] + 1, cost[i, j - 1] + 1,
+                             cost[i - 1, j - 1] + (best[i - 1].word != alternative[j - 1]))
+    # backtrace: which alternative word sits at (or after) each best word
+    pairs: list[tuple[int | None, int | None]] = []
+    i, j = rows, cols
+    while i or j:
+        if i and j and cost[i, j] == cost[i - 1, j - 1] + (best[i - 1].word != alternative[j - 1]):
+            pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif i and cost[i, j] == cost[i - 1, j] + 1:
+            pairs.append((i - 1, None))
+            i -= 1
+        else:
+            pairs.append((None, j - 1))
+            j -= 1
+    pairs.reverse()
+    same = [b is not None and a is not None and best[b].word == alternative[a] for b, a in pairs]
+    runs: list[list[SpokenWord]] = []
+    at = 0
+    while at < len(pairs):
+        if same[at]:
+            at += 1
+            continue
+        stop = at
+        while stop < len(pairs) and not same[stop]:
+            stop += 1
+        before = pairs[at - 1][0] if at > 0 else None
+        after = pairs[stop][0] if stop < len(pairs) else None
+        replaced = [b for b, _ in pairs[at:stop] if b is not None]
+        new = [alternative[a] for _, a in pairs[at:stop] if a is not None]
+        at = stop
+        if not new:
+            continue
+        if replaced:
+            start, end = best[replaced[0]].start, best[replaced[-1]].end
+        else:  # words the best hypothesis does not have: between its neighbours
+            start = best[before].end if before is not None else (best[after].start if after is not None else 0.0)
+            end = best[after].start if after is not None else start
+        letters = np.cumsum([0] + [len(word) for word in new]) / max(1, sum(len(word) for word in new))
+        timed = [SpokenWord(word, round(start + (end - start) * float(letters[n]), 3),
+                            round(start + (end - start) * float(letters[n + 1]), 3), 0.0)
+                 for n, word in enumerate(new)]
+        runs.append(([best[before]] if before is not None else []) + timed
+                    + ([best[after]] if after is not None else []))
+    return runs
 
 
 def _base_word(token: str) -> str:
@@ -245,29 +366,43 @@ def read_speech(recognizer: SpeechRecognizer, path: str | os.PathLike[str], star
                 end: float | None = None) -> dict[str, Any]:
     """The speech of a video (or its span ``[start, end]`` in seconds).
 
-    Returns ``{"words": [SpokenWord.to_dict()...], "phones": [...], "seconds": audio seconds read,
-    "notes": [...]}`` (``phones``: the phone loop's phones, each with ``word`` the phone);
-    a file without audio, or audio that cannot be decoded or recognised, is a note, never an exception.
+    Returns ``{"words": [SpokenWord.to_dict()...], "phones": [...], "alternatives": [[...]...],
+    "seconds": audio seconds read, "notes": [...]}`` (``phones``: the phone loop's phones, each
+    with ``word`` the phone; ``alternatives``: where the embedded recogniser's next-best
+    hypotheses differ from ``words``, :meth:`SpeechRecognizer.recognize_nbest`); a file without
+    audio, or audio that cannot be decoded or recognised, is a note, never an exception.
     """
     try:
         samples = decode_audio(path, start, end)
     except AudioError as exc:
-        return {"words": [], "phones": [], "seconds": 0.0, "notes": [f"no speech read: {exc}"]}
+        return {"words": [], "phones": [], "alternatives": [], "seconds": 0.0, "notes": [f"no speech read: {exc}"]}
     seconds = round(samples.size / SAMPLE_RATE, 3)
     try:
-        words = recognizer.recognize(samples, offset=float(start or 0.0))
-        phones = recognizer.recognize_phones(samples, offset=float(start or 0.0))
+        record = recognise_samples(recognizer, samples, float(start or 0.0))
     except Exception as exc:  # noqa: BLE001  (one item the recogniser fails on never fails the job)
         logger.warning("speech channel: %s: %s", path, exc)
-        return {"words": [], "phones": [], "seconds": seconds,
+        return {"words": [], "phones": [], "alternatives": [], "seconds": seconds,
                 "notes": [f"recognition failed: {type(exc).__name__}: {exc}"]}
-    notes = [] if words or phones else ["no speech"]
+    notes = [] if record["words"] or record["phones"] else ["no speech"]
+    return {**record, "seconds": seconds, "notes": notes}
+
+
+def recognise_samples(recognizer: SpeechRecognizer, samples: np.ndarray, offset: float = 0.0) -> dict[str, Any]:
+    """What the channel stores of 16 kHz mono ``samples`` (times plus ``offset``): ``words``,
+    ``phones`` and ``alternatives`` as :func:`read_speech` gives them. Only the embedded
+    recogniser has an n-best list; another (Whisper) gives no alternatives."""
+    if isinstance(recognizer, SpeechRecognizer):
+        words, alternatives = recognizer.recognize_nbest(samples, offset)
+    else:
+        words, alternatives = recognizer.recognize(samples, offset), []
+    phones = recognizer.recognize_phones(samples, offset)
     return {"words": [word.to_dict() for word in words], "phones": [phone.to_dict() for phone in phones],
-            "seconds": seconds, "notes": notes}
+            "alternatives": [[word.to_dict() for word in run] for run in alternatives]}
 
 
-def item_words(item: Mapping[str, Any], track: str = "words") -> list[dict[str, Any]]:
-    """The recognised words (``track="phones"``: phones) an index item carries (``[]`` when none)."""
+def item_words(item: Mapping[str, Any], track: str = "words") -> list[Any]:
+    """The recognised words (``track="phones"``: phones; ``"alternatives"``: the n-best's
+    differing runs of words) an index item carries (``[]`` when none)."""
     return list(((item.get("extra") or {}).get("speech") or {}).get(track) or [])
 
 
@@ -350,6 +485,12 @@ def query_words(query: str) -> list[str]:
     text = " ".join(quoted) if quoted else said.group(1) if said else query
     words = [word.strip("'") for word in _WORD.findall(text.lower())]
     return list(dict.fromkeys(word for word in words if word and word not in _STOPWORDS))
+
+
+def says_spoken(query: str) -> bool:
+    """Whether ``query`` says that what it searches is spoken: a word such as "says" or "said"
+    before it (quotes alone do not: they may be on-screen text)."""
+    return _SAID.search(query.lower()) is not None
 
 
 def spoken_words(query: str | Sequence[str]) -> list[str]:
@@ -458,8 +599,10 @@ class SpeechIndex:
             position = len(self._ids)
             self._ids.append(int(item["id"]))
             self._words[int(item["id"])] = words
-            from_words.append((position, [(phone, float(w["start"]), float(w["end"]))
-                                          for w in words for phone in self._pronouncer.phones(w["word"])]))
+            # the best words, then each run where a next-best hypothesis differs: one sequence each
+            for run in [words, *item_words(item, "alternatives")]:
+                from_words.append((position, [(phone, float(w["start"]), float(w["end"]))
+                                              for w in run for phone in self._pronouncer.phones(w["word"])]))
             from_phones.append((position, [(p["word"], float(p["start"]), float(p["end"])) for p in phones]))
         chosen = ([from_words] if source in ("words", "both") else []) + ([from_phones] if source != "words" else [])
         self._tracks = [_PhoneTrack(sequences) for sequences in chosen]
@@ -504,9 +647,9 @@ class SpeechIndex:
                 if end < 0:
                     where[position].append((-1.0, -1.0))
                     continue
-                first = max(end - len(query) + 1, 0)
-                while track.owner[first] != position:  # the alignment's start, within the item
-                    first += 1
+                first = end  # the alignment's start: back as far as the query's length, within the sequence
+                while first > end - len(query) + 1 and track.owner[first - 1] == position:
+                    first -= 1
                 where[position].append((float(track.times[first, 0]), float(track.times[end, 1])))
         total /= sum(weights)
         # chance: the better of the query against the item reversed, and the index's median item
@@ -517,14 +660,25 @@ class SpeechIndex:
         return [(item_id, float(total[n]), float(total[n] - luck[n]), dict(zip(words, where[n], strict=True)))
                 for n, item_id in enumerate(self._ids)]
 
-    def search(self, query: str | Sequence[str], k: int | None = None, min_score: float = MIN_SCORE,
-               min_confidence: float = MIN_CONFIDENCE, relative_floor: float = RELATIVE_FLOOR) -> list[tuple[int, float]]:
+    def search(self, query: str | Sequence[str], k: int | None = None, min_score: float | None = None,
+               min_confidence: float | None = None, relative_floor: float = RELATIVE_FLOOR,
+               said: bool | None = None) -> list[tuple[int, float]]:
         """Items whose speech sounds like ``query``'s words, best first, as ``(item id, score)``.
 
         Only items with a score at least ``min_score`` and ``relative_floor`` times the best, and
         a confidence at least ``min_confidence``, are ranked; ``[]`` (the channel abstains) when
         none is, or when the query's searched words have fewer than :data:`MIN_QUERY_PHONES` phones.
+        ``said``: whether the query says its words are spoken (default: :func:`says_spoken` of a
+        text, False for words); the bars default to :data:`SAID_MIN_SCORE` and
+        :data:`SAID_MIN_CONFIDENCE` for such a query, :data:`MIN_SCORE` and
+        :data:`MIN_CONFIDENCE` otherwise.
         """
+        if said is None:
+            said = isinstance(query, str) and says_spoken(query)
+        if min_score is None:
+            min_score = SAID_MIN_SCORE if said else MIN_SCORE
+        if min_confidence is None:
+            min_confidence = SAID_MIN_CONFIDENCE if said else MIN_CONFIDENCE
         phones = sum(len(self._pronouncer.phones(w)) for w in spoken_words(query)
                      if len(self._pronouncer.phones(w)) >= MIN_WORD_PHONES)
         if phones < MIN_QUERY_PHONES:

@@ -1,5 +1,5 @@
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +42,32 @@ def one_line_error():
 
 # ------------------------------------------------------------------ shared tiny objects
 # Built once per test session: tests read them and never write into them (a test that changes a
-# model directory, a corpus or an index works on its own copy, e.g. ``shutil.copytree``).
+# model directory, a corpus or an index works on its own copy, e.g. ``shutil.copytree``); each
+# checks at the end of the session that no test changed it.
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and modification time."""
+    return {path.relative_to(root).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def _unchanged(root: Path) -> Iterator[Path]:
+    """Yield ``root``; afterwards fail if a test added, removed or rewrote a file under it."""
+    before = _tree_state(root)
+    yield root
+    after = _tree_state(root)
+    rewritten = {name for name in before if after.get(name) not in (None, before[name])}
+    changed = sorted(set(before) ^ set(after) | rewritten)
+    assert not changed, f"a test changed the shared {root.name}: {changed[:5]} (copy it first)"
 
 
 def _tiny_model(seed: int = 0, **changes: Any) -> RetrievalModel:
     """The suite's tiny untrained retrieval model (VideoMamba tiny, 24-d, one fusion layer) with
     the weights ``seed`` draws; ``changes``: other :func:`build_retrieval_model` options."""
     torch.manual_seed(seed)
-    return build_retrieval_model("videomamba_tiny_test", **{"embed_dim": 24, "num_fusion_layers": 1, **changes})
+    options = {"embed_dim": 24, "num_fusion_layers": 1, **changes}
+    return build_retrieval_model("videomamba_tiny_test", **options)
 
 
 @pytest.fixture(scope="session")
@@ -60,30 +78,31 @@ def tiny_model() -> Callable[..., RetrievalModel]:
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The suite's tiny model saved as a model directory (read-only for the tests)."""
-    return _tiny_model(0).save(tmp_path_factory.mktemp("model") / "tiny")
+    yield from _unchanged(_tiny_model(0).save(tmp_path_factory.mktemp("model") / "tiny"))
 
 
 @pytest.fixture(scope="session")
-def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A tiny synthetic corpus (read-only for the tests): 4 train and 8 test clips of 3 s
     (``train.json``, ``test.json``, ``videos/{train,test}/NNNN.mp4``, 32 px) and 2 long
     multi-scene videos (``long.json``, ``videos/long/``)."""
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root, n_train=4, n_test=8, size=32, long_videos=2, progress=False)
-    return root
+    yield from _unchanged(root)
 
 
 @pytest.fixture(scope="session")
-def search_index(synthetic_corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def search_index(synthetic_corpus: Path, model_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The index (read-only for the tests) of :func:`synthetic_corpus`'s 8 test clips, whole,
     built with :func:`model_dir`."""
     out = tmp_path_factory.mktemp("index") / "test"
     spec = JobSpec(model_dir=model_dir, out=out, videos=synthetic_corpus / "videos",
                    ann_file=synthetic_corpus / "test.json")
     run_index_job(spec, workers=0, batch_size=8, progress=False)
-    return out
+    yield from _unchanged(out)
 
 
 @pytest.fixture(scope="session")

@@ -40,10 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .device import cpu_cache_bytes
 from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath
 from .model_dir import CheckpointError
 from .registry import register_arch
-from .device import cpu_cache_bytes
 from .ssm import fused_mixer_available, selective_scan
 from .ssm.cpu import ScanDirection, conv_silu, scan_directions
 

@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.floor import Product, floor, model_costs  # noqa: E402
-from retrieval.models.registry import create_model  # noqa: E402
+from bench.floor import Product, floor, model_costs
+from retrieval.models.registry import create_model
 
 
 def _counted(model: torch.nn.Module, video: torch.Tensor) -> int:
@@ -66,10 +66,13 @@ def test_joint_vit_counts_match_a_hand_count_and_the_flop_counter() -> None:
 def test_floor_adds_product_times_and_exps_at_the_exp_rate() -> None:
     torch.manual_seed(0)
     costs = model_costs(create_model("videomamba_tiny_test").eval(), frames=4, img_size=32)
-    seconds = {(p.m, p.k, p.n): 1e-6 * (i + 1) for i, p in enumerate(costs.products)}
+    seconds = {p.timed_shape: 1e-6 * (i + 1) for i, p in enumerate(costs.products)}
     f = floor(costs, seconds, exps_per_s=1e9)
     want = sum(seconds[(p.m, p.k, p.n)] * p.count for p in costs.products)
     assert abs(f["products_s"] - want) < 1e-12
     assert abs(f["exp_s"] - costs.exps / 1e9) < 1e-15
     assert abs(f["floor_s"] - (want + costs.exps / 1e9)) < 1e-12
     assert Product("x", 3, 4, 5, count=2).flops == 240
+    # a product timed by tiles: the tile's time scaled by the FLOPs (8 tiles of 2x4x5 in 16x4x5 x 2)
+    tiled = Product("scores", 16, 4, 5, count=2, tile=(2, 4, 5))
+    assert tiled.seconds({(2, 4, 5): 1e-3}) == 16e-3

@@ -8,6 +8,7 @@ one without audio. espeak-ng comes from `make test` (the Makefile's espeak targe
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -23,20 +24,28 @@ from app.cli import app
 from app.web import CorpusGuard, preview_start, render_hits
 from indexer.jobs import JobSpec, run_index_job
 from indexer.parts import work_dir_for
+from indexer.query import Query
 from indexer.search import Hit, Searcher
 from indexer.store import open_index
 from retrieval.data import synthetic
 from retrieval.data.synthetic import generate_corpus, plan_corpus
 from retrieval.speech import (
+    MIN_SCORE,
+    SAID_MIN_SCORE,
     SAMPLE_RATE,
+    WORD_SEARCH,
     AudioError,
     Pronouncer,
     SpeechIndex,
     SpeechRecognizer,
+    SpokenWord,
+    alternative_runs,
     decode_audio,
+    differences,
     letter_to_sound,
     query_words,
     read_speech,
+    says_spoken,
     word_error_rate,
 )
 
@@ -160,6 +169,76 @@ def test_phonetic_search_finds_misrecognised_words_and_abstains_otherwise() -> N
         SpeechIndex(items, source="letters")
 
 
+def test_a_query_that_says_its_words_are_spoken_ranks_a_weaker_match() -> None:
+    assert says_spoken("a green disc sinking while a voice says the kitchen is full of people")
+    assert says_spoken('someone said "hello there"') and says_spoken("the guide tells us the way")
+    assert not says_spoken('a sign that reads "SALE"'), "a quote alone may be on-screen text"
+    assert not says_spoken("a red square moving to the left") and not says_spoken("the kitchen is full of people")
+    assert Query.parse("a voice says the kitchen is full of people").said
+    assert not Query.parse("the kitchen is full of people").said
+    others = [_item(n, words) for n, words in enumerate(("the weather is fine today", "we found a bottle near the station",
+                                                         "please bring the ticket to the office"), start=1)]
+    # "people" not heard, "kitchen" misheard: a weaker match than the channel ranks unasked
+    index = SpeechIndex([_item(0, "the kitten is full of"), *others])
+    said, unsaid = "a voice says the kitchen is full of people", "the kitchen is full of people"
+    score = next(row[1] for row in index.scores(unsaid) if row[0] == 0)
+    assert SAID_MIN_SCORE <= score < MIN_SCORE
+    assert [item for item, _ in index.search(said)] == [0]
+    assert index.search(unsaid) == [], "the same words, not said to be spoken: the stricter bars"
+    assert [item for item, _ in index.search(query_words(said), said=True)] == [0], "words and the flag, as a Query gives them"
+    assert index.search(query_words(said)) == []
+    # said to be spoken, but nothing sounds like it: still silent
+    assert SpeechIndex(others).search(said) == []
+
+
+def test_differences_time_an_alternative_within_the_words_it_replaces() -> None:
+    best = [SpokenWord(w, 1.0 + n, 1.8 + n, 0.9) for n, w in enumerate(["the", "bridges", "oh", "today"])]
+    runs = differences(best, ["the", "bridge", "is", "closed", "today"])
+    assert len(runs) == 1
+    run = runs[0]
+    assert [w.word for w in run] == ["the", "bridge", "is", "closed", "today"], "one agreeing word either side"
+    assert run[0] == best[0] and run[-1] == best[3]
+    new = run[1:-1]
+    assert new[0].start == best[1].start and new[-1].end == best[2].end, "within the words replaced"
+    assert all(a.end == b.start for a, b in itertools.pairwise(new)) and new[0].prob == 0.0
+    assert differences(best, [w.word for w in best]) == []
+    # words the best hypothesis lacks go between their neighbours; two separate runs stay apart
+    runs = differences(best, ["the", "big", "bridges", "oh", "to", "day"])
+    assert [[w.word for w in r] for r in runs] == [["the", "big", "bridges"], ["oh", "to", "day"]]
+    assert runs[0][1].start == best[0].end and runs[0][1].end == best[1].start
+    assert differences([], ["hello"])[0][0].word == "hello"
+    # the same difference in two hypotheses is kept once, in the order first found
+    runs = alternative_runs(best, [["the", "bridge", "oh", "today"], ["the", "bridge", "oh", "today"],
+                                   ["the", "bridges", "oh", "to", "day"]])
+    assert [[w.word for w in r] for r in runs] == [["the", "bridge", "oh"], ["oh", "to", "day"]]
+
+
+def test_the_word_search_is_recorded_with_the_engine() -> None:
+    channel, plain = SpeechRecognizer(), SpeechRecognizer(search={})
+    assert channel.identity["word_search"] == WORD_SEARCH and plain.identity["word_search"] == {}
+    assert channel.identity["alternatives"] >= 1
+    with pytest.raises(KeyError, match="no_such_option"):
+        SpeechRecognizer(search={"no_such_option": 1})
+
+
+def test_an_alternative_hypothesis_finds_a_word_the_best_one_missed() -> None:
+    items = [_item(n, words) for n, words in enumerate(("we found them in near the station",
+                                                        "we found a bottle near the station",
+                                                        "we found a ladder near the station"))]
+    query = 'a voice says "we found a umbrella near the station"'
+    assert SpeechIndex(items).search(query) == [], "nothing in the best words tells them apart"
+    best = [SpokenWord(**w) for w in items[0]["extra"]["speech"]["words"]]
+    items[0]["extra"]["speech"]["alternatives"] = [
+        [w.to_dict() for w in run] for run in differences(best, ["we", "found", "umbrella", "near", "the", "station"])]
+    index = SpeechIndex(items)
+    found = index.search(query)
+    assert found and found[0][0] == 0
+    match = index.match(0, query)
+    assert match.start >= best[1].start and match.end <= best[-1].end + 1e-9
+    # matching over the phone loop alone ignores the words and their alternatives
+    assert SpeechIndex(items, source="phones").search(query) == []
+
+
 def test_decodes_any_layout_and_rate_to_16k_mono(tmp_path: Path) -> None:
     rate, seconds = 96000, 1.0
     tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.int16)
@@ -203,6 +282,14 @@ def test_the_index_carries_words_phones_times_and_the_channel(speech_index: Path
     assert meeting["words"] and meeting["phones"] and abs(meeting["seconds"] - SECONDS) < 0.2
     for token in meeting["words"] + meeting["phones"]:
         assert 0.0 <= token["start"] < token["end"] <= SECONDS + 0.05
+    # the n-best list's other readings, each a run of words timed within the best words' span
+    runs = meeting["alternatives"]
+    assert runs and all(run for run in runs)
+    best = [(w["word"], w["start"]) for w in meeting["words"]]
+    for run in runs:
+        assert [w["word"] for w in run] != [w for w, _ in best]
+        assert meeting["words"][0]["start"] <= run[0]["start"] and run[-1]["end"] <= meeting["words"][-1]["end"]
+        assert all(a["end"] <= b["start"] + 1e-6 for a, b in itertools.pairwise(run))
     assert by_name["mute.mp4"]["notes"] == ["no speech read: no audio stream"]
     assert by_name["silent.mp4"]["words"] == []
 

@@ -129,7 +129,8 @@ def test_loads_and_times_words_within_the_audio(whisper_dir: Path, corpus: Path)
     assert recognizer.recognize(samples[: SAMPLE_RATE // 20]) == [], "a twentieth of a second is no speech"
     # the same record the embedded recogniser gives, so matching, hits and JSON work unchanged
     read = read_speech(recognizer, _spoken_clip(corpus))
-    assert set(read) == {"words", "phones", "seconds", "notes"} and read["notes"] == []
+    assert set(read) == {"words", "phones", "alternatives", "seconds", "notes"} and read["notes"] == []
+    assert read["alternatives"] == [], "no n-best list from greedy decoding"
     assert [w["word"] for w in read["words"]] == [w.word for w in words]
     assert set(read["words"][0]) == {"word", "start", "end", "prob"}
     identity = recognizer.identity

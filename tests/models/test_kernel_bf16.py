@@ -206,3 +206,22 @@ def test_videomamba_bf16_output_tracks_fp32():
     for key in ("pooled", "tokens"):
         cos = torch.nn.functional.cosine_similarity(low[key].float().flatten(1), ref[key].flatten(1), dim=1)
         assert float(cos.min()) >= 0.9999, (key, cos)
+
+
+@pytest.mark.parametrize("options", [
+    {"layout": "v1", "scan_input": "raw", "elemental_residual": True, "mask_backward": True},   # Pro v1
+    {"layout": "v2", "scan_input": "raw", "elemental_residual": True},                          # Pro v2
+    {"divide_out": True},                                                                      # Vim
+])
+def test_mixer_variants_under_bf16_autocast_track_fp32(options):
+    """The raw (strided bf16) scan input, the elemental start state read from it, the v1 layout's
+    shared x_proj output and Vim's halving, all read in place under autocast."""
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(32, **options).eval()
+    x = torch.randn(2, 50, 32)
+    with torch.no_grad():
+        ref = mixer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = mixer(x)
+    cos = torch.nn.functional.cosine_similarity(low.float().flatten(), ref.flatten(), dim=0)
+    assert low.dtype == torch.bfloat16 and float(cos) > 0.9999, float(cos)
