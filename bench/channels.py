@@ -44,7 +44,8 @@ Parts (``--parts``, default all):
   share of picture captions of the synthetic corpus on which it stays silent
   (``picture_abstained``, should be 1.0).
 * ``spoken`` (``--model``, ``--corpus``: a corpus written with ``vtr data synth --spoken``;
-  without it ``--clips`` test clips, half of them spoken): indexes the test split visual-only and
+  without it ``--clips`` test clips, half of them spoken, generated with ``--seed``: 0 is the
+  reported split, the channel's choices are made on others): indexes the test split visual-only and
   visual+speech (``index_cost_ratio``: speech / visual embed seconds, target with text <= 2) and
   ranks every caption (:mod:`indexer.channel_eval`): t2v R@1 of the speech channel alone and
   fused vs visual-only on speech-mentioning queries (target: fused >= visual + 20 points) and on
@@ -380,26 +381,29 @@ def bench_cost(clips: int, repeats: int, clip_s: float) -> dict:
             "load_avg": {"min": min(loads), "max": max(loads)}, "note": NOTE}
 
 
-def bench_spoken(model: Path | None, corpus: Path | None, clips: int) -> dict:
+def bench_spoken(model: Path | None, corpus: Path | None, clips: int, seed: int = 0) -> dict:
     """Speech-channel, fused and visual-only retrieval on the spoken corpus, the recogniser's WER,
     and what the speech channel costs to index. Without ``model``: the demo architecture with
-    random weights (its visual ranking is chance; the speech figures do not depend on it)."""
+    random weights (its visual ranking is chance; the speech figures do not depend on it).
+    Without ``corpus``: ``clips`` test clips generated with ``seed`` (0: the reported split; the
+    channel's choices are made on other seeds)."""
     with tempfile.TemporaryDirectory(prefix="vtr-bench-spoken-") as scratch:
-        trained = model is not None
+        trained, corpus_given = model is not None, corpus is not None
         if model is None:
             model = _random_demo_model(Path(scratch) / "model")
         if corpus is not None:
             corpus = corpus.resolve()
         else:
             corpus = Path(scratch) / "corpus"
-            generate_corpus(corpus, n_train=1, n_test=clips, long_videos=0, progress=False, spoken_share=0.5)
+            generate_corpus(corpus, n_train=1, n_test=clips, seed=seed, long_videos=0, progress=False,
+                            spoken_share=0.5)
         visual_s = _index(model, corpus, Path(scratch) / "visual", ("visual",))
         speech_s = _index(model, corpus, Path(scratch) / "speech", ("visual", "speech"))
         result = evaluate_channels(Searcher(Path(scratch) / "speech", model=model),
                                    load_corpus("generic", corpus / "test.json", corpus / "videos"))
     by = {subset: {way: round(metrics["R@1"], 1) for way, metrics in result[subset].items()}
           for subset in ("all", "picture_only", "speech_mentioning") if subset in result}
-    return {"bench": "channels", "part": "spoken", "visual_model": "trained" if trained else
+    return {"bench": "channels", "part": "spoken", "seed": None if corpus_given else seed, "visual_model": "trained" if trained else
             "videomamba_demo, random weights (visual ranks are chance)", "queries": result["queries"],
             "t2v_R@1": by, "R@5": {s: {w: round(m["R@5"], 1) for w, m in result[s].items()} for s in by},
             "fused_gain_speech_mentioning": round(by["speech_mentioning"]["fused"] - by["speech_mentioning"]["visual"], 1),
@@ -680,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                         "frames read at the default sampling)")
     parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
+    parser.add_argument("--seed", type=int, default=0, help="spoken: the generated corpus's seed (0: the reported "
+                        "split; tune on others)")
     parser.add_argument("--sentences", type=int, default=40, help="speech: spoken sentences")
     parser.add_argument("--speech-defaults", action="store_true", help="speech: the word recogniser searches "
                         "with PocketSphinx's defaults instead of the channel's narrower search")
@@ -700,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
         elif part == "spoken":
-            results.add(bench_spoken(args.model, args.corpus, args.clips))
+            results.add(bench_spoken(args.model, args.corpus, args.clips, args.seed))
         elif part == "speech":
             results.add(bench_speech(args.sentences, args.keep_speech, args.speech_defaults))
         else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from indexer.channels import query_terms
 from indexer.filters import ItemFilter
 from retrieval.data.corpora import DEFAULT_CAPTION_CLEANING, clean_caption
-from retrieval.speech import query_words
+from retrieval.speech import query_words, says_spoken
 
 #: Longest query searched, in characters; longer ones are cut (the text tower truncates far
 #: earlier anyway: ~32-40 tokens).
@@ -49,7 +49,9 @@ class Query:
     ``text`` after the model's caption cleaning ``cleaning``; what the text tower tokenizes.
     ``spoken``: the words searched in speech; ``written``: the terms searched on screen (either
     may be empty: that channel then abstains). ``where``: the items a search may return.
-    ``notes``: what cleaning did to the query, for the page.
+    ``notes``: what cleaning did to the query, for the page. ``said``: the query says that
+    ``spoken`` is said ("a voice says ..."), so the speech channel ranks weaker matches
+    (:func:`retrieval.speech.says_spoken`).
     """
 
     text: str
@@ -59,6 +61,7 @@ class Query:
     written: tuple[str, ...]
     where: ItemFilter = field(default_factory=ItemFilter)
     notes: tuple[str, ...] = ()
+    said: bool = False
 
     @classmethod
     def parse(cls, raw: str | None, cleaning: str = DEFAULT_CAPTION_CLEANING, limit: int | None = QUERY_LIMIT,
@@ -90,4 +93,5 @@ class Query:
         if not isinstance(where, ItemFilter):
             line = str(where or "")
             where = ItemFilter.parse(line if limit is None else line[:limit])
-        return cls(text, caption, cleaning, tuple(query_words(text)), tuple(query_terms(text)), where, tuple(notes))
+        return cls(text, caption, cleaning, tuple(query_words(text)), tuple(query_terms(text)), where, tuple(notes),
+                   said=says_spoken(text))

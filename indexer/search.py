@@ -559,7 +559,7 @@ class Searcher:
             rankings["semantic"] = [item_id for item_id, _ in found_meaning]
             scores["semantic"] = dict(found_meaning)
         if "speech" in channels and speech_index is not None:
-            found_speech = speech_index.search(query.spoken)  # every confident item: the filter applies after
+            found_speech = speech_index.search(query.spoken, said=query.said)  # every confident item: the filter applies after
             if ids is not None:
                 keep = set(ids.tolist())
                 found_speech = [(item_id, score) for item_id, score in found_speech if item_id in keep]

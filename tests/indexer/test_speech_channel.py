@@ -23,11 +23,14 @@ from typer.testing import CliRunner
 from app.cli import app
 from app.web import CorpusGuard, preview_start, render_hits
 from indexer.jobs import JobSpec, run_index_job, work_dir_for
+from indexer.query import Query
 from indexer.search import Hit, Searcher
 from indexer.store import open_index
 from retrieval.data import synthetic
 from retrieval.data.synthetic import generate_corpus, plan_corpus
 from retrieval.speech import (
+    MIN_SCORE,
+    SAID_MIN_SCORE,
     SAMPLE_RATE,
     WORD_SEARCH,
     AudioError,
@@ -41,6 +44,7 @@ from retrieval.speech import (
     letter_to_sound,
     query_words,
     read_speech,
+    says_spoken,
     word_error_rate,
 )
 
@@ -162,6 +166,28 @@ def test_phonetic_search_finds_misrecognised_words_and_abstains_otherwise() -> N
     assert index.search("the") == []
     with pytest.raises(ValueError, match="unknown source"):
         SpeechIndex(items, source="letters")
+
+
+def test_a_query_that_says_its_words_are_spoken_ranks_a_weaker_match() -> None:
+    assert says_spoken("a green disc sinking while a voice says the kitchen is full of people")
+    assert says_spoken('someone said "hello there"') and says_spoken("the guide tells us the way")
+    assert not says_spoken('a sign that reads "SALE"'), "a quote alone may be on-screen text"
+    assert not says_spoken("a red square moving to the left") and not says_spoken("the kitchen is full of people")
+    assert Query.parse("a voice says the kitchen is full of people").said
+    assert not Query.parse("the kitchen is full of people").said
+    others = [_item(n, words) for n, words in enumerate(("the weather is fine today", "we found a bottle near the station",
+                                                         "please bring the ticket to the office"), start=1)]
+    # "people" not heard, "kitchen" misheard: a weaker match than the channel ranks unasked
+    index = SpeechIndex([_item(0, "the kitten is full of"), *others])
+    said, unsaid = "a voice says the kitchen is full of people", "the kitchen is full of people"
+    score = next(row[1] for row in index.scores(unsaid) if row[0] == 0)
+    assert SAID_MIN_SCORE <= score < MIN_SCORE
+    assert [item for item, _ in index.search(said)] == [0]
+    assert index.search(unsaid) == [], "the same words, not said to be spoken: the stricter bars"
+    assert [item for item, _ in index.search(query_words(said), said=True)] == [0], "words and the flag, as a Query gives them"
+    assert index.search(query_words(said)) == []
+    # said to be spoken, but nothing sounds like it: still silent
+    assert SpeechIndex(others).search(said) == []
 
 
 def test_differences_time_an_alternative_within_the_words_it_replaces() -> None:
