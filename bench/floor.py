@@ -51,7 +51,9 @@ class Product:
         return measured[self.timed_shape] * self.flops / (2 * tm * tk * tn)
 
 
-ATTENTION_TILE = 256   # rows and columns of a score block
+# rows and columns of a score block (256 measured 2 GFLOP/s on 2 shared cores: each torch.mm call's
+# overhead dominated)
+ATTENTION_TILE = 1024
 
 
 @dataclass
@@ -145,9 +147,10 @@ def product_seconds(products: list[Product], dtype: torch.dtype, repeats: int = 
     return seconds
 
 
-def exp_rate(n: int = 1 << 18, repeats: int = 5) -> float:
-    """``torch.exp`` elements per second over fp32 (the scan's exps are fp32 in every precision),
-    on a tensor that stays in cache: the scan's exps never go through memory."""
+def exp_rate(n: int = 1 << 22, repeats: int = 5) -> float:
+    """``torch.exp`` elements per second over fp32 (the scan's exps are fp32 in every precision).
+    4M elements: on 2 shared cores a cache-sized tensor (256k) measured 6x slower, the parallel
+    region's wait dominating."""
     x = torch.rand(n) * -8.0
     out = torch.empty_like(x)
     torch.exp(x, out=out)
