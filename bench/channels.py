@@ -88,7 +88,8 @@ from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
 from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, text_of
 from indexer.jobs import JobSpec, run_index_job
-from indexer.search import Searcher
+from indexer.mapper import SENTENCE_BATCH
+from indexer.search import FUSION_POOL, GROUP_POOL_FACTOR, Searcher
 from indexer.store import open_index, write_index
 from retrieval.atomic import atomic_write_text
 from retrieval.data.corpora import Corpus, load_corpus
@@ -98,7 +99,7 @@ from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
 from retrieval.models.retrieval_model import build_retrieval_model
 from retrieval.ocr import DEFAULT_EVERY_S, DET_MIN_SIDE, OcrReader, fold, read_span, sample_count
-from retrieval.sentence import SentenceEncoder
+from retrieval.sentence import SentenceEncoder, pack
 from retrieval.speech import (
     ALTERNATIVES,
     DEFAULT_SOURCE,
@@ -414,9 +415,11 @@ def bench_spoken(model: Path | None, corpus: Path | None, clips: int, seed: int 
             "load_avg": _load(), "note": NOTE}
 
 
-def _scale_items(n: int, rng: np.random.Generator) -> tuple[list[dict], list[str]]:
-    """``n`` items, a third with one or two lines of on-screen text; returns them and the texts."""
-    items, texts = [], []
+def _scale_items(n: int, rng: np.random.Generator, sentences: SentenceEncoder) -> tuple[list[dict], list[str]]:
+    """``n`` items, a third with one or two lines of on-screen text and that text's sentence
+    vector (the sentence model's, :data:`indexer.mapper.SENTENCE_BATCH` texts at a time, as the
+    indexer makes them); returns them and the texts."""
+    items, texts, records = [], [], []
     for i in range(n):
         extra: dict = {"key": f"v{i}.mp4"}
         if i % 3 == 0:  # the written layer's texts, made distinct by the item's number
@@ -424,12 +427,36 @@ def _scale_items(n: int, rng: np.random.Generator) -> tuple[list[dict], list[str
             texts.append(text)
             extra["text"] = {"lines": [{"text": text, "start": 1.0, "end": 3.0, "box": [], "score": 0.9}],
                              "frames": 2, "notes": []}
+            records.append(extra["text"])
         items.append({"path": f"/videos/v{i}.mp4", "start": None, "end": None, "extra": extra})
+    with torch.inference_mode():
+        for at in range(0, len(records), SENTENCE_BATCH):
+            batch = records[at : at + SENTENCE_BATCH]
+            for record, vector in zip(batch, sentences.encode([text_of(record) for record in batch]), strict=True):
+                record["vector"] = pack(vector)
     return items, texts
 
 
+def _stages(searcher: Searcher, text: str, vector: np.ndarray, meaning: np.ndarray) -> dict[str, float]:
+    """Seconds of each channel's lookup of one query as :meth:`Searcher.search` makes it (the
+    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic FAISS scan."""
+    query = searcher.query(text)
+    pool = max(FUSION_POOL, 10 * GROUP_POOL_FACTOR)
+    version = searcher.version
+    took = {}
+    for name, lookup in (("visual", lambda: version.reader.search(vector, pool)),
+                         ("text", lambda: version.text_index.search(query.written, pool)),
+                         ("semantic", lambda: version.semantic_index.search(meaning, pool))):
+        started = time.perf_counter()
+        found = lookup()
+        took[name] = time.perf_counter() - started
+        took[f"{name}_found"] = len(found[0] if name == "visual" else found)
+    return took
+
+
 def bench_scale(n: int, queries: int) -> dict:
-    """p50 of a fused search at ``n`` items, and of the query encoding it includes."""
+    """p50 of a fused search at ``n`` items (visual, lexical and semantic channels), of the query
+    encodings it includes, and of each channel's lookup."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(prefix="vtr-bench-scale-") as scratch:
         model = build_retrieval_model("videomamba_tiny_test", embed_dim=64, num_fusion_layers=1)
@@ -437,9 +464,13 @@ def bench_scale(n: int, queries: int) -> dict:
         centres = rng.standard_normal((1000, 64)).astype(np.float32)
         vectors = centres[rng.integers(0, 1000, n)] + 0.7 * rng.standard_normal((n, 64)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        items, texts = _scale_items(n, rng)
+        sentences = SentenceEncoder()
+        started = time.perf_counter()
+        items, texts = _scale_items(n, rng, sentences)
+        sentence_s = time.perf_counter() - started
         write_index(Path(scratch) / "index", vectors, items, model_identity(model_dir), "/videos",
-                    extra={"model_dir": str(model_dir), "channels": {"visual": {}, "text": {"every_s": 2.0}}})
+                    extra={"model_dir": str(model_dir),
+                           "channels": {"visual": {}, "text": {"every_s": 2.0, "semantic": sentences.identity}}})
         started = time.perf_counter()
         searcher = Searcher(Path(scratch) / "index")
         open_s = time.perf_counter() - started
@@ -448,30 +479,50 @@ def bench_scale(n: int, queries: int) -> dict:
                 for q in range(queries)]
         for text, _ in asks[:10]:
             searcher.search(text, k=10)
-        full, encode, rest, text_hits = [], [], [], 0
-        encoder = searcher.model.encode_texts
+        full, encode, meaning_s, rest, text_hits = [], [], [], [], 0
+        stages: dict[str, list[float]] = {}
+        fired = {True: 0, False: 0}  # queries whose semantic side ranked something, by kind
+        encoder, meaning_of = searcher.model.encode_texts, searcher.sentence_vectors
         with torch.inference_mode():
             for text, mentions in asks:
                 started = time.perf_counter()
                 encoded = encoder([text])
                 encode.append(time.perf_counter() - started)
                 started = time.perf_counter()
+                meaning = meaning_of([text])
+                meaning_s.append(time.perf_counter() - started)
+                started = time.perf_counter()
                 hits = searcher.search(text, k=10)
                 full.append(time.perf_counter() - started)
-                # the same search with the query's encoding handed back at once: FAISS, FTS5, fusion, hits
+                # the same search with both encodings of the query handed back at once:
+                # FAISS visual, FTS5, the semantic FAISS scan, fusion, hits
                 searcher.model.encode_texts = lambda texts, encoded=encoded, **_: encoded
+                searcher.sentence_vectors = lambda texts, meaning=meaning: meaning
                 started = time.perf_counter()
                 searcher.search(text, k=10)
                 rest.append(time.perf_counter() - started)
-                searcher.model.encode_texts = encoder
-                text_hits += mentions and bool(hits[0].text)
+                searcher.model.encode_texts, searcher.sentence_vectors = encoder, meaning_of
+                took = _stages(searcher, text, encoded["feat"].float().numpy(), meaning[0])
+                for name in ("visual", "text", "semantic"):
+                    stages.setdefault(name, []).append(took[name])
+                fired[mentions] += took["semantic_found"] > 0
+                text_hits += mentions and bool(hits[0].text) and hits[0].path == f"/videos/v{text.rsplit(' ', 1)[1]}.mp4"
     def ms(values: list[float], q: float) -> float:
         return round(1000 * float(np.quantile(values, q)), 2)
 
+    lookups = {name: ms(values, 0.5) for name, values in stages.items()}
+    mentioning = queries // 2 + queries % 2
     return {"bench": "channels", "part": "scale", "items": n, "items_with_text": math.ceil(n / 3),
-            "queries": queries, "p50_ms": ms(full, 0.5), "p90_ms": ms(full, 0.9), "encode_p50_ms": ms(encode, 0.5),
+            "sentence_vectors": len(searcher.semantic_index), "queries": queries,
+            "p50_ms": ms(full, 0.5), "p90_ms": ms(full, 0.9), "encode_p50_ms": ms(encode, 0.5),
+            "sentence_encode_p50_ms": ms(meaning_s, 0.5),
             "without_encoding_p50_ms": ms(rest, 0.5), "without_encoding_p90_ms": ms(rest, 0.9),
-            "text_match_at_1": round(text_hits / (queries // 2 + queries % 2), 3), "open_s": round(open_s, 1),
+            "lookup_p50_ms": lookups,
+            "fusion_and_hits_p50_ms": ms([r - sum(s[i] for s in stages.values()) for i, r in enumerate(rest)], 0.5),
+            "semantic_fired": {"text_mentioning": round(fired[True] / mentioning, 3),
+                               "picture_only": round(fired[False] / (queries - mentioning), 3)},
+            "text_match_at_1": round(text_hits / mentioning, 3), "open_s": round(open_s, 1),
+            "sentence_vectors_s": round(sentence_s, 1),
             "target_p50_ms": 15, "threads": THREADS, "load_avg": _load(), "note": NOTE}
 
 
