@@ -327,6 +327,7 @@ def _search_cmd(
         raise ValueError(f"-k must be >= 1, got {k}")
     if (query is None) == (video is None):
         raise ValueError("give either a text query or --video PATH")
+    device, precision = runtime(device, precision)  # an unusable device is said before any path is read
     item_filter = ItemFilter.build(paths, where, min_duration, max_duration)  # malformed: refused here
     prepared = None
     if query is not None:  # cleaned and checked once, before seconds go to loading the model
@@ -335,7 +336,6 @@ def _search_cmd(
             typer.echo(f"note: {note}", err=True)
     wanted = None if channels is None else channel_names(channels)
     fusion_weights = parse_weights(weights)
-    device, precision = runtime(device, precision)
     searcher = Searcher(index, model=model, device=device, precision=precision)
     searcher.select(item_filter)  # an unknown column is refused before the query is embedded
     if prepared is not None:
