@@ -67,8 +67,11 @@ class RMSNorm(nn.Module):
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast gives products on ``t``'s device, or None where autocast is off."""
+    """The dtype autocast gives products on ``t``'s device, or None where autocast is off (or,
+    like the meta device, has no autocast at all)."""
     kind = t.device.type
+    if not torch.amp.is_autocast_available(kind):
+        return None
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
