@@ -56,7 +56,7 @@ def model_dir(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def index(corpus: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test clips whole, and the long videos as 2 s windows every 1 s (as the demo does)."""
     out = tmp_path_factory.mktemp("index") / "windows"
-    spec = JobSpec(model_dir=model_dir, out=out, videos=corpus / "videos", ann_file=index_annotation(corpus),
+    spec = JobSpec(model_dir=model_dir, out=out, videos=corpus, ann_file=index_annotation(corpus),
                    window=2.0, stride=1.0)
     run_index_job(spec, workers=0, batch_size=8, progress=False)
     return out
