@@ -86,6 +86,7 @@ from indexer.faiss_index import (
 )
 from indexer.jsonl import read_items
 from indexer.locks import index_lock
+from indexer.ondisk import write_float16_rows
 from retrieval.atomic import fsync_path
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ _DATA_FILES = (INDEX_FILE, VECTORS_FILE, ITEMS_FILE, FAILURES_FILE)
 #: How many times a reader starts over when a republish pulls its version away mid-open.
 OPEN_ATTEMPTS = 5
 OPEN_RETRY_DELAY_S = 0.02
-_WRITE_CHUNK_ROWS = 65_536
 
 
 class IndexModelMismatch(ValueError):
@@ -159,23 +159,6 @@ def normalise_failure(failure: Mapping[str, Any]) -> dict[str, Any]:
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_float16_npy(path: Path, vectors: np.ndarray) -> None:
-    """Write ``vectors`` as a float16 .npy chunk by chunk (no full float16 copy in memory)."""
-    header = {
-        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
-        "fortran_order": False,
-        "shape": tuple(vectors.shape),
-    }
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        f.writelines(
-            vectors[start : start + _WRITE_CHUNK_ROWS].astype(np.float16).tobytes()
-            for start in range(0, len(vectors), _WRITE_CHUNK_ROWS)
-        )
         f.flush()
         os.fsync(f.fileno())
 
@@ -331,7 +314,7 @@ def write_index(
 
     def fill(staged: Path) -> dict[str, Any]:
         write_faiss(staged / INDEX_FILE, index)
-        _write_float16_npy(staged / VECTORS_FILE, vectors)
+        write_float16_rows(staged / VECTORS_FILE, len(vectors), vectors.shape[1], [vectors])
         write_jsonl(staged / ITEMS_FILE, item_rows)
         write_jsonl(staged / FAILURES_FILE, failure_rows)
         return manifest
