@@ -203,6 +203,29 @@ def test_scan_direction_matches_reference(reverse, mask_diag, h0_mode):
         torch.testing.assert_close(a, b, atol=GATOL, rtol=GRTOL, msg=lambda m: f"grad {k}: {m}")
 
 
+@pytest.mark.parametrize("E,N", [(37, 16), (9, 12), (37, 3), (24, 2), (8, 24), (17, 64), (5, 1)])
+@pytest.mark.parametrize("reverse,mask_diag", [(False, False), (True, True)])
+def test_scan_state_counts_and_partial_blocks(E, N, reverse, mask_diag):
+    """d_state other than 16 (the state loop runs in groups of 8, 4, 2 and 1 states where a block
+    is split into 8-channel halves) and channel counts that are not a multiple of the 16-channel
+    block, over two chunks of steps, forward and backward."""
+    ts = _dir_inputs(2, 130, E, N, seed=E * N, h0=mask_diag)
+    z = torch.randn(2, 130, E, generator=torch.Generator().manual_seed(N)).requires_grad_(True)
+    out_ref, last_ref = _ref_direction(ts, reverse, mask_diag, False, z)
+    d = ScanDirection(ts["u"], ts["dpre"], ts["B"], ts["C"], ts["A"], ts["D"], ts["bias"], ts["h0"],
+                      reverse=reverse, mask_diag=mask_diag)
+    out, (last,) = scan_directions([d], z)
+    torch.testing.assert_close(out, out_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(last, last_ref, atol=ATOL, rtol=RTOL)
+    leaves = [v for v in ts.values() if v is not None] + [z]
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    g_ref = torch.autograd.grad((out_ref * w).sum() + 0.3 * last_ref.sum(), leaves)
+    g_new = torch.autograd.grad((out * w).sum() + 0.3 * last.sum(), leaves)
+    names = [k for k, v in ts.items() if v is not None] + ["z"]
+    for k, a, b in zip(names, g_new, g_ref):
+        torch.testing.assert_close(a, b, atol=GATOL, rtol=GRTOL, msg=lambda m: f"grad {k}: {m}")
+
+
 def test_two_directions_sum_then_gate():
     f = _dir_inputs(1, 40, 18, 8, seed=1)
     bk = _dir_inputs(1, 40, 18, 8, seed=2)
@@ -317,10 +340,11 @@ def test_transpose12(shape):
     assert torch.equal(transpose12(xv), xv.transpose(1, 2).contiguous())
 
 
-def test_portable_build_without_avx512(tmp_path):
-    """The generic (non-AVX-512) code paths: build for AVX2 (x86-64-v3) and check against the
-    reference (one compile, ~15 s; the SSE-only build takes the same source paths)."""
-    arch = "-march=x86-64-v3"
+@pytest.mark.parametrize("arch", ["-march=x86-64-v3", "-march=x86-64", "-march=x86-64 -DVTR_GENERIC_VECTORS"])
+def test_portable_build_without_avx512(tmp_path, arch):
+    """The non-AVX-512 code paths: build for AVX2 (x86-64-v3: 8-channel halves, AVX masked loads),
+    for the x86-64 baseline (SSE2) and with the generic vector code of non-x86 machines, and
+    check each against the reference (one compile each)."""
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -344,6 +368,16 @@ u = torch.randn(1, 20, 77); dl = torch.randn(1, 20, 77); A = -torch.rand(20, 16)
 B = torch.randn(1, 16, 77); C = torch.randn(1, 16, 77); z = torch.randn(1, 20, 77)
 torch.testing.assert_close(selective_scan(u, dl, A, B, C, None, z, None, True, backend="cpu"),
                            selective_scan_ref(u, dl, A, B, C, None, z, None, True), atol=2e-5, rtol=1e-4)
+for E, N in ((37, 12), (9, 3)):   # partial blocks, state groups of 8 + 4 and 2 + 1, masked, h0
+    u = torch.randn(2, E, 90, requires_grad=True); dl = torch.randn(2, E, 90); A = -torch.rand(E, N) - 0.1
+    B = torch.randn(2, N, 90); C = torch.randn(2, N, 90); h0 = torch.randn(2, E, N)
+    args = (dl.flip(-1), A, B.flip(-1), C.flip(-1), torch.randn(E), None, torch.randn(E), True, True)
+    o1, l1 = selective_scan(u.flip(-1), *args, initial_state=h0, mask_diag=True, backend="cpu")
+    o2, l2 = selective_scan_ref(u.flip(-1), *args, initial_state=h0, mask_diag=True)
+    torch.testing.assert_close(o1, o2, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(l1, l2, atol=2e-5, rtol=1e-4)
+    for a, b in zip(torch.autograd.grad(o1.square().sum(), u), torch.autograd.grad(o2.square().sum(), u)):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
 print("ok")
 """
     env = dict(__import__("os").environ, VTR_KERNEL_ARCH_FLAGS=arch, VTR_CACHE_DIR=str(tmp_path))

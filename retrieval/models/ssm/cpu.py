@@ -16,6 +16,7 @@ loaded (``torch_openmp_library()``), so torch and the kernels share one thread p
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -89,7 +90,7 @@ def torch_openmp_library() -> str | None:
     return None
 
 
-def _build(cc: str, out: Path, omp_lib: str | None) -> None:
+def _build(cc: str, src: Path, out: Path, omp_lib: str | None, arch_flags: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -103,8 +104,8 @@ def _build(cc: str, out: Path, omp_lib: str | None) -> None:
     compile_flags = [f for f in _FLAGS if f != "-shared"]
     try:
         # -march=native is not understood everywhere (e.g. some clang/arm builds): retry without it
-        for flags in (compile_flags + _ARCH_FLAGS, compile_flags):
-            proc = subprocess.run([cc, *flags, "-c", str(_SRC), "-o", obj], capture_output=True, text=True)
+        for flags in (compile_flags + arch_flags, compile_flags):
+            proc = subprocess.run([cc, *flags, "-c", str(src), "-o", obj], capture_output=True, text=True)
             if proc.returncode == 0:
                 proc = subprocess.run([cc, "-shared", obj, "-o", tmp, *link], capture_output=True, text=True)
             if proc.returncode == 0:
@@ -115,7 +116,7 @@ def _build(cc: str, out: Path, omp_lib: str | None) -> None:
         for f in (obj, tmp):
             if os.path.exists(f):
                 os.unlink(f)
-    raise KernelUnavailable(f"compiling {_SRC.name} with {cc} failed:\n{last_err}")
+    raise KernelUnavailable(f"compiling {src.name} with {cc} failed:\n{last_err}")
 
 
 P, LONG, INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -139,6 +140,44 @@ class _Grad(ctypes.Structure):
                 ("dh0", P), ("dhlast", P)]
 
 
+def build_library(src: Path | None = None, arch_flags: list[str] | None = None) -> ctypes.CDLL:
+    """Build (or find in the cache) the kernels compiled from ``src`` (default: this package's
+    ``scan_kernel.c``) with ``arch_flags`` (default: ``$VTR_KERNEL_ARCH_FLAGS`` or
+    ``-march=native``), load and bind them. Raises KernelUnavailable. A second source (e.g. an
+    earlier revision of the kernel) can thus be loaded next to the one in use, for A/B timings."""
+    src = _SRC if src is None else Path(src)
+    arch = _ARCH_FLAGS if arch_flags is None else list(arch_flags)
+    cc = _compiler()
+    if cc is None:
+        raise KernelUnavailable("no C compiler found (set $CC); the fused CPU kernels need one")
+    omp_lib = torch_openmp_library()
+    key = hashlib.sha1(src.read_bytes() + " ".join(_FLAGS + arch).encode()
+                       + str(omp_lib).encode()).hexdigest()[:12]
+    path = cache_dir() / f"scan_{key}_{_cpu_tag()}.so"
+    if not path.exists():
+        log.info("building the fused CPU selective-scan kernels -> %s (OpenMP: %s)", path,
+                 omp_lib or "the compiler's")
+        _build(cc, src, path, omp_lib, arch)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelUnavailable(str(exc)) from exc
+    DP = ctypes.POINTER(_Dir)
+    GP = ctypes.POINTER(_Grad)
+    lib.vtr_chunk.argtypes, lib.vtr_chunk.restype = [], INT
+    lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT, P]
+    lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
+    lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
+    lib.vtr_conv_fwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
+    lib.vtr_conv_fwd_bf16.argtypes = [*lib.vtr_conv_fwd.argtypes, INT]
+    lib.vtr_conv_bwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
+    lib.vtr_transpose.argtypes = [P, LONG, LONG, P, LONG, LONG, LONG, INT]
+    for fn in (lib.vtr_scan_fwd, lib.vtr_scan_bwd, lib.vtr_gate_bwd, lib.vtr_conv_fwd, lib.vtr_conv_fwd_bf16,
+               lib.vtr_conv_bwd, lib.vtr_transpose):
+        fn.restype = INT
+    return lib
+
+
 def load_kernel():
     """Return the ctypes library, building it if needed. Raises KernelUnavailable."""
     global _lib, _lib_error
@@ -150,36 +189,25 @@ def load_kernel():
         if _lib is not None:
             return _lib
         try:
-            cc = _compiler()
-            if cc is None:
-                raise KernelUnavailable("no C compiler found (set $CC); the fused CPU kernels need one")
-            omp_lib = torch_openmp_library()
-            key = hashlib.sha1(_SRC.read_bytes() + " ".join(_FLAGS + _ARCH_FLAGS).encode()
-                               + str(omp_lib).encode()).hexdigest()[:12]
-            path = cache_dir() / f"scan_{key}_{_cpu_tag()}.so"
-            if not path.exists():
-                log.info("building the fused CPU selective-scan kernels -> %s (OpenMP: %s)", path,
-                         omp_lib or "the compiler's")
-                _build(cc, path, omp_lib)
-            lib = ctypes.CDLL(str(path))
-        except (KernelUnavailable, OSError) as exc:
+            _lib = build_library()
+        except KernelUnavailable as exc:
             _lib_error = str(exc)
-            raise KernelUnavailable(_lib_error) from exc
-        DP = ctypes.POINTER(_Dir)
-        GP = ctypes.POINTER(_Grad)
-        lib.vtr_chunk.argtypes, lib.vtr_chunk.restype = [], INT
-        lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT, P]
-        lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
-        lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
-        lib.vtr_conv_fwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
-        lib.vtr_conv_fwd_bf16.argtypes = [*lib.vtr_conv_fwd.argtypes, INT]
-        lib.vtr_conv_bwd.argtypes = [P, LONG, LONG, P, P, P, P, P, P, P, P, P, P, P, LONG, LONG, LONG, INT, INT]
-        lib.vtr_transpose.argtypes = [P, LONG, LONG, P, LONG, LONG, LONG, INT]
-        for fn in (lib.vtr_scan_fwd, lib.vtr_scan_bwd, lib.vtr_gate_bwd, lib.vtr_conv_fwd, lib.vtr_conv_fwd_bf16,
-                   lib.vtr_conv_bwd, lib.vtr_transpose):
-            fn.restype = INT
-        _lib = lib
-        return lib
+            raise
+        return _lib
+
+
+@contextlib.contextmanager
+def using_library(lib: ctypes.CDLL):
+    """Run the kernels of ``lib`` (from :func:`build_library`) inside the block, then restore the
+    library in use before (A/B timings of two kernel builds in one process)."""
+    global _lib
+    with _lock:
+        before, _lib = _lib, lib
+    try:
+        yield lib
+    finally:
+        with _lock:
+            _lib = before
 
 
 def kernel_available() -> bool:

@@ -35,13 +35,32 @@
  * against the OpenMP runtime torch has loaded, so torch and these kernels share one thread pool.
  * Plain C with GCC/Clang vector extensions; AVX-512 intrinsics where available (masked loads,
  * VREDUCEPS/VSCALEFPS in exp, VRCP14PS), generic code elsewhere. No -ffast-math (see vexp2).
+ *
+ * Per instruction set (the 16-channel block and every layout stay the same):
+ *   AVX-512   a v16f is one zmm register; the per-state loops are fully unrolled.
+ *   AVX/AVX2  a v16f is two ymm registers. Lane-wise max/min, masked loads and stores, the
+ *             reciprocal estimate and the lane sums go through __m256 intrinsics on the halves:
+ *             GCC lowers a compare or select on a vector wider than the machine's into one
+ *             branch per lane, which made exp (its clamp) scalar. The forward's state loop runs
+ *             per 8-channel half and per group of up to 8 states (recur_halves), each state one
+ *             ymm register kept across the chunk's steps (16 states of 16 channels would need 32).
+ *   SSE2      (x86-64 baseline) max/min on the four xmm quarters; the loops stay rolled.
+ *   other     generic vector code (compare + select), rolled.
  */
+/* -DVTR_GENERIC_VECTORS with -march=x86-64: the generic vector code of non-x86 machines, built
+ * and tested on x86 (the SSE2 quarters and intrinsics are left out) */
+#if defined(VTR_GENERIC_VECTORS)
+#if defined(__AVX__)
+#error "VTR_GENERIC_VECTORS goes with -march=x86-64 (SSE2 only)"
+#endif
+#undef __SSE2__
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -51,11 +70,17 @@
 #define VTR_CHUNK 64    /* steps between saved states */
 #define VTR_MAXK 16     /* largest conv width */
 #define VTR_CONV_T 64   /* rows per conv backward block */
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define VTR_BWD_SCRATCH 7  /* per-step vectors of the backward's chunk scratch (see bwd_chunk) */
+#else
+#define VTR_BWD_SCRATCH 2
+#endif
 
 /*
  * The per-state loops are fully unrolled where a 16-float vector is one register (AVX-512);
- * elsewhere the vectors are emulated with 2-4 narrower registers and unrolled code takes GCC
- * minutes to compile, so it stays rolled.
+ * elsewhere a v16f is 2-4 narrower registers and the unrolled loops would not stay in registers
+ * (nor compile quickly), so they stay rolled; on AVX the forward's state loop has its own
+ * unrolled form over 8-channel halves (recur_halves).
  */
 #if defined(__AVX512F__)
 #define VTR_UNROLL _Pragma("GCC unroll 16")
@@ -80,22 +105,87 @@ INLINE v16f vmax(v16f a, v16f b) { return (v16f)_mm512_max_ps((__m512)a, (__m512
 #else
 typedef long lmask;
 INLINE lmask lanes(long w) { return w; }
+/* an unaligned 16-float vector in memory: one full-width load/store (never a memcpy call) */
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
+#if defined(__AVX__)
+/*
+ * x86 without AVX-512: a v16f is two ymm registers. GCC lowers a compare-and-select on a vector
+ * wider than the machine's to one branch per lane, so max/min go through real __m256 halves, and a
+ * partial block is read and written with AVX masked moves.
+ */
+typedef float v8f __attribute__((vector_size(32)));
+/* the two halves of a v16f and back (GCC keeps the union in registers; __builtin_shufflevector on
+ * 64-byte vectors goes through the stack lane by lane) */
+typedef union { v16f v; __m256 h[2]; } vsplit;
+INLINE __m256 lo8(v16f v) { const vsplit x = {v}; return x.h[0]; }
+INLINE __m256 hi8(v16f v) { const vsplit x = {v}; return x.h[1]; }
+INLINE v16f cat8(__m256 a, __m256 b) { vsplit x; x.h[0] = a; x.h[1] = b; return x.v; }
+INLINE __m256i half_mask(long w)          /* lanes [0, w) of one 8-float half, w may be <0 or >8 */
+{
+    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castps_si256(_mm256_cmp_ps(iota, _mm256_set1_ps((float)w), _CMP_LT_OQ));
+}
 INLINE v16f ld(const float *p, lmask w)
 {
-    v16f v;
-    if (w >= 16) { memcpy(&v, p, sizeof(v)); return v; }
-    v = (v16f){0};
+    if (w >= 16) return *(const v16f_u *)p;
+    return cat8(_mm256_maskload_ps(p, half_mask(w)), _mm256_maskload_ps(p + 8, half_mask(w - 8)));
+}
+INLINE void st(float *p, v16f v, lmask w)
+{
+    if (w >= 16) { *(v16f_u *)p = v; return; }
+    _mm256_maskstore_ps(p, half_mask(w), lo8(v));
+    if (w > 8) _mm256_maskstore_ps(p + 8, half_mask(w - 8), hi8(v));
+}
+/* max/min return the second operand when either is NaN (as the AVX-512 path): vmax(const, x) */
+INLINE v16f vmax(v16f a, v16f b) { return cat8(_mm256_max_ps(lo8(a), lo8(b)), _mm256_max_ps(hi8(a), hi8(b))); }
+INLINE v16f vmin(v16f a, v16f b) { return cat8(_mm256_min_ps(lo8(a), lo8(b)), _mm256_min_ps(hi8(a), hi8(b))); }
+#elif defined(__SSE2__)
+/* x86-64 baseline (SSE2): four xmm quarters, for the same reason */
+typedef union { v16f v; __m128 q[4]; } vsplit;
+INLINE v16f ld(const float *p, lmask w)
+{
+    if (w >= 16) return *(const v16f_u *)p;
+    v16f v = (v16f){0};
     for (long i = 0; i < w; i++) v[i] = p[i];
     return v;
 }
 INLINE void st(float *p, v16f v, lmask w)
 {
-    if (w >= 16) { memcpy(p, &v, sizeof(v)); return; }
+    if (w >= 16) { *(v16f_u *)p = v; return; }
+    for (long i = 0; i < w; i++) p[i] = v[i];
+}
+INLINE v16f vmax(v16f a, v16f b)
+{
+    const vsplit x = {a}, y = {b};
+    vsplit r;
+    for (int i = 0; i < 4; i++) r.q[i] = _mm_max_ps(x.q[i], y.q[i]);
+    return r.v;
+}
+INLINE v16f vmin(v16f a, v16f b)
+{
+    const vsplit x = {a}, y = {b};
+    vsplit r;
+    for (int i = 0; i < 4; i++) r.q[i] = _mm_min_ps(x.q[i], y.q[i]);
+    return r.v;
+}
+#else
+/* other machines: GCC/Clang generic vectors */
+INLINE v16f ld(const float *p, lmask w)
+{
+    if (w >= 16) return *(const v16f_u *)p;
+    v16f v = (v16f){0};
+    for (long i = 0; i < w; i++) v[i] = p[i];
+    return v;
+}
+INLINE void st(float *p, v16f v, lmask w)
+{
+    if (w >= 16) { *(v16f_u *)p = v; return; }
     for (long i = 0; i < w; i++) p[i] = v[i];
 }
 INLINE v16f vsel(v16i m, v16f a, v16f b) { return (v16f)((m & (v16i)a) | (~m & (v16i)b)); }
 INLINE v16f vmax(v16f a, v16f b) { return vsel(a > b, a, b); }
 INLINE v16f vmin(v16f a, v16f b) { return vsel(a < b, a, b); }
+#endif
 #endif
 
 /* 16 bf16 values -> fp32 (exact: bf16 is the top half of an fp32), lane-masked like ld() */
@@ -112,8 +202,10 @@ INLINE v16f ldh(const uint16_t *p, lmask m)
     return (v16f)v;
 }
 #else
+typedef uint16_t v16h_u __attribute__((vector_size(32), aligned(2), may_alias));
 INLINE v16f ldh(const uint16_t *p, lmask w)
 {
+    if (w >= 16) return (v16f)(__builtin_convertvector(*(const v16h_u *)p, v16u) << 16);
     v16u v = (v16u){0};
     for (long i = 0; i < (w < 16 ? w : 16); i++) v[i] = (uint32_t)p[i] << 16;
     return (v16f)v;
@@ -127,7 +219,16 @@ INLINE void sth(uint16_t *p, v16f v, lmask m)
     const v16u u = (v16u)v;
     const v16u r = (u + (0x7fffu + ((u >> 16) & 1u))) >> 16;
     const v16i nan = (v16i)(u & 0x7fffffffu) > 0x7f800000;
-    const v16h h = __builtin_convertvector((v16u)((nan & 0x7fc0) | (~nan & (v16i)r)), v16h);
+    const v16u w = (v16u)((nan & 0x7fc0) | (~nan & (v16i)r));
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    /* every lane is < 2^16: a saturating pack is exact; it interleaves 128-bit lanes, undone by the permute */
+    const union { v16u v; __m256i h[2]; } x = {w};
+    const __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(x.h[0], x.h[1]), 0xd8);
+    v16h h;
+    memcpy(&h, &pk, sizeof(h));
+#else
+    const v16h h = __builtin_convertvector(w, v16h);
+#endif
 #if defined(__AVX512F__)
     if (m == 0xffff) { memcpy(p, &h, sizeof(h)); return; }
     for (int i = 0; i < 16; i++) if ((m >> i) & 1) p[i] = h[i];
@@ -146,15 +247,17 @@ INLINE v16f vabs(v16f x) { return (v16f)((v16u)x & 0x7fffffffu); }
  * elsewhere k comes from the 1.5*2^23 rounding trick (exact: this file is built without
  * -ffast-math) and the input is clamped to the normal range first.
  */
-INLINE v16f poly_exp2(v16f f)
-{
-    v16f p = f * 1.5345795e-4f + 1.3399931e-3f;
-    p = p * f + 9.6184891e-3f;
-    p = p * f + 5.5503286e-2f;
-    p = p * f + 2.4022646e-1f;
-    p = p * f + 6.9314718e-1f;
-    return p * f + 1.0f;
-}
+#define DEF_POLY_EXP2(NAME, T)                                                  \
+    INLINE T NAME(T f)                                                          \
+    {                                                                           \
+        T p = f * 1.5345795e-4f + 1.3399931e-3f;                                \
+        p = p * f + 9.6184891e-3f;                                              \
+        p = p * f + 5.5503286e-2f;                                              \
+        p = p * f + 2.4022646e-1f;                                              \
+        p = p * f + 6.9314718e-1f;                                              \
+        return p * f + 1.0f;                                                    \
+    }
+DEF_POLY_EXP2(poly_exp2, v16f)
 
 INLINE v16f vexp2(v16f x)
 {
@@ -185,6 +288,10 @@ INLINE v16f vrcp(v16f x)
 #if defined(__AVX512F__)
     const v16f r = (v16f)_mm512_rcp14_ps((__m512)x);
     return r + r * (1.0f - x * r);
+#elif defined(__AVX__)
+    /* the 12-bit estimate and one Newton step: rel. error ~2^-23 (a division is ~7x the cost) */
+    const v16f r = cat8(_mm256_rcp_ps(lo8(x)), _mm256_rcp_ps(hi8(x)));
+    return r + r * (1.0f - x * r);
 #else
     return 1.0f / x;
 #endif
@@ -194,20 +301,23 @@ INLINE v16f vrcp(v16f x)
 INLINE v16f vsigmoid(v16f x) { return vrcp(1.0f + vexp(-vmax(vb(-87.0f), x))); }
 
 /* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) = 2 atanh(e / (2 + e)), series in s^2 */
-INLINE v16f vsoftplus(v16f x)
-{
-    v16f e = vexp(-vabs(x));
-    v16f s = e * vrcp(e + 2.0f);                      /* (0, 1/3] */
-    v16f s2 = s * s;
-    v16f q = s2 * (1.0f / 15) + (1.0f / 13);
-    q = q * s2 + (1.0f / 11);
-    q = q * s2 + (1.0f / 9);
-    q = q * s2 + (1.0f / 7);
-    q = q * s2 + (1.0f / 5);
-    q = q * s2 + (1.0f / 3);
-    q = q * s2 + 1.0f;
-    return vmax(vb(0.0f), x) + 2.0f * s * q;
-}
+#define DEF_SOFTPLUS(NAME, T, EXP, RCP, ABS, MAX0)                              \
+    INLINE T NAME(T x)                                                          \
+    {                                                                           \
+        T e = EXP(-ABS(x));                                                     \
+        T s = e * RCP(e + 2.0f);                      /* (0, 1/3] */            \
+        T s2 = s * s;                                                           \
+        T q = s2 * (1.0f / 15) + (1.0f / 13);                                   \
+        q = q * s2 + (1.0f / 11);                                               \
+        q = q * s2 + (1.0f / 9);                                                \
+        q = q * s2 + (1.0f / 7);                                                \
+        q = q * s2 + (1.0f / 5);                                                \
+        q = q * s2 + (1.0f / 3);                                                \
+        q = q * s2 + 1.0f;                                                      \
+        return MAX0(x) + 2.0f * s * q;                                          \
+    }
+INLINE v16f vmax0(v16f x) { return vmax(vb(0.0f), x); }
+DEF_SOFTPLUS(vsoftplus, v16f, vexp, vrcp, vabs, vmax0)
 
 /* out[n] = sum of the lanes of v[n], n = 0..15 (four levels of pairwise transpose-add) */
 INLINE v16f lvl(v16f a, v16f b, v16i p, v16i q)
@@ -215,6 +325,23 @@ INLINE v16f lvl(v16f a, v16f b, v16i p, v16i q)
     return __builtin_shuffle(a, b, p) + __builtin_shuffle(a, b, q);
 }
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+/* out lane n = sum of the lanes of w[n], n = 0..7 (horizontal adds, then the two 128-bit halves) */
+INLINE __m256 hsum8x8(const __m256 *w)
+{
+    const __m256 t0 = _mm256_hadd_ps(w[0], w[1]), t1 = _mm256_hadd_ps(w[2], w[3]);
+    const __m256 t2 = _mm256_hadd_ps(w[4], w[5]), t3 = _mm256_hadd_ps(w[6], w[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+INLINE v16f tsum16(const v16f *v)
+{
+    __m256 w[16];
+    for (int n = 0; n < 16; n++) w[n] = _mm256_add_ps(lo8(v[n]), hi8(v[n]));
+    return cat8(hsum8x8(w), hsum8x8(w + 8));
+}
+#else
 INLINE v16f tsum16(const v16f *v)
 {
     const v16i p1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
@@ -231,6 +358,7 @@ INLINE v16f tsum16(const v16f *v)
     v16f z0 = lvl(y0, y1, p3, p3 + 2), z1 = lvl(y2, y3, p3, p3 + 2);
     return lvl(z0, z1, p4, p4 + 1);
 }
+#endif
 
 INLINE float hsum(v16f v)
 {
@@ -262,6 +390,244 @@ INLINE void transpose16(v16f *r)
                  ((v16i){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
 }
 #undef T16_LEVEL
+
+/* ---- the state loop on AVX/AVX2: 8-channel halves ------------------------------------------ */
+
+/*
+ * Without AVX-512 the 16 states of a 16-channel block take 32 ymm registers, twice what there
+ * are. The recurrence of a chunk therefore runs per 8-channel half and per group of G <= 8 states
+ * (fully unrolled: the group's states are one ymm each and stay in registers for the whole chunk),
+ * adding the group's share of y into the chunk's y buffer. States are independent given delta and
+ * u, so the grouping changes no result but the order of y's sum over states.
+ */
+#if defined(__AVX__) && !defined(__AVX512F__)
+#define VTR_HALVES 1
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
+DEF_POLY_EXP2(poly_exp2_8, v8f)
+
+/* vexp2 of the non-AVX-512 path on one ymm (same clamp, rounding and polynomial) */
+INLINE v8f vexp2_8(v8f x)
+{
+    x = (v8f)_mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), (__m256)x));
+    const float magic = 12582912.0f + 127.0f;
+    const v8f t = x + magic;
+    const v8f k = t - magic;
+    return poly_exp2_8(x - k) * (v8f)((v8u)t << 23);
+}
+
+INLINE v8f vmax8(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
+INLINE v8f vexp8(v8f x) { return vexp2_8(x * LOG2E); }
+INLINE v8f vrcp8(v8f x)
+{
+    const v8f r = (v8f)_mm256_rcp_ps((__m256)x);
+    return r + r * (1.0f - x * r);
+}
+INLINE v8f vabs8(v8f x) { return (v8f)((v8u)x & 0x7fffffffu); }
+INLINE v8f vmax0_8(v8f x) { return vmax8((v8f){0}, x); }
+INLINE v8f vsigmoid8(v8f x) { return vrcp8(1.0f + vexp8(-vmax8((v8f){0} - 87.0f, x))); }
+DEF_SOFTPLUS(vsoftplus8, v8f, vexp8, vrcp8, vabs8, vmax0_8)
+
+/* one 8-channel half with w lanes (w <= 0: none, w >= 8: all) */
+INLINE v8f ld8(const float *p, long w)
+{
+    if (w >= 8) return *(const v8f_u *)p;
+    return (v8f)_mm256_maskload_ps(p, half_mask(w));
+}
+INLINE void st8(float *p, v8f v, long w)
+{
+    if (w >= 8) *(v8f_u *)p = v;
+    else if (w > 0) _mm256_maskstore_ps(p, half_mask(w), (__m256)v);
+}
+typedef uint16_t v8h_u __attribute__((vector_size(16), aligned(2), may_alias));
+INLINE v8f ldh8(const uint16_t *p, long w)
+{
+    if (w >= 8) return (v8f)(__builtin_convertvector(*(const v8h_u *)p, v8u) << 16);
+    v8u v = (v8u){0};
+    for (long i = 0; i < w; i++) v[i] = (uint32_t)p[i] << 16;
+    return (v8f)v;
+}
+
+/*
+ * One half (8 channels) and G states of a chunk's recurrence: h, a2 hold the states' vectors with
+ * a 16-float stride (one v16f per state, this half's 8 lanes); dl, du and y one v16f per step.
+ * Step j reads B at bt + j*bs and C at ct + j*cs (the state index added).
+ */
+INLINE void recur8(const int G, const int MASK, long len, const float *RESTRICT dl, const float *RESTRICT du,
+                   float *RESTRICT y, float *RESTRICT h, const float *RESTRICT a2,
+                   const float *RESTRICT bt, long bs, const float *RESTRICT ct, long cs)
+{
+    v8f hv[8], av[8];
+    for (int n = 0; n < G; n++) {
+        hv[n] = *(const v8f_u *)(h + 16 * n);
+        av[n] = *(const v8f_u *)(a2 + 16 * n);
+    }
+    for (long j = 0; j < len; j++) {
+        const v8f d = *(const v8f_u *)(dl + 16 * j), x = *(const v8f_u *)(du + 16 * j);
+        const float *b = bt + j * bs, *c = ct + j * cs;
+        v8f ya = *(v8f_u *)(y + 16 * j), yb = (v8f){0};
+#pragma GCC unroll 8
+        for (int n = 0; n < G; n++) {
+            const v8f e = vexp2_8(d * av[n]);
+            v8f r;
+            if (MASK) {
+                r = e * hv[n];
+                hv[n] = r + x * b[n];
+            } else {
+                hv[n] = e * hv[n] + x * b[n];
+                r = hv[n];
+            }
+            if (n & 1) yb += r * c[n];
+            else ya += r * c[n];
+        }
+        *(v8f_u *)(y + 16 * j) = ya + yb;
+    }
+    for (int n = 0; n < G; n++) *(v8f_u *)(h + 16 * n) = hv[n];
+}
+
+/* A chunk's recurrence for one 16-channel block, NN states (see recur8); y is overwritten. */
+static void recur_halves(int NN, int MASK, long len, const v16f *dl, const v16f *du, v16f *y, v16f *h,
+                         const v16f *a2, const float *bt, long bs, const float *ct, long cs)
+{
+    for (long j = 0; j < len; j++) y[j] = vb(0.0f);
+    for (int hf = 0; hf < 2; hf++) {
+        const float *pd = (const float *)dl + 8 * hf, *pu = (const float *)du + 8 * hf;
+        float *py = (float *)y + 8 * hf, *ph = (float *)h + 8 * hf;
+        const float *pa = (const float *)a2 + 8 * hf;
+        for (int n0 = 0; n0 < NN;) {
+            const int G = NN - n0 >= 8 ? 8 : NN - n0 >= 4 ? 4 : NN - n0 >= 2 ? 2 : 1;
+            float *hh = ph + 16 * n0;
+            const float *aa = pa + 16 * n0, *b = bt + n0, *c = ct + n0;
+#define RECUR(GG) do {                                                                      \
+                if (MASK) recur8(GG, 1, len, pd, pu, py, hh, aa, b, bs, c, cs);             \
+                else recur8(GG, 0, len, pd, pu, py, hh, aa, b, bs, c, cs);                  \
+            } while (0)
+            if (G == 8) RECUR(8);
+            else if (G == 4) RECUR(4);
+            else if (G == 2) RECUR(2);
+            else RECUR(1);
+#undef RECUR
+            n0 += G;
+        }
+    }
+}
+
+/* p[0..G) += the lane sums of w[0..G) */
+INLINE void add_lane_sums(const int G, float *RESTRICT p, const v8f *w)
+{
+    if (G == 4) {
+        const __m256 t0 = _mm256_hadd_ps((__m256)w[0], (__m256)w[1]), t1 = _mm256_hadd_ps((__m256)w[2], (__m256)w[3]);
+        const __m256 u = _mm256_hadd_ps(t0, t1);
+        const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+        _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), s4));
+    } else {
+        for (int n = 0; n < G; n++) {
+            const __m128 q = _mm_add_ps(_mm256_castps256_ps128((__m256)w[n]), _mm256_extractf128_ps((__m256)w[n], 1));
+            const __m128 r = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            p[n] += _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps(r, r, 1)));
+        }
+    }
+}
+
+/*
+ * The backward's two state loops for one 8-channel half and G states (the forward's grouping):
+ * the recomputation of the chunk (exp(delta A) and h_{t-1} of every step into eA / hp), then the
+ * adjoint from the chunk's last step. Per step j: dl, du, dy one v16f each (this half's lanes);
+ * s1 and s2 (sums over states, v16f per step) are added to. gs, da, h, a, a2: the group's
+ * vectors, 16-float stride. B/C of step j at bt + j*bs / ct + j*cs, their gradients (summed over
+ * channels) added at pB + j*ps / pC + j*ps. mfirst: step 0 is the masked first step (reads no C).
+ */
+INLINE void bwd_group8(const int G, const int MASK, int mfirst, long len, long NN, const float *RESTRICT dl,
+                       const float *RESTRICT du, const float *RESTRICT dy, float *RESTRICT s1, float *RESTRICT s2,
+                       float *RESTRICT eA, float *RESTRICT hp, float *RESTRICT gs, float *RESTRICT da,
+                       float *RESTRICT h, const float *RESTRICT a, const float *RESTRICT a2,
+                       const float *RESTRICT bt, long bs, const float *RESTRICT ct, long cs,
+                       float *RESTRICT pB, float *RESTRICT pC, long ps)
+{
+    v8f v[4], w[4];
+    for (int n = 0; n < G; n++) v[n] = *(const v8f_u *)(h + 16 * n);
+    for (long j = 0; j < len; j++) {
+        const v8f d = *(const v8f_u *)(dl + 16 * j), x = *(const v8f_u *)(du + 16 * j);
+        const float *b = bt + j * bs;
+        float *ej = eA + 16 * NN * j, *hj = hp + 16 * NN * j;
+#pragma GCC unroll 4
+        for (int n = 0; n < G; n++) {
+            const v8f e = vexp2_8(d * *(const v8f_u *)(a2 + 16 * n));
+            *(v8f_u *)(ej + 16 * n) = e;
+            *(v8f_u *)(hj + 16 * n) = v[n];
+            v[n] = e * v[n] + x * b[n];
+        }
+    }
+    for (int n = 0; n < G; n++) {
+        v[n] = *(const v8f_u *)(gs + 16 * n);
+        w[n] = *(const v8f_u *)(da + 16 * n);
+    }
+    for (long j = len - 1; j >= 0; j--) {
+        const v8f d = *(const v8f_u *)(dl + 16 * j), x = *(const v8f_u *)(du + 16 * j);
+        const v8f dyv = *(const v8f_u *)(dy + 16 * j);
+        const v8f dyc = (MASK && mfirst && j == 0) ? (v8f){0} : dyv;
+        const float *b = bt + j * bs, *c = ct + j * cs;
+        const float *ej = eA + 16 * NN * j, *hj = hp + 16 * NN * j;
+        v8f a1 = (v8f){0}, a3 = (v8f){0}, dB[4], dC[4];
+#pragma GCC unroll 4
+        for (int n = 0; n < G; n++) {
+            const v8f e = *(const v8f_u *)(ej + 16 * n);
+            const v8f rp = e * *(const v8f_u *)(hj + 16 * n);      /* exp(delta A) h_{t-1} */
+            v8f gh, gr;                                             /* dL/dh_t, dL/d(rp) */
+            if (MASK) {
+                gh = v[n];
+                gr = gh + dyc * c[n];
+                dC[n] = dyc * rp;
+            } else {
+                gh = v[n] + dyv * c[n];
+                gr = gh;
+                dC[n] = dyv * (rp + x * b[n]);
+            }
+            dB[n] = gh * x;
+            const v8f ge = gr * rp;                                 /* dL/d(delta A_n) */
+            a1 += gh * b[n];
+            a3 += ge * *(const v8f_u *)(a + 16 * n);
+            w[n] += ge * d;
+            v[n] = gr * e;                                          /* dL/dh_{t-1} */
+        }
+        *(v8f_u *)(s1 + 16 * j) += a1;
+        *(v8f_u *)(s2 + 16 * j) += a3;
+        add_lane_sums(G, pB + j * ps, dB);
+        add_lane_sums(G, pC + j * ps, dC);
+    }
+    for (int n = 0; n < G; n++) {
+        *(v8f_u *)(gs + 16 * n) = v[n];
+        *(v8f_u *)(da + 16 * n) = w[n];
+    }
+}
+
+/* One chunk's backward state loops for a 16-channel block, NN states (see bwd_group8); s1 and s2
+ * are overwritten. */
+static void bwd_halves(int NN, int MASK, int mfirst, long len, const v16f *dl, const v16f *du, const v16f *dy,
+                       v16f *s1, v16f *s2, v16f *eA, v16f *hp, v16f *gs, v16f *da, v16f *h, const v16f *a,
+                       const v16f *a2, const float *bt, long bs, const float *ct, long cs, float *pB, float *pC,
+                       long ps)
+{
+    for (long j = 0; j < len; j++) s1[j] = s2[j] = vb(0.0f);
+    for (int hf = 0; hf < 2; hf++) {
+        const int o = 8 * hf;
+        for (int n0 = 0; n0 < NN;) {
+            const int G = NN - n0 >= 4 ? 4 : NN - n0 >= 2 ? 2 : 1;
+            const int q = 16 * n0 + o;
+#define BWD(GG, MM) bwd_group8(GG, MM, mfirst, len, NN, (const float *)dl + o, (const float *)du + o,           \
+                               (const float *)dy + o, (float *)s1 + o, (float *)s2 + o, (float *)eA + q,          \
+                               (float *)hp + q, (float *)gs + q, (float *)da + q, (float *)h + q,                 \
+                               (const float *)a + q, (const float *)a2 + q, bt + n0, bs, ct + n0, cs, pB + n0,    \
+                               pC + n0, ps)
+            if (G == 4) { if (MASK) BWD(4, 1); else BWD(4, 0); }
+            else if (G == 2) { if (MASK) BWD(2, 1); else BWD(2, 0); }
+            else { if (MASK) BWD(1, 1); else BWD(1, 0); }
+#undef BWD
+            n0 += G;
+        }
+    }
+}
+#endif
 
 /* ---- the scan --------------------------------------------------------------------------- */
 
@@ -330,6 +696,27 @@ static int next_span(long *lo, long hi, long nblk, vtr_span *sp)
 }
 
 /* dpre of one block at one position: dt_row @ Wt[:, c0:c0+16] (the fused dt projection) */
+#if defined(VTR_HALVES)
+/* AVX: the sums in two ymm registers (GCC carries a 64-byte vector through a loop via the stack),
+ * and out of line: inlined into the large fwd_chunk, the sums went through the stack anyway */
+static __attribute__((noinline)) v16f dt_proj(const float *RESTRICT dtrow, const float *RESTRICT Wt, long R, long E, lmask m)
+{
+    v8f a0 = (v8f){0}, a1 = (v8f){0};
+    if (m >= 16) {
+        for (long r = 0; r < R; r++) {
+            a0 += *(const v8f_u *)(Wt + r * E) * dtrow[r];
+            a1 += *(const v8f_u *)(Wt + r * E + 8) * dtrow[r];
+        }
+    } else {
+        const __m256i k0 = half_mask(m), k1 = half_mask(m - 8);
+        for (long r = 0; r < R; r++) {
+            a0 += (v8f)_mm256_maskload_ps(Wt + r * E, k0) * dtrow[r];
+            a1 += (v8f)_mm256_maskload_ps(Wt + r * E + 8, k1) * dtrow[r];
+        }
+    }
+    return cat8((__m256)a0, (__m256)a1);
+}
+#else
 INLINE v16f dt_proj(const float *RESTRICT dtrow, const float *RESTRICT Wt, long R, long E, lmask m)
 {
     v16f a0 = vb(0.0f), a1 = vb(0.0f);
@@ -341,6 +728,7 @@ INLINE v16f dt_proj(const float *RESTRICT dtrow, const float *RESTRICT Wt, long 
     if (r < R) a0 += ld(Wt + r * E, m) * dtrow[r];
     return a0 + a1;
 }
+#endif
 
 /* dst[k] = the 16 channels (rows base + i*cs) at time k, k < len <= VTR_CHUNK */
 INLINE void tile_load(const float *base, long cs, long len, long nch, v16f *dst)
@@ -369,6 +757,80 @@ VTR_UNROLL
         for (long i = 0; i < nch; i++) st(base + i * cs + g, r[i], mt);
     }
 }
+
+#if defined(VTR_HALVES)
+#define HALF(V, J, HF) (*(v8f_u *)((float *)((V) + (J)) + 8 * (HF)))
+
+/*
+ * The per-step passes around the recurrence of a row-major chunk, per 8-channel half (in
+ * fwd_chunk's v16f form GCC keeps their values on the stack): delta and delta*u of every step
+ * (pre_halves), then y + D u, the earlier direction's sum, the gate and the store (post_halves,
+ * fp32 output). dt rows of the chunk are read from sT when the direction's dt is bf16.
+ */
+static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E, long i0, long len,
+                       const float *sT, v16f *cdl, v16f *cdu)
+{
+    const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
+    for (int hf = 0; hf < 2; hf++) {
+        const long c = c0 + 8 * hf, wh = w - 8 * hf;
+        const __m256i km = half_mask(wh);
+        const v8f bias = d->bias ? ld8(d->bias + c, wh) : (v8f){0};
+        const float *Wt = d->dt ? d->Wt + c : NULL;
+        long t = first + step * i0;
+        for (long j = 0; j < len; j++, t += step) {
+            v8f pre = bias;
+            if (d->dt) {
+                const float *row = d->bc_bf16 ? sT + j * d->R : d->dt + b * d->t_bs + t * d->t_ls;
+                v8f a0 = (v8f){0}, a1 = (v8f){0};
+                long r = 0;
+                if (wh >= 8) {
+                    for (; r + 1 < d->R; r += 2) {
+                        a0 += *(const v8f_u *)(Wt + r * E) * row[r];
+                        a1 += *(const v8f_u *)(Wt + (r + 1) * E) * row[r + 1];
+                    }
+                    if (r < d->R) a0 += *(const v8f_u *)(Wt + r * E) * row[r];
+                } else {
+                    for (; r < d->R; r++) a0 += (v8f)_mm256_maskload_ps(Wt + r * E, km) * row[r];
+                }
+                pre += a0 + a1;
+            } else {
+                pre += ld8(d->dpre + b * d->d_bs + t * d->d_ls + c, wh);
+            }
+            const v8f dl = d->softplus ? vsoftplus8(pre) : pre;
+            const long ui = b * d->u_bs + t * d->u_ls + c;
+            const v8f u = d->u_bf16 ? ldh8((const uint16_t *)(const void *)d->u + ui, wh) : ld8(d->u + ui, wh);
+            HALF(cdl, j, hf) = dl;
+            HALF(cdu, j, hf) = dl * u;
+        }
+    }
+}
+
+static void post_halves(const vtr_dir *d, long b, long c0, long w, long L, long E, long i0, long len,
+                        const v16f *cy, float *out, int acc, const void *z, long z_bs, long z_ls, float *S)
+{
+    const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
+    for (int hf = 0; hf < 2; hf++) {
+        const long c = c0 + 8 * hf, wh = w - 8 * hf;
+        const v8f Dv = d->D ? ld8(d->D + c, wh) : (v8f){0};
+        float *o = out + b * L * E + c;
+        long t = first + step * i0;
+        for (long j = 0; j < len; j++, t += step) {
+            const long ui = b * d->u_bs + t * d->u_ls + c;
+            const v8f u = d->u_bf16 ? ldh8((const uint16_t *)(const void *)d->u + ui, wh) : ld8(d->u + ui, wh);
+            v8f y = HALF(cy, j, hf) + Dv * u;
+            if (acc) y += ld8(o + t * E, wh);
+            if (z) {
+                const long zi = b * z_bs + t * z_ls + c;
+                const v8f zv = d->z_bf16 ? ldh8((const uint16_t *)z + zi, wh) : ld8((const float *)z + zi, wh);
+                if (S) st8(S + (b * L + t) * E + c, y, wh);
+                y = y * (zv * vsigmoid8(zv));
+            }
+            st8(o + t * E, y, wh);
+        }
+    }
+}
+#undef HALF
+#endif
 
 /* One chunk [i0, i0+len) (in direction order) of one block; the state h is read from and
  * written back to `hs` (NN vectors). a2/h are the caller's scratch (registers for NN = 16). */
@@ -439,6 +901,10 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
         if (dp) tile_load(dp + tmin, d->d_cs, len, nch, tV);
         tile_load(u + tmin, d->u_cs, len, nch, tU);
     }
+#if defined(VTR_HALVES)
+    if (!TM) pre_halves(d, b, c0, m, L, E, i0, len, sT, cdl, cdu);
+    else
+#endif
     for (long j = 0; j < len; j++, t += step) {
         const v16f pre = (has_dt ? dt_proj(bc16 ? sT + j * d->R : dtb + t * d->t_ls, Wt, d->R, E, m)
                                  : TM ? tV[TIX(j)] : ld(dp + t * d->d_ls, m)) + bias;
@@ -447,6 +913,14 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
         cdu[j] = dl * (TM ? tU[TIX(j)] : LDU(t));
     }
     t = first + step * i0;
+#if defined(VTR_HALVES)
+    if (bc16)
+        recur_halves(NN, MASK, len, cdl, cdu, cy, h, a2, sB, NN, sC, NN);
+    else
+        recur_halves(NN, MASK, len, cdl, cdu, cy, h, a2, Bb + t * d->b_ls, step * d->b_ls, Cb + t * d->c_ls,
+                     step * d->c_ls);
+    if (MASK && i0 == 0) cy[0] = vb(0.0f);      /* the masked first step reads nothing */
+#else
     for (long j = 0; j < len; j++, t += step) {
         const v16f dl = cdl[j], du = cdu[j];
         const float *bt = bc16 ? sB + j * NN : Bb + t * d->b_ls, *ct = bc16 ? sC + j * NN : Cb + t * d->c_ls;
@@ -466,6 +940,7 @@ VTR_UNROLL
         cy[j] = (ya[0] + ya[1]) + (ya[2] + ya[3]);
         if (MASK && i0 == 0 && j == 0) cy[j] = vb(0.0f);  /* the masked first step reads nothing */
     }
+#endif
     t = first + step * i0;
     if (TM) {
         v16f *tZ = cdu;                                   /* free after the recurrence */
@@ -484,6 +959,11 @@ VTR_UNROLL
         }
         tile_store(o + tmin, L, len, nch, tV);
     } else {
+#if defined(VTR_HALVES)
+        if (!o16) {
+            post_halves(d, b, c0, m, L, E, i0, len, cy, out, acc, z, z_bs, z_ls, S);
+        } else
+#endif
         for (long j = 0; j < len; j++, t += step) {
             v16f y = cy[j] + Dv * LDU(t);
             if (acc) y += ld(o + t * E, m);
@@ -672,6 +1152,30 @@ INLINE void bwd_chunk(const vtr_dir *RESTRICT d, const vtr_grad *RESTRICT g, con
         cdl[j] = softplus ? vsoftplus(pre) : pre;
         csg[j] = softplus ? vsigmoid(pre) : vb(1.0f);      /* d softplus / d pre */
     }
+#if defined(VTR_HALVES)
+    {
+        /* more per-step scratch after csg (VTR_BWD_SCRATCH): u, delta*u, dy, and the state sums */
+        v16f *cu = csg + VTR_CHUNK, *cdu = cu + VTR_CHUNK, *cdy = cdu + VTR_CHUNK;
+        v16f *cs1 = cdy + VTR_CHUNK, *cs2 = cs1 + VTR_CHUNK;
+        t = first + step * i0;
+        for (long j = 0; j < len; j++, t += step) {
+            cu[j] = ld(u + t * d->u_ls, m);
+            cdu[j] = cdl[j] * cu[j];
+            cdy[j] = ld(dsb + t * E, m);
+        }
+        t = first + step * i0;
+        bwd_halves(NN, MASK, i0 == 0, len, cdl, cdu, cdy, cs1, cs2, cdA, chp, gs, da, h, a, a2, Bb + t * d->b_ls,
+                   step * d->b_ls, Cb + t * d->c_ls, step * d->c_ls, pdB + t * NN, pdC + t * NN, step * NN);
+        for (long j = 0; j < len; j++, t += step) {
+            const v16f uv = cu[j], dl = cdl[j], dy = cdy[j], s1 = cs1[j];
+            const v16f dpr = (s1 * uv + cs2[j]) * csg[j];
+            st(dub + t * E, Dv * dy + s1 * dl, m);
+            st(ddb + t * E, dpr, m);
+            dDacc += dy * uv;
+            dbacc += dpr;
+        }
+    }
+#else
     t = first + step * i0;
     for (long j = 0; j < len; j++, t += step) {
         const v16f dl = cdl[j];
@@ -739,6 +1243,7 @@ VTR_UNROLL
             }
         }
     }
+#endif
     for (int n = 0; n < NN; n++) {
         cs[n] = gs[n];
         cs[NN + n] = da[n];
@@ -794,7 +1299,7 @@ int vtr_scan_bwd(const vtr_dir *dirs, const vtr_grad *grads, int ndir, const flo
     const long nblk = (E + 15) / 16, nck = (L + VTR_CHUNK - 1) / VTR_CHUNK;
     const size_t per_dir = (size_t)(2 * B * L * N + N * E + 2 * E);
     const size_t per_thread = (size_t)ndir * per_dir;
-    const size_t scr_vecs = (size_t)(2 * VTR_CHUNK * N + 2 * VTR_CHUNK);
+    const size_t scr_vecs = (size_t)(2 * VTR_CHUNK * N + VTR_BWD_SCRATCH * VTR_CHUNK);
     float *priv = (float *)calloc((size_t)nthreads * per_thread, sizeof(float));
     if (!priv) return -2;
     int fail = 0;
@@ -907,6 +1412,38 @@ int vtr_gate_bwd(const float *dout, const float *S, const float *z, long z_bs, l
  * x: [B, L, E] with strides (x_bs, x_ls, 1); w: [K, E]; outputs contiguous [B, L, E].
  * wb/yb may be NULL (one direction); biases may be NULL.
  */
+#if defined(VTR_HALVES)
+/* AVX: the sum in two ymm registers (see dt_proj) */
+INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
+                     long c, int K, int dir, lmask m)
+{
+    const v16f b0 = bias ? ld(bias + c, m) : vb(0.0f);
+    v8f a0 = (v8f)lo8(b0), a1 = (v8f)hi8(b0);
+    for (int k = 0; k < K; k++) {
+        const long s = dir ? t + K - 1 - k : t - K + 1 + k;
+        if (s < 0 || s >= L) continue;
+        const v16f wv = ld(w + k * E + c, m), xv = ld(xb + s * x_ls + c, m);
+        a0 += (v8f)lo8(wv) * (v8f)lo8(xv);
+        a1 += (v8f)hi8(wv) * (v8f)hi8(xv);
+    }
+    return cat8((__m256)a0, (__m256)a1);
+}
+
+INLINE v16f conv_pre_h(const uint16_t *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
+                       long c, int K, int dir, lmask m)
+{
+    const v16f b0 = bias ? ld(bias + c, m) : vb(0.0f);
+    v8f a0 = (v8f)lo8(b0), a1 = (v8f)hi8(b0);
+    for (int k = 0; k < K; k++) {
+        const long s = dir ? t + K - 1 - k : t - K + 1 + k;
+        if (s < 0 || s >= L) continue;
+        const v16f wv = ld(w + k * E + c, m), xv = ldh(xb + s * x_ls + c, m);
+        a0 += (v8f)lo8(wv) * (v8f)lo8(xv);
+        a1 += (v8f)hi8(wv) * (v8f)hi8(xv);
+    }
+    return cat8((__m256)a0, (__m256)a1);
+}
+#else
 INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
                      long c, int K, int dir, lmask m)
 {
@@ -931,6 +1468,7 @@ INLINE v16f conv_pre_h(const uint16_t *xb, long x_ls, const float *w, const floa
     }
     return acc;
 }
+#endif
 
 /* vtr_conv_fwd for a bf16 x (e.g. in_proj's output under bf16 autocast); fp32 weights; the outputs
  * are fp32, or bf16 with out_bf16 (what x_proj and the scan then read under autocast) */
