@@ -41,9 +41,14 @@
  *   AVX/AVX2  a v16f is two ymm registers. Lane-wise max/min, masked loads and stores, the
  *             reciprocal estimate and the lane sums go through __m256 intrinsics on the halves:
  *             GCC lowers a compare or select on a vector wider than the machine's into one
- *             branch per lane, which made exp (its clamp) scalar. The forward's state loop runs
- *             per 8-channel half and per group of up to 8 states (recur_halves), each state one
- *             ymm register kept across the chunk's steps (16 states of 16 channels would need 32).
+ *             branch per lane, which made exp (its clamp) scalar, and keeps 64-byte values that
+ *             live across loop iterations on the stack. So the row-major forward works on
+ *             8-channel halves throughout (v8f = one ymm): the per-step passes (pre_halves,
+ *             post_halves) and the state loop (recur_halves), per group of up to 8 states, each
+ *             state one ymm register kept across the chunk's steps (16 states of 16 channels would
+ *             need 32). The backward's two state loops do the same in groups of 4 (bwd_halves);
+ *             the conv's and the dt projection's sums are held in ymm halves. Results differ from
+ *             the AVX-512 build only in summation order (and the 2^-23 reciprocal estimate).
  *   SSE2      (x86-64 baseline) max/min on the four xmm quarters; the loops stay rolled.
  *   other     generic vector code (compare + select), rolled.
  */
