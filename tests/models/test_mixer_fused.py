@@ -187,7 +187,12 @@ def _ref_direction(ts, reverse, mask_diag, elemental, z=None):
 def test_scan_direction_matches_reference(reverse, mask_diag, h0_mode):
     ts = _dir_inputs(2, 77, 21, 16, seed=11, h0=h0_mode == "tensor")
     z = torch.randn(2, 77, 21, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-    elemental = h0_mode == "elemental"
+    _check_direction(ts, z, reverse, mask_diag, h0_mode == "elemental", seed=4)
+
+
+def _check_direction(ts, z, reverse, mask_diag, elemental, seed):
+    """One direction through scan_directions against the reference: output, last state, and the
+    gradients of every input."""
     out_ref, last_ref = _ref_direction(ts, reverse, mask_diag, elemental, z)
     d = ScanDirection(ts["u"], ts["dpre"], ts["B"], ts["C"], ts["A"], ts["D"], ts["bias"], ts["h0"],
                       reverse=reverse, mask_diag=mask_diag, elemental=elemental)
@@ -195,7 +200,7 @@ def test_scan_direction_matches_reference(reverse, mask_diag, h0_mode):
     torch.testing.assert_close(out, out_ref, atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(last, last_ref, atol=ATOL, rtol=RTOL)
     leaves = [v for v in ts.values() if v is not None] + [z]
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     g_ref = torch.autograd.grad((out_ref * w).sum() + 0.3 * last_ref.sum(), leaves)
     g_new = torch.autograd.grad((out * w).sum() + 0.3 * last.sum(), leaves)
     names = [k for k, v in ts.items() if v is not None] + ["z"]
@@ -211,19 +216,7 @@ def test_scan_state_counts_and_partial_blocks(E, N, reverse, mask_diag):
     block, over two chunks of steps, forward and backward."""
     ts = _dir_inputs(2, 130, E, N, seed=E * N, h0=mask_diag)
     z = torch.randn(2, 130, E, generator=torch.Generator().manual_seed(N)).requires_grad_(True)
-    out_ref, last_ref = _ref_direction(ts, reverse, mask_diag, False, z)
-    d = ScanDirection(ts["u"], ts["dpre"], ts["B"], ts["C"], ts["A"], ts["D"], ts["bias"], ts["h0"],
-                      reverse=reverse, mask_diag=mask_diag)
-    out, (last,) = scan_directions([d], z)
-    torch.testing.assert_close(out, out_ref, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(last, last_ref, atol=ATOL, rtol=RTOL)
-    leaves = [v for v in ts.values() if v is not None] + [z]
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
-    g_ref = torch.autograd.grad((out_ref * w).sum() + 0.3 * last_ref.sum(), leaves)
-    g_new = torch.autograd.grad((out * w).sum() + 0.3 * last.sum(), leaves)
-    names = [k for k, v in ts.items() if v is not None] + ["z"]
-    for k, a, b in zip(names, g_new, g_ref):
-        torch.testing.assert_close(a, b, atol=GATOL, rtol=GRTOL, msg=lambda m: f"grad {k}: {m}")
+    _check_direction(ts, z, reverse, mask_diag, False, seed=5)
 
 
 def test_two_directions_sum_then_gate():

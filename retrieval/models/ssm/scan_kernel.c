@@ -1417,63 +1417,54 @@ int vtr_gate_bwd(const float *dout, const float *S, const float *z, long z_bs, l
  * x: [B, L, E] with strides (x_bs, x_ls, 1); w: [K, E]; outputs contiguous [B, L, E].
  * wb/yb may be NULL (one direction); biases may be NULL.
  */
-#if defined(VTR_HALVES)
-/* AVX: the sum in two ymm registers (see dt_proj) */
-INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
-                     long c, int K, int dir, lmask m)
+/* x is fp32, or bf16 when x16 (widened in registers) */
+INLINE v16f conv_x(const void *xb, int x16, long i, lmask m)
 {
-    const v16f b0 = bias ? ld(bias + c, m) : vb(0.0f);
-    v8f a0 = (v8f)lo8(b0), a1 = (v8f)hi8(b0);
-    for (int k = 0; k < K; k++) {
-        const long s = dir ? t + K - 1 - k : t - K + 1 + k;
-        if (s < 0 || s >= L) continue;
-        const v16f wv = ld(w + k * E + c, m), xv = ld(xb + s * x_ls + c, m);
-        a0 += (v8f)lo8(wv) * (v8f)lo8(xv);
-        a1 += (v8f)hi8(wv) * (v8f)hi8(xv);
-    }
-    return cat8((__m256)a0, (__m256)a1);
+    return x16 ? ldh((const uint16_t *)xb + i, m) : ld((const float *)xb + i, m);
 }
 
-INLINE v16f conv_pre_h(const uint16_t *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
-                       long c, int K, int dir, lmask m)
+#if defined(VTR_HALVES)
+/* AVX: the sum in two ymm registers (see dt_proj) */
+INLINE v16f conv_pre_x(const void *xb, int x16, long x_ls, const float *w, const float *bias, long t, long L,
+                       long E, long c, int K, int dir, lmask m)
 {
     const v16f b0 = bias ? ld(bias + c, m) : vb(0.0f);
     v8f a0 = (v8f)lo8(b0), a1 = (v8f)hi8(b0);
     for (int k = 0; k < K; k++) {
         const long s = dir ? t + K - 1 - k : t - K + 1 + k;
         if (s < 0 || s >= L) continue;
-        const v16f wv = ld(w + k * E + c, m), xv = ldh(xb + s * x_ls + c, m);
+        const v16f wv = ld(w + k * E + c, m), xv = conv_x(xb, x16, s * x_ls + c, m);
         a0 += (v8f)lo8(wv) * (v8f)lo8(xv);
         a1 += (v8f)hi8(wv) * (v8f)hi8(xv);
     }
     return cat8((__m256)a0, (__m256)a1);
 }
 #else
-INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
-                     long c, int K, int dir, lmask m)
+INLINE v16f conv_pre_x(const void *xb, int x16, long x_ls, const float *w, const float *bias, long t, long L,
+                       long E, long c, int K, int dir, lmask m)
 {
     v16f acc = bias ? ld(bias + c, m) : vb(0.0f);
     for (int k = 0; k < K; k++) {
         const long s = dir ? t + K - 1 - k : t - K + 1 + k;
         if (s < 0 || s >= L) continue;
-        acc += ld(w + k * E + c, m) * ld(xb + s * x_ls + c, m);
+        acc += ld(w + k * E + c, m) * conv_x(xb, x16, s * x_ls + c, m);
     }
     return acc;
+}
+#endif
+
+INLINE v16f conv_pre(const float *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
+                     long c, int K, int dir, lmask m)
+{
+    return conv_pre_x(xb, 0, x_ls, w, bias, t, L, E, c, K, dir, m);
 }
 
 /* conv_pre with a bf16 input row (widened in registers) */
 INLINE v16f conv_pre_h(const uint16_t *xb, long x_ls, const float *w, const float *bias, long t, long L, long E,
                        long c, int K, int dir, lmask m)
 {
-    v16f acc = bias ? ld(bias + c, m) : vb(0.0f);
-    for (int k = 0; k < K; k++) {
-        const long s = dir ? t + K - 1 - k : t - K + 1 + k;
-        if (s < 0 || s >= L) continue;
-        acc += ld(w + k * E + c, m) * ldh(xb + s * x_ls + c, m);
-    }
-    return acc;
+    return conv_pre_x(xb, 1, x_ls, w, bias, t, L, E, c, K, dir, m);
 }
-#endif
 
 /* vtr_conv_fwd for a bf16 x (e.g. in_proj's output under bf16 autocast); fp32 weights; the outputs
  * are fp32, or bf16 with out_bf16 (what x_proj and the scan then read under autocast) */
