@@ -541,6 +541,8 @@ INLINE void add_lane_sums(const int G, float *RESTRICT p, const v8f *w)
  * s1 and s2 (sums over states, v16f per step) are added to. gs, da, h, a, a2: the group's
  * vectors, 16-float stride. B/C of step j at bt + j*bs / ct + j*cs, their gradients (summed over
  * channels) added at pB + j*ps / pC + j*ps. mfirst: step 0 is the masked first step (reads no C).
+ * The adjoint step is bwd_chunk's, on one ymm (that one is left as it is, so that the AVX-512
+ * build's code does not change).
  */
 INLINE void bwd_group8(const int G, const int MASK, int mfirst, long len, long NN, const float *RESTRICT dl,
                        const float *RESTRICT du, const float *RESTRICT dy, float *RESTRICT s1, float *RESTRICT s2,
