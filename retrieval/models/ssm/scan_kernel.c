@@ -144,9 +144,7 @@ INLINE void st(float *p, v16f v, lmask w)
 /* max/min return the second operand when either is NaN (as the AVX-512 path): vmax(const, x) */
 INLINE v16f vmax(v16f a, v16f b) { return cat8(_mm256_max_ps(lo8(a), lo8(b)), _mm256_max_ps(hi8(a), hi8(b))); }
 INLINE v16f vmin(v16f a, v16f b) { return cat8(_mm256_min_ps(lo8(a), lo8(b)), _mm256_min_ps(hi8(a), hi8(b))); }
-#elif defined(__SSE2__)
-/* x86-64 baseline (SSE2): four xmm quarters, for the same reason */
-typedef union { v16f v; __m128 q[4]; } vsplit;
+#else
 INLINE v16f ld(const float *p, lmask w)
 {
     if (w >= 16) return *(const v16f_u *)p;
@@ -159,6 +157,9 @@ INLINE void st(float *p, v16f v, lmask w)
     if (w >= 16) { *(v16f_u *)p = v; return; }
     for (long i = 0; i < w; i++) p[i] = v[i];
 }
+#if defined(__SSE2__)
+/* x86-64 baseline (SSE2): max/min on the four xmm quarters, for the same reason */
+typedef union { v16f v; __m128 q[4]; } vsplit;
 INLINE v16f vmax(v16f a, v16f b)
 {
     const vsplit x = {a}, y = {b};
@@ -175,21 +176,10 @@ INLINE v16f vmin(v16f a, v16f b)
 }
 #else
 /* other machines: GCC/Clang generic vectors */
-INLINE v16f ld(const float *p, lmask w)
-{
-    if (w >= 16) return *(const v16f_u *)p;
-    v16f v = (v16f){0};
-    for (long i = 0; i < w; i++) v[i] = p[i];
-    return v;
-}
-INLINE void st(float *p, v16f v, lmask w)
-{
-    if (w >= 16) { *(v16f_u *)p = v; return; }
-    for (long i = 0; i < w; i++) p[i] = v[i];
-}
 INLINE v16f vsel(v16i m, v16f a, v16f b) { return (v16f)((m & (v16i)a) | (~m & (v16i)b)); }
 INLINE v16f vmax(v16f a, v16f b) { return vsel(a > b, a, b); }
 INLINE v16f vmin(v16f a, v16f b) { return vsel(a < b, a, b); }
+#endif
 #endif
 #endif
 
