@@ -28,7 +28,7 @@ Parts (``--parts``, default all):
   :class:`indexer.search.Searcher`, text-mentioning and picture-only queries alternating;
   ``p50_ms`` of the whole search (both query encodings, the text tower's and the sentence
   model's, included), of each encoding alone, and of the search with the encodings handed in
-  (``without_encoding``: FAISS visual, FTS5, the semantic FAISS scan, fusion, hits; target: fused
+  (``without_encoding``: FAISS visual, FTS5, the semantic scan, fusion, hits; target: fused
   search p50 <= 15 ms), with each channel's lookup timed beside it (``lookup_p50_ms``; the rest is
   ``fusion_and_hits_p50_ms``) and the share of queries on which the semantic side ranked items.
 
@@ -442,7 +442,7 @@ def _scale_items(n: int, rng: np.random.Generator, sentences: SentenceEncoder) -
 
 def _stages(searcher: Searcher, text: str, vector: np.ndarray, meaning: np.ndarray) -> dict[str, float]:
     """Seconds of each channel's lookup of one query as :meth:`Searcher.search` makes it (the
-    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic FAISS scan."""
+    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic scan."""
     query = searcher.query(text)
     pool = max(FUSION_POOL, 10 * GROUP_POOL_FACTOR)
     version = searcher.version
@@ -498,7 +498,7 @@ def bench_scale(n: int, queries: int) -> dict:
                 hits = searcher.search(text, k=10)
                 full.append(time.perf_counter() - started)
                 # the same search with both encodings of the query handed back at once:
-                # FAISS visual, FTS5, the semantic FAISS scan, fusion, hits
+                # FAISS visual, FTS5, the semantic scan, fusion, hits
                 searcher.model.encode_texts = lambda texts, encoded=encoded, **_: encoded
                 searcher.sentence_vectors = lambda texts, meaning=meaning: meaning
                 started = time.perf_counter()
