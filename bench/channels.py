@@ -31,6 +31,11 @@ Parts (``--parts``, default all):
   (``without_encoding``: FAISS visual, FTS5, the semantic scan, fusion, hits; target: fused
   search p50 <= 15 ms), with each channel's lookup timed beside it (``lookup_p50_ms``; the rest is
   ``fusion_and_hits_p50_ms``) and the share of queries on which the semantic side ranked items.
+* ``scan``: ways to scan the semantic side's sentence vectors exactly for one query (``--items``
+  / 3 random unit vectors of 384 values, ``--queries`` queries, k = 100), alternating in rounds:
+  FAISS ``IndexFlatIP`` at its default threads and at one, numpy's BLAS ``matrix @ vector``, and
+  :meth:`indexer.channels.SemanticIndex.search` (what search runs, with its floor: a random query
+  reaches none, so the scan is its whole cost); ``p50_ms`` each.
 
 * ``speech``: espeak-ng speaks ``--sentences`` sentences (five templates over distinct nouns, five
   voices, 120-160 words a minute, white noise at 20 dB SNR on every third) with a second of
@@ -84,12 +89,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import faiss
 import numpy as np
 import torch
 
 from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
-from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, text_of
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, SemanticIndex, text_of
 from indexer.jobs import JobSpec, run_index_job
 from indexer.mapper import SENTENCE_BATCH
 from indexer.search import FUSION_POOL, GROUP_POOL_FACTOR, Searcher
@@ -529,6 +535,49 @@ def bench_scale(n: int, queries: int) -> dict:
             "target_p50_ms": 15, "threads": THREADS, "load_avg": _load(), "note": NOTE}
 
 
+def bench_scan(n: int, queries: int, k: int = 100, rounds: int = 3) -> dict:
+    """p50 and p90 milliseconds of one query's exact scan over ``n`` unit sentence vectors, each
+    way timed in turns over the same queries (``rounds`` times)."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((n, 384)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    asks = rng.standard_normal((queries, 384)).astype(np.float32)
+    asks /= np.linalg.norm(asks, axis=1, keepdims=True)
+    semantic = SemanticIndex({"id": i, "extra": {"text": {"vector": pack(row)}}} for i, row in enumerate(rows))
+    flat = faiss.IndexFlatIP(384)
+    flat.add(rows)
+    threads = faiss.omp_get_max_threads()
+
+    def faiss_one_thread(query: np.ndarray) -> object:
+        faiss.omp_set_num_threads(1)
+        try:
+            return flat.search(query.reshape(1, -1), k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def blas(query: np.ndarray) -> np.ndarray:
+        scores = rows @ query
+        top = np.argpartition(-scores, k)[:k]
+        return top[np.argsort(-scores[top])]
+
+    ways = {f"faiss_flat_{threads}_threads": lambda query: flat.search(query.reshape(1, -1), k),
+            "faiss_flat_1_thread": faiss_one_thread, "numpy_blas": blas,
+            "semantic_index (kept)": lambda query: semantic.search(query, k)}
+    took: dict[str, list[float]] = {name: [] for name in ways}
+    loads = [_load()]
+    for _ in range(rounds):
+        for name, way in ways.items():
+            for query in asks:
+                started = time.perf_counter()
+                way(query)
+                took[name].append(time.perf_counter() - started)
+        loads.append(_load())
+    return {"bench": "channels", "part": "scan", "vectors": n, "dim": 384, "queries": queries, "k": k,
+            "p50_ms": {name: round(1000 * float(np.quantile(v, 0.5)), 2) for name, v in took.items()},
+            "p90_ms": {name: round(1000 * float(np.quantile(v, 0.9)), 2) for name, v in took.items()},
+            "load_avg": {"min": min(loads), "max": max(loads)}, "note": NOTE}
+
+
 _NOUNS = ("bridge", "library", "umbrella", "passport", "garden", "museum", "engineer", "hospital", "teacher",
           "elephant", "computer", "telephone", "bicycle", "mountain", "kitchen", "airport", "restaurant", "captain",
           "window", "newspaper", "doctor", "river", "camera", "festival", "chocolate", "piano", "harbor", "village",
@@ -721,7 +770,7 @@ def _speech_rows(saved: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, speech, spoken "
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, scan, speech, spoken "
                         "(comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
@@ -736,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
     parser.add_argument("--clip-seconds", type=float, default=4.0, help="cost: length of each clip (4 s: two "
                         "frames read at the default sampling)")
-    parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
+    parser.add_argument("--items", type=int, default=100_000, help="scale, scan: index size (scan: a third "
+                        "of it, the items with text)")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--seed", type=int, default=0, help="spoken: the generated corpus's seed (0: the reported "
                         "split; tune on others)")
@@ -759,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
             results.add(bench_cost(args.clips, args.repeats, args.clip_seconds))
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
+        elif part == "scan":
+            results.add(bench_scan(math.ceil(args.items / 3), args.queries))
         elif part == "spoken":
             results.add(bench_spoken(args.model, args.corpus, args.clips, args.seed))
         elif part == "speech":
