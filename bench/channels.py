@@ -28,9 +28,14 @@ Parts (``--parts``, default all):
   :class:`indexer.search.Searcher`, text-mentioning and picture-only queries alternating;
   ``p50_ms`` of the whole search (both query encodings, the text tower's and the sentence
   model's, included), of each encoding alone, and of the search with the encodings handed in
-  (``without_encoding``: FAISS visual, FTS5, the semantic FAISS scan, fusion, hits; target: fused
+  (``without_encoding``: FAISS visual, FTS5, the semantic scan, fusion, hits; target: fused
   search p50 <= 15 ms), with each channel's lookup timed beside it (``lookup_p50_ms``; the rest is
   ``fusion_and_hits_p50_ms``) and the share of queries on which the semantic side ranked items.
+* ``scan``: ways to scan the semantic side's sentence vectors exactly for one query (``--items``
+  / 3 random unit vectors of 384 values, ``--queries`` queries, k = 100), alternating in rounds:
+  FAISS ``IndexFlatIP`` at its default threads and at one, numpy's BLAS ``matrix @ vector``, and
+  :meth:`indexer.channels.SemanticIndex.search` (what search runs, with its floor: a random query
+  reaches none, so the scan is its whole cost); ``p50_ms`` each.
 
 * ``speech``: espeak-ng speaks ``--sentences`` sentences (five templates over distinct nouns, five
   voices, 120-160 words a minute, white noise at 20 dB SNR on every third) with a second of
@@ -94,13 +99,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import faiss
 import numpy as np
 import torch
 
 from app.demo import STRIDE_S, WINDOW_S
 from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
-from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, text_of
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, SemanticIndex, text_of
 from indexer.jobs import JobSpec, run_index_job
 from indexer.mapper import SENTENCE_BATCH
 from indexer.plan import window_spans
@@ -566,7 +572,7 @@ def _scale_items(n: int, rng: np.random.Generator, sentences: SentenceEncoder) -
 
 def _stages(searcher: Searcher, text: str, vector: np.ndarray, meaning: np.ndarray) -> dict[str, float]:
     """Seconds of each channel's lookup of one query as :meth:`Searcher.search` makes it (the
-    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic FAISS scan."""
+    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic scan."""
     query = searcher.query(text)
     pool = max(FUSION_POOL, 10 * GROUP_POOL_FACTOR)
     version = searcher.version
@@ -622,7 +628,7 @@ def bench_scale(n: int, queries: int) -> dict:
                 hits = searcher.search(text, k=10)
                 full.append(time.perf_counter() - started)
                 # the same search with both encodings of the query handed back at once:
-                # FAISS visual, FTS5, the semantic FAISS scan, fusion, hits
+                # FAISS visual, FTS5, the semantic scan, fusion, hits
                 searcher.model.encode_texts = lambda texts, encoded=encoded, **_: encoded
                 searcher.sentence_vectors = lambda texts, meaning=meaning: meaning
                 started = time.perf_counter()
@@ -651,6 +657,49 @@ def bench_scale(n: int, queries: int) -> dict:
             "text_match_at_1": round(text_hits / mentioning, 3), "open_s": round(open_s, 1),
             "sentence_vectors_s": round(sentence_s, 1),
             "target_p50_ms": 15, "threads": THREADS, "load_avg": _load(), "note": NOTE}
+
+
+def bench_scan(n: int, queries: int, k: int = 100, rounds: int = 3) -> dict:
+    """p50 and p90 milliseconds of one query's exact scan over ``n`` unit sentence vectors, each
+    way timed in turns over the same queries (``rounds`` times)."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((n, 384)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    asks = rng.standard_normal((queries, 384)).astype(np.float32)
+    asks /= np.linalg.norm(asks, axis=1, keepdims=True)
+    semantic = SemanticIndex({"id": i, "extra": {"text": {"vector": pack(row)}}} for i, row in enumerate(rows))
+    flat = faiss.IndexFlatIP(384)
+    flat.add(rows)
+    threads = faiss.omp_get_max_threads()
+
+    def faiss_one_thread(query: np.ndarray) -> object:
+        faiss.omp_set_num_threads(1)
+        try:
+            return flat.search(query.reshape(1, -1), k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def blas(query: np.ndarray) -> np.ndarray:
+        scores = rows @ query
+        top = np.argpartition(-scores, k)[:k]
+        return top[np.argsort(-scores[top])]
+
+    ways = {f"faiss_flat_{threads}_threads": lambda query: flat.search(query.reshape(1, -1), k),
+            "faiss_flat_1_thread": faiss_one_thread, "numpy_blas": blas,
+            "semantic_index (kept)": lambda query: semantic.search(query, k)}
+    took: dict[str, list[float]] = {name: [] for name in ways}
+    loads = [_load()]
+    for _ in range(rounds):
+        for name, way in ways.items():
+            for query in asks:
+                started = time.perf_counter()
+                way(query)
+                took[name].append(time.perf_counter() - started)
+        loads.append(_load())
+    return {"bench": "channels", "part": "scan", "vectors": n, "dim": 384, "queries": queries, "k": k,
+            "p50_ms": {name: round(1000 * float(np.quantile(v, 0.5)), 2) for name, v in took.items()},
+            "p90_ms": {name: round(1000 * float(np.quantile(v, 0.9)), 2) for name, v in took.items()},
+            "load_avg": {"min": min(loads), "max": max(loads)}, "note": NOTE}
 
 
 _NOUNS = ("bridge", "library", "umbrella", "passport", "garden", "museum", "engineer", "hospital", "teacher",
@@ -845,7 +894,8 @@ def _speech_rows(saved: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, speech, spoken, speech_cost "
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, scan, speech, spoken, "
+                        "speech_cost "
                         "(comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
@@ -864,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
                         "in each long video")
     parser.add_argument("--spoken-share", type=float, default=0.5, help="speech_cost: share of the clips with a "
                         "sentence said over them (the others are silent)")
-    parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
+    parser.add_argument("--items", type=int, default=100_000, help="scale, scan: index size (scan: a third "
+                        "of it, the items with text)")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--seed", type=int, default=0, help="spoken: the generated corpus's seed (0: the reported "
                         "split; tune on others)")
@@ -890,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
         elif part == "speech_cost":
             results.add(bench_speech_cost(args.clips, args.repeats, args.clip_seconds, args.per_video,
                                           args.spoken_share))
+        elif part == "scan":
+            results.add(bench_scan(math.ceil(args.items / 3), args.queries))
         elif part == "spoken":
             results.add(bench_spoken(args.model, args.corpus, args.clips, args.seed))
         elif part == "speech":
