@@ -92,6 +92,11 @@ MIN_WORD_PHONES = 3
 #: differ from the best one): a misrecognised word is often right in one of them. Chosen on a
 #: tuning set of espeak-ng sentences apart from the reported ones (bench/channels.py).
 ALTERNATIVES = 10
+#: A query word aligning in an alternative hypothesis counts this share of the same alignment in
+#: the best one: the recogniser ranked it below, so where both hold a near match the best
+#: hypothesis's wins. Chosen on spoken corpora of other seeds than the reported one and the
+#: espeak-ng tuning sentences (bench/channels.py; docs/speech.md).
+ALTERNATIVE_WEIGHT = 0.95
 #: The word recogniser's search, narrower than PocketSphinx's defaults: at most 5000 active HMMs
 #: a frame (not 30000) costs 0.79x the recognition time at one tuning-set sentence's loss of R@1;
 #: narrower beams, topn 2 or no fwdflat pass cost more (bench/channels.py, docs/performance.md).
@@ -701,29 +706,37 @@ class _PhoneTrack:
     """Every item's phones in one flat array (items apart by a separator), each phone with its
     item, and its time span in the video."""
 
-    def __init__(self, sequences: Sequence[tuple[int, Sequence[tuple[str, float, float]]]]) -> None:
+    def __init__(self, sequences: Sequence[tuple[int, Sequence[tuple[str, float, float]]]],
+                 weights: Sequence[float] | None = None) -> None:
         phones: list[int] = []
         owner: list[int] = []
         times: list[tuple[float, float]] = []
-        for position, sequence in sequences:
+        weight: list[float] = []
+        for number, (position, sequence) in enumerate(sequences):
+            worth = 1.0 if weights is None else float(weights[number])
             for phone, start, end in sequence:
                 phones.append(_PHONE_ID[phone])
                 owner.append(position)
                 times.append((start, end))
+                weight.append(worth)
             phones.append(len(PHONES))
             owner.append(-1)
             times.append((0.0, 0.0))
+            weight.append(0.0)
         self.phones = np.asarray(phones, np.int64)
         self.owner = np.asarray(owner, np.int64)
         self.times = np.asarray(times, np.float64).reshape(-1, 2)
+        # what an alignment ending in each sequence counts (an alternative hypothesis: less)
+        self.weight = np.asarray(weight, np.float64)
         # a big offset per item keeps the running maximum of one item from reaching the next
         self.fence = np.cumsum(self.owner < 0).astype(np.float64) * 1e6
         self.positions = np.arange(self.phones.size, dtype=np.float64) * _GAP
 
     def align(self, query: Sequence[int], items: int) -> tuple[np.ndarray, np.ndarray]:
         """Per item, the best local alignment score of the ``query`` phones, normalised so that
-        1.0 means every phone matched in order (Smith-Waterman, all items at once), and the flat
-        position where that best alignment ends (-1: the item has no phones here)."""
+        1.0 means every phone matched in order (Smith-Waterman, all items at once) and times the
+        weight of the sequence it ends in, and the flat position where that best alignment ends
+        (-1: the item has no phones here)."""
         table = _scores()
         best = np.zeros(self.phones.size)
         previous = np.zeros(self.phones.size)
@@ -736,7 +749,7 @@ class _PhoneTrack:
             current[self.owner < 0] = 0.0
             best = np.maximum(best, current)
             previous = current
-        best /= _MATCH * max(1, len(query))
+        best *= self.weight / (_MATCH * max(1, len(query)))
         per_item = np.zeros(items)
         ends = np.full(items, -1)
         inside = np.flatnonzero(self.owner >= 0)
@@ -764,6 +777,7 @@ class SpeechIndex:
         self._words: dict[int, list[dict[str, Any]]] = {}
         self._ids: list[int] = []
         from_words: list[tuple[int, list[tuple[str, float, float]]]] = []
+        word_weights: list[float] = []
         from_phones: list[tuple[int, list[tuple[str, float, float]]]] = []
         for item in items:
             words, phones = item_words(item), item_words(item, "phones")
@@ -773,15 +787,18 @@ class SpeechIndex:
             self._ids.append(int(item["id"]))
             self._words[int(item["id"])] = words
             # the best words, then each run where a next-best hypothesis differs: one sequence each
-            for run in [words, *item_words(item, "alternatives")]:
+            for number, run in enumerate([words, *item_words(item, "alternatives")]):
                 from_words.append((position, [(phone, float(w["start"]), float(w["end"]))
                                               for w in run for phone in self._pronouncer.phones(w["word"])]))
+                word_weights.append(ALTERNATIVE_WEIGHT if number else 1.0)
             from_phones.append((position, [(p["word"], float(p["start"]), float(p["end"])) for p in phones]))
-        chosen = ([from_words] if source in ("words", "both") else []) + ([from_phones] if source != "words" else [])
-        self._tracks = [_PhoneTrack(sequences) for sequences in chosen]
+        chosen = ([(from_words, word_weights)] if source in ("words", "both") else []) + (
+            [(from_phones, None)] if source != "words" else [])
+        self._tracks = [_PhoneTrack(sequences, weights) for sequences, weights in chosen]
         # the same phones in reverse order: as many phones of the same kinds, none of the words, so
         # how well a query aligns there is how well it aligns with this item by chance
-        self._chance = [_PhoneTrack([(n, sequence[::-1]) for n, sequence in sequences]) for sequences in chosen]
+        self._chance = [_PhoneTrack([(n, sequence[::-1]) for n, sequence in sequences], weights)
+                        for sequences, weights in chosen]
 
     def __len__(self) -> int:
         """Items that carry any recognised speech."""

@@ -34,6 +34,7 @@ from retrieval.data import synthetic
 from retrieval.data.spoken import speak
 from retrieval.data.synthetic import generate_corpus, plan_corpus
 from retrieval.speech import (
+    ALTERNATIVE_WEIGHT,
     MAX_UTTERANCE_S,
     MIN_SCORE,
     SAID_MIN_SCORE,
@@ -245,6 +246,27 @@ def test_an_alternative_hypothesis_finds_a_word_the_best_one_missed() -> None:
     assert match.start >= best[1].start and match.end <= best[-1].end + 1e-9
     # matching over the phone loop alone ignores the words and their alternatives
     assert SpeechIndex(items, source="phones").search(query) == []
+
+
+def test_an_alternative_counts_less_than_the_best_hypothesis() -> None:
+    heard = _item(0, "the bridge is closed")
+    below = _item(1, "the ridge oh today")
+    best = [SpokenWord(**w) for w in below["extra"]["speech"]["words"]]
+    below["extra"]["speech"]["alternatives"] = [
+        [w.to_dict() for w in run] for run in differences(best, ["the", "bridge", "is", "closed", "today"])]
+    others = [_item(n, words) for n, words in enumerate(("we found a bottle near the station",
+                                                         "please bring the ticket to the office"), start=2)]
+    index = SpeechIndex([heard, below, *others], source="words")
+    query = "a voice says the bridge is closed"
+    scores = {item: score for item, score, _, _ in index.scores(query)}
+    assert scores[0] == pytest.approx(1.0), "every phone of both words in the best hypothesis"
+    assert scores[1] == pytest.approx(ALTERNATIVE_WEIGHT), "the same words, only in an alternative"
+    assert [item for item, _ in index.search(query)] == [0, 1]
+    # the alternative's "bridge" still beats the best words' poorer "ridge" in the same item
+    bridge = {item: score for item, score, _, _ in index.scores(["bridge"])}
+    plain = {item: score for item, score, _, _ in SpeechIndex([_item(1, "the ridge oh today"), *others]).scores(["bridge"])}
+    assert plain[1] < bridge[1] == pytest.approx(ALTERNATIVE_WEIGHT)
+    assert index.match(1, query).start >= best[0].start
 
 
 def test_decodes_any_layout_and_rate_to_16k_mono(tmp_path: Path) -> None:
