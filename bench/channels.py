@@ -28,9 +28,14 @@ Parts (``--parts``, default all):
   :class:`indexer.search.Searcher`, text-mentioning and picture-only queries alternating;
   ``p50_ms`` of the whole search (both query encodings, the text tower's and the sentence
   model's, included), of each encoding alone, and of the search with the encodings handed in
-  (``without_encoding``: FAISS visual, FTS5, the semantic FAISS scan, fusion, hits; target: fused
+  (``without_encoding``: FAISS visual, FTS5, the semantic scan, fusion, hits; target: fused
   search p50 <= 15 ms), with each channel's lookup timed beside it (``lookup_p50_ms``; the rest is
   ``fusion_and_hits_p50_ms``) and the share of queries on which the semantic side ranked items.
+* ``scan``: ways to scan the semantic side's sentence vectors exactly for one query (``--items``
+  / 3 random unit vectors of 384 values, ``--queries`` queries, k = 100), alternating in rounds:
+  FAISS ``IndexFlatIP`` at its default threads and at one, numpy's BLAS ``matrix @ vector``, and
+  :meth:`indexer.channels.SemanticIndex.search` (what search runs, with its floor: a random query
+  reaches none, so the scan is its whole cost); ``p50_ms`` each.
 
 * ``speech``: espeak-ng speaks ``--sentences`` sentences (five templates over distinct nouns, five
   voices, 120-160 words a minute, white noise at 20 dB SNR on every third) with a second of
@@ -53,6 +58,15 @@ Parts (``--parts``, default all):
   ranks every caption (:mod:`indexer.channel_eval`): t2v R@1 of the speech channel alone and
   fused vs visual-only on speech-mentioning queries (target: fused >= visual + 20 points) and on
   picture-only ones (target within 1 point), and the recogniser's ``wer`` on the split.
+* ``speech_cost``: what the speech channel costs to index, as the demo indexes long videos:
+  ``--clips`` test clips of ``--clip-seconds`` (40 % written, ``--spoken-share`` spoken, the rest
+  silent) played back to back, ``--per-video`` a video, in windows of 4 s every 2 s; the demo's
+  encoder and VideoMamba-Ti (8 x 224 px), random weights, each indexing visual-only, visual+text and
+  visual+text+speech alternately in one process: seconds per hour of video and ``cost_ratio``
+  against visual-only (target with text and speech <= 2). Then the speech reading of the same
+  windows alone, four ways (each window recognised alone, as before, or the file's chunks shared;
+  with and without the energy gate): CPU seconds per hour of video, what each saves, and speech
+  R@1 of the sentences among the windows (``speech_reading``).
 
 Prints one JSON object per part and writes them (with the run's environment,
 :class:`bench.record.Recorder`) to ``bench/results/channels.jsonl``.
@@ -62,6 +76,7 @@ The machine these numbers come from is shared with other work: the JSON says so 
     python bench/channels.py --parts speech --append
     python bench/channels.py --parts fusion --model runs/demo/train/model --corpus runs/written
     python bench/channels.py --parts spoken --clips 40 --append
+    python bench/channels.py --parts speech_cost --clips 24 --repeats 2 --append
 """
 
 from __future__ import annotations
@@ -84,19 +99,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+import faiss
 import numpy as np
 import torch
 
+from app.demo import STRIDE_S, WINDOW_S
 from bench.record import Recorder, add_output_argument
 from indexer.channel_eval import channel_ranks, evaluate_channels
-from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, text_of
+from indexer.channels import SEMANTIC_FLOOR, SEMANTIC_MARGIN, SemanticIndex, text_of
 from indexer.jobs import JobSpec, run_index_job
 from indexer.mapper import SENTENCE_BATCH
+from indexer.plan import window_spans
 from indexer.search import FUSION_POOL, GROUP_POOL_FACTOR, Searcher
 from indexer.store import open_index, write_index
 from retrieval.atomic import atomic_write_text
 from retrieval.data.corpora import Corpus, load_corpus
-from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job
+from retrieval.data.spoken import espeak_available, speak
+from retrieval.data.synthetic import generate_corpus, plan_corpus, render_job, write_mp4
+from retrieval.data.video import video_duration
 from retrieval.data.written import plan_writing
 from retrieval.eval.metrics import rank_metrics
 from retrieval.models.model_dir import model_identity
@@ -109,10 +129,13 @@ from retrieval.speech import (
     MATCH_SOURCES,
     SAMPLE_RATE,
     SpeechIndex,
+    SpeechReader,
     SpeechRecognizer,
     SpokenWord,
     alternative_runs,
+    decode_audio,
     read_speech,
+    recognise_samples,
     word_error_rate,
 )
 
@@ -418,6 +441,113 @@ def bench_spoken(model: Path | None, corpus: Path | None, clips: int, seed: int 
             "load_avg": _load(), "note": NOTE}
 
 
+def _long_spoken_corpus(out: Path, clips: int, clip_s: float, per_video: int, spoken_share: float,
+                        written_share: float, fps: int = 8, size: int = 128) -> tuple[float, list[dict]]:
+    """Long videos made of the synthetic corpus's test clips (``clips`` of ``clip_s`` seconds,
+    with its written and spoken layers) played back to back, ``per_video`` a video, each clip's
+    audio its spoken sentence or silence; an annotation ``long.json`` lists the whole videos (to be
+    windowed). Returns the seconds of video and, per video, when each sentence starts and its text."""
+    if not espeak_available():
+        raise SystemExit("the speech cost needs espeak-ng (make espeak)")
+    plan = plan_corpus(n_train=1, n_test=clips, seed=0, long_videos=0, written_share=written_share,
+                       spoken_share=spoken_share, num_frames=round(clip_s * fps), fps=fps)
+    jobs = [job for job in plan.jobs if job.video.startswith("test/")]
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    entries, said = [], []
+    for first in range(0, len(jobs), per_video):
+        group = jobs[first : first + per_video]
+        frames = np.concatenate([render_job(job, size) for job in group])
+        audio = np.concatenate([speak(job.scenes[0].speech, clip_s) if job.scenes[0].speech is not None
+                                else np.zeros(round(clip_s * SAMPLE_RATE), np.int16) for job in group])
+        name = f"long{first // per_video:03d}.mp4"
+        write_mp4(out / "videos" / name, frames, fps, audio)
+        entries.append({"video": name, "caption": [entry["caption"] for entry in plan.test[first : first + per_video]]})
+        said.append({"video": name, "sentences": [(n * clip_s + job.scenes[0].speech.start, job.scenes[0].speech.text)
+                                                  for n, job in enumerate(group) if job.scenes[0].speech is not None]})
+    atomic_write_text(out / "long.json", json.dumps(entries))
+    return len(jobs) * round(clip_s * fps) / fps, said
+
+
+def _speech_ways(videos: Path, said: list[dict], seconds: float) -> dict:
+    """The speech channel's reading of the demo's windows of the long videos, four ways, in turn
+    in this process: each window recognised alone (as before) or the file's chunks shared by its
+    windows, each with and without the energy gate. Per way: recognition seconds per hour of
+    video and speech R@1 of every sentence quoted ("a voice says ...") among all windows (right:
+    the first window holds the sentence's first second)."""
+    recognizer = SpeechRecognizer()
+    windows = [(entry["video"], start, end) for entry in said
+               for start, end in window_spans(video_duration(videos / entry["video"]), WINDOW_S, STRIDE_S)]
+    readers = {"windows_alone": None, "windows_alone_gated": None,
+               "shared_chunks": SpeechReader(recognizer, gate=False), "shared_chunks_gated": SpeechReader(recognizer)}
+    out: dict[str, dict] = {}
+    for way, reader in readers.items():
+        started = time.process_time()
+        items = []
+        for number, (video, start, end) in enumerate(windows):
+            path = videos / video
+            if reader is not None:
+                speech = reader.read(path, start, end)
+            elif way == "windows_alone_gated":
+                speech = read_speech(recognizer, path, start, end)
+            else:  # the channel before: the window's audio recognised whole
+                samples = decode_audio(path, start, end)
+                speech = recognise_samples(recognizer, samples, start)
+            items.append({"id": number, "extra": {"speech": speech}})
+        cpu_s = time.process_time() - started
+        index = SpeechIndex(items)
+        right = []
+        for entry in said:
+            for said_at, text in entry["sentences"]:
+                found = index.search(f"a voice says {text}", k=1)
+                top = windows[found[0][0]] if found else None
+                right.append(top is not None and top[0] == entry["video"] and top[1] <= said_at + 1.0 < top[2])
+        out[way] = {"cpu_s_per_hour": round(cpu_s * 3600 / seconds, 1), "R@1_sentences": round(float(np.mean(right)), 3),
+                    **({"counts": {k: round(v, 1) for k, v in reader.counts.items()}} if reader is not None else {})}
+    before = out["windows_alone"]["cpu_s_per_hour"]
+    return {"windows": len(windows), "sentences": sum(len(entry["sentences"]) for entry in said), "ways": out,
+            "saved_vs_windows_alone": {way: round(1 - row["cpu_s_per_hour"] / before, 3) for way, row in out.items()}}
+
+
+def bench_speech_cost(clips: int, repeats: int, clip_s: float, per_video: int, spoken_share: float) -> dict:
+    """What indexing with the text and speech channels costs against visual-only, per hour of
+    video, for the demo's encoder and VideoMamba-Ti: long videos of the corpus's test clips with
+    both layers (:func:`_long_spoken_corpus`), indexed as the demo indexes long videos (windows of
+    ``WINDOW_S`` every ``STRIDE_S`` seconds), each encoder indexing visual-only, visual+text and
+    visual+text+speech alternately in this process; then the speech reading alone, four ways
+    (:func:`_speech_ways`)."""
+    with tempfile.TemporaryDirectory(prefix="vtr-bench-speech-cost-") as scratch:
+        corpus = Path(scratch) / "corpus"
+        seconds, said = _long_spoken_corpus(corpus, clips, clip_s, per_video, spoken_share, written_share=0.4)
+        models = {name: build_retrieval_model(arch, embed_dim=dim, num_fusion_layers=2, text_pooling="mean")
+                  .save(Path(scratch) / name) for name, (arch, dim) in COST_ENCODERS.items()}
+        ways = (("visual",), ("visual", "text"), ("visual", "text", "speech"))
+        runs: dict[str, dict[str, list[float]]] = {name: {"+".join(w): [] for w in ways} for name in models}
+        loads = [_load()]
+        for _ in range(repeats):
+            for name, model in models.items():
+                for channels in ways:
+                    spec = JobSpec(model_dir=model, out=Path(scratch) / "index", videos=corpus / "videos",
+                                   ann_file=corpus / "long.json", window=WINDOW_S, stride=STRIDE_S, channels=channels)
+                    embed_s = run_index_job(spec, workers=1, progress=False, overwrite=True).embed_seconds
+                    runs[name]["+".join(channels)].append(embed_s * 3600 / seconds)
+                    loads.append(_load())
+        speech = _speech_ways(corpus / "videos", said, seconds)
+        loads.append(_load())
+    per_hour = {name: {way: [round(v, 1) for v in values] for way, values in by.items()} for name, by in runs.items()}
+    ratios = {name: {way: round(statistics.median(values) / statistics.median(by["visual"]), 2)
+                     for way, values in by.items() if way != "visual"} for name, by in runs.items()}
+    # pairwise: each run over the visual-only run just before it (same load, nearly)
+    pairs = {name: {way: [round(v / b, 2) for b, v in zip(by["visual"], values, strict=True)]
+                    for way, values in by.items() if way != "visual"} for name, by in runs.items()}
+    return {"bench": "channels", "part": "speech_cost", "clips": clips, "clip_s": clip_s, "per_video": per_video,
+            "video_s": seconds, "spoken_share": spoken_share, "written_share": 0.4,
+            "windows": f"{WINDOW_S:g} s every {STRIDE_S:g} s (the demo's)", "frame_px": 128,
+            "encoders": {name: arch for name, (arch, _) in COST_ENCODERS.items()},
+            "index_s_per_hour": per_hour, "cost_ratio": ratios, "cost_ratio_pairs": pairs, "speech_reading": speech,
+            "target_cost_ratio": 2.0, "threads": THREADS, "load_avg": {"min": min(loads), "max": max(loads)},
+            "note": NOTE}
+
+
 def _scale_items(n: int, rng: np.random.Generator, sentences: SentenceEncoder) -> tuple[list[dict], list[str]]:
     """``n`` items, a third with one or two lines of on-screen text and that text's sentence
     vector (the sentence model's, :data:`indexer.mapper.SENTENCE_BATCH` texts at a time, as the
@@ -442,7 +572,7 @@ def _scale_items(n: int, rng: np.random.Generator, sentences: SentenceEncoder) -
 
 def _stages(searcher: Searcher, text: str, vector: np.ndarray, meaning: np.ndarray) -> dict[str, float]:
     """Seconds of each channel's lookup of one query as :meth:`Searcher.search` makes it (the
-    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic FAISS scan."""
+    same pool, its encodings given): FAISS over the clip vectors, FTS5, the semantic scan."""
     query = searcher.query(text)
     pool = max(FUSION_POOL, 10 * GROUP_POOL_FACTOR)
     version = searcher.version
@@ -498,7 +628,7 @@ def bench_scale(n: int, queries: int) -> dict:
                 hits = searcher.search(text, k=10)
                 full.append(time.perf_counter() - started)
                 # the same search with both encodings of the query handed back at once:
-                # FAISS visual, FTS5, the semantic FAISS scan, fusion, hits
+                # FAISS visual, FTS5, the semantic scan, fusion, hits
                 searcher.model.encode_texts = lambda texts, encoded=encoded, **_: encoded
                 searcher.sentence_vectors = lambda texts, meaning=meaning: meaning
                 started = time.perf_counter()
@@ -527,6 +657,49 @@ def bench_scale(n: int, queries: int) -> dict:
             "text_match_at_1": round(text_hits / mentioning, 3), "open_s": round(open_s, 1),
             "sentence_vectors_s": round(sentence_s, 1),
             "target_p50_ms": 15, "threads": THREADS, "load_avg": _load(), "note": NOTE}
+
+
+def bench_scan(n: int, queries: int, k: int = 100, rounds: int = 3) -> dict:
+    """p50 and p90 milliseconds of one query's exact scan over ``n`` unit sentence vectors, each
+    way timed in turns over the same queries (``rounds`` times)."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((n, 384)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    asks = rng.standard_normal((queries, 384)).astype(np.float32)
+    asks /= np.linalg.norm(asks, axis=1, keepdims=True)
+    semantic = SemanticIndex({"id": i, "extra": {"text": {"vector": pack(row)}}} for i, row in enumerate(rows))
+    flat = faiss.IndexFlatIP(384)
+    flat.add(rows)
+    threads = faiss.omp_get_max_threads()
+
+    def faiss_one_thread(query: np.ndarray) -> object:
+        faiss.omp_set_num_threads(1)
+        try:
+            return flat.search(query.reshape(1, -1), k)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def blas(query: np.ndarray) -> np.ndarray:
+        scores = rows @ query
+        top = np.argpartition(-scores, k)[:k]
+        return top[np.argsort(-scores[top])]
+
+    ways = {f"faiss_flat_{threads}_threads": lambda query: flat.search(query.reshape(1, -1), k),
+            "faiss_flat_1_thread": faiss_one_thread, "numpy_blas": blas,
+            "semantic_index (kept)": lambda query: semantic.search(query, k)}
+    took: dict[str, list[float]] = {name: [] for name in ways}
+    loads = [_load()]
+    for _ in range(rounds):
+        for name, way in ways.items():
+            for query in asks:
+                started = time.perf_counter()
+                way(query)
+                took[name].append(time.perf_counter() - started)
+        loads.append(_load())
+    return {"bench": "channels", "part": "scan", "vectors": n, "dim": 384, "queries": queries, "k": k,
+            "p50_ms": {name: round(1000 * float(np.quantile(v, 0.5)), 2) for name, v in took.items()},
+            "p90_ms": {name: round(1000 * float(np.quantile(v, 0.9)), 2) for name, v in took.items()},
+            "load_avg": {"min": min(loads), "max": max(loads)}, "note": NOTE}
 
 
 _NOUNS = ("bridge", "library", "umbrella", "passport", "garden", "museum", "engineer", "hospital", "teacher",
@@ -721,7 +894,8 @@ def _speech_rows(saved: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, speech, spoken "
+    parser.add_argument("--parts", default="ocr,scale", help="ocr, cost, fusion, scale, scan, speech, spoken, "
+                        "speech_cost "
                         "(comma-separated)")
     parser.add_argument("--clips", type=int, default=40, help="ocr: rendered clips; fusion: test clips when no "
                         "--corpus is given")
@@ -736,7 +910,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="fusion: indexing runs per channel set")
     parser.add_argument("--clip-seconds", type=float, default=4.0, help="cost: length of each clip (4 s: two "
                         "frames read at the default sampling)")
-    parser.add_argument("--items", type=int, default=100_000, help="scale: index size")
+    parser.add_argument("--per-video", type=int, default=6, help="speech_cost: test clips played back to back "
+                        "in each long video")
+    parser.add_argument("--spoken-share", type=float, default=0.5, help="speech_cost: share of the clips with a "
+                        "sentence said over them (the others are silent)")
+    parser.add_argument("--items", type=int, default=100_000, help="scale, scan: index size (scan: a third "
+                        "of it, the items with text)")
     parser.add_argument("--queries", type=int, default=200, help="scale: timed queries")
     parser.add_argument("--seed", type=int, default=0, help="spoken: the generated corpus's seed (0: the reported "
                         "split; tune on others)")
@@ -759,6 +938,11 @@ def main(argv: list[str] | None = None) -> int:
             results.add(bench_cost(args.clips, args.repeats, args.clip_seconds))
         elif part == "scale":
             results.add(bench_scale(args.items, args.queries))
+        elif part == "speech_cost":
+            results.add(bench_speech_cost(args.clips, args.repeats, args.clip_seconds, args.per_video,
+                                          args.spoken_share))
+        elif part == "scan":
+            results.add(bench_scan(math.ceil(args.items / 3), args.queries))
         elif part == "spoken":
             results.add(bench_spoken(args.model, args.corpus, args.clips, args.seed))
         elif part == "speech":

@@ -19,7 +19,8 @@ index.
 
 Semantic search (:class:`SemanticIndex`) finds text the query does not quote word for word: each
 item's on-screen text has a sentence vector (:mod:`retrieval.sentence`, all-MiniLM-L6-v2, stored in
-the item record at index time), searched by cosine in FAISS. It ranks as its own channel,
+the item record at index time), searched by an exact cosine scan on the calling thread (see
+:meth:`SemanticIndex.search`). It ranks as its own channel,
 ``semantic``, under the same rule as the lexical one: only items above a calibrated cosine
 (:data:`SEMANTIC_FLOOR`) and near the query's best (:data:`SEMANTIC_MARGIN`) rank; otherwise it
 abstains.
@@ -41,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from retrieval.asr import asr_of
@@ -276,7 +276,14 @@ class TextIndex:
 
 
 class SemanticIndex:
-    """Cosine search over the sentence vectors of the items' on-screen text (FAISS, exact).
+    """Cosine search over the sentence vectors of the items' on-screen text (exact).
+
+    The scan is one matrix-vector product over every item's vector (``einsum``: numpy's own loop,
+    on the calling thread). A multi-threaded scan (FAISS's ``IndexFlatIP`` with its OpenMP
+    threads, or a threaded BLAS) was several times slower for one query vector on a busy machine:
+    its threads wait at their barriers (bench/channels.py ``--parts scale``). Being single-threaded
+    and free of process-wide thread settings, concurrent searches (the page's workers) do not
+    disturb each other.
 
     Args:
         items: the index's item records; those whose ``extra["text"]`` holds a ``vector``
@@ -291,28 +298,36 @@ class SemanticIndex:
                 ids.append(int(item["id"]))
                 rows.append(unpack(packed))
         self._ids = np.asarray(ids, np.int64)
-        self._index = None
-        if rows:
-            self._index = faiss.IndexFlatIP(len(rows[0]))
-            self._index.add(np.stack(rows).astype(np.float32))
+        self._vectors = np.ascontiguousarray(np.stack(rows), np.float32) if rows else None
 
     def __len__(self) -> int:
         """Items with a sentence vector."""
         return len(self._ids)
 
+    def cosines(self, vector: np.ndarray) -> np.ndarray:
+        """The query's cosine to every item's text (``[len(self)]``, in item order; the vectors are
+        unit length)."""
+        if self._vectors is None:
+            return np.zeros(0, np.float32)
+        query = np.asarray(vector, np.float32).reshape(-1)
+        if query.shape[0] != self._vectors.shape[1]:
+            raise ValueError(f"a sentence vector of {query.shape[0]} values for an index of {self._vectors.shape[1]}")
+        return np.einsum("ij,j->i", self._vectors, query)
+
     def search(self, vector: np.ndarray, k: int, floor: float = SEMANTIC_FLOOR,
                margin: float = SEMANTIC_MARGIN) -> list[tuple[int, float]]:
-        """Items whose text is near the query's sentence ``vector`` (``[dim]``), best first, as
-        ``(item id, cosine)``: at least ``floor``, and within ``margin`` of the best. ``[]``: the
-        channel abstains."""
-        if self._index is None:
+        """Items whose text is near the query's sentence ``vector`` (``[dim]``), best first (ties in
+        item order), as ``(item id, cosine)``: at most ``k``, at least ``floor``, and within
+        ``margin`` of the best. ``[]``: the channel abstains."""
+        scores = self.cosines(vector)
+        if scores.size == 0 or k <= 0:
             return []
-        scores, rows = self._index.search(np.asarray(vector, np.float32).reshape(1, -1), min(k, len(self._ids)))
-        found = [(int(self._ids[row]), float(score)) for score, row in zip(scores[0], rows[0], strict=True)
-                 if row >= 0]
-        if not found or found[0][1] < floor:
+        best = float(scores.max())
+        if not best >= floor:  # NaN abstains too
             return []
-        return [(item, score) for item, score in found if score >= max(floor, found[0][1] - margin)]
+        near = np.flatnonzero(scores >= max(floor, best - margin))
+        order = near[np.argsort(-scores[near], kind="stable")][:k]
+        return [(int(self._ids[row]), float(scores[row])) for row in order]
 
 
 def _phrase(term: str) -> str:

@@ -27,7 +27,7 @@ from retrieval.models.device import model_autocast, model_device
 from retrieval.models.model_dir import load_model
 from retrieval.ocr import DEFAULT_EVERY_S, OcrReader, read_span
 from retrieval.sentence import SentenceEncoder, pack
-from retrieval.speech import read_speech
+from retrieval.speech import SpeechReader
 
 #: How many zero-shot action labels are stored per item.
 TOP_LABELS = 5
@@ -81,6 +81,8 @@ class ChannelMapper:
         self.text_every_s = text_every_s
         self.reader = OcrReader(ocr_dir) if "text" in channels else None
         self.recognizer: Recognizer | None = load_recognizer(asr, device=device) if "speech" in channels else None
+        # overlapping windows of one file share its recognition: each stretch of audio is heard once
+        self.speech = SpeechReader(self.recognizer) if self.recognizer is not None else None
         self.sentences: SentenceEncoder | None = None
 
     @property
@@ -111,8 +113,8 @@ class ChannelMapper:
         path = self.root / item.video
         if self.reader is not None:
             records["text"] = read_span(self.reader, path, item.start, item.end, self.text_every_s)
-        if self.recognizer is not None:
-            records["speech"] = read_speech(self.recognizer, path, item.start, item.end)
+        if self.speech is not None:
+            records["speech"] = self.speech.read(path, item.start, item.end)
         return records
 
     def finish(self, records: Sequence[dict[str, Any]]) -> None:

@@ -567,9 +567,19 @@ class Searcher:
             scores["speech"] = dict(found_speech)
         if "visual" in rankings and not any(rankings[name] for name in rankings if name != "visual"):
             return self._lookup(vector, k, group, where, reader)  # every other channel abstained: the visual search as is
-        hits = []
+        hits, videos = [], set()
         for item_id, fused, ranks in fuse(rankings, weights):
-            item = reader.items[item_id]
+            if not group and len(hits) == k:
+                break
+            hit = self._hit(reader.items[item_id], fused)
+            if group and hit.path not in videos:
+                if len(videos) == k:  # a video past the k best: grouping would drop it
+                    continue
+                videos.add(hit.path)
+            elif group:  # a further moment of a video already held: it keeps its place and score only
+                hits.append(hit)
+                continue
+            # a hit shown: its per-channel ranks and scores, and the words each channel matched
             per_channel = {name: {"rank": rank, "score": scores[name][item_id]} for name, rank in ranks.items()}
             if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
                 cosine = float(np.asarray(reader.vectors[item_id], np.float32) @ vector[0])
@@ -579,10 +589,9 @@ class Searcher:
                 # the line holding the query's words, else (a semantic match alone) the item's first line
                 match = text_index.match(item_id, query.written) or text_index.first_line(item_id)
             spoken = speech_index.match(item_id, query.spoken) if "speech" in ranks and speech_index else None
-            hits.append(replace(self._hit(item, fused), channels=per_channel,
-                                text=None if match is None else asdict(match),
+            hits.append(replace(hit, channels=per_channel, text=None if match is None else asdict(match),
                                 speech=None if spoken is None else spoken.to_dict()))
-        return group_hits(hits, k) if group else hits[:k]
+        return group_hits(hits, k) if group else hits
 
     @torch.inference_mode()
     def search_video(

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.data.video import VideoReadError, read_frames, video_duration
+from retrieval.data.video import VideoReadError, file_key, read_frames, video_duration
 from retrieval.models.model_dir import weights_hash
 
 logger = logging.getLogger(__name__)
@@ -356,14 +356,6 @@ def _read_frame(reader: OcrReader, frame: np.ndarray, last: _Reading | None) -> 
     return _Reading(fitted, thumb, boxes, results, reader.lines(boxes, results, scale))
 
 
-def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return (str(path), -1, -1)
-    return (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
-
 def read_span(reader: OcrReader, path: str | os.PathLike[str], start: float | None = None,
               end: float | None = None, every_s: float = DEFAULT_EVERY_S) -> dict[str, Any]:
     """The on-screen text of a video (or its span ``[start, end]`` in seconds).
@@ -385,7 +377,7 @@ def read_span(reader: OcrReader, path: str | os.PathLike[str], start: float | No
         frames, info = read_frames(path, num_frames=count, sample="middle", window=(start, end))
     except (VideoReadError, ValueError) as exc:
         return {"lines": [], "frames": 0, "notes": [f"cannot decode frames: {exc}"]}
-    file_key = _file_key(path)
+    key_of_file = file_key(path)
     read: list[tuple[float, list[tuple[str, Any, float]]]] = []
     seen: set[int] = set()  # the same frame index twice (a span shorter than the sampling) is read once
     last: _Reading | None = None
@@ -393,7 +385,7 @@ def read_span(reader: OcrReader, path: str | os.PathLike[str], start: float | No
         if index in seen:
             continue
         seen.add(index)
-        key = (*file_key, int(index))
+        key = (*key_of_file, int(index))
         if key in reader.recent:
             reader.recent.move_to_end(key)
             reader.counts["reused_frames"] += 1

@@ -11,6 +11,12 @@ pronouncing dictionary and a language model: nothing is downloaded). It gives wo
 and end times and a posterior probability. PocketSphinx decodes on one thread, so the channel
 never uses more threads than a job is given.
 
+Scheduling: only the sound is recognised (:func:`sounding_spans`, an energy gate: silence,
+near-silence and a steady hiss are skipped, quiet or noisy speech never), each stretch of sound
+as an utterance of its own. An indexing job reads items through a :class:`SpeechReader`, which
+recognises a file's audio once in fixed chunks and gives each item (a window of a long video)
+what was said within it, so overlapping windows do not hear the same audio twice.
+
 Each item is recognised twice: by the word recogniser (words with times, for showing and for
 their pronunciations, and where its n-best list's next hypotheses differ from them,
 :func:`alternative_runs`) and by a phone loop (the same acoustic model with a phone bigram: the
@@ -41,6 +47,7 @@ import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -48,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from retrieval.data.video import file_key
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +92,41 @@ MIN_WORD_PHONES = 3
 #: differ from the best one): a misrecognised word is often right in one of them. Chosen on a
 #: tuning set of espeak-ng sentences apart from the reported ones (bench/channels.py).
 ALTERNATIVES = 10
+#: A query word aligning in an alternative hypothesis counts this share of the same alignment in
+#: the best one: the recogniser ranked it below, so where both hold a near match the best
+#: hypothesis's wins. Chosen on spoken corpora of other seeds than the reported one and the
+#: espeak-ng tuning sentences (bench/channels.py; docs/speech.md).
+ALTERNATIVE_WEIGHT = 0.95
 #: The word recogniser's search, narrower than PocketSphinx's defaults: at most 5000 active HMMs
 #: a frame (not 30000) costs 0.79x the recognition time at one tuning-set sentence's loss of R@1;
 #: narrower beams, topn 2 or no fwdflat pass cost more (bench/channels.py, docs/performance.md).
 WORD_SEARCH: dict[str, Any] = {"maxhmmpf": 5000}
 #: Audio longer than this (seconds) is recognised in its first this-many seconds only.
 MAX_SPAN_S = 600.0
+#: The energy gate (:func:`sounding_spans`) measures audio in blocks of this many seconds (three
+#: of the recogniser's 10 ms frames).
+GATE_BLOCK_S = 0.03
+#: A block holds sound when its RMS (int16 units) is at least this (~-64 dBFS: digital silence,
+#: dither and a codec's floor stay below; espeak-ng speech turned down 40 dB peaks at ~100) ...
+GATE_MIN_RMS = 20.0
+#: ... and at least this many dB over the audio's noise floor (its 10th-percentile block): a
+#: steady hiss at any level is no sound, speech even 5 dB over hiss is.
+GATE_OVER_FLOOR_DB = 6.0
+#: Sound is recognised with this much audio either side (a word's quiet onset and tail), and two
+#: sounds closer than :data:`GATE_JOIN_S` are recognised as one utterance.
+GATE_MARGIN_S = 0.5
+GATE_JOIN_S = 2.0
+#: An utterance longer than this (seconds) is cut at its quietest block in its second half: the
+#: n-best list's :data:`ALTERNATIVES` then cover as much speech as a clip's do.
+MAX_UTTERANCE_S = 8.0
+#: Overlapping windows of one file share its recognition (:class:`SpeechReader`): the file's audio
+#: is recognised in chunks of this many seconds, each once, with :data:`CHUNK_MARGIN_S` of its
+#: neighbours' audio either side so a word across a chunk's edge is heard whole (each chunk keeps
+#: what has its middle inside it).
+CHUNK_S = 30.0
+CHUNK_MARGIN_S = 1.0
+#: Chunks a :class:`SpeechReader` remembers (windows come in file order: two are in use at a time).
+RECENT_CHUNKS = 8
 
 # Smith-Waterman scores: match, vowel for vowel, other mismatch, gap
 _MATCH, _NEAR, _MISMATCH, _GAP = 2.0, 0.5, -1.0, 1.0
@@ -364,40 +402,180 @@ def _base_word(token: str) -> str:
 
 def read_speech(recognizer: SpeechRecognizer, path: str | os.PathLike[str], start: float | None = None,
                 end: float | None = None) -> dict[str, Any]:
-    """The speech of a video (or its span ``[start, end]`` in seconds).
+    """The speech of a video (or its span ``[start, end]`` in seconds), recognised on its own
+    (an indexing job shares the recognition of overlapping windows: :class:`SpeechReader`).
 
     Returns ``{"words": [SpokenWord.to_dict()...], "phones": [...], "alternatives": [[...]...],
     "seconds": audio seconds read, "notes": [...]}`` (``phones``: the phone loop's phones, each
     with ``word`` the phone; ``alternatives``: where the embedded recogniser's next-best
-    hypotheses differ from ``words``, :meth:`SpeechRecognizer.recognize_nbest`); a file without
-    audio, or audio that cannot be decoded or recognised, is a note, never an exception.
+    hypotheses differ from ``words``, :meth:`SpeechRecognizer.recognize_nbest`); only the sound
+    in it is recognised (:func:`sounding_spans`); a file without audio, or audio that cannot be
+    decoded or recognised, is a note, never an exception.
     """
     try:
         samples = decode_audio(path, start, end)
     except AudioError as exc:
-        return {"words": [], "phones": [], "alternatives": [], "seconds": 0.0, "notes": [f"no speech read: {exc}"]}
+        return {**_nothing_heard(), "seconds": 0.0, "notes": [f"no speech read: {exc}"]}
     seconds = round(samples.size / SAMPLE_RATE, 3)
     try:
-        record = recognise_samples(recognizer, samples, float(start or 0.0))
+        record = recognise_samples(recognizer, samples, float(start or 0.0), sounding_spans(samples))
     except Exception as exc:  # noqa: BLE001  (one item the recogniser fails on never fails the job)
         logger.warning("speech channel: %s: %s", path, exc)
-        return {"words": [], "phones": [], "alternatives": [], "seconds": seconds,
-                "notes": [f"recognition failed: {type(exc).__name__}: {exc}"]}
+        return {**_nothing_heard(), "seconds": seconds, "notes": [f"recognition failed: {type(exc).__name__}: {exc}"]}
     notes = [] if record["words"] or record["phones"] else ["no speech"]
     return {**record, "seconds": seconds, "notes": notes}
 
 
-def recognise_samples(recognizer: SpeechRecognizer, samples: np.ndarray, offset: float = 0.0) -> dict[str, Any]:
+def _nothing_heard() -> dict[str, list[Any]]:
+    return {"words": [], "phones": [], "alternatives": []}
+
+
+def recognise_samples(recognizer: SpeechRecognizer, samples: np.ndarray, offset: float = 0.0,
+                      spans: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """What the channel stores of 16 kHz mono ``samples`` (times plus ``offset``): ``words``,
-    ``phones`` and ``alternatives`` as :func:`read_speech` gives them. Only the embedded
-    recogniser has an n-best list; another (Whisper) gives no alternatives."""
-    if isinstance(recognizer, SpeechRecognizer):
-        words, alternatives = recognizer.recognize_nbest(samples, offset)
-    else:
-        words, alternatives = recognizer.recognize(samples, offset), []
-    phones = recognizer.recognize_phones(samples, offset)
-    return {"words": [word.to_dict() for word in words], "phones": [phone.to_dict() for phone in phones],
-            "alternatives": [[word.to_dict() for word in run] for run in alternatives]}
+    ``phones`` and ``alternatives`` as :func:`read_speech` gives them. ``spans``: the sample
+    ranges to recognise, each as an utterance of its own (default: all of ``samples`` as one;
+    ``[]``: nothing). Only the embedded recogniser has an n-best list; another (Whisper) gives no
+    alternatives."""
+    record = _nothing_heard()
+    for first, stop in [(0, samples.size)] if spans is None else spans:
+        piece, at = samples[first:stop], offset + first / SAMPLE_RATE
+        if isinstance(recognizer, SpeechRecognizer):
+            words, alternatives = recognizer.recognize_nbest(piece, at)
+        else:
+            words, alternatives = recognizer.recognize(piece, at), []
+        record["words"] += [word.to_dict() for word in words]
+        record["phones"] += [phone.to_dict() for phone in recognizer.recognize_phones(piece, at)]
+        record["alternatives"] += [[word.to_dict() for word in run] for run in alternatives]
+    return record
+
+
+def sounding_spans(samples: np.ndarray) -> list[tuple[int, int]]:
+    """Where 16 kHz mono ``samples`` hold sound worth recognising: ``[(first, stop)]`` sample
+    ranges, ``[]`` for digital silence, near-silence or a steady hiss throughout (the energy gate).
+
+    Sound is every block of :data:`GATE_BLOCK_S` whose RMS is at least :data:`GATE_MIN_RMS` and
+    :data:`GATE_OVER_FLOOR_DB` over the audio's noise floor (its 10th-percentile block); each run
+    of sound is widened by :data:`GATE_MARGIN_S`, runs closer than :data:`GATE_JOIN_S` are one,
+    and one longer than :data:`MAX_UTTERANCE_S` is cut at its quietest block. A clip said through
+    from start to end is one span, all of it.
+    """
+    size = round(GATE_BLOCK_S * SAMPLE_RATE)
+    blocks = samples.size // size
+    if blocks == 0:
+        return []
+    power = np.square(samples[: blocks * size].astype(np.float64).reshape(blocks, size)).mean(axis=1)
+    floor = float(np.percentile(power, 10))
+    loud = np.flatnonzero((power >= GATE_MIN_RMS**2) & (power >= floor * 10 ** (GATE_OVER_FLOOR_DB / 10)))
+    if loud.size == 0:
+        return []
+    margin, join = round(GATE_MARGIN_S / GATE_BLOCK_S), round(GATE_JOIN_S / GATE_BLOCK_S)
+    breaks = np.flatnonzero(np.diff(loud) > join)
+    firsts, lasts = loud[np.concatenate([[0], breaks + 1])], loud[np.concatenate([breaks, [loud.size - 1]])]
+    spans: list[tuple[int, int]] = []
+    longest = round(MAX_UTTERANCE_S / GATE_BLOCK_S)
+    for first, last in zip(firsts.tolist(), lasts.tolist(), strict=True):
+        begin, end = max(0, first - margin) * size, min(samples.size, (last + 1 + margin) * size)
+        while end - begin > longest * size:  # cut in the middle of the quietest block of the second half
+            low = begin // size + longest // 2
+            cut = (low + int(np.argmin(power[low : begin // size + longest]))) * size + size // 2
+            spans.append((begin, cut))
+            begin = cut
+        spans.append((begin, end))
+    return spans
+
+
+class SpeechReader:
+    """The speech channel's records of an indexing job's items, each stretch of a file's audio
+    recognised once.
+
+    Long videos are indexed in overlapping windows (the demo's: 4 s every 2 s): recognising each
+    window alone would hear every second twice and cut words at every edge. A reader recognises
+    a file's audio in chunks of :data:`CHUNK_S` seconds on a fixed grid, each once (with
+    :data:`CHUNK_MARGIN_S` of audio either side, keeping what has its middle inside the chunk),
+    only where there is sound (:func:`sounding_spans`); an item takes the words, phones and
+    alternatives whose middle falls in its span, timed in the video as recognising the span
+    gives them. The chunks depend on the file alone, so a window gets the same words whichever
+    part, shard or resumed run reads it. Items come in file order: the last
+    :data:`RECENT_CHUNKS` chunks are kept.
+
+    Args:
+        recognizer: the channel's recogniser (:func:`retrieval.asr.load_recognizer`).
+        gate: recognise only the sound (default); False: every chunk whole, as one utterance
+            (bench/channels.py measures what the gate saves).
+    """
+
+    def __init__(self, recognizer: Any, gate: bool = True) -> None:
+        self.recognizer = recognizer
+        self.gate = gate
+        self.recent: OrderedDict[tuple[Any, ...], dict[str, Any]] = OrderedDict()
+        #: work done and saved so far: chunks recognised, chunks an item took from an earlier item,
+        #: seconds of audio decoded, and of those the seconds the recogniser heard (the rest: no sound)
+        self.counts: dict[str, float] = {"chunks": 0, "reused_chunks": 0, "decoded_s": 0.0, "recognised_s": 0.0}
+
+    def read(self, path: str | os.PathLike[str], start: float | None = None, end: float | None = None,
+             ) -> dict[str, Any]:
+        """The speech of ``path`` (or its span ``[start, end]`` seconds), as :func:`read_speech`
+        gives it."""
+        begin = max(0.0, float(start or 0.0))
+        stop = begin + MAX_SPAN_S if end is None else min(float(end), begin + MAX_SPAN_S)
+        record, notes, heard_until = _nothing_heard(), [], begin
+        key = file_key(path)
+        for number in range(int(begin // CHUNK_S), max(int(begin // CHUNK_S) + 1, math.ceil(stop / CHUNK_S))):
+            chunk = self._chunk(path, key, number)
+            if chunk["error"]:
+                notes.append(chunk["error"])
+                break
+            heard_until = max(heard_until, chunk["audio_end"])
+            for track in ("words", "phones", "alternatives"):
+                record[track] += [entry for entry in chunk[track] if begin <= _middle(entry) < stop]
+            if chunk["last"]:
+                break
+        seconds = round(max(0.0, min(stop, heard_until) - begin), 3)
+        if not notes and not record["words"] and not record["phones"]:
+            notes.append("no speech")
+        return {**record, "seconds": seconds, "notes": notes}
+
+    def _chunk(self, path: str | os.PathLike[str], key: tuple[Any, ...], number: int) -> dict[str, Any]:
+        """Chunk ``number`` of the file: what was heard with its middle in it, where its audio
+        ends, whether the file ends there, or the note of why nothing was read."""
+        if (key, number) in self.recent:
+            self.recent.move_to_end((key, number))
+            self.counts["reused_chunks"] += 1
+            return self.recent[(key, number)]
+        own = (number * CHUNK_S, (number + 1) * CHUNK_S)
+        first, stop = max(0.0, own[0] - CHUNK_MARGIN_S), own[1] + CHUNK_MARGIN_S
+        chunk: dict[str, Any] = {**_nothing_heard(), "error": None, "audio_end": first, "last": True}
+        try:
+            samples = decode_audio(path, first, stop)
+        except AudioError as exc:
+            chunk["error"] = f"no speech read: {exc}"
+        else:
+            spans = sounding_spans(samples) if self.gate else [(0, samples.size)]
+            self.counts["chunks"] += 1
+            self.counts["decoded_s"] += samples.size / SAMPLE_RATE
+            self.counts["recognised_s"] += sum(b - a for a, b in spans) / SAMPLE_RATE
+            chunk["audio_end"] = first + samples.size / SAMPLE_RATE
+            chunk["last"] = samples.size < round((stop - first) * SAMPLE_RATE)
+            try:
+                heard = recognise_samples(self.recognizer, samples, first, spans)
+            except Exception as exc:  # noqa: BLE001  (one stretch the recogniser fails on never fails the job)
+                logger.warning("speech channel: %s at %.0f s: %s", path, first, exc)
+                chunk["error"] = f"recognition failed: {type(exc).__name__}: {exc}"
+            else:
+                for track, entries in heard.items():
+                    chunk[track] = [entry for entry in entries if own[0] <= _middle(entry) < own[1]]
+        self.recent[(key, number)] = chunk
+        while len(self.recent) > RECENT_CHUNKS:
+            self.recent.popitem(last=False)
+        return chunk
+
+
+def _middle(entry: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> float:
+    """The middle of a timed word or phone, or of a run of them (an alternative)."""
+    if isinstance(entry, Mapping):
+        return (float(entry["start"]) + float(entry["end"])) / 2
+    return (float(entry[0]["start"]) + float(entry[-1]["end"])) / 2
 
 
 def item_words(item: Mapping[str, Any], track: str = "words") -> list[Any]:
@@ -528,29 +706,37 @@ class _PhoneTrack:
     """Every item's phones in one flat array (items apart by a separator), each phone with its
     item, and its time span in the video."""
 
-    def __init__(self, sequences: Sequence[tuple[int, Sequence[tuple[str, float, float]]]]) -> None:
+    def __init__(self, sequences: Sequence[tuple[int, Sequence[tuple[str, float, float]]]],
+                 weights: Sequence[float] | None = None) -> None:
         phones: list[int] = []
         owner: list[int] = []
         times: list[tuple[float, float]] = []
-        for position, sequence in sequences:
+        weight: list[float] = []
+        for number, (position, sequence) in enumerate(sequences):
+            worth = 1.0 if weights is None else float(weights[number])
             for phone, start, end in sequence:
                 phones.append(_PHONE_ID[phone])
                 owner.append(position)
                 times.append((start, end))
+                weight.append(worth)
             phones.append(len(PHONES))
             owner.append(-1)
             times.append((0.0, 0.0))
+            weight.append(0.0)
         self.phones = np.asarray(phones, np.int64)
         self.owner = np.asarray(owner, np.int64)
         self.times = np.asarray(times, np.float64).reshape(-1, 2)
+        # what an alignment ending in each sequence counts (an alternative hypothesis: less)
+        self.weight = np.asarray(weight, np.float64)
         # a big offset per item keeps the running maximum of one item from reaching the next
         self.fence = np.cumsum(self.owner < 0).astype(np.float64) * 1e6
         self.positions = np.arange(self.phones.size, dtype=np.float64) * _GAP
 
     def align(self, query: Sequence[int], items: int) -> tuple[np.ndarray, np.ndarray]:
         """Per item, the best local alignment score of the ``query`` phones, normalised so that
-        1.0 means every phone matched in order (Smith-Waterman, all items at once), and the flat
-        position where that best alignment ends (-1: the item has no phones here)."""
+        1.0 means every phone matched in order (Smith-Waterman, all items at once) and times the
+        weight of the sequence it ends in, and the flat position where that best alignment ends
+        (-1: the item has no phones here)."""
         table = _scores()
         best = np.zeros(self.phones.size)
         previous = np.zeros(self.phones.size)
@@ -563,7 +749,7 @@ class _PhoneTrack:
             current[self.owner < 0] = 0.0
             best = np.maximum(best, current)
             previous = current
-        best /= _MATCH * max(1, len(query))
+        best *= self.weight / (_MATCH * max(1, len(query)))
         per_item = np.zeros(items)
         ends = np.full(items, -1)
         inside = np.flatnonzero(self.owner >= 0)
@@ -591,6 +777,7 @@ class SpeechIndex:
         self._words: dict[int, list[dict[str, Any]]] = {}
         self._ids: list[int] = []
         from_words: list[tuple[int, list[tuple[str, float, float]]]] = []
+        word_weights: list[float] = []
         from_phones: list[tuple[int, list[tuple[str, float, float]]]] = []
         for item in items:
             words, phones = item_words(item), item_words(item, "phones")
@@ -600,15 +787,18 @@ class SpeechIndex:
             self._ids.append(int(item["id"]))
             self._words[int(item["id"])] = words
             # the best words, then each run where a next-best hypothesis differs: one sequence each
-            for run in [words, *item_words(item, "alternatives")]:
+            for number, run in enumerate([words, *item_words(item, "alternatives")]):
                 from_words.append((position, [(phone, float(w["start"]), float(w["end"]))
                                               for w in run for phone in self._pronouncer.phones(w["word"])]))
+                word_weights.append(ALTERNATIVE_WEIGHT if number else 1.0)
             from_phones.append((position, [(p["word"], float(p["start"]), float(p["end"])) for p in phones]))
-        chosen = ([from_words] if source in ("words", "both") else []) + ([from_phones] if source != "words" else [])
-        self._tracks = [_PhoneTrack(sequences) for sequences in chosen]
+        chosen = ([(from_words, word_weights)] if source in ("words", "both") else []) + (
+            [(from_phones, None)] if source != "words" else [])
+        self._tracks = [_PhoneTrack(sequences, weights) for sequences, weights in chosen]
         # the same phones in reverse order: as many phones of the same kinds, none of the words, so
         # how well a query aligns there is how well it aligns with this item by chance
-        self._chance = [_PhoneTrack([(n, sequence[::-1]) for n, sequence in sequences]) for sequences in chosen]
+        self._chance = [_PhoneTrack([(n, sequence[::-1]) for n, sequence in sequences], weights)
+                        for sequences, weights in chosen]
 
     def __len__(self) -> int:
         """Items that carry any recognised speech."""

@@ -869,7 +869,7 @@ def _write_text(root: Path, name: str, text: str) -> str:
     return _publish(root, name, lambda path: path.write_text(text, encoding="utf-8"))
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None) -> None:
+def write_mp4(path: Path, frames: np.ndarray, fps: int, audio: np.ndarray | None = None) -> None:
     """An H.264 clip of ``frames``; with ``audio`` (16 kHz mono int16) also an AAC track."""
     import av
 
@@ -898,7 +898,7 @@ def _write_job(task: tuple[RenderJob, str, int, int]) -> tuple[str, str]:
     name = f"videos/{job.video}"
     said = job.scenes[0].speech if len(job.scenes) == 1 else None
     audio = None if said is None else speak(said, job.frames_per_scene / fps)
-    return name, _publish(Path(root), name, lambda path: _write_mp4(path, render_job(job, size), fps, audio))
+    return name, _publish(Path(root), name, lambda path: write_mp4(path, render_job(job, size), fps, audio))
 
 
 def _render_all(root: Path, jobs: list[RenderJob], size: int, fps: int, progress: bool) -> dict[str, str]:

@@ -434,6 +434,17 @@ def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     return torch.from_numpy(array).unsqueeze(0)
 
 
+def file_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """What tells a file apart from another and from its own earlier content: its resolved path,
+    size and modification time (``(path, -1, -1)`` when it cannot be read); channel readers key
+    the work they share between overlapping windows of one file by it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (str(path), -1, -1)
+    return (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def video_duration(path: str | os.PathLike[str]) -> float:
     """Duration in seconds from container metadata (no decoding).
 

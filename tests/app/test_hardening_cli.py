@@ -152,7 +152,7 @@ def test_synth_keeps_a_users_clip_saved_under_a_generated_name_and_their_tempora
 def test_synth_resumes_its_own_files_after_an_interruption(tmp_path: Path, monkeypatch) -> None:
     from retrieval.data import synthetic
 
-    real, calls = synthetic._write_mp4, []
+    real, calls = synthetic.write_mp4, []
 
     def killed_on_the_fourth_clip(*args):
         calls.append(1)
@@ -160,10 +160,10 @@ def test_synth_resumes_its_own_files_after_an_interruption(tmp_path: Path, monke
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(synthetic, "_write_mp4", killed_on_the_fourth_clip)
+    monkeypatch.setattr(synthetic, "write_mp4", killed_on_the_fourth_clip)
     with pytest.raises(KeyboardInterrupt):
         synthetic.generate_corpus(tmp_path, n_train=4, n_test=2, **TINY_SYNTH)
-    monkeypatch.setattr(synthetic, "_write_mp4", real)
+    monkeypatch.setattr(synthetic, "write_mp4", real)
     # the three clips it wrote are proven its own by their receipts: the run goes on over them
     synthetic.generate_corpus(tmp_path, n_train=4, n_test=2, **TINY_SYNTH)
     record = json.loads((tmp_path / ".vtr-synthetic").read_text())["files"]

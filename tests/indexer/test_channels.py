@@ -6,6 +6,7 @@ frames only (PP-OCR takes ~0.5 s a frame on two busy cores).
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -208,6 +209,46 @@ def test_semantic_side_ranks_only_near_items_and_abstains_below_its_floor() -> N
     assert index.search(_unit(0, 0, 1), k=10) == []
     assert float(_unit(0.1, 0.1, 1) @ _unit(1, 0, 0)) < SEMANTIC_FLOOR
     assert SemanticIndex([{"id": 0, "extra": {"text": {"lines": []}}}]).search(_unit(1, 0, 0), k=5) == []
+
+
+def test_semantic_scan_ranks_as_faiss_exact_inner_product_search() -> None:
+    """The scan against a reference: FAISS's exact inner-product index over the same vectors
+    (float16-packed as the item records hold them), for the items the floor and margin keep."""
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((6, 48)).astype(np.float32)
+    rows = centres[rng.integers(0, 6, 500)] + 0.5 * rng.standard_normal((500, 48)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    items = [_with_vector(10 * i + 7, f"text {i}", row) for i, row in enumerate(rows)]
+    index = SemanticIndex(items)
+    packed = np.stack([unpack(item["extra"]["text"]["vector"]) for item in items]).astype(np.float32)
+    reference = faiss.IndexFlatIP(48)
+    reference.add(packed)
+    queries = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    for query in queries:
+        for k, margin in ((5, 1.0), (40, 0.1), (500, 2.0)):
+            got = index.search(query, k=k, floor=0.2, margin=margin)
+            scores, rows_found = reference.search(query.reshape(1, -1), k)
+            best = float(scores[0, 0])
+            expected = [(10 * int(row) + 7, float(score)) for score, row in zip(scores[0], rows_found[0], strict=True)
+                        if score >= max(0.2, best - margin)]
+            assert len(got) == len(expected) and len(got) <= k
+            assert [score for _, score in got] == pytest.approx([score for _, score in expected], abs=1e-5)
+            # same items, up to the order of scores equal to within rounding
+            assert {item for item, s in got if s > expected[-1][1] + 1e-5} == \
+                {item for item, s in expected if s > expected[-1][1] + 1e-5}
+            assert all(a[1] >= b[1] for a, b in zip(got, got[1:]))
+    assert index.search(queries[0], k=0) == []
+
+
+def test_semantic_scan_keeps_item_order_on_ties_and_checks_the_dimension() -> None:
+    same = _unit(0, 1, 0)
+    index = SemanticIndex([_with_vector(5, "a", same), _with_vector(2, "b", same), _with_vector(9, "c", same)])
+    assert [item for item, _ in index.search(same, k=10)] == [5, 2, 9]
+    assert [item for item, _ in index.search(same, k=2)] == [5, 2]
+    assert index.cosines(same) == pytest.approx([1.0, 1.0, 1.0], abs=1e-3)
+    with pytest.raises(ValueError, match="4 values for an index of 3"):
+        index.search(np.ones(4, np.float32), k=1)
+    assert len(SemanticIndex([])) == 0 and SemanticIndex([]).search(same, k=3) == []
 
 
 def test_a_channel_weighed_zero_is_left_out_of_the_fusion() -> None:

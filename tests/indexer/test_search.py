@@ -12,15 +12,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from app.cli import app
-from indexer.search import RERANK_CANDIDATES, Hit, Searcher
-from indexer.store import IndexModelMismatch
+from indexer.search import RERANK_CANDIDATES, Hit, Searcher, group_hits
+from indexer.store import IndexModelMismatch, write_index
 from retrieval.data.video import load_clip
+from retrieval.models.model_dir import model_identity
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,34 @@ def test_cli_prints_a_table_or_json_lines(search_index: Path) -> None:
 
     empty = runner.invoke(app, ["search", "--index", str(search_index), " "])
     assert empty.exit_code == 2 and "empty query" in empty.stderr
+
+
+def test_a_fused_search_shows_what_fusing_every_item_then_cutting_would(model_dir: Path, tmp_path: Path) -> None:
+    """Fused hits are built only for what is shown (the k best items, or the best item of each of
+    the k best videos plus the others' places as moments): the result is exactly the whole fused
+    ranking cut to k, or grouped and cut to k videos."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((30, 24)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    items = []
+    for i in range(30):
+        extra = {}
+        if i % 3:
+            extra["text"] = {"lines": [{"text": f"Chapter {i % 4}", "start": i + 1.0, "end": i + 2.0, "box": [],
+                                        "score": 0.9}], "frames": 1, "notes": []}
+        items.append({"path": f"/videos/v{i % 6}.mp4", "start": float(i), "end": i + 4.0, "extra": extra})
+    write_index(tmp_path / "index", vectors, items, model_identity(model_dir), "/videos",
+                extra={"model_dir": str(model_dir), "channels": {"visual": {}, "text": {"every_s": 2.0}}})
+    searcher = Searcher(tmp_path / "index")
+    query = "a red circle under a title that reads Chapter 2"
+    whole = searcher.search(query, k=len(items))
+    assert len(whole) == len(items) and whole[0].text and "text" in whole[0].channels
+
+    def seen(hits: list[Hit]) -> list[tuple]:
+        return [(h.item_id, h.path, h.score, h.moments, h.channels, h.text, h.speech) for h in hits]
+
+    for k in (1, 3, 5):
+        assert seen(searcher.search(query, k=k)) == seen(whole[:k])
+        grouped = searcher.search(query, k=k, group=True)
+        assert seen(grouped) == seen(group_hits(whole, k)) and len(grouped) == k
+        assert all(hit.moments for hit in grouped)

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -20,16 +21,21 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import retrieval.speech
 from app.cli import app
 from app.web import CorpusGuard, preview_start, render_hits
 from indexer.jobs import JobSpec, run_index_job
-from indexer.parts import work_dir_for
+from indexer.parts import WorkDir, work_dir_for
+from indexer.plan import window_spans
 from indexer.query import Query
 from indexer.search import Hit, Searcher
 from indexer.store import open_index
 from retrieval.data import synthetic
+from retrieval.data.spoken import speak
 from retrieval.data.synthetic import generate_corpus, plan_corpus
 from retrieval.speech import (
+    ALTERNATIVE_WEIGHT,
+    MAX_UTTERANCE_S,
     MIN_SCORE,
     SAID_MIN_SCORE,
     SAMPLE_RATE,
@@ -37,6 +43,7 @@ from retrieval.speech import (
     AudioError,
     Pronouncer,
     SpeechIndex,
+    SpeechReader,
     SpeechRecognizer,
     SpokenWord,
     alternative_runs,
@@ -45,7 +52,9 @@ from retrieval.speech import (
     letter_to_sound,
     query_words,
     read_speech,
+    recognise_samples,
     says_spoken,
+    sounding_spans,
     word_error_rate,
 )
 
@@ -64,13 +73,13 @@ def _speak(text: str, path: Path) -> np.ndarray:
 
 
 def _write_video(path: Path, audio: np.ndarray | None, rate: int = SAMPLE_RATE, layout: str = "mono",
-                 fps: int = 4) -> Path:
-    """A dark ``SECONDS``-long video with ``audio`` (int16, ``[channels, samples]`` or mono) or none."""
+                 fps: int = 4, seconds: float = SECONDS) -> Path:
+    """A dark ``seconds``-long video with ``audio`` (int16, ``[channels, samples]`` or mono) or none."""
     with av.open(str(path), "w") as container:
         video = container.add_stream("h264", rate=fps)
         video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
         sound = container.add_stream("aac", rate=rate, layout=layout) if audio is not None else None
-        for _ in range(int(SECONDS * fps)):
+        for _ in range(int(seconds * fps)):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30, np.uint8), format="rgb24")
             for packet in video.encode(frame):
                 container.mux(packet)
@@ -239,6 +248,27 @@ def test_an_alternative_hypothesis_finds_a_word_the_best_one_missed() -> None:
     assert SpeechIndex(items, source="phones").search(query) == []
 
 
+def test_an_alternative_counts_less_than_the_best_hypothesis() -> None:
+    heard = _item(0, "the bridge is closed")
+    below = _item(1, "the ridge oh today")
+    best = [SpokenWord(**w) for w in below["extra"]["speech"]["words"]]
+    below["extra"]["speech"]["alternatives"] = [
+        [w.to_dict() for w in run] for run in differences(best, ["the", "bridge", "is", "closed", "today"])]
+    others = [_item(n, words) for n, words in enumerate(("we found a bottle near the station",
+                                                         "please bring the ticket to the office"), start=2)]
+    index = SpeechIndex([heard, below, *others], source="words")
+    query = "a voice says the bridge is closed"
+    scores = {item: score for item, score, _, _ in index.scores(query)}
+    assert scores[0] == pytest.approx(1.0), "every phone of both words in the best hypothesis"
+    assert scores[1] == pytest.approx(ALTERNATIVE_WEIGHT), "the same words, only in an alternative"
+    assert [item for item, _ in index.search(query)] == [0, 1]
+    # the alternative's "bridge" still beats the best words' poorer "ridge" in the same item
+    bridge = {item: score for item, score, _, _ in index.scores(["bridge"])}
+    plain = {item: score for item, score, _, _ in SpeechIndex([_item(1, "the ridge oh today"), *others]).scores(["bridge"])}
+    assert plain[1] < bridge[1] == pytest.approx(ALTERNATIVE_WEIGHT)
+    assert index.match(1, query).start >= best[0].start
+
+
 def test_decodes_any_layout_and_rate_to_16k_mono(tmp_path: Path) -> None:
     rate, seconds = 96000, 1.0
     tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(int(rate * seconds)) / rate)).astype(np.int16)
@@ -271,6 +301,161 @@ def test_missing_and_broken_audio_are_notes(recognizer: SpeechRecognizer, videos
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"not a video at all" * 100)
     assert read_speech(recognizer, garbage)["notes"][0].startswith("no speech read")
+
+
+def _covered(spans: list[tuple[int, int]], size: int) -> np.ndarray:
+    covered = np.zeros(size, bool)
+    for first, stop in spans:
+        covered[first:stop] = True
+    return covered
+
+
+def _said(clean: np.ndarray) -> np.ndarray:
+    """The samples of the 10 ms frames where ``clean`` speech is within 40 dB of its loudest
+    (espeak-ng's output trails off into +-1 dither after the last word)."""
+    frames = clean[: clean.size // 160 * 160].astype(np.float64).reshape(-1, 160)
+    rms = np.sqrt(np.mean(frames**2, axis=1))
+    return np.flatnonzero(np.repeat(rms >= rms.max() / 100, 160))
+
+
+def test_the_energy_gate_skips_silence_and_steady_noise_and_keeps_quiet_speech(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    size = int(SECONDS * SAMPLE_RATE)
+    assert sounding_spans(np.zeros(size, np.int16)) == [], "digital silence"
+    assert sounding_spans(rng.normal(0, 4, size).astype(np.int16)) == [], "near-silence: dither, a codec's floor"
+    assert sounding_spans(rng.normal(0, 2000, size).astype(np.int16)) == [], "a steady hiss, however loud"
+    said = _padded(_speak("the meeting starts at noon", tmp_path / "said.wav"))
+    speech = _said(said)
+    power = float(np.mean(said[speech].astype(np.float64) ** 2))
+    for gain in (1.0, 0.01):  # as spoken, and turned down 40 dB
+        for snr_db in (None, 15.0, 5.0):
+            audio = said * gain
+            if snr_db is not None:
+                audio = audio + rng.normal(0, gain * np.sqrt(power / 10 ** (snr_db / 10)), size)
+            spans = sounding_spans(np.clip(audio, -32768, 32767).astype(np.int16))
+            assert _covered(spans, size)[speech].all(), f"speech at gain {gain}, SNR {snr_db} dB is kept whole"
+            assert len(spans) == 1
+    # the spoken layer's 15 dB hiss clips: every sample of their sentence is recognised
+    plan = plan_corpus(n_train=1, n_test=16, long_videos=0, spoken_share=1.0)
+    noisy = [job.scenes[0].speech for job in plan.jobs if job.video.startswith("test/")
+             and job.scenes[0].speech.snr_db == 15.0]
+    assert len(noisy) >= 3
+    for said_over in noisy:
+        clean = _said(speak(replace(said_over, snr_db=None), SECONDS))
+        for gain in (1.0, 0.01):
+            audio = (speak(said_over, SECONDS) * gain).astype(np.int16)
+            assert _covered(sounding_spans(audio), audio.size)[clean].all(), (said_over, gain)
+
+
+def test_the_gate_recognises_only_the_sound_and_long_speech_in_utterances(recognizer: SpeechRecognizer,
+                                                                          tmp_path: Path) -> None:
+    said = _speak("the meeting starts at noon", tmp_path / "said.wav")
+    gap = np.zeros(10 * SAMPLE_RATE, np.int16)
+    audio = np.concatenate([gap[: SAMPLE_RATE], said, gap, said, gap[: SAMPLE_RATE]])
+    spans = sounding_spans(audio)
+    assert len(spans) == 2 and sum(b - a for a, b in spans) < 0.4 * audio.size, "10 s of silence is not heard"
+    gated = recognise_samples(recognizer, audio, 5.0, spans)
+    alone = [recognise_samples(recognizer, audio[a:b], 5.0 + a / SAMPLE_RATE) for a, b in spans]
+    assert gated["words"] == alone[0]["words"] + alone[1]["words"], "each sound its own utterance, timed in place"
+    assert gated["words"] and all(5.0 + 1.0 - 0.6 <= w["start"] for w in gated["words"])
+    assert recognise_samples(recognizer, audio, 0.0, [])["words"] == []
+    # speech without a pause longer than the gate's join: cut into utterances at quiet moments
+    talk = np.concatenate([np.concatenate([said, np.zeros(SAMPLE_RATE // 4, np.int16)]) for _ in range(8)])
+    pieces = sounding_spans(talk)
+    assert len(pieces) >= 3 and _covered(pieces, talk.size)[_said(talk)].all()
+    assert all(b - a <= MAX_UTTERANCE_S * SAMPLE_RATE for a, b in pieces)
+    assert all(a == b for (_, a), (b, _) in itertools.pairwise(pieces)), "nothing left out between them"
+    assert all(np.abs(talk[a - 240 : a + 240]).max() < np.abs(talk).max() / 4 for a, _ in pieces[1:]), \
+        "cut where it is quiet"
+
+
+LONG_TALK = {1.0: "the meeting starts at noon", 7.0: "keep the dog away from the garden"}
+
+
+@pytest.fixture(scope="module")
+def long_talk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 s: a sentence from 1 s, silence, another from 7 s (as a long video indexed in windows)."""
+    root = tmp_path_factory.mktemp("talk")
+    audio = np.zeros(12 * SAMPLE_RATE, np.int16)
+    for at, text in LONG_TALK.items():
+        said = _speak(text, root / "said.wav")
+        audio[int(at * SAMPLE_RATE) : int(at * SAMPLE_RATE) + said.size] = said
+    (root / "said.wav").unlink()
+    (root / "videos").mkdir()
+    return _write_video(root / "videos" / "talk.mp4", audio, seconds=12.0)
+
+
+def _middle(token: dict) -> float:
+    return (token["start"] + token["end"]) / 2
+
+
+def test_overlapping_windows_recognise_the_files_audio_once(recognizer: SpeechRecognizer, long_talk: Path) -> None:
+    reader = SpeechReader(recognizer)
+    windows = window_spans(12.0, 4.0, 2.0)
+    read = [reader.read(long_talk, start, end) for start, end in windows]
+    assert reader.counts["chunks"] == 1 and reader.counts["reused_chunks"] == len(windows) - 1
+    assert reader.counts["recognised_s"] < 0.7 * reader.counts["decoded_s"] <= 0.7 * 12.1, "silence is not heard"
+    whole = reader.read(long_talk)
+    assert abs(whole["seconds"] - 12.0) < 0.1 and whole["words"]
+    for (start, end), speech in zip(windows, read, strict=True):
+        assert speech["seconds"] == pytest.approx(end - start, abs=0.05)
+        for track in ("words", "phones"):
+            assert speech[track] == [t for t in whole[track] if start <= _middle(t) < end], "its share, times kept"
+        assert speech["notes"] == ([] if speech["words"] or speech["phones"] else ["no speech"])
+    # placed in time as recognising the window alone places them
+    alone = read_speech(recognizer, long_talk, 0.0, 4.0)
+    shared = {w["word"]: w["start"] for w in read[0]["words"]}
+    common = [w for w in alone["words"] if w["word"] in shared]
+    assert len(common) >= 2 and all(abs(w["start"] - shared[w["word"]]) < 0.2 for w in common), (alone, read[0])
+    # and a search finds the window the sentence is said in
+    index = SpeechIndex([{"id": n, "extra": {"speech": speech}} for n, speech in enumerate(read)])
+    found = index.search("a voice says keep the dog away from the garden", k=1)
+    assert found and windows[found[0][0]][0] >= 6.0
+
+
+def test_a_window_gets_the_same_words_whoever_reads_it(recognizer: SpeechRecognizer, long_talk: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retrieval.speech, "CHUNK_S", 5.0)  # windows across chunk edges
+    windows = window_spans(12.0, 4.0, 2.0)
+    in_order = SpeechReader(recognizer)
+    read = [in_order.read(long_talk, start, end) for start, end in windows]
+    assert in_order.counts["chunks"] == 3
+    for (start, end), speech in zip(windows, read, strict=True):
+        fresh = SpeechReader(recognizer).read(long_talk, start, end)  # another shard, a resumed run
+        assert fresh == speech
+        starts = [(w["word"], w["start"]) for w in speech["words"]]
+        assert len(starts) == len(set(starts)), "a word at a chunk edge is kept by one chunk only"
+        assert all(start <= _middle(w) < end for w in speech["words"] + speech["phones"])
+    assert any(w["word"] in ("dog", "garden", "away") for speech in read for w in speech["words"])
+
+
+def test_a_windowed_job_resumed_after_a_crash_keeps_the_speech(model_dir: Path, long_talk: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(long_talk, videos / "a.mp4")
+    shutil.copy(long_talk, videos / "b.mp4")
+    spec = JobSpec(model_dir=model_dir, out=tmp_path / "reference", videos=videos, window=4.0, stride=2.0,
+                   part_size=1, channels=("visual", "speech"))
+    run_index_job(spec, workers=0, progress=False)
+    commit = WorkDir.commit_part
+
+    def crash_after_first(self: WorkDir, part: int, vectors: np.ndarray, manifest: dict) -> None:
+        if any(self.parts_dir.glob("part-*.json")):
+            raise RuntimeError("injected crash")
+        commit(self, part, vectors, manifest)
+
+    resumed = replace(spec, out=tmp_path / "resumed")
+    monkeypatch.setattr(WorkDir, "commit_part", crash_after_first)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        run_index_job(resumed, workers=0, progress=False)
+    monkeypatch.undo()
+    run_index_job(resumed, resume=True, workers=0, progress=False)
+    reference, again = open_index(spec.out).items, open_index(resumed.out).items
+    assert len(reference) == 2 * len(window_spans(12.0, 4.0, 2.0))
+    assert [(i["path"], i["start"], i["extra"]["speech"]) for i in reference] == [
+        (i["path"], i["start"], i["extra"]["speech"]) for i in again]
+    assert sum(len(i["extra"]["speech"]["words"]) for i in reference) > 0
 
 
 def test_the_index_carries_words_phones_times_and_the_channel(speech_index: Path) -> None:
@@ -333,8 +518,6 @@ def test_the_page_shows_the_spoken_words_and_starts_at_them(tmp_path: Path) -> N
 
 def test_cli_names_the_missing_extra_before_work(model_dir: Path, videos: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import retrieval.speech
-
     monkeypatch.setattr(retrieval.speech, "speech_available", lambda: False)
     out = tmp_path / "i"
     missing = CliRunner().invoke(app, ["index", "--model", str(model_dir), "--videos", str(videos), "--out", str(out),
