@@ -333,8 +333,9 @@ def test_transpose12(shape):
     assert torch.equal(transpose12(xv), xv.transpose(1, 2).contiguous())
 
 
-@pytest.mark.parametrize("arch", ["-march=x86-64-v3", "-march=x86-64", "-march=x86-64 -DVTR_GENERIC_VECTORS"])
-def test_portable_build_without_avx512(tmp_path, arch):
+@pytest.mark.parametrize("arch,path", [("-march=x86-64-v3", "avx2"), ("-march=x86-64", "sse2"),
+                                       ("-march=x86-64 -DVTR_GENERIC_VECTORS", "generic")])
+def test_portable_build_without_avx512(tmp_path, arch, path):
     """The non-AVX-512 code paths: build for AVX2 (x86-64-v3: 8-channel halves, AVX masked loads),
     for the x86-64 baseline (SSE2) and with the generic vector code of non-x86 machines, and
     check each against the reference (one compile each)."""
@@ -371,11 +372,13 @@ for E, N in ((37, 12), (9, 3)):   # partial blocks, state groups of 8 + 4 and 2 
     torch.testing.assert_close(l1, l2, atol=2e-5, rtol=1e-4)
     for a, b in zip(torch.autograd.grad(o1.square().sum(), u), torch.autograd.grad(o2.square().sum(), u)):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
-print("ok")
+from retrieval.models.ssm.cpu import vector_path
+print("ok", vector_path())
 """
     env = dict(__import__("os").environ, VTR_KERNEL_ARCH_FLAGS=arch, VTR_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    assert proc.stdout.split()[-1] == path, "the build did not take its flags (the loader fell back without them)"
 
 
 @pytest.mark.parametrize("R,time_major", [(12, False), (5, False), (1, True), (7, True)])

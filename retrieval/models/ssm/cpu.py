@@ -109,6 +109,9 @@ def _build(cc: str, src: Path, out: Path, omp_lib: str | None, arch_flags: list[
             if proc.returncode == 0:
                 proc = subprocess.run([cc, "-shared", obj, "-o", tmp, *link], capture_output=True, text=True)
             if proc.returncode == 0:
+                if flags is compile_flags and arch_flags:
+                    log.warning("the fused CPU kernels did not compile with %s (%s); built without them, "
+                                "which may be slower", " ".join(arch_flags), (last_err.splitlines() or [""])[-1])
                 os.replace(tmp, out)
                 return
             last_err = proc.stderr.strip()[-2000:]
@@ -165,6 +168,7 @@ def build_library(src: Path | None = None, arch_flags: list[str] | None = None) 
     DP = ctypes.POINTER(_Dir)
     GP = ctypes.POINTER(_Grad)
     lib.vtr_chunk.argtypes, lib.vtr_chunk.restype = [], INT
+    lib.vtr_vector_path.argtypes, lib.vtr_vector_path.restype = [], ctypes.c_char_p
     lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT, P]
     lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
     lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
@@ -208,6 +212,12 @@ def using_library(lib: ctypes.CDLL):
     finally:
         with _lock:
             _lib = before
+
+
+def vector_path() -> str:
+    """Which vector code the kernels in use were compiled to: ``avx512``, ``avx2``, ``avx``,
+    ``sse2`` or ``generic``. Raises KernelUnavailable."""
+    return load_kernel().vtr_vector_path().decode()
 
 
 def kernel_available() -> bool:

@@ -665,6 +665,22 @@ typedef struct {
 
 int vtr_chunk(void) { return VTR_CHUNK; }
 
+/* the vector path this build runs (the loader logs it; tests check that a build took its flags) */
+const char *vtr_vector_path(void)
+{
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__)
+    return "avx2";
+#elif defined(__AVX__)
+    return "avx";
+#elif defined(__SSE2__)
+    return "sse2";
+#else
+    return "generic";
+#endif
+}
+
 /*
  * Work split: thread `tid` of `nthr` owns a contiguous range of (batch, channel-block) items and
  * walks it chunk-major: chunk k of every block it owns, then chunk k+1, with each block's state
