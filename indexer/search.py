@@ -572,13 +572,13 @@ class Searcher:
             if not group and len(hits) == k:
                 break
             hit = self._hit(reader.items[item_id], fused)
-            if group and hit.path not in videos:
+            if group:
+                if hit.path in videos:  # a further moment of a video already held: its place and score only
+                    hits.append(hit)
+                    continue
                 if len(videos) == k:  # a video past the k best: grouping would drop it
                     continue
                 videos.add(hit.path)
-            elif group:  # a further moment of a video already held: it keeps its place and score only
-                hits.append(hit)
-                continue
             # a hit shown: its per-channel ranks and scores, and the words each channel matched
             per_channel = {name: {"rank": rank, "score": scores[name][item_id]} for name, rank in ranks.items()}
             if "visual" in channels and "visual" not in per_channel:  # the exact cosine, for the record
