@@ -291,6 +291,31 @@ def test_work_split_over_threads_and_batches(b, E, threads):
         torch.testing.assert_close(x, y, atol=5 * GATOL, rtol=GRTOL)
 
 
+@pytest.mark.parametrize("softplus", [True, False])
+def test_state_exponent_clamp_follows_the_block(softplus):
+    """The state loop drops exp's upper clamp only for a 16-channel block whose delta * A cannot be
+    positive (softplus delta, every A <= 0). A block with one positive A (or delta without softplus)
+    keeps it: a step with delta * A far past exp's range saturates at 2^126 instead of wrapping
+    the exponent, while the other lanes, and the other block, still equal the reference."""
+    E, N, L = 32, 16, 24
+    ts = _dir_inputs(1, L, E, N, seed=3)
+    with torch.no_grad():
+        ts["A"][5, 7] = 1.0                    # channel 5 (first block), state 7: growth
+        ts["dpre"][0, 10, 5] = 150.0           # delta ~150 at step 10: delta * A * log2(e) ~ 216
+    out, _ = scan_directions([ScanDirection(ts["u"], ts["dpre"], ts["B"], ts["C"], ts["A"], ts["D"], None,
+                                            softplus=softplus)])
+    ref = selective_scan_ref(ts["u"].transpose(1, 2), ts["dpre"].transpose(1, 2), ts["A"], ts["B"].transpose(1, 2),
+                             ts["C"].transpose(1, 2), ts["D"], None, None, softplus).transpose(1, 2)
+    big = out[0, 10, 5].abs().item()
+    assert big > 1e30 or not torch.isfinite(out[0, 10, 5]), big
+    keep = torch.ones(E, dtype=torch.bool)
+    keep[5] = False
+    torch.testing.assert_close(out[..., keep], ref[..., keep], atol=2e-5, rtol=1e-4)
+    if not softplus:   # without softplus a negative delta makes delta * A > 0 in any lane
+        return
+    torch.testing.assert_close(out[:, :10, 5], ref[:, :10, 5], atol=2e-5, rtol=1e-4)
+
+
 def test_bad_shapes_and_devices_are_refused():
     ts = _dir_inputs(1, 10, 16, 16, seed=0)
     with pytest.raises(ValueError, match="B must have shape"):
@@ -333,11 +358,11 @@ def test_transpose12(shape):
     assert torch.equal(transpose12(xv), xv.transpose(1, 2).contiguous())
 
 
-@pytest.mark.parametrize("arch,path", [("-march=x86-64-v3", "avx2"), ("-march=x86-64", "sse2"),
-                                       ("-march=x86-64 -DVTR_GENERIC_VECTORS", "generic")])
+@pytest.mark.parametrize("arch,path", [("-march=x86-64-v3", "avx2"), ("-march=sandybridge", "avx"),
+                                       ("-march=x86-64", "sse2"), ("-march=x86-64 -DVTR_GENERIC_VECTORS", "generic")])
 def test_portable_build_without_avx512(tmp_path, arch, path):
     """The non-AVX-512 code paths: build for AVX2 (x86-64-v3: 8-channel halves, AVX masked loads),
-    for the x86-64 baseline (SSE2) and with the generic vector code of non-x86 machines, and
+    for AVX without AVX2 (the halves' integer lane operations as 128-bit pairs), for the x86-64 baseline (SSE2) and with the generic vector code of non-x86 machines, and
     check each against the reference (one compile each)."""
     import platform
 

@@ -293,26 +293,25 @@ INLINE v16f vrcp(v16f x)
 }
 
 /* the argument is kept above -87 so that 1 + exp(-x) stays finite; NaN propagates */
-INLINE v16f vsigmoid(v16f x) { return vrcp(1.0f + vexp(-vmax(vb(-87.0f), x))); }
+INLINE v16f vsigmoid16(v16f x) { return vrcp(1.0f + vexp(-vmax(vb(-87.0f), x))); }
 
-/* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) = 2 atanh(e / (2 + e)), series in s^2 */
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3],
+ * atanh(s) = s q(s^2) with q of degree 4 fitted for relative error on s^2 in [0, 1/9]
+ * (<= 7e-8 evaluated in fp32; the series 1 + s^2/3 + s^4/5 + ... to the same accuracy needs 8 terms) */
 #define DEF_SOFTPLUS(NAME, T, EXP, RCP, ABS, MAX0)                              \
     INLINE T NAME(T x)                                                          \
     {                                                                           \
         T e = EXP(-ABS(x));                                                     \
         T s = e * RCP(e + 2.0f);                      /* (0, 1/3] */            \
         T s2 = s * s;                                                           \
-        T q = s2 * (1.0f / 15) + (1.0f / 13);                                   \
-        q = q * s2 + (1.0f / 11);                                               \
-        q = q * s2 + (1.0f / 9);                                                \
-        q = q * s2 + (1.0f / 7);                                                \
-        q = q * s2 + (1.0f / 5);                                                \
-        q = q * s2 + (1.0f / 3);                                                \
+        T q = s2 * 0.14003867f + 0.14001295f;                                   \
+        q = q * s2 + 0.20010743f;                                               \
+        q = q * s2 + 0.33333209f;                                               \
         q = q * s2 + 1.0f;                                                      \
         return MAX0(x) + 2.0f * s * q;                                          \
     }
 INLINE v16f vmax0(v16f x) { return vmax(vb(0.0f), x); }
-DEF_SOFTPLUS(vsoftplus, v16f, vexp, vrcp, vabs, vmax0)
+DEF_SOFTPLUS(vsoftplus16, v16f, vexp, vrcp, vabs, vmax0)
 
 /* out[n] = sum of the lanes of v[n], n = 0..15 (four levels of pairwise transpose-add) */
 INLINE v16f lvl(v16f a, v16f b, v16i p, v16i q)
@@ -399,20 +398,32 @@ INLINE void transpose16(v16f *r)
 #define VTR_HALVES 1
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4), may_alias));
-DEF_POLY_EXP2(poly_exp2_8, v8f)
 
-/* vexp2 of the non-AVX-512 path on one ymm (same clamp, rounding and polynomial) */
-INLINE v8f vexp2_8(v8f x)
+/*
+ * 2^x in the state loop (x = delta * A * log2(e)): k = round(x) by VROUNDPS, 2^(x - k) by a
+ * degree-5 polynomial (relative error <= 2e-7 in fp32, against <= 1e-7 for vexp2's degree 6) and
+ * 2^k added to its exponent field by an integer add, which leaves the multiply ports to the
+ * polynomial and the recurrence. x is clamped at -126 (2^x then gives 2^-126 instead of a
+ * smaller number: an absolute error under 1.2e-38) and, unless BOUNDED says x <= 126 holds (in
+ * the state loop: delta from softplus and every A <= 0, as in every Mamba, so x <= 0), at +126
+ * too. NaN propagates.
+ */
+INLINE v8f vexp2_state8(v8f x, const int BOUNDED)
 {
-    x = (v8f)_mm256_min_ps(_mm256_set1_ps(126.0f), _mm256_max_ps(_mm256_set1_ps(-126.0f), (__m256)x));
-    const float magic = 12582912.0f + 127.0f;
-    const v8f t = x + magic;
-    const v8f k = t - magic;
-    return poly_exp2_8(x - k) * (v8f)((v8u)t << 23);
+    __m256 c = _mm256_max_ps(_mm256_set1_ps(-126.0f), (__m256)x);
+    if (!BOUNDED) c = _mm256_min_ps(_mm256_set1_ps(126.0f), c);
+    const __m256 k = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const v8u e = (v8u)_mm256_cvtps_epi32(k) << 23;    /* vector extensions: AVX without AVX2 too */
+    const v8f f = (v8f)c - (v8f)k;
+    v8f p = f * 1.3264678e-3f + 9.6715158e-3f;
+    p = p * f + 5.5507340e-2f;
+    p = p * f + 2.4022242e-1f;
+    p = p * f + 6.9314700e-1f;
+    p = p * f + 1.0f;
+    return (v8f)((v8u)p + e);
 }
 
 INLINE v8f vmax8(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
-INLINE v8f vexp8(v8f x) { return vexp2_8(x * LOG2E); }
 INLINE v8f vrcp8(v8f x)
 {
     const v8f r = (v8f)_mm256_rcp_ps((__m256)x);
@@ -420,8 +431,20 @@ INLINE v8f vrcp8(v8f x)
 }
 INLINE v8f vabs8(v8f x) { return (v8f)((v8u)x & 0x7fffffffu); }
 INLINE v8f vmax0_8(v8f x) { return vmax8((v8f){0}, x); }
-INLINE v8f vsigmoid8(v8f x) { return vrcp8(1.0f + vexp8(-vmax8((v8f){0} - 87.0f, x))); }
-DEF_SOFTPLUS(vsoftplus8, v8f, vexp8, vrcp8, vabs8, vmax0_8)
+/* exp's argument is at most 87: vexp2_state8 needs no upper clamp */
+INLINE v8f vsigmoid8(v8f x) { return vrcp8(1.0f + vexp2_state8(-vmax8((v8f){0} - 87.0f, x) * LOG2E, 1)); }
+/* exp(x) for x <= 0 (softplus' exp(-|x|)) */
+INLINE v8f vexp_neg8(v8f x) { return vexp2_state8(x * LOG2E, 1); }
+DEF_SOFTPLUS(vsoftplus8, v8f, vexp_neg8, vrcp8, vabs8, vmax0_8)
+
+/* the v16f forms in this build: the 8-wide functions on both halves, so every path of the build
+ * (row-major, time-major, backward, conv) computes the same exp, softplus and sigmoid */
+INLINE v16f vexp2_state(v16f x, const int BOUNDED)
+{
+    return cat8((__m256)vexp2_state8((v8f)lo8(x), BOUNDED), (__m256)vexp2_state8((v8f)hi8(x), BOUNDED));
+}
+INLINE v16f vsoftplus(v16f x) { return cat8((__m256)vsoftplus8((v8f)lo8(x)), (__m256)vsoftplus8((v8f)hi8(x))); }
+INLINE v16f vsigmoid(v16f x) { return cat8((__m256)vsigmoid8((v8f)lo8(x)), (__m256)vsigmoid8((v8f)hi8(x))); }
 
 /* one 8-channel half with w lanes (w <= 0: none, w >= 8: all) */
 INLINE v8f ld8(const float *p, long w)
@@ -448,7 +471,7 @@ INLINE v8f ldh8(const uint16_t *p, long w)
  * a 16-float stride (one v16f per state, this half's 8 lanes); dl, du and y one v16f per step.
  * Step j reads B at bt + j*bs and C at ct + j*cs (the state index added).
  */
-INLINE void recur8(const int G, const int MASK, long len, const float *RESTRICT dl, const float *RESTRICT du,
+INLINE void recur8(const int G, const int MASK, const int NONPOS, long len, const float *RESTRICT dl, const float *RESTRICT du,
                    float *RESTRICT y, float *RESTRICT h, const float *RESTRICT a2,
                    const float *RESTRICT bt, long bs, const float *RESTRICT ct, long cs)
 {
@@ -463,7 +486,7 @@ INLINE void recur8(const int G, const int MASK, long len, const float *RESTRICT 
         v8f ya = *(v8f_u *)(y + 16 * j), yb = (v8f){0};
 #pragma GCC unroll 8
         for (int n = 0; n < G; n++) {
-            const v8f e = vexp2_8(d * av[n]);
+            const v8f e = vexp2_state8(d * av[n], NONPOS);
             v8f r;
             if (MASK) {
                 r = e * hv[n];
@@ -480,8 +503,9 @@ INLINE void recur8(const int G, const int MASK, long len, const float *RESTRICT 
     for (int n = 0; n < G; n++) *(v8f_u *)(h + 16 * n) = hv[n];
 }
 
-/* A chunk's recurrence for one 16-channel block, NN states (see recur8); y is overwritten. */
-static void recur_halves(int NN, int MASK, long len, const v16f *dl, const v16f *du, v16f *y, v16f *h,
+/* A chunk's recurrence for one 16-channel block, NN states (see recur8); y is overwritten.
+ * nonpos: every delta * A is <= 0 (or NaN), see vexp2_state8. */
+static void recur_halves(int NN, int MASK, int nonpos, long len, const v16f *dl, const v16f *du, v16f *y, v16f *h,
                          const v16f *a2, const float *bt, long bs, const float *ct, long cs)
 {
     for (long j = 0; j < len; j++) y[j] = vb(0.0f);
@@ -494,8 +518,10 @@ static void recur_halves(int NN, int MASK, long len, const v16f *dl, const v16f 
             float *hh = ph + 16 * n0;
             const float *aa = pa + 16 * n0, *b = bt + n0, *c = ct + n0;
 #define RECUR(GG) do {                                                                      \
-                if (MASK) recur8(GG, 1, len, pd, pu, py, hh, aa, b, bs, c, cs);             \
-                else recur8(GG, 0, len, pd, pu, py, hh, aa, b, bs, c, cs);                  \
+                if (MASK && nonpos) recur8(GG, 1, 1, len, pd, pu, py, hh, aa, b, bs, c, cs);  \
+                else if (MASK) recur8(GG, 1, 0, len, pd, pu, py, hh, aa, b, bs, c, cs);      \
+                else if (nonpos) recur8(GG, 0, 1, len, pd, pu, py, hh, aa, b, bs, c, cs);    \
+                else recur8(GG, 0, 0, len, pd, pu, py, hh, aa, b, bs, c, cs);                \
             } while (0)
             if (G == 8) RECUR(8);
             else if (G == 4) RECUR(4);
@@ -549,7 +575,7 @@ INLINE void bwd_group8(const int G, const int MASK, int mfirst, long len, long N
         float *ej = eA + 16 * NN * j, *hj = hp + 16 * NN * j;
 #pragma GCC unroll 4
         for (int n = 0; n < G; n++) {
-            const v8f e = vexp2_8(d * *(const v8f_u *)(a2 + 16 * n));
+            const v8f e = vexp2_state8(d * *(const v8f_u *)(a2 + 16 * n), 0);
             *(v8f_u *)(ej + 16 * n) = e;
             *(v8f_u *)(hj + 16 * n) = v[n];
             v[n] = e * v[n] + x * b[n];
@@ -624,6 +650,10 @@ static void bwd_halves(int NN, int MASK, int mfirst, long len, const v16f *dl, c
         }
     }
 }
+#else
+INLINE v16f vexp2_state(v16f x, const int BOUNDED) { (void)BOUNDED; return vexp2(x); }
+INLINE v16f vsoftplus(v16f x) { return vsoftplus16(x); }
+INLINE v16f vsigmoid(v16f x) { return vsigmoid16(x); }
 #endif
 
 /* ---- the scan --------------------------------------------------------------------------- */
@@ -783,37 +813,69 @@ VTR_UNROLL
 static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E, long i0, long len,
                        const float *sT, v16f *cdl, v16f *cdu)
 {
-    const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
+    const long step = d->reverse ? -1 : 1, t0 = (d->reverse ? L - 1 : 0) + step * i0;
+    const long R = d->R;
     for (int hf = 0; hf < 2; hf++) {
         const long c = c0 + 8 * hf, wh = w - 8 * hf;
-        const __m256i km = half_mask(wh);
         const v8f bias = d->bias ? ld8(d->bias + c, wh) : (v8f){0};
-        const float *Wt = d->dt ? d->Wt + c : NULL;
-        long t = first + step * i0;
-        for (long j = 0; j < len; j++, t += step) {
-            v8f pre = bias;
-            if (d->dt) {
-                const float *row = d->bc_bf16 ? sT + j * d->R : d->dt + b * d->t_bs + t * d->t_ls;
-                v8f a0 = (v8f){0}, a1 = (v8f){0};
-                long r = 0;
-                if (wh >= 8) {
-                    for (; r + 1 < d->R; r += 2) {
-                        a0 += *(const v8f_u *)(Wt + r * E) * row[r];
-                        a1 += *(const v8f_u *)(Wt + (r + 1) * E) * row[r + 1];
-                    }
-                    if (r < d->R) a0 += *(const v8f_u *)(Wt + r * E) * row[r];
-                } else {
-                    for (; r < d->R; r++) a0 += (v8f)_mm256_maskload_ps(Wt + r * E, km) * row[r];
+        /* pass 1: pre = bias + dt_row @ Wt (or dpre), four steps at a time: one weight load
+         * feeds four independent sums */
+        if (d->dt && R <= VTR_MAXN) {
+            v8f wt[VTR_MAXN];
+            for (long r = 0; r < R; r++) wt[r] = ld8(d->Wt + r * E + c, wh);
+#define DT_ROW(J) (d->bc_bf16 ? sT + (J) * R : d->dt + b * d->t_bs + (t0 + step * (J)) * d->t_ls)
+            long j = 0;
+            for (; j + 4 <= len; j += 4) {
+                const float *r0 = DT_ROW(j), *r1 = DT_ROW(j + 1), *r2 = DT_ROW(j + 2), *r3 = DT_ROW(j + 3);
+                v8f a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+                for (long r = 0; r < R; r++) {
+                    a0 += wt[r] * r0[r];
+                    a1 += wt[r] * r1[r];
+                    a2 += wt[r] * r2[r];
+                    a3 += wt[r] * r3[r];
                 }
-                pre += a0 + a1;
-            } else {
-                pre += ld8(d->dpre + b * d->d_bs + t * d->d_ls + c, wh);
+                HALF(cdl, j, hf) = a0;
+                HALF(cdl, j + 1, hf) = a1;
+                HALF(cdl, j + 2, hf) = a2;
+                HALF(cdl, j + 3, hf) = a3;
             }
-            const v8f dl = d->softplus ? vsoftplus8(pre) : pre;
-            const long ui = b * d->u_bs + t * d->u_ls + c;
-            const v8f u = d->u_bf16 ? ldh8((const uint16_t *)(const void *)d->u + ui, wh) : ld8(d->u + ui, wh);
-            HALF(cdl, j, hf) = dl;
-            HALF(cdu, j, hf) = dl * u;
+            for (; j < len; j++) {
+                const float *r0 = DT_ROW(j);
+                v8f a0 = bias;
+                for (long r = 0; r < R; r++) a0 += wt[r] * r0[r];
+                HALF(cdl, j, hf) = a0;
+            }
+#undef DT_ROW
+        } else if (d->dt) {
+            const __m256i km = half_mask(wh);
+            const float *Wt = d->Wt + c;
+            for (long j = 0; j < len; j++) {
+                const float *row = d->bc_bf16 ? sT + j * R : d->dt + b * d->t_bs + (t0 + step * j) * d->t_ls;
+                v8f a0 = bias;
+                for (long r = 0; r < R; r++) a0 += (v8f)_mm256_maskload_ps(Wt + r * E, km) * row[r];
+                HALF(cdl, j, hf) = a0;
+            }
+        } else {
+            for (long j = 0; j < len; j++)
+                HALF(cdl, j, hf) = bias + ld8(d->dpre + b * d->d_bs + (t0 + step * j) * d->d_ls + c, wh);
+        }
+        /* pass 2: delta = softplus(pre) and delta * u; the steps are independent, so their
+         * softplus chains overlap */
+        const long ub = b * d->u_bs + t0 * d->u_ls + c, us = step * d->u_ls;
+        if (d->u_bf16) {
+            const uint16_t *uh = (const uint16_t *)(const void *)d->u + ub;
+            for (long j = 0; j < len; j++) {
+                const v8f pre = HALF(cdl, j, hf), dl = d->softplus ? vsoftplus8(pre) : pre;
+                HALF(cdl, j, hf) = dl;
+                HALF(cdu, j, hf) = dl * ldh8(uh + j * us, wh);
+            }
+        } else {
+            const float *uf = d->u + ub;
+            for (long j = 0; j < len; j++) {
+                const v8f pre = HALF(cdl, j, hf), dl = d->softplus ? vsoftplus8(pre) : pre;
+                HALF(cdl, j, hf) = dl;
+                HALF(cdu, j, hf) = dl * ld8(uf + j * us, wh);
+            }
         }
     }
 }
@@ -927,10 +989,14 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
     }
     t = first + step * i0;
 #if defined(VTR_HALVES)
+    /* delta >= 0 (softplus) and A <= 0 in every lane of the block: delta * A <= 0 */
+    int nonpos = softplus;
+    for (int n = 0; nonpos && n < NN; n++)
+        for (long i = 0; i < nch; i++) nonpos &= d->A[n * E + c0 + i] <= 0.0f;
     if (bc16)
-        recur_halves(NN, MASK, len, cdl, cdu, cy, h, a2, sB, NN, sC, NN);
+        recur_halves(NN, MASK, nonpos, len, cdl, cdu, cy, h, a2, sB, NN, sC, NN);
     else
-        recur_halves(NN, MASK, len, cdl, cdu, cy, h, a2, Bb + t * d->b_ls, step * d->b_ls, Cb + t * d->c_ls,
+        recur_halves(NN, MASK, nonpos, len, cdl, cdu, cy, h, a2, Bb + t * d->b_ls, step * d->b_ls, Cb + t * d->c_ls,
                      step * d->c_ls);
     if (MASK && i0 == 0) cy[0] = vb(0.0f);      /* the masked first step reads nothing */
 #else
@@ -940,7 +1006,7 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
         v16f ya[4] = {vb(0.0f), vb(0.0f), vb(0.0f), vb(0.0f)};
 VTR_UNROLL
         for (int n = 0; n < NN; n++) {
-            const v16f e = vexp2(dl * a2[n]);
+            const v16f e = vexp2_state(dl * a2[n], 0);
             if (MASK) {
                 const v16f r = e * h[n];
                 h[n] = r + du * bt[n];
@@ -1197,7 +1263,7 @@ INLINE void bwd_chunk(const vtr_dir *RESTRICT d, const vtr_grad *RESTRICT g, con
         v16f *cdAj = cdA + j * NN, *chpj = chp + j * NN;
 VTR_UNROLL
         for (int n = 0; n < NN; n++) {
-            const v16f e = vexp2(dl * a2[n]);
+            const v16f e = vexp2_state(dl * a2[n], 0);
             cdAj[n] = e;
             chpj[n] = h[n];
             h[n] = e * h[n] + du * bt[n];
