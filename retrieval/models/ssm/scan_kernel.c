@@ -503,12 +503,11 @@ INLINE void recur8(const int G, const int MASK, const int NONPOS, long len, cons
     for (int n = 0; n < G; n++) *(v8f_u *)(h + 16 * n) = hv[n];
 }
 
-/* A chunk's recurrence for one 16-channel block, NN states (see recur8); y is overwritten.
+/* A chunk's recurrence for one 16-channel block, NN states (see recur8); adds C h to y.
  * nonpos: every delta * A is <= 0 (or NaN), see vexp2_state8. */
 static void recur_halves(int NN, int MASK, int nonpos, long len, const v16f *dl, const v16f *du, v16f *y, v16f *h,
                          const v16f *a2, const float *bt, long bs, const float *ct, long cs)
 {
-    for (long j = 0; j < len; j++) y[j] = vb(0.0f);
     for (int hf = 0; hf < 2; hf++) {
         const float *pd = (const float *)dl + 8 * hf, *pu = (const float *)du + 8 * hf;
         float *py = (float *)y + 8 * hf, *ph = (float *)h + 8 * hf;
@@ -811,7 +810,7 @@ VTR_UNROLL
  * fp32 output). dt rows of the chunk are read from sT when the direction's dt is bf16.
  */
 static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E, long i0, long len,
-                       const float *sT, v16f *cdl, v16f *cdu)
+                       const float *sT, v16f *cdl, v16f *cdu, v16f *cy)
 {
     const long step = d->reverse ? -1 : 1, t0 = (d->reverse ? L - 1 : 0) + step * i0;
     const long R = d->R;
@@ -859,22 +858,26 @@ static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E
             for (long j = 0; j < len; j++)
                 HALF(cdl, j, hf) = bias + ld8(d->dpre + b * d->d_bs + (t0 + step * j) * d->d_ls + c, wh);
         }
-        /* pass 2: delta = softplus(pre) and delta * u; the steps are independent, so their
-         * softplus chains overlap */
+        /* pass 2: delta = softplus(pre), delta * u, and D * u as y's start (the recurrence adds
+         * C h to it; u is read once); the steps are independent, so their softplus chains overlap */
         const long ub = b * d->u_bs + t0 * d->u_ls + c, us = step * d->u_ls;
+        const v8f Dv = d->D ? ld8(d->D + c, wh) : (v8f){0};
+        const int sp = d->softplus;
         if (d->u_bf16) {
             const uint16_t *uh = (const uint16_t *)(const void *)d->u + ub;
             for (long j = 0; j < len; j++) {
-                const v8f pre = HALF(cdl, j, hf), dl = d->softplus ? vsoftplus8(pre) : pre;
+                const v8f pre = HALF(cdl, j, hf), dl = sp ? vsoftplus8(pre) : pre, u = ldh8(uh + j * us, wh);
                 HALF(cdl, j, hf) = dl;
-                HALF(cdu, j, hf) = dl * ldh8(uh + j * us, wh);
+                HALF(cdu, j, hf) = dl * u;
+                HALF(cy, j, hf) = Dv * u;
             }
         } else {
             const float *uf = d->u + ub;
             for (long j = 0; j < len; j++) {
-                const v8f pre = HALF(cdl, j, hf), dl = d->softplus ? vsoftplus8(pre) : pre;
+                const v8f pre = HALF(cdl, j, hf), dl = sp ? vsoftplus8(pre) : pre, u = ld8(uf + j * us, wh);
                 HALF(cdl, j, hf) = dl;
-                HALF(cdu, j, hf) = dl * ld8(uf + j * us, wh);
+                HALF(cdu, j, hf) = dl * u;
+                HALF(cy, j, hf) = Dv * u;
             }
         }
     }
@@ -886,13 +889,10 @@ static void post_halves(const vtr_dir *d, long b, long c0, long w, long L, long 
     const long step = d->reverse ? -1 : 1, first = d->reverse ? L - 1 : 0;
     for (int hf = 0; hf < 2; hf++) {
         const long c = c0 + 8 * hf, wh = w - 8 * hf;
-        const v8f Dv = d->D ? ld8(d->D + c, wh) : (v8f){0};
         float *o = out + b * L * E + c;
         long t = first + step * i0;
         for (long j = 0; j < len; j++, t += step) {
-            const long ui = b * d->u_bs + t * d->u_ls + c;
-            const v8f u = d->u_bf16 ? ldh8((const uint16_t *)(const void *)d->u + ui, wh) : ld8(d->u + ui, wh);
-            v8f y = HALF(cy, j, hf) + Dv * u;
+            v8f y = HALF(cy, j, hf);                      /* C h + D u (pre_halves) */
             if (acc) y += ld8(o + t * E, wh);
             if (z) {
                 const long zi = b * z_bs + t * z_ls + c;
@@ -977,7 +977,7 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
         tile_load(u + tmin, d->u_cs, len, nch, tU);
     }
 #if defined(VTR_HALVES)
-    if (!TM) pre_halves(d, b, c0, m, L, E, i0, len, sT, cdl, cdu);
+    if (!TM) pre_halves(d, b, c0, m, L, E, i0, len, sT, cdl, cdu, cy);
     else
 #endif
     for (long j = 0; j < len; j++, t += step) {
@@ -993,12 +993,14 @@ INLINE void fwd_chunk(const vtr_dir *RESTRICT d, long b, long c0, lmask m, long 
     int nonpos = softplus;
     for (int n = 0; nonpos && n < NN; n++)
         for (long i = 0; i < nch; i++) nonpos &= d->A[n * E + c0 + i] <= 0.0f;
+    if (TM)                                 /* row-major: pre_halves started y at D u */
+        for (long j = 0; j < len; j++) cy[j] = vb(0.0f);
     if (bc16)
         recur_halves(NN, MASK, nonpos, len, cdl, cdu, cy, h, a2, sB, NN, sC, NN);
     else
         recur_halves(NN, MASK, nonpos, len, cdl, cdu, cy, h, a2, Bb + t * d->b_ls, step * d->b_ls, Cb + t * d->c_ls,
                      step * d->c_ls);
-    if (MASK && i0 == 0) cy[0] = vb(0.0f);      /* the masked first step reads nothing */
+    if (MASK && i0 == 0) cy[0] = TM ? vb(0.0f) : Dv * LDU(first);   /* the masked first step reads no state */
 #else
     for (long j = 0; j < len; j++, t += step) {
         const v16f dl = cdl[j], du = cdu[j];
@@ -1044,7 +1046,11 @@ VTR_UNROLL
         } else
 #endif
         for (long j = 0; j < len; j++, t += step) {
+#if defined(VTR_HALVES)
+            v16f y = cy[j];                               /* C h + D u (pre_halves) */
+#else
             v16f y = cy[j] + Dv * LDU(t);
+#endif
             if (acc) y += ld(o + t * E, m);
             if (zb || zh) {
                 const v16f zv = zh ? ldh(zh + t * z_ls, m) : ld(zb + t * z_ls, m);
