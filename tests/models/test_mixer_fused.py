@@ -130,7 +130,7 @@ def test_state_dict_keys_unchanged():
 
 # -- building blocks ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("L,E,K", [(1, 5, 4), (3, 16, 4), (70, 37, 4), (130, 32, 3), (9, 20, 1)])
+@pytest.mark.parametrize("L,E,K", [(1, 5, 4), (3, 16, 4), (70, 37, 4), (300, 24, 4), (130, 32, 3), (9, 20, 1)])
 def test_conv_silu_matches_torch(L, E, K):
     g = torch.Generator().manual_seed(L * E)
     xz = torch.randn(2, L, 2 * E, generator=g)
@@ -154,6 +154,22 @@ def test_conv_silu_matches_torch(L, E, K):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_new, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_silu_single_branch_equals_the_forward_branch():
+    """The v1 layout's one conv (no backward branch) gives the two-branch call's forward output,
+    across position tiles (L > 256) and a partial channel block."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 600, 2 * 21, generator=g)[..., :21]
+    wf, wb = torch.randn(21, 1, 4, generator=g), torch.randn(21, 1, 4, generator=g)
+    bf, bb = torch.randn(21, generator=g), torch.randn(21, generator=g)
+    with torch.no_grad():
+        one, none = conv_silu(x, wf, bf)
+        both, _ = conv_silu(x, wf, bf, wb, bb)
+        ref = F.silu(F.conv1d(x.transpose(1, 2), wf, bf, padding=3, groups=21)[..., :600]).transpose(1, 2)
+    assert none is None
+    assert torch.equal(one, both)
+    torch.testing.assert_close(one, ref, atol=1e-5, rtol=1e-5)
 
 
 def _dir_inputs(b, L, E, N, seed, h0=False):

@@ -1574,11 +1574,76 @@ int vtr_conv_fwd_bf16(const uint16_t *x, long x_bs, long x_ls, const float *wf, 
     return 0;
 }
 
+#if defined(VTR_HALVES)
+#define CONV_TILE 256   /* positions per work item of conv4_halves */
+/*
+ * vtr_conv_fwd for K = 4 on the AVX path: a work item is (batch, tile of CONV_TILE positions,
+ * 16-channel block), run as two 8-channel halves that slide along the tile with the window
+ * x[t-3 .. t+3] in registers, so each position loads one new x vector and both branches' taps
+ * and biases stay in registers (the generic loop reloads all of them at every position and
+ * channel block). The sums are the generic loop's, in the same order (bias, then tap 0 .. 3).
+ */
+static void conv4_halves(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
+                         const float *bb, float *yf, float *yb, long B, long L, long E, int nthreads)
+{
+    const long ntile = (L + CONV_TILE - 1) / CONV_TILE, nblk = (E + 15) / 16, items = B * ntile * nblk;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long it = 0; it < items; it++) {
+        const long b = it / (ntile * nblk), tile = it / nblk % ntile, c0 = it % nblk * 16;
+        const long t0 = tile * CONV_TILE, t1 = t0 + CONV_TILE < L ? t0 + CONV_TILE : L;
+        const float *xb = x + b * x_bs;
+        for (int hf = 0; hf < 2; hf++) {
+            const long c = c0 + 8 * hf, wh = E - c;
+            if (wh <= 0) break;
+            const v8f f0 = ld8(wf + c, wh), f1 = ld8(wf + E + c, wh), f2 = ld8(wf + 2 * E + c, wh),
+                      f3 = ld8(wf + 3 * E + c, wh);
+            const v8f fb = bf ? ld8(bf + c, wh) : (v8f){0};
+            v8f g0 = (v8f){0}, g1 = g0, g2 = g0, g3 = g0, gb = g0;
+            if (wb) {
+                g0 = ld8(wb + c, wh); g1 = ld8(wb + E + c, wh); g2 = ld8(wb + 2 * E + c, wh);
+                g3 = ld8(wb + 3 * E + c, wh);
+                gb = bb ? ld8(bb + c, wh) : (v8f){0};
+            }
+#define XT(T) ((T) >= 0 && (T) < L ? ld8(xb + (T) * x_ls + c, wh) : (v8f){0})
+            /* window: xm3 .. xp3 = x[t-3] .. x[t+3] */
+            v8f xm3 = XT(t0 - 3), xm2 = XT(t0 - 2), xm1 = XT(t0 - 1), x0 = XT(t0), xp1 = XT(t0 + 1), xp2 = XT(t0 + 2);
+            float *of = yf + (b * L) * E + c, *ob = yb ? yb + (b * L) * E + c : NULL;
+            for (long t = t0; t < t1; t++) {
+                const v8f xp3 = wb ? (t + 3 < L ? ld8(xb + (t + 3) * x_ls + c, wh) : (v8f){0}) : (v8f){0};
+                v8f p = fb;                                     /* causal: tap k reads x[t-3+k] */
+                p += f0 * xm3;
+                p += f1 * xm2;
+                p += f2 * xm1;
+                p += f3 * x0;
+                st8(of + t * E, p * vsigmoid8(p), wh);
+                if (wb) {                                       /* anti-causal: tap k reads x[t+3-k] */
+                    v8f q = gb;
+                    q += g0 * xp3;
+                    q += g1 * xp2;
+                    q += g2 * xp1;
+                    q += g3 * x0;
+                    st8(ob + t * E, q * vsigmoid8(q), wh);
+                }
+                xm3 = xm2; xm2 = xm1; xm1 = x0; x0 = xp1; xp1 = xp2;
+                xp2 = wb ? xp3 : XT(t + 3);
+            }
+#undef XT
+        }
+    }
+}
+#endif
+
 int vtr_conv_fwd(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
                  const float *bb, float *yf, float *yb, long B, long L, long E, int K, int nthreads)
 {
     if (K < 1 || K > VTR_MAXK) return -1;
     if (nthreads < 1) nthreads = 1;
+#if defined(VTR_HALVES)
+    if (K == 4) {
+        conv4_halves(x, x_bs, x_ls, wf, bf, wb, bb, yf, yb, B, L, E, nthreads);
+        return 0;
+    }
+#endif
     const long rows = B * L;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long r = 0; r < rows; r++) {
