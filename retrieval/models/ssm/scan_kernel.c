@@ -814,38 +814,50 @@ static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E
 {
     const long step = d->reverse ? -1 : 1, t0 = (d->reverse ? L - 1 : 0) + step * i0;
     const long R = d->R;
+    const int fast = d->dt && R <= VTR_MAXN;
+    if (fast) {
+        /* pass 1: pre = bias + dt_row @ Wt for both halves, four steps at a time: each dt value is
+         * broadcast once for 16 channels, each weight load feeds four steps' independent sums */
+        v8f wt[2 * VTR_MAXN];
+        for (long r = 0; r < R; r++) {
+            wt[2 * r] = ld8(d->Wt + r * E + c0, w);
+            wt[2 * r + 1] = ld8(d->Wt + r * E + c0 + 8, w - 8);
+        }
+        const v8f bl = d->bias ? ld8(d->bias + c0, w) : (v8f){0}, bh = d->bias ? ld8(d->bias + c0 + 8, w - 8) : (v8f){0};
+#define DT_ROW(J) (d->bc_bf16 ? sT + (J) * R : d->dt + b * d->t_bs + (t0 + step * (J)) * d->t_ls)
+        long j = 0;
+        for (; j + 4 <= len; j += 4) {
+            const float *r0 = DT_ROW(j), *r1 = DT_ROW(j + 1), *r2 = DT_ROW(j + 2), *r3 = DT_ROW(j + 3);
+            v8f a0 = bl, a1 = bl, a2 = bl, a3 = bl, e0 = bh, e1 = bh, e2 = bh, e3 = bh;
+            for (long r = 0; r < R; r++) {
+                const v8f wl = wt[2 * r], wu = wt[2 * r + 1];
+                const float s0 = r0[r], s1 = r1[r], s2 = r2[r], s3 = r3[r];
+                a0 += wl * s0; e0 += wu * s0;
+                a1 += wl * s1; e1 += wu * s1;
+                a2 += wl * s2; e2 += wu * s2;
+                a3 += wl * s3; e3 += wu * s3;
+            }
+            HALF(cdl, j, 0) = a0; HALF(cdl, j, 1) = e0;
+            HALF(cdl, j + 1, 0) = a1; HALF(cdl, j + 1, 1) = e1;
+            HALF(cdl, j + 2, 0) = a2; HALF(cdl, j + 2, 1) = e2;
+            HALF(cdl, j + 3, 0) = a3; HALF(cdl, j + 3, 1) = e3;
+        }
+        for (; j < len; j++) {
+            const float *r0 = DT_ROW(j);
+            v8f a0 = bl, e0 = bh;
+            for (long r = 0; r < R; r++) {
+                a0 += wt[2 * r] * r0[r];
+                e0 += wt[2 * r + 1] * r0[r];
+            }
+            HALF(cdl, j, 0) = a0; HALF(cdl, j, 1) = e0;
+        }
+#undef DT_ROW
+    }
     for (int hf = 0; hf < 2; hf++) {
         const long c = c0 + 8 * hf, wh = w - 8 * hf;
         const v8f bias = d->bias ? ld8(d->bias + c, wh) : (v8f){0};
-        /* pass 1: pre = bias + dt_row @ Wt (or dpre), four steps at a time: one weight load
-         * feeds four independent sums */
-        if (d->dt && R <= VTR_MAXN) {
-            v8f wt[VTR_MAXN];
-            for (long r = 0; r < R; r++) wt[r] = ld8(d->Wt + r * E + c, wh);
-#define DT_ROW(J) (d->bc_bf16 ? sT + (J) * R : d->dt + b * d->t_bs + (t0 + step * (J)) * d->t_ls)
-            long j = 0;
-            for (; j + 4 <= len; j += 4) {
-                const float *r0 = DT_ROW(j), *r1 = DT_ROW(j + 1), *r2 = DT_ROW(j + 2), *r3 = DT_ROW(j + 3);
-                v8f a0 = bias, a1 = bias, a2 = bias, a3 = bias;
-                for (long r = 0; r < R; r++) {
-                    a0 += wt[r] * r0[r];
-                    a1 += wt[r] * r1[r];
-                    a2 += wt[r] * r2[r];
-                    a3 += wt[r] * r3[r];
-                }
-                HALF(cdl, j, hf) = a0;
-                HALF(cdl, j + 1, hf) = a1;
-                HALF(cdl, j + 2, hf) = a2;
-                HALF(cdl, j + 3, hf) = a3;
-            }
-            for (; j < len; j++) {
-                const float *r0 = DT_ROW(j);
-                v8f a0 = bias;
-                for (long r = 0; r < R; r++) a0 += wt[r] * r0[r];
-                HALF(cdl, j, hf) = a0;
-            }
-#undef DT_ROW
-        } else if (d->dt) {
+        /* pass 1 elsewhere: dt with a rank above VTR_MAXN, or dpre given */
+        if (d->dt && !fast) {
             const __m256i km = half_mask(wh);
             const float *Wt = d->Wt + c;
             for (long j = 0; j < len; j++) {
@@ -854,7 +866,7 @@ static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E
                 for (long r = 0; r < R; r++) a0 += (v8f)_mm256_maskload_ps(Wt + r * E, km) * row[r];
                 HALF(cdl, j, hf) = a0;
             }
-        } else {
+        } else if (!d->dt) {
             for (long j = 0; j < len; j++)
                 HALF(cdl, j, hf) = bias + ld8(d->dpre + b * d->d_bs + (t0 + step * j) * d->d_ls + c, wh);
         }
