@@ -47,8 +47,11 @@
  *             post_halves) and the state loop (recur_halves), per group of up to 8 states, each
  *             state one ymm register kept across the chunk's steps (16 states of 16 channels would
  *             need 32). The backward's two state loops do the same in groups of 4 (bwd_halves);
- *             the conv's and the dt projection's sums are held in ymm halves. Results differ from
- *             the AVX-512 build only in summation order (and the 2^-23 reciprocal estimate).
+ *             the conv's and the dt projection's sums are held in ymm halves; the conv at K = 4
+ *             slides a register window along tiles of positions (conv4_halves). exp, softplus and
+ *             sigmoid are the 8-wide forms on every path (vexp2_state8: degree 5, VROUNDPS and an
+ *             integer exponent add). Results differ from the AVX-512 build in summation order, the
+ *             2^-23 reciprocal estimate and exp's last bit (<= 2e-7 relative against <= 1e-7).
  *   SSE2      (x86-64 baseline) max/min on the four xmm quarters; the loops stay rolled.
  *   other     generic vector code (compare + select), rolled.
  */
