@@ -332,6 +332,34 @@ def test_state_exponent_clamp_follows_the_block(softplus):
     torch.testing.assert_close(out[:, :10, 5], ref[:, :10, 5], atol=2e-5, rtol=1e-4)
 
 
+def test_kernel_math_against_float64():
+    """The scan's own exp (its state loop's), softplus and sigmoid, as this machine's build computes
+    them, against float64: 2^x to 2.5e-7 relative (the AVX build's degree-5 polynomial; 1e-7 for
+    the others'), softplus and sigmoid to 1e-6 plus their argument's rounding; 2^x
+    saturates at 2^-126 below and, unclamped only where bounded, at 2^126 above."""
+    from retrieval.models.ssm.cpu import kernel_math
+
+    x = torch.linspace(-125.9, 125.9, 200_001)
+    exact = torch.exp2(x.double())
+    for bounded in (False, True):
+        got = kernel_math("exp2", x, bounded=bounded).double()
+        assert ((got - exact).abs() / exact).max().item() <= 2.5e-7
+    low = kernel_math("exp2", torch.tensor([-126.5, -150.0, -1e4]))
+    assert torch.all(low >= 0) and torch.all(low <= 2.0 ** -125)
+    high = kernel_math("exp2", torch.tensor([127.0, 300.0, 1e4]))
+    assert torch.all(high == 2.0 ** 126)
+    assert torch.isnan(kernel_math("exp2", torch.tensor([float("nan")]))).all()
+    # softplus and sigmoid take exp(y) as 2^(y log2(e)): rounding that product to fp32 costs up to
+    # ~6e-8 |y| relative, on top of the polynomial's, the reciprocal estimate's and the final sums' ~1e-6
+    y = torch.linspace(-80.0, 80.0, 200_001)
+    bound = 1e-6 + 6e-8 * y.abs().double()
+    for fn, ref in (("softplus", F.softplus(y.double())), ("sigmoid", torch.sigmoid(y.double()))):
+        got = kernel_math(fn, y).double()
+        assert ((got - ref).abs() / ref / bound).max().item() <= 1.0, fn
+    with pytest.raises(ValueError, match="fn must be"):
+        kernel_math("tanh", y)
+
+
 def test_bad_shapes_and_devices_are_refused():
     ts = _dir_inputs(1, 10, 16, 16, seed=0)
     with pytest.raises(ValueError, match="B must have shape"):

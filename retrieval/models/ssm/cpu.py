@@ -169,6 +169,7 @@ def build_library(src: Path | None = None, arch_flags: list[str] | None = None) 
     GP = ctypes.POINTER(_Grad)
     lib.vtr_chunk.argtypes, lib.vtr_chunk.restype = [], INT
     lib.vtr_vector_path.argtypes, lib.vtr_vector_path.restype = [], ctypes.c_char_p
+    lib.vtr_math.argtypes = [INT, INT, P, P, LONG]
     lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT, P]
     lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
     lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
@@ -218,6 +219,19 @@ def vector_path() -> str:
     """Which vector code the kernels in use were compiled to: ``avx512``, ``avx2``, ``avx``,
     ``sse2`` or ``generic``. Raises KernelUnavailable."""
     return load_kernel().vtr_vector_path().decode()
+
+
+def kernel_math(fn: str, x: torch.Tensor, bounded: bool = False) -> torch.Tensor:
+    """One of the kernels' elementwise functions on a float32 CPU tensor, as the scan computes it
+    (for accuracy checks): ``"exp2"`` (the state loop's 2^x; ``bounded``: the form without the
+    upper clamp, for x <= 126), ``"softplus"`` or ``"sigmoid"``."""
+    names = {"exp2": 0, "softplus": 1, "sigmoid": 2}
+    if fn not in names:
+        raise ValueError(f"fn must be one of {sorted(names)}, got {fn!r}")
+    xs = x.detach().float().contiguous()
+    out = torch.empty_like(xs)
+    _check(load_kernel().vtr_math(names[fn], int(bounded), xs.data_ptr(), out.data_ptr(), xs.numel()), "math")
+    return out
 
 
 def kernel_available() -> bool:

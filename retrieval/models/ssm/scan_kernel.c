@@ -698,6 +698,26 @@ typedef struct {
 int vtr_chunk(void) { return VTR_CHUNK; }
 
 /* the vector path this build runs (the loader logs it; tests check that a build took its flags) */
+/*
+ * The scan's elementwise functions over n floats, so tests can check them against float64
+ * (fn 0: 2^x as the state loop computes it, `bounded` its no-upper-clamp form for x <= 126;
+ * 1: softplus; 2: sigmoid). Returns -1 for an unknown fn.
+ */
+int vtr_math(int fn, int bounded, const float *x, float *y, long n)
+{
+    if (fn < 0 || fn > 2) return -1;
+    for (long i = 0; i < n; i += 16) {
+        const lmask m = lanes(n - i);
+        const v16f v = ld(x + i, m);
+        v16f r;
+        if (fn == 0) r = bounded ? vexp2_state(v, 1) : vexp2_state(v, 0);
+        else if (fn == 1) r = vsoftplus(v);
+        else r = vsigmoid(v);
+        st(y + i, r, m);
+    }
+    return 0;
+}
+
 const char *vtr_vector_path(void)
 {
 #if defined(__AVX512F__)
