@@ -440,6 +440,30 @@ INLINE v8f vsigmoid8(v8f x) { return vrcp8(1.0f + vexp2_state8(-vmax8((v8f){0} -
 INLINE v8f vexp_neg8(v8f x) { return vexp2_state8(x * LOG2E, 1); }
 DEF_SOFTPLUS(vsoftplus8, v8f, vexp_neg8, vrcp8, vabs8, vmax0_8)
 
+/* vsoftplus8 of four independent vectors, stage by stage, so the four dependency chains are
+ * interleaved in program order (one softplus is a ~25-op chain) */
+INLINE void vsoftplus8x4(v8f *x)
+{
+    v8f e[4], s[4], r[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) e[i] = vexp_neg8(-vabs8(x[i]));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) r[i] = (v8f)_mm256_rcp_ps((__m256)(e[i] + 2.0f));
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) r[i] = r[i] + r[i] * (1.0f - (e[i] + 2.0f) * r[i]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) s[i] = e[i] * r[i];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        const v8f s2 = s[i] * s[i];
+        v8f q = s2 * 0.14003867f + 0.14001295f;
+        q = q * s2 + 0.20010743f;
+        q = q * s2 + 0.33333209f;
+        q = q * s2 + 1.0f;
+        x[i] = vmax0_8(x[i]) + 2.0f * s[i] * q;
+    }
+}
+
 /* the v16f forms in this build: the 8-wide functions on both halves, so every path of the build
  * (row-major, time-major, backward, conv) computes the same exp, softplus and sigmoid */
 INLINE v16f vexp2_state(v16f x, const int BOUNDED)
@@ -908,7 +932,19 @@ static void pre_halves(const vtr_dir *d, long b, long c0, long w, long L, long E
             }
         } else {
             const float *uf = d->u + ub;
-            for (long j = 0; j < len; j++) {
+            long j = 0;
+            if (sp)             /* four steps at a time: their softplus chains interleaved (+7 %) */
+                for (; j + 4 <= len; j += 4) {
+                    v8f q[4] = {HALF(cdl, j, hf), HALF(cdl, j + 1, hf), HALF(cdl, j + 2, hf), HALF(cdl, j + 3, hf)};
+                    vsoftplus8x4(q);
+                    for (int i = 0; i < 4; i++) {
+                        const v8f u = ld8(uf + (j + i) * us, wh);
+                        HALF(cdl, j + i, hf) = q[i];
+                        HALF(cdu, j + i, hf) = q[i] * u;
+                        HALF(cy, j + i, hf) = Dv * u;
+                    }
+                }
+            for (; j < len; j++) {
                 const v8f pre = HALF(cdl, j, hf), dl = sp ? vsoftplus8(pre) : pre, u = ld8(uf + j * us, wh);
                 HALF(cdl, j, hf) = dl;
                 HALF(cdu, j, hf) = dl * u;
