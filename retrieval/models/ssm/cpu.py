@@ -169,7 +169,8 @@ def build_library(src: Path | None = None, arch_flags: list[str] | None = None) 
     GP = ctypes.POINTER(_Grad)
     lib.vtr_chunk.argtypes, lib.vtr_chunk.restype = [], INT
     lib.vtr_vector_path.argtypes, lib.vtr_vector_path.restype = [], ctypes.c_char_p
-    lib.vtr_math.argtypes = [INT, INT, P, P, LONG]
+    if hasattr(lib, "vtr_math"):       # absent from older sources loaded as A/B baselines
+        lib.vtr_math.argtypes = [INT, INT, P, P, LONG]
     lib.vtr_scan_fwd.argtypes = [DP, INT, P, LONG, LONG, LONG, P, INT, P, LONG, LONG, LONG, INT, INT, P]
     lib.vtr_scan_bwd.argtypes = [DP, GP, INT, P, LONG, LONG, LONG, INT, INT]
     lib.vtr_gate_bwd.argtypes = [P, P, P, LONG, LONG, P, P, LONG, LONG, LONG, INT]
