@@ -84,6 +84,9 @@ def test_search_and_upload_in_chromium(server, browser, tmp_path: Path) -> None:
     # the example queries, read from the index as the page opened: one click puts one in the box
     example = page.locator("#vtr-examples button").first
     example.wait_for()
+    # the page's load event re-renders the examples from the index: wait until they have text
+    page.wait_for_function("""() => { const b = document.querySelector('#vtr-examples button');
+                                return b !== null && b.innerText.trim().length > 0; }""")
     chosen = " ".join(example.inner_text().split())
     assert chosen
     example.click()
