@@ -6,7 +6,8 @@ The baseline is another revision of the kernel source, e.g. main's::
     python bench/kernel_ab.py --baseline /tmp/scan_kernel_main.c
 
 Both are compiled with the same flags (``--arch-flags``, default the build's own:
-``$VTR_KERNEL_ARCH_FLAGS`` or ``-march=native``) and loaded side by side
+``$VTR_KERNEL_ARCH_FLAGS`` or ``-march=native``; ``--baseline-arch-flags`` gives the baseline its
+own, e.g. the AVX2 build against the AVX-512 one of the same source on one CPU) and loaded side by side
 (``retrieval.models.ssm.cpu.build_library``); every round runs each part with the baseline, then
 with the current source (``using_library``), so machine noise hits both alike. Parts, at
 VideoMamba-Ti's mixer shapes (batch 1, L = 1 + 196 x frames, d_inner 384, d_state 16, dt rank
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", type=Path, required=True, help="the other scan_kernel.c")
     parser.add_argument("--arch-flags", default=None, help="compiler arch flags for both builds")
+    parser.add_argument("--baseline-arch-flags", default=None,
+                        help="the baseline's own arch flags (default --arch-flags), e.g. "
+                             "'-march=native -mno-avx512f' to time the AVX2 build against the AVX-512 one")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=THREADS)
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--baseline: no such file: {args.baseline}")
     torch.set_num_threads(args.threads)
     arch = args.arch_flags.split() if args.arch_flags is not None else None
-    libs = {"baseline": build_library(args.baseline, arch), "current": build_library(None, arch)}
+    base_arch = args.baseline_arch_flags.split() if args.baseline_arch_flags is not None else arch
+    libs = {"baseline": build_library(args.baseline, base_arch), "current": build_library(None, arch)}
     results = Recorder(args.output, append=args.append)
     for name, (L, fn) in parts(args.frames, args.train, not args.no_model).items():
         load_before = os.getloadavg()
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         results.add({"bench": "kernel_ab", "part": name, "L": L, "frames": args.frames, "rounds": args.rounds,
                      "baseline": str(args.baseline), "arch_flags": args.arch_flags or "default",
+                     "baseline_arch_flags": args.baseline_arch_flags or args.arch_flags or "default",
                      "baseline_s": _sig(med["baseline"]), "current_s": _sig(med["current"]),
                      "speedup": round(med["baseline"] / med["current"], 3),
                      "current_min_max_s": [_sig(min(times["current"])), _sig(max(times["current"]))],
