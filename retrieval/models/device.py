@@ -149,6 +149,79 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+CPU_MATMULS = ("auto", "onednn", "torch")
+_AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU vendor string of /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...; empty where
+    there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def choose_cpu_matmul(spec: str, flags: frozenset[str], vendor: str, onednn_linear: bool) -> str:
+    """``"onednn"`` or ``"torch"``: who runs the large fp32 products of :func:`retrieval.models.layers.linear`.
+
+    ``auto`` picks oneDNN's inner product on an x86 CPU with AVX-512 that is not Intel's: torch's
+    fp32 products go to MKL, which runs its AVX2 code on other vendors' CPUs, while oneDNN runs its
+    AVX-512 kernels there (AMD Zen 4: 1.3-1.6x on the mixer's x_proj shapes, 1.2x on a whole
+    VideoMamba-Ti forward at 64 frames; docs/performance.md). On Intel CPUs MKL runs AVX-512 itself
+    and on AVX2-only CPUs oneDNN is not faster everywhere, so torch keeps them.
+    """
+    if spec not in CPU_MATMULS:
+        raise DeviceError(f"VTR_CPU_MATMUL must be one of {', '.join(CPU_MATMULS)}, got {spec!r}")
+    if spec == "torch" or not onednn_linear:
+        return "torch"
+    if spec == "onednn":
+        return "onednn"
+    return "onednn" if _AVX512_CORE <= flags and vendor not in ("", "GenuineIntel") else "torch"
+
+
+def _onednn_linear_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_cpu_matmul() -> str:
+    spec = os.environ.get("VTR_CPU_MATMUL", "auto").strip().lower() or "auto"
+    choice = choose_cpu_matmul(spec, cpu_flags(), cpu_vendor(), _onednn_linear_available())
+    if spec == "onednn" and choice != "onednn":
+        log.warning("VTR_CPU_MATMUL=onednn: this torch build has no oneDNN linear; using torch's products")
+    _log_once(f"CPU fp32 products of the model layers: {choice}"
+              + (" (oneDNN, AVX-512)" if choice == "onednn" and spec == "auto" else ""))
+    return choice
+
+
+_matmul_override: list[str] = []
+
+
+def cpu_matmul_backend() -> str:
+    """:func:`choose_cpu_matmul` for this machine and ``$VTR_CPU_MATMUL`` (default ``auto``),
+    decided once per process and logged; inside :func:`cpu_matmul` its choice."""
+    return _matmul_override[-1] if _matmul_override else _default_cpu_matmul()
+
+
+@contextlib.contextmanager
+def cpu_matmul(spec: str) -> Iterator[str]:
+    """Within the block (process-wide), :func:`cpu_matmul_backend` answers ``spec`` (``auto``,
+    ``onednn`` or ``torch``) resolved for this machine instead of ``$VTR_CPU_MATMUL``: for tests and
+    for benchmarks that time both in turns. Yields the resolved choice."""
+    choice = choose_cpu_matmul(spec, cpu_flags(), cpu_vendor(), _onednn_linear_available())
+    _matmul_override.append(choice)
+    try:
+        yield choice
+    finally:
+        _matmul_override.pop()
+
+
 def resolve_precision(spec: str | None, device: torch.device | str) -> str:
     """``auto | fp32 | bf16 | fp16`` on ``device`` -> ``fp32``, ``bf16`` or ``fp16``.
 
@@ -249,8 +322,13 @@ __all__ = [
     "DEVICES",
     "PRECISIONS",
     "DeviceError",
+    "CPU_MATMULS",
     "autocast",
+    "choose_cpu_matmul",
     "cpu_has_native_bf16",
+    "cpu_matmul",
+    "cpu_matmul_backend",
+    "cpu_vendor",
     "evaluating",
     "full_precision",
     "local_rank_device",

@@ -52,7 +52,7 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, sincos_table, validate_video
+from retrieval.models.layers import IMAGENET_MEAN, IMAGENET_STD, route_linears, sincos_table, validate_video
 from retrieval.models.model_dir import CheckpointError
 from retrieval.models.registry import merge_size_preset, register_arch
 
@@ -148,6 +148,8 @@ class JointSpaceTimeViT(nn.Module):
         )
         for block in self.blocks:
             block.attn.fused_attn = fused_attn
+        # timm's linears as the mixer's: large fp32 CPU inference products on oneDNN where chosen
+        route_linears(self.blocks)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.pool_norm = nn.LayerNorm(embed_dim, eps=1e-6) if pool_norm else None
         # UMT's unmasked-teacher alignment: one decoder per aligned layer (the last K blocks)

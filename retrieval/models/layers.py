@@ -1,11 +1,67 @@
 """Small pieces every video backbone shares: the input check, the ImageNet pixel statistics,
-the fixed sinusoidal position table and stochastic depth (timm's ``DropPath``)."""
+the fixed sinusoidal position table, stochastic depth (timm's ``DropPath``) and the linear layer
+whose large fp32 CPU products may run on oneDNN (:func:`linear`)."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
+from torch import nn
+
+from retrieval.models.device import cpu_matmul_backend
+
+# below this many multiply-adds a oneDNN call's fixed cost (~25 us) outweighs its faster kernel
+ONEDNN_MIN_MACS = 1 << 24
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if x.dim() < 2 or weight.dim() != 2 or not x.is_contiguous() or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return False
+    if x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1] < ONEDNN_MIN_MACS:
+        return False
+    # oneDNN's op has no autograd formula; autocast and compilers expect F.linear
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    return type(x) is torch.Tensor and cpu_matmul_backend() == "onednn"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, except that a large fp32 product on the CPU outside autograd runs on oneDNN's
+    inner product where :func:`retrieval.models.device.cpu_matmul_backend` chose it (``VTR_CPU_MATMUL``).
+    Same result up to the summation order (fp32 rounding)."""
+    if _onednn_applies(x, weight, bias):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters and state-dict keys)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
+
+
+def route_linears(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` inside ``module`` a :class:`Linear` (in place: the class only,
+    parameters and hooks stay) and return ``module``. For layers built by other libraries (timm's
+    transformer blocks)."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = Linear
+    return module
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import TimesformerConfig, TimesformerModel
 from transformers.models.timesformer.modeling_timesformer import TimesformerDropPath
 
-from retrieval.models.layers import validate_video
+from retrieval.models.layers import route_linears, validate_video
 from retrieval.models.model_dir import register_kind, strict_load
 from retrieval.models.registry import merge_size_preset, register_arch
 
@@ -67,7 +67,8 @@ class TimeSformerEncoder(nn.Module):
             raise ValueError(
                 f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}"
             )
-        self.backbone = TimesformerModel(config)
+        # its linears as vtr's other encoders': large fp32 CPU inference products on oneDNN where chosen
+        self.backbone = route_linears(TimesformerModel(config))
         self.classifier = classifier
         self.id2label: list[str] = list(id2label or [])
         self.embed_dim: int = config.hidden_size

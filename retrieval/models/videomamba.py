@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .device import cpu_cache_bytes
-from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath
+from .layers import IMAGENET_MEAN, IMAGENET_STD, DropPath, Linear
 from .model_dir import CheckpointError
 from .registry import register_arch
 from .ssm import fused_mixer_available, selective_scan
@@ -143,19 +143,20 @@ class BiMambaMixer(nn.Module):
         self.layout, self.scan_input, self.divide_out = layout, scan_input, divide_out
         self.scan_backend = scan_backend
         E, N, R = self.d_inner, d_state, self.dt_rank
-        self.in_proj = nn.Linear(d_model, 2 * E if gate else E, bias=False)
+        # Linear: nn.Linear whose large fp32 CPU inference products may run on oneDNN (layers.linear)
+        self.in_proj = Linear(d_model, 2 * E if gate else E, bias=False)
         for sfx in ("", "_b"):
             A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)
             setattr(self, f"A{sfx}_log", nn.Parameter(torch.log(A)))
             if sfx and layout == "v1":
                 continue
             setattr(self, f"conv1d{sfx}", nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True))
-            setattr(self, f"x_proj{sfx}", nn.Linear(E, R + 2 * N, bias=False))
+            setattr(self, f"x_proj{sfx}", Linear(E, R + 2 * N, bias=False))
             dt_proj = nn.Linear(R, E, bias=True)
             self._init_dt(dt_proj, dt_min, dt_max, dt_init_floor)
             setattr(self, f"dt_proj{sfx}", dt_proj)
             setattr(self, f"D{sfx}", nn.Parameter(torch.ones(E)))
-        self.out_proj = nn.Linear(E, d_model, bias=False)
+        self.out_proj = Linear(E, d_model, bias=False)
 
     def _init_dt(self, dt_proj: nn.Linear, dt_min: float, dt_max: float, floor: float) -> None:
         std = self.dt_rank ** -0.5
