@@ -11,8 +11,9 @@ The counts come from the built model (its sizes, the frame count and the frame s
   the attention's ``q kᵀ`` and ``softmax(.) v`` (what a fused kernel still multiplies), and one exp
   per attention score (``heads x L x L`` per block).
 
-:func:`measure_rates` times each distinct product shape with ``torch.mm`` in the given dtype and
-``torch.exp`` over a large tensor, so the floor is in this machine's own units:
+:func:`product_seconds` times each distinct product shape with ``torch.mm`` in the given dtype (and,
+in fp32, with oneDNN's inner product, keeping the faster) and :func:`exp_rate` ``torch.exp`` over a
+large tensor, so the floor is in this machine's own units:
 ``floor_s = sum(product time) + exps / exp rate``.
 """
 from __future__ import annotations
@@ -136,7 +137,12 @@ def _best_of(fn, repeats: int) -> float:
 
 
 def product_seconds(products: list[Product], dtype: torch.dtype, repeats: int = 5) -> dict[tuple[int, int, int], float]:
-    """Median seconds of one ``[m, k] @ [k, n]`` per distinct timed shape, in ``dtype``."""
+    """Median seconds of one ``[m, k] @ [k, n]`` per distinct timed shape, in ``dtype``: the faster of
+    ``torch.mm`` and, in fp32 where torch has it, oneDNN's inner product (which the model layers'
+    large fp32 products may run on: ``retrieval.models.layers.linear``), so the floor is the
+    fastest product this machine offers either way."""
+    onednn = dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
+        and torch.backends.mkldnn.is_available()
     seconds = {}
     for shape in dict.fromkeys(p.timed_shape for p in products):
         m, k, n = shape
@@ -144,6 +150,11 @@ def product_seconds(products: list[Product], dtype: torch.dtype, repeats: int = 
         out = torch.empty(m, n, dtype=dtype)
         torch.mm(a, b, out=out)                                     # warm-up (oneDNN primitive)
         seconds[shape] = _best_of(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), repeats)
+        if onednn:
+            w = b.t().contiguous()
+            run = lambda a=a, w=w: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")  # noqa: E731
+            run()
+            seconds[shape] = min(seconds[shape], _best_of(run, repeats))
     return seconds
 
 
