@@ -31,7 +31,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
-    return type(x) is torch.Tensor and cpu_matmul_backend() == "onednn"
+    return type(x) is torch.Tensor and torch.backends.mkldnn.enabled and cpu_matmul_backend() == "onednn"
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
