@@ -12,10 +12,10 @@ what that choice is worth here, ``torch.set_num_threads(2)``:
   fc2), 224 px: ``F.linear`` and oneDNN alternating, median seconds, GFLOP/s, ``speedup``
   (torch / oneDNN) and the max abs difference of the two outputs relative to the output's scale;
 * ``model`` lines: whole forwards under ``cpu_matmul("torch")`` and ``cpu_matmul("onednn")`` in
-  turns (VideoMamba-Ti at 8 and 64 frames; ``--vit`` adds the ViT-Ti at 64, ~10 s per forward),
-  with the max abs difference of the pooled features.
+  turns (``--models NAME:FRAMES ...``, default VideoMamba-Ti at 8 and 64 frames; ``joint_vit_ti:64``
+  takes ~10 s per forward), with the max abs difference of the pooled features.
 
-    python bench/cpu_matmul.py [--rounds 7] [--vit]
+    python bench/cpu_matmul.py [--rounds 7] [--models videomamba_tiny:64 joint_vit_ti:64] [--no-products]
 """
 from __future__ import annotations
 
@@ -136,8 +136,9 @@ def model_rows(configs: list[tuple[str, int]], rounds: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--vit", action="store_true", help="also time whole joint ViT-Ti forwards at 64 frames")
-    parser.add_argument("--no-model", action="store_true", help="products only")
+    parser.add_argument("--models", nargs="*", metavar="NAME:FRAMES", default=["videomamba_tiny:8", "videomamba_tiny:64"],
+                        help="whole forwards to time (none: products only)")
+    parser.add_argument("--no-products", action="store_true", help="whole forwards only")
     add_output_argument(parser, "cpu_matmul")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -155,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     results.add({"bench": "cpu_matmul_choice", "vendor": cpu_vendor(),
                  "avx512": sorted(f for f in flags if f.startswith("avx512")),
                  "auto": choose_cpu_matmul("auto", flags, cpu_vendor(), True)})
-    for row in product_rows(args.rounds):
-        results.add(row)
-    if not args.no_model:
-        configs = [("videomamba_tiny", 8), ("videomamba_tiny", 64)] + ([("joint_vit_ti", 64)] if args.vit else [])
-        for row in model_rows(configs, args.rounds):
+    if not args.no_products:
+        for row in product_rows(args.rounds):
             results.add(row)
+    configs = [(name, int(frames or 8)) for name, _, frames in (m.partition(":") for m in args.models)]
+    for row in model_rows(configs, args.rounds):
+        results.add(row)
     return 0
 
 
