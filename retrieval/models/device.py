@@ -172,8 +172,8 @@ def choose_cpu_matmul(spec: str, flags: frozenset[str], vendor: str, onednn_line
 
     ``auto`` picks oneDNN's inner product on an x86 CPU with AVX-512 that is not Intel's: torch's
     fp32 products go to MKL, which runs its AVX2 code on other vendors' CPUs, while oneDNN runs its
-    AVX-512 kernels there (AMD Zen 4: 1.3-1.6x on the mixer's x_proj shapes, 1.2x on a whole
-    VideoMamba-Ti forward at 64 frames; docs/performance.md). On Intel CPUs MKL runs AVX-512 itself
+    AVX-512 kernels there (AMD Zen 4: 1.3-1.4x on the mixer's x_proj shapes, 1.04-1.23x on a
+    whole VideoMamba-Ti forward at 64 frames; docs/performance.md). On Intel CPUs MKL runs AVX-512 itself
     and on AVX2-only CPUs oneDNN is not faster everywhere, so torch keeps them.
     """
     if spec not in CPU_MATMULS:
