@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from retrieval.atomic import atomic_write_text
-from retrieval.models.device import cpu_flags
+from retrieval.models.device import cpu_flags, cpuinfo_field
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
@@ -42,14 +42,7 @@ def _git(*args: str) -> str | None:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=1)

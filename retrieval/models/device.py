@@ -93,17 +93,24 @@ def local_rank_device(spec: str | None = "auto") -> torch.device:
     return dev
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name`` line of /proc/cpuinfo (``flags``, ``vendor_id``, ``model name``),
+    None where there is no such line or no /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    return frozenset((cpuinfo_field("flags") or "").split())
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,14 +164,7 @@ _AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
 def cpu_vendor() -> str:
     """The CPU vendor string of /proc/cpuinfo (``GenuineIntel``, ``AuthenticAMD``, ...; empty where
     there is none)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_field("vendor_id") or ""
 
 
 def choose_cpu_matmul(spec: str, flags: frozenset[str], vendor: str, onednn_linear: bool) -> str:
