@@ -21,9 +21,12 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return False
     if x.dim() < 2 or weight.dim() != 2 or not x.is_contiguous() or not weight.is_contiguous():
         return False
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+    if x.shape[-1] != weight.shape[1]:           # F.linear raises its usual error
         return False
-    if x.numel() // x.shape[-1] * weight.shape[0] * weight.shape[1] < ONEDNN_MIN_MACS:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()
+                             or bias.shape != weight.shape[:1]):
+        return False
+    if x.numel() * weight.shape[0] < ONEDNN_MIN_MACS:     # M * K * N multiply-adds
         return False
     # oneDNN's op has no autograd formula; autocast and compilers expect F.linear
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad

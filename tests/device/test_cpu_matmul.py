@@ -93,6 +93,11 @@ def test_onednn_is_used_only_where_it_applies(monkeypatch):
             linear(small, torch.randn(8, 8))                         # below ONEDNN_MIN_MACS
             linear(x.transpose(0, 1), w)                             # not contiguous
             linear(x.double(), w.double())                           # not fp32
+            with pytest.raises(RuntimeError):                        # F.linear's own shape error
+                linear(x, w[:, :-1].contiguous())
+            with pytest.raises(RuntimeError):
+                linear(x, w, b[:-1])
+            assert linear(x[..., :0], w[:, :0]).abs().sum() == 0     # K = 0: zeros, no division
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert linear(x, w).dtype == torch.bfloat16         # autocast's product
         assert spy.calls == 0
