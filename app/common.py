@@ -48,7 +48,10 @@ def precision_option(default: str = "auto"):
 def runtime(device: str, precision: str) -> tuple[str, str]:
     """Resolve ``--device``/``--precision`` before any work: a missing CUDA or an unknown value is
     a user error (one line, exit 2). Returns ``(device, precision)`` as concrete strings."""
-    from retrieval.models.device import local_rank_device, resolve_precision  # noqa: PLC0415
+    from retrieval.models.device import cpu_matmul_backend, local_rank_device, resolve_precision  # noqa: PLC0415
 
     dev = local_rank_device(device)  # under torchrun with CUDA: this process's LOCAL_RANK GPU
-    return str(dev), resolve_precision(precision, dev)
+    resolved = str(dev), resolve_precision(precision, dev)
+    if dev.type == "cpu":
+        cpu_matmul_backend()         # a bad $VTR_CPU_MATMUL is a user error too, before any work
+    return resolved

@@ -144,3 +144,26 @@ def test_encoders_agree_across_the_two_product_backends(name, frames, monkeypatc
             got = model(video)["pooled"]
     assert spy.calls > 0
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("verb", ["search", "index"])
+def test_a_bad_vtr_cpu_matmul_is_a_user_error_before_any_work(verb, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from retrieval.models import device
+
+    missing = str(tmp_path / "missing")
+    args = {"search": ["search", "a red circle", "-i", missing],
+            "index": ["index", "-m", missing, "--videos", missing, "--out", missing]}[verb]
+    monkeypatch.delenv("VTR_DEBUG", raising=False)
+    monkeypatch.setenv("VTR_CPU_MATMUL", "mkl")
+    device._default_cpu_matmul.cache_clear()
+    try:
+        result = CliRunner().invoke(app, args + ["--device", "cpu"])
+    finally:
+        monkeypatch.delenv("VTR_CPU_MATMUL")
+        device._default_cpu_matmul.cache_clear()
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "VTR_CPU_MATMUL" in lines[0] and "missing" not in lines[0], result.output
