@@ -39,6 +39,7 @@ from retrieval.data.video import (
     Preprocess,
     VideoReadError,
     decode_frames,
+    frame_to_rgb,
     limit_frame_size,
     load_clip,
     sample_frame_indices,
@@ -175,8 +176,7 @@ def _decode_scaled(path: Path, preprocess: Preprocess, found: VideoProbe, max_pi
             limit_frame_size(stream, max_pixels)
             for position, frame in enumerate(decode_frames(container, stream, path, max_pixels)):
                 if position in wanted:
-                    decoded[position] = frame.to_ndarray(format="rgb24", width=size, height=size,
-                                                         interpolation="BICUBIC")
+                    decoded[position] = frame_to_rgb(frame, width=size, height=size, interpolation="BICUBIC")
                 if position >= last:
                     break
     except (av.error.FFmpegError, OSError, EOFError) as exc:

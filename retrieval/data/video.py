@@ -259,7 +259,7 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser, max_pixels: int | 
             limit_frame_size(stream, max_pixels)
         for position, frame in enumerate(decode_frames(container, stream, path, max_pixels)):
             if position in wanted:
-                decoded[position] = frame.to_ndarray(format="rgb24")
+                decoded[position] = frame_to_rgb(frame)
             if position >= last_wanted:
                 break
     if len(decoded) < len(wanted):
@@ -270,6 +270,25 @@ def _read_with_pyav(path: Path, choose_indices: IndexChooser, max_pixels: int | 
     except ValueError as exc:
         raise VideoReadError(path, f"frames of differing shapes ({exc})") from None
     return frames, fps, total, indices, [times[i] for i in indices]
+
+
+# Recent PyAV (18 here) converts frames with a pool of swscale threads by default, and keeps the
+# converter, pool included, for later frames of the process. A process forked after its parent
+# converted a frame (a DataLoader worker, a loader process) then waits forever on threads it does
+# not have. vtr converts on one thread everywhere (as older PyAV always did; loaders parallelise
+# across videos instead), so no converter with a pool exists to be inherited.
+_SWS_ONE_THREAD: dict[str, int] = {"threads": 1}
+
+
+def frame_to_rgb(frame: Any, **kwargs: Any) -> np.ndarray:
+    """``frame.to_ndarray(format="rgb24", **kwargs)`` with swscale on one thread (fork-safe; a PyAV
+    whose converter takes no ``threads`` argument is single-threaded anyway)."""
+    if _SWS_ONE_THREAD:
+        try:
+            return frame.to_ndarray(format="rgb24", **kwargs, **_SWS_ONE_THREAD)
+        except TypeError:
+            _SWS_ONE_THREAD.clear()
+    return frame.to_ndarray(format="rgb24", **kwargs)
 
 
 def decode_frames(container: Any, stream: Any, path: str | os.PathLike[str], max_pixels: int | None = None) -> Any:

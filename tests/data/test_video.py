@@ -359,3 +359,50 @@ def test_malformed_output_of_both_decoders_is_a_read_error(videos: dict[str, Pat
     monkeypatch.setattr(video, "_read_with_pyav", grey(real_pyav))
     with pytest.raises(VideoReadError, match=r"PyAV returned .*\(4, 48, 64, 1\).*decord returned"):
         read_frames(videos["mp4"], num_frames=4)
+
+
+_FORK_CHECK = """
+import os, sys, time
+import av, numpy as np
+from retrieval.data import video
+path = sys.argv[1]
+with av.open(path, "w") as c:
+    s = c.add_stream("libx264", rate=8)
+    s.width, s.height, s.pix_fmt = 320, 240, "yuv420p"
+    for i in range(8):
+        frame = np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+video.read_frames(path, 4, backend="pyav")          # the parent converts frames first
+pid = os.fork()
+if pid == 0:                                         # as a DataLoader worker would
+    video.read_frames(path, 4, backend="pyav")
+    os._exit(0)
+start = time.time()
+while time.time() - start < 20:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child finished", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung")
+"""
+
+
+def test_a_process_forked_after_decoding_decodes(tmp_path: Path) -> None:
+    """PyAV's default frame conversion (PyAV 18) keeps a pool of swscale threads that a forked child
+    (a loader worker) waits on forever once the parent has converted a frame; vtr converts on one
+    thread, so a child decodes after its parent did (with PyAV's default the child hangs here)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _FORK_CHECK, str(tmp_path / "v.mp4")], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "child finished 0", proc.stdout
