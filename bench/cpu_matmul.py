@@ -94,8 +94,9 @@ def product_rows(rounds: int):
                 ref = F.linear(x, w)
                 other = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
                 diff = ((ref - other).abs().max() / ref.abs().max()).item()
-                times = _alternate({"torch": lambda: F.linear(x, w),
-                                    "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")},
+                times = _alternate({"torch": lambda x=x, w=w: F.linear(x, w),
+                                    "onednn": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(
+                                        x, w, None, "none", [], "")},
                                    rounds)
             med = {k: statistics.median(v) for k, v in times.items()}
             flop = 2 * M * K * N
@@ -117,7 +118,7 @@ def model_rows(configs: list[tuple[str, int]], rounds: int):
         video = torch.randn(1, 3, frames, 224, 224)
         outputs = {}
 
-        def forward(spec):
+        def forward(spec, model=model, video=video, outputs=outputs):
             def run():
                 with torch.inference_mode(), cpu_matmul(spec):
                     outputs[spec] = model(video)["pooled"]

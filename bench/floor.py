@@ -152,7 +152,9 @@ def product_seconds(products: list[Product], dtype: torch.dtype, repeats: int = 
         seconds[shape] = _best_of(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), repeats)
         if onednn:
             w = b.t().contiguous()
-            run = lambda a=a, w=w: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")  # noqa: E731
+            def run(a=a, w=w):
+                return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+
             run()
             seconds[shape] = min(seconds[shape], _best_of(run, repeats))
     return seconds

@@ -319,10 +319,10 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
 
 
 __all__ = [
+    "CPU_MATMULS",
     "DEVICES",
     "PRECISIONS",
     "DeviceError",
-    "CPU_MATMULS",
     "autocast",
     "choose_cpu_matmul",
     "cpu_has_native_bf16",
