@@ -48,8 +48,8 @@
  *             state one ymm register kept across the chunk's steps (16 states of 16 channels would
  *             need 32). The backward's two state loops do the same in groups of 4 (bwd_halves);
  *             the conv's and the dt projection's sums are held in ymm halves; the conv at K = 4
- *             slides a register window along tiles of positions (conv4_halves). exp, softplus and
- *             sigmoid are the 8-wide forms on every path (vexp2_state8: degree 5, VROUNDPS and an
+ *             slides a register window along tiles of positions (conv4_window, which the AVX-512
+ *             build shares with whole blocks). exp, softplus and sigmoid are the 8-wide forms on every path (vexp2_state8: degree 5, VROUNDPS and an
  *             integer exponent add). Results differ from the AVX-512 build in summation order, the
  *             2^-23 reciprocal estimate and exp's last bit (<= 2e-7 relative against <= 1e-7).
  *   SSE2      (x86-64 baseline) max/min on the four xmm quarters; the loops stay rolled.
@@ -318,6 +318,22 @@ INLINE v16f vsigmoid16(v16f x) { return vrcp(1.0f + vexp(-vmax(vb(-87.0f), x)));
         T s2 = s * s;                                                           \
         return MAX0(x) + 2.0f * s * (ATANH_Q(s2));                              \
     }
+/* NAME of four independent vectors, stage by stage (the same operations per lane as DEF_SOFTPLUS),
+ * so that the four ~25-op dependency chains are interleaved in program order */
+#define DEF_SOFTPLUS_X4(NAME, T, EXP, RCP, ABS, MAX0)                          \
+    INLINE void NAME(T *x)                                                      \
+    {                                                                           \
+        T e[4], r[4];                                                           \
+        _Pragma("GCC unroll 4")                                                 \
+        for (int i = 0; i < 4; i++) e[i] = EXP(-ABS(x[i]));                     \
+        _Pragma("GCC unroll 4")                                                 \
+        for (int i = 0; i < 4; i++) r[i] = RCP(e[i] + 2.0f);                    \
+        _Pragma("GCC unroll 4")                                                 \
+        for (int i = 0; i < 4; i++) {                                           \
+            const T s = e[i] * r[i], s2 = s * s;                                \
+            x[i] = MAX0(x[i]) + 2.0f * s * (ATANH_Q(s2));                       \
+        }                                                                       \
+    }
 INLINE v16f vmax0(v16f x) { return vmax(vb(0.0f), x); }
 DEF_SOFTPLUS(vsoftplus16, v16f, vexp, vrcp, vabs, vmax0)
 
@@ -445,25 +461,7 @@ INLINE v8f vsigmoid8(v8f x) { return vrcp8(1.0f + vexp2_state8(-vmax8((v8f){0} -
 INLINE v8f vexp_neg8(v8f x) { return vexp2_state8(x * LOG2E, 1); }
 DEF_SOFTPLUS(vsoftplus8, v8f, vexp_neg8, vrcp8, vabs8, vmax0_8)
 
-/* vsoftplus8 of four independent vectors, stage by stage, so the four dependency chains are
- * interleaved in program order (one softplus is a ~25-op chain) */
-INLINE void vsoftplus8x4(v8f *x)
-{
-    v8f e[4], s[4], r[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) e[i] = vexp_neg8(-vabs8(x[i]));
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) r[i] = (v8f)_mm256_rcp_ps((__m256)(e[i] + 2.0f));
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) r[i] = r[i] + r[i] * (1.0f - (e[i] + 2.0f) * r[i]);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) s[i] = e[i] * r[i];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        const v8f s2 = s[i] * s[i];
-        x[i] = vmax0_8(x[i]) + 2.0f * s[i] * (ATANH_Q(s2));
-    }
-}
+DEF_SOFTPLUS_X4(vsoftplus8x4, v8f, vexp_neg8, vrcp8, vabs8, vmax0_8)
 
 /* the v16f forms in this build: the 8-wide functions on both halves, so every path of the build
  * (row-major, time-major, backward, conv) computes the same exp, softplus and sigmoid */
@@ -680,21 +678,7 @@ static void bwd_halves(int NN, int MASK, int mfirst, long len, const v16f *dl, c
 #else
 INLINE v16f vexp2_state(v16f x, const int BOUNDED) { (void)BOUNDED; return vexp2(x); }
 INLINE v16f vsoftplus(v16f x) { return vsoftplus16(x); }
-/* vsoftplus of four independent vectors, stage by stage (the same operations per lane), so that
- * the four dependency chains are interleaved in program order */
-INLINE void vsoftplus_x4(v16f *x)
-{
-    v16f e[4], r[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) e[i] = vexp(-vabs(x[i]));
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) r[i] = vrcp(e[i] + 2.0f);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        const v16f s = e[i] * r[i], s2 = s * s;
-        x[i] = vmax0(x[i]) + 2.0f * s * (ATANH_Q(s2));
-    }
-}
+DEF_SOFTPLUS_X4(vsoftplus_x4, v16f, vexp, vrcp, vabs, vmax0)
 INLINE v16f vsigmoid(v16f x) { return vsigmoid16(x); }
 #endif
 
@@ -1008,12 +992,12 @@ static void pre16(const vtr_dir *d, long b, long c0, lmask m, long L, long E, lo
     const long R = d->R;
     const v16f bias = d->bias ? ld(d->bias + c0, m) : vb(0.0f);
 #define DT_ROW(J) (d->bc_bf16 ? sT + (J) * R : d->dt + b * d->t_bs + (t0 + step * (J)) * d->t_ls)
+    long j = 0;
     if (d->dt && R <= VTR_MAXN) {
         v16f wt[VTR_MAXN];
         for (long r = 0; r < R; r++) wt[r] = ld(d->Wt + r * E + c0, m);
         /* each step's sum is formed as dt_proj forms it (even and odd rows apart, then the bias),
          * so the backward's recomputed delta is this one to the bit */
-        long j = 0;
         for (; j + 4 <= len; j += 4) {
             const float *q[4] = {DT_ROW(j), DT_ROW(j + 1), DT_ROW(j + 2), DT_ROW(j + 3)};
             v16f ev[4] = {vb(0.0f), vb(0.0f), vb(0.0f), vb(0.0f)}, od[4] = {vb(0.0f), vb(0.0f), vb(0.0f), vb(0.0f)};
@@ -1030,12 +1014,10 @@ static void pre16(const vtr_dir *d, long b, long c0, lmask m, long L, long E, lo
 #pragma GCC unroll 4
             for (int i = 0; i < 4; i++) cdl[j + i] = (ev[i] + od[i]) + bias;
         }
-        for (; j < len; j++) cdl[j] = dt_proj(DT_ROW(j), d->Wt + c0, R, E, m) + bias;
-    } else if (d->dt) {
-        for (long j = 0; j < len; j++) cdl[j] = dt_proj(DT_ROW(j), d->Wt + c0, R, E, m) + bias;
-    } else {
-        for (long j = 0; j < len; j++) cdl[j] = ld(d->dpre + b * d->d_bs + (t0 + step * j) * d->d_ls + c0, m) + bias;
     }
+    for (; j < len; j++)                    /* the last steps, a rank above VTR_MAXN, or dpre given */
+        cdl[j] = (d->dt ? dt_proj(DT_ROW(j), d->Wt + c0, R, E, m)
+                        : ld(d->dpre + b * d->d_bs + (t0 + step * j) * d->d_ls + c0, m)) + bias;
 #undef DT_ROW
     const long ub = b * d->u_bs + t0 * d->u_ls + c0, us = step * d->u_ls;
     const float *uf = d->u_bf16 ? NULL : d->u + ub;
@@ -1046,7 +1028,7 @@ static void pre16(const vtr_dir *d, long b, long c0, lmask m, long L, long E, lo
      * (+8 % on the scan at 12,545 positions; a prefetch never faults, so none is bounds-checked) */
 #define PREFETCH_U(J) __builtin_prefetch(uh ? (const void *)(uh + (J) * us) : (const void *)(uf + (J) * us))
     const v16f Dv = d->D ? ld(d->D + c0, m) : vb(0.0f);
-    long j = 0;
+    j = 0;
     if (d->softplus)
         for (; j + 4 <= len; j += 4) {
             v16f q[4] = {cdl[j], cdl[j + 1], cdl[j + 2], cdl[j + 3]};
@@ -1730,16 +1712,31 @@ int vtr_conv_fwd_bf16(const uint16_t *x, long x_bs, long x_ls, const float *wf, 
     return 0;
 }
 
+#if defined(VTR_HALVES) || defined(__AVX512F__)
+#define CONV_TILE 256   /* positions per work item of conv4_window */
+/* the conv window's vector: one register of channels (an 8-channel half on AVX, the whole
+ * 16-channel block on AVX-512), `w` lanes of it in use (w >= its width: all) */
 #if defined(VTR_HALVES)
-#define CONV_TILE 256   /* positions per work item of conv4_halves */
+typedef v8f cwv;
+#define CW 8
+INLINE cwv cw_ld(const float *p, long w) { return ld8(p, w); }
+INLINE void cw_st(float *p, cwv v, long w) { st8(p, v, w); }
+INLINE cwv cw_silu(cwv p) { return p * vsigmoid8(p); }
+#else
+typedef v16f cwv;
+#define CW 16
+INLINE cwv cw_ld(const float *p, long w) { return ld(p, lanes(w)); }
+INLINE void cw_st(float *p, cwv v, long w) { st(p, v, lanes(w)); }
+INLINE cwv cw_silu(cwv p) { return p * vsigmoid(p); }
+#endif
 /*
- * vtr_conv_fwd for K = 4 on the AVX path: a work item is (batch, tile of CONV_TILE positions,
- * 16-channel block), run as two 8-channel halves that slide along the tile with the window
+ * vtr_conv_fwd for K = 4 on AVX and AVX-512: a work item is (batch, tile of CONV_TILE positions,
+ * 16-channel block); each register of its channels slides along the tile with the window
  * x[t-3 .. t+3] in registers, so each position loads one new x vector and both branches' taps
  * and biases stay in registers (the generic loop reloads all of them at every position and
  * channel block). The sums are the generic loop's, in the same order (bias, then tap 0 .. 3).
  */
-static void conv4_halves(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
+static void conv4_window(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
                          const float *bb, float *yf, float *yb, long B, long L, long E, int nthreads)
 {
     const long ntile = (L + CONV_TILE - 1) / CONV_TILE, nblk = (E + 15) / 16, items = B * ntile * nblk;
@@ -1748,90 +1745,41 @@ static void conv4_halves(const float *x, long x_bs, long x_ls, const float *wf, 
         const long b = it / (ntile * nblk), tile = it / nblk % ntile, c0 = it % nblk * 16;
         const long t0 = tile * CONV_TILE, t1 = t0 + CONV_TILE < L ? t0 + CONV_TILE : L;
         const float *xb = x + b * x_bs;
-        for (int hf = 0; hf < 2; hf++) {
-            const long c = c0 + 8 * hf, wh = E - c;
-            if (wh <= 0) break;
-            const v8f f0 = ld8(wf + c, wh), f1 = ld8(wf + E + c, wh), f2 = ld8(wf + 2 * E + c, wh),
-                      f3 = ld8(wf + 3 * E + c, wh);
-            const v8f fb = bf ? ld8(bf + c, wh) : (v8f){0};
-            v8f g0 = (v8f){0}, g1 = g0, g2 = g0, g3 = g0, gb = g0;
+        for (long c = c0; c < c0 + 16 && c < E; c += CW) {
+            const long wh = E - c;
+            const cwv f0 = cw_ld(wf + c, wh), f1 = cw_ld(wf + E + c, wh), f2 = cw_ld(wf + 2 * E + c, wh),
+                      f3 = cw_ld(wf + 3 * E + c, wh);
+            const cwv fb = bf ? cw_ld(bf + c, wh) : (cwv){0};
+            cwv g0 = (cwv){0}, g1 = g0, g2 = g0, g3 = g0, gb = g0;
             if (wb) {
-                g0 = ld8(wb + c, wh); g1 = ld8(wb + E + c, wh); g2 = ld8(wb + 2 * E + c, wh);
-                g3 = ld8(wb + 3 * E + c, wh);
-                gb = bb ? ld8(bb + c, wh) : (v8f){0};
+                g0 = cw_ld(wb + c, wh); g1 = cw_ld(wb + E + c, wh); g2 = cw_ld(wb + 2 * E + c, wh);
+                g3 = cw_ld(wb + 3 * E + c, wh);
+                gb = bb ? cw_ld(bb + c, wh) : (cwv){0};
             }
-#define XT(T) ((T) >= 0 && (T) < L ? ld8(xb + (T) * x_ls + c, wh) : (v8f){0})
+#define XT(T) ((T) >= 0 && (T) < L ? cw_ld(xb + (T) * x_ls + c, wh) : (cwv){0})
             /* window: xm3 .. xp3 = x[t-3] .. x[t+3] */
-            v8f xm3 = XT(t0 - 3), xm2 = XT(t0 - 2), xm1 = XT(t0 - 1), x0 = XT(t0), xp1 = XT(t0 + 1), xp2 = XT(t0 + 2);
+            cwv xm3 = XT(t0 - 3), xm2 = XT(t0 - 2), xm1 = XT(t0 - 1), x0 = XT(t0), xp1 = XT(t0 + 1), xp2 = XT(t0 + 2);
             float *of = yf + (b * L) * E + c, *ob = yb ? yb + (b * L) * E + c : NULL;
             for (long t = t0; t < t1; t++) {
-                const v8f xp3 = XT(t + 3);
-                v8f p = fb;                                     /* causal: tap k reads x[t-3+k] */
+                const cwv xp3 = XT(t + 3);
+                cwv p = fb;                                     /* causal: tap k reads x[t-3+k] */
                 p += f0 * xm3;
                 p += f1 * xm2;
                 p += f2 * xm1;
                 p += f3 * x0;
-                st8(of + t * E, p * vsigmoid8(p), wh);
+                cw_st(of + t * E, cw_silu(p), wh);
                 if (wb) {                                       /* anti-causal: tap k reads x[t+3-k] */
-                    v8f q = gb;
+                    cwv q = gb;
                     q += g0 * xp3;
                     q += g1 * xp2;
                     q += g2 * xp1;
                     q += g3 * x0;
-                    st8(ob + t * E, q * vsigmoid8(q), wh);
+                    cw_st(ob + t * E, cw_silu(q), wh);
                 }
                 xm3 = xm2; xm2 = xm1; xm1 = x0; x0 = xp1; xp1 = xp2; xp2 = xp3;
             }
 #undef XT
         }
-    }
-}
-#elif defined(__AVX512F__)
-#define CONV_TILE 256   /* positions per work item of conv4_blocks */
-/*
- * vtr_conv_fwd for K = 4 on AVX-512: conv4_halves with the 16-channel block in one register
- * (window x[t-3 .. t+3], both branches' taps and biases in registers; the same sums in the same
- * order as the generic loop, so the same results).
- */
-static void conv4_blocks(const float *x, long x_bs, long x_ls, const float *wf, const float *bf, const float *wb,
-                         const float *bb, float *yf, float *yb, long B, long L, long E, int nthreads)
-{
-    const long ntile = (L + CONV_TILE - 1) / CONV_TILE, nblk = (E + 15) / 16, items = B * ntile * nblk;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long it = 0; it < items; it++) {
-        const long b = it / (ntile * nblk), tile = it / nblk % ntile, c = it % nblk * 16;
-        const long t0 = tile * CONV_TILE, t1 = t0 + CONV_TILE < L ? t0 + CONV_TILE : L;
-        const lmask m = lanes(E - c);
-        const float *xb = x + b * x_bs;
-        const v16f f0 = ld(wf + c, m), f1 = ld(wf + E + c, m), f2 = ld(wf + 2 * E + c, m), f3 = ld(wf + 3 * E + c, m);
-        const v16f fb = bf ? ld(bf + c, m) : vb(0.0f);
-        v16f g0 = vb(0.0f), g1 = g0, g2 = g0, g3 = g0, gb = g0;
-        if (wb) {
-            g0 = ld(wb + c, m); g1 = ld(wb + E + c, m); g2 = ld(wb + 2 * E + c, m); g3 = ld(wb + 3 * E + c, m);
-            gb = bb ? ld(bb + c, m) : vb(0.0f);
-        }
-#define XT(T) ((T) >= 0 && (T) < L ? ld(xb + (T) * x_ls + c, m) : vb(0.0f))
-        v16f xm3 = XT(t0 - 3), xm2 = XT(t0 - 2), xm1 = XT(t0 - 1), x0 = XT(t0), xp1 = XT(t0 + 1), xp2 = XT(t0 + 2);
-        float *of = yf + (b * L) * E + c, *ob = yb ? yb + (b * L) * E + c : NULL;
-        for (long t = t0; t < t1; t++) {
-            const v16f xp3 = XT(t + 3);
-            v16f p = fb;                                        /* causal: tap k reads x[t-3+k] */
-            p += f0 * xm3;
-            p += f1 * xm2;
-            p += f2 * xm1;
-            p += f3 * x0;
-            st(of + t * E, p * vsigmoid(p), m);
-            if (wb) {                                           /* anti-causal: tap k reads x[t+3-k] */
-                v16f q = gb;
-                q += g0 * xp3;
-                q += g1 * xp2;
-                q += g2 * xp1;
-                q += g3 * x0;
-                st(ob + t * E, q * vsigmoid(q), m);
-            }
-            xm3 = xm2; xm2 = xm1; xm1 = x0; x0 = xp1; xp1 = xp2; xp2 = xp3;
-        }
-#undef XT
     }
 }
 #endif
@@ -1841,14 +1789,9 @@ int vtr_conv_fwd(const float *x, long x_bs, long x_ls, const float *wf, const fl
 {
     if (K < 1 || K > VTR_MAXK) return -1;
     if (nthreads < 1) nthreads = 1;
-#if defined(VTR_HALVES)
+#if defined(VTR_HALVES) || defined(__AVX512F__)
     if (K == 4) {
-        conv4_halves(x, x_bs, x_ls, wf, bf, wb, bb, yf, yb, B, L, E, nthreads);
-        return 0;
-    }
-#elif defined(__AVX512F__)
-    if (K == 4) {
-        conv4_blocks(x, x_bs, x_ls, wf, bf, wb, bb, yf, yb, B, L, E, nthreads);
+        conv4_window(x, x_bs, x_ls, wf, bf, wb, bb, yf, yb, B, L, E, nthreads);
         return 0;
     }
 #endif
