@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from bench.record import Recorder, add_output_argument
-from retrieval.models.device import choose_cpu_matmul, cpu_flags, cpu_matmul, cpu_vendor
+from retrieval.models.device import (
+    choose_cpu_matmul,
+    cpu_flags,
+    cpu_matmul,
+    cpu_vendor,
+    onednn_linear_available,
+)
+from retrieval.models.layers import onednn_linear
 
 THREADS = 2
 PATCHES = 196   # 224 px, 16 px patches
@@ -92,11 +99,10 @@ def product_rows(rounds: int):
             x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) * K ** -0.5
             with torch.inference_mode():
                 ref = F.linear(x, w)
-                other = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                other = onednn_linear(x, w)
                 diff = ((ref - other).abs().max() / ref.abs().max()).item()
                 times = _alternate({"torch": lambda x=x, w=w: F.linear(x, w),
-                                    "onednn": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(
-                                        x, w, None, "none", [], "")},
+                                    "onednn": lambda x=x, w=w: onednn_linear(x, w)},
                                    rounds)
             med = {k: statistics.median(v) for k, v in times.items()}
             flop = 2 * M * K * N
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     reserve_heap(256 << 20)
     results = Recorder(args.output, append=args.append)
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+    if not onednn_linear_available():
         print("this torch build has no oneDNN linear: nothing to compare", file=sys.stderr)
         return 1
     flags = cpu_flags()

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from retrieval.models.device import onednn_linear_available
+from retrieval.models.layers import onednn_linear
+
 
 @dataclass(frozen=True)
 class Product:
@@ -141,8 +144,7 @@ def product_seconds(products: list[Product], dtype: torch.dtype, repeats: int = 
     ``torch.mm`` and, in fp32 where torch has it, oneDNN's inner product (which the model layers'
     large fp32 products may run on: ``retrieval.models.layers.linear``), so the floor is the
     fastest product this machine offers either way."""
-    onednn = dtype == torch.float32 and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
-        and torch.backends.mkldnn.is_available()
+    onednn = dtype == torch.float32 and onednn_linear_available()
     seconds = {}
     for shape in dict.fromkeys(p.timed_shape for p in products):
         m, k, n = shape
@@ -153,7 +155,7 @@ def product_seconds(products: list[Product], dtype: torch.dtype, repeats: int = 
         if onednn:
             w = b.t().contiguous()
             def run(a=a, w=w):
-                return torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
+                return onednn_linear(a, w)
 
             run()
             seconds[shape] = min(seconds[shape], _best_of(run, repeats))

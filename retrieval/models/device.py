@@ -185,14 +185,19 @@ def choose_cpu_matmul(spec: str, flags: frozenset[str], vendor: str, onednn_line
     return "onednn" if _AVX512_CORE <= flags and vendor not in ("", "GenuineIntel") else "torch"
 
 
-def _onednn_linear_available() -> bool:
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's fp32 inner product (``retrieval.models.layers.onednn_linear``)."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _choose_here(spec: str) -> str:
+    return choose_cpu_matmul(spec, cpu_flags(), cpu_vendor(), onednn_linear_available())
 
 
 @functools.lru_cache(maxsize=1)
 def _default_cpu_matmul() -> str:
     spec = os.environ.get("VTR_CPU_MATMUL", "auto").strip().lower() or "auto"
-    choice = choose_cpu_matmul(spec, cpu_flags(), cpu_vendor(), _onednn_linear_available())
+    choice = _choose_here(spec)
     if spec == "onednn" and choice != "onednn":
         log.warning("VTR_CPU_MATMUL=onednn: this torch build has no oneDNN linear; using torch's products")
     _log_once(f"CPU fp32 products of the model layers: {choice}"
@@ -214,7 +219,7 @@ def cpu_matmul(spec: str) -> Iterator[str]:
     """Within the block (process-wide), :func:`cpu_matmul_backend` answers ``spec`` (``auto``,
     ``onednn`` or ``torch``) resolved for this machine instead of ``$VTR_CPU_MATMUL``: for tests and
     for benchmarks that time both in turns. Yields the resolved choice."""
-    choice = choose_cpu_matmul(spec, cpu_flags(), cpu_vendor(), _onednn_linear_available())
+    choice = _choose_here(spec)
     _matmul_override.append(choice)
     try:
         yield choice
@@ -335,6 +340,7 @@ __all__ = [
     "model_autocast",
     "model_device",
     "model_precision",
+    "onednn_linear_available",
     "resolve_device",
     "resolve_precision",
     "set_runtime",

@@ -42,11 +42,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     inner product where :func:`retrieval.models.device.cpu_matmul_backend` chose it (``VTR_CPU_MATMUL``).
     Same result up to the summation order (fp32 rounding)."""
     if _onednn_applies(x, weight, bias):
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's inner product, inference only (no autograd formula); where
+    :func:`retrieval.models.device.onednn_linear_available`."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

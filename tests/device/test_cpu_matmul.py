@@ -7,12 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.models import layers
-from retrieval.models.device import DeviceError, choose_cpu_matmul, cpu_matmul, cpu_matmul_backend
+from retrieval.models.device import (
+    DeviceError,
+    choose_cpu_matmul,
+    cpu_matmul,
+    cpu_matmul_backend,
+    onednn_linear_available,
+)
 from retrieval.models.layers import ONEDNN_MIN_MACS, Linear, linear, route_linears
 
 AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
 AVX2 = frozenset({"avx2", "fma"})
-HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+HAS_ONEDNN = onednn_linear_available()
 needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="this torch build has no oneDNN linear")
 
 
@@ -51,13 +57,13 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = layers._onednn_linear
+        real = layers.onednn_linear
 
         def spy(*args):
             self.calls += 1
             return real(*args)
 
-        monkeypatch.setattr(layers, "_onednn_linear", spy)
+        monkeypatch.setattr(layers, "onednn_linear", spy)
 
 
 def _big(shape_m=300, k=256, n=256, seed=0):
